@@ -1,0 +1,98 @@
+"""Stages 2–3 — the gram screen (seed-faithful hard-to-speak) and the witness screen (DESIGN §3).
+
+Both are the same top-2 competitor op (``kernels.screen.top2_exact``), tiled so that the V × V matrix is
+never held, with indices equal to a float64 reference:
+
+* gram: ``score[t, j] = g_t · g_j`` on the gram rows; ``hard_to_speak(t) ⇔ max_{j≠t} score ≥ score[t, t]``
+  (a tie is not a win) and ``gram_argmax`` is the first index of the row maximum, as ``argmax(-1)``.
+* witness: the logits at the centred self-direction scaled into the domain, ``x_t = R k_t/||k_t||`` (balls),
+  ``rho·sign(k_t)`` (box), ``k_t/||k_t||²`` (cone, so that ``k_t·x_t = 1``); margin = self − best competitor.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.verify import into_domain
+from kernels.screen import top2_exact
+
+
+@dataclass
+class GramScreen:
+    argmax: np.ndarray  # [V] int64, first index of the row maximum (self included)
+    best: np.ndarray  # [V] float64, max over j != t
+    best_idx: np.ndarray  # [V] int64
+    second: np.ndarray  # [V] float64
+    self_val: np.ndarray  # [V] float64
+    hard_to_speak: np.ndarray  # [V] bool
+    recomputed: int
+    time_s: float
+
+
+@dataclass
+class WitnessScreen:
+    margin: np.ndarray  # [V] float64: l_t(x_t) - max_{j != t} l_j(x_t)
+    runner_up: np.ndarray  # [V] int64
+    recomputed: int
+    time_s: float
+
+
+def gram_screen(rows64: np.ndarray, ids: np.ndarray | None = None, *, backend: str = "torch", device="cpu",
+                precision: str = "ieee") -> GramScreen:
+    """Gram screen for the rows ``ids`` (default: all V) against all V rows."""
+    t0 = time.perf_counter()
+    g = torch.from_numpy(np.ascontiguousarray(rows64, dtype=np.float64))
+    V = g.shape[0]
+    ids = np.arange(V, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    idx = torch.from_numpy(ids)
+    res, redo = top2_exact(g[idx], g, idx, backend=backend, device=device, precision=precision)
+    best = res.best_val.numpy()
+    best_idx = res.best_idx.numpy()
+    selfv = res.self_val.numpy()
+    hard = best >= selfv
+    # argmax(-1) over the whole row keeps the first index of the maximum: self wins only if strictly
+    # larger than every competitor, or equal to the best competitor and earlier in the vocabulary.
+    ar = ids
+    argmax = np.where((selfv > best) | ((selfv == best) & (ar < best_idx)) | (best_idx < 0), ar, best_idx)
+    return GramScreen(argmax.astype(np.int64), best, best_idx.astype(np.int64), res.second_val.numpy(), selfv,
+                      hard, redo, time.perf_counter() - t0)
+
+
+def witness_queries(problem) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-token screen point as (query rows, per-row scale): ``x_t = scale_t * query_t``."""
+    k = problem.keys
+    n = np.linalg.norm(k, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if problem.domain in ("layernorm", "rmsnorm"):
+            return k, np.where(n > 0, problem.radius / n, 0.0)
+        if problem.domain == "box":
+            return problem.radius * np.sign(k), None
+        return k, np.where(n > 0, 1.0 / (n * n), 0.0)  # cone
+
+
+def witness_points(problem, tokens: np.ndarray) -> np.ndarray:
+    """The screen points of ``tokens``, moved inside the domain by a few ulps so they verify."""
+    q, s = witness_queries(problem)
+    x = q[tokens]
+    return into_domain(problem, x if s is None else x * s[tokens, None])
+
+
+def witness_screen(problem, ids: np.ndarray | None = None, *, backend: str = "torch", device="cpu",
+                   precision: str = "ieee") -> WitnessScreen:
+    """Witness screen for the tokens ``ids`` (default: all V) over all V competitors."""
+    t0 = time.perf_counter()
+    q, s = witness_queries(problem)
+    keys = torch.from_numpy(np.ascontiguousarray(problem.keys))
+    V = keys.shape[0]
+    ids = np.arange(V, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    bias = None if problem.domain == "cone" or not np.any(problem.bias) else torch.from_numpy(problem.bias)
+    res, redo = top2_exact(
+        torch.from_numpy(np.ascontiguousarray(q[ids])), keys, torch.from_numpy(ids),
+        scale64=None if s is None else torch.from_numpy(s[ids]), bias64=bias,
+        backend=backend, device=device, precision=precision,
+    )
+    margin = res.self_val.numpy() - res.best_val.numpy()
+    return WitnessScreen(margin, res.best_idx.numpy().astype(np.int64), redo, time.perf_counter() - t0)

@@ -1,0 +1,47 @@
+"""Tiled screens: Triton kernels on CUDA, torch elsewhere, behind one backend choice.
+
+``resolve_backend`` is the only place a backend is chosen: ``auto`` means Triton on CUDA and torch
+everywhere else. Triton on a machine without CUDA is allowed only under ``TRITON_INTERPRET=1`` (the
+interpreter runs the kernels on the CPU, for tests and for checking them by hand).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class BackendError(ValueError):
+    """A backend or device that cannot run here; the message says why."""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def resolve_backend(backend: str = "auto", device: str = "auto") -> tuple[str, torch.device]:
+    """Return ``(backend, device)`` actually used, or raise :class:`BackendError`."""
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise BackendError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise BackendError("--device cuda was asked for but torch sees no CUDA device on this machine")
+    dev = torch.device("cuda" if (device == "cuda" or (device == "auto" and has_cuda)) else "cpu")
+    if backend == "auto":
+        backend = "triton" if dev.type == "cuda" else "torch"
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:  # pragma: no cover - triton is a dev dependency
+            raise BackendError(f"--backend triton needs the triton package: {e}") from e
+        if dev.type != "cuda" and not triton_interpret():
+            raise BackendError(
+                "--backend triton needs a CUDA device; none is available here "
+                "(set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter)"
+            )
+    return backend, dev
