@@ -1,0 +1,415 @@
+"""The ``unspeakable`` command line (DESIGN §5): ``scan``, ``gram``, ``check``, ``bench``, ``demo``.
+
+Each subcommand is a small dataclass with a ``run()`` method. Everything that can be checked before the
+work starts is checked first — output paths, ``--tokens``, backend and device, the source itself, token ids
+against V — so bad input exits with status 2, a message on stderr naming what is wrong, and no output file
+created or touched. Reports are written atomically (``engine.report``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from engine.load import InputError
+
+DEMO_SOURCE = "synthetic:V=50257,d=768,seed=0"
+DOMAINS = ("layernorm", "rmsnorm", "box", "cone")
+_PART = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")
+
+
+# --------------------------------------------------------------------------------------------- --tokens
+@dataclass(frozen=True)
+class TokenSpec:
+    """A parsed ``--tokens`` spec: inclusive ranges, expanded only once V is known."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    def ids(self, V: int) -> np.ndarray:
+        """Sorted unique ids, or :class:`InputError` naming the ids that are not below V."""
+        merged: list[list[int]] = []
+        for a, b in sorted(self.ranges):
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        bad = [(max(a, V), b) for a, b in merged if b >= V]
+        if bad:
+            n_bad = sum(b - a + 1 for a, b in bad)
+            shown = [t for a, b in bad for t in range(a, min(b, a + 9) + 1)][:10]
+            more = f" ({n_bad} in all)" if n_bad > len(shown) else ""
+            raise InputError(f"token ids {', '.join(map(str, shown))}{more} are out of range for V = {V}")
+        return np.concatenate([np.arange(a, b + 1, dtype=np.int64) for a, b in merged])
+
+
+def parse_tokens(spec: str) -> TokenSpec:
+    """Parse ``"1,5,100-200"``: ids and inclusive ranges, comma separated.
+
+    Raises :class:`ValueError` on an empty part, a negative id, a reversed range or anything else.
+    """
+    if not spec or not spec.strip():
+        raise ValueError("empty token spec; expected ids and ranges like 1,5,100-200")
+    ranges = []
+    for part in spec.split(","):
+        p = part.strip()
+        if not p:
+            raise ValueError(f"empty item in token spec {spec!r}; expected ids and ranges like 1,5,100-200")
+        if re.match(r"^(?:[0-9]+-)?-[0-9]", p):
+            raise ValueError(f"negative token id in {p!r}; token ids are 0 … V-1")
+        m = _PART.match(p)
+        if not m:
+            raise ValueError(f"cannot read {p!r} in token spec {spec!r}; expected an id (5) or a range (100-200)")
+        a = int(m.group(1))
+        b = a if m.group(2) is None else int(m.group(2))
+        if b < a:
+            raise ValueError(f"reversed range {p!r}: {a} > {b}; write {b}-{a}")
+        ranges.append((a, b))
+    return TokenSpec(tuple(ranges))
+
+
+def _token_spec_arg(spec: str) -> TokenSpec:
+    try:
+        return parse_tokens(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _positive_float(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s!r}")
+    return x
+
+
+def _positive_int(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+# --------------------------------------------------------------------------------------------- checks
+def check_outputs(source: str | None = None, **paths: str | None) -> None:
+    """Every output path must be a file in an existing, writable directory, distinct from the others and
+    from the source. Raises :class:`InputError` before any work is done."""
+    seen: dict[str, str] = {}
+    src = os.path.realpath(source) if source and os.path.exists(source) else None
+    for flag, path in paths.items():
+        if not path:
+            continue
+        opt = "--" + flag
+        real = os.path.realpath(path)
+        if os.path.isdir(real):
+            raise InputError(f"{opt} {path} is a directory; expected a file name")
+        parent = os.path.dirname(real)
+        if not os.path.isdir(parent):
+            raise InputError(f"{opt} {path}: directory {os.path.dirname(path) or '.'} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"{opt} {path}: directory {os.path.dirname(path) or '.'} is not writable")
+        if os.path.exists(real) and not os.path.isfile(real):
+            raise InputError(f"{opt} {path} exists and is not a regular file")
+        if real == src:
+            raise InputError(f"{opt} {path} is the source file; refusing to overwrite the input")
+        if real in seen:
+            raise InputError(f"{opt} and {seen[real]} both name {path}; give each output its own file")
+        seen[real] = opt
+        if flag == "plot":
+            from engine.report import plot_formats
+
+            ext = os.path.splitext(path)[1].lower().lstrip(".")
+            if ext and ext not in plot_formats():
+                raise InputError(f"--plot {path}: cannot write a .{ext} figure; "
+                                 f"expected one of {', '.join('.' + f for f in sorted(plot_formats()))}")
+
+
+def _check_backend(backend: str, device: str) -> None:
+    from kernels import resolve_backend  # torch is imported only once a command runs: --help stays quick
+
+    resolve_backend(backend, device)
+
+
+def _warn(messages) -> None:
+    for m in messages or ():
+        print(f"unspeakable: warning: {m}", file=sys.stderr)
+
+
+def _load(source: str):
+    from engine.load import load
+
+    t0 = time.perf_counter()
+    head = load(source)
+    return head, time.perf_counter() - t0
+
+
+def _write_reports(report, out: str | None, csv: str | None = None, plot: str | None = None) -> None:
+    from engine.report import write_csv, write_json, write_plot
+
+    # the JSON last: once it exists, the figure and the CSV beside it are complete too
+    if plot:
+        write_plot(report, plot)
+    if csv:
+        write_csv(report, csv)
+    if out:
+        write_json(report, out)
+
+
+# --------------------------------------------------------------------------------------------- commands
+@dataclass
+class Scan:
+    """Decide every token (or --tokens): speakable, unspeakable or undecided, with proofs."""
+
+    source: str
+    domain: str | None = None
+    radius: float | None = None
+    bias: bool = True
+    tokens: TokenSpec | None = None
+    device: str = "auto"
+    backend: str = "auto"
+    workers: int = 1
+    out: str | None = None
+    csv: str | None = None
+    plot: str | None = None
+    resume: bool = False
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("source", help="a .npz/.safetensors file, a model name or directory, or synthetic:V=..,d=..,seed=..")
+        _domain_args(p)
+        p.add_argument("--tokens", type=_token_spec_arg, help="scan only these ids, e.g. 1,5,100-200")
+        _device_args(p)
+        p.add_argument("--workers", type=_positive_int, default=1, help="parallel LP workers (default 1)")
+        _report_args(p)
+        p.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT.partial")
+
+    def run(self) -> int:
+        if self.resume and not self.out:
+            raise InputError("--resume needs --out: an interrupted scan keeps its progress in OUT.partial")
+        check_outputs(self.source, out=self.out, csv=self.csv, plot=self.plot)
+        _check_backend(self.backend, self.device)
+        from engine.report import format_table
+        from engine.scan import scan_head
+
+        head, load_time = _load(self.source)
+        ids = None if self.tokens is None else self.tokens.ids(head.d_vocab)
+        checkpoint = None if not self.out else self.out + ".partial"
+        try:
+            report = scan_head(head, domain=self.domain, radius=self.radius, bias=self.bias, tokens=ids,
+                               device=self.device, backend=self.backend, workers=self.workers,
+                               checkpoint=checkpoint, resume=self.resume, progress=sys.stderr.isatty(),
+                               load_time=load_time)
+        except KeyboardInterrupt:
+            if checkpoint and os.path.exists(checkpoint):
+                print(f"unspeakable: interrupted; decided tokens are kept in {checkpoint}: "
+                      f"rerun with --resume to continue", file=sys.stderr)
+            raise
+        _warn(report.warnings)
+        print(format_table(report))
+        _write_reports(report, self.out, self.csv, self.plot)
+        return 0
+
+
+@dataclass
+class Gram:
+    """The seed-faithful gram screen only: hard-to-speak tokens, argmax_j u_t·u_j."""
+
+    source: str
+    center: bool | None = None
+    device: str = "auto"
+    backend: str = "auto"
+    out: str | None = None
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("source", help="a .npz/.safetensors file, a model name or directory, or synthetic:...")
+        p.add_argument("--center", action=argparse.BooleanOptionalAction, default=None,
+                       help="centre the rows TransformerLens-style (default: yes for models, no for files)")
+        _device_args(p)
+        p.add_argument("--out", help="write the report JSON (gram fields only) here")
+
+    def run(self) -> int:
+        check_outputs(self.source, out=self.out)
+        _check_backend(self.backend, self.device)
+        from engine.report import format_table
+        from engine.scan import gram_head
+
+        head, load_time = _load(self.source)
+        report = gram_head(head, center=self.center, device=self.device, backend=self.backend, load_time=load_time)
+        _warn(report.warnings)
+        print(format_table(report))
+        _write_reports(report, self.out)
+        return 0
+
+
+@dataclass
+class Check:
+    """Decide the given tokens with the full machinery and print their certificates."""
+
+    source: str
+    token: list[str]
+    domain: str | None = None
+    radius: float | None = None
+    bias: bool = True
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("source", help="a .npz/.safetensors file, a model name or directory, or synthetic:...")
+        p.add_argument("token", nargs="+", help="token ids, ranges (100-200) or exact token texts")
+        _domain_args(p)
+
+    def run(self) -> int:
+        from engine.report import format_certificate, format_tokens
+        from engine.scan import check
+
+        head, _ = _load(self.source)
+        ids = self._ids(head)
+        try:
+            from engine.load import fold
+
+            _warn(fold(head, domain=self.domain, radius=self.radius, bias=self.bias).warnings)
+        except ImportError:  # pragma: no cover - the warnings are a courtesy
+            pass
+        reports = check(head, [int(t) for t in ids], domain=self.domain, radius=self.radius, bias=self.bias)
+        print(f"unspeakable check: {head.source}  V={head.d_vocab}  d={head.d_model}")
+        print("\n".join(format_tokens(reports, max_rows=len(reports))))
+        print()
+        for r in reports:
+            print(f"{r.id:>7}  {r.verdict}: {format_certificate(r.certificate)}")
+        return 0
+
+    def _ids(self, head) -> np.ndarray:
+        V = head.d_vocab
+        out = []
+        for tok in self.token:
+            try:
+                spec = parse_tokens(tok)
+            except ValueError:
+                spec = None
+            if spec is not None:
+                out.append(spec.ids(V))
+                continue
+            hits = [i for i, s in enumerate(head.texts or ()) if s == tok]
+            if len(hits) != 1:
+                why = "no tokenizer is known for this source" if head.texts is None else (
+                    "no token has this text" if not hits else f"{len(hits)} tokens have this text: {hits[:10]}")
+                raise InputError(f"token {tok!r} is neither an id, a range nor one token's text ({why})")
+            out.append(np.array(hits, dtype=np.int64))
+        return np.unique(np.concatenate(out))
+
+
+@dataclass
+class Bench:
+    """Wall time and throughput per stage of one scan on this head."""
+
+    source: str
+    tokens: TokenSpec | None = None
+    json: bool = False
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("source", help="a .npz/.safetensors file, a model name or directory, or synthetic:...")
+        p.add_argument("--tokens", type=_token_spec_arg, help="bench only these ids, e.g. 1,5,100-200")
+        p.add_argument("--json", action="store_true", help="print the measurements as JSON")
+
+    def run(self) -> int:
+        from engine.report import to_jsonable
+        from engine.scan import bench_head
+
+        head, _ = _load(self.source)
+        ids = None if self.tokens is None else self.tokens.ids(head.d_vocab)
+        result = to_jsonable(bench_head(head, tokens=ids))
+        if self.json:
+            print(json.dumps(result, indent=1, allow_nan=False))
+            return 0
+        for key, value in result.items():
+            if isinstance(value, dict):
+                value = "  ".join(f"{k}={_num(v)}" for k, v in value.items())
+            print(f"{key:>20}: {_num(value)}")
+        return 0
+
+
+@dataclass
+class Demo:
+    """Scan the built-in GPT-2-shaped synthetic head (planted tokens included) in the layernorm domain."""
+
+    source: str = DEMO_SOURCE
+    out: str | None = None
+    csv: str | None = None
+    plot: str | None = None
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--source", default=DEMO_SOURCE, help=f"override the demo head (default {DEMO_SOURCE})")
+        _report_args(p)
+
+    def run(self) -> int:
+        return Scan(source=self.source, domain="layernorm", out=self.out, csv=self.csv, plot=self.plot).run()
+
+
+def _num(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
+def _domain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--domain", choices=DOMAINS, help="default: the source's norm; cone when it has none")
+    p.add_argument("--radius", type=_positive_float, help="R for layernorm/rmsnorm (default sqrt(d_model)), rho for box")
+    p.add_argument("--no-bias", dest="bias", action="store_false", help="ignore b_U and the norm's bias")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="write the report JSON (schema unspeakable.report/1) here")
+    p.add_argument("--csv", help="write the listed tokens as CSV here")
+    p.add_argument("--plot", help="write a figure of the margins here (.png, .pdf, .svg, ...)")
+
+
+COMMANDS = {"scan": Scan, "gram": Gram, "check": Check, "bench": Bench, "demo": Demo}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unspeakable",
+        description="Prove, token by token, whether any hidden state can make a token the argmax of the logits.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, cls in COMMANDS.items():
+        p = sub.add_parser(name, help=cls.__doc__.splitlines()[0], description=cls.__doc__)
+        cls.add_args(p)
+        p.set_defaults(_cls=cls)
+    return parser
+
+
+def main(args: list[str] | None = None) -> int:
+    """Console entry point: ``unspeakable`` (setup.py) and ``python -m engine``. Returns the exit status."""
+    try:
+        ns = build_parser().parse_args(args)
+    except SystemExit as e:  # argparse has printed usage and the error (status 2), or --help (status 0)
+        return int(e.code or 0)
+    from kernels import BackendError
+
+    cls = ns._cls
+    command = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+    try:
+        return command.run()
+    except (InputError, BackendError) as e:
+        print(f"unspeakable: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unspeakable: interrupted", file=sys.stderr)
+        return 130

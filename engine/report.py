@@ -1,0 +1,519 @@
+"""Stage 7 — the report: JSON (schema ``unspeakable.report/1``), CSV, figure and console table.
+
+Field names here are the public contract (DESIGN §5). ``tokens`` lists every token that is hard-to-speak or
+was not settled by the witness screen; ``counts`` cover all V.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEMA = "unspeakable.report/1"
+VERDICTS = ("speakable", "unspeakable", "undecided")
+
+
+@dataclass
+class TokenReport:
+    id: int
+    text: str | None
+    gram_argmax: int
+    hard_to_speak: bool
+    verdict: str | None = None  # None in a gram-only report
+    reason: str | None = None
+    margin_lower: float | None = None
+    margin_upper: float | None = None
+    time_s: float = 0.0
+    certificate: dict | None = None
+
+    def to_json(self, gram: bool = False) -> dict:
+        """This token's entry in the report's ``tokens`` list; ``gram=True`` keeps only the gram fields."""
+        out = {"id": int(self.id), "text": None if self.text is None else str(self.text),
+               "gram_argmax": int(self.gram_argmax), "hard_to_speak": bool(self.hard_to_speak)}
+        if gram:
+            return out
+        out["verdict"] = self.verdict
+        out["reason"] = self.reason
+        out["margin_lower"] = _float_or_none(self.margin_lower)
+        out["margin_upper"] = _float_or_none(self.margin_upper)
+        out["time_s"] = _float_or_none(self.time_s)
+        out["certificate"] = to_jsonable(self.certificate)
+        return out
+
+
+@dataclass
+class ScanReport:
+    source: str
+    V: int
+    d: int
+    domain: str | None  # None in a gram-only report
+    radius: float | None
+    bias: bool
+    backend: str
+    device: str
+    counts: dict  # {"tokens", "hard_to_speak", "speakable", "unspeakable", "undecided"}
+    timings_s: dict  # {"load", "screen", "search", "decide", "verify", "total"}
+    tokens: list[TokenReport]
+    kind: str = "scan"  # "scan" | "gram"
+    planted: dict | None = None  # synthetic sources: what was planted (not part of the JSON contract)
+    warnings: list[str] = field(default_factory=list)
+    # Per-token arrays over all V (not serialised token by token): verdict codes and margins, for figures.
+    verdicts_all: object = None  # numpy int8 [V]: 1 speakable, -1 unspeakable, 0 undecided
+    margin_lower_all: object = None  # numpy float64 [V] (NaN where unknown)
+    margin_upper_all: object = None
+
+    # ------------------------------------------------------------------------------------------- contract
+    def to_json(self) -> dict:
+        """The report as JSON-ready Python objects, schema ``unspeakable.report/1`` (DESIGN §5).
+
+        Keys come in the contract's order. Non-finite floats become ``None`` (JSON has no inf/NaN), numpy
+        scalars and arrays become Python numbers and lists. A gram report (``kind == "gram"``) keeps the
+        same top-level keys with only the gram fields filled in.
+        """
+        gram = self.kind == "gram"
+        count_keys = _GRAM_COUNT_KEYS if gram else _COUNT_KEYS
+        out = {
+            "schema": SCHEMA,
+            "source": str(self.source),
+            "V": int(self.V),
+            "d": int(self.d),
+            "domain": None if gram else self.domain,
+            "radius": None if gram else _float_or_none(self.radius),
+            "bias": bool(self.bias),
+            "backend": str(self.backend),
+            "device": str(self.device),
+            "counts": {k: int(self.counts.get(k, 0)) for k in count_keys},
+            "timings_s": _timings_json(self.timings_s, gram),
+            "tokens": [t.to_json(gram=gram) for t in self.tokens],
+        }
+        return out
+
+    def to_csv(self) -> str:
+        """One row per listed token: ``id,text,gram_argmax,hard_to_speak,verdict,reason,margin_lower,...``."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(CSV_FIELDS)
+        for t in self.tokens:
+            w.writerow([
+                int(t.id),
+                "" if t.text is None else t.text,
+                int(t.gram_argmax),
+                "true" if t.hard_to_speak else "false",
+                t.verdict or "",
+                t.reason or "",
+                _csv_float(t.margin_lower),
+                _csv_float(t.margin_upper),
+                _csv_float(t.time_s),
+            ])
+        return buf.getvalue()
+
+
+CSV_FIELDS = ("id", "text", "gram_argmax", "hard_to_speak", "verdict", "reason", "margin_lower", "margin_upper",
+              "time_s")
+_TOP_KEYS = ("schema", "source", "V", "d", "domain", "radius", "bias", "backend", "device", "counts", "timings_s",
+             "tokens")
+_COUNT_KEYS = ("tokens", "hard_to_speak", "speakable", "unspeakable", "undecided")
+_GRAM_COUNT_KEYS = ("tokens", "hard_to_speak")
+_TIMING_KEYS = ("load", "screen", "search", "decide", "verify", "total")
+_TOKEN_KEYS = ("id", "text", "gram_argmax", "hard_to_speak", "verdict", "reason", "margin_lower", "margin_upper",
+               "time_s", "certificate")
+_GRAM_TOKEN_KEYS = ("id", "text", "gram_argmax", "hard_to_speak")
+
+
+
+
+# --------------------------------------------------------------------------------------------- values
+def _float_or_none(x) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _csv_float(x) -> str:
+    x = _float_or_none(x)
+    return "" if x is None else repr(x)
+
+
+def _timings_json(timings: dict, gram: bool) -> dict:
+    if gram:  # the stages a gram run has: those of the contract's keys that exist, in the contract's order
+        return {k: _float_or_none(timings[k]) for k in _TIMING_KEYS if k in timings}
+    return {k: _float_or_none(timings.get(k)) for k in _TIMING_KEYS}
+
+
+def to_jsonable(obj):
+    """Certificates and other free-form payloads: plain JSON types, non-finite floats as ``None``."""
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _float_or_none(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if hasattr(obj, "tolist"):  # torch tensors
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "to_json"):
+        return to_jsonable(obj.to_json())
+    raise TypeError(f"cannot put a {type(obj).__name__} into the report JSON; expected numbers, strings, lists, dicts")
+
+
+# --------------------------------------------------------------------------------------------- atomic files
+@contextmanager
+def _atomic(path: str | os.PathLike, mode: str = "w"):
+    """Yield a temp file in ``path``'s directory; on success ``os.replace`` it onto ``path``.
+
+    On any exception the temp file is removed and ``path`` is left exactly as it was: nothing half-written.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        kw = {"newline": ""} if "b" not in mode else {}
+        if "b" not in mode:
+            kw["encoding"] = "utf-8"
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(report: ScanReport, path) -> None:
+    """Write ``report.to_json()`` atomically. Refuses NaN/inf rather than writing invalid JSON."""
+    data = report.to_json()
+    with _atomic(path) as f:
+        json.dump(data, f, indent=1, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
+
+
+def write_csv(report: ScanReport, path) -> None:
+    """Write ``report.to_csv()`` atomically."""
+    text = report.to_csv()
+    with _atomic(path) as f:
+        f.write(text)
+
+
+def read_json(path) -> ScanReport:
+    """Read a report written by :func:`write_json`, checking the schema string and the contract's keys."""
+    from engine.load import InputError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read report {path}: {e}") from e
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise InputError(f"{path}: expected schema {SCHEMA!r}, got {got!r}")
+    missing = [k for k in _TOP_KEYS if k not in data]
+    if missing:
+        raise InputError(f"{path}: report is missing keys {', '.join(missing)}")
+    gram = "speakable" not in data["counts"]
+    tokens = []
+    for i, t in enumerate(data["tokens"]):
+        want = _GRAM_TOKEN_KEYS if gram else _TOKEN_KEYS
+        lost = [k for k in want if k not in t]
+        if lost:
+            raise InputError(f"{path}: tokens[{i}] is missing keys {', '.join(lost)}")
+        tokens.append(TokenReport(**{k: t[k] for k in want if k in t}))
+        if tokens[-1].time_s is None:
+            tokens[-1].time_s = 0.0
+    return ScanReport(
+        source=data["source"], V=data["V"], d=data["d"], domain=data["domain"], radius=data["radius"],
+        bias=data["bias"], backend=data["backend"], device=data["device"], counts=dict(data["counts"]),
+        timings_s=dict(data["timings_s"]), tokens=tokens, kind="gram" if gram else "scan",
+    )
+
+
+# --------------------------------------------------------------------------------------------- figure
+_COLOURS = {"speakable": "tab:green", "unspeakable": "tab:red", "undecided": "tab:orange"}
+
+
+def plot_formats() -> set[str]:
+    """File extensions :func:`write_plot` can produce (matplotlib's own list)."""
+    from matplotlib.figure import Figure
+
+    return set(Figure().canvas.get_supported_filetypes())
+
+
+def _fig_format(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    return ext or "png"
+
+
+def write_plot(report: ScanReport, path, max_intervals: int = 200) -> None:
+    """Figure, written atomically (format from the extension, PNG by default).
+
+    Left: histogram over all scanned tokens of the best margin bound (witness lower bound for speakable,
+    certificate upper bound for unspeakable), coloured by verdict. Right: the margin intervals
+    ``[margin_lower, margin_upper]`` of the listed tokens. A gram report shows its counts instead.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    fmt = _fig_format(os.fspath(path))
+    if fmt not in plot_formats():
+        raise ValueError(f"cannot write a {fmt!r} figure to {path}; expected one of {', '.join(sorted(plot_formats()))}")
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    ax_h, ax_i = fig.subplots(1, 2)
+    if report.kind == "gram":
+        ax_h.bar(["tokens", "hard-to-speak"], [report.counts.get("tokens", 0), report.counts.get("hard_to_speak", 0)],
+                 color=["tab:gray", "tab:purple"])
+        ax_h.set_yscale("log")
+        ax_h.set_title("gram screen")
+        ids = [t.id for t in report.tokens[:max_intervals]]
+        ax_i.scatter(ids, [t.gram_argmax for t in report.tokens[:max_intervals]], s=8, color="tab:purple")
+        ax_i.set_xlabel("hard-to-speak token id")
+        ax_i.set_ylabel("gram argmax")
+    else:
+        _margin_histogram(ax_h, report)
+        _margin_intervals(ax_i, report, max_intervals)
+    c = report.counts
+    counts = ", ".join(f"{k.replace('_', '-')} {c[k]}" for k in c)
+    where = "gram" if report.kind == "gram" else f"{report.domain}" + ("" if report.radius is None else f" R={report.radius:.4g}")
+    fig.suptitle(f"{report.source} — V={report.V}, d={report.d}, {where}\n{counts}", fontsize=10)
+    with _atomic(path, "wb") as f:
+        fig.savefig(f, format=fmt, dpi=110)
+
+
+def _margin_histogram(ax, report: ScanReport) -> None:
+    if report.verdicts_all is not None and report.margin_lower_all is not None and report.margin_upper_all is not None:
+        codes = np.asarray(report.verdicts_all)
+        lo = np.asarray(report.margin_lower_all, dtype=np.float64)
+        hi = np.asarray(report.margin_upper_all, dtype=np.float64)
+    else:  # a report read back from JSON: only the listed tokens are known
+        codes = np.array([{"speakable": 1, "unspeakable": -1}.get(t.verdict, 0) for t in report.tokens], dtype=np.int8)
+        lo = np.array([np.nan if t.margin_lower is None else t.margin_lower for t in report.tokens], dtype=np.float64)
+        hi = np.array([np.nan if t.margin_upper is None else t.margin_upper for t in report.tokens], dtype=np.float64)
+    # the bound that proves the verdict; undecided: the midpoint of whatever is known
+    best = np.where(codes == 1, lo, np.where(codes == -1, hi, np.where(np.isfinite(lo) & np.isfinite(hi),
+                                                                         (lo + hi) / 2, np.where(np.isfinite(lo), lo, hi))))
+    data, labels, colours = [], [], []
+    for code, name in ((1, "speakable"), (-1, "unspeakable"), (0, "undecided")):
+        v = best[(codes == code) & np.isfinite(best)]
+        if v.size:
+            data.append(v)
+            labels.append(f"{name} ({v.size})")
+            colours.append(_COLOURS[name])
+    if data:
+        allv = np.concatenate(data)
+        lo_e, hi_e = float(allv.min()), float(allv.max())
+        if lo_e == hi_e:
+            lo_e, hi_e = lo_e - 0.5, hi_e + 0.5
+        ax.hist(data, bins=np.linspace(lo_e, hi_e, 61), stacked=True, color=colours, label=labels)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no margin bounds", ha="center", va="center", transform=ax.transAxes)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("margin bound (speakable: lower, unspeakable: upper)")
+    ax.set_ylabel("tokens")
+    ax.set_title("margins over the scanned vocabulary")
+
+
+def _margin_intervals(ax, report: ScanReport, max_intervals: int) -> None:
+    shown = report.tokens[:max_intervals]
+    for y, t in enumerate(shown):
+        lo, hi = _float_or_none(t.margin_lower), _float_or_none(t.margin_upper)
+        col = _COLOURS.get(t.verdict, "tab:gray")
+        if lo is not None and hi is not None:
+            ax.plot([lo, hi], [y, y], color=col, lw=1.5)
+        for v, m in ((lo, "|"), (hi, "|")):
+            if v is not None:
+                ax.plot([v], [y], marker=m, color=col, ms=5)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("[margin_lower, margin_upper]")
+    ax.set_ylabel("listed token (row)")
+    if shown and len(shown) <= 40:
+        ax.set_yticks(range(len(shown)), [f"{t.id}" for t in shown], fontsize=6)
+    more = len(report.tokens) - len(shown)
+    ax.set_title(f"listed tokens ({len(report.tokens)})" + (f", first {len(shown)} shown" if more else ""))
+    if not shown:
+        ax.text(0.5, 0.5, "no listed tokens", ha="center", va="center", transform=ax.transAxes)
+
+
+# --------------------------------------------------------------------------------------------- console
+def _fmt(x) -> str:
+    if x is None:
+        return "—"
+    x = float(x)
+    if not math.isfinite(x):
+        return "—" if math.isnan(x) else ("+inf" if x > 0 else "-inf")
+    return f"{x:.4g}"
+
+
+def _text(s: str | None, width: int = 18) -> str:
+    if s is None:
+        return "—"
+    r = repr(s)
+    return r if len(r) <= width else r[: width - 1] + "…"
+
+
+def format_tokens(tokens: list[TokenReport], max_rows: int = 40, gram: bool = False) -> list[str]:
+    """Table lines for token reports, capped at ``max_rows`` with a "... N more" line."""
+    if gram:
+        hdr = f"{'id':>7}  {'text':<18}  {'gram_argmax':>11}"
+    else:
+        hdr = (f"{'id':>7}  {'text':<18}  {'gram_argmax':>11}  {'hard':>4}  {'verdict':<11}  "
+               f"{'[margin_lower, margin_upper]':<28}  reason")
+    lines = [hdr, "-" * len(hdr)]
+    for t in tokens[:max_rows]:
+        row = f"{t.id:>7}  {_text(t.text):<18}  {t.gram_argmax:>11}"
+        if not gram:
+            iv = f"[{_fmt(t.margin_lower)}, {_fmt(t.margin_upper)}]"
+            row += f"  {'yes' if t.hard_to_speak else 'no':>4}  {t.verdict or '—':<11}  {iv:<28}  {t.reason or ''}"
+        lines.append(row)
+    if len(tokens) > max_rows:
+        lines.append(f"... {len(tokens) - max_rows} more")
+    return lines
+
+
+def format_certificate(cert: dict | None, top: int = 5) -> str:
+    """One line saying what proves a verdict: the witness, the dual weights, the tie."""
+    if not cert:
+        return "no certificate"
+    kind = cert.get("kind", "?")
+    parts = [kind]
+    if kind == "tie":
+        parts.append(f"identical row to token {cert.get('tie_with')}")
+    x = cert.get("x")
+    if isinstance(x, (list, tuple)) and x:
+        parts.append(f"x: d={len(x)}, ||x||_2={_fmt(math.sqrt(sum(float(v) ** 2 for v in x)))}")
+    elif isinstance(x, str):
+        parts.append(f"x: {x}")
+    for key in ("runner_up", "allowance", "deficit", "mu"):
+        if cert.get(key) is not None:
+            v = cert[key]
+            parts.append(f"{key}={v if isinstance(v, (int, str)) else _fmt(v)}")
+    comp, w = cert.get("competitors"), cert.get("weights")
+    if comp is not None and w is not None and len(comp):
+        order = sorted(range(len(comp)), key=lambda i: -float(w[i]))[:top]
+        lam = ", ".join(f"{comp[i]}:{float(w[i]):.3g}" for i in order)
+        parts.append(f"lambda over {len(comp)} competitors (largest: {lam}{', …' if len(comp) > top else ''})")
+    return "; ".join(parts)
+
+
+def format_table(report: ScanReport, max_rows: int = 40) -> str:
+    """The console summary: header, counts, stage timings, the listed tokens, and planted vs found."""
+    lines = []
+    gram = report.kind == "gram"
+    radius = "—" if report.radius is None else f"{report.radius:.6g}"
+    head = f"unspeakable {'gram' if gram else 'scan'}: {report.source}  V={report.V}  d={report.d}"
+    if not gram:
+        head += f"  domain={report.domain}  radius={radius}  bias={'on' if report.bias else 'off'}"
+    head += f"  backend={report.backend}/{report.device}"
+    lines.append(head)
+    lines.append("counts:  " + "  ".join(f"{k.replace('_', '-')}={v}" for k, v in report.counts.items()))
+    if report.timings_s:
+        lines.append("timings: " + "  ".join(f"{k}={_fmt(v)}s" for k, v in report.timings_s.items()))
+    lines.append("")
+    if not report.tokens:
+        lines.append("no tokens listed (none hard-to-speak or left open by the witness screen)")
+    else:
+        lines.extend(format_tokens(report.tokens, max_rows=max_rows, gram=gram))
+    if report.planted:
+        lines.append("")
+        lines.extend(_planted_table(report))
+    return "\n".join(lines)
+
+
+_BOUNDED = ("layernorm", "rmsnorm", "box")
+
+
+def _expected(kind: str, report: ScanReport) -> str | None:
+    """What a planted token must come out as in this report's domain (None: no verdict expected)."""
+    if report.kind == "gram":
+        return None
+    if kind in ("interior", "duplicate"):
+        return "unspeakable"
+    if kind == "low_bias":
+        # its bias is what sinks it: only on a bounded domain with the bias in use
+        return "unspeakable" if report.domain in _BOUNDED and report.bias else "speakable"
+    return None
+
+
+def _flat_ids(v) -> list[int]:
+    """Planted entries are ids or lists of ids (duplicates come as pairs): flatten to ids."""
+    if isinstance(v, (int, np.integer)):
+        return [int(v)]
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, dict):
+        v = list(v.values())
+    return [t for x in v for t in _flat_ids(x)]
+
+
+def _found(report: ScanReport, t: int, listed: dict) -> tuple[str, bool | None]:
+    """(verdict found for token t, whether it is hard-to-speak) — from the listed tokens or the full arrays."""
+    r = listed.get(t)
+    if r is not None:
+        return (r.verdict or "—"), bool(r.hard_to_speak)
+    # unlisted: settled by the witness screen and not hard-to-speak — or not scanned at all
+    if not (0 <= t < report.V):
+        return "out of range", None
+    if report.kind == "gram":
+        return "—", False
+    if report.verdicts_all is not None:
+        return ("speakable" if int(np.asarray(report.verdicts_all)[t]) == 1 else "not scanned"), False
+    if report.counts.get("tokens") == report.V:
+        return "speakable", False
+    return "not scanned", None
+
+
+def _planted_table(report: ScanReport) -> list[str]:
+    listed = {t.id: t for t in report.tokens}
+    lines = ["planted vs found:"]
+    hdr = f"  {'kind':<10}  {'n':>4}  {'expected':<24}  {'found':<40}  ok"
+    lines.append(hdr)
+    lines.append("  " + "-" * (len(hdr) - 2))
+    kinds = [k for k in ("interior", "duplicate", "low_bias", "shadow") if k in report.planted]
+    kinds += [k for k in report.planted if k not in kinds]
+    for kind in kinds:
+        ids = sorted(set(_flat_ids(report.planted[kind])))
+        if not ids:
+            continue
+        want = _expected(kind, report)
+        found = {t: _found(report, t, listed) for t in ids}
+        tally: dict[str, int] = {}
+        for v, _ in found.values():
+            tally[v] = tally.get(v, 0) + 1
+        if kind == "shadow":
+            expect = "hard-to-speak"
+            bad = [t for t, (v, h) in found.items() if h is not True and v != "not scanned"]
+        elif want is None:
+            expect = "—"
+            bad = []
+        else:
+            expect = want
+            bad = [t for t, (v, _) in found.items() if v != want and v != "not scanned"]
+        ok = "yes" if not bad else f"NO: {', '.join(map(str, bad[:8]))}" + (" …" if len(bad) > 8 else "")
+        found_s = ", ".join(f"{v} {n}" for v, n in sorted(tally.items()))
+        lines.append(f"  {kind:<10}  {len(ids):>4}  {expect:<24}  {found_s:<40}  {ok}")
+        shown = ", ".join(map(str, ids[:12])) + (" …" if len(ids) > 12 else "")
+        lines.append(f"  {'':<10}  ids: {shown}")
+    return lines
