@@ -1,0 +1,403 @@
+"""engine.decide against independent oracles.
+
+* box / cone: ONE full-size LP over all V rows (scipy.optimize.linprog, no constraint generation).
+* cone: the vertices of scipy.spatial.ConvexHull (qhull) are exactly the tokens with a positive optimum.
+* balls: a sandwich — the same full LP with the ball replaced by a fine circumscribed polytope (upper bound)
+  and by the convex hull of points on the sphere (lower bound).
+* every claim is recomputed here in float64 from ``problem.rows`` (not the keys decide works on): the
+  witness's margin over all V, the certificate's deficit, λ >= 0 summing to 1, t never a competitor; and
+  clear verdicts go through ``engine.verify``.
+"""
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy.optimize import linprog
+from scipy.spatial import ConvexHull
+
+from engine import decide as decide_mod
+from engine.decide import decide_many, decide_token, decide_token_stats
+from engine.highs import LPResult, Status
+from engine.load import Problem
+from engine.verify import Verifier
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def make_problem(rows, bias, domain, radius):
+    """A Problem as load.fold would build it: keys = P(rows − mean row), P = projection on 1⊥ (layernorm)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float64)
+    V, d = rows.shape
+    bias = np.zeros(V) if bias is None or domain == "cone" else np.asarray(bias, dtype=np.float64)
+    center = rows.mean(axis=0)
+    keys = rows - center
+    if domain == "layernorm":
+        keys = keys - keys.mean(axis=1, keepdims=True)
+    return Problem(rows=rows, bias=bias, domain=domain, radius=radius, center=center,
+                   keys=np.ascontiguousarray(keys), bias_used=domain != "cone")
+
+
+def random_rows(rng, V, d, n_interior=0, bias_scale=0.5):
+    """Gaussian rows with lognormal norms; the last n_interior rows are convex combinations of others."""
+    rows = rng.standard_normal((V, d)) * np.exp(rng.normal(0, 0.3, V))[:, None]
+    for i in range(V - n_interior, V):
+        w = rng.dirichlet(np.ones(4))
+        rows[i] = w @ rows[rng.choice(V - n_interior, 4, replace=False)]
+    return rows, rng.standard_normal(V) * bias_scale
+
+
+def projector(problem):
+    d = problem.d
+    if problem.domain == "layernorm":
+        return np.eye(d) - np.ones((d, d)) / d
+    return np.eye(d)
+
+
+def logit_scale(problem):
+    R = problem.radius if problem.radius is not None else 1.0
+    n = np.linalg.norm(problem.rows - problem.center, axis=1) if problem.domain != "box" else \
+        np.abs(problem.rows - problem.center).sum(axis=1)
+    return R * float(n.max()) + float(np.abs(problem.bias).max())
+
+
+# ------------------------------------------------------------------------------------------ claim checks
+def check_claims(problem, t, cand, tol=1e-9):
+    """Recompute everything the candidate claims from problem.rows in float64."""
+    scale = logit_scale(problem)
+    assert cand.token == t
+    assert cand.lower <= cand.upper + tol * scale
+    if cand.witness is not None:
+        x = np.asarray(cand.witness, dtype=np.float64)
+        assert x.shape == (problem.d,) and np.all(np.isfinite(x))
+        if problem.domain in ("layernorm", "rmsnorm"):
+            assert np.linalg.norm(x) <= problem.radius * (1 + 1e-12)
+        if problem.domain == "layernorm":
+            assert abs(x.sum()) <= 1e-9 * problem.radius * np.sqrt(problem.d)
+        if problem.domain == "box":
+            assert np.max(np.abs(x)) <= problem.radius
+        z = projector(problem) @ x
+        logits = problem.rows @ z + (0.0 if problem.domain == "cone" else problem.bias)
+        margin = logits[t] - np.max(np.delete(logits, t))
+        if problem.domain == "cone":
+            margin /= float((problem.rows[t] - problem.center) @ z)
+        assert margin == pytest.approx(cand.lower, abs=tol * scale)
+    else:
+        assert cand.lower == -np.inf
+    cert = cand.certificate
+    if cert is not None:
+        comp, lam = np.asarray(cert.competitors), np.asarray(cert.weights)
+        assert t not in comp and len(np.unique(comp)) == comp.size
+        assert np.all(lam > 0) and lam.sum() == pytest.approx(1.0, abs=1e-12)
+        r = lam @ (problem.rows[comp] - problem.rows[t])
+        if problem.domain == "cone":
+            kt = problem.rows[t] - problem.center
+            assert cert.mu is not None
+            assert np.linalg.norm(r + cert.mu * kt) <= 1e-8 * (1 + np.abs(problem.rows).max())
+            assert cand.upper == pytest.approx(cert.mu, abs=1e-9)
+        else:
+            c0 = lam @ (problem.bias[comp] - problem.bias[t])
+            if problem.domain == "box":
+                sup = problem.radius * np.abs(r).sum()
+            else:
+                sup = problem.radius * np.linalg.norm(projector(problem) @ r)
+            assert cand.upper == pytest.approx(sup - c0, abs=tol * scale)  # upper = −δ(λ)
+    else:
+        assert cand.upper == np.inf
+
+
+def check_verifier(problem, t, cand, gap=1e-6):
+    """Clear claims must survive engine.verify (an independent re-derivation with rounding allowances)."""
+    scale = logit_scale(problem)
+    v = Verifier(problem)
+    if cand.lower > gap * scale:
+        assert v.witness(t, cand.witness).ok
+    if cand.upper < -gap * scale:
+        assert v.certificate(t, cand.certificate).ok
+
+
+# ------------------------------------------------------------------------------------------ full-LP oracles
+def full_lp_box(problem, t):
+    K, b, d = problem.keys, problem.bias, problem.d
+    J = np.delete(np.arange(problem.V), t)
+    A = np.hstack([np.ones((J.size, 1)), K[J] - K[t]])
+    res = linprog(np.r_[-1.0, np.zeros(d)], A_ub=A, b_ub=b[t] - b[J],
+                  bounds=[(None, None)] + [(-problem.radius, problem.radius)] * d, method="highs")
+    assert res.status == 0
+    return -res.fun
+
+
+def full_lp_cone(problem, t):
+    K, d = problem.keys, problem.d
+    J = np.delete(np.arange(problem.V), t)
+    A = np.hstack([np.ones((J.size, 1)), K[J] - K[t]])
+    res = linprog(np.r_[-1.0, np.zeros(d)], A_ub=A, b_ub=np.zeros(J.size), A_eq=np.r_[0.0, K[t]][None, :],
+                  b_eq=[1.0], bounds=[(None, 1.0)] + [(None, None)] * d, method="highs")
+    assert res.status == 0
+    return -res.fun
+
+
+def sphere_directions(dim, n):
+    if dim == 2:
+        a = 2 * np.pi * np.arange(n) / n
+        return np.stack([np.cos(a), np.sin(a)], axis=1)
+    i = np.arange(n) + 0.5  # Fibonacci sphere
+    phi = np.arccos(1 - 2 * i / n)
+    theta = np.pi * (1 + 5**0.5) * i
+    return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], axis=1)
+
+
+def ball_sandwich(problem, t, n_dirs):
+    """(lower, upper) on the ball margin from polytopes inside and around the ball, in coordinates y of
+    the domain's own space (1⊥ for layernorm): x = B y."""
+    d, R = problem.d, problem.radius
+    if problem.domain == "layernorm":
+        B = np.linalg.svd(np.eye(d) - np.ones((d, d)) / d)[0][:, : d - 1]
+    else:
+        B = np.eye(d)
+    Ky = (problem.rows - problem.rows[t]) @ B  # rows minus row t: keys' centring cancels in differences
+    b = problem.bias
+    J = np.delete(np.arange(problem.V), t)
+    g = sphere_directions(B.shape[1], n_dirs)
+    # outer: s + (k_j − k_t)·y <= b_t − b_j, g_i·y <= R
+    dim = B.shape[1]
+    A_rows = np.hstack([np.ones((J.size, 1)), Ky[J]])
+    A_cut = np.hstack([np.zeros((len(g), 1)), g])
+    outer = linprog(np.r_[-1.0, np.zeros(dim)], A_ub=np.vstack([A_rows, A_cut]),
+                    b_ub=np.r_[b[t] - b[J], np.full(len(g), R)], bounds=[(None, None)] * (dim + 1), method="highs")
+    # inner: y = R g^T μ, μ >= 0, Σ μ <= 1 (conv of 0 and the points R g_i, inside the ball)
+    Ainner = np.hstack([np.ones((J.size, 1)), R * Ky[J] @ g.T])
+    inner = linprog(np.r_[-1.0, np.zeros(len(g))], A_ub=np.vstack([Ainner, np.r_[0.0, np.ones(len(g))][None, :]]),
+                    b_ub=np.r_[b[t] - b[J], 1.0], bounds=[(None, None)] + [(0, None)] * len(g), method="highs")
+    assert outer.status == 0 and inner.status == 0
+    return -inner.fun, -outer.fun
+
+
+# ------------------------------------------------------------------------------------------ box and cone
+@pytest.mark.parametrize("seed", range(4))
+def test_box_matches_full_lp(seed):
+    rng = np.random.default_rng(seed)
+    V, d = int(rng.integers(30, 200)), int(rng.integers(2, 9))
+    rows, bias = random_rows(rng, V, d, n_interior=V // 5)
+    p = make_problem(rows, bias, "box", float(rng.choice([1.0, 100.0])))
+    for t in rng.choice(V, 8, replace=False):
+        t = int(t)
+        cand = decide_token(p, t, add_per_round=4, n_start=8)
+        ref = full_lp_box(p, t)
+        scale = logit_scale(p)
+        assert cand.reason == "lp"
+        assert cand.upper == pytest.approx(ref, abs=1e-7 * scale)
+        assert cand.lower == pytest.approx(ref, abs=1e-7 * scale)
+        assert (cand.lower > 0) == (ref > 0) and (cand.upper < 0) == (ref < 0)
+        check_claims(p, t, cand)
+        check_verifier(p, t, cand)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cone_lp_matches_full_lp(seed):
+    rng = np.random.default_rng(10 + seed)
+    V, d = int(rng.integers(30, 200)), int(rng.integers(2, 9))
+    rows, _ = random_rows(rng, V, d, n_interior=V // 4)
+    p = make_problem(rows, None, "cone", None)
+    for t in rng.choice(V, 8, replace=False):
+        t = int(t)
+        ref = full_lp_cone(p, t)
+        # the LP throughout: its optimum (capped at 1) is the full LP's
+        cand = decide_token(p, t, add_per_round=4, n_start=8, cone_oracle=False)
+        assert cand.lower == pytest.approx(ref, abs=1e-7)
+        if ref < 1 - 1e-7:
+            assert cand.upper == pytest.approx(ref, abs=1e-7)
+        check_claims(p, t, cand)
+        check_verifier(p, t, cand)
+        # default (witness by the ball oracle first): same sign; exact where the LP decides (inside)
+        cand = decide_token(p, t, add_per_round=4, n_start=8)
+        assert (cand.lower > 0) == (ref > 0) and (cand.upper < 0) == (ref < 0)
+        if ref < 0:
+            assert cand.upper == pytest.approx(ref, abs=1e-7) and cand.lower == pytest.approx(ref, abs=1e-7)
+        check_claims(p, t, cand)
+        check_verifier(p, t, cand)
+
+
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_cone_sign_is_qhull_vertices(d):
+    rng = np.random.default_rng(20 + d)
+    V = 60
+    rows, _ = random_rows(rng, V, d, n_interior=10)
+    p = make_problem(rows, None, "cone", None)
+    vertices = set(int(i) for i in ConvexHull(p.keys).vertices)
+    for t in range(V):
+        cand = decide_token(p, t)
+        if t in vertices:
+            assert cand.lower > 0, t
+        else:
+            assert cand.upper < 0, t  # strictly inside: the normalisation makes the optimum negative
+        check_claims(p, t, cand)
+
+
+# ------------------------------------------------------------------------------------------ balls
+@pytest.mark.parametrize("domain,d", [("rmsnorm", 2), ("rmsnorm", 3), ("layernorm", 3), ("layernorm", 4)])
+def test_ball_within_polytope_sandwich(domain, d):
+    rng = np.random.default_rng(30 + d)
+    V = 50
+    rows, bias = random_rows(rng, V, d, n_interior=8, bias_scale=1.0)
+    p = make_problem(rows, bias, domain, float(np.sqrt(d)))
+    n_dirs = 2000 if (d if domain == "rmsnorm" else d - 1) == 2 else 3000
+    scale = logit_scale(p)
+    for t in rng.choice(V, 10, replace=False):
+        t = int(t)
+        cand = decide_token(p, t, add_per_round=4, n_start=8)
+        lo, hi = ball_sandwich(p, t, n_dirs)
+        assert cand.reason == "lp"
+        assert lo - 1e-9 * scale <= cand.lower and cand.upper <= hi + 1e-9 * scale
+        assert cand.upper - cand.lower <= 1e-8 * scale  # the optimum, pinned from both sides
+        if lo > 0:
+            assert cand.lower > 0
+        if hi < 0:
+            assert cand.upper < 0
+        check_claims(p, t, cand)
+        check_verifier(p, t, cand)
+        # with the LP cross-check (tangent cut at the oracle's optimum) the same optimum comes out
+        cand_lp, stats = decide_token_stats(p, t, add_per_round=4, n_start=8, use_lp=True)
+        assert stats.simplex_iterations > 0
+        assert cand_lp.upper == pytest.approx(cand.upper, abs=1e-8 * scale)
+        check_claims(p, t, cand_lp)
+
+
+def test_ball_oracle_interior_optimum():
+    # R large: the ball does not bind and the optimum is the plain LP max-min (Farkas branch of the oracle)
+    rng = np.random.default_rng(5)
+    G = rng.standard_normal((40, 3))
+    beta = rng.standard_normal(40)
+    ref = linprog(np.r_[-1.0, 0, 0, 0], A_ub=np.hstack([np.ones((40, 1)), -G]), b_ub=beta,
+                  bounds=[(None, None)] * 4, method="highs")
+    bo = decide_mod._ball_optimum(G, beta, 1e3, float(beta.min()), 1e-10)
+    assert bo.lower == pytest.approx(-ref.fun, abs=1e-9) and bo.upper == pytest.approx(-ref.fun, abs=1e-9)
+    assert np.linalg.norm(bo.z) < 1e3
+
+
+def test_ball_larger_instance_is_pinned():
+    # d = 40, V = 3000: no polytope oracle, but a witness checked over all V and a certificate whose deficit
+    # is recomputed here must meet (lower <= m_t <= upper), which is the optimum.
+    rng = np.random.default_rng(7)
+    V, d = 3000, 40
+    rows = rng.standard_normal((V, d)) * np.exp(rng.normal(0, 0.35, V))[:, None]
+    p = make_problem(rows, rng.normal(0, 0.3, V), "rmsnorm", float(np.sqrt(d)))
+    own = np.linalg.norm(p.keys, axis=1)
+    for t in np.argsort(own)[:3]:  # small rows: they lose at their own direction
+        t = int(t)
+        cand = decide_token(p, t)
+        scale = logit_scale(p)
+        assert cand.reason == "lp"
+        assert cand.upper - cand.lower <= 1e-8 * scale
+        check_claims(p, t, cand)
+        check_verifier(p, t, cand)
+
+
+# ------------------------------------------------------------------------------------------ limits and errors
+def _box_instance():
+    rng = np.random.default_rng(40)
+    rows, bias = random_rows(rng, 150, 6, n_interior=30)
+    return make_problem(rows, bias, "box", 1.0)
+
+
+def test_time_limit_claims_only_what_was_checked():
+    p = _box_instance()
+    cand = decide_token(p, 3, time_limit=0.0)
+    assert cand.reason == "lp: time limit"
+    assert cand.certificate is None and cand.upper == np.inf
+    check_claims(p, 3, cand)  # the screen point's witness, checked over all V, is all it may claim
+
+
+def test_round_limit():
+    p = _box_instance()
+    full, stats = decide_token_stats(p, 7, add_per_round=1, n_start=1)
+    assert stats.rounds > 1
+    cand = decide_token(p, 7, add_per_round=1, n_start=1, max_rounds=1)
+    assert cand.reason == "lp: round limit"
+    check_claims(p, 7, cand)
+
+
+def test_solver_failure_is_not_a_verdict(monkeypatch):
+    p = _box_instance()
+
+    def failing_solve(self, **_):
+        return LPResult(Status.UNKNOWN, False, "Unknown")
+
+    monkeypatch.setattr(decide_mod.LP, "solve", failing_solve)
+    cand = decide_token(p, 5)
+    assert cand.reason == "highs: unknown"
+    assert cand.certificate is None and cand.upper == np.inf
+    check_claims(p, 5, cand)
+
+
+def test_decide_many_does_not_depend_on_workers():
+    p = _box_instance()
+    tokens = [0, 4, 9, 17, 33]
+    comp = {4: np.array([1, 2, 3])}
+    one = decide_many(p, tokens, comp, workers=1)
+    two = decide_many(p, tokens, comp, workers=2)
+    for a, b in zip(one, two):
+        assert a.token == b.token and a.lower == b.lower and a.upper == b.upper
+        assert np.array_equal(a.certificate.competitors, b.certificate.competitors)
+        assert np.array_equal(a.certificate.weights, b.certificate.weights)
+        assert np.array_equal(a.witness, b.witness)
+
+
+def test_given_competitors_are_cleaned():
+    p = _box_instance()
+    cand = decide_token(p, 11, competitors=np.array([11, 11, 3, -1, 10**6, 3, 20]))
+    check_claims(p, 11, cand)
+    assert cand.upper == pytest.approx(full_lp_box(p, 11), abs=1e-7 * logit_scale(p))
+
+
+def test_tie_is_never_a_win():
+    # an exact duplicate (row and bias) of t: m_t = 0, neither witness > 0 nor certificate < 0 is claimed
+    rng = np.random.default_rng(50)
+    rows, bias = random_rows(rng, 40, 4)
+    rows[7], bias[7] = rows[3], bias[3]
+    for domain, R in (("box", 1.0), ("rmsnorm", 2.0)):
+        p = make_problem(rows, bias, domain, R)
+        cand = decide_token(p, 3)
+        assert cand.lower <= 1e-12 and cand.upper >= -1e-12
+        check_claims(p, 3, cand)
+
+
+def test_head_cache_follows_the_problem():
+    p = _box_instance()
+    h = decide_mod._head_for(p)
+    assert decide_mod._head_for(p) is h
+    q = dataclasses.replace(p, bias=p.bias + 1.0)
+    assert decide_mod._head_for(q) is not h
+
+
+def test_pricing_is_exact_where_it_matters():
+    # 300 logits tied far below float32 resolution at x (bias set to 100 − k_j·x + 1e-9 noise): the float32
+    # pass alone orders them at random, the error bound must send all of them to float64
+    rng = np.random.default_rng(60)
+    V, d = 4000, 48
+    rows = rng.standard_normal((V, d))
+    x = rng.standard_normal(d)
+    keys = make_problem(rows, None, "rmsnorm", 3.0).keys
+    bias = rng.standard_normal(V)
+    tied = rng.choice(V, 300, replace=False)
+    bias[tied] = 100.0 - keys[tied] @ x + 1e-9 * rng.standard_normal(tied.size)
+    p = make_problem(rows, bias, "rmsnorm", 3.0)
+    head = decide_mod._Head(p)
+    for t in (int(tied[0]), int(tied[1]), 7):
+        full = p.keys @ x + p.bias
+        full_t = full[t]
+        full[t] = -np.inf
+        for offset, n_top in ((-np.inf, 2), (-np.inf, 5), (-1e-8, 2), (-50.0, 2)):
+            pr = head.price(x, t, floor_offset=offset, n_top=n_top)
+            assert pr.runner_up == int(np.argmax(full)) and pr.top == pytest.approx(full.max(), abs=1e-12)
+            assert pr.own == pytest.approx(full_t, abs=1e-12)
+            need = set(np.argsort(-full)[:n_top].tolist())
+            if np.isfinite(offset):
+                need |= set(np.nonzero(full >= full_t + offset)[0].tolist())
+            got = dict(zip(pr.ids.tolist(), pr.logits.tolist()))
+            assert need <= set(got) and all(abs(got[j] - full[j]) <= 1e-12 for j in need)
+            assert t not in got
+    # away from the tie the float32 pass prunes: few rows go to float64, and they are still exact
+    x2 = rng.standard_normal(d)
+    pr = head.price(x2, 7, n_top=2)
+    full = p.keys @ x2 + p.bias
+    full[7] = -np.inf
+    assert pr.ids.size < 20 and pr.runner_up == int(np.argmax(full))
