@@ -272,15 +272,23 @@ def scan_head(
             comp = None
             if sc.certificate is not None:
                 comp = np.asarray(sc.certificate.competitors, dtype=np.int64)
-            try:
-                cand = decide_token(problem, sc.token, competitors=comp, time_limit=decide_time_limit)
-            except Exception as e:  # a solver failure is reported, never turned into a verdict
-                cand = Candidate(token=sc.token, reason=f"lp error: {type(e).__name__}: {e}")
-            td = time.perf_counter() - t0
+            # Stop at the first proven sign (the verdict needs no more); if verification then cannot
+            # confirm it (a margin inside the rounding allowance), solve to the exact optimum once more.
+            td = tv = 0.0
+            for stop_at_sign in (True, False):
+                t0 = time.perf_counter()
+                try:
+                    cand = decide_token(problem, sc.token, competitors=comp, time_limit=decide_time_limit,
+                                        stop_at_sign=stop_at_sign, n_start=192, add_per_round=96)
+                except Exception as e:  # a solver failure is reported, never turned into a verdict
+                    cand = Candidate(token=sc.token, reason=f"lp error: {type(e).__name__}: {e}")
+                td += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                v, reason, lo, hi, cj = _verdict_from(verifier, cand)
+                tv += time.perf_counter() - t1
+                if v != "undecided":
+                    break
             timings["decide"] += td
-            t1 = time.perf_counter()
-            v, reason, lo, hi, cj = _verdict_from(verifier, cand)
-            tv = time.perf_counter() - t1
             timings["verify"] += tv
             r = base(sc.token)
             if v == "undecided":

@@ -11,8 +11,9 @@ gradient at λ is the margin against each competitor at ``x(λ)``, so one batche
 new competitors and scores the witness.
 
 The search runs pairwise Frank–Wolfe on a per-token active set (refreshed from a full pricing pass every
-``inner`` steps), batched over tokens; tokens leave the batch as soon as either bound crosses 0. Everything
-it returns is a claim for ``engine.verify``. Cone: a bounded surrogate (unit ball, no bias) searches for
+``inner`` steps), batched over tokens; tokens leave the batch as soon as either bound crosses 0. It is
+deliberately cheap (a few pricing rounds): it settles the easy tokens in bulk and hands the rest, with
+their best competitors, to the exact LP stage. Everything it returns is a claim for ``engine.verify``. Cone: a bounded surrogate (unit ball, no bias) searches for
 witnesses only; cone certificates need exact hull membership and come from the LP.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from engine.evidence import Candidate, Certificate
 from engine.verify import into_domain
@@ -74,154 +76,6 @@ def _step_box(v, w, D, gmax, rho, iters: int = 50):
     return torch.where(full, gmax, hi)
 
 
-def restricted_ball(H: np.ndarray, beta: np.ndarray, R: float, lam: np.ndarray, *, max_iter: int = 200,
-                    tol: float = 1e-12) -> np.ndarray:
-    """Minimise f(λ) = R sqrt(λᵀHλ) + βᵀλ over the simplex, H = A Aᵀ (an active-set method, after Wolfe).
-
-    On a support F the affine-constrained optimum has equal gradients ν on F:
-    ``R Hλ / n + β = ν 1`` with ``n = sqrt(λᵀHλ)``, so ``λ ∝ ν u − w`` with ``u = H⁻¹1``, ``w = H⁻¹β``, and
-    ``λᵀHλ = n²`` gives ``ν² 1ᵀu − 2ν 1ᵀw + βᵀw − R² = 0`` (take the root with ``ν 1ᵀu > 1ᵀw``). If that
-    point is not in the simplex, move towards it until a weight hits 0 and drop it (f is convex, so f
-    decreases along the way). When the affine problem has no minimiser, a pairwise step is taken instead.
-    Returns λ (nonnegative, summing to 1).
-    """
-    K = H.shape[0]
-    lam = lam.astype(np.float64).copy()
-    lam /= lam.sum()
-    scale = max(float(np.sqrt(max(np.max(np.diag(H)), 0.0))) * R, float(np.max(np.abs(beta))), 1e-300)
-    for _ in range(max_iter):
-        Hl = H @ lam
-        n = float(np.sqrt(max(lam @ Hl, 0.0)))
-        grad = beta + (R * Hl / n if n > 1e-14 * scale / max(R, 1e-300) else 0.0)
-        fval = float(lam @ grad)
-        j = int(np.argmin(grad))
-        if grad[j] >= fval - tol * scale:
-            break
-        F = np.nonzero(lam > 0)[0]
-        if j not in F:
-            F = np.append(F, j)
-        moved = False
-        f_before = _f_ball(H, beta, R, lam)
-        for _inner in range(K + 1):
-            HF = H[np.ix_(F, F)]
-            try:
-                L = np.linalg.cholesky(HF)
-                if np.min(np.diag(L)) ** 2 < 1e-12 * np.max(np.diag(HF)):
-                    raise np.linalg.LinAlgError
-            except np.linalg.LinAlgError:
-                F = _reduce_support(H, beta, lam, F)
-                HF = H[np.ix_(F, F)]
-                try:
-                    L = np.linalg.cholesky(HF)
-                except np.linalg.LinAlgError:
-                    break
-            bF = beta[F]
-            sol = np.linalg.solve(L.T, np.linalg.solve(L, np.stack([np.ones(len(F)), bF], axis=1)))
-            u, w = sol[:, 0], sol[:, 1]
-            a2, a1, a0 = float(u.sum()), float(w.sum()), float(bF @ w)
-            disc = a1 * a1 - a2 * (a0 - R * R)
-            if not (a2 > 0 and disc >= 0):
-                break
-            nu = (a1 + np.sqrt(disc)) / a2
-            den = nu * a2 - a1
-            if not den > 0:
-                break
-            mu = (nu * u - w) / den
-            trial = np.zeros_like(lam)
-            if np.all(mu >= 0):
-                trial[F] = mu
-                if _f_ball(H, beta, R, trial) <= f_before + 1e-15 * scale:
-                    lam[:] = trial
-                    moved = True
-                break
-            cur = lam[F]
-            neg = mu < 0
-            tstep = float(np.min(cur[neg] / (cur[neg] - mu[neg])))
-            newF = cur + tstep * (mu - cur)
-            newF[newF < 1e-15] = 0.0
-            trial[F] = newF
-            if not _f_ball(H, beta, R, trial) <= f_before + 1e-15 * scale:
-                break
-            lam[:] = trial
-            moved = True
-            keep = newF > 0
-            if keep.all():
-                break
-            F = F[keep]
-        if not moved:
-            # pairwise step towards j from the worst atom in the support (exact line search)
-            sup = np.nonzero(lam > 0)[0]
-            a = sup[np.argmax(grad[sup])]
-            g = _pair_step_np(H, beta, R, lam, j, a)
-            if g <= 0:
-                break
-            lam[j] += g
-            lam[a] -= g
-            lam[lam < 0] = 0.0
-        lam /= lam.sum()
-    return lam
-
-
-def _f_ball(H, beta, R, lam):
-    return R * float(np.sqrt(max(lam @ H @ lam, 0.0))) + float(beta @ lam)
-
-
-def _reduce_support(H, beta, lam, F):
-    """Drop atoms while the support is affinely dependent (H_F singular): along a direction δ with
-    Σδ = 0 and Aᵀδ = 0 the norm term is constant and f changes linearly, so moving until a weight hits 0
-    never increases f (Carathéodory)."""
-    while len(F) > 1:
-        HF = H[np.ix_(F, F)]
-        ev, evec = np.linalg.eigh(HF)
-        tiny = ev <= 1e-12 * max(float(ev[-1]), 1e-300)
-        if not tiny.any():
-            return F
-        N = evec[:, tiny]  # A_F^T N ≈ 0; need also Σδ = 0
-        ones = N.sum(axis=0)
-        if N.shape[1] == 1:
-            if abs(ones[0]) > 1e-9 * np.sqrt(len(F)):
-                return F
-            delta = N[:, 0]
-        else:
-            # a combination with zero sum
-            _, _, vt = np.linalg.svd(ones[None, :])
-            delta = N @ vt[-1]
-        if float(beta[F] @ delta) > 0:
-            delta = -delta
-        cur = lam[F]
-        neg = delta < -1e-15
-        if not neg.any():
-            delta = -delta
-            neg = delta < -1e-15
-            if not neg.any():
-                return F
-        t = float(np.min(cur[neg] / -delta[neg]))
-        newF = cur + t * delta
-        newF[newF < 1e-15] = 0.0
-        lam[F] = newF
-        F = F[newF > 0]
-    return F
-
-
-def _pair_step_np(H, beta, R, lam, j, a):
-    Hl = H @ lam
-    Av2 = float(H[j, j] - 2 * H[j, a] + H[a, a])  # ||w||², w = a_j − a_a
-    Bv = 2.0 * float(Hl[j] - Hl[a])
-    Cv = float(lam @ Hl)
-    D = float(beta[j] - beta[a])
-    return _step_ball_scalars(Av2, Bv, Cv, D, float(lam[a]), R)
-
-
-def _step_ball_scalars(A, B, C, D, gmax, rho):
-    K = A * rho * rho - D * D
-    if A > 0 and K > 0:
-        disc = max(4.0 * A * C - B * B, 0.0)
-        g = -B / (2 * A) - (D / (2 * A)) * np.sqrt(disc / K)
-    else:
-        g = gmax if D < 0 else 0.0
-    return min(max(g, 0.0), gmax)
-
-
 def search(
     problem,
     tokens: np.ndarray,
@@ -230,7 +84,7 @@ def search(
     batch: int = 256,
     active: int = 64,
     add: int = 16,
-    rounds: int = 40,
+    rounds: int = 8,
     inner: int = 30,
     rel_tol: float = 1e-7,
 ) -> list[Candidate]:
@@ -249,15 +103,17 @@ def search(
     scale = rho * float((keys64.abs().sum(1) if box else torch.linalg.vector_norm(keys64, dim=1)).max())
     scale += float(bias64.abs().max()) + 1e-300
     out: list[Candidate] = []
-    for b0 in range(0, tokens.size, batch):
-        if not box:
-            out.extend(_search_ball(problem, tokens[b0 : b0 + batch], keys64, keys32, bias64, bias32, rho, cone,
-                                    min(4 * active, problem.V - 1), min(add, problem.V - 1), rounds,
-                                    rel_tol * scale))
-            continue
-        out.extend(_search_batch(problem, tokens[b0 : b0 + batch], keys64, keys32, bias64, bias32, rho, box, cone,
-                                 min(active, problem.V - 1), min(add, problem.V - 1), rounds, inner, rel_tol * scale))
+    with threadpool_limits(limits=1, user_api="blas"):
+        for b0 in range(0, tokens.size, batch):
+            out.extend(_search_one_batch(problem, tokens[b0 : b0 + batch], keys64, keys32, bias64, bias32, rho, box,
+                                         cone, active, add, rounds, inner, rel_tol * scale))
     return out
+
+
+def _search_one_batch(problem, toks, keys64, keys32, bias64, bias32, rho, box, cone, active, add, rounds, inner, tol):
+    K, add = min(active, problem.V - 1), min(add, problem.V - 1)
+    return _search_batch(problem, toks, keys64, keys32, bias64, bias32, rho, box, cone, K, min(add, K), rounds, inner,
+                         tol)
 
 
 def _search_batch(problem, toks, keys64, keys32, bias64, bias32, rho, box, cone, K, add, rounds, inner, tol):
@@ -363,88 +219,3 @@ def _search_batch(problem, toks, keys64, keys32, bias64, bias32, rho, box, cone,
         ))
     return out
 
-
-def _search_ball(problem, toks, keys64, keys32, bias64, bias32, rho, cone, K, add, rounds, tol):
-    """Column generation with exact restricted solves (:func:`restricted_ball`) for ball domains and the
-    cone surrogate. Pricing is one float32 GEMM over all V per round for the tokens still open."""
-    t0 = time.perf_counter()
-    B = toks.size
-    keys_np = problem.keys
-    bias_np = bias64.numpy()
-    T = torch.from_numpy(toks)
-    kt_all = keys64[T]
-    x_all = _best_response(kt_all, rho, False)
-    S: list[list[int]] = [[] for _ in range(B)]
-    lam: list[np.ndarray] = [np.zeros(0) for _ in range(B)]
-    best_lower = np.full(B, -np.inf)
-    best_x = x_all.numpy().copy()
-    best_upper = np.full(B, np.inf)
-    best_cert: list = [None] * B
-    iters = np.zeros(B, dtype=np.int64)
-    done = np.zeros(B, dtype=bool)
-    for _ in range(rounds):
-        act = np.nonzero(~done)[0]
-        if act.size == 0:
-            break
-        x = x_all[torch.from_numpy(act)]
-        logits = (x.to(torch.float32) @ keys32.T) + bias32
-        kt = kt_all[torch.from_numpy(act)]
-        own = (kt * x).sum(1) + bias64[T[torch.from_numpy(act)]]
-        marg32 = own.to(torch.float32)[:, None] - logits
-        marg32[torch.arange(act.size), T[torch.from_numpy(act)]] = float("inf")
-        kk = add if any(S[i] for i in act) else min(K, 4 * add)
-        cand = torch.topk(-marg32, kk, dim=1).indices
-        m64 = own[:, None] - ((keys64[cand] * x[:, None, :]).sum(-1) + bias64[cand])
-        lower = torch.minimum(m64.min(1).values, marg32.min(1).values.to(torch.float64)).numpy()
-        cand = cand.numpy()
-        xn = x.numpy()
-        for r, i in enumerate(act):
-            if lower[r] > best_lower[i]:
-                best_lower[i] = lower[r]
-                best_x[i] = xn[r]
-            if best_lower[i] > tol:
-                done[i] = True
-                continue
-            t = int(toks[i])
-            old = S[i]
-            seen = set(old)
-            new = [int(j) for j in cand[r] if int(j) not in seen]
-            ids = old + new
-            w0 = np.concatenate([lam[i], np.zeros(len(new))]) if len(old) else np.eye(1, len(ids)).ravel()
-            if len(ids) > K:  # drop the lightest atoms
-                keep = np.argsort(-w0, kind="stable")[:K]
-                ids = [ids[k] for k in sorted(keep)]
-                w0 = w0[sorted(keep)]
-            if w0.sum() <= 0:
-                w0 = np.eye(1, len(ids)).ravel()
-            idx = np.asarray(ids, dtype=np.int64)
-            Amat = keys_np[t] - keys_np[idx]
-            beta = bias_np[t] - bias_np[idx]
-            H = Amat @ Amat.T
-            lm = restricted_ball(H, beta, rho, w0, max_iter=60)
-            iters[i] += 1
-            v = lm @ Amat
-            nv = float(np.linalg.norm(v))
-            f = rho * nv + float(lm @ beta)
-            S[i], lam[i] = ids, lm
-            if not cone and f < best_upper[i]:
-                best_upper[i] = f
-                nz = lm > 0
-                best_cert[i] = (idx[nz], lm[nz] / lm[nz].sum())
-                if f < -tol:
-                    done[i] = True
-            x_all[i] = torch.from_numpy(rho * v / nv if nv > 0 else np.zeros_like(v))
-    elapsed = (time.perf_counter() - t0) / B
-    out = []
-    for i in range(B):
-        cert = None if best_cert[i] is None else Certificate(best_cert[i][0].astype(np.int64), best_cert[i][1])
-        wx = best_x[i]
-        if cone:
-            s = float(kt_all[i].numpy() @ wx)  # normalisation (k_t − c)·x = 1
-            wx = wx / s if s > 0 else wx
-        else:
-            wx = into_domain(problem, wx)
-        out.append(Candidate(token=int(toks[i]), witness=wx, certificate=cert, lower=float(best_lower[i]),
-                             upper=float("inf") if cone else float(best_upper[i]), reason="search",
-                             time_s=elapsed, iterations=int(iters[i])))
-    return out

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from engine.evidence import Certificate
 
@@ -59,6 +60,7 @@ class Verifier:
         self.rows = np.ascontiguousarray(problem.rows, dtype=np.float64)
         self.c = np.asarray(problem.center, dtype=np.float64)
         self.A = self.rows - self.c
+        self.A_t = torch.from_numpy(self.A)
         # |fl(u - c) - (u - c)| <= u |fl(u - c)| elementwise (one rounding), so a shifted-row dot carries an
         # extra relative u of ||a|| ||x|| on top of the dot product's own gamma_d.
         self.norms = np.linalg.norm(self.A, axis=1) * (1.0 + gamma(self.p.d + 2))
@@ -119,7 +121,9 @@ class Verifier:
         reach = self.norms[:, None] * xn[None, :] + self.bias[:, None] + (g_d * self.norms[:, None] * xn[None, :] + 4 * U * (np.abs(self.bias[:, None]) + self.norms[:, None] * xn[None, :]))
         cand = np.nonzero((reach >= L[None, :]).any(axis=1))[0]
         cand = np.union1d(cand, ts)  # self rows needed for their own logits
-        G = self.A[cand] @ Xb.T  # [|C|, B]
+        # The one heavy product: float64 GEMM through torch (numpy's OpenBLAS threads would compete with torch's).
+        Ac = self.A_t if cand.size == self.V else self.A_t[torch.from_numpy(cand)]
+        G = (Ac @ torch.from_numpy(np.ascontiguousarray(Xb)).T).numpy()  # [|C|, B]
         Gt = np.einsum("ij,ij->i", self.A[ts], Xb)
         Bt = self.bias[ts]
         M = (Gt[None, :] - G) + (Bt[None, :] - self.bias[cand][:, None])

@@ -102,8 +102,8 @@ def top2_exact(
         backend, f32(queries64), keys_fast, si, f32(scale64), f32(center64), f32(bias64), precision,
         **({"block_rows": block_rows} if backend == "torch" else {}),
     )
-    best_idx = fast.best_idx.cpu()
-    second_idx = fast.second_idx.cpu()
+    best_idx = fast.best_idx.cpu().clone()
+    second_idx = fast.second_idx.cpu().clone()
     eps = row_error_bounds(queries64, keys_norm_max, scale64, center64, bias64, precision)
     gap = fast.best_val.cpu().double() - fast.second_val.cpu().double()
     # Near tie between the two best competitors: the fast argmax may be wrong. (gap is +inf or NaN when
