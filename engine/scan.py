@@ -110,28 +110,43 @@ class _Checkpoint:
 
 
 # --------------------------------------------------------------------------------------------- verdicts
-def _verdict_from(verifier: Verifier, cand: Candidate, extra_time: float = 0.0) -> tuple[str, str, float | None, float | None, dict | None]:
-    """Verify a candidate; return (verdict, reason, margin_lower, margin_upper, certificate-json)."""
-    lower = upper = None
-    cert_json = None
-    if cand.witness is not None:
-        wc = verifier.witness(cand.token, cand.witness)
-        if wc.ok:
-            return ("speakable", f"witness ({cand.reason})", _finite(wc.margin), _finite(cand.upper) if cand.upper > wc.margin else None,
-                    {"kind": "witness", "x": [float(v) for v in cand.witness], "runner_up": wc.runner_up,
-                     "allowance": float(wc.allowance)})
-        if np.isfinite(wc.margin):
-            lower = float(wc.margin)  # a checked point's margin is a valid lower bound even if ≤ 0
-    if cand.certificate is not None:
-        cc = verifier.certificate(cand.token, cand.certificate)
-        if cc.ok:
-            cert_json = cand.certificate.to_json()
-            cert_json["kind"] = "cone" if verifier.p.domain == "cone" else "dual"
-            cert_json["deficit"] = float(cc.deficit)
-            return ("unspeakable", f"certificate ({cand.reason})", lower, _finite(cc.margin_upper), cert_json)
-    if np.isfinite(cand.upper) and cand.certificate is not None:
-        upper = None  # an unverified upper bound is not reported as a bound
-    return "undecided", cand.reason or "no proof", lower, upper, None
+def _verdicts(verifier: Verifier, cands: list[Candidate]) -> list[tuple]:
+    """Verify candidates (witnesses in one batched pass); for each return
+    (verdict, reason, margin_lower, margin_upper, certificate-json). Only verified numbers are reported:
+    a checked point's margin is a lower bound even when it is <= 0, a checked certificate's deficit an
+    upper bound even when the token is speakable."""
+    with_w = [i for i, c in enumerate(cands) if c.witness is not None]
+    wchecks = {}
+    if with_w:
+        X = np.stack([np.asarray(cands[i].witness, dtype=np.float64) for i in with_w])
+        for i, wc in zip(with_w, verifier.witnesses(np.array([cands[i].token for i in with_w]), X)):
+            wchecks[i] = wc
+    out = []
+    for i, cand in enumerate(cands):
+        lower = upper = None
+        wc = wchecks.get(i)
+        cc = verifier.certificate(cand.token, cand.certificate) if cand.certificate is not None else None
+        if cc is not None:
+            upper = _finite(cc.margin_upper)
+        if wc is not None:
+            if wc.ok:
+                out.append(("speakable", f"witness ({cand.reason})", _finite(wc.margin), upper,
+                            {"kind": "witness", "x": [float(v) for v in cand.witness], "runner_up": wc.runner_up,
+                             "allowance": float(wc.allowance)}))
+                continue
+            lower = _finite(wc.margin)
+        if cc is not None and cc.ok:
+            cj = cand.certificate.to_json()
+            cj["kind"] = "cone" if verifier.p.domain == "cone" else "dual"
+            cj["deficit"] = float(cc.deficit)
+            out.append(("unspeakable", f"certificate ({cand.reason})", lower, upper, cj))
+            continue
+        out.append(("undecided", cand.reason or "no proof", lower, upper, None))
+    return out
+
+
+def _verdict_from(verifier: Verifier, cand: Candidate):
+    return _verdicts(verifier, [cand])[0]
 
 
 def _log(progress, msg):
@@ -248,11 +263,11 @@ def scan_head(
         cands = search(problem, chunk, keys32=keys32)
         timings["search"] += time.perf_counter() - t0
         done_reports = []
-        for cand in cands:
-            t1 = time.perf_counter()
-            v, reason, lo, hi, cj = _verdict_from(verifier, cand)
-            tv = time.perf_counter() - t1
-            timings["verify"] += tv
+        t1 = time.perf_counter()
+        checked = _verdicts(verifier, cands)
+        tv = (time.perf_counter() - t1) / max(1, len(cands))
+        timings["verify"] += tv * len(cands)
+        for cand, (v, reason, lo, hi, cj) in zip(cands, checked):
             if v == "undecided":
                 cand.time_s += tv
                 still_open.append(cand)

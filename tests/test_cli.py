@@ -50,7 +50,7 @@ def real_pipeline():
 
 
 def real_loader():
-    if not callable(getattr(engine.load, "load", None)):
+    if not callable(getattr(sys.modules["engine.load"], "load", None)):
         pytest.skip("engine.load.load not available yet")
 
 
@@ -153,8 +153,11 @@ def fake(monkeypatch):
     mod = types.ModuleType("engine.scan")
     mod.scan_head, mod.gram_head, mod.check, mod.bench_head = scan_head, gram_head, check, bench_head
     monkeypatch.setitem(sys.modules, "engine.scan", mod)
-    monkeypatch.setattr(engine.load, "load", load, raising=False)
-    monkeypatch.setattr(engine.load, "fold", fold, raising=False)
+    # sys.modules, not the attribute: the package re-exports the function engine.load (DESIGN §5), which
+    # shadows the module of the same name as an attribute of `engine`.
+    load_mod = sys.modules["engine.load"]
+    monkeypatch.setattr(load_mod, "load", load, raising=False)
+    monkeypatch.setattr(load_mod, "fold", fold, raising=False)
     return calls
 
 
