@@ -96,48 +96,69 @@ def top2_torch(
         q = queries[r0:r1]
         if center is not None:
             q = q - center
+        if scale is not None:
+            # Scaling the query row is the same product up to one rounding (covered by the error bound).
+            q = q * scale[r0:r1, None]
         si = self_index[r0:r1]
-        sc = None if scale is None else scale[r0:r1, None]
-        best = torch.full((r1 - r0,), NEG_INF, dtype=dt, device=dev)
-        bidx = torch.full((r1 - r0,), -1, dtype=torch.int64, device=dev)
+        n = r1 - r0
+        best = torch.full((n,), NEG_INF, dtype=dt, device=dev)
+        bidx = torch.full((n,), -1, dtype=torch.int64, device=dev)
         sec = best.clone()
         sidx = bidx.clone()
-        selfv = torch.full((r1 - r0,), float("nan"), dtype=dt, device=dev)
+        selfv = torch.full((n,), float("nan"), dtype=dt, device=dev)
         for c0 in range(0, V, block_cols):
             c1 = min(V, c0 + block_cols)
-            s = q @ keys[c0:c1].T
-            if sc is not None:
-                s = s * sc
-            if bias is not None:
-                s = s + bias[c0:c1]
-            # Column indices in int64: row * V overflows int32 at V = 50257.
-            cols = torch.arange(c0, c1, dtype=torch.int64, device=dev)
-            is_self = cols[None, :] == si[:, None]
-            hit = is_self.any(dim=1)
-            if hit.any():
-                rows_hit = hit.nonzero().squeeze(1)
-                selfv[rows_hit] = s[rows_hit, (si[rows_hit] - c0)]
-                # The self column is not a competitor: -inf so it never wins a max.
-                s = s.masked_fill(is_self, NEG_INF)
-            k = min(2, c1 - c0)
-            tv, ti = torch.topk(s, k, dim=1)
-            # topk does not promise the first index among equal values: recompute with the tie rule.
-            b_val = tv[:, 0]
-            b_idx = _first_index_of(s, b_val) + c0
-            if k == 2:
-                s2 = s.clone()
-                s2[torch.arange(r1 - r0, device=dev), b_idx - c0] = NEG_INF
-                c_val = s2.max(dim=1).values
-                c_idx = _first_index_of(s2, c_val) + c0
-            else:
-                c_val = torch.full_like(b_val, NEG_INF)
-                c_idx = torch.full_like(b_idx, -1)
-            b_idx = torch.where(torch.isneginf(b_val), torch.full_like(b_idx, -1), b_idx)
-            c_idx = torch.where(torch.isneginf(c_val), torch.full_like(c_idx, -1), c_idx)
-            best, bidx, sec, sidx = merge_top2(best, bidx, sec, sidx, b_val, b_idx, c_val, c_idx)
+            kt = keys[c0:c1].T
+            s = q @ kt if bias is None else torch.addmm(bias[c0:c1], q, kt)
+            # Self columns in this tile: read the self score, then -inf so it never wins a max.
+            # (Index math in int64: row * V overflows int32 at V = 50257.)
+            in_tile = (si >= c0) & (si < c1)
+            if bool(in_tile.any()):
+                rows_hit = in_tile.nonzero().squeeze(1)
+                cols_hit = si[rows_hit] - c0
+                selfv[rows_hit] = s[rows_hit, cols_hit]
+                s[rows_hit, cols_hit] = NEG_INF
+            b_val, b_idx, c_val, c_idx = _tile_top2(s)
+            best, bidx, sec, sidx = merge_top2(best, bidx, sec, sidx, b_val, b_idx + c0 * (b_idx >= 0),
+                                               c_val, c_idx + c0 * (c_idx >= 0))
         out_best[r0:r1], out_bidx[r0:r1], out_sec[r0:r1], out_sidx[r0:r1] = best, bidx, sec, sidx
         out_self[r0:r1] = selfv
     return Top2(out_best, out_bidx, out_sec, out_sidx, out_self)
+
+
+def _tile_top2(s: torch.Tensor):
+    """Top-2 of each row of a tile with the tie rule (first index among equal values); -1 for -inf.
+
+    ``torch.topk`` does not promise which of equal values it returns, so rows where the top three values
+    are not strictly ordered (ties) are redone with explicit first-index searches. Ties are rare, and
+    exact for duplicates, which is why they get the slow path rather than every row.
+    """
+    n, m = s.shape
+    k = min(3, m)
+    tv, ti = torch.topk(s, k, dim=1)
+    b_val, b_idx = tv[:, 0], ti[:, 0]
+    if k >= 2:
+        c_val, c_idx = tv[:, 1], ti[:, 1]
+        tie = tv[:, 0] == tv[:, 1]
+        if k == 3:
+            tie |= tv[:, 1] == tv[:, 2]
+    else:
+        c_val = torch.full_like(b_val, NEG_INF)
+        c_idx = torch.full_like(b_idx, -1)
+        tie = torch.zeros_like(b_val, dtype=torch.bool)
+    if bool(tie.any()):
+        rows = tie.nonzero().squeeze(1)
+        sr = s[rows]
+        bv = sr.max(dim=1).values
+        bi = _first_index_of(sr, bv)
+        sr[torch.arange(rows.numel(), device=s.device), bi] = NEG_INF
+        cv = sr.max(dim=1).values
+        ci = _first_index_of(sr, cv)
+        b_val, b_idx, c_val, c_idx = b_val.clone(), b_idx.clone(), c_val.clone(), c_idx.clone()
+        b_val[rows], b_idx[rows], c_val[rows], c_idx[rows] = bv, bi, cv, ci
+    b_idx = torch.where(torch.isneginf(b_val), torch.full_like(b_idx, -1), b_idx)
+    c_idx = torch.where(torch.isneginf(c_val), torch.full_like(c_idx, -1), c_idx)
+    return b_val, b_idx, c_val, c_idx
 
 
 def _first_index_of(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
