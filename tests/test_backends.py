@@ -1,0 +1,39 @@
+"""The engine's verdicts are identical whichever backend screened (issue 3). Triton runs in its CPU
+interpreter here, in a subprocess because interpreter mode is fixed when triton is first imported."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from engine.load import load
+from engine.scan import scan_head
+
+SOURCE = "synthetic:V=700,d=16,seed=5"
+SCRIPT = """
+import json, sys
+from engine.load import load
+from engine.scan import scan_head
+rep = scan_head(load(sys.argv[1]), domain=sys.argv[2], device="cpu", backend=sys.argv[3])
+print(json.dumps({"backend": rep.backend, "verdicts": [int(v) for v in rep.verdicts_all],
+                  "hard": [t.id for t in rep.tokens if t.hard_to_speak]}))
+"""
+
+
+def run_sub(domain, backend):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", SCRIPT, SOURCE, domain, backend], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_triton_interpreter_and_torch_give_identical_verdicts():
+    for domain in ("layernorm", "cone"):
+        ref = scan_head(load(SOURCE), domain=domain, device="cpu", backend="torch")
+        tri = run_sub(domain, "triton")
+        assert tri["backend"] == "triton"
+        assert tri["verdicts"] == [int(v) for v in ref.verdicts_all]
+        assert tri["hard"] == [t.id for t in ref.tokens if t.hard_to_speak]
+        assert np.all(np.asarray(ref.verdicts_all) != 0)
