@@ -87,7 +87,7 @@ class Verifier:
         return True, ""
 
     # ------------------------------------------------------------------ witnesses
-    def witnesses(self, tokens: np.ndarray, X: np.ndarray, batch: int = 512) -> list[WitnessCheck]:
+    def witnesses(self, tokens: np.ndarray, X: np.ndarray, batch: int = 192) -> list[WitnessCheck]:
         """Verify witnesses ``X[i]`` for tokens ``tokens[i]`` over all V logits (batched, pruned)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         X = np.asarray(X, dtype=np.float64).reshape(len(tokens), self.d)
@@ -118,8 +118,10 @@ class Verifier:
         # Own logit lower bound, then rows that could reach it (Cauchy–Schwarz, rigorous with slack).
         own_err = g_d * self.norms[ts] * xn + 2 * U * np.abs(own)
         L = own - own_err
-        reach = self.norms[:, None] * xn[None, :] + self.bias[:, None] + (g_d * self.norms[:, None] * xn[None, :] + 4 * U * (np.abs(self.bias[:, None]) + self.norms[:, None] * xn[None, :]))
-        cand = np.nonzero((reach >= L[None, :]).any(axis=1))[0]
+        # One bound for the whole batch (largest ||x||, smallest own logit): O(V) memory, not O(V·B).
+        xmax = float(xn.max())
+        reach = self.norms * xmax * (1 + g_d + 4 * U) + self.bias + 4 * U * np.abs(self.bias)
+        cand = np.nonzero(reach >= float(L.min()))[0]
         cand = np.union1d(cand, ts)  # self rows needed for their own logits
         if cand.size > 0.5 * self.V:  # gathering most rows costs more than multiplying them all
             cand = np.arange(self.V)
