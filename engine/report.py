@@ -320,8 +320,16 @@ def _margin_histogram(ax, report: ScanReport) -> None:
             data.append(v)
             labels.append(f"{name} ({v.size})")
             colours.append(_COLOURS[name])
+    xlabel = "margin bound (speakable: lower, unspeakable: upper)"
     if data:
         allv = np.concatenate(data)
+        med = float(np.median(np.abs(allv))) or 1.0
+        if float(np.max(np.abs(allv))) > 100 * med:
+            # a few huge bounds (e.g. very negative biases) would squash the rest into one bin: compress
+            # both tails logarithmically, keeping the sign (0 stays at 0).
+            data = [np.sign(v) * np.log10(1.0 + np.abs(v)) for v in data]
+            allv = np.concatenate(data)
+            xlabel = "sign · log10(1 + |margin bound|)  (speakable: lower, unspeakable: upper)"
         lo_e, hi_e = float(allv.min()), float(allv.max())
         if lo_e == hi_e:
             lo_e, hi_e = lo_e - 0.5, hi_e + 0.5
@@ -331,7 +339,7 @@ def _margin_histogram(ax, report: ScanReport) -> None:
     else:
         ax.text(0.5, 0.5, "no margin bounds", ha="center", va="center", transform=ax.transAxes)
     ax.axvline(0.0, color="k", lw=0.8)
-    ax.set_xlabel("margin bound (speakable: lower, unspeakable: upper)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("tokens")
     ax.set_title("margins over the scanned vocabulary")
 
