@@ -280,41 +280,8 @@ def scan_head(
         _log(progress, f"search: {b0 + chunk.size}/{todo.size} tokens, {len(still_open)} left for the LP")
 
     if still_open:
-        from engine.decide import decide_token
-
-        for k, sc in enumerate(still_open):
-            t0 = time.perf_counter()
-            comp = None
-            if sc.certificate is not None:
-                comp = np.asarray(sc.certificate.competitors, dtype=np.int64)
-            # Stop at the first proven sign (the verdict needs no more); if verification then cannot
-            # confirm it (a margin inside the rounding allowance), solve to the exact optimum once more.
-            td = tv = 0.0
-            for stop_at_sign in (True, False):
-                t0 = time.perf_counter()
-                try:
-                    cand = decide_token(problem, sc.token, competitors=comp, time_limit=decide_time_limit,
-                                        stop_at_sign=stop_at_sign, n_start=192, add_per_round=96)
-                except Exception as e:  # a solver failure is reported, never turned into a verdict
-                    cand = Candidate(token=sc.token, reason=f"lp error: {type(e).__name__}: {e}")
-                td += time.perf_counter() - t0
-                t1 = time.perf_counter()
-                v, reason, lo, hi, cj = _verdict_from(verifier, cand)
-                tv += time.perf_counter() - t1
-                if v != "undecided":
-                    break
-            timings["decide"] += td
-            timings["verify"] += tv
-            r = base(sc.token)
-            if v == "undecided":
-                # keep the best verified bounds from either stage
-                _, _, lo2, hi2, _ = _verdict_from(verifier, sc)
-                lo = max([b for b in (lo, lo2) if b is not None], default=None)
-                hi = min([b for b in (hi, hi2) if b is not None], default=None)
-            r.verdict, r.reason, r.margin_lower, r.margin_upper, r.certificate = v, reason, lo, hi, cj
-            r.time_s = sc.time_s + td + tv
-            _record([r], listed, verdict, mlo, mhi, pos, ckpt)
-            _log(progress, f"decide: {k + 1}/{len(still_open)} token {sc.token}: {v}")
+        _decide_open(problem, verifier, still_open, workers, decide_time_limit, timings, base, listed, verdict,
+                     mlo, mhi, pos, ckpt, progress)
 
     timings["total"] = time.perf_counter() - t_start + load_time
     counts = {
@@ -337,6 +304,92 @@ def scan_head(
     rep.verdicts_all, rep.margin_lower_all, rep.margin_upper_all = full, lo_all, hi_all
     ckpt.remove()
     return rep
+
+
+def _decide_one(problem, t, comp, time_limit, stop_at_sign):
+    from engine.decide import decide_token
+
+    t0 = time.perf_counter()
+    try:
+        cand = decide_token(problem, t, competitors=comp, time_limit=time_limit, stop_at_sign=stop_at_sign,
+                            n_start=192, add_per_round=96)
+    except Exception as e:  # a solver failure is reported, never turned into a verdict
+        cand = Candidate(token=t, reason=f"lp error: {type(e).__name__}: {e}")
+    cand.time_s = time.perf_counter() - t0
+    return cand
+
+
+def _decide_pass(problem, toks, comps, workers, time_limit, stop_at_sign):
+    """One decide pass over tokens; a process pool when workers > 1 (tokens are independent and each
+    solve deterministic, so the results do not depend on the worker count)."""
+    if workers <= 1 or len(toks) <= 1:
+        return [_decide_one(problem, t, comps.get(t), time_limit, stop_at_sign) for t in toks]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _POOL
+    _POOL = (problem, comps, time_limit, stop_at_sign)
+    try:
+        with ProcessPoolExecutor(max_workers=int(workers), mp_context=mp.get_context("fork")) as ex:
+            return list(ex.map(_pool_one, toks))
+    finally:
+        _POOL = None
+
+
+_POOL = None
+
+
+def _pool_one(t):
+    problem, comps, time_limit, stop_at_sign = _POOL
+    return _decide_one(problem, t, comps.get(t), time_limit, stop_at_sign)
+
+
+def _decide_open(problem, verifier, still_open, workers, time_limit, timings, base, listed, verdict, mlo, mhi, pos,
+                 ckpt, progress):
+    """LP stage for what the search left: first stop at the first proven sign (the verdict needs no more);
+    where verification cannot confirm it (a margin inside the rounding allowance), solve to the exact
+    optimum once more. Only verified bounds are reported; undecided tokens keep the best of either stage."""
+    comps = {sc.token: (None if sc.certificate is None else np.asarray(sc.certificate.competitors, dtype=np.int64))
+             for sc in still_open}
+    spent = {sc.token: sc.time_s for sc in still_open}
+    pending = [sc.token for sc in still_open]
+    results: dict[int, tuple] = {}
+    for stop_at_sign in (True, False):
+        if not pending:
+            break
+        for b0 in range(0, len(pending), 64):
+            chunk = pending[b0 : b0 + 64]
+            t0 = time.perf_counter()
+            cands = _decide_pass(problem, chunk, comps, workers, time_limit, stop_at_sign)
+            timings["decide"] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            checked = _verdicts(verifier, cands)
+            tv = time.perf_counter() - t1
+            timings["verify"] += tv
+            for cand, res in zip(cands, checked):
+                spent[cand.token] += cand.time_s + tv / len(cands)
+                results[cand.token] = res
+            _log(progress, f"decide ({'sign' if stop_at_sign else 'exact'}): {b0 + len(chunk)}/{len(pending)}")
+            done = []
+            for t in chunk:
+                if results[t][0] != "undecided" or not stop_at_sign:
+                    done.append(t)
+            _record([_token_report(base, t, results[t], spent[t], verifier, still_open) for t in done],
+                    listed, verdict, mlo, mhi, pos, ckpt)
+        pending = [t for t in pending if results[t][0] == "undecided"]
+
+
+def _token_report(base, t, res, spent, verifier, still_open):
+    v, reason, lo, hi, cj = res
+    if v == "undecided":
+        sc = next(c for c in still_open if c.token == t)
+        _, _, lo2, hi2, _ = _verdict_from(verifier, sc)
+        lo = max([b for b in (lo, lo2) if b is not None], default=None)
+        hi = min([b for b in (hi, hi2) if b is not None], default=None)
+    r = base(t)
+    r.verdict, r.reason, r.margin_lower, r.margin_upper, r.certificate = v, reason, lo, hi, cj
+    r.time_s = spent
+    return r
 
 
 def _record(reports, listed, verdict, mlo, mhi, pos, ckpt):
