@@ -48,7 +48,8 @@ def gram_screen(rows64: np.ndarray, ids: np.ndarray | None = None, *, backend: s
     V = g.shape[0]
     ids = np.arange(V, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     idx = torch.from_numpy(ids)
-    res, redo = top2_exact(g[idx], g, idx, backend=backend, device=device, precision=precision)
+    queries = g if ids.size == V and np.array_equal(ids, np.arange(V)) else g[idx]  # no copy for a full scan
+    res, redo = top2_exact(queries, g, idx, backend=backend, device=device, precision=precision)
     best = res.best_val.numpy()
     best_idx = res.best_idx.numpy()
     selfv = res.self_val.numpy()

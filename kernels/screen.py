@@ -57,11 +57,15 @@ def _fast_top2(backend, queries, keys, self_index, scale, center, bias, precisio
     return top2_torch(queries, keys, self_index, scale=scale, center=center, bias=bias, **kw)
 
 
-def _gather_scores64(q64, keys64, idx, scale64, bias64):
-    """float64 scores of row i against column idx[i] (NaN / -inf where idx < 0)."""
+def _gather_scores64(q64, keys64, idx, scale64, bias64, chunk: int = 8192):
+    """float64 scores of row i against column idx[i] (NaN / -inf where idx < 0), gathered in chunks so
+    no V x d copy of the keys is made."""
     ok = idx >= 0
     safe = idx.clamp(min=0)
-    s = (q64 * keys64[safe]).sum(dim=1)
+    s = torch.empty(idx.shape[0], dtype=torch.float64)
+    for c0 in range(0, idx.shape[0], chunk):
+        c1 = min(idx.shape[0], c0 + chunk)
+        s[c0:c1] = (q64[c0:c1] * keys64[safe[c0:c1]]).sum(dim=1)
     if scale64 is not None:
         s = s * scale64
     if bias64 is not None:
