@@ -68,6 +68,7 @@ class ScanReport:
     verdicts_all: object = None  # numpy int8 [V]: 1 speakable, -1 unspeakable, 0 undecided
     margin_lower_all: object = None  # numpy float64 [V] (NaN where unknown)
     margin_upper_all: object = None
+    gram_argmax_all: object = None  # numpy int64 [V], -1 for tokens not scanned
 
     # ------------------------------------------------------------------------------------------- contract
     def to_json(self) -> dict:

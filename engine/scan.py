@@ -302,6 +302,9 @@ def scan_head(
     hi_all = np.full(V, np.nan)
     full[ids], lo_all[ids], hi_all[ids] = verdict, mlo, mhi
     rep.verdicts_all, rep.margin_lower_all, rep.margin_upper_all = full, lo_all, hi_all
+    ga = np.full(V, -1, dtype=np.int64)
+    ga[ids] = g.argmax
+    rep.gram_argmax_all = ga
     ckpt.remove()
     return rep
 
@@ -439,7 +442,8 @@ def check(source_or_head, tokens, *, domain=None, radius=None, bias=True, decide
     for t in sorted(set(int(t) for t in tokens)):
         r = by_id.get(t)
         if r is None:  # settled by the witness screen and not hard-to-speak: report it anyway
-            r = TokenReport(id=t, text=None if head.texts is None else head.texts[t], gram_argmax=-1,
+            r = TokenReport(id=t, text=None if head.texts is None else head.texts[t],
+                            gram_argmax=int(rep.gram_argmax_all[t]),
                             hard_to_speak=False, verdict="speakable", reason="witness (screen)",
                             margin_lower=_finite(rep.margin_lower_all[t]),
                             certificate={"kind": "witness", "x": "self-direction"})
