@@ -209,7 +209,7 @@ class Scan:
             report = scan_head(head, domain=self.domain, radius=self.radius, bias=self.bias, tokens=ids,
                                device=self.device, backend=self.backend, workers=self.workers,
                                checkpoint=checkpoint, resume=self.resume, progress=sys.stderr.isatty(),
-                               load_time=load_time)
+                               load_time=load_time, keep_checkpoint=True)
         except KeyboardInterrupt:
             if checkpoint and os.path.exists(checkpoint):
                 print(f"unspeakable: interrupted; decided tokens are kept in {checkpoint}: "
@@ -218,6 +218,9 @@ class Scan:
         _warn(report.warnings)
         print(format_table(report))
         _write_reports(report, self.out, self.csv, self.plot)
+        # Only now is the progress safe to drop: a failed report write leaves OUT.partial for --resume.
+        if checkpoint and os.path.exists(checkpoint):
+            os.remove(checkpoint)
         return 0
 
 

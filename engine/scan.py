@@ -171,6 +171,7 @@ def scan_head(
     gram_center: bool | None = None,
     decide_time_limit: float = 30.0,
     load_time: float = 0.0,
+    keep_checkpoint: bool = False,
 ) -> ScanReport:
     t_start = time.perf_counter()
     timings = {"load": load_time, "screen": 0.0, "search": 0.0, "decide": 0.0, "verify": 0.0}
@@ -305,7 +306,8 @@ def scan_head(
     ga = np.full(V, -1, dtype=np.int64)
     ga[ids] = g.argmax
     rep.gram_argmax_all = ga
-    ckpt.remove()
+    if not keep_checkpoint:  # the CLI removes it only once the report is safely written
+        ckpt.remove()
     return rep
 
 
