@@ -666,12 +666,13 @@ def decide_many(problem, tokens, competitors: dict | None = None, *, time_limit:
                 **options) -> list[Candidate]:
     """:func:`decide_token` for each token (same order); ``competitors`` maps a token id to its starting ids.
     Tokens are independent and each solve is deterministic, so the results do not depend on ``workers``
-    (a fork-based process pool when > 1; the children share the problem's arrays copy-on-write)."""
+    (a fork-based process pool when > 1; the children share the problem's arrays copy-on-write).
+    An exception while deciding one token becomes that token's Candidate with reason ``lp error: ...`` and
+    no claims — a solver failure is reported, never turned into a verdict, and never stops the others."""
     tokens = [int(t) for t in tokens]
     competitors = competitors or {}
     if workers <= 1 or len(tokens) <= 1:
-        return [decide_token(problem, t, competitors=competitors.get(t), time_limit=time_limit, **options)
-                for t in tokens]
+        return [_decide_contained(problem, t, competitors.get(t), time_limit, options) for t in tokens]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -690,4 +691,12 @@ _POOL_STATE = None
 
 def _pool_decide(t: int) -> Candidate:
     problem, competitors, time_limit, options = _POOL_STATE
-    return decide_token(problem, t, competitors=competitors.get(t), time_limit=time_limit, **options)
+    return _decide_contained(problem, t, competitors.get(t), time_limit, options)
+
+
+def _decide_contained(problem, t, competitors, time_limit, options) -> Candidate:
+    t0 = time.perf_counter()
+    try:
+        return decide_token(problem, t, competitors=competitors, time_limit=time_limit, **options)
+    except Exception as e:  # noqa: BLE001 - reported as the token's reason, see decide_many
+        return Candidate(token=t, reason=f"lp error: {type(e).__name__}: {e}", time_s=time.perf_counter() - t0)

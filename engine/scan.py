@@ -311,49 +311,13 @@ def scan_head(
     return rep
 
 
-def _decide_one(problem, t, comp, time_limit, stop_at_sign):
-    from engine.decide import decide_token
-
-    t0 = time.perf_counter()
-    try:
-        cand = decide_token(problem, t, competitors=comp, time_limit=time_limit, stop_at_sign=stop_at_sign,
-                            n_start=192, add_per_round=96)
-    except Exception as e:  # a solver failure is reported, never turned into a verdict
-        cand = Candidate(token=t, reason=f"lp error: {type(e).__name__}: {e}")
-    cand.time_s = time.perf_counter() - t0
-    return cand
-
-
-def _decide_pass(problem, toks, comps, workers, time_limit, stop_at_sign):
-    """One decide pass over tokens; a process pool when workers > 1 (tokens are independent and each
-    solve deterministic, so the results do not depend on the worker count)."""
-    if workers <= 1 or len(toks) <= 1:
-        return [_decide_one(problem, t, comps.get(t), time_limit, stop_at_sign) for t in toks]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    global _POOL
-    _POOL = (problem, comps, time_limit, stop_at_sign)
-    try:
-        with ProcessPoolExecutor(max_workers=int(workers), mp_context=mp.get_context("fork")) as ex:
-            return list(ex.map(_pool_one, toks))
-    finally:
-        _POOL = None
-
-
-_POOL = None
-
-
-def _pool_one(t):
-    problem, comps, time_limit, stop_at_sign = _POOL
-    return _decide_one(problem, t, comps.get(t), time_limit, stop_at_sign)
-
-
 def _decide_open(problem, verifier, still_open, workers, time_limit, timings, base, listed, verdict, mlo, mhi, pos,
                  ckpt, progress):
     """LP stage for what the search left: first stop at the first proven sign (the verdict needs no more);
     where verification cannot confirm it (a margin inside the rounding allowance), solve to the exact
     optimum once more. Only verified bounds are reported; undecided tokens keep the best of either stage."""
+    from engine.decide import decide_many
+
     comps = {sc.token: (None if sc.certificate is None else np.asarray(sc.certificate.competitors, dtype=np.int64))
              for sc in still_open}
     spent = {sc.token: sc.time_s for sc in still_open}
@@ -365,7 +329,8 @@ def _decide_open(problem, verifier, still_open, workers, time_limit, timings, ba
         for b0 in range(0, len(pending), 64):
             chunk = pending[b0 : b0 + 64]
             t0 = time.perf_counter()
-            cands = _decide_pass(problem, chunk, comps, workers, time_limit, stop_at_sign)
+            cands = decide_many(problem, chunk, comps, time_limit=time_limit, workers=workers,
+                                stop_at_sign=stop_at_sign, n_start=192, add_per_round=96)
             timings["decide"] += time.perf_counter() - t0
             t1 = time.perf_counter()
             checked = _verdicts(verifier, cands)
