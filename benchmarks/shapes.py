@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from any directory
 
-from engine.load import Problem  # noqa: E402
+from engine.loader import Problem  # noqa: E402
 
 # name -> (d_vocab V, d_model d), as published for each model.
 SHAPES: dict[str, tuple[int, int]] = {

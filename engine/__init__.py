@@ -1,12 +1,16 @@
 """unspeakable — prove, token by token, whether any hidden state can make a token the argmax.
 
-    from engine import scan, load, check
-    report = scan(W_U, b_U, ln_w=ln_w, ln_b=ln_b)       # numpy arrays or torch tensors, any device
+    import engine
+    report = engine.scan(W_U, b_U, ln_w=ln_w, ln_b=ln_b)      # numpy arrays or torch tensors, any device
     report = engine.scan_head(engine.load("synthetic:V=5000,d=64,seed=0"))
+
+The modules read top-down as the pipeline: ``loader`` → ``screen`` → ``search`` → ``decide`` → ``verify`` →
+``report``, run by ``pipeline``; ``head`` (shared types) and ``domain`` (geometry) are leaves.
 """
-from engine.load import Head, InputError, Problem, fold, load
+from engine.head import Head, InputError, Problem
+from engine.loader import fold, load
+from engine.pipeline import bench_head, check, gram_head, scan, scan_head
 from engine.report import ScanReport, TokenReport
-from engine.scan import bench_head, check, gram_head, scan, scan_head
 
 __all__ = ["scan", "scan_head", "gram_head", "check", "bench_head", "load", "fold", "Head", "Problem",
            "ScanReport", "TokenReport", "InputError"]

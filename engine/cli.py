@@ -18,10 +18,11 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from engine.load import InputError
+from engine.domain import DOMAINS
+from engine.head import InputError
 
 DEMO_SOURCE = "synthetic:V=50257,d=768,seed=0"
-DOMAINS = ("layernorm", "rmsnorm", "box", "cone")
+
 _PART = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")
 
 
@@ -147,7 +148,7 @@ def _warn(messages) -> None:
 
 
 def _load(source: str):
-    from engine.load import load
+    from engine.loader import load
 
     t0 = time.perf_counter()
     head = load(source)
@@ -200,7 +201,7 @@ class Scan:
         check_outputs(self.source, out=self.out, csv=self.csv, plot=self.plot)
         _check_backend(self.backend, self.device)
         from engine.report import format_table
-        from engine.scan import scan_head
+        from engine.pipeline import scan_head
 
         head, load_time = _load(self.source)
         ids = None if self.tokens is None else self.tokens.ids(head.d_vocab)
@@ -246,7 +247,7 @@ class Gram:
         check_outputs(self.source, out=self.out)
         _check_backend(self.backend, self.device)
         from engine.report import format_table
-        from engine.scan import gram_head
+        from engine.pipeline import gram_head
 
         head, load_time = _load(self.source)
         report = gram_head(head, center=self.center, device=self.device, backend=self.backend, load_time=load_time)
@@ -274,12 +275,12 @@ class Check:
 
     def run(self) -> int:
         from engine.report import format_certificate, format_tokens
-        from engine.scan import check
+        from engine.pipeline import check
 
         head, _ = _load(self.source)
         ids = self._ids(head)
         try:
-            from engine.load import fold
+            from engine.loader import fold
 
             _warn(fold(head, domain=self.domain, radius=self.radius, bias=self.bias).warnings)
         except ImportError:  # pragma: no cover - the warnings are a courtesy
@@ -328,7 +329,7 @@ class Bench:
 
     def run(self) -> int:
         from engine.report import to_jsonable
-        from engine.scan import bench_head
+        from engine.pipeline import bench_head
 
         head, _ = _load(self.source)
         ids = None if self.tokens is None else self.tokens.ids(head.d_vocab)
@@ -366,7 +367,7 @@ def _num(v):
 
 
 def _domain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--domain", choices=DOMAINS, help="default: the source's norm; cone when it has none")
+    p.add_argument("--domain", choices=tuple(DOMAINS), help="default: the source's norm; cone when it has none")
     p.add_argument("--radius", type=_positive_float, help="R for layernorm/rmsnorm (default sqrt(d_model)), rho for box")
     p.add_argument("--no-bias", dest="bias", action="store_false", help="ignore b_U and the norm's bias")
 

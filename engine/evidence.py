@@ -30,7 +30,8 @@ import numpy as np
 class Certificate:
     competitors: np.ndarray  # [m] int64 token ids j != t
     weights: np.ndarray  # [m] float64 lambda_j >= 0, sum 1
-    mu: float | None = None  # cone only: multiplier of the normalisation row
+    mu: float | None = None  # Gordan certificates only: multiplier of the cone's normalisation row
+    zero: bool = False  # a "margin exactly 0" claim: a Gordan certificate in a bounded domain, constant bias
 
     def to_json(self) -> dict:
         out = {"competitors": [int(j) for j in self.competitors], "weights": [float(w) for w in self.weights]}

@@ -221,7 +221,7 @@ def write_csv(report: ScanReport, path) -> None:
 
 def read_json(path) -> ScanReport:
     """Read a report written by :func:`write_json`, checking the schema string and the contract's keys."""
-    from engine.load import InputError
+    from engine.loader import InputError
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -451,9 +451,6 @@ def format_table(report: ScanReport, max_rows: int = 40) -> str:
     return "\n".join(lines)
 
 
-_BOUNDED = ("layernorm", "rmsnorm", "box")
-
-
 def _expected(kind: str, report: ScanReport) -> str | None:
     """What a planted token must come out as in this report's domain (None: no verdict expected)."""
     if report.kind == "gram":
@@ -462,7 +459,7 @@ def _expected(kind: str, report: ScanReport) -> str | None:
         return "unspeakable"
     if kind == "low_bias":
         # its bias is what sinks it: only on a bounded domain with the bias in use
-        return "unspeakable" if report.domain in _BOUNDED and report.bias else "speakable"
+        return "unspeakable" if report.radius is not None and report.bias else "speakable"  # bounded: a radius
     return None
 
 

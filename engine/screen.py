@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.verify import into_domain
 from kernels.screen import top2_exact
 
 
@@ -62,34 +61,20 @@ def gram_screen(rows64: np.ndarray, ids: np.ndarray | None = None, *, backend: s
                       hard, redo, time.perf_counter() - t0)
 
 
-def witness_queries(problem) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-token screen point as (query rows, per-row scale): ``x_t = scale_t * query_t``."""
-    k = problem.keys
-    n = np.linalg.norm(k, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if problem.domain in ("layernorm", "rmsnorm"):
-            return k, np.where(n > 0, problem.radius / n, 0.0)
-        if problem.domain == "box":
-            return problem.radius * np.sign(k), None
-        return k, np.where(n > 0, 1.0 / (n * n), 0.0)  # cone
-
-
 def witness_points(problem, tokens: np.ndarray) -> np.ndarray:
     """The screen points of ``tokens``, moved inside the domain by a few ulps so they verify."""
-    q, s = witness_queries(problem)
-    x = q[tokens]
-    return into_domain(problem, x if s is None else x * s[tokens, None])
+    return problem.domain.screen_points(problem.keys, tokens)
 
 
 def witness_screen(problem, ids: np.ndarray | None = None, *, backend: str = "torch", device="cpu",
                    precision: str = "ieee") -> WitnessScreen:
     """Witness screen for the tokens ``ids`` (default: all V) over all V competitors."""
     t0 = time.perf_counter()
-    q, s = witness_queries(problem)
+    q, s = problem.domain.screen_queries(problem.keys)
     keys = torch.from_numpy(np.ascontiguousarray(problem.keys))
     V = keys.shape[0]
     ids = np.arange(V, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-    bias = None if problem.domain == "cone" or not np.any(problem.bias) else torch.from_numpy(problem.bias)
+    bias = torch.from_numpy(problem.bias) if np.any(problem.bias) else None  # zero in the cone
     res, redo = top2_exact(
         torch.from_numpy(np.ascontiguousarray(q[ids])), keys, torch.from_numpy(ids),
         scale64=None if s is None else torch.from_numpy(s[ids]), bias64=bias,

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.load import Head, InputError
+from engine.head import Head, InputError, head_from_arrays
 
 # Shape of the cloud. The deviation from the shared mean has RMS norm DEV_SCALE before the per-token factor.
 DEV_SCALE = 3.0
@@ -125,11 +125,10 @@ def synthesize(V: int = 50257, d: int = 768, seed: int = 0) -> Synthetic:
     if n:
         _plant(U, b, m, ln_w, ln_b, r, n, rng, planted, recipe)
 
-    head = Head(
-        W_U=np.ascontiguousarray(U.T), b_U=b, ln_w=ln_w32, ln_b=ln_b32, norm="layernorm",
-        source=f"synthetic:V={V},d={d},seed={seed}", texts=[f"tok{i}" for i in range(V)],
-        planted=planted, gram_center=False,
-    )
+    # The same validation as any input: the synthetic head is arrays like every other source.
+    head = head_from_arrays(np.ascontiguousarray(U.T), b, ln_w32, ln_b32, "layernorm",
+                            source=f"synthetic:V={V},d={d},seed={seed}", texts=[f"tok{i}" for i in range(V)],
+                            planted=planted, gram_center=False)
     return Synthetic(head=head, recipe=recipe)
 
 

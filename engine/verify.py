@@ -1,21 +1,27 @@
 """Stage 6 — verification. Trusts nothing it checks (DESIGN §2).
 
 Every claim is re-derived from the folded rows ``problem.rows`` / ``problem.bias`` and the domain, in
-float64 with an explicit a-priori rounding allowance (Higham's ``gamma_n = n u / (1 - n u)``, ``u = 2^-53``):
+float64 with an explicit a-priori rounding allowance (Higham's ``gamma_n = n u / (1 - n u)``, ``u = 2^-53``,
+plus an absolute ``ETA = 2^-1074`` per operation that may underflow). Any non-finite intermediate
+(overflow, NaN) fails the check: it is never read as a bound.
 
 * witness ``x`` → the logits of all V tokens at the certified point ``z`` (``z = x``; for ``layernorm``
   ``z = P x``, the exact projection of ``x`` onto 1⊥, so the float sum of ``x`` need not be 0). Proven
   speakable iff ``z`` lies in the domain and ``l_t(z) - l_j(z) > allowance_j`` for every ``j != t``.
   Tokens ``j`` whose Cauchy–Schwarz bound ``||a_j|| ||x|| + b_j`` is below ``l_t`` cannot win and are skipped
-  (a rigorous bound, not a heuristic).
+  (a rigorous bound, not a heuristic); the reported margin is over all V (skipped rows that could be the
+  runner-up are scored too) and is a rigorous lower bound (the allowance subtracted).
 * dual certificate ``lambda`` → ``r = sum lambda_j (u_j - u_t)``, ``c0 = sum lambda_j (b_j - b_t)``,
   ``deficit = c0 - sup_X(-r·x)`` with its rounding error subtracted; proven unspeakable iff positive.
-* cone certificate ``(lambda, mu)`` → exact membership of ``u_t`` in the convex hull of the other rows:
-  the dense weights ``w = lambda + |mu|/V`` make ``e = sum w_j (u_j - u_t)`` vanish up to rounding, and a
-  verified linear solve (approximate inverse ``R`` with a rigorous bound on ``||I - R A||``) shows that a
-  correction ``dw`` on a basis of d rows with ``||dw||_inf < min w`` cancels ``e`` exactly, so a nonnegative
-  nonzero combination of ``u_j - u_t`` is exactly 0 (Gordan): ``t`` can never win strictly.
-* tie → an identical folded row (and bias, outside ``cone``).
+* Gordan certificate ``(lambda, mu)`` (``cone``; and ``zero``: a bounded domain whose bias is constant,
+  where every logit is equal at x = 0) → exact membership of ``u_t`` in the convex hull of the other rows
+  (in the domain's span): the dense weights ``w = lambda + |mu|/V`` make ``e = sum w_j (u_j - u_t)`` vanish
+  up to rounding, and a verified linear solve (approximate inverse ``R`` with a rigorous bound on
+  ``||I - R A||``) shows that a correction ``dw`` on a basis of rows with ``||dw||_inf < min w`` cancels ``e``
+  exactly, so a nonnegative nonzero combination of ``u_j - u_t`` is exactly 0 (or exactly in the span of
+  the domain's null directions): ``t`` can never win strictly. Coordinates on which all rows agree carry
+  no information and are dropped first, so rows that do not span R^d are handled in their span.
+* tie → an identical folded row and bias, compared by value (``0.0 == -0.0``).
 """
 from __future__ import annotations
 
@@ -25,20 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.domain import ETA, U, gamma
 from engine.evidence import Certificate
-
-U = 2.0**-53
-
-
-def gamma(n: int) -> float:
-    nu = n * U
-    return nu / (1.0 - nu)
 
 
 @dataclass
 class WitnessCheck:
     ok: bool
-    margin: float  # computed margin l_t(z) - max_{j != t} l_j(z) (normalised for cone)
+    margin: float  # rigorous lower bound on l_t(z) - max_{j != t} l_j(z) (normalised for cone); NaN if none
     allowance: float  # rounding allowance subtracted before the sign test
     runner_up: int  # the j attaining the max (-1 if none)
     message: str = ""
@@ -47,9 +47,17 @@ class WitnessCheck:
 @dataclass
 class CertificateCheck:
     ok: bool
-    deficit: float  # verified lower bound on the deficit (bounded domains) / slack ratio (cone)
+    deficit: float  # verified lower bound on the deficit (bounded domains) / slack (Gordan)
     margin_upper: float | None  # upper bound on the margin implied by the certificate, when proven
     message: str = ""
+
+
+def _fail(msg: str) -> CertificateCheck:
+    return CertificateCheck(False, float("nan"), None, msg)
+
+
+def _finite(*xs) -> bool:
+    return all(bool(np.all(np.isfinite(x))) for x in xs)
 
 
 class Verifier:
@@ -57,34 +65,19 @@ class Verifier:
 
     def __init__(self, problem):
         self.p = problem
+        self.dom = problem.domain
         self.rows = np.ascontiguousarray(problem.rows, dtype=np.float64)
         self.c = np.asarray(problem.center, dtype=np.float64)
         self.A = self.rows - self.c
         self.A_t = torch.from_numpy(self.A)
         # |fl(u - c) - (u - c)| <= u |fl(u - c)| elementwise (one rounding), so a shifted-row dot carries an
         # extra relative u of ||a|| ||x|| on top of the dot product's own gamma_d.
-        self.norms = np.linalg.norm(self.A, axis=1) * (1.0 + gamma(self.p.d + 2))
+        self.norms = np.linalg.norm(self.A, axis=1) * (1.0 + gamma(self.p.d + 2)) + (self.p.d + 2) * ETA
         self.bias = np.asarray(problem.bias, dtype=np.float64)
         self.V, self.d = self.A.shape
-        self.layernorm = problem.domain == "layernorm"
-        if self.layernorm:
+        if self.dom.centred:
             self.row_sums = self.A.sum(axis=1)
-            self.row_sums_err = gamma(self.d) * np.abs(self.A).sum(axis=1)
-
-    # ------------------------------------------------------------------ domain
-    def domain_check(self, x: np.ndarray) -> tuple[bool, str]:
-        p = self.p
-        if x.shape != (self.d,) or not np.all(np.isfinite(x)):
-            return False, f"witness must be a finite vector of length {self.d}"
-        if p.domain in ("layernorm", "rmsnorm"):
-            n2 = float(np.dot(x, x)) * (1.0 + gamma(self.d + 1))
-            r2 = p.radius * p.radius * (1.0 - 2 * U)
-            if not n2 <= r2:
-                return False, f"witness norm {math.sqrt(n2):.17g} exceeds R = {p.radius:.17g}"
-        elif p.domain == "box":
-            if not float(np.max(np.abs(x))) <= p.radius:
-                return False, f"witness has |x_i| = {float(np.max(np.abs(x))):.17g} > rho = {p.radius:.17g}"
-        return True, ""
+            self.row_sums_err = gamma(self.d) * np.abs(self.A).sum(axis=1) + self.d * ETA
 
     # ------------------------------------------------------------------ witnesses
     def witnesses(self, tokens: np.ndarray, X: np.ndarray, batch: int = 192) -> list[WitnessCheck]:
@@ -92,125 +85,166 @@ class Verifier:
         tokens = np.asarray(tokens, dtype=np.int64)
         X = np.asarray(X, dtype=np.float64).reshape(len(tokens), self.d)
         out: list[WitnessCheck | None] = [None] * len(tokens)
-        dom_ok = []
         for i in range(len(tokens)):
-            ok, msg = self.domain_check(X[i])
+            ok, msg = self.dom.contains(X[i])
             if not ok:
                 out[i] = WitnessCheck(False, float("nan"), float("nan"), -1, msg)
-            dom_ok.append(ok)
-        idx = np.array([i for i in range(len(tokens)) if dom_ok[i]], dtype=np.int64)
+        idx = np.array([i for i in range(len(tokens)) if out[i] is None], dtype=np.int64)
         if idx.size == 0:
             return out  # type: ignore[return-value]
-        t_all = tokens[idx]
-        Xv = X[idx]
-        xn = np.linalg.norm(Xv, axis=1) * (1.0 + gamma(self.d + 1))
+        t_all, Xv = tokens[idx], X[idx]
+        xn = np.linalg.norm(Xv, axis=1) * (1.0 + gamma(self.d + 1)) + (self.d + 1) * ETA
         own = np.einsum("ij,ij->i", self.A[t_all], Xv) + self.bias[t_all]
-        # Batches of similar own logit prune together.
-        order = np.argsort(-own, kind="stable")
+        order = np.argsort(-own, kind="stable")  # batches of similar own logit prune together
         for b0 in range(0, idx.size, batch):
-            sel = order[b0 : b0 + batch]
+            sel = order[b0: b0 + batch]
             self._witness_batch(idx[sel], t_all[sel], Xv[sel], xn[sel], own[sel], out)
         return out  # type: ignore[return-value]
 
+    def _reach(self, xmax: float) -> np.ndarray:
+        """Rigorous upper bound of every row's logit at any point of norm <= xmax (Cauchy–Schwarz)."""
+        g_d = gamma(self.d + 2) + 2 * U
+        with np.errstate(over="ignore", invalid="ignore"):
+            r = self.norms * xmax * (1 + g_d + 4 * U) + self.bias + 4 * U * np.abs(self.bias) + 4 * ETA
+        return np.where(np.isfinite(r), r, np.inf)
+
     def _witness_batch(self, pos, ts, Xb, xn, own, out):
+        g_d = gamma(self.d + 2) + 2 * U
+        own_err = g_d * self.norms[ts] * xn + 2 * U * np.abs(own) + (self.d + 4) * ETA
+        reach = self._reach(float(xn.max()))  # one bound for the whole batch: O(V) memory, not O(V·B)
+        cand = np.union1d(np.nonzero(reach >= float((own - own_err).min()))[0], ts)
+        M, E = self._margins(cand, ts, Xb, xn)
+        mm = self._exact_min(M, E, cand, ts, Xb, xn, reach)
+        for k in range(len(ts)):
+            m_k, e_k, w = mm[k]
+            if not (math.isfinite(m_k) and math.isfinite(e_k)):
+                out[pos[k]] = WitnessCheck(False, float("nan"), float("nan"), -1,
+                                           "non-finite intermediate: no proof")
+                continue
+            scale = 1.0
+            if not self.dom.bounded:
+                scale = float(self.A[ts[k]] @ Xb[k])  # normalisation (u_t - c)·x = 1
+                if not scale > 0:
+                    out[pos[k]] = WitnessCheck(False, float("nan"), float("nan"), w, "(u_t - c)·x <= 0")
+                    continue
+            ok = (m_k - e_k) > 0.0
+            out[pos[k]] = WitnessCheck(bool(ok), (m_k - e_k) / scale, e_k / scale, w,
+                                       "" if ok else f"token {w} reaches {m_k:.6g} (allowance {e_k:.3g})")
+
+    def _exact_min(self, M, E, cand, ts, Xb, xn, reach):
+        """Per token ``(margin, allowance, runner-up)`` over all V: rows outside ``cand`` whose reach could
+        exceed the best competitor found are scored too (then no skipped row can be the runner-up)."""
+        best = self._min_cols(M, E, cand)
+        out_rows = np.setdiff1d(np.arange(self.V), cand, assume_unique=True)
+        if out_rows.size == 0:
+            return best
+        with np.errstate(invalid="ignore"):
+            top = self._own(ts, Xb) - np.array([b[0] for b in best])  # best competitor's logit, about
+            thr = float(np.min(top)) - max(b[1] for b in best)
+        extra = out_rows if not math.isfinite(thr) else out_rows[reach[out_rows] >= thr]
+        if extra.size == 0:
+            return best
+        M2, E2 = self._margins(extra, ts, Xb, xn, self_in=False)
+        best2 = self._min_cols(M2, E2, extra)
+        return [b2 if (b2[0] - b2[1]) < (b[0] - b[1]) else b for b, b2 in zip(best, best2)]
+
+    def _own(self, ts, Xb):
+        return np.einsum("ij,ij->i", self.A[ts], Xb) + self.bias[ts]
+
+    @staticmethod
+    def _min_cols(M, E, cand):
+        """Per column: (margin, allowance, row) of the row with the smallest bound-adjusted margin."""
+        if M.shape[0] == 0:
+            return [(math.inf, 0.0, -1)] * M.shape[1]
+        with np.errstate(invalid="ignore"):
+            w = np.argmin(M - E, axis=0)
+        cols = np.arange(M.shape[1])
+        m, e = M[w, cols], E[w, cols]
+        return [(float(m[k]), float(e[k]), int(cand[w[k]]) if np.isfinite(m[k]) else -1) for k in cols]
+
+    def _margins(self, cand, ts, Xb, xn, self_in: bool = True):
+        """``M[i, k] = l_t(x_k) - l_{cand[i]}(x_k)`` and its allowance ``E`` (the self entry: +inf, 0)."""
         d = self.d
         g_d = gamma(d + 2) + 2 * U
-        # Own logit lower bound, then rows that could reach it (Cauchy–Schwarz, rigorous with slack).
-        own_err = g_d * self.norms[ts] * xn + 2 * U * np.abs(own)
-        L = own - own_err
-        # One bound for the whole batch (largest ||x||, smallest own logit): O(V) memory, not O(V·B).
-        xmax = float(xn.max())
-        reach = self.norms * xmax * (1 + g_d + 4 * U) + self.bias + 4 * U * np.abs(self.bias)
-        cand = np.nonzero(reach >= float(L.min()))[0]
-        cand = np.union1d(cand, ts)  # self rows needed for their own logits
-        if cand.size > 0.5 * self.V:  # gathering most rows costs more than multiplying them all
-            cand = np.arange(self.V)
         # The one heavy product: float64 GEMM through torch (numpy's OpenBLAS threads would compete with torch's).
         Ac = self.A_t if cand.size == self.V else self.A_t[torch.from_numpy(cand)]
         G = (Ac @ torch.from_numpy(np.ascontiguousarray(Xb)).T).numpy()  # [|C|, B]
         Gt = np.einsum("ij,ij->i", self.A[ts], Xb)
-        Bt = self.bias[ts]
-        M = (Gt[None, :] - G) + (Bt[None, :] - self.bias[cand][:, None])
-        E = g_d * (self.norms[cand][:, None] + self.norms[ts][None, :]) * xn[None, :]
-        E += 4 * U * (np.abs(G) + np.abs(Gt)[None, :] + np.abs(self.bias[cand])[:, None] + np.abs(Bt)[None, :])
-        if self.layernorm:
-            sig = Xb.sum(axis=1)
-            sig_err = gamma(d) * np.abs(Xb).sum(axis=1)
-            ds = self.row_sums[ts][None, :] - self.row_sums[cand][:, None]
-            corr = ds * sig[None, :] / d
-            M -= corr
-            s_abs = np.abs(self.row_sums[ts])[None, :] + np.abs(self.row_sums[cand])[:, None]
-            s_err = self.row_sums_err[ts][None, :] + self.row_sums_err[cand][:, None]
-            E += ((s_abs + s_err) * (np.abs(sig) + sig_err)[None, :] - s_abs * np.abs(sig)[None, :]) / d
-            E += 4 * U * np.abs(corr)
-        # The self column is not a competitor.
-        self_pos = np.searchsorted(cand, ts)
-        M[self_pos, np.arange(len(ts))] = np.inf
-        E[self_pos, np.arange(len(ts))] = 0.0
-        worst = np.argmin(M - E, axis=0)
-        cols = np.arange(len(ts))
-        for k in range(len(ts)):
-            w = worst[k]
-            m, e = float(M[w, k]), float(E[w, k])
-            if len(cand) <= 1 or not np.isfinite(m):
-                # V == 1 never reaches here (V >= 2 is validated); a lone token wins everywhere.
-                out[pos[k]] = WitnessCheck(True, float("inf"), 0.0, -1, "no competitor can reach this token")
-                continue
-            # Argmin of the bound-adjusted margin gives the binding competitor; report its plain margin.
-            mm = float(np.min(M[:, k]))
-            scale = 1.0
-            if self.p.domain == "cone":
-                scale = float(Gt[k])  # normalisation (u_t - c)·x = 1
-            ok = (m - e) > 0.0
-            margin = mm / scale if scale > 0 else mm
-            out[pos[k]] = WitnessCheck(bool(ok), margin, e / abs(scale) if scale > 0 else e, int(cand[w]),
-                                       "" if ok else f"token {int(cand[w])} reaches {m:.6g} (allowance {e:.3g})")
-        del cols
+        Bt, bc = self.bias[ts], self.bias[cand]
+        with np.errstate(over="ignore", invalid="ignore"):
+            M = (Gt[None, :] - G) + (Bt[None, :] - bc[:, None])
+            E = g_d * (self.norms[cand][:, None] + self.norms[ts][None, :]) * xn[None, :]
+            E += 4 * U * (np.abs(G) + np.abs(Gt)[None, :] + np.abs(bc)[:, None] + np.abs(Bt)[None, :])
+            E += (2 * d + 16) * ETA  # products and sums that underflow
+            if self.dom.centred:
+                self._centred_correction(M, E, cand, ts, Xb)
+        if self_in:
+            sp = np.searchsorted(cand, ts)
+            M[sp, np.arange(len(ts))] = np.inf
+            E[sp, np.arange(len(ts))] = 0.0
+        bad = ~(np.isfinite(M) & np.isfinite(E))
+        if self_in:
+            bad[sp, np.arange(len(ts))] = False
+        M[bad], E[bad] = -np.inf, np.inf  # an overflowing comparison proves nothing
+        return M, E
+
+    def _centred_correction(self, M, E, cand, ts, Xb):
+        """layernorm certifies z = P x: l_t(z) - l_j(z) = (a_t - a_j)·x - (s_t - s_j) sum(x) / d."""
+        d = self.d
+        sig = Xb.sum(axis=1)
+        sig_err = gamma(d) * np.abs(Xb).sum(axis=1) + d * ETA
+        ds = self.row_sums[ts][None, :] - self.row_sums[cand][:, None]
+        corr = ds * sig[None, :] / d
+        M -= corr
+        s_abs = np.abs(self.row_sums[ts])[None, :] + np.abs(self.row_sums[cand])[:, None]
+        s_err = self.row_sums_err[ts][None, :] + self.row_sums_err[cand][:, None]
+        E += ((s_abs + s_err) * (np.abs(sig) + sig_err)[None, :] - s_abs * np.abs(sig)[None, :]) / d
+        E += 4 * U * np.abs(corr) + 4 * ETA
 
     def witness(self, t: int, x: np.ndarray) -> WitnessCheck:
         return self.witnesses(np.array([t]), np.asarray(x, dtype=np.float64)[None, :])[0]
 
     # ------------------------------------------------------------------ certificates
     def certificate(self, t: int, cert: Certificate) -> CertificateCheck:
+        """A dual certificate (bounded domains), a Gordan certificate (cone), or with ``cert.zero`` the
+        Gordan certificate of a "margin exactly 0" claim in a bounded domain with constant bias."""
         comp = np.asarray(cert.competitors, dtype=np.int64)
         lam = np.asarray(cert.weights, dtype=np.float64)
         if comp.ndim != 1 or lam.shape != comp.shape or comp.size == 0:
-            return CertificateCheck(False, float("nan"), None, "certificate needs matching non-empty competitors and weights")
+            return _fail("certificate needs matching non-empty competitors and weights")
         if np.any(comp < 0) or np.any(comp >= self.V) or np.any(comp == t):
-            return CertificateCheck(False, float("nan"), None, "certificate names an invalid competitor (out of range or t itself)")
+            return _fail("certificate names an invalid competitor (out of range or t itself)")
         if len(np.unique(comp)) != comp.size:
-            return CertificateCheck(False, float("nan"), None, "certificate repeats a competitor")
+            return _fail("certificate repeats a competitor")
         if not np.all(np.isfinite(lam)) or np.any(lam < 0) or not lam.sum() > 0:
-            return CertificateCheck(False, float("nan"), None, "certificate weights must be finite, >= 0 and not all 0")
-        if self.p.domain == "cone":
-            return self._cone_certificate(t, comp, lam, cert.mu)
+            return _fail("certificate weights must be finite, >= 0 and not all 0")
+        if cert.zero:
+            if not self.dom.bounded or not self.p.constant_bias:
+                return _fail("margin exactly 0 needs a bounded domain and a constant bias")
+            chk = self._gordan(t, comp, lam, cert.mu, self.dom.null_directions(self.d))
+            return CertificateCheck(chk.ok, chk.deficit, 0.0 if chk.ok else None, chk.message)
+        if not self.dom.bounded:
+            return self._gordan(t, comp, lam, cert.mu, np.zeros((self.d, 0)))
         return self._dual_certificate(t, comp, lam)
 
     def _dual_certificate(self, t, comp, lam) -> CertificateCheck:
-        p, d, m = self.p, self.d, comp.size
+        m = comp.size
         As = self.A[comp]
         lam_sum = float(lam.sum())
         lam_sum_hi = lam_sum * (1 + gamma(m))
-        # r = sum_j lam_j (a_j - a_t), elementwise error bound er (dot of length m+1, plus shift rounding).
-        r = lam @ As - lam_sum * self.A[t]
-        absum = lam @ np.abs(As) + lam_sum_hi * np.abs(self.A[t])
-        er = (gamma(m + 2) + 2 * U) * absum * (1 + 4 * U)
-        c0 = float(lam @ self.bias[comp] - lam_sum * self.bias[t])
-        c0_err = gamma(m + 2) * float(lam @ np.abs(self.bias[comp]) + lam_sum_hi * abs(self.bias[t])) * (1 + 4 * U)
-        if p.domain == "box":
-            sup = p.radius * (float(np.abs(r).sum()) + float(er.sum()))
-            sup *= 1 + gamma(d + 2)
-        else:
-            if p.domain == "layernorm":
-                rp = r - r.mean()
-                # projection rounding: mean (gamma_d relative to sum |r|/d) and one subtraction.
-                pe = gamma(d + 2) * float(np.abs(r).sum()) / d + U * np.abs(rp)
-                nr = float(np.linalg.norm(rp)) * (1 + gamma(d + 2)) + float(np.linalg.norm(er + pe))
-            else:
-                nr = float(np.linalg.norm(r)) * (1 + gamma(d + 2)) + float(np.linalg.norm(er))
-            sup = p.radius * nr * (1 + 4 * U)
-        deficit_lo = (c0 - c0_err) - sup
-        deficit_lo -= 4 * U * (abs(c0) + sup)
+        with np.errstate(over="ignore", invalid="ignore"):
+            # r = sum_j lam_j (a_j - a_t), elementwise error bound er (dot of length m+1, plus shift rounding).
+            r = lam @ As - lam_sum * self.A[t]
+            absum = lam @ np.abs(As) + lam_sum_hi * np.abs(self.A[t])
+            er = (gamma(m + 2) + 2 * U) * absum * (1 + 4 * U) + (m + 2) * ETA
+            c0 = float(lam @ self.bias[comp] - lam_sum * self.bias[t])
+            c0_err = gamma(m + 2) * float(lam @ np.abs(self.bias[comp]) + lam_sum_hi * abs(self.bias[t])) \
+                * (1 + 4 * U) + (m + 2) * ETA
+            sup = self.dom.support_upper(r, er)
+            deficit_lo = (c0 - c0_err) - sup
+            deficit_lo -= 4 * U * (abs(c0) + sup) + 4 * ETA
+        if not _finite(r, er, c0, c0_err, sup, deficit_lo):
+            return _fail("non-finite intermediate in the deficit: no proof")
         ok = deficit_lo > 0
         # m_t <= -deficit/sum(lambda): divide by the sum's upper bound when the deficit is positive, lower
         # bound otherwise, so the reported margin_upper is an upper bound either way.
@@ -219,93 +253,99 @@ class Verifier:
         return CertificateCheck(bool(ok), float(deficit), float(-deficit),
                                 "" if ok else f"deficit {deficit_lo:.6g} is not positive")
 
-    def _cone_certificate(self, t, comp, lam, mu) -> CertificateCheck:
+    def _gordan(self, t, comp, lam, mu, F) -> CertificateCheck:
         if mu is None or not np.isfinite(mu) or mu > 0:
-            return CertificateCheck(False, float("nan"), None, "cone certificate needs a finite normalisation multiplier mu <= 0")
-        V, d = self.V, self.d
-        A = self.A
-        # Dense weights over all j != t (see the module docstring): w = lam (on comp) + |mu|/V.
-        w = np.full(V, abs(mu) / V)
+            return _fail("a Gordan certificate needs a finite normalisation multiplier mu <= 0")
+        keep = np.nonzero(np.ptp(self.rows, axis=0) != 0)[0]  # coordinates where the rows differ at all
+        A, F = self.A[:, keep], F[keep]
+        w = np.full(self.V, abs(mu) / self.V)  # dense weights over all j != t (module docstring)
         w[comp] += lam
         w[t] = 0.0
         W = float(w.sum())
         e = w @ A - W * A[t]
-        e_err = (gamma(V + 2) + 2 * U) * (w @ np.abs(A) + W * (1 + gamma(V)) * np.abs(A[t])) * (1 + 4 * U)
-        e_inf = float(np.max(np.abs(e) + e_err)) * (1 + 2 * U)
-        # Basis: the certificate's support (largest weights first), completed by pivoted QR if short.
-        basis = self._cone_basis(t, comp, lam, w)
+        e_err = (gamma(self.V + 2) + 2 * U) * (w @ np.abs(A) + W * (1 + gamma(self.V)) * np.abs(A[t])) * (1 + 4 * U)
+        e_inf = (float(np.max(np.abs(e) + e_err, initial=0.0)) + (self.V + 2) * ETA) * (1 + 2 * U)
+        if not _finite(e, e_err, e_inf):
+            return _fail("non-finite residual: no proof")
+        if keep.size == 0:  # all rows identical: every token ties everywhere
+            return CertificateCheck(True, float(w.max()), float(mu))
+        basis = self._gordan_basis(t, comp, lam, A, F)
         if basis is None:
-            return CertificateCheck(False, float("nan"), None, "no nonsingular basis of d competitor rows")
-        M = (A[basis] - A[t]).T  # [d, d], columns u_j - u_t (shift rounding covered below)
-        M_err = U * (np.abs(A[basis]) + np.abs(A[t])).T * (1 + 4 * U) + U * np.abs(M)
-        try:
-            R = np.linalg.inv(M)
-        except np.linalg.LinAlgError:
-            return CertificateCheck(False, float("nan"), None, "basis matrix is singular")
-        if not np.all(np.isfinite(R)):
-            return CertificateCheck(False, float("nan"), None, "basis matrix is singular")
-        RM = R @ M
-        absR = np.abs(R)
-        # |I - R M_exact| <= |I - fl(RM)| + gamma_d |R||M| + |R| |M_err| (+ rounding of I - fl(RM)).
-        res = np.abs(np.eye(d) - RM) * (1 + U) + gamma(d + 2) * (absR @ np.abs(M)) * (1 + 4 * U) + (absR @ M_err) * (1 + gamma(d + 2))
-        alpha = float(res.sum(axis=1).max()) * (1 + gamma(d + 2))
-        if not alpha < 1.0:
-            return CertificateCheck(False, float("nan"), None, f"verified solve failed: ||I - R A|| = {alpha:.3g} >= 1")
-        inv_norm = float(absR.sum(axis=1).max()) * (1 + gamma(d + 2)) / (1.0 - alpha)
-        dw = inv_norm * e_inf * (1 + 4 * U)
-        wmin = float(w[basis].min())
-        ok = dw < wmin
-        return CertificateCheck(bool(ok), float(wmin - dw), float(mu) if ok else None,
-                                "" if ok else f"correction {dw:.3g} exceeds the smallest basis weight {wmin:.3g}")
+            return _fail("no nonsingular basis of competitor rows")
+        M = np.concatenate([(A[basis] - A[t]).T, F], axis=1)  # square, columns u_j - u_t, then F
+        M_err = np.concatenate([U * (np.abs(A[basis]) + np.abs(A[t])).T * (1 + 4 * U), np.zeros_like(F)], axis=1)
+        M_err += U * np.abs(M) + ETA
+        bound = _solve_bound(M, M_err, e_inf)
+        if bound is None:
+            return _fail("verified solve failed: the basis matrix is singular or too ill-conditioned")
+        wmin = float(w[basis].min()) if basis.size else math.inf
+        ok = bound < wmin
+        return CertificateCheck(bool(ok), float(wmin - bound), float(mu) if ok else None,
+                                "" if ok else f"correction {bound:.3g} exceeds the smallest basis weight {wmin:.3g}")
 
-    def _cone_basis(self, t, comp, lam, w) -> np.ndarray | None:
-        d = self.d
+    def _gordan_basis(self, t, comp, lam, A, F) -> np.ndarray | None:
+        """``d' - f`` competitor rows (largest weights first, completed by pivoted QR) that, with F, span."""
+        need = A.shape[1] - F.shape[1]
+        if need < 0:
+            return None
         order = comp[np.argsort(-lam, kind="stable")]
-        basis = list(order[:d])
-        if len(basis) < d:
-            # Complete with other rows chosen by pivoted QR on the residual space (heaviest weights first).
-            rest = np.setdiff1d(np.arange(self.V), np.concatenate([basis, [t]]).astype(np.int64))
-            if rest.size == 0:
-                return None
-            D = (self.A[rest] - self.A[t]).T
-            if basis:
-                Q, _ = np.linalg.qr((self.A[basis] - self.A[t]).T)
-                D = D - Q @ (Q.T @ D)
-            need = d - len(basis)
-            for _ in range(need):
-                nrm = np.linalg.norm(D, axis=0)
-                k = int(np.argmax(nrm))
-                if nrm[k] <= 1e-12 * (1 + float(np.max(self.norms))):
-                    return None
-                basis.append(int(rest[k]))
-                q = D[:, k] / nrm[k]
-                D = D - np.outer(q, q @ D)
-                D[:, k] = 0.0
-        return np.asarray(basis, dtype=np.int64)
+        D0 = np.concatenate([(A[order] - A[t]).T, F], axis=1)
+        basis = _independent(D0, list(range(order.size)), F.shape[1], need)
+        chosen = [int(order[i]) for i in basis]
+        if len(chosen) < need:
+            rest = np.setdiff1d(np.arange(self.V), np.concatenate([chosen, [t]]).astype(np.int64))
+            D = np.concatenate([(A[chosen] - A[t]).T, F, (A[rest] - A[t]).T], axis=1)
+            more = _independent(D, list(range(len(chosen) + F.shape[1], D.shape[1])), len(chosen) + F.shape[1],
+                                need - len(chosen))
+            chosen += [int(rest[i - len(chosen) - F.shape[1]]) for i in more]
+        return np.asarray(chosen, dtype=np.int64) if len(chosen) == need else None
 
     # ------------------------------------------------------------------ ties
     def tie(self, t: int, j: int) -> bool:
+        """Identical folded rows and bias, by value (0.0 == -0.0); the cone's bias is zero."""
         if j == t or not (0 <= j < self.V):
             return False
-        same_row = bool(np.array_equal(self.rows[t], self.rows[j]))
-        if self.p.domain == "cone":
-            return same_row
-        return same_row and float(self.bias[t]) == float(self.bias[j])
+        return bool(np.array_equal(self.rows[t], self.rows[j]) and self.bias[t] == self.bias[j])
 
 
-def into_domain(problem, x: np.ndarray) -> np.ndarray:
-    """Move a candidate point into the domain so that :meth:`Verifier.domain_check` accepts it:
-    centre it (layernorm), scale it radially into the ball with room for rounding, clip it to the box."""
-    x = np.asarray(x, dtype=np.float64).copy()
-    d = x.shape[-1]
-    if problem.domain == "layernorm":
-        x = x - x.mean(axis=-1, keepdims=True)
-    if problem.domain in ("layernorm", "rmsnorm"):
-        n = np.linalg.norm(x, axis=-1, keepdims=True)
-        lim = problem.radius * (1.0 - 8 * (d + 4) * U)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            f = np.where(n > lim, lim / n, 1.0)
-        x = x * f
-    elif problem.domain == "box":
-        x = np.clip(x, -problem.radius, problem.radius)
-    return x
+def _independent(D: np.ndarray, cols: list[int], n_fixed: int, need: int) -> list[int]:
+    """Greedy pivoted Gram–Schmidt: up to ``need`` of ``cols`` (in order of preference) independent of the
+    first ``n_fixed`` columns of D and of each other. Returns positions into D's columns."""
+    Q = np.zeros((D.shape[0], 0))
+    if n_fixed:
+        Q, _ = np.linalg.qr(D[:, :n_fixed])
+    scale = float(np.max(np.linalg.norm(D, axis=0), initial=0.0)) + 1e-300
+    picked: list[int] = []
+    for c in cols:
+        if len(picked) == need:
+            break
+        v = D[:, c] - Q @ (Q.T @ D[:, c])
+        v = v - Q @ (Q.T @ v)
+        n = float(np.linalg.norm(v))
+        if n > 1e-10 * scale:
+            Q = np.concatenate([Q, (v / n)[:, None]], axis=1)
+            picked.append(c)
+    return picked
+
+
+def _solve_bound(M: np.ndarray, M_err: np.ndarray, e_inf: float) -> float | None:
+    """A rigorous bound on ``||y||_inf`` for the exact solution of ``M_exact y = -e`` with
+    ``|M_exact - M| <= M_err`` and ``||e||_inf <= e_inf``: approximate inverse R, ``alpha = ||I - R M||`` bounded
+    rigorously; None when alpha >= 1 (no proof)."""
+    n = M.shape[0]
+    try:
+        R = np.linalg.inv(M)
+    except np.linalg.LinAlgError:
+        return None
+    if not np.all(np.isfinite(R)):
+        return None
+    absR = np.abs(R)
+    # |I - R M_exact| <= |I - fl(RM)| + gamma_n |R||M| + |R| |M_err| (+ rounding of I - fl(RM)).
+    res = np.abs(np.eye(n) - R @ M) * (1 + U) + gamma(n + 2) * (absR @ np.abs(M)) * (1 + 4 * U) \
+        + (absR @ M_err) * (1 + gamma(n + 2)) + n * ETA
+    alpha = float(res.sum(axis=1).max()) * (1 + gamma(n + 2))
+    if not alpha < 1.0:
+        return None
+    inv_norm = float(absR.sum(axis=1).max()) * (1 + gamma(n + 2)) / (1.0 - alpha)
+    bound = inv_norm * e_inf * (1 + 4 * U)
+    return bound if math.isfinite(bound) else None

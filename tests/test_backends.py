@@ -7,14 +7,14 @@ import sys
 
 import numpy as np
 
-from engine.load import load
-from engine.scan import scan_head
+from engine.loader import load
+from engine.pipeline import scan_head
 
 SOURCE = "synthetic:V=700,d=16,seed=5"
 SCRIPT = """
 import json, sys
-from engine.load import load
-from engine.scan import scan_head
+from engine.loader import load
+from engine.pipeline import scan_head
 rep = scan_head(load(sys.argv[1]), domain=sys.argv[2], device="cpu", backend=sys.argv[3])
 print(json.dumps({"backend": rep.backend, "verdicts": [int(v) for v in rep.verdicts_all],
                   "hard": [t.id for t in rep.tokens if t.hard_to_speak]}))

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-import engine.load
+import engine.loader
 from engine.cli import TokenSpec, main, parse_tokens
-from engine.load import Head, InputError
+from engine.loader import Head, InputError
 from engine.report import SCHEMA, ScanReport, TokenReport
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,14 +43,14 @@ def run_cli(capsys, *args):
 def real_pipeline():
     """Skip unless the real loader and scan exist (they land separately from the CLI)."""
     try:
-        from engine.load import load  # noqa: F401
-        from engine.scan import scan_head  # noqa: F401
+        from engine.loader import load  # noqa: F401
+        from engine.pipeline import scan_head  # noqa: F401
     except ImportError as e:
         pytest.skip(f"pipeline not available yet: {e}")
 
 
 def real_loader():
-    if not callable(getattr(sys.modules["engine.load"], "load", None)):
+    if not callable(getattr(sys.modules["engine.loader"], "load", None)):
         pytest.skip("engine.load.load not available yet")
 
 
@@ -150,12 +150,12 @@ def fake(monkeypatch):
     def fold(h, **kw):
         return types.SimpleNamespace(warnings=["a fold warning"])
 
-    mod = types.ModuleType("engine.scan")
+    mod = types.ModuleType("engine.pipeline")
     mod.scan_head, mod.gram_head, mod.check, mod.bench_head = scan_head, gram_head, check, bench_head
-    monkeypatch.setitem(sys.modules, "engine.scan", mod)
+    monkeypatch.setitem(sys.modules, "engine.pipeline", mod)
     # sys.modules, not the attribute: the package re-exports the function engine.load (DESIGN §5), which
     # shadows the module of the same name as an attribute of `engine`.
-    load_mod = sys.modules["engine.load"]
+    load_mod = sys.modules["engine.loader"]
     monkeypatch.setattr(load_mod, "load", load, raising=False)
     monkeypatch.setattr(load_mod, "fold", fold, raising=False)
     return calls

@@ -16,24 +16,17 @@ from scipy.optimize import linprog
 from scipy.spatial import ConvexHull
 
 from engine import decide as decide_mod
+from engine import restricted
 from engine.decide import decide_many, decide_token, decide_token_stats
 from engine.highs import LPResult, Status
-from engine.load import Problem
+from engine.loader import problem_from_rows
 from engine.verify import Verifier
 
 
 # ------------------------------------------------------------------------------------------ fixtures
 def make_problem(rows, bias, domain, radius):
     """A Problem as load.fold would build it: keys = P(rows − mean row), P = projection on 1⊥ (layernorm)."""
-    rows = np.ascontiguousarray(rows, dtype=np.float64)
-    V, d = rows.shape
-    bias = np.zeros(V) if bias is None or domain == "cone" else np.asarray(bias, dtype=np.float64)
-    center = rows.mean(axis=0)
-    keys = rows - center
-    if domain == "layernorm":
-        keys = keys - keys.mean(axis=1, keepdims=True)
-    return Problem(rows=rows, bias=bias, domain=domain, radius=radius, center=center,
-                   keys=np.ascontiguousarray(keys), bias_used=domain != "cone")
+    return problem_from_rows(rows, bias, domain, radius)
 
 
 def random_rows(rng, V, d, n_interior=0, bias_scale=0.5):
@@ -47,14 +40,14 @@ def random_rows(rng, V, d, n_interior=0, bias_scale=0.5):
 
 def projector(problem):
     d = problem.d
-    if problem.domain == "layernorm":
+    if problem.domain.name == "layernorm":
         return np.eye(d) - np.ones((d, d)) / d
     return np.eye(d)
 
 
 def logit_scale(problem):
     R = problem.radius if problem.radius is not None else 1.0
-    n = np.linalg.norm(problem.rows - problem.center, axis=1) if problem.domain != "box" else \
+    n = np.linalg.norm(problem.rows - problem.center, axis=1) if problem.domain.name != "box" else \
         np.abs(problem.rows - problem.center).sum(axis=1)
     return R * float(n.max()) + float(np.abs(problem.bias).max())
 
@@ -68,16 +61,16 @@ def check_claims(problem, t, cand, tol=1e-9):
     if cand.witness is not None:
         x = np.asarray(cand.witness, dtype=np.float64)
         assert x.shape == (problem.d,) and np.all(np.isfinite(x))
-        if problem.domain in ("layernorm", "rmsnorm"):
+        if problem.domain.name in ("layernorm", "rmsnorm"):
             assert np.linalg.norm(x) <= problem.radius * (1 + 1e-12)
-        if problem.domain == "layernorm":
+        if problem.domain.name == "layernorm":
             assert abs(x.sum()) <= 1e-9 * problem.radius * np.sqrt(problem.d)
-        if problem.domain == "box":
+        if problem.domain.name == "box":
             assert np.max(np.abs(x)) <= problem.radius
         z = projector(problem) @ x
-        logits = problem.rows @ z + (0.0 if problem.domain == "cone" else problem.bias)
+        logits = problem.rows @ z + (0.0 if problem.domain.name == "cone" else problem.bias)
         margin = logits[t] - np.max(np.delete(logits, t))
-        if problem.domain == "cone":
+        if problem.domain.name == "cone":
             margin /= float((problem.rows[t] - problem.center) @ z)
         assert margin == pytest.approx(cand.lower, abs=tol * scale)
     else:
@@ -88,14 +81,14 @@ def check_claims(problem, t, cand, tol=1e-9):
         assert t not in comp and len(np.unique(comp)) == comp.size
         assert np.all(lam > 0) and lam.sum() == pytest.approx(1.0, abs=1e-12)
         r = lam @ (problem.rows[comp] - problem.rows[t])
-        if problem.domain == "cone":
+        if problem.domain.name == "cone":
             kt = problem.rows[t] - problem.center
             assert cert.mu is not None
             assert np.linalg.norm(r + cert.mu * kt) <= 1e-8 * (1 + np.abs(problem.rows).max())
             assert cand.upper == pytest.approx(cert.mu, abs=1e-9)
         else:
             c0 = lam @ (problem.bias[comp] - problem.bias[t])
-            if problem.domain == "box":
+            if problem.domain.name == "box":
                 sup = problem.radius * np.abs(r).sum()
             else:
                 sup = problem.radius * np.linalg.norm(projector(problem) @ r)
@@ -149,7 +142,7 @@ def ball_sandwich(problem, t, n_dirs):
     """(lower, upper) on the ball margin from polytopes inside and around the ball, in coordinates y of
     the domain's own space (1⊥ for layernorm): x = B y."""
     d, R = problem.d, problem.radius
-    if problem.domain == "layernorm":
+    if problem.domain.name == "layernorm":
         B = np.linalg.svd(np.eye(d) - np.ones((d, d)) / d)[0][:, : d - 1]
     else:
         B = np.eye(d)
@@ -268,7 +261,7 @@ def test_ball_oracle_interior_optimum():
     beta = rng.standard_normal(40)
     ref = linprog(np.r_[-1.0, 0, 0, 0], A_ub=np.hstack([np.ones((40, 1)), -G]), b_ub=beta,
                   bounds=[(None, None)] * 4, method="highs")
-    bo = decide_mod._ball_optimum(G, beta, 1e3, float(beta.min()), 1e-10)
+    bo = restricted.ball_optimum(G, beta, 1e3, float(beta.min()), 1e-10)
     assert bo.lower == pytest.approx(-ref.fun, abs=1e-9) and bo.upper == pytest.approx(-ref.fun, abs=1e-9)
     assert np.linalg.norm(bo.z) < 1e3
 
@@ -321,7 +314,7 @@ def test_solver_failure_is_not_a_verdict(monkeypatch):
     def failing_solve(self, **_):
         return LPResult(Status.UNKNOWN, False, "Unknown")
 
-    monkeypatch.setattr(decide_mod.LP, "solve", failing_solve)
+    monkeypatch.setattr(restricted.LP, "solve", failing_solve)
     cand = decide_token(p, 5)
     assert cand.reason == "highs: unknown"
     assert cand.certificate is None and cand.upper == np.inf
@@ -360,12 +353,14 @@ def test_tie_is_never_a_win():
         check_claims(p, 3, cand)
 
 
-def test_head_cache_follows_the_problem():
+def test_pricer_is_passed_not_cached():
+    # no module-level cache: a Pricer belongs to its problem, and a changed bias needs a new one
     p = _box_instance()
-    h = decide_mod._head_for(p)
-    assert decide_mod._head_for(p) is h
     q = dataclasses.replace(p, bias=p.bias + 1.0)
-    assert decide_mod._head_for(q) is not h
+    assert not hasattr(decide_mod, "_HEAD_CACHE")
+    pr_p, pr_q = decide_mod.Pricer(p), decide_mod.Pricer(q)
+    x = p.domain.screen_points(p.keys, np.array([3]))[0]
+    assert pr_q.price(x, 3).own == pytest.approx(pr_p.price(x, 3).own + 1.0, abs=1e-12)
 
 
 def test_pricing_is_exact_where_it_matters():
@@ -380,7 +375,7 @@ def test_pricing_is_exact_where_it_matters():
     tied = rng.choice(V, 300, replace=False)
     bias[tied] = 100.0 - keys[tied] @ x + 1e-9 * rng.standard_normal(tied.size)
     p = make_problem(rows, bias, "rmsnorm", 3.0)
-    head = decide_mod._Head(p)
+    head = decide_mod.Pricer(p)
     for t in (int(tied[0]), int(tied[1]), 7):
         full = p.keys @ x + p.bias
         full_t = full[t]

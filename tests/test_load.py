@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from engine.load import (  # noqa: E402
+from engine.loader import (  # noqa: E402
     Head,
     InputError,
     _parse_synthetic,
@@ -297,7 +297,7 @@ def test_fold_layernorm_matches_logits():
     a = random_head_arrays(d=16, V=50, seed=1)
     head = head_from_arrays(**a, norm="layernorm")
     P = fold(head)
-    assert P.domain == "layernorm" and P.radius == pytest.approx(4.0) and P.bias_used
+    assert P.domain.name == "layernorm" and P.radius == pytest.approx(4.0) and P.bias_used
     assert P.rows.dtype == np.float64 and P.rows.flags.c_contiguous and P.keys.flags.c_contiguous
     W, b, w, beta = (a[k].astype(np.float64) for k in ("W_U", "b_U", "ln_w", "ln_b"))
     rng = np.random.default_rng(7)
@@ -320,7 +320,7 @@ def test_fold_rmsnorm_matches_logits():
     del a["ln_b"]
     head = head_from_arrays(**a, norm="rmsnorm")
     P = fold(head)
-    assert P.domain == "rmsnorm" and P.radius == pytest.approx(4.0)
+    assert P.domain.name == "rmsnorm" and P.radius == pytest.approx(4.0)
     W, b, w = (a[k].astype(np.float64) for k in ("W_U", "b_U", "ln_w"))
     h = np.random.default_rng(3).standard_normal(16) * 5
     x = h / np.sqrt((h**2).mean() + 1e-6)
@@ -350,7 +350,7 @@ def test_fold_defaults_and_warnings():
     a = random_head_arrays()
     plain = head_from_arrays(a["W_U"], a["b_U"])
     P = fold(plain)
-    assert P.domain == "cone" and P.radius is None and not P.bias.any()
+    assert P.domain.name == "cone" and P.radius is None and not P.bias.any()
     assert any("bias is ignored" in m and "--domain box" in m for m in P.warnings)
     assert fold(plain, domain="box").bias_used
     ln = head_from_arrays(**a, norm="layernorm")
@@ -469,7 +469,7 @@ def test_load_tiny_llama_directory(tmp_path):
     assert head.norm == "rmsnorm" and head.ln_b is None and head.gram_center
     np.testing.assert_array_equal(head.W_U, model.lm_head.weight.detach().numpy().T)
     np.testing.assert_array_equal(head.ln_w, model.model.norm.weight.detach().numpy())
-    assert fold(head).domain == "rmsnorm"
+    assert fold(head).domain.name == "rmsnorm"
 
 
 # -------------------------------------------------------------------------------------------- MiniLM

@@ -5,8 +5,8 @@ import torch
 from scipy.optimize import linprog
 from scipy.spatial import ConvexHull
 
-from engine.load import Head, fold
-from engine.scan import scan_head
+from engine.loader import Head, fold
+from engine.pipeline import scan_head
 from engine.screen import gram_screen
 
 DOMAINS = ["layernorm", "rmsnorm", "box", "cone"]
@@ -59,44 +59,9 @@ def test_cone_verdicts_equal_qhull_vertices(d, seed):
 
 
 # (2) full-size LP oracle -----------------------------------------------------------------------------
-def full_lp_margin(keys, bias, t, domain, radius):
-    V, d = keys.shape
-    others = np.array([j for j in range(V) if j != t])
-    A = np.hstack([-(keys[t] - keys[others]), np.ones((others.size, 1))])
-    ub = bias[t] - bias[others]
-    if domain == "box":
-        res = linprog(np.r_[np.zeros(d), -1.0], A_ub=A, b_ub=ub,
-                      bounds=[(-radius, radius)] * d + [(None, None)], method="highs")
-        assert res.status == 0
-        return -res.fun, -res.fun
-    if domain == "cone":
-        res = linprog(np.r_[np.zeros(d), -1.0], A_ub=A, b_ub=np.zeros(others.size), A_eq=np.r_[keys[t], 0.0][None],
-                      b_eq=[1.0], bounds=[(None, None)] * d + [(None, 1.0)], method="highs")
-        assert res.status == 0
-        return -res.fun, -res.fun
-    # ball (d = 2 or 3): sandwich between an inscribed and a circumscribed polytope
-    n_dir = 720 if d == 2 else 2000
-    rng = np.random.default_rng(0)
-    if d == 2:
-        ang = np.linspace(0, 2 * np.pi, n_dir, endpoint=False)
-        dirs = np.stack([np.cos(ang), np.sin(ang)], 1)
-    else:
-        dirs = rng.standard_normal((n_dir, d))
-        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    out = []
-    for rr in (radius, radius * (np.cos(np.pi / n_dir) if d == 2 else 0.9)):
-        Ab = np.hstack([dirs, np.zeros((n_dir, 1))])
-        res = linprog(np.r_[np.zeros(d), -1.0], A_ub=np.vstack([A, Ab]), b_ub=np.r_[ub, np.full(n_dir, rr)],
-                      bounds=[(None, None)] * (d + 1), method="highs")
-        assert res.status == 0
-        out.append(-res.fun)
-    upper, lower_poly = out
-    return lower_poly, upper
-
-
 @pytest.mark.parametrize("domain,d,seed", [("box", 4, 0), ("box", 7, 1), ("cone", 3, 2), ("cone", 5, 3),
                                            ("rmsnorm", 2, 4), ("rmsnorm", 3, 5)])
-def test_every_verdict_agrees_with_full_lp(domain, d, seed):
+def test_every_verdict_agrees_with_full_lp(domain, d, seed, full_lp_margin):
     rng = np.random.default_rng(seed)
     V = 120
     rows = rng.standard_normal((V, d)) * np.exp(rng.normal(0, 0.4, (V, 1))) + rng.standard_normal(d)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from engine import report as rp
-from engine.load import InputError
+from engine.loader import InputError
 from engine.report import (
     SCHEMA,
     ScanReport,

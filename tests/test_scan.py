@@ -1,49 +1,81 @@
 """Pipeline properties: --resume ends with the same report as an uninterrupted scan; verdicts do not
 depend on the worker count."""
-import importlib
 import json
 import os
 
 import numpy as np
 import pytest
 
-from engine.load import load
-
-es = importlib.import_module("engine.scan")  # the module (the package re-exports a function engine.scan)
+import engine.pipeline as es
+from engine.head import InputError
+from engine.ledger import CHECKPOINT_SCHEMA, Ledger
+from engine.loader import load
 
 SOURCE = "synthetic:V=800,d=12,seed=9"
+
+
+def _interrupted_scan(head, ckpt, monkeypatch, after: int = 2):
+    """Run a scan that dies (KeyboardInterrupt) after its ``after``-th persisted ledger record."""
+    calls = {"n": 0}
+    real = Ledger.record
+
+    def record_then_die(self, reports, **k):
+        real(self, reports, **k)
+        if k.get("persist", True) and reports:
+            calls["n"] += 1
+            if calls["n"] == after:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(Ledger, "record", record_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt)
+    monkeypatch.setattr(Ledger, "record", real)
+    with open(ckpt) as f:
+        return [json.loads(ln) for ln in f.read().splitlines()]
+
+
+def _strip(rep):
+    return [(t.id, t.verdict, t.reason, t.hard_to_speak, t.gram_argmax) for t in rep.tokens]
 
 
 def test_resume_after_interruption_gives_the_same_report(tmp_path, monkeypatch):
     head = load(SOURCE)
     clean = es.scan_head(head, domain="box", device="cpu", backend="torch")
     ckpt = str(tmp_path / "r.json.partial")
-    calls = {"n": 0}
-    real = es._record
-
-    def record_then_die(*a, **k):
-        real(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(es, "_record", record_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt)
-    monkeypatch.setattr(es, "_record", real)
-    saved = json.load(open(ckpt))["tokens"]
-    assert 0 < len(saved) < len(clean.tokens)
+    lines = _interrupted_scan(head, ckpt, monkeypatch)
+    assert lines[0]["schema"] == CHECKPOINT_SCHEMA and 0 < len(lines) - 1 < len(clean.tokens)
+    with open(ckpt, "a") as f:
+        f.write('{"id": 12, "verdict": "speak')  # a torn last line, as a crash mid-write leaves it
     resumed = es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt, resume=True)
     assert np.array_equal(clean.verdicts_all, resumed.verdicts_all)
-    strip = lambda rep: [(t.id, t.verdict, t.reason, t.hard_to_speak, t.gram_argmax) for t in rep.tokens]  # noqa: E731
-    assert strip(clean) == strip(resumed)
+    assert _strip(clean) == _strip(resumed)
     assert clean.counts == resumed.counts
     assert not os.path.exists(ckpt)  # a finished scan removes its checkpoint
     # a checkpoint from other settings is refused, not silently reused
     p = tmp_path / "other.partial"
-    p.write_text(json.dumps({"schema": es.CHECKPOINT_SCHEMA, "fingerprint": "x", "tokens": {}}))
-    with pytest.raises(es.InputError):
+    p.write_text(json.dumps({"schema": CHECKPOINT_SCHEMA, "fingerprint": "x"}) + "\n")
+    with pytest.raises(InputError):
         es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=str(p), resume=True)
+
+
+def test_resumed_tokens_are_reverified_not_trusted(tmp_path, monkeypatch):
+    head = load(SOURCE)
+    clean = es.scan_head(head, domain="box", device="cpu", backend="torch")
+    ckpt = str(tmp_path / "r.json.partial")
+    lines = _interrupted_scan(head, ckpt, monkeypatch)
+    # forge the stored proofs: every witness moved off its point, every unspeakable claim flipped
+    forged = [lines[0]]
+    for rec in lines[1:]:
+        cert = rec.get("certificate") or {}
+        if cert.get("kind") == "witness":
+            cert["x"] = [-v for v in cert["x"]]
+        rec["verdict"] = {"speakable": "unspeakable", "unspeakable": "speakable"}.get(rec["verdict"], rec["verdict"])
+        forged.append(rec)
+    with open(ckpt, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in forged) + "\n")
+    resumed = es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt, resume=True)
+    assert np.array_equal(clean.verdicts_all, resumed.verdicts_all)
+    assert any("did not re-verify" in w for w in resumed.warnings)
 
 
 def test_verdicts_do_not_depend_on_workers():

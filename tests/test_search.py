@@ -2,18 +2,16 @@
 import numpy as np
 import pytest
 
-from engine.search import search
+from engine.search import SearchOptions, search
 from engine.verify import Verifier
-from tests.test_oracles import full_lp_margin
-from tests.test_verify import make_problem
 
 
 @pytest.mark.parametrize("domain,d", [("box", 5), ("rmsnorm", 2), ("rmsnorm", 3)])
-def test_search_bounds_bracket_the_lp_margin(domain, d):
-    p = make_problem(150, d, 7, domain)
+def test_search_bounds_bracket_the_lp_margin(domain, d, random_problem, full_lp_margin):
+    p = random_problem(150, d, 7, domain)
     ver = Verifier(p)
     toks = np.arange(p.V)
-    cands = search(p, toks, rounds=6)
+    cands = search(p, toks, options=SearchOptions(rounds=6))
     assert [c.token for c in cands] == list(toks)
     proven = 0
     for c in cands:
@@ -31,9 +29,9 @@ def test_search_bounds_bracket_the_lp_margin(domain, d):
     assert proven > (0.25 if domain == "box" else 0.5) * p.V
 
 
-def test_search_cone_finds_vertex_witnesses_only():
-    p = make_problem(120, 3, 8, "cone")
-    cands = search(p, np.arange(p.V), rounds=6)
+def test_search_cone_finds_vertex_witnesses_only(random_problem, full_lp_margin):
+    p = random_problem(120, 3, 8, "cone")
+    cands = search(p, np.arange(p.V), options=SearchOptions(rounds=6))
     ver = Verifier(p)
     for c in cands:
         assert c.certificate is None and c.upper == float("inf")

@@ -5,21 +5,8 @@ import pytest
 from scipy.optimize import linprog
 
 from engine.evidence import Certificate
-from engine.load import Problem
-from engine.verify import Verifier, into_domain
-
-
-def make_problem(V, d, seed, domain, bias=True):
-    rng = np.random.default_rng(seed)
-    rows = rng.standard_normal((V, d)) * np.exp(rng.normal(0, 0.3, (V, 1))) + 2.0 * rng.standard_normal(d)
-    b = rng.normal(0, 0.5, V) if (bias and domain != "cone") else np.zeros(V)
-    c = rows.mean(0)
-    keys = rows - c
-    if domain == "layernorm":
-        keys = keys - keys.mean(1, keepdims=True)
-    R = {"layernorm": np.sqrt(d), "rmsnorm": np.sqrt(d), "box": 1.0, "cone": None}[domain]
-    return Problem(rows=rows, bias=b, domain=domain, radius=R, center=c, keys=np.ascontiguousarray(keys),
-                   bias_used=domain != "cone")
+from engine.loader import problem_from_rows
+from engine.verify import Verifier
 
 
 def box_lp(p, t):
@@ -35,8 +22,8 @@ def box_lp(p, t):
     return -res.fun, res.x[:d], others, lam
 
 
-def test_witness_accepts_true_winner_and_rejects_tampering():
-    p = make_problem(60, 5, 0, "box")
+def test_witness_accepts_true_winner_and_rejects_tampering(random_problem):
+    p = random_problem(60, 5, 0, "box")
     ver = Verifier(p)
     for t in range(p.V):
         m, x, _, _ = box_lp(p, t)
@@ -63,21 +50,21 @@ def test_witness_accepts_true_winner_and_rejects_tampering():
     assert not ver.witness(t, nan).ok
 
 
-def test_ball_witness_radius_is_enforced():
-    p = make_problem(40, 6, 1, "rmsnorm")
+def test_ball_witness_radius_is_enforced(random_problem):
+    p = random_problem(40, 6, 1, "rmsnorm")
     ver = Verifier(p)
     t = 3
     x = p.keys[t] / np.linalg.norm(p.keys[t]) * p.radius
-    assert not ver.domain_check(x * (1 + 1e-12))[0]
-    assert ver.domain_check(into_domain(p, x))[0]
+    assert not p.domain.contains(x * (1 + 1e-12))[0]
+    assert p.domain.contains(p.domain.into(x))[0]
 
 
-def test_layernorm_witness_is_projected_exactly():
-    p = make_problem(50, 6, 2, "layernorm")
+def test_layernorm_witness_is_projected_exactly(random_problem):
+    p = random_problem(50, 6, 2, "layernorm")
     ver = Verifier(p)
     # a witness with a nonzero sum: verification certifies P x; margins must match the projected logits
     rng = np.random.default_rng(0)
-    x = into_domain(p, rng.standard_normal(p.d)) + 1e-3
+    x = p.domain.into(rng.standard_normal(p.d)) + 1e-3
     x = x * (0.9 * p.radius / np.linalg.norm(x))
     z = x - x.mean()
     logits = p.rows @ z + p.bias
@@ -88,8 +75,8 @@ def test_layernorm_witness_is_projected_exactly():
         assert chk.ok == (brute > 1e-9) or abs(brute) < 1e-9
 
 
-def test_dual_certificate_accepted_and_tampering_rejected():
-    p = make_problem(80, 4, 3, "box")
+def test_dual_certificate_accepted_and_tampering_rejected(random_problem):
+    p = random_problem(80, 4, 3, "box")
     ver = Verifier(p)
     found = False
     for t in range(p.V):
@@ -120,8 +107,7 @@ def test_cone_certificate_proves_interior_point_and_rejects_vertex():
     d, V = 3, 40
     rows = rng.standard_normal((V, d))
     rows[7] = 0.2 * rows[1] + 0.3 * rows[2] + 0.5 * rows[3]  # deep-ish interior (convex combination)
-    c = rows.mean(0)
-    p = Problem(rows=rows, bias=np.zeros(V), domain="cone", radius=None, center=c, keys=rows - c, bias_used=False)
+    p = problem_from_rows(rows, None, "cone")
     ver = Verifier(p)
     # LP: max s, s <= (k_t - k_j)x, k_t x = 1, s <= 1
     t = 7
@@ -145,8 +131,8 @@ def test_cone_certificate_proves_interior_point_and_rejects_vertex():
     assert not ver.certificate(t, Certificate(others[keep], lam[keep] / s, mu=0.5)).ok
 
 
-def test_tie_requires_identical_row_and_bias():
-    p = make_problem(20, 3, 4, "rmsnorm")
+def test_tie_requires_identical_row_and_bias(random_problem):
+    p = random_problem(20, 3, 4, "rmsnorm")
     p.rows[5] = p.rows[2]
     p.bias[5] = p.bias[2]
     ver = Verifier(p)

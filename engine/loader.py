@@ -17,185 +17,20 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 
-DOMAINS = ("layernorm", "rmsnorm", "box", "cone")
-NORMS = ("layernorm", "rmsnorm", "none")
+from engine.domain import DOMAINS, domain_for
+from engine.head import NORMS, Head, InputError, Problem, as_array, head_from_arrays, ids_text, shape_text
+
+__all__ = ["load", "fold", "gram_rows", "problem_from_rows", "head_from_arrays", "minilm_head", "Head", "Problem",
+           "InputError", "DOMAINS", "NORMS", "KEYS"]
+
 KEYS = ("W_U", "b_U", "ln_w", "ln_b", "norm")  # the keys a weights file may hold
 FILE_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
 SYNTHETIC_DEFAULTS = {"V": 50257, "d": 768, "seed": 0}
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
-MAX_IDS_SHOWN = 10  # ids named in one error message; the rest are counted
-
-
-class InputError(ValueError):
-    """Bad input: the message names what is wrong. The CLI exits with status 2."""
-
-
-@dataclass
-class Head:
-    """An unembedding head as loaded, before folding. Arrays are numpy, in the source's dtype."""
-
-    W_U: np.ndarray  # [d_model, d_vocab]
-    b_U: np.ndarray | None  # [d_vocab]
-    ln_w: np.ndarray | None  # [d_model]
-    ln_b: np.ndarray | None  # [d_model]
-    norm: str  # "layernorm" | "rmsnorm" | "none"
-    source: str
-    texts: list[str] | None = None  # decoded token strings, when a tokenizer is known
-    planted: dict | None = None  # synthetic only: {"interior": [...], "duplicate": [[a, b], ...], ...}
-    gram_center: bool = False  # gram screen rows TransformerLens-style (models) or as stored (files)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.W_U.shape[0])
-
-    @property
-    def d_vocab(self) -> int:
-        return int(self.W_U.shape[1])
-
-
-@dataclass
-class Problem:
-    """The folded head on its domain. All arrays float64, C-contiguous.
-
-    ``rows`` are the folded unembedding rows ũ_j, ``bias`` the folded bias b̃_j (zeros when the bias is
-    off or the domain is ``cone``). ``keys`` are the screening rows ``P(ũ_j − c)``: centred on the mean
-    row ``c`` and, for ``layernorm``, projected onto 1⊥. Adding one vector to every row moves all logits
-    equally, so verdicts computed on ``keys`` are verdicts on ``rows``.
-    """
-
-    rows: np.ndarray  # [V, d] float64
-    bias: np.ndarray  # [V] float64
-    domain: str  # one of DOMAINS
-    radius: float | None  # R for layernorm/rmsnorm, rho for box, None for cone
-    center: np.ndarray  # [d] float64, mean row
-    keys: np.ndarray  # [V, d] float64, P(rows - center)
-    bias_used: bool
-    source: str = ""
-    texts: list[str] | None = None
-    planted: dict | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def V(self) -> int:
-        return int(self.rows.shape[0])
-
-    @property
-    def d(self) -> int:
-        return int(self.rows.shape[1])
-
-# ------------------------------------------------------------------------------------------- messages
-def _ids(ids) -> str:
-    """``3, 17, 40`` or ``3, 17, ... (and 12 more)``: bad ids named in a message."""
-    ids = [int(i) for i in ids]
-    shown = ", ".join(str(i) for i in ids[:MAX_IDS_SHOWN])
-    return shown + (f" (and {len(ids) - MAX_IDS_SHOWN} more)" if len(ids) > MAX_IDS_SHOWN else "")
-
-
-def _shape(a) -> str:
-    return "[" + ", ".join(str(int(s)) for s in a.shape) + "]"
-
-
-# ----------------------------------------------------------------------------------------- validation
-def _as_array(name: str, a, where: str) -> np.ndarray | None:
-    """numpy view of an array or tensor; bfloat16 becomes float32 (exact), other dtypes are kept."""
-    if a is None:
-        return None
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(a, torch.Tensor):
-        a = a.detach().to("cpu")
-        if a.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
-            a = a.float()
-        try:
-            return a.numpy()
-        except TypeError as e:
-            raise InputError(f"{where}: {name} has dtype {a.dtype}, which is not a float dtype") from e
-    arr = np.asarray(a)
-    if arr.dtype.name == "bfloat16":  # ml_dtypes bfloat16 (kind 'V')
-        arr = arr.astype(np.float32)
-    return arr
-
-
-def _check_float(name: str, a: np.ndarray, where: str) -> None:
-    if a.dtype.kind != "f":
-        raise InputError(
-            f"{where}: {name} has dtype {a.dtype}; expected a float dtype (float16, bfloat16, float32, float64)"
-            + ("; integer and bool weights are refused" if a.dtype.kind in "iub" else "")
-        )
-
-
-def head_from_arrays(W_U, b_U=None, ln_w=None, ln_b=None, norm: str | None = None, source: str = "<arrays>",
-                     texts: list | None = None, gram_center: bool = False) -> Head:
-    """Validate arrays (numpy or torch, any device) and return a :class:`Head`.
-
-    Raises:
-        InputError: naming the key, shape, dtype or token ids at fault (DESIGN §6).
-    """
-    where = source
-    arrays = {k: _as_array(k, v, where) for k, v in (("W_U", W_U), ("b_U", b_U), ("ln_w", ln_w), ("ln_b", ln_b))}
-    if arrays["W_U"] is None:
-        raise InputError(f"{where}: W_U is required")
-    for k, a in arrays.items():
-        if a is not None:
-            _check_float(k, a, where)
-    W = arrays["W_U"]
-    if W.ndim != 2:
-        raise InputError(f"{where}: W_U must be 2-D [d_model, d_vocab]; got shape {_shape(W)}")
-    for k in ("b_U", "ln_w", "ln_b"):
-        a = arrays[k]
-        if a is not None and a.ndim != 1:
-            want = "[d_vocab]" if k == "b_U" else "[d_model]"
-            raise InputError(f"{where}: {k} must be 1-D {want}; got shape {_shape(a)}")
-
-    d_model, d_vocab = (int(s) for s in W.shape)
-    want = {"b_U": 1, "ln_w": 0, "ln_b": 0}  # which axis of W_U each vector must match
-
-    def mismatched(dm: int, dv: int) -> list[str]:
-        return [k for k, ax in want.items() if arrays[k] is not None and len(arrays[k]) != (dm, dv)[ax]]
-
-    bad = mismatched(d_model, d_vocab)
-    if bad:
-        given = ", ".join(f"{k} of length {len(arrays[k])}" for k in want if arrays[k] is not None)
-        if d_model != d_vocab and not mismatched(d_vocab, d_model):
-            raise InputError(
-                f"{where}: W_U looks transposed: got {_shape(W)}, expected [d_model, d_vocab] with {given}; "
-                f"store W_U.T")
-        parts = [f"{k} has length {len(arrays[k])} but W_U {_shape(W)} needs "
-                 + (f"d_vocab = {d_vocab}" if want[k] else f"d_model = {d_model}") for k in bad]
-        raise InputError(f"{where}: mismatched shapes: " + "; ".join(parts))
-    if d_vocab < 2:
-        raise InputError(f"{where}: W_U has shape {_shape(W)}: d_vocab = {d_vocab}; need at least 2 tokens")
-    if d_model < 1:
-        raise InputError(f"{where}: W_U has shape {_shape(W)}: d_model = {d_model}; need d_model >= 1")
-
-    if isinstance(norm, bytes):
-        norm = norm.decode("ascii", errors="replace")
-    if norm is None:
-        norm = "layernorm" if arrays["ln_w"] is not None else "none"
-    if not isinstance(norm, str) or norm not in NORMS:
-        raise InputError(f"{where}: unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
-
-    # Non-finite values, named by token id (W_U columns, b_U) or by d_model index (ln_w, ln_b).
-    bad_cols = np.nonzero(~np.isfinite(W).all(axis=0))[0]
-    if bad_cols.size:
-        raise InputError(f"{where}: W_U has non-finite values in token ids {_ids(bad_cols)} (column)")
-    for k, what in (("b_U", "token ids"), ("ln_w", "d_model indices"), ("ln_b", "d_model indices")):
-        a = arrays[k]
-        if a is not None:
-            bad_i = np.nonzero(~np.isfinite(a))[0]
-            if bad_i.size:
-                raise InputError(f"{where}: {k} has non-finite values at {what} {_ids(bad_i)}")
-
-    if texts is not None:
-        texts = list(texts)
-        if len(texts) != d_vocab:  # a tokenizer smaller than a padded vocabulary: no text for the padding
-            texts = (texts + [None] * d_vocab)[:d_vocab]
-    return Head(W_U=W, b_U=arrays["b_U"], ln_w=arrays["ln_w"], ln_b=arrays["ln_b"], norm=norm, source=source,
-                texts=texts, gram_center=gram_center)
+_shape = shape_text
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -290,7 +125,7 @@ def _norm_value(path: str, value) -> str | None:
         return None
     if isinstance(value, (str, bytes)):
         return value.decode("ascii", errors="replace") if isinstance(value, bytes) else value
-    arr = _as_array("norm", value, path)
+    arr = as_array(value, "norm", path)
     if arr.dtype.kind in "US" and arr.ndim == 0:
         v = arr[()]
         return v.decode("ascii", errors="replace") if isinstance(v, bytes) else str(v)
@@ -557,7 +392,7 @@ def minilm_head() -> Head:
 
 # ------------------------------------------------------------------------------------------------ fold
 def fold(head: Head, domain: str | None = None, radius: float | None = None, bias: bool = True) -> Problem:
-    """Fold the final norm into rows and bias on a domain (DESIGN §1). All math in float64.
+    """Fold the final norm into rows and bias on a domain (DESIGN §1). All math in float64 on copies.
 
     Rows ``ũ_j = γ ⊙ u_j`` (when ``ln_w`` is present), bias ``b̃_j = u_j·β + b_j`` (when ``ln_b`` is present),
     both exact linear maps, so folding commutes with any convex combination of tokens. The bias is zero
@@ -565,60 +400,88 @@ def fold(head: Head, domain: str | None = None, radius: float | None = None, bia
     domain (``none`` → ``cone``, with a warning), R = √d_model for the ball domains, ρ = 1 for ``box``.
 
     Raises:
-        InputError: unknown domain, a radius with ``cone``, a radius that is not finite and positive.
+        InputError: unknown domain, a radius with ``cone``, a radius that is not finite and positive, or
+            folded values outside float64's range.
     """
-    warnings: list[str] = []
-    if domain is None:
-        domain = head.norm
-        if domain == "none":
-            domain = "cone"
-            if head.b_U is not None or head.ln_b is not None:
-                warnings.append("the head has no final norm: domain cone, where the bias is ignored "
-                                "(--domain box keeps it)")
-            else:
-                warnings.append("the head has no final norm: domain cone (--domain box bounds the hidden state)")
-    if domain not in DOMAINS:
-        raise InputError(f"unknown domain {domain!r}; expected one of {', '.join(DOMAINS)}")
-    if domain in ("layernorm", "rmsnorm") and head.norm != domain:
-        other = "no final norm" if head.norm == "none" else f"a final {head.norm}"
-        warnings.append(f"domain {domain} on a head with {other} ({head.source}): the verdicts assume a "
-                        f"{domain} in front of the unembedding")
-    if radius is not None:
-        if domain == "cone":
-            raise InputError("domain cone is unbounded: --radius does not apply (use layernorm, rmsnorm or box)")
-        try:
-            radius = float(radius)
-        except (TypeError, ValueError):
-            raise InputError(f"radius {radius!r} is not a number") from None
-        if not math.isfinite(radius) or radius <= 0:
-            raise InputError(f"radius must be finite and > 0; got {radius!r}")
-    elif domain in ("layernorm", "rmsnorm"):
-        radius = math.sqrt(head.d_model)
-    elif domain == "box":
-        radius = 1.0
-
-    rows = np.ascontiguousarray(np.asarray(head.W_U).T, dtype=np.float64)  # [V, d], u_j
+    dom, warnings = domain_for(domain, head.norm, head.d_model, radius)
+    # A copy: the caller's W_U (often E.T of a C-contiguous embedding) is never written to.
+    rows = np.array(np.asarray(head.W_U).T, dtype=np.float64, order="C", copy=True)  # [V, d], u_j
     V = rows.shape[0]
-    b = np.zeros(V) if head.b_U is None else np.asarray(head.b_U, dtype=np.float64).copy()
-    if head.ln_b is not None:
-        b += rows @ np.asarray(head.ln_b, dtype=np.float64)  # b̃_j = u_j·β + b_j, before the gain folds in
-    if head.ln_w is not None:
-        rows *= np.asarray(head.ln_w, dtype=np.float64)
-    bias_used = bool(bias) and domain != "cone"
+    b = np.zeros(V) if head.b_U is None else np.array(head.b_U, dtype=np.float64, copy=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if head.ln_b is not None:
+            b = b + rows @ np.asarray(head.ln_b, dtype=np.float64)  # b̃_j = u_j·β + b_j, before the gain
+        if head.ln_w is not None:
+            rows = rows * np.asarray(head.ln_w, dtype=np.float64)
+    bias_used = bool(bias) and dom.bounded
     if not bias_used:
         b = np.zeros(V)
+    return problem_from_rows(rows, b, dom, source=head.source, texts=head.texts, planted=head.planted,
+                             warnings=list(head.warnings) + warnings, bias_used=bias_used)
 
+
+# Magnitudes (as binary exponents) that float64 handles with room to spare: squares and products of
+# d-term sums stay far from overflow and underflow. Outside it the problem is rescaled by powers of two.
+_SAFE_EXPONENT = 200
+
+
+def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source: str = "", texts=None,
+                      planted=None, warnings=None, bias_used: bool | None = None) -> Problem:
+    """A :class:`Problem` from folded rows ``[V, d]`` and bias ``[V]`` (None: zeros) on a domain (a Domain,
+    or its name with an optional radius: the default is the domain's own). Copies its inputs; the cone
+    ignores the bias.
+
+    Rows, bias and radius whose magnitudes leave float64's comfortable range are rescaled exactly (powers of
+    two): x by ``2**-e_x`` (radius into [0.5, 1)), then rows and bias together by ``2**-e`` (largest entry
+    into [0.5, 1)). A scaling that would round an entry (subnormal results) is refused with InputError.
+    """
+    rows = np.array(rows, dtype=np.float64, order="C", copy=True)
+    if isinstance(domain, str):
+        domain = domain_for(domain, domain, rows.shape[1], radius)[0]
+    bias = np.zeros(rows.shape[0]) if bias is None or not domain.bounded else np.array(bias, dtype=np.float64)
+    _check_folded(rows, bias, source)
+    e_x, e = _scale_exponents(rows, bias, domain)
+    if e_x or e:
+        rows, bias = _rescale(rows, bias, e_x, e, source)
+        domain = type(domain)(None if domain.radius is None else math.ldexp(domain.radius, -e_x))
+    margin_exp, x_exp = domain.units(e, e_x)
     center = rows.mean(axis=0)
-    keys = rows - center
-    if domain == "layernorm":
-        keys -= keys.mean(axis=1, keepdims=True)  # P = projection onto 1⊥: x has sum 0
-    return Problem(rows=rows, bias=np.ascontiguousarray(b), domain=domain, radius=radius,
-                   center=np.ascontiguousarray(center), keys=np.ascontiguousarray(keys), bias_used=bias_used,
-                   source=head.source, texts=head.texts, planted=head.planted, warnings=warnings)
+    return Problem(rows=rows, bias=np.ascontiguousarray(bias), domain=domain, center=np.ascontiguousarray(center),
+                   keys=domain.keys(rows, center), bias_used=bool(np.any(bias)) if bias_used is None else bias_used,
+                   source=source, texts=texts, planted=planted, warnings=list(warnings or []),
+                   margin_exp=margin_exp, x_exp=x_exp)
+
+
+def _check_folded(rows: np.ndarray, bias: np.ndarray, source: str) -> None:
+    bad = np.nonzero(~np.isfinite(rows).all(axis=1) | ~np.isfinite(bias))[0]
+    if bad.size:
+        raise InputError(f"{source or '<arrays>'}: folding the final norm overflows float64 at token ids "
+                         f"{ids_text(bad)}: the folded rows or bias are not finite")
+
+
+def _scale_exponents(rows, bias, domain) -> tuple[int, int]:
+    """``(e_x, e)``: 0, 0 when the radius and the largest logit terms are of comfortable size, else the
+    binary exponents of the radius and of the largest entry of ``rows·2^e_x`` and ``bias``. (A wide range
+    inside the rows cannot be scaled away; the verifier's underflow allowances cover it.)"""
+    e_x = math.frexp(domain.radius)[1] if domain.radius is not None else 0
+    mr, mb = float(np.max(np.abs(rows), initial=0.0)), float(np.max(np.abs(bias), initial=0.0))
+    exps = ([math.frexp(mr)[1] + e_x] if mr > 0 else []) + ([math.frexp(mb)[1]] if mb > 0 else [])
+    e = max(exps, default=0)
+    comfortable = abs(e_x) <= _SAFE_EXPONENT and abs(e) <= _SAFE_EXPONENT
+    return (0, 0) if comfortable else (e_x, e)
+
+
+def _rescale(rows, bias, e_x, e, source):
+    rows_s, bias_s = np.ldexp(rows, e_x - e), np.ldexp(bias, -e)
+    if not (np.array_equal(np.ldexp(rows_s, e - e_x), rows) and np.array_equal(np.ldexp(bias_s, e), bias)):
+        raise InputError(f"{source or '<arrays>'}: the magnitudes of the rows, the bias and the radius span more "
+                         f"than float64 can hold exactly at one scale (entries from about 2^{e - 1074} to 2^{e}); "
+                         f"rescale W_U, b_U or the radius")
+    return rows_s, bias_s
 
 
 def gram_rows(head: Head, center: bool | None = None) -> np.ndarray:
-    """Rows ``[V, d]`` float64 of the seed-faithful gram screen (DESIGN §3.2).
+    """Rows ``[V, d]`` float64 of the seed-faithful gram screen (DESIGN §3.2), a new array.
 
     Not centred: ``W_U`` as stored, transposed, with the norm gain folded in when ``ln_w`` is present.
     Centred (TransformerLens ``from_pretrained`` defaults): the gain folded, each row centred over d_model
@@ -627,7 +490,7 @@ def gram_rows(head: Head, center: bool | None = None) -> np.ndarray:
     """
     if center is None:
         center = head.gram_center
-    rows = np.ascontiguousarray(np.asarray(head.W_U).T, dtype=np.float64)
+    rows = np.array(np.asarray(head.W_U).T, dtype=np.float64, order="C", copy=True)
     if head.ln_w is not None:
         rows *= np.asarray(head.ln_w, dtype=np.float64)
     if center:

@@ -1,0 +1,259 @@
+"""Shared types and input validation: the leaf module every stage imports (it imports no other stage).
+
+* :class:`InputError` — bad input; the message names what is wrong and the CLI exits with status 2.
+* :class:`Head` — an unembedding head as loaded (``W_U`` ``[d_model, d_vocab]``, ``b_U``, final-norm ``ln_w`` /
+  ``ln_b``), validated by :func:`head_from_arrays`, the one path every source goes through.
+* :func:`as_array` — the one conversion of numpy arrays, torch tensors (any device, bfloat16 included) and
+  lists into numpy, never writing to the caller's memory.
+* Verdict codes shared by the ledger, the report and the figures.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NORMS = ("layernorm", "rmsnorm", "none")
+MAX_IDS_SHOWN = 10  # ids named in one error message; the rest are counted
+
+# Verdict codes over all V (int8 arrays): the one map between names and codes.
+VERDICT_CODE = {"speakable": 1, "unspeakable": -1, "undecided": 0}
+VERDICT_NAME = {v: k for k, v in VERDICT_CODE.items()}
+
+
+class InputError(ValueError):
+    """Bad input: the message names what is wrong. The CLI exits with status 2."""
+
+
+@dataclass
+class Head:
+    """An unembedding head as loaded, before folding. Arrays are numpy, in the source's dtype; they may be
+    the caller's own memory, so nothing downstream writes to them."""
+
+    W_U: np.ndarray  # [d_model, d_vocab]
+    b_U: np.ndarray | None  # [d_vocab]
+    ln_w: np.ndarray | None  # [d_model]
+    ln_b: np.ndarray | None  # [d_model]
+    norm: str  # "layernorm" | "rmsnorm" | "none"
+    source: str
+    texts: list[str] | None = None  # decoded token strings, when a tokenizer is known
+    planted: dict | None = None  # synthetic only: {"interior": [...], "duplicate": [[a, b], ...], ...}
+    gram_center: bool = False  # gram screen rows TransformerLens-style (models) or as stored (files)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.W_U.shape[0])
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.W_U.shape[1])
+
+
+@dataclass
+class Problem:
+    """The folded head on its domain (DESIGN §1). All arrays float64, C-contiguous, owned by the problem.
+
+    ``rows`` are the folded unembedding rows ũ_j and ``bias`` the folded bias b̃_j (zeros when the bias is
+    off or the domain ignores it), both in *internal units*: when the magnitudes of the rows, the bias and
+    the radius would put float64 near overflow or underflow they are rescaled by powers of two at fold
+    time (exact), and ``margin_unit`` / ``x_unit`` turn internal margins and points back into the caller's
+    units (1.0 otherwise). ``keys`` are the screening rows ``P(ũ_j − c)``, centred on the mean row ``c``
+    and projected by the domain; adding one vector to every row moves all logits equally, so verdicts
+    computed on ``keys`` are verdicts on ``rows``.
+    """
+
+    rows: np.ndarray  # [V, d] float64
+    bias: np.ndarray  # [V] float64
+    domain: object  # an engine.domain.Domain
+    center: np.ndarray  # [d] float64, mean row
+    keys: np.ndarray  # [V, d] float64, P(rows - center)
+    bias_used: bool
+    source: str = ""
+    texts: list[str] | None = None
+    planted: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    margin_exp: int = 0  # reported margin = internal margin × 2**margin_exp
+    x_exp: int = 0  # reported point = internal point × 2**x_exp
+
+    @property
+    def V(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.rows.shape[1])
+
+    @property
+    def radius(self) -> float | None:
+        """The radius in internal units."""
+        return self.domain.radius
+
+    @property
+    def radius_reported(self) -> float | None:
+        return None if self.domain.radius is None else _ldexp(self.domain.radius, self.x_exp)
+
+    def report_margin(self, m: float | None) -> float | None:
+        """An internal margin (or deficit) in the caller's units; None where it is unknown or out of range."""
+        if m is None or not math.isfinite(m):
+            return None
+        m = _ldexp(m, self.margin_exp)
+        return m if math.isfinite(m) else None
+
+    def report_x(self, x: np.ndarray) -> np.ndarray:
+        """An internal point in the caller's units (exact unless it leaves float64's range)."""
+        return np.ldexp(np.asarray(x, dtype=np.float64), self.x_exp) if self.x_exp else np.asarray(x, dtype=np.float64)
+
+    def internal_x(self, x: np.ndarray) -> np.ndarray:
+        """A point in the caller's units → internal units (for re-verifying a stored witness)."""
+        return np.ldexp(np.asarray(x, dtype=np.float64), -self.x_exp) if self.x_exp else np.asarray(x, dtype=np.float64)
+
+    @property
+    def constant_bias(self) -> bool:
+        """Every token has the same bias: then every logit is equal at x = 0 (DESIGN §2, margin exactly 0)."""
+        return bool(np.all(self.bias == self.bias[0]))
+
+
+def _ldexp(m: float, e: int) -> float:
+    try:
+        return math.ldexp(m, e)
+    except OverflowError:
+        return math.copysign(math.inf, m)
+
+
+# ------------------------------------------------------------------------------------------- messages
+def ids_text(ids) -> str:
+    """``3, 17, 40`` or ``3, 17, ... (and 12 more)``: bad ids named in a message."""
+    ids = [int(i) for i in ids]
+    shown = ", ".join(str(i) for i in ids[:MAX_IDS_SHOWN])
+    return shown + (f" (and {len(ids) - MAX_IDS_SHOWN} more)" if len(ids) > MAX_IDS_SHOWN else "")
+
+
+def shape_text(a) -> str:
+    return "[" + ", ".join(str(int(s)) for s in a.shape) + "]"
+
+
+# ----------------------------------------------------------------------------------------- conversion
+def as_array(a, name: str = "array", where: str = "<arrays>") -> np.ndarray | None:
+    """numpy view of an array, tensor or list; bfloat16 becomes float32 (exact), other dtypes are kept.
+
+    The result may share memory with ``a``: callers copy before any arithmetic that writes.
+    """
+    if a is None:
+        return None
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor):
+        a = a.detach().to("cpu")
+        if a.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+            a = a.float()
+        try:
+            return a.numpy()
+        except TypeError as e:
+            raise InputError(f"{where}: {name} has dtype {a.dtype}, which is not a float dtype") from e
+    arr = np.asarray(a)
+    if arr.dtype.name == "bfloat16":  # ml_dtypes bfloat16 (kind 'V')
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _check_float(name: str, a: np.ndarray, where: str) -> None:
+    if a.dtype.kind != "f":
+        raise InputError(
+            f"{where}: {name} has dtype {a.dtype}; expected a float dtype (float16, bfloat16, float32, float64)"
+            + ("; integer and bool weights are refused" if a.dtype.kind in "iub" else "")
+        )
+
+
+# ----------------------------------------------------------------------------------------- validation
+_VECTOR_AXIS = {"b_U": 1, "ln_w": 0, "ln_b": 0}  # which axis of W_U each vector must match
+
+
+def _check_dims(arrays: dict, where: str) -> None:
+    W = arrays["W_U"]
+    if W.ndim != 2:
+        raise InputError(f"{where}: W_U must be 2-D [d_model, d_vocab]; got shape {shape_text(W)}")
+    for k in _VECTOR_AXIS:
+        a = arrays[k]
+        if a is not None and a.ndim != 1:
+            want = "[d_vocab]" if k == "b_U" else "[d_model]"
+            raise InputError(f"{where}: {k} must be 1-D {want}; got shape {shape_text(a)}")
+
+
+def _check_shapes(arrays: dict, where: str) -> list[str]:
+    """Mismatched vector lengths → InputError (saying so when W_U looks transposed); returns warnings."""
+    W = arrays["W_U"]
+    d_model, d_vocab = (int(s) for s in W.shape)
+
+    def mismatched(dm: int, dv: int) -> list[str]:
+        return [k for k, ax in _VECTOR_AXIS.items() if arrays[k] is not None and len(arrays[k]) != (dm, dv)[ax]]
+
+    bad = mismatched(d_model, d_vocab)
+    given = ", ".join(f"{k} of length {len(arrays[k])}" for k in _VECTOR_AXIS if arrays[k] is not None)
+    if bad:
+        if d_model != d_vocab and not mismatched(d_vocab, d_model):
+            raise InputError(f"{where}: W_U looks transposed: got {shape_text(W)}, expected [d_model, d_vocab] "
+                             f"with {given}; store W_U.T")
+        parts = [f"{k} has length {len(arrays[k])} but W_U {shape_text(W)} needs "
+                 + (f"d_vocab = {d_vocab}" if _VECTOR_AXIS[k] else f"d_model = {d_model}") for k in bad]
+        raise InputError(f"{where}: mismatched shapes: " + "; ".join(parts))
+    if d_vocab < 2:
+        raise InputError(f"{where}: W_U has shape {shape_text(W)}: d_vocab = {d_vocab}; need at least 2 tokens")
+    if d_model < 1:
+        raise InputError(f"{where}: W_U has shape {shape_text(W)}: d_model = {d_model}; need d_model >= 1")
+    if d_model > d_vocab:
+        # Real heads have far more tokens than dimensions; a tiny test head may not, so warn, loudly.
+        return [f"W_U {shape_text(W)} has more rows (d_model) than columns (d_vocab): it looks transposed; "
+                f"W_U must be [d_model, d_vocab] (pass W_U.T if it holds one row per token)"]
+    return []
+
+
+def _check_finite(arrays: dict, where: str) -> None:
+    """Non-finite values, named by token id (W_U columns, b_U) or by d_model index (ln_w, ln_b)."""
+    bad_cols = np.nonzero(~np.isfinite(arrays["W_U"]).all(axis=0))[0]
+    if bad_cols.size:
+        raise InputError(f"{where}: W_U has non-finite values in token ids {ids_text(bad_cols)} (column)")
+    for k, what in (("b_U", "token ids"), ("ln_w", "d_model indices"), ("ln_b", "d_model indices")):
+        a = arrays[k]
+        if a is not None:
+            bad_i = np.nonzero(~np.isfinite(a))[0]
+            if bad_i.size:
+                raise InputError(f"{where}: {k} has non-finite values at {what} {ids_text(bad_i)}")
+
+
+def _norm_name(norm, has_gain: bool, where: str) -> str:
+    if isinstance(norm, bytes):
+        norm = norm.decode("ascii", errors="replace")
+    if norm is None:
+        norm = "layernorm" if has_gain else "none"
+    if not isinstance(norm, str) or norm not in NORMS:
+        raise InputError(f"{where}: unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
+    return norm
+
+
+def head_from_arrays(W_U, b_U=None, ln_w=None, ln_b=None, norm: str | None = None, source: str = "<arrays>",
+                     texts: list | None = None, gram_center: bool = False, planted: dict | None = None) -> Head:
+    """Validate arrays (numpy, torch on any device, lists) and return a :class:`Head`.
+
+    Raises:
+        InputError: naming the key, shape, dtype or token ids at fault (DESIGN §6).
+    """
+    where = source
+    arrays = {k: as_array(v, k, where) for k, v in (("W_U", W_U), ("b_U", b_U), ("ln_w", ln_w), ("ln_b", ln_b))}
+    if arrays["W_U"] is None:
+        raise InputError(f"{where}: W_U is required")
+    for k, a in arrays.items():
+        if a is not None:
+            _check_float(k, a, where)
+    _check_dims(arrays, where)
+    warnings = _check_shapes(arrays, where)
+    norm = _norm_name(norm, arrays["ln_w"] is not None, where)
+    _check_finite(arrays, where)
+    d_vocab = int(arrays["W_U"].shape[1])
+    if texts is not None:
+        texts = list(texts)
+        if len(texts) != d_vocab:  # a tokenizer smaller than a padded vocabulary: no text for the padding
+            texts = (texts + [None] * d_vocab)[:d_vocab]
+    return Head(W_U=arrays["W_U"], b_U=arrays["b_U"], ln_w=arrays["ln_w"], ln_b=arrays["ln_b"], norm=norm,
+                source=source, texts=texts, planted=planted, gram_center=gram_center, warnings=warnings)

@@ -1,0 +1,444 @@
+"""The pipeline, top-down: load → screen → search → decide → verify → report (DESIGN §3).
+
+Public entry points (also re-exported from ``engine``):
+
+* ``scan(W_U, b_U=None, *, ln_w=None, ln_b=None, norm=None, domain=None, ...) -> ScanReport`` — arrays.
+* ``scan_head(head, **options) -> ScanReport`` — a loaded :class:`Head`; options in :class:`ScanOptions`.
+* ``gram_head(head, *, center=None, device="auto", backend="auto") -> ScanReport`` (kind "gram").
+* ``check(source_or_head, tokens, *, domain=None, radius=None, bias=True) -> list[TokenReport]``.
+* ``bench_head(head, *, tokens=None, ...) -> dict`` — per-stage throughput.
+
+Each stage is a short function that reads the scan's :class:`~engine.ledger.Ledger` and writes to it
+through ``record``. Every verdict goes through ``engine.verify``: a witness re-checked over all V logits
+in float64, a certificate re-derived from the folded rows, or an identical row (tie). Anything else is
+``undecided``. With a constant bias in a bounded domain (the seed's setting) every logit is equal at
+x = 0, so each token's margin is >= 0 and exactly 0 unless its row is a vertex of the rows' hull: the open
+tokens are decided on the cone of the same rows, whose witnesses scale into the domain and whose Gordan
+certificates prove "margin exactly 0".
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.decide import Pricer, decide_many
+from engine.domain import Cone
+from engine.evidence import Candidate, Certificate
+from engine.head import Head, InputError, head_from_arrays
+from engine.ledger import Checkpoint, Ledger, fingerprint
+from engine.loader import fold, gram_rows, load, problem_from_rows
+from engine.report import ScanReport, TokenReport
+from engine.screen import gram_screen, witness_points, witness_screen
+from engine.search import search
+from engine.verify import Verifier
+from kernels import resolve_backend
+
+
+@dataclass
+class ScanOptions:
+    domain: str | None = None
+    radius: float | None = None
+    bias: bool = True
+    tokens: object = None  # ids to scan (default: all V)
+    device: str = "auto"
+    backend: str = "auto"
+    workers: int = 1  # LP worker processes
+    checkpoint: str | None = None  # JSON-lines file of settled tokens (``--out`` + ``.partial`` in the CLI)
+    resume: bool = False
+    progress: bool = False
+    gram_center: bool | None = None
+    decide_time_limit: float = 30.0
+    load_time: float = 0.0
+    keep_checkpoint: bool = False  # the CLI removes it only once the report is safely written
+
+
+@dataclass
+class _Scan:
+    """What the stages share: the head, the problem, the screens, the ledger and the stage timers."""
+
+    head: Head
+    problem: object
+    opt: ScanOptions
+    backend: str
+    device: torch.device
+    ledger: Ledger
+    verifier: Verifier
+    timings: dict = field(default_factory=dict)
+    gram: object = None
+    witness: object = None
+    warnings: list = field(default_factory=list)
+
+    def base(self, t: int) -> TokenReport:
+        i = self.ledger.pos[int(t)]
+        texts = self.problem.texts
+        return TokenReport(id=int(t), text=None if texts is None else texts[t], gram_argmax=int(self.gram.argmax[i]),
+                           hard_to_speak=bool(self.gram.hard_to_speak[i]))
+
+    def timed(self, stage: str):
+        return _Timer(self.timings, stage)
+
+
+class _Timer:
+    def __init__(self, timings: dict, stage: str):
+        self.timings, self.stage = timings, stage
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.perf_counter() - self.t0
+
+
+def _log(sc: _Scan, msg: str) -> None:
+    if sc.opt.progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- scan
+def scan_head(head: Head, **options) -> ScanReport:
+    """Decide every token of ``head`` (or ``tokens``); see :class:`ScanOptions` for the options."""
+    t_start = time.perf_counter()
+    sc = _prepare(head, ScanOptions(**options))
+    _screens(sc)
+    _settle_ties(sc)
+    _settle_screen_witnesses(sc)
+    _restore(sc)
+    todo = sc.ledger.open_ids()
+    work, lift = _working_problem(sc)
+    still_open = _search_stage(sc, work, lift, todo)
+    if still_open:
+        _decide_stage(sc, work, lift, still_open)
+    return _assemble(sc, t_start)
+
+
+def _prepare(head: Head, opt: ScanOptions) -> _Scan:
+    t0 = time.perf_counter()
+    problem = fold(head, domain=opt.domain, radius=opt.radius, bias=opt.bias)
+    backend, dev = resolve_backend(opt.backend, opt.device)
+    V = problem.V
+    ids = np.arange(V, dtype=np.int64) if opt.tokens is None else np.unique(np.asarray(opt.tokens, dtype=np.int64))
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        bad = [int(t) for t in ids if t < 0 or t >= V]
+        raise InputError(f"token ids {', '.join(map(str, bad[:10]))} are out of range for V = {V}")
+    ckpt = Checkpoint(opt.checkpoint, fingerprint(problem), opt.resume) if opt.checkpoint else None
+    sc = _Scan(head, problem, opt, backend, dev, Ledger(ids, ckpt), Verifier(problem),
+               {"load": opt.load_time + time.perf_counter() - t0})
+    sc.warnings = list(problem.warnings)
+    return sc
+
+
+def _screens(sc: _Scan) -> None:
+    with sc.timed("screen"):
+        ids = sc.ledger.ids
+        grows = gram_rows(sc.head, sc.opt.gram_center)
+        sc.gram = gram_screen(grows, ids, backend=sc.backend, device=sc.device)
+        del grows
+        sc.witness = witness_screen(sc.problem, ids, backend=sc.backend, device=sc.device)
+    _log(sc, f"screens: {sc.timings['screen']:.1f}s, {int(sc.gram.hard_to_speak.sum())} hard-to-speak")
+
+
+def find_ties(problem) -> dict[int, int]:
+    """token -> another token with an identical folded row and bias, by value (``+ 0.0`` turns -0.0 into
+    0.0 before the bytes are compared)."""
+    M = np.ascontiguousarray(np.hstack([problem.rows, problem.bias[:, None]]) + 0.0)
+    view = M.view(np.dtype((np.void, M.dtype.itemsize * M.shape[1]))).ravel()
+    _, inv, counts = np.unique(view, return_inverse=True, return_counts=True)
+    ties: dict[int, int] = {}
+    for g in np.nonzero(counts > 1)[0]:
+        members = np.nonzero(inv == g)[0]
+        for i, t in enumerate(members):
+            ties[int(t)] = int(members[1] if i == 0 else members[0])
+    return ties
+
+
+def _settle_ties(sc: _Scan) -> None:
+    ties = find_ties(sc.problem)
+    reports = []
+    for t in sc.ledger.ids:
+        j = ties.get(int(t))
+        if j is not None and sc.verifier.tie(int(t), j):
+            r = sc.base(int(t))
+            r.verdict, r.reason, r.margin_upper = "unspeakable", "tie", 0.0
+            r.certificate = {"kind": "tie", "tie_with": j}
+            reports.append(r)
+    sc.ledger.record(reports, persist=False)
+
+
+def _settle_screen_witnesses(sc: _Scan) -> None:
+    """Verify the witness screen's winners; list those that are hard-to-speak."""
+    led, w = sc.ledger, sc.witness
+    with sc.timed("verify"):
+        win = np.array([t for t in led.ids if not led.settled(t) and w.margin[led.pos[int(t)]] > 0], dtype=np.int64)
+        checks = sc.verifier.witnesses(win, witness_points(sc.problem, win)) if win.size else []
+    for t, c in zip(win, checks):
+        if not c.ok:
+            continue
+        i = led.pos[int(t)]
+        r = sc.base(int(t))
+        r.verdict, r.reason, r.margin_lower = "speakable", "witness (screen)", sc.problem.report_margin(c.margin)
+        r.certificate = {"kind": "witness", "x": "self-direction", "runner_up": int(w.runner_up[i])}
+        led.record([r], persist=False, listed=bool(sc.gram.hard_to_speak[i]))
+    _log(sc, f"witness screen settled {int((led.verdict == 1).sum())}; {led.open_ids().size} open")
+
+
+# --------------------------------------------------------------------------------------------- resume
+def _restore(sc: _Scan) -> None:
+    """Tokens settled by an interrupted run, re-verified from their stored proofs (not trusted); a proof
+    that does not verify leaves its token open, to be decided again."""
+    ckpt = sc.ledger.checkpoint
+    if ckpt is None or not ckpt.stored:
+        return
+    with sc.timed("verify"):
+        good, bad = [], 0
+        for t in sc.ledger.open_ids():
+            rec = ckpt.stored.get(int(t))
+            if rec is None:
+                continue
+            r = TokenReport(**rec)
+            if _reverify(sc, r):
+                good.append(r)
+            else:
+                bad += 1
+        sc.ledger.record(good, persist=False)
+    if bad:
+        sc.warnings.append(f"{bad} tokens restored from {ckpt.path} did not re-verify and were decided again")
+
+
+def _reverify(sc: _Scan, r: TokenReport) -> bool:
+    cert, v = r.certificate or {}, sc.verifier
+    kind = cert.get("kind")
+    if r.verdict == "speakable" and kind == "witness" and isinstance(cert.get("x"), list):
+        return v.witness(r.id, sc.problem.internal_x(np.asarray(cert["x"], dtype=np.float64))).ok
+    if r.verdict == "unspeakable" and kind in ("dual", "cone", "zero"):
+        c = Certificate(np.asarray(cert["competitors"], dtype=np.int64), np.asarray(cert["weights"], dtype=np.float64),
+                        cert.get("mu"), zero=kind == "zero")
+        return v.certificate(r.id, c).ok
+    if r.verdict == "unspeakable" and kind == "tie":
+        return v.tie(r.id, int(cert.get("tie_with", -1)))
+    return False  # undecided tokens carry no proof: decide them again
+
+
+# --------------------------------------------------------------------------------------------- search, decide
+def _working_problem(sc: _Scan):
+    """The problem the search and decide stages solve, and how their claims map back (``lift``).
+
+    Normally the problem itself. With a constant bias in a bounded domain: the cone of the domain's rows
+    (its keys); a cone witness is scaled onto the domain, a Gordan certificate proves margin exactly 0."""
+    p = sc.problem
+    if not (p.domain.bounded and p.constant_bias):
+        return p, lambda c: c
+    cone = problem_from_rows(p.keys, np.zeros(p.V), Cone(), source=p.source, bias_used=False)
+
+    def lift(c: Candidate) -> Candidate:
+        if c.witness is not None:
+            c.witness = p.domain.onto(c.witness)
+        if c.certificate is not None:
+            c.certificate.zero = True
+        return c
+
+    return cone, lift
+
+
+def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple]:
+    """Batched search over the open tokens; settled ones are recorded, the rest returned for the LP with
+    their verified (undecided) result."""
+    still_open: list[tuple] = []
+    keys32 = torch.from_numpy(work.keys).to(torch.float32)
+    for b0 in range(0, todo.size, 256):
+        chunk = todo[b0: b0 + 256]
+        with sc.timed("search"):
+            cands = [lift(c) for c in search(work, chunk, keys32=keys32)]
+        done = []
+        for cand, res in zip(cands, _verdicts(sc, cands)):
+            if res[0] == "undecided":
+                still_open.append((cand, res))
+            else:
+                done.append(_token_report(sc, cand.token, res, cand.time_s))
+        sc.ledger.record(done)
+        _log(sc, f"search: {b0 + chunk.size}/{todo.size} tokens, {len(still_open)} left for the LP")
+    return still_open
+
+
+def _decide_stage(sc: _Scan, work, lift, still_open: list[tuple]) -> None:
+    """LP stage for what the search left: first stop at the first proven sign (the verdict needs no more);
+    where verification cannot confirm it (a margin inside the rounding allowance), solve to the exact
+    optimum once more. Only verified bounds are reported; undecided tokens keep the best of every stage."""
+    comps = {c.token: None if c.certificate is None else np.asarray(c.certificate.competitors, dtype=np.int64)
+             for c, _ in still_open}
+    best = {c.token: res for c, res in still_open}
+    spent = {c.token: c.time_s for c, _ in still_open}
+    pricer = Pricer(work)
+    pending = [c.token for c, _ in still_open]
+    for stop_at_sign in (True, False):
+        for b0 in range(0, len(pending), 64):
+            chunk = pending[b0: b0 + 64]
+            with sc.timed("decide"):
+                cands = [lift(c) for c in decide_many(work, chunk, comps, pricer=pricer, workers=sc.opt.workers,
+                                                      time_limit=sc.opt.decide_time_limit, stop_at_sign=stop_at_sign,
+                                                      n_start=192, add_per_round=96)]
+            for cand, res in zip(cands, _verdicts(sc, cands)):
+                spent[cand.token] += cand.time_s
+                best[cand.token] = _merge(best[cand.token], res)
+            final = [t for t in chunk if best[t][0] != "undecided" or not stop_at_sign]
+            sc.ledger.record([_token_report(sc, t, best[t], spent[t]) for t in final])
+            _log(sc, f"decide ({'sign' if stop_at_sign else 'exact'}): {b0 + len(chunk)}/{len(pending)}")
+        pending = [t for t in pending if best[t][0] == "undecided"]
+        if not pending:
+            break
+
+
+def _merge(old: tuple, new: tuple) -> tuple:
+    """A verdict wins; between two undecided results keep the tighter verified bounds of both."""
+    if new[0] != "undecided" or old[0] != "undecided":
+        return new if new[0] != "undecided" else old
+    lo = max([b for b in (old[2], new[2]) if b is not None], default=None)
+    hi = min([b for b in (old[3], new[3]) if b is not None], default=None)
+    return ("undecided", new[1], lo, hi, None)
+
+
+# --------------------------------------------------------------------------------------------- verdicts
+def _verdicts(sc: _Scan, cands: list[Candidate]) -> list[tuple]:
+    """Verify candidates (witnesses in one batched pass); for each return
+    ``(verdict, reason, margin_lower, margin_upper, certificate-json)`` in internal units. Only verified
+    numbers are reported: a checked point's margin is a lower bound even when it is <= 0, a checked
+    certificate's deficit an upper bound even when the token is speakable."""
+    with sc.timed("verify"):
+        with_w = [i for i, c in enumerate(cands) if c.witness is not None]
+        wchecks = {}
+        if with_w:
+            X = np.stack([np.asarray(cands[i].witness, dtype=np.float64) for i in with_w])
+            wchecks = dict(zip(with_w, sc.verifier.witnesses(np.array([cands[i].token for i in with_w]), X)))
+        return [_verdict(sc, c, wchecks.get(i)) for i, c in enumerate(cands)]
+
+
+def _verdict(sc: _Scan, cand: Candidate, wc) -> tuple:
+    cc = sc.verifier.certificate(cand.token, cand.certificate) if cand.certificate is not None else None
+    zero = cc is not None and cand.certificate.zero
+    lower = wc.margin if wc is not None and np.isfinite(wc.margin) else None
+    upper = cc.margin_upper if cc is not None and cc.margin_upper is not None else None
+    if zero and cc.ok:
+        lower = 0.0  # x = 0 is in the domain and ties every logit: the margin is exactly 0
+    if wc is not None and wc.ok and cc is not None and cc.ok:
+        msg = f"internal error: token {cand.token} has both a verified witness and a verified certificate"
+        print(f"unspeakable: {msg}", file=sys.stderr)
+        sc.warnings.append(msg)
+        return ("undecided", msg, lower, upper, None)
+    if wc is not None and wc.ok:
+        return ("speakable", f"witness ({cand.reason})", lower, upper,
+                {"kind": "witness", "x": np.asarray(cand.witness, dtype=np.float64), "runner_up": wc.runner_up,
+                 "allowance": wc.allowance})
+    if cc is not None and cc.ok:
+        cj = cand.certificate.to_json()
+        cj["kind"] = "zero" if zero else "dual" if sc.problem.domain.bounded else "cone"
+        cj["deficit"] = float(cc.deficit)
+        return ("unspeakable", "margin exactly 0" if zero else f"certificate ({cand.reason})", lower, upper, cj)
+    return ("undecided", cand.reason or "no proof", lower, upper, None)
+
+
+def _token_report(sc: _Scan, t: int, res: tuple, time_s: float) -> TokenReport:
+    """A verified result as the token's report, in the caller's units (DESIGN §5)."""
+    v, reason, lo, hi, cj = res
+    p = sc.problem
+    r = sc.base(t)
+    r.verdict, r.reason, r.time_s = v, reason, float(time_s)
+    r.margin_lower, r.margin_upper = p.report_margin(lo), p.report_margin(hi)
+    if cj is not None:
+        cj = dict(cj)
+        if cj.get("kind") == "witness":
+            cj["x"] = [float(v) for v in p.report_x(cj["x"])]
+            cj["allowance"] = p.report_margin(cj["allowance"])
+        elif cj.get("kind") == "dual":
+            cj["deficit"] = p.report_margin(cj["deficit"])
+    r.certificate = cj
+    return r
+
+
+def _assemble(sc: _Scan, t_start: float) -> ScanReport:
+    p, led, V = sc.problem, sc.ledger, sc.problem.V
+    sc.timings["total"] = time.perf_counter() - t_start + sc.opt.load_time
+    for k in ("screen", "search", "decide", "verify"):
+        sc.timings.setdefault(k, 0.0)
+    counts = {"tokens": int(led.ids.size), "hard_to_speak": int(sc.gram.hard_to_speak.sum()), **led.counts()}
+    rep = ScanReport(source=p.source or sc.head.source, V=V, d=p.d, domain=p.domain.name,
+                     radius=p.radius_reported, bias=bool(p.bias_used), backend=sc.backend, device=str(sc.device),
+                     counts=counts, timings_s=sc.timings, tokens=[led.listed[t] for t in sorted(led.listed)],
+                     planted=p.planted, warnings=list(sc.warnings))
+    full, lo_all, hi_all = np.zeros(V, dtype=np.int8), np.full(V, np.nan), np.full(V, np.nan)
+    full[led.ids], lo_all[led.ids], hi_all[led.ids] = led.verdict, led.lower, led.upper
+    ga = np.full(V, -1, dtype=np.int64)
+    ga[led.ids] = sc.gram.argmax
+    rep.verdicts_all, rep.margin_lower_all, rep.margin_upper_all, rep.gram_argmax_all = full, lo_all, hi_all, ga
+    if led.checkpoint is not None and not sc.opt.keep_checkpoint:
+        led.checkpoint.remove()
+    return rep
+
+
+# --------------------------------------------------------------------------------------------- other entries
+def scan(W_U, b_U=None, *, ln_w=None, ln_b=None, norm=None, domain=None, source: str = "<arrays>",
+         **options) -> ScanReport:
+    """Scan arrays (numpy, torch on any device and dtype, lists); see :class:`ScanOptions` for the options."""
+    head = head_from_arrays(W_U, b_U, ln_w, ln_b, norm, source)
+    return scan_head(head, domain=domain, **options)
+
+
+def gram_head(head: Head, *, center: bool | None = None, device: str = "auto", backend: str = "auto",
+              load_time: float = 0.0) -> ScanReport:
+    t_start = time.perf_counter()
+    backend, dev = resolve_backend(backend, device)
+    rows = gram_rows(head, center)
+    t0 = time.perf_counter()
+    g = gram_screen(rows, backend=backend, device=dev)
+    ts = time.perf_counter() - t0
+    V = rows.shape[0]
+    toks = [TokenReport(id=int(t), text=None if head.texts is None else head.texts[t], gram_argmax=int(g.argmax[t]),
+                        hard_to_speak=True) for t in np.nonzero(g.hard_to_speak)[0]]
+    return ScanReport(source=head.source, V=V, d=rows.shape[1], domain=None, radius=None, bias=head.b_U is not None,
+                      backend=backend, device=str(dev), counts={"tokens": V, "hard_to_speak": int(g.hard_to_speak.sum())},
+                      timings_s={"load": load_time, "screen": ts, "total": time.perf_counter() - t_start + load_time},
+                      tokens=toks, kind="gram", planted=head.planted)
+
+
+def check(source_or_head, tokens, *, domain=None, radius=None, bias=True,
+          decide_time_limit: float = 60.0) -> list[TokenReport]:
+    """Decide the given tokens with the full machinery (screen point, search, LP) and return their reports."""
+    head = load(source_or_head) if isinstance(source_or_head, str) else source_or_head
+    rep = scan_head(head, domain=domain, radius=radius, bias=bias, tokens=tokens, device="cpu", backend="torch",
+                    decide_time_limit=decide_time_limit)
+    by_id = {r.id: r for r in rep.tokens}
+    out = []
+    for t in sorted(set(int(t) for t in tokens)):
+        r = by_id.get(t)
+        if r is None:  # settled by the witness screen and not hard-to-speak: report it anyway
+            r = TokenReport(id=t, text=None if head.texts is None else head.texts[t],
+                            gram_argmax=int(rep.gram_argmax_all[t]), hard_to_speak=False, verdict="speakable",
+                            reason="witness (screen)", margin_lower=_finite(rep.margin_lower_all[t]),
+                            certificate={"kind": "witness", "x": "self-direction"})
+        out.append(r)
+    return out
+
+
+def _finite(x) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def bench_head(head: Head, *, tokens=None, device: str = "auto", backend: str = "auto", domain=None) -> dict:
+    """Per-stage wall time and throughput of one scan on this head."""
+    rep = scan_head(head, tokens=tokens, device=device, backend=backend, domain=domain)
+    ts, n = rep.timings_s, rep.counts["tokens"]
+    times = sorted(r.time_s for r in rep.tokens if r.reason not in ("tie", "witness (screen)"))
+    return {
+        "source": rep.source, "V": rep.V, "d": rep.d, "domain": rep.domain, "backend": rep.backend,
+        "device": rep.device, "counts": rep.counts, "timings_s": ts,
+        "screen_tokens_per_s": n / ts["screen"] if ts["screen"] > 0 else None,
+        "screen_pairs_per_s": n * rep.V / ts["screen"] if ts["screen"] > 0 else None,
+        "open_tokens": len(times),
+        "open_token_time_s": {
+            "median": float(np.median(times)) if times else None,
+            "p95": float(np.percentile(times, 95)) if times else None,
+            "max": float(times[-1]) if times else None,
+        },
+    }

@@ -1,0 +1,347 @@
+"""The restricted problems of the decide stage: one solver per domain behind one interface.
+
+For token t and a working set S of competitors, with ``a_j = k_t − k_j`` and ``β_j = b_t − b_j`` on the keys:
+
+    max over x in X of  s   subject to   s <= a_j·x + β_j   for j in S.
+
+Each solver keeps its restricted problem, grows it with :meth:`Restricted.add`, and on :meth:`step` returns
+a :class:`Step`: a point of the domain to price over all V (its restricted margin ``m_ref``) and the
+certificates it found (weights on S); a solver limit comes back as a status string, never as a number.
+
+* :class:`BoxSolver` — the LP above with x in [−ρ, ρ]^d, solved by HiGHS (dual simplex, warm started).
+  Witness: the LP's x, clipped into the box against HiGHS's feasibility tolerance; certificate: row duals.
+* :class:`BallSolver` — layernorm / rmsnorm: the restricted optimum lies in ``span{a_j : j in S}``, so it
+  runs on coordinates z of an orthonormal basis Q of that span (``x = Q z``, grown by Gram–Schmidt). The
+  ball is not polyhedral and Kelley's tangent cuts do not converge at GPT-2 shape, so the restricted
+  optimum is computed exactly by :func:`ball_optimum` (2–4 least-distance problems, one NNLS each), which
+  yields the certificate and the witness. ``use_lp`` also solves the LP over S with a tangent cut at the
+  oracle's optimum and offers its duals (a cross-check).
+* :class:`ConeSolver` — bias ignored, normalisation ``k_t·x = 1`` and cap ``s <= 1``, on the span of
+  ``k_t`` and S. At GPT-2 shape nearly every token is a hull vertex and the LP needs S beyond d rows before
+  the cap stops binding, so by default it first seeks a witness with the ball oracle on the unit ball
+  (a positive restricted margin there, checked over all V, is a witness); once that margin is 0 on S
+  (k_t in the hull of S) the cone LP takes over and gives the certificate ``(λ, mu)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg as sla
+from scipy.optimize import nnls
+
+from engine.highs import LP, LPResult, Status
+
+
+@dataclass
+class Step:
+    """What one restricted solve hands the constraint-generation loop."""
+
+    x: np.ndarray  # a point of the domain (cone: any direction with k_t·x > 0)
+    m_ref: float  # the restricted margin at x (over S)
+    certificates: list = field(default_factory=list)  # [(ids, lam)] weights on competitors, unverified
+
+
+class Restricted:
+    """Interface: ``add(J)`` grows S, ``step(remaining, tol, best_x) -> Step | str | None`` solves (None:
+    solve again, the solver changed mode; ``best_x`` is the best witness so far, a warm start), ``finished(lower, upper, tol) -> str | None`` says whether no violated
+    row means the end (None: go on)."""
+
+    def __init__(self, pricer, t: int):
+        self.p, self.t = pricer, t
+        self.kt = pricer.keys[t]
+        self.bt = float(pricer.bias[t])
+        self.ids: list[int] = []
+        self.comp_rows: list[int] = []
+        self.cuts = 0
+        self.lp_iterations = 0
+        self.lp_time_s = 0.0
+        self.oracle_solves = 0
+
+    def _solve_lp(self, remaining: float) -> LPResult | str:
+        res = self.lp.solve(time_limit=remaining)
+        self.lp_iterations += res.nit
+        self.lp_time_s += res.time_s
+        if not res.success:
+            return "time limit" if res.status == Status.TIME_LIMIT else f"highs: {res.status.value}"
+        return res
+
+    def weights(self, res: LPResult) -> np.ndarray:
+        """Shadow prices of the competitor rows: λ_j >= 0 up to the solver's tolerance."""
+        return np.maximum(res.row_duals[np.asarray(self.comp_rows, dtype=np.int64)], 0.0)
+
+    def finished(self, lower: float, upper: float, tol: float) -> str | None:
+        return "converged"
+
+
+class BoxSolver(Restricted):
+    def __init__(self, pricer, t, options):
+        super().__init__(pricer, t)
+        rho, d = pricer.domain.radius, pricer.d
+        lo, up = np.full(d + 1, -rho), np.full(d + 1, rho)
+        lo[0], up[0] = -math.inf, math.inf
+        cost = np.zeros(d + 1)
+        cost[0] = 1.0
+        self.lp = LP(cost, lo, up, sense="max")
+
+    def add(self, J):
+        A = np.empty((J.size, self.p.d + 1))
+        A[:, 0] = 1.0
+        A[:, 1:] = self.p.keys[J] - self.kt
+        rows = self.lp.add_rows(A, -math.inf, self.bt - self.p.bias[J])  # s + (k_j − k_t)·x <= b_t − b_j
+        self.ids.extend(int(j) for j in J)
+        self.comp_rows.extend(int(r) for r in rows)
+
+    def step(self, remaining, tol, best_x):
+        res = self._solve_lp(remaining)
+        if isinstance(res, str):
+            return res
+        ids = np.asarray(self.ids, dtype=np.int64)
+        # HiGHS meets bounds to its feasibility tolerance only; the witness must lie in the box exactly.
+        x = np.clip(res.x[1:], -self.p.domain.radius, self.p.domain.radius)
+        return Step(x, float(res.objective), [(ids, self.weights(res))])
+
+
+class _SpanLP(Restricted):
+    """x = Q z on the span of the rows seen so far. Keeps the rows' coefficients ``C`` [|S|, k]
+    (``(k_j − k_t)·Q z``) and ``β`` so that margins over S cost |S| k flops."""
+
+    def __init__(self, pricer, t, bound: float):
+        super().__init__(pricer, t)
+        self.bound = bound  # |z_i| <= bound (R contains the ball; inf for the cone)
+        self.Q = np.zeros((pricer.d, 0))
+        self.C = np.zeros((0, 0))
+        self.beta = np.zeros(0)
+
+    def _grow(self, W: np.ndarray):
+        """Extend Q by the part of span(rows of W) it misses: project out Q twice (classical Gram–Schmidt
+        with reorthogonalisation), then a pivoted QR of the rest keeps the numerically independent part."""
+        room = self.p.d - self.Q.shape[1]
+        if room <= 0 or W.shape[0] == 0:
+            return
+        Rm = W.T.copy()
+        for _ in range(2):
+            Rm -= self.Q @ (self.Q.T @ Rm)
+        Qb, Rb, _ = sla.qr(Rm, mode="economic", pivoting=True)
+        diag = np.abs(np.diag(Rb))
+        ref = max(float(np.max(np.linalg.norm(W, axis=1))), 1e-300)
+        r = min(int(np.sum(diag > 1e-9 * ref)), room)  # a direction already in the span adds no column
+        if r == 0:
+            return
+        Qn = Qb[:, :r]
+        Qn -= self.Q @ (self.Q.T @ Qn)
+        Qn, _ = np.linalg.qr(Qn)
+        self.Q = np.concatenate([self.Q, Qn], axis=1)
+        self.C = np.concatenate([self.C, np.zeros((self.C.shape[0], r))], axis=1)
+        self.lp.add_cols(np.zeros(r), -self.bound, self.bound)
+
+    def add(self, J):
+        W = self.p.keys[J] - self.kt  # k_j − k_t
+        self._grow(W)
+        Cn = W @ self.Q
+        beta = self.bt - self.p.bias[J]  # zeros in the cone
+        A = np.empty((J.size, self.Q.shape[1] + 1))
+        A[:, 0] = 1.0
+        A[:, 1:] = Cn
+        rows = self.lp.add_rows(A, -math.inf, beta)  # s + (k_j − k_t)·Q z <= b_t − b_j
+        self.C = np.concatenate([self.C, Cn], axis=0)
+        self.beta = np.concatenate([self.beta, beta])
+        self.ids.extend(int(j) for j in J)
+        self.comp_rows.extend(int(r) for r in rows)
+
+    def oracle(self, R: float, z_hint: np.ndarray, tol: float):
+        G = -self.C
+        bo = ball_optimum(G, self.beta, R, float(np.min(G @ z_hint + self.beta)), tol)
+        if bo is not None:
+            self.oracle_solves += bo.solves
+        return bo
+
+
+class BallSolver(_SpanLP):
+    def __init__(self, pricer, t, options):
+        super().__init__(pricer, t, pricer.domain.radius)
+        self.use_lp, self.max_cuts = options.use_lp, options.max_cuts
+        self.lp = LP(np.array([1.0]), [-math.inf], [math.inf], sense="max")
+
+    def step(self, remaining, tol, best_x):
+        R = self.p.domain.radius
+        hint = np.zeros(self.Q.shape[1]) if best_x is None else self.Q.T @ best_x
+        bo = self.oracle(R, hint, tol)
+        if bo is None:
+            return "oracle failure"
+        ids = np.asarray(self.ids, dtype=np.int64)
+        certs = [(ids, bo.lam)]
+        if self.use_lp:
+            nz = float(np.linalg.norm(bo.z))
+            if nz >= R * (1.0 - 1e-9) and self.cuts < self.max_cuts:
+                self.add_cut(bo.z / nz)
+            res = self._solve_lp(remaining)
+            if isinstance(res, str):
+                return res
+            certs.append((ids, self.weights(res)))
+        return Step(self.p.domain.into(self.Q @ bo.z), bo.lower, certs)
+
+    def add_cut(self, g: np.ndarray):
+        """Tangent cut g·z <= R of the sphere (g a unit vector): valid for every point of the ball."""
+        A = np.zeros((1, g.size + 1))
+        A[0, 1:] = g
+        self.lp.add_rows(A, -math.inf, self.p.domain.radius)
+        self.cuts += 1
+
+    def finished(self, lower, upper, tol):
+        return "converged" if upper - lower <= 2 * tol else "oracle gap"
+
+
+class ConeSolver(_SpanLP):
+    def __init__(self, pricer, t, options):
+        super().__init__(pricer, t, math.inf)
+        nt = float(np.linalg.norm(self.kt))
+        self.by_ball = options.cone_oracle
+        self.lp = LP(np.array([1.0]), [-math.inf], [1.0], sense="max")  # the cap s <= 1
+        # k_t·x = k_t·Q z = ||k_t|| z_0: Q's first column is k_t/||k_t||, later ones are orthogonal to it.
+        self.Q = (self.kt / nt)[:, None]
+        self.C = np.zeros((0, 1))
+        self.lp.add_cols(np.zeros(1), -math.inf, math.inf)
+        self.lp.add_rows(np.array([[0.0, nt]]), 1.0, 1.0)
+
+    def step(self, remaining, tol, best_x):
+        ids = np.asarray(self.ids, dtype=np.int64)
+        if self.by_ball:
+            bo = self.oracle(1.0, np.zeros(self.Q.shape[1]), tol)
+            if bo is not None and bo.upper > tol:
+                return Step(self.Q @ bo.z, bo.lower)  # a unit-ball point; the loop normalises k_t·x = 1
+            self.by_ball = False  # k_t is (numerically) in the hull of S: only the cone LP can show how deep
+        res = self._solve_lp(remaining)
+        if isinstance(res, str):
+            return res
+        # The cap s <= 1 takes part of the weight; a certificate needs it slack (Σ λ = 1 on the rows).
+        certs = [(ids, self.weights(res))] if res.objective < 1.0 - 1e-9 else []
+        return Step(self.Q @ res.x[1:], float(res.objective), certs)
+
+    def finished(self, lower, upper, tol):
+        if self.by_ball and not lower > 0:
+            self.by_ball = False  # no positive witness on the ball side: the cone LP decides
+            return None
+        return "converged"  # cone LP: the optimum; by the ball: a positive witness over all V
+
+
+SOLVERS = {"lp": BoxSolver, "ball": BallSolver, "cone": ConeSolver}
+
+
+# ------------------------------------------------------------------------------------------ ball oracle
+@dataclass
+class BallOptimum:
+    lower: float  # min_j (G_j·z + β_j) at z
+    z: np.ndarray  # a point with ||z|| <= R
+    upper: float  # R ||G^T λ|| + β·λ, an upper bound on the restricted optimum
+    lam: np.ndarray  # weights on the rows (>= 0, sum 1)
+    solves: int
+
+
+def _ldp(G: np.ndarray, h: np.ndarray):
+    """Least distance programming (Lawson & Hanson, ch. 23): ``min ||z|| s.t. G z >= h`` by one NNLS of
+    ``[G^T; h^T] u ≈ e_last``. Returns ``(z, u)`` with ``z = G^T u / (1 − h·u)``; when the constraints are
+    infeasible ``z`` is None and ``u`` a Farkas certificate (``G^T u = 0``, ``h·u = 1``)."""
+    m, k = G.shape
+    E = np.empty((k + 1, m))
+    E[:k] = G.T
+    E[k] = h
+    f = np.zeros(k + 1)
+    f[k] = 1.0
+    u, _ = nnls(E, f, maxiter=max(100, 10 * m))
+    den = 1.0 - float(h @ u)
+    if not den > 1e-12:
+        return None, u
+    return (G.T @ u) / den, u
+
+
+def _min_norm_slope(GP: np.ndarray) -> np.ndarray:
+    """The min-norm dz with ``G_P dz = 1`` (how the LDP point moves with the level on one active set)."""
+    ones = np.ones(GP.shape[0])
+    try:
+        c = sla.cho_factor(GP @ GP.T)
+        dz = GP.T @ sla.cho_solve(c, ones)
+        if np.all(np.isfinite(dz)) and np.allclose(GP @ dz, ones, rtol=0, atol=1e-8):
+            return dz
+    except (np.linalg.LinAlgError, ValueError):
+        pass
+    return np.linalg.lstsq(GP, ones, rcond=None)[0]  # rank-deficient active set
+
+
+@dataclass
+class _Bracket:
+    """The level search's state: ``lo <= optimum <= hi`` and the best point and weights seen."""
+
+    lo: float
+    hi: float = math.inf
+    best_z: np.ndarray | None = None
+    best_lower: float = -math.inf
+    best_lam: np.ndarray | None = None
+    best_upper: float = math.inf
+    tried_below: float = math.nan
+
+
+def _level(G, beta, R, s: float, br: _Bracket) -> float | None:
+    """One LDP at level s: update the bracket and the best point / weights; return the exact next level
+    on this active set (N(s)² is a quadratic there), or None."""
+    z, u = _ldp(G, s - beta)
+    su = float(u.sum())
+    if su > 0:
+        lam = u / su
+        up = R * float(np.linalg.norm(G.T @ lam)) + float(lam @ beta)
+        if up < br.best_upper:
+            br.best_lam, br.best_upper = lam, up
+    br.hi = min(br.hi, br.best_upper)
+    if z is None:
+        br.hi = min(br.hi, s)
+        return None
+    nz = float(np.linalg.norm(z))
+    zb = z * min(1.0, R / nz) if nz > 0 else z
+    low = float(np.min(G @ zb + beta))
+    if low > br.best_lower:
+        br.best_z, br.best_lower = zb, low
+    br.lo = max(br.lo, min(s, low))
+    if nz > R:
+        br.hi = min(br.hi, s)
+    P = u > 0
+    if np.any(P):
+        dz = _min_norm_slope(G[P])
+        a, b, c = float(dz @ dz), float(z @ dz), nz * nz - R * R
+        if a > 0 and b * b - a * c >= 0:
+            return s + (-b + math.sqrt(b * b - a * c)) / a
+    elif nz == 0.0:
+        return float(np.min(beta))  # z = 0 stays feasible up to the smallest β
+    return None
+
+
+def ball_optimum(G: np.ndarray, beta: np.ndarray, R: float, s_lo: float, tol_s: float,
+                 max_solves: int = 30) -> BallOptimum | None:
+    """``max_{||z|| <= R} min_j (G_j·z + β_j)`` through the level function
+    ``N(s) = min{||z|| : G z + β >= s}`` (an LDP): the optimum is the largest s with N(s) <= R.
+
+    N is convex and nondecreasing, and on one active set P of the LDP z(s) is affine in s (slope:
+    :func:`_min_norm_slope`), so N(s)² is a quadratic whose root is taken exactly; steps stay in the
+    bracket ``[lo, hi]`` and fall back to bisection. Each LDP also yields a certificate: at a feasible
+    level its NNLS weights (at the root ``−δ(u/Σu) = s`` exactly), at an infeasible one its Farkas weights
+    (``G^T u = 0``, so ``−δ = β·u/Σu``: the optimum when the ball does not bind). Typically 2–4 LDPs.
+    ``s_lo`` must have N(s_lo) <= R (the margin over S of any point of the ball)."""
+    br = _Bracket(lo=float(s_lo))
+    s, solves = br.lo, 0
+    while solves < max_solves:
+        s_new = _level(G, beta, R, s, br)
+        solves += 1
+        if br.best_upper - br.best_lower <= tol_s or br.hi - br.lo <= tol_s:
+            break
+        if s_new is None or not (br.lo < s_new < br.hi):
+            if math.isfinite(br.hi) and br.hi != br.tried_below:
+                # hi is often the optimum itself (a Farkas bound where the ball does not bind): try just below.
+                s_new, br.tried_below = max(br.hi - 0.25 * tol_s, 0.5 * (br.lo + br.hi)), br.hi
+            else:
+                s_new = 0.5 * (br.lo + br.hi) if math.isfinite(br.hi) else br.lo + max(1.0, abs(br.lo))
+        if s_new == s:
+            break
+        s = s_new
+    if br.best_z is None or br.best_lam is None:
+        return None
+    return BallOptimum(br.best_lower, br.best_z, br.best_upper, br.best_lam, solves)
