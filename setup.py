@@ -20,6 +20,9 @@ setup(
         "triton>=3.0",
         # Loading TransformerLens / Hugging Face models by name (3.x HookedTransformer, 4.x TransformerBridge).
         "transformer_lens",
+        # Exact rational arithmetic (flint's integer matrices) for the proofs float64 cannot settle:
+        # degenerate Gordan certificates, margins below the LP's tolerances.
+        "python-flint>=0.6",
     ],
     extras_require={
         # scipy: independent oracles in tests (qhull ConvexHull, linprog) and NNLS in the decide stage.

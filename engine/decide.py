@@ -157,20 +157,58 @@ class Pricer:
         """The witness screen's point x_t (DESIGN §3 step 3)."""
         return self.domain.screen_points(self.keys, np.array([t]))[0]
 
-    def certificate_bound(self, t: int, ids: np.ndarray, lam: np.ndarray) -> tuple[float, float | None]:
-        """``(upper, mu)`` of weights λ (>= 0, sum 1) in float64: ``upper = −δ(λ)`` on bounded domains; on
-        the cone ``mu`` is the least-squares multiplier of ``Σ λ_j (k_j − k_t) = −mu k_t`` and ``upper = mu``
-        when that identity holds to rounding (else ``inf``, no bound)."""
+    def certificate_bound(self, t: int, ids: np.ndarray, lam: np.ndarray) -> tuple[float, float | None, np.ndarray]:
+        """``(upper, mu, lam)`` of weights λ (>= 0, sum 1) in float64: ``upper = −δ(λ)`` on bounded domains;
+        on the cone ``mu`` is the multiplier of ``Σ λ_j (k_j − k_t) = −mu k_t`` and ``upper = mu`` when that
+        identity holds to rounding — the weights refitted over all of ``ids`` when the given ones (LP duals)
+        miss it — else ``inf`` (no bound)."""
         kt = self.keys[t]
         r = lam @ self.keys[ids] - kt  # Σ λ_j (k_j − k_t)
         if not self.domain.bounded:
-            nt2 = float(kt @ kt)
-            mu = -float(r @ kt) / nt2
-            resid = float(np.linalg.norm(r + mu * kt))
-            size = float(lam @ np.linalg.norm(self.keys[ids], axis=1)) + math.sqrt(nt2)
-            return (mu, mu) if resid <= 1e-9 * size else (math.inf, None)
+            return self._cone_bound(t, ids, lam, r)
         c0 = float(lam @ self.bias[ids]) - float(self.bias[t])
-        return float(self.domain.support(-r)) - c0, None  # −δ with δ = c0 − sup_X(−r·x)
+        return float(self.domain.support(-r)) - c0, None, lam  # −δ with δ = c0 − sup_X(−r·x)
+
+    def _cone_bound(self, t, ids, lam, r) -> tuple[float, float | None, np.ndarray]:
+        kt = self.keys[t]
+        nt2 = float(kt @ kt)
+        mu = -float(r @ kt) / nt2
+        size = float(lam @ np.linalg.norm(self.keys[ids], axis=1)) + math.sqrt(nt2)
+        if float(np.linalg.norm(r + mu * kt)) <= 1e-12 * size:
+            return mu, mu, lam
+        A = self.keys[ids] - kt
+        for fixed in (mu, None):  # LP duals carry the solver's tolerance: refit λ (keeping mu if possible)
+            lam2, mu2 = refit_cone_weights(A, kt, fixed)
+            if lam2 is not None and float(np.linalg.norm(lam2 @ A + mu2 * kt)) <= 1e-12 * size:
+                return mu2, mu2, lam2
+        return math.inf, None, lam
+
+
+def refit_cone_weights(A: np.ndarray, kt: np.ndarray, mu: float | None = None) -> tuple[np.ndarray | None, float]:
+    """Weights λ >= 0 (sum 1) and mu <= 0 (or the given mu) with ``Σ λ_j A_j = −mu k_t`` to float64
+    accuracy, by one NNLS over the working set (LP duals satisfy it only to HiGHS's tolerance, ~1e-7)."""
+    from scipy.optimize import nnls
+
+    m, d = A.shape
+    scale = float(np.max(np.abs(A))) + float(np.max(np.abs(kt))) + 1e-300
+    free = mu is None
+    E = np.zeros((d + 1, m + int(free)))
+    E[:d, :m] = A.T / scale
+    E[d, :m] = 1.0
+    f = np.zeros(d + 1)
+    f[d] = 1.0
+    if free:
+        E[:d, m] = -kt / scale  # the column of nu = -mu >= 0
+    else:
+        f[:d] = -mu * kt / scale
+    try:
+        y, _ = nnls(E, f, maxiter=50 * (m + 1))
+    except RuntimeError:
+        return None, math.inf
+    s = float(y[:m].sum())
+    if not s > 0:
+        return None, math.inf
+    return (y[:m] / s, -float(y[m]) / s) if free else (y[:m] / s, mu / s)
 
 
 # ------------------------------------------------------------------------------------------ bounds
@@ -194,14 +232,12 @@ class Bounds:
             self.lower, self.x = m, np.array(x, dtype=np.float64)
 
     def offer_certificate(self, ids: np.ndarray, lam: np.ndarray) -> None:
-        keep = lam > 0
-        if not np.any(keep):
+        if not np.any(lam > 0):
             return
-        ids, lam = ids[keep], lam[keep]
-        lam = lam / lam.sum()
-        upper, mu = self.p.certificate_bound(self.t, ids, lam)
-        if upper < self.upper:
-            self.upper, self.cert = upper, Certificate(ids.astype(np.int64), lam, mu)
+        upper, mu, lam = self.p.certificate_bound(self.t, ids, lam / lam.sum())
+        keep = lam > 0
+        if upper < self.upper and np.any(keep):
+            self.upper, self.cert = upper, Certificate(ids[keep].astype(np.int64), lam[keep] / lam[keep].sum(), mu)
 
 
 # ------------------------------------------------------------------------------------------ decide

@@ -99,7 +99,7 @@ class Problem:
         """An internal margin (or deficit) in the caller's units; None where it is unknown or out of range."""
         if m is None or not math.isfinite(m):
             return None
-        m = _ldexp(m, self.margin_exp)
+        m = _ldexp(m, self.margin_exp) + 0.0  # + 0.0: no -0.0 in reports
         return m if math.isfinite(m) else None
 
     def report_x(self, x: np.ndarray) -> np.ndarray:

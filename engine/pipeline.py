@@ -277,9 +277,12 @@ def _decide_stage(sc: _Scan, work, lift, still_open: list[tuple]) -> None:
         for b0 in range(0, len(pending), 64):
             chunk = pending[b0: b0 + 64]
             with sc.timed("decide"):
+                # The second pass solves to the optimum, to a tolerance near float64's own: a margin of 1e-9
+                # relative is far above rounding and must not be left undecided.
                 cands = [lift(c) for c in decide_many(work, chunk, comps, pricer=pricer, workers=sc.opt.workers,
                                                       time_limit=sc.opt.decide_time_limit, stop_at_sign=stop_at_sign,
-                                                      n_start=192, add_per_round=96)]
+                                                      tol=1e-9 if stop_at_sign else 1e-14, n_start=192,
+                                                      add_per_round=96)]
             for cand, res in zip(cands, _verdicts(sc, cands)):
                 spent[cand.token] += cand.time_s
                 best[cand.token] = _merge(best[cand.token], res)

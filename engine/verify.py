@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine import exact
 from engine.domain import ETA, U, gamma
 from engine.evidence import Certificate
 
@@ -256,6 +257,17 @@ class Verifier:
     def _gordan(self, t, comp, lam, mu, F) -> CertificateCheck:
         if mu is None or not np.isfinite(mu) or mu > 0:
             return _fail("a Gordan certificate needs a finite normalisation multiplier mu <= 0")
+        chk = self._gordan_float(t, comp, lam, mu, F)
+        if chk.ok:
+            return chk
+        # Degenerate supports (an edge midpoint, rows equal after projection) defeat the float64 solve:
+        # settle them exactly in rationals (the proven bound is then 0, not mu).
+        pos = lam > 0
+        if exact.gordan(self.rows, t, comp[pos], lam[pos], F):
+            return CertificateCheck(True, 0.0, 0.0, "proven in exact rational arithmetic")
+        return chk
+
+    def _gordan_float(self, t, comp, lam, mu, F) -> CertificateCheck:
         keep = np.nonzero(np.ptp(self.rows, axis=0) != 0)[0]  # coordinates where the rows differ at all
         A, F = self.A[:, keep], F[keep]
         w = np.full(self.V, abs(mu) / self.V)  # dense weights over all j != t (module docstring)
