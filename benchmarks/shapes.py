@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from any directory
 
-from engine.loader import Problem  # noqa: E402
+from engine.head import Problem  # noqa: E402
+from engine.loader import problem_from_rows  # noqa: E402
 
 # name -> (d_vocab V, d_model d), as published for each model.
 SHAPES: dict[str, tuple[int, int]] = {
@@ -60,14 +61,12 @@ class BenchProblem:
         return self.problem.bias
 
     def witness_queries(self) -> tuple[np.ndarray, np.ndarray]:
-        """The witness screen's query rows and per-row scale: ``x_t = scale_t · keys_t`` (ball domains),
-        the same points ``engine.screen.witness_queries`` uses."""
-        if self.problem.domain not in ("layernorm", "rmsnorm"):
-            raise ValueError("the screen peers are written for the ball domains")
-        k = self.problem.keys
-        n = np.linalg.norm(k, axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return k, np.where(n > 0, self.problem.radius / n, 0.0)
+        """The witness screen's query rows and per-row scale: ``x_t = scale_t · keys_t``, the domain's own
+        screen points (the peers are written for domains whose screen point is a scaled key)."""
+        q, s = self.problem.domain.screen_queries(self.problem.keys)
+        if s is None or q is not self.problem.keys:
+            raise ValueError("the screen peers are written for domains whose screen point is a scaled key")
+        return q, s
 
 
 def shape_of(name_or_V, d: int | None = None) -> tuple[str, int, int]:
@@ -110,14 +109,7 @@ def setup_problem(V: int, d: int, seed: int = 0, domain: str = "layernorm") -> B
     rows = np.ascontiguousarray(rows.astype(np.float32).astype(np.float64))
     bias = (BIAS_SPREAD * math.sqrt(d) * DEV_SCALE * rng.standard_normal(V)).astype(np.float32).astype(np.float64)
 
-    center = rows.mean(axis=0)
-    keys = rows - center
-    if domain == "layernorm":
-        keys -= keys.mean(axis=1, keepdims=True)  # project onto 1⊥: a LayerNorm output has sum 0
-    problem = Problem(rows=rows, bias=np.ascontiguousarray(bias), domain=domain,
-                      radius=1.0 if domain == "box" else math.sqrt(d),
-                      center=np.ascontiguousarray(center), keys=np.ascontiguousarray(keys), bias_used=True,
-                      source=f"bench:{name},seed={seed}")
+    problem = problem_from_rows(rows, bias, domain, source=f"bench:{name},seed={seed}")
     return BenchProblem(name=name, V=V, d=d, seed=seed, rows=rows, problem=problem)
 
 
@@ -131,19 +123,18 @@ def save_problem(bp: BenchProblem, directory: str) -> None:
     without regenerating it (and without the generator's temporaries inflating its peak memory)."""
     os.makedirs(directory, exist_ok=True)
     p = bp.problem
-    for name, a in (("rows", bp.rows), ("bias", p.bias), ("center", p.center), ("keys", p.keys)):
+    for name, a in (("rows", bp.rows), ("bias", p.bias)):
         np.save(os.path.join(directory, name + ".npy"), a)
     with open(os.path.join(directory, "meta.txt"), "w") as f:
-        f.write(f"{bp.name} {bp.V} {bp.d} {bp.seed} {p.domain} {p.radius!r}\n")
+        f.write(f"{bp.name} {bp.V} {bp.d} {bp.seed} {p.domain.name} {p.radius!r}\n")
 
 
 def load_problem(directory: str) -> BenchProblem:
     """The :class:`BenchProblem` written by :func:`save_problem`."""
     with open(os.path.join(directory, "meta.txt")) as f:
         name, V, d, seed, domain, radius = f.read().split()
-    a = {n: np.load(os.path.join(directory, n + ".npy")) for n in ("rows", "bias", "center", "keys")}
-    problem = Problem(rows=a["rows"], bias=a["bias"], domain=domain, radius=float(radius), center=a["center"],
-                      keys=a["keys"], bias_used=True, source=f"bench:{name},seed={seed}")
+    a = {n: np.load(os.path.join(directory, n + ".npy")) for n in ("rows", "bias")}
+    problem = problem_from_rows(a["rows"], a["bias"], domain, float(radius), source=f"bench:{name},seed={seed}")
     return BenchProblem(name=name, V=int(V), d=int(d), seed=int(seed), rows=a["rows"], problem=problem)
 
 

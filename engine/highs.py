@@ -94,7 +94,6 @@ class LPResult:
     objective: float | None = None
     x: np.ndarray | None = None  # primal column values
     row_duals: np.ndarray | None = None  # shadow prices, see the module docstring
-    row_values: np.ndarray | None = None
     nit: int = 0  # simplex iterations of this solve
     time_s: float = 0.0
 
@@ -200,11 +199,6 @@ class LP:
         self._m += k
         return new
 
-    def set_col_bounds(self, cols, lower, upper):
-        cols = np.asarray(cols, dtype=np.int32).ravel()
-        lo, up = self._clip(_bounds(lower, cols.size, "col_lower")), self._clip(_bounds(upper, cols.size, "col_upper"))
-        self._check(self._h.changeColsBounds(int(cols.size), cols, lo, up), "changeColsBounds")
-
     # ------------------------------------------------------------------ solving
     def solve(self, *, time_limit: float | None = None, iteration_limit: int | None = None) -> LPResult:
         """Solve (warm started from the last basis when there is one)."""
@@ -237,11 +231,10 @@ class LP:
                             nit=nit, time_s=elapsed)
         x = np.asarray(sol.col_value, dtype=np.float64).copy()
         duals = _shadow_prices(sol.row_dual, self.sense)
-        rv = np.asarray(sol.row_value, dtype=np.float64).copy()
         obj = float(info.objective_function_value)
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(duals)) and math.isfinite(obj)):
             return LPResult(Status.ERROR, False, f"{message} (but the solution is not finite)", nit=nit, time_s=elapsed)
-        return LPResult(Status.OPTIMAL, True, message, obj, x, duals, rv, nit, elapsed)
+        return LPResult(Status.OPTIMAL, True, message, obj, x, duals, nit, elapsed)
 
 
 def solve_lp(c, A, row_lower, row_upper, col_lower, col_upper, *, sense: str = "max",

@@ -137,61 +137,79 @@ def _plant(U, b, m, ln_w, ln_b, r, n, rng, planted, recipe) -> None:
     V, d = U.shape
     # Candidates for low-bias rows and shadow sources: the longest quarter of the cloud.
     order = np.argsort(-r, kind="stable")
-    long_pool = rng.permutation(order[: max(V // 4, 4 * n + 4)])
-    long_iter = iter(long_pool.tolist())
-
-    # Centred, gain-folded rows in float32: the cone self-direction check for low-bias candidates.
-    keys = U * ln_w.astype(np.float32)
-    keys -= keys.mean(axis=0, dtype=np.float64).astype(np.float32)
-
-    def wins_cone_self_direction(t: int) -> bool:
-        s = keys @ keys[t]
-        own = s[t]
-        s[t] = -np.inf
-        return bool(s.max() < own * (1 - 1e-3))
-
-    low_bias = []
-    for t in long_iter:
-        if len(low_bias) == n:
-            break
-        if wins_cone_self_direction(t):
-            low_bias.append(t)
-    del keys
-
-    # Shadow sources L: long rows whose shadow is hard-to-speak with margin in the raw and centred gram.
-    shadow_src, shadow_rows = [], []
-    if d >= 4:
-        a = ln_w * m
-        ones = np.ones(d)
-        for L in long_iter:
-            if len(shadow_src) == n:
-                break
-            e = ln_w * (U[L].astype(np.float64) - m)
-            q = rng.standard_normal(d)
-            basis = np.linalg.qr(np.stack([e, a, ones], axis=1))[0]
-            q -= basis @ (basis.T @ q)
-            q *= SHADOW_PUSH * np.linalg.norm(e) / np.linalg.norm(q)
-            u_s = m + SHADOW_SHRINK * (U[L].astype(np.float64) - m) + q / ln_w
-            g_s, g_L = ln_w * u_s, ln_w * U[L].astype(np.float64)
-            raw_ok = g_s @ (g_L - g_s) > 0.01 * (e @ e)
-            c_s, c_L = g_s - a - (g_s - a).mean(), g_L - a - (g_L - a).mean()  # centred over d, mean token ≈ a
-            cen_ok = c_s @ (c_L - c_s) > 0.01 * (e @ e)
-            if raw_ok and cen_ok:
-                shadow_src.append(L)
-                shadow_rows.append(u_s)
+    long_iter = iter(rng.permutation(order[: max(V // 4, 4 * n + 4)]).tolist())
+    low_bias = _pick_low_bias(U, ln_w, long_iter, n)
+    shadow_src, shadow_rows = _pick_shadows(U, m, ln_w, long_iter, n, rng) if d >= 4 else ([], [])
 
     # The rest of the planted ids: drawn uniformly from what is left.
     taken = set(low_bias) | set(shadow_src)
     rest = rng.permutation(np.array([i for i in range(V) if i not in taken], dtype=np.int64))
-    n_int, n_dup, n_sh = n, n, len(shadow_src)
-    interior = rest[:n_int].tolist()
-    dup_flat = rest[n_int: n_int + 2 * n_dup].tolist()
-    shadow = rest[n_int + 2 * n_dup: n_int + 2 * n_dup + n_sh].tolist()
-    duplicate = [[dup_flat[2 * i], dup_flat[2 * i + 1]] for i in range(n_dup)]
+    interior = rest[:n].tolist()
+    dup_flat = rest[n: 3 * n].tolist()
+    shadow = rest[3 * n: 3 * n + len(shadow_src)].tolist()
+    duplicate = [[dup_flat[2 * i], dup_flat[2 * i + 1]] for i in range(n)]
     planted_ids = set(interior) | set(dup_flat) | set(shadow) | set(low_bias)
     non_planted = np.array([i for i in range(V) if i not in planted_ids], dtype=np.int64)
 
-    # Interior: combinations of untouched non-planted rows (sources may be shadow sources L: they are untouched).
+    _plant_interior(U, b, interior, non_planted, rng, recipe)
+    for (a_id, b_id) in duplicate:
+        U[b_id] = U[a_id]
+        b[b_id] = b[a_id]
+    for s_id, u_s in zip(shadow, shadow_rows):
+        U[s_id] = u_s
+    _sink_low_bias(U, b, ln_w, ln_b, low_bias)
+
+    recipe.shadow_of = [int(L) for L in shadow_src]
+    planted["interior"] = [int(t) for t in interior]
+    planted["duplicate"] = [[int(x), int(y)] for x, y in duplicate]
+    planted["low_bias"] = [int(t) for t in low_bias]
+    planted["shadow"] = [int(s_id) for s_id in shadow]
+
+
+def _pick_low_bias(U, ln_w, long_iter, n) -> list[int]:
+    """Long rows whose centred self-direction wins in ``cone`` (checked on gain-folded float32 rows)."""
+    keys = U * ln_w.astype(np.float32)
+    keys -= keys.mean(axis=0, dtype=np.float64).astype(np.float32)
+    low_bias = []
+    for t in long_iter:
+        if len(low_bias) == n:
+            break
+        s = keys @ keys[t]
+        own = s[t]
+        s[t] = -np.inf
+        if s.max() < own * (1 - 1e-3):
+            low_bias.append(t)
+    return low_bias
+
+
+def _pick_shadows(U, m, ln_w, long_iter, n, rng):
+    """Shadow sources L: long rows whose shadow is hard-to-speak with margin in the raw and centred gram."""
+    d = U.shape[1]
+    a = ln_w * m
+    ones = np.ones(d)
+    shadow_src, shadow_rows = [], []
+    for L in long_iter:
+        if len(shadow_src) == n:
+            break
+        e = ln_w * (U[L].astype(np.float64) - m)
+        q = rng.standard_normal(d)
+        basis = np.linalg.qr(np.stack([e, a, ones], axis=1))[0]
+        q -= basis @ (basis.T @ q)
+        q *= SHADOW_PUSH * np.linalg.norm(e) / np.linalg.norm(q)
+        u_s = m + SHADOW_SHRINK * (U[L].astype(np.float64) - m) + q / ln_w
+        g_s, g_L = ln_w * u_s, ln_w * U[L].astype(np.float64)
+        raw_ok = g_s @ (g_L - g_s) > 0.01 * (e @ e)
+        c_s, c_L = g_s - a - (g_s - a).mean(), g_L - a - (g_L - a).mean()  # centred over d, mean token ≈ a
+        cen_ok = c_s @ (c_L - c_s) > 0.01 * (e @ e)
+        if raw_ok and cen_ok:
+            shadow_src.append(L)
+            shadow_rows.append(u_s)
+    return shadow_src, shadow_rows
+
+
+def _plant_interior(U, b, interior, non_planted, rng, recipe) -> None:
+    """Interior: combinations of untouched non-planted rows (sources may be shadow sources L: untouched)."""
+    d = U.shape[1]
     U_np = U[non_planted].astype(np.float64)
     mean_u, mean_b = U_np.mean(axis=0), b[non_planted].astype(np.float64).mean()
     del U_np
@@ -207,31 +225,23 @@ def _plant(U, b, m, ln_w, ln_b, r, n, rng, planted, recipe) -> None:
         recipe.interior_weights.append([float(x) for x in lam])
     recipe.interior_gap = float(gap)
 
-    for (a_id, b_id) in duplicate:
-        U[b_id] = U[a_id]
-        b[b_id] = b[a_id]
-    for s, u_s in zip(shadow, shadow_rows):
-        U[s] = u_s
 
-    # Low bias last, from the final rows and biases: for every x with ||x||_∞ ≤ S and any j,
-    # l_j(x) − l_t(x) ≥ b_j + u_j·β − b_t − u_t·β − 2·S·max||γ⊙u||_1 > 0.
-    if low_bias:
-        S = max(np.sqrt(d), LOW_BIAS_RHO)
-        U64 = U.astype(np.float64)
-        folded_l1 = np.abs(U64 * ln_w).sum(axis=1)
-        ub = U64 @ ln_b
-        del U64
-        others = np.ones(V, dtype=bool)
-        others[low_bias] = False
-        floor = float(b[others].astype(np.float64).min()) - 2 * S * float(folded_l1.max())
-        floor -= float(np.abs(ub).max()) + 1.0
-        for t in low_bias:
-            b_t = floor - abs(float(ub[t])) - 1.0
-            b32 = np.float32(b_t)
-            b[t] = np.nextafter(b32, np.float32(-np.inf)) if b32 > b_t else b32
-
-    recipe.shadow_of = [int(L) for L in shadow_src]
-    planted["interior"] = [int(t) for t in interior]
-    planted["duplicate"] = [[int(x), int(y)] for x, y in duplicate]
-    planted["low_bias"] = [int(t) for t in low_bias]
-    planted["shadow"] = [int(s) for s in shadow]
+def _sink_low_bias(U, b, ln_w, ln_b, low_bias) -> None:
+    """Low bias last, from the final rows and biases: for every x with ||x||_∞ ≤ S and any j,
+    l_j(x) − l_t(x) ≥ b_j + u_j·β − b_t − u_t·β − 2·S·max||γ⊙u||_1 > 0."""
+    if not low_bias:
+        return
+    V, d = U.shape
+    S = max(np.sqrt(d), LOW_BIAS_RHO)
+    U64 = U.astype(np.float64)
+    folded_l1 = np.abs(U64 * ln_w).sum(axis=1)
+    ub = U64 @ ln_b
+    del U64
+    others = np.ones(V, dtype=bool)
+    others[low_bias] = False
+    floor = float(b[others].astype(np.float64).min()) - 2 * S * float(folded_l1.max())
+    floor -= float(np.abs(ub).max()) + 1.0
+    for t in low_bias:
+        b_t = floor - abs(float(ub[t])) - 1.0
+        b32 = np.float32(b_t)
+        b[t] = np.nextafter(b32, np.float32(-np.inf)) if b32 > b_t else b32
