@@ -272,6 +272,14 @@ def margin_at(rows, bias, t, x):
 
 
 def margin_interval(inst, t: int, iters: int = 60):
+    try:
+        with np.errstate(all="ignore"):
+            return _margin_interval(inst, t, iters)
+    except (ValueError, FloatingPointError):  # non-finite scaled data (e.g. rows*R overflows): no bound
+        return -math.inf, math.inf, None
+
+
+def _margin_interval(inst, t: int, iters: int = 60):
     """(lo, hi, x): the true margin lies in [lo, hi] (up to float64 rounding, O(1e-15) of the scale). For cone
     the margin is normalised by (u_t - c)·x = 1 with c the mean row, and hi is the LP optimum (not a
     rigorous bound). Scale-free: data are scaled by powers of two first; lo/hi are returned unscaled."""
@@ -280,6 +288,10 @@ def margin_interval(inst, t: int, iters: int = 60):
     V, d = rows.shape
     if dom == "layernorm":
         rows = rows - rows.mean(axis=1, keepdims=True)
+    R = radius_of(inst)
+    # scale rows·R and bias jointly by a power of two first (exact), so that differences cannot overflow
+    M0, e = _scaled(np.hstack([rows * (1.0 if R is None else R), bias[:, None]]))
+    rows, bias = M0[:, :d], M0[:, d]
     rows = rows - rows[t]  # logits relative to t: l_j - l_t = rows_j·x + (b_j - b_t)
     cvec = bias - bias[t]
     others = np.array([j for j in range(V) if j != t])
@@ -300,11 +312,8 @@ def margin_interval(inst, t: int, iters: int = 60):
         s = a @ x
         lo = float(np.min(-rs[others] @ x)) / s if s > 0 else -math.inf
         return lo, -res.fun, x
-    R = radius_of(inst)
-    # scale: x = R y with y in the unit ball / box; l_j - l_t = (R rows_j)·y + c_j; divide by 2^e
-    M = np.hstack([rows * R, cvec[:, None]])
-    Ms, e = _scaled(M)
-    G, c = Ms[:, :d], Ms[:, d]
+    # x = R y with y in the unit ball / box: l_j - l_t = 2^e (G_j·y + c_j)
+    G, c = rows, cvec
     A = np.hstack([G[others], np.ones((others.size, 1))])  # s + G_j y <= -c_j
     ub = -c[others]
     eq = dict(A_eq=np.r_[np.ones(d), 0.0][None], b_eq=[0.0]) if dom == "layernorm" else {}
