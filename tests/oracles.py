@@ -119,6 +119,14 @@ def fold_exact(inst, project=True):
 
 
 # ------------------------------------------------------------------------------------------ exact checks
+def _fl(q) -> float:
+    """float of a Fraction for messages, inf instead of OverflowError."""
+    try:
+        return float(q)
+    except OverflowError:
+        return math.inf if q > 0 else -math.inf
+
+
 def _dot(a, b):
     return sum((x * y for x, y in zip(a, b)), F(0))
 
@@ -137,7 +145,7 @@ def exact_witness(inst, t: int, x, exact=None):
         x = [v - m for v in x]
     if dom in ("layernorm", "rmsnorm"):
         if not _dot(x, x) <= radius2_exact(inst):
-            return False, None, f"witness outside the ball: |x|^2 = {float(_dot(x, x))!r} > R^2"
+            return False, None, f"witness outside the ball: |x|^2 = {_fl(_dot(x, x))!r} > R^2"
     elif dom == "box":
         rho = rho_exact(inst)
         if not max(abs(v) for v in x) <= rho:
@@ -148,7 +156,7 @@ def exact_witness(inst, t: int, x, exact=None):
     if margin > 0:
         return True, margin, ""
     j = max((j for j in range(len(rows)) if j != t), key=lambda j: logits[j])
-    return False, margin, f"token {j} reaches the logit of {t} (margin {float(margin)!r})"
+    return False, margin, f"token {j} reaches the logit of {t} (margin {_fl(margin)!r})"
 
 
 def exact_dual(inst, t: int, competitors, weights, exact=None):
@@ -166,13 +174,15 @@ def exact_dual(inst, t: int, competitors, weights, exact=None):
     dom = inst["domain"]
     if dom == "box":
         deficit = c0 - rho_exact(inst) * sum((abs(v) for v in r), F(0))
-        return deficit > 0, f"deficit {float(deficit)!r}"
+        return deficit > 0, f"deficit {_fl(deficit)!r}"
     if dom in ("layernorm", "rmsnorm"):
         if dom == "layernorm":
             m = sum(r, F(0)) / d
             r = [v - m for v in r]
         ok = c0 > 0 and c0 * c0 > radius2_exact(inst) * _dot(r, r)
-        return ok, f"c0 = {float(c0)!r}, R|Pr| = {math.sqrt(float(radius2_exact(inst) * _dot(r, r)))!r}"
+        rr = radius2_exact(inst) * _dot(r, r)
+        ratio = _fl(c0 * c0 / rr) if rr else math.inf
+        return ok, f"c0 = {_fl(c0)!r}, c0^2 / (R^2 |Pr|^2) = {ratio!r} (needs c0 > 0 and ratio > 1)"
     return False, "exact_dual is for bounded domains"
 
 
@@ -229,8 +239,11 @@ def exact_cone_sign(rows_exact, t: int):
     exactly (Gordan), None if neither proof was found."""
     V, d = len(rows_exact), len(rows_exact[0])
     others = [j for j in range(V) if j != t]
-    D = np.array([[float(rows_exact[j][i] - rows_exact[t][i]) for i in range(d)] for j in others])
-    Ds, _ = _scaled(D)
+    Dq = [[rows_exact[j][i] - rows_exact[t][i] for i in range(d)] for j in others]
+    mx = max((abs(v) for r in Dq for v in r), default=F(0))
+    k = (mx.numerator.bit_length() - mx.denominator.bit_length()) if mx else 0
+    sc = F(2) ** (-k)  # exact power-of-two scaling before float conversion: no overflow, no underflow to 0
+    Ds = np.array([[float(v * sc) for v in r] for r in Dq])
     if not np.any(Ds):
         return -1  # every row equals u_t: all logits tie everywhere
     # (a) separating point: max s s.t. s <= -D x, |x_i| <= 1, s <= 1
