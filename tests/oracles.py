@@ -494,3 +494,65 @@ def audit(inst, rep, tokens=None, tiny_rel: float = 1e-12, bound_rel: float = 1e
         if lo is not None and r.margin_upper is not None and r.margin_upper < lo - tol:
             out.append(("bounds", t, f"margin_upper {r.margin_upper!r} < true margin >= {lo!r}"))
     return out
+
+
+# ------------------------------------------------------------------------------------------ large V (balls)
+def ball_interval_active_set(inst, t: int, k0: int = 48, rounds: int = 10):
+    """[lo, hi] for a ball domain when V is large: the dual ``min_{lam in simplex} R||P sum lam_j (u_t - u_j)||
+    + sum lam_j (b_t - b_j)`` restricted to an active set K (SLSQP), which is still a valid upper bound on
+    the full problem (lam = 0 off K); lo is the margin over all V at the best response to lam. K grows by the
+    competitors that beat t at that point."""
+    from scipy.optimize import minimize
+
+    rows, bias = fold_inst(inst)
+    dom = inst["domain"]
+    V, d = rows.shape
+    if dom == "layernorm":
+        rows = rows - rows.mean(axis=1, keepdims=True)
+    R = radius_of(inst)
+    A = rows * R - rows[t] * R  # A_j·y + (b_j - b_t) = l_j - l_t at x = R y
+    c = bias - bias[t]
+    others = np.array([j for j in range(V) if j != t])
+
+    def point_margin(y):
+        l = A[others] @ y + c[others]
+        return -float(np.max(l)), others[np.argsort(-l)]
+
+    y = -A[others].mean(axis=0)
+    y = y / np.linalg.norm(y) if np.linalg.norm(y) > 0 else np.zeros(d)
+    lo, order = point_margin(y)
+    K = list(order[:k0])
+    hi = math.inf
+    lam = None
+    for _ in range(rounds):
+        AK, cK = A[K], c[K]
+
+        def f(l):
+            g = -(l @ AK)
+            return float(np.linalg.norm(g)) - float(l @ cK)
+
+        def grad(l):
+            g = -(l @ AK)
+            n = np.linalg.norm(g)
+            return (-(AK @ g) / n if n > 0 else np.zeros(len(K))) - cK
+
+        x0 = np.full(len(K), 1.0 / len(K)) if lam is None else np.r_[lam, np.zeros(len(K) - len(lam))]
+        res = minimize(f, x0, jac=grad, method="SLSQP", bounds=[(0, None)] * len(K),
+                       constraints=[{"type": "eq", "fun": lambda l: l.sum() - 1.0, "jac": lambda l: np.ones_like(l)}],
+                       options={"ftol": 1e-15, "maxiter": 500})
+        lam = np.maximum(res.x, 0.0)
+        lam = lam / lam.sum()
+        hi = min(hi, f(lam))
+        g = -(lam @ AK)
+        n = np.linalg.norm(g)
+        if n == 0:
+            break
+        y = g / n * (1 - 1e-15)
+        m, order = point_margin(y)
+        lo = max(lo, m)
+        new = [int(j) for j in order[:16] if int(j) not in K]
+        if hi - lo < 1e-12 * max(1.0, abs(hi)) or not new:
+            break
+        K += new
+    tol = 1e-13 * (1 + abs(hi))
+    return lo - tol, hi + tol

@@ -14,7 +14,7 @@ import torch
 
 import engine
 from engine.cli import main as cli_main
-from oracles import (audit, exact_cone_sign, exact_dual, exact_witness, fold_exact, instance, margin_interval,
+from oracles import (audit, ball_interval_active_set, exact_cone_sign, exact_dual, exact_witness, fold_exact, instance, margin_interval,
                      truth)
 
 DOMAINS = ["layernorm", "rmsnorm", "box", "cone"]
@@ -149,18 +149,26 @@ def test_5_margin_lower_is_a_lower_bound_box():
         assert r.margin_lower <= 1.0
 
 
-SYNTH_1493_TRUE = 9.1145  # the issue's SOCP optimum for this token (4 decimals); reported margin_lower was 9.172
-
-
 @pytest.fixture(scope="module")
 def synth3000():
     return engine.load("synthetic:V=3000,d=64,seed=0")
 
 
-def _check_1493(rep, head):
+@pytest.fixture(scope="module")
+def synth1493(synth3000):
+    """The oracle's [lo, hi] for token 1493 (active-set dual + best response over all V; ~5 s): the issue's
+    SOCP value 9.1145 lies inside."""
+    inst = instance(synth3000.W_U, synth3000.b_U, synth3000.ln_w, synth3000.ln_b, domain="layernorm")
+    lo, hi = ball_interval_active_set(inst, 1493)
+    assert lo <= 9.11455 and hi >= 9.11454 and hi - lo < 1e-6, (lo, hi)
+    return lo, hi
+
+
+def _check_1493(rep, head, bounds):
+    lo, hi = bounds
     assert rep.verdicts_all[1493] == SPEAKABLE
     m = rep.margin_lower_all[1493]
-    assert not np.isnan(m) and m <= SYNTH_1493_TRUE + 1e-4, f"margin_lower {m} > true margin {SYNTH_1493_TRUE}"
+    assert not np.isnan(m) and m <= hi + 1e-9, f"margin_lower {m} > true margin <= {hi}"
     r = report_of(rep, 1493)
     x = (r.certificate or {}).get("x") if r is not None else None
     if isinstance(x, list):  # a reported witness: margin_lower may not exceed the exact margin at it
@@ -169,19 +177,19 @@ def _check_1493(rep, head):
         assert ok, msg
         assert r.margin_lower <= float(mx) * (1 + 1e-12), (r.margin_lower, float(mx))
     M = rep.margin_upper_all[1493]
-    assert np.isnan(M) or M >= SYNTH_1493_TRUE - 1e-4
+    assert np.isnan(M) or M >= lo - 1e-9, f"margin_upper {M} < true margin >= {lo}"
 
 
-def test_5_margin_lower_synthetic_token_1493(synth3000):
+def test_5_margin_lower_synthetic_token_1493(synth3000, synth1493):
     """synthetic:V=3000,d=64,seed=0 (layernorm), token 1493 alone: margin ~9.1145, reported 9.172."""
     assert synth3000.norm == "layernorm"
-    _check_1493(engine.scan_head(synth3000, tokens=[1493], device="cpu", backend="torch"), synth3000)
+    _check_1493(engine.scan_head(synth3000, tokens=[1493], device="cpu", backend="torch"), synth3000, synth1493)
 
 
 @pytest.mark.skipif(not os.environ.get("UNSPEAKABLE_SLOW"), reason="full 3000-token scan (~1-2 min on 2 cores); "
                     "set UNSPEAKABLE_SLOW=1")
-def test_5_margin_lower_synthetic_full_scan(synth3000):
-    _check_1493(engine.scan_head(synth3000, device="cpu", backend="torch"), synth3000)
+def test_5_margin_lower_synthetic_full_scan(synth3000, synth1493):
+    _check_1493(engine.scan_head(synth3000, device="cpu", backend="torch"), synth3000, synth1493)
 
 
 # ------------------------------------------------------------------------------------------- item 6
@@ -390,6 +398,67 @@ def test_hunt_cone_rows_on_a_line_through_the_origin():
     W = np.array([[1.0, 0.0, 3.0, -2.0], [1.0, 0.0, 3.0, -2.0]])
     rep = scan(W, domain="cone")
     assert list(rep.verdicts_all) == [UNSPEAKABLE, UNSPEAKABLE, SPEAKABLE, SPEAKABLE]
+
+
+# Minimal reproducers shrunk from the hunt (by hand or by dropping tokens/dimensions and rounding).
+# (name, domain, W_U, b_U, radius, token, truth); the truth is derived in the comment, and the full audit
+# of the token (exact proofs, bounds) must pass as well.
+MINIMAL_CASES = [
+    # d = 1, rmsnorm, R = 1e100: rows 3e-300, 1e-300, 2e-300, bias 5e-301, 0, 0. Token 1 wins at x = -1e100
+    # (logits -3e-200 + 5e-301, -1e-200, -2e-200): margin 1e-200. Engine: unspeakable with a certificate
+    # whose deficit ignores R|r| (|r|^2 underflows to 0).
+    ("underflow_wrong_unspeakable_rmsnorm", "rmsnorm", [[3e-300, 1e-300, 2e-300]], [5e-301, 0.0, 0.0], 1e100, 1,
+     SPEAKABLE),
+    # d = 2, layernorm: token 0 is speakable (oracle margin ~4e-300, ~0.4 of the logit scale). Engine:
+    # unspeakable by a certificate that fails the exact check (underflow in |P r|).
+    ("underflow_wrong_unspeakable_layernorm", "layernorm", [[3e-300, 2e-300, -2e-300], [-3e-300, 0.0, -1e-300]],
+     [9e-302, 5e-301, -9e-301], None, 0, SPEAKABLE),
+    # d = 1, rmsnorm, R = 1: token 2 (2e-300) lies between 1e-300 and 3e-300 and token 0's bias is higher:
+    # max_x min(-1e-300 x - 5e-301, 1e-300 x) = -2.5e-301 at x = -0.25: unspeakable (engine agrees) but the
+    # engine's certificate (all weight on token 0) has c0^2 / (R^2 |r|^2) = 1/4 < 1: it is not a proof, and
+    # the reported margin_upper -5e-301 is below the true margin.
+    ("underflow_invalid_certificate", "rmsnorm", [[3e-300, 1e-300, 2e-300]], [5e-301, 0.0, 0.0], None, 2,
+     UNSPEAKABLE),
+    # d = 1, box ρ = 1e10, no bias: rows 0, 3e300, 2e300: token 2 = (1/3)·0 + (2/3)·3e300 can only tie
+    # (margin exactly 0). Engine: speakable by a witness whose logits overflow (exact margin at it: -1e310).
+    ("overflow_wrong_speakable_box", "box", [[0.0, 3e300, 2e300]], None, 1e10, 2, UNSPEAKABLE),
+    ("overflow_wrong_speakable_box_r1e100", "box", [[0.0, -3e300, -2e300]], None, 1e100, 2, UNSPEAKABLE),
+    # d = 2, layernorm (R = √2), no bias: projected rows are multiples of (1, -1)/2 with coefficients
+    # -1.4e300, -2.2e300, -0.6e300: token 0 lies between the others (margin exactly 0). Engine: speakable
+    # (witness screen), tokens 1 and 2 (vertices) undecided.
+    ("overflow_wrong_speakable_layernorm", "layernorm", [[-1.4e300, -2.2e300, -0.6e300], [0.0, 0.0, 0.0]], None,
+     None, 0, UNSPEAKABLE),
+    # d = 2, rmsnorm, no bias: token 0 = (-3e300, -3e300) is a vertex (speakable, true) but the engine's witness
+    # is not a proof: at it token 1 reaches token 0's logit exactly (|u|^2 overflows, the point collapses).
+    ("overflow_bogus_witness_rmsnorm", "rmsnorm", [[-3e300, 1e300, 1e300], [-3e300, 1e300, 1e300]], None, None, 0,
+     SPEAKABLE),
+    # d = 1, rmsnorm, no bias: rows 1e300, 3e300, 0: token 0 can only tie; 1 and 2 are vertices. Engine: all
+    # three undecided ('lp error: attempt to get argmax of an empty sequence').
+    ("overflow_undecided_rmsnorm_vertex", "rmsnorm", [[1e300, 3e300, 0.0]], None, None, 1, SPEAKABLE),
+    ("overflow_undecided_rmsnorm_inner", "rmsnorm", [[1e300, 3e300, 0.0]], None, None, 0, UNSPEAKABLE),
+    # d = 1, box: rows 0, 3e300, 2e300: token 1 is a vertex. Engine: undecided ('HiGHS addRows failed').
+    ("overflow_undecided_box", "box", [[0.0, 3e300, 2e300]], None, None, 1, SPEAKABLE),
+    # d = 1, box ρ = 1e300, rows 0, 3, 2, no bias: the radius cannot matter (zero bias); token 0 is a vertex.
+    # Engine: undecided ('highs: unbounded').
+    ("huge_radius_undecided_box", "box", [[0.0, 3.0, 2.0]], None, 1e300, 0, SPEAKABLE),
+]
+
+
+@pytest.mark.parametrize("name,domain,W,b,radius,t,want", MINIMAL_CASES, ids=[c[0] for c in MINIMAL_CASES])
+def test_hunt_minimal(name, domain, W, b, radius, t, want):
+    W = np.array(W, dtype=np.float64)
+    b = None if b is None else np.array(b, dtype=np.float64)
+    inst = instance(W, b, domain=domain, radius=radius)
+    s, why, lo, hi = truth(inst, t)
+    assert s == want, f"oracle disagrees with the stated truth: {s} ({why}, [{lo}, {hi}])"
+    kw = {} if radius is None else {"radius": radius}
+    try:
+        rep = scan(W.copy(), None if b is None else b.copy(), domain=domain, **kw)
+    except engine.InputError as e:  # refusing an extreme input with a clear message is allowed
+        assert str(e)
+        return
+    assert rep.verdicts_all[t] == want, f"{name}: token {t} engine {rep.verdicts_all[t]}, truth {want}"
+    assert_matches_oracle(inst, rep, tokens=[t])
 
 
 # Instances found by the random hunt (tests/oracles.py audit against the engine at 36ebe80), kept verbatim
