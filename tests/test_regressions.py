@@ -441,6 +441,21 @@ MINIMAL_CASES = [
     # d = 1, box ρ = 1e300, rows 0, 3, 2, no bias: the radius cannot matter (zero bias); token 0 is a vertex.
     # Engine: undecided ('highs: unbounded').
     ("huge_radius_undecided_box", "box", [[0.0, 3.0, 2.0]], None, 1e300, 0, SPEAKABLE),
+    # Ordinary magnitudes. rmsnorm (R = √2), rows (-3.25, 0.0625), (-4, 0.375), (-2.5, -0.25), (-1.5, 0.375)
+    # (a head with ln_w = (2, 0.5) prefolded), no bias: token 3's true margin is 1.6677 (oracle); the witness
+    # screen reports margin_lower 3.4805 = l_3 - l_1 at its point, the *lowest* competitor, not the runner-up
+    # (l_3 - l_2 = 1.548 there). Same for token 1 (3.4686 vs true 1.1490).
+    ("screen_margin_over_reported_rmsnorm", "rmsnorm", [[-3.25, -4.0, -2.5, -1.5], [0.0625, 0.375, -0.25, 0.375]],
+     None, None, 3, SPEAKABLE),
+    # box ρ = 1, rows -2, -1, -2, 1, 0, bias 2, -2, 0, 0, -1: token 0 always beats token 2 (same row) by
+    # exactly 2 and wins best at x = -1 (logits 4, -1, 2, -1, -1): margin 2. Engine: margin_lower 5.
+    ("screen_margin_over_reported_box_bias", "box", [[-2.0, -1.0, -2.0, 1.0, 0.0]], [2.0, -2.0, 0.0, 0.0, -1.0],
+     None, 0, SPEAKABLE),
+    # cone (item 6 at ordinary scale), rows (1, .5), (4, 2), (-2, -1), (2, 1), (2, 1): all on one line through
+    # 0; token 0 is strictly inside the segment [(-2, -1), (4, 2)]: unspeakable, normalised margin -7.5.
+    # Engine: undecided (lp) with margin_lower 0.0.
+    ("cone_collinear_margin_lower_zero", "cone", [[1.0, 4.0, -2.0, 2.0, 2.0], [0.5, 2.0, -1.0, 1.0, 1.0]], None,
+     None, 0, UNSPEAKABLE),
 ]
 
 
@@ -459,6 +474,17 @@ def test_hunt_minimal(name, domain, W, b, radius, t, want):
         return
     assert rep.verdicts_all[t] == want, f"{name}: token {t} engine {rep.verdicts_all[t]}, truth {want}"
     assert_matches_oracle(inst, rep, tokens=[t])
+
+
+def test_hunt_zero_gain_makes_signed_zero_ties():
+    """rmsnorm with ln_w = (0, 1): rows (1, 1), (-1, 1), (0, -1) fold to (0, 1), (-0, 1), (0, -1). Tokens 0 and 1
+    have equal folded rows by value: a tie in every point (unspeakable, reason tie); token 2 is speakable.
+    Engine: 0 and 1 undecided (the tie search compares bytes, and 1·0 = 0.0 but -1·0 = -0.0)."""
+    W = np.array([[1.0, -1.0, 0.0], [1.0, 1.0, -1.0]])
+    g = np.array([0.0, 1.0])
+    rep = scan(W, None, ln_w=g, norm="rmsnorm", domain="rmsnorm")
+    assert list(rep.verdicts_all) == [UNSPEAKABLE, UNSPEAKABLE, SPEAKABLE]
+    assert report_of(rep, 0).reason == "tie" and report_of(rep, 1).reason == "tie"
 
 
 # Instances found by the random hunt (tests/oracles.py audit against the engine at 36ebe80), kept verbatim
