@@ -454,6 +454,10 @@ MINIMAL_CASES = [
     # cone (item 6 at ordinary scale), rows (1, .5), (4, 2), (-2, -1), (2, 1), (2, 1): all on one line through
     # 0; token 0 is strictly inside the segment [(-2, -1), (4, 2)]: unspeakable, normalised margin -7.5.
     # Engine: undecided (lp) with margin_lower 0.0.
+    # cone, d = 1, rows 1.125, 1, 1.25, 1.5: token 1 (the minimum) is a vertex; with c = 1.21875 the
+    # normalisation (u_1 - c) x = 1 gives x = -32/7 and margin min_j (u_1 - u_j) x = 0.125·32/7 = 4/7.
+    # Engine: margin_lower 16/7 = 0.5·32/7 (against the farthest row, not the runner-up).
+    ("screen_margin_over_reported_cone", "cone", [[1.125, 1.0, 1.25, 1.5]], None, None, 1, SPEAKABLE),
     ("cone_collinear_margin_lower_zero", "cone", [[1.0, 4.0, -2.0, 2.0, 2.0], [0.5, 2.0, -1.0, 1.0, 1.0]], None,
      None, 0, UNSPEAKABLE),
 ]
@@ -485,6 +489,22 @@ def test_hunt_zero_gain_makes_signed_zero_ties():
     rep = scan(W, None, ln_w=g, norm="rmsnorm", domain="rmsnorm")
     assert list(rep.verdicts_all) == [UNSPEAKABLE, UNSPEAKABLE, SPEAKABLE]
     assert report_of(rep, 0).reason == "tie" and report_of(rep, 1).reason == "tie"
+
+
+def test_hunt_d1_head_gain_not_applied_twice():
+    """Item 1 is not specific to E.T: any C-contiguous W_U of shape [1, V] has a contiguous transpose. rmsnorm,
+    d = 1, R = 1, W_U = [[2.5, 2, 3, 0]], ln_w = [2]: folded rows 5, 4, 6, 0, no bias; token 3 wins at x = -1
+    with logits -5, -4, -6, 0: margin exactly 4 (max over |x| <= 1 of min(5x, 4x, 6x)·(-1)). Engine: W_U
+    doubled in place and margin_lower 8."""
+    W = np.array([[2.5, 2.0, 3.0, 0.0]])
+    W0 = W.copy()
+    rep = scan(W, None, ln_w=np.array([2.0]), norm="rmsnorm", domain="rmsnorm")
+    assert np.array_equal(W, W0), f"scan wrote to W_U: {W.tolist()}"
+    assert rep.verdicts_all[3] == SPEAKABLE
+    m = rep.margin_lower_all[3]
+    assert not np.isnan(m) and m <= 4.0 * (1 + 1e-12), f"margin_lower {m} > true margin 4"
+    M = rep.margin_upper_all[3]
+    assert np.isnan(M) or M >= 4.0 * (1 - 1e-12)
 
 
 # Instances found by the random hunt (tests/oracles.py audit against the engine at 36ebe80), kept verbatim
