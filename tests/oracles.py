@@ -471,6 +471,12 @@ def audit(inst, rep, tokens=None, tiny_rel: float = 1e-12, bound_rel: float = 1e
             if not tiny:
                 out.append(("undecided", t, f"undecided ({r.reason if r else '?'}), truth {name[sign]} [{why}; "
                                             f"margin in [{lo}, {hi}]]"))
+        ml, mu = _bounds(rep, t, r)
+        tol = (1e-7 if inst["domain"] == "cone" else bound_rel * S)
+        if hi is not None and ml is not None and ml > hi + tol:
+            out.append(("bounds", t, f"margin_lower {ml!r} > true margin <= {hi!r}"))
+        if lo is not None and mu is not None and mu < lo - tol:
+            out.append(("bounds", t, f"margin_upper {mu!r} < true margin >= {lo!r}"))
         if r is None:
             continue
         cert = r.certificate or {}
@@ -488,11 +494,21 @@ def audit(inst, rep, tokens=None, tiny_rel: float = 1e-12, bound_rel: float = 1e
             rows, bias = exact_proj
             if j is None or not (rows[j] == rows[t] and (inst["domain"] == "cone" or bias[j] == bias[t])):
                 out.append(("tie", t, f"tie with {j} is not a tie by value"))
-        tol = (1e-7 if inst["domain"] == "cone" else bound_rel * S)
-        if hi is not None and r.margin_lower is not None and r.margin_lower > hi + tol:
-            out.append(("bounds", t, f"margin_lower {r.margin_lower!r} > true margin <= {hi!r}"))
-        if lo is not None and r.margin_upper is not None and r.margin_upper < lo - tol:
-            out.append(("bounds", t, f"margin_upper {r.margin_upper!r} < true margin >= {lo!r}"))
+    return out
+
+
+def _bounds(rep, t, r):
+    """(margin_lower, margin_upper) the report states for t: the token's entry, else the per-token arrays."""
+    ml = mu = None
+    if r is not None:
+        ml, mu = r.margin_lower, r.margin_upper
+    arr_l = getattr(rep, "margin_lower_all", None)
+    arr_u = getattr(rep, "margin_upper_all", None)
+    if ml is None and arr_l is not None and np.isfinite(arr_l[t]):
+        ml = float(arr_l[t])
+    if mu is None and arr_u is not None and np.isfinite(arr_u[t]):
+        mu = float(arr_u[t])
+    return ml, mu
     return out
 
 
