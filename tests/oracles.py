@@ -312,15 +312,13 @@ def _margin_interval(inst, t: int, iters: int = 60):
         rs, _ = _scaled(rows)
         a = -rs.mean(axis=0)  # u_t - c
         if not np.any(a):
-            return -math.inf, -math.inf, None  # u_t is the mean row: inside the hull, normalisation infeasible
+            return None, None, None  # u_t is the mean row: the normalised margin does not exist
         A = np.hstack([rs[others], np.ones((others.size, 1))])
         res = linprog(np.r_[np.zeros(d), -1.0], A_ub=A, b_ub=np.zeros(others.size),
                       A_eq=np.r_[a, 0.0][None], b_eq=[1.0], bounds=[(None, None)] * (d + 1), method="highs",
                       options=HIGHS_OPTS)
-        if res.status == 2:
-            return -math.inf, -math.inf, None
-        if res.status != 0:
-            return -math.inf, math.inf, None
+        if res.status != 0:  # infeasible on rounded data proves nothing; no bound
+            return None, None, None
         x = res.x[:d]
         s = a @ x
         lo = float(np.min(-rs[others] @ x)) / s if s > 0 else -math.inf
@@ -428,6 +426,8 @@ def truth(inst, t: int, exact=None, rel_tol: float = 1e-7):
             why = "cone (exact)" if dom == "cone" else ("margin exactly 0 (exact)" if s < 0 else "vertex, constant bias (exact)")
             return s, why, None, None
     lo, hi, _ = margin_interval(inst, t)
+    if dom == "cone":  # the sign is decided only by the exact proofs above; lo/hi are for the bounds checks
+        return None, "not decisive (no exact cone proof)", lo, hi
     S = scale_of(inst)
     if not np.isfinite(S) or S == 0:
         S = 1.0
