@@ -63,3 +63,14 @@ def gordan(rows: np.ndarray, t: int, support: np.ndarray, lam: np.ndarray, F: np
     c = [Fraction(float(coef[j] / scale[j])) for j in range(nullity)]
     w = [sum((Fraction(int(X[i, j])) * c[j] for j in range(nullity)), Fraction(0)) for i in range(support.size)]
     return all(x > 0 for x in w) or all(x < 0 for x in w)
+
+
+def differ_by(a: np.ndarray, b: np.ndarray, F: np.ndarray) -> bool:
+    """True iff ``a − b`` lies in the span of F's columns, exactly. F is empty (then: a == b by value) or
+    one constant column (layernorm's all-ones: then all entries of a − b are equal)."""
+    if F.shape[1] == 0:
+        return bool(np.array_equal(a, b))
+    if F.shape[1] != 1 or np.ptp(F[:, 0]) != 0 or F[0, 0] == 0:
+        return False  # no other null directions occur
+    diff = {Fraction(float(x)) - Fraction(float(y)) for x, y in zip(a, b)}
+    return len(diff) == 1

@@ -141,17 +141,27 @@ def _screens(sc: _Scan) -> None:
     _log(sc, f"screens: {sc.timings['screen']:.1f}s, {int(sc.gram.hard_to_speak.sum())} hard-to-speak")
 
 
-def find_ties(problem) -> dict[int, int]:
-    """token -> another token with an identical folded row and bias, by value (``+ 0.0`` turns -0.0 into
-    0.0 before the bytes are compared)."""
-    M = np.ascontiguousarray(np.hstack([problem.rows, problem.bias[:, None]]) + 0.0)
-    view = M.view(np.dtype((np.void, M.dtype.itemsize * M.shape[1]))).ravel()
-    _, inv, counts = np.unique(view, return_inverse=True, return_counts=True)
+def find_ties(problem) -> dict[int, list[int]]:
+    """token -> a candidate partner with an identical folded row and bias, by value (``+ 0.0`` turns -0.0
+    into 0.0 before bytes are compared). Where the domain has null directions (layernorm), rows are
+    compared after the projection on a coarse grid (two offsets, so no pair straddles a cell edge): every
+    candidate is then proven or rejected exactly by ``Verifier.tie``."""
+    M = np.hstack([problem.rows, problem.bias[:, None]]) + 0.0
+    grids = [M]
+    if problem.domain.null_directions(problem.d).shape[1]:
+        g = 1e-9 * (float(np.max(np.abs(problem.keys))) + 1e-300)
+        K = np.hstack([problem.keys, problem.bias[:, None]])
+        with np.errstate(over="ignore", invalid="ignore"):
+            grids = [M] + [np.floor(K / g + off) for off in (0.0, 0.5)]
     ties: dict[int, int] = {}
-    for g in np.nonzero(counts > 1)[0]:
-        members = np.nonzero(inv == g)[0]
-        for i, t in enumerate(members):
-            ties[int(t)] = int(members[1] if i == 0 else members[0])
+    for G in grids:
+        G = np.ascontiguousarray(G)
+        view = G.view(np.dtype((np.void, G.dtype.itemsize * G.shape[1]))).ravel()
+        _, inv, counts = np.unique(view, return_inverse=True, return_counts=True)
+        for grp in np.nonzero(counts > 1)[0]:
+            members = np.nonzero(inv == grp)[0]
+            for t in members:  # a few partners each: one verified partner is all a tie needs
+                ties.setdefault(int(t), []).extend(int(m) for m in members[:9] if m != t)
     return ties
 
 
@@ -159,8 +169,8 @@ def _settle_ties(sc: _Scan) -> None:
     ties = find_ties(sc.problem)
     reports = []
     for t in sc.ledger.ids:
-        j = ties.get(int(t))
-        if j is not None and sc.verifier.tie(int(t), j):
+        j = next((j for j in ties.get(int(t), ()) if sc.verifier.tie(int(t), j)), None)
+        if j is not None:
             r = sc.base(int(t))
             r.verdict, r.reason, r.margin_upper = "unspeakable", "tie", 0.0
             r.certificate = {"kind": "tie", "tie_with": j}

@@ -262,6 +262,14 @@ class Verifier:
             return chk
         # Degenerate supports (an edge midpoint, rows equal after projection) defeat the float64 solve:
         # settle them exactly in rationals (the proven bound is then 0, not mu).
+        # With mu < 0 the proof combines lambda with |mu|/V on every other row (dense weights); small heads
+        # can afford that exactly, larger ones try the certificate's own support.
+        dense = np.full(self.V, abs(mu) / self.V)
+        dense[comp] += lam
+        dense[t] = 0.0
+        others = np.nonzero(dense > 0)[0]
+        if others.size * self.d <= exact.MAX_ENTRIES and exact.gordan(self.rows, t, others, dense[others], F):
+            return CertificateCheck(True, 0.0, 0.0, "proven in exact rational arithmetic")
         pos = lam > 0
         if exact.gordan(self.rows, t, comp[pos], lam[pos], F):
             return CertificateCheck(True, 0.0, 0.0, "proven in exact rational arithmetic")
@@ -276,6 +284,12 @@ class Verifier:
         W = float(w.sum())
         e = w @ A - W * A[t]
         e_err = (gamma(self.V + 2) + 2 * U) * (w @ np.abs(A) + W * (1 + gamma(self.V)) * np.abs(A[t])) * (1 + 4 * U)
+        if F.shape[1]:
+            # The part of e along the null directions costs nothing (theta is free): take it out first, so
+            # the bound below is on what the weights must correct, not on theta.
+            Ft = F @ np.linalg.lstsq(F, e, rcond=None)[0]
+            e = e - Ft
+            e_err = e_err + U * (np.abs(e) + np.abs(Ft)) * (1 + 4 * U) + gamma(F.shape[1] + 2) * np.abs(Ft)
         e_inf = (float(np.max(np.abs(e) + e_err, initial=0.0)) + (self.V + 2) * ETA) * (1 + 2 * U)
         if not _finite(e, e_err, e_inf):
             return _fail("non-finite residual: no proof")
@@ -314,10 +328,13 @@ class Verifier:
 
     # ------------------------------------------------------------------ ties
     def tie(self, t: int, j: int) -> bool:
-        """Identical folded rows and bias, by value (0.0 == -0.0); the cone's bias is zero."""
-        if j == t or not (0 <= j < self.V):
+        """Identical folded rows and bias, by value (0.0 == -0.0), up to the domain's null directions; the
+        cone's bias is zero."""
+        if j == t or not (0 <= j < self.V) or self.bias[t] != self.bias[j]:
             return False
-        return bool(np.array_equal(self.rows[t], self.rows[j]) and self.bias[t] == self.bias[j])
+        # Rows that differ along a null direction (layernorm: by a multiple of the all-ones vector) give
+        # equal logits at every point of the domain: exact check in rationals.
+        return exact.differ_by(self.rows[t], self.rows[j], self.dom.null_directions(self.d))
 
 
 def _independent(D: np.ndarray, cols: list[int], n_fixed: int, need: int) -> list[int]:

@@ -306,7 +306,7 @@ def test_11_repros_verdict_is_the_truth_whatever_the_batch(name, domain, want, h
     elif how == "tokens":
         got = scan(W, b, domain=domain, tokens=[t]).verdicts_all[t]
     elif how == "check":
-        from engine.load import head_from_arrays
+        from engine.head import head_from_arrays
 
         r = engine.check(head_from_arrays(W, b), [t], domain=domain)[0]
         got = {"speakable": SPEAKABLE, "unspeakable": UNSPEAKABLE}.get(r.verdict, UNDECIDED)
@@ -354,14 +354,14 @@ def test_resumed_tokens_are_reverified(tmp_path):
     rng = np.random.default_rng(3)
     W = rng.standard_normal((3, 12))
     b = rng.standard_normal(12)
-    from engine.load import head_from_arrays
+    from engine.head import head_from_arrays
 
     head = head_from_arrays(W, b)
     ckpt = tmp_path / "r.json.partial"
     clean = engine.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=str(ckpt),
                              keep_checkpoint=True)
-    data = json.loads(ckpt.read_text())
-    toks = data["tokens"]
+    lines = [json.loads(ln) for ln in ckpt.read_text().splitlines()]  # a header, then one token per line
+    header, toks = lines[0], {rec["id"]: rec for rec in lines[1:]}
     assert toks, "no token reached the checkpoint"
     flipped = {}
     for k, rec in toks.items():
@@ -372,7 +372,7 @@ def test_resumed_tokens_are_reverified(tmp_path):
             rec["verdict"], rec["reason"] = "unspeakable", "certificate (tampered)"
             rec["certificate"] = {"kind": "dual", "competitors": [(int(k) + 1) % 12], "weights": [1.0]}
         flipped[int(k)] = rec["verdict"]
-    ckpt.write_text(json.dumps(data))
+    ckpt.write_text("\n".join(json.dumps(r) for r in [header, *toks.values()]) + "\n")
     try:
         resumed = engine.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=str(ckpt),
                                    resume=True)
