@@ -128,9 +128,10 @@ def fold64(head: Head, domain: str, radius: float | None, bias: bool) -> Folded:
         if head.ln_b is not None:
             b = b + raw @ np.asarray(head.ln_b, dtype=np.float64)  # b̃_j = u_j·β + b_j (β before the gain)
     rows = np.ascontiguousarray(rows)
-    A = rows - rows.mean(axis=0)
-    K = A - A.mean(axis=1, keepdims=True) if domain == "layernorm" else A
-    A_abs = np.abs(A)
+    with np.errstate(all="ignore"):  # huge weights may overflow here; the checks refuse non-finite numbers
+        A = rows - rows.mean(axis=0)
+        K = A - A.mean(axis=1, keepdims=True) if domain == "layernorm" else A
+        A_abs = np.abs(A)
     return Folded(rows, b, domain, radius, A, np.ascontiguousarray(K), A_abs, A_abs.sum(axis=1))
 
 
@@ -157,14 +158,15 @@ def screen_points(F: Folded, ts: np.ndarray) -> np.ndarray:
     """The screen points of DESIGN §3.3, recomputed: ``R k/||k||`` a hair inside the ball, ``rho sign(k)``
     (box), ``k/||k||²`` (cone), with ``k_t = P(ũ_t − c)``. A zero key gives 0, which wins nothing."""
     k = F.K[ts]
-    n = np.linalg.norm(k, axis=1, keepdims=True)
-    safe = np.where(n > 0, n, 1.0)
-    if F.domain == "box":
-        return F.radius * np.sign(k)
-    if F.domain == "cone":
-        return np.where(n > 0, k / (safe * safe), 0.0)
-    inside = F.radius * (1 - 8 * (F.d + 4) * U)  # room for the rounding of the norm
-    return np.where(n > 0, k * (inside / safe), 0.0)
+    with np.errstate(all="ignore"):  # a non-finite point is refused by in_domain, never used
+        n = np.linalg.norm(k, axis=1, keepdims=True)
+        safe = np.where(n > 0, n, 1.0)
+        if F.domain == "box":
+            return F.radius * np.sign(k)
+        if F.domain == "cone":
+            return np.where(n > 0, k / (safe * safe), 0.0)
+        inside = F.radius * (1 - 8 * (F.d + 4) * U)  # room for the rounding of the norm
+        return np.where(n > 0, k * (inside / safe), 0.0)
 
 
 def check_witnesses(F: Folded, ts: np.ndarray, X: np.ndarray):

@@ -1,0 +1,407 @@
+"""The audit re-derives every claim of a saved report from the weights alone: engine reports audit clean on all
+four domains (ties and a box/no-bias head included), and every kind of claim tampered by one number fails and
+names its token. Oracles are brute-force numpy logits and exact fractions, not the engine."""
+import copy
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import engine
+from engine.audit import AuditResult, audit, check_dual, check_tie, fold64
+from engine.cli import main
+from engine.load import InputError, head_from_arrays
+
+V, D = 400, 12
+SOURCE = f"synthetic:V={V},d={D},seed=0"
+CASES = [("layernorm", True), ("rmsnorm", True), ("box", True), ("cone", True), ("box", False)]
+
+
+@pytest.fixture(scope="module")
+def head():
+    return engine.load(SOURCE)
+
+
+@pytest.fixture(scope="module")
+def reports(head):
+    """One engine scan per case, as the JSON a report file holds."""
+    out = {}
+    for domain, bias in CASES:
+        rep = engine.scan_head(head, domain=domain, bias=bias, device="cpu", backend="torch")
+        out[domain, bias] = json.loads(json.dumps(rep.to_json()))
+    return out
+
+
+def fresh(reports, domain="layernorm", bias=True):
+    return copy.deepcopy(reports[domain, bias])
+
+
+def entries(rep, kind=None, verdict=None):
+    return [t for t in rep["tokens"] if (kind is None or (t["certificate"] or {}).get("kind") == kind)
+            and (verdict is None or t["verdict"] == verdict)]
+
+
+def failed_tokens(res: AuditResult) -> set:
+    return {int(line.split(":")[0].split()[1]) for line in res.failures if line.startswith("token ")}
+
+
+def brute_logits(head, domain, x, bias=True):
+    """Logits at x straight from the stored weights (the layernorm point is x − mean(x))."""
+    W = np.asarray(head.W_U, dtype=np.float64)
+    z = x - x.mean() if domain == "layernorm" else x
+    rows = W.T * head.ln_w if head.ln_w is not None else W.T
+    b = np.zeros(W.shape[1])
+    if bias and domain != "cone":
+        b = (head.b_U if head.b_U is not None else 0) + (W.T @ head.ln_b if head.ln_b is not None else 0)
+    return rows @ z + b
+
+
+# ------------------------------------------------------------------------------------------ clean reports
+@pytest.mark.parametrize("domain,bias", CASES)
+def test_engine_reports_audit_clean(head, reports, domain, bias):
+    rep = reports[domain, bias]
+    res = audit(rep, head)
+    assert res.ok, res.failures[:5]
+    c = rep["counts"]
+    assert res.witnesses == c["speakable"]  # every speakable token, listed or not, had its witness re-checked
+    assert res.certificates + res.ties == c["unspeakable"]
+    assert res.ties == 2 and head.planted["duplicate"]  # the planted duplicate pair
+    assert res.summary() == (f"{c['tokens'] - c['undecided']} proofs checked: {res.witnesses} witnesses, "
+                             f"{res.certificates} certificates, 2 ties, all hold")
+
+
+def test_cli_audits_a_saved_report(tmp_path, reports, capsys):
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(fresh(reports, "rmsnorm")))
+    assert main(["audit", str(path), SOURCE]) == 0
+    assert capsys.readouterr().out.strip().endswith("all hold")
+    rep = fresh(reports, "rmsnorm")
+    t = entries(rep, "dual")[0]
+    t["certificate"]["deficit"] = 1e6  # claims far more than the multipliers give
+    path.write_text(json.dumps(rep))
+    assert main(["audit", str(path), SOURCE]) == 1
+    out = capsys.readouterr().out
+    assert f"token {t['id']}: unspeakable: stated deficit" in out and "1 fail" in out
+
+
+def test_sample_audits_only_n_claims(head, reports, tmp_path, capsys):
+    rep = reports["box", True]
+    a, b = audit(rep, head, sample=40, seed=3), audit(rep, head, sample=40, seed=3)
+    assert a.ok and a.witnesses + a.certificates + a.ties == 40
+    assert (a.witnesses, a.certificates, a.ties) == (b.witnesses, b.certificates, b.ties)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rep))
+    assert main(["audit", str(path), SOURCE, "--sample", "7", "--seed", "1"]) == 0
+    assert "7 proofs checked" in capsys.readouterr().out
+
+
+def test_audit_never_writes_to_the_weights(reports):
+    h = engine.load(SOURCE)
+    for a in (h.W_U, h.b_U, h.ln_w, h.ln_b):
+        if a is not None:
+            a.setflags(write=False)  # any write would raise
+    before = h.W_U.copy()
+    assert audit(reports["layernorm", True], h).ok
+    assert np.array_equal(before, h.W_U)
+
+
+# ------------------------------------------------------------------------------------------ witnesses
+def test_tampered_witness_coordinate_fails(head, reports):
+    rep = fresh(reports, "box")
+    for t in entries(rep, "witness", "speakable"):
+        x = t["certificate"]["x"]
+        if not isinstance(x, list):
+            continue
+        for i in range(len(x)):
+            y = np.array(x)
+            y[i] = -y[i] if y[i] else 1.0
+            logits = brute_logits(head, "box", y)
+            if np.argmax(logits) != t["id"]:  # the oracle: t no longer wins at the tampered point
+                t["certificate"]["x"] = y.tolist()
+                res = audit(rep, head)
+                assert failed_tokens(res) == {t["id"]}
+                assert "not > 0" in res.failures[0]
+                return
+    pytest.fail("no witness could be broken by one coordinate")
+
+
+def test_witness_outside_the_domain_or_on_a_tie_fails(head, reports):
+    rep = fresh(reports, "box")
+    t = next(t for t in entries(rep, "witness") if isinstance(t["certificate"]["x"], list))
+    t["certificate"]["x"][0] = float(np.nextafter(1.0, 2.0))  # one ulp outside the box
+    res = audit(rep, head)
+    assert failed_tokens(res) == {t["id"]} and "outside the domain" in res.failures[0]
+    # a tie is not a win: the planted duplicate a has b's row and bias, so no x makes it the strict argmax
+    a, b = head.planted["duplicate"][0]
+    rep = fresh(reports, "layernorm")
+    tie = next(t for t in rep["tokens"] if t["id"] == a)
+    x = np.asarray(head.W_U, dtype=np.float64)[:, a] * head.ln_w
+    tie.update(verdict="speakable", certificate={"kind": "witness", "x": ((x - x.mean()) / np.linalg.norm(x)).tolist()})
+    rep["counts"]["speakable"] += 1
+    rep["counts"]["unspeakable"] -= 1
+    res = audit(rep, head)
+    assert failed_tokens(res) == {a}
+
+
+def test_witness_margin_lower_must_follow_from_x(head, reports):
+    rep = fresh(reports, "rmsnorm")
+    t = next(t for t in entries(rep, "witness") if isinstance(t["certificate"]["x"], list))
+    x = np.array(t["certificate"]["x"])
+    logits = brute_logits(head, "rmsnorm", x)
+    true = logits[t["id"]] - np.max(np.delete(logits, t["id"]))
+    assert t["margin_lower"] == pytest.approx(true, rel=1e-9, abs=1e-12)
+    t["margin_lower"] = true * (1 + 1e-3)
+    assert failed_tokens(audit(rep, head)) == {t["id"]}
+
+
+def test_companion_file_witnesses(head, reports, tmp_path):
+    rep = fresh(reports, "layernorm")
+    listed = [t for t in entries(rep, "witness") if isinstance(t["certificate"]["x"], list)]
+    ids = np.array([t["id"] for t in listed], dtype=np.int64)
+    X = np.array([t["certificate"]["x"] for t in listed], dtype=np.float64)
+    for i, t in enumerate(listed):
+        t["certificate"]["x"] = {"companion": i}
+    rep["companion"] = "witnesses.npz"
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(rep))
+    np.savez(tmp_path / "witnesses.npz", witness_ids=ids, witness_x=X)
+    assert audit(str(path), head).ok
+    k = 5
+    X2 = X.copy()
+    X2[k] = -X2[k]  # one row's point moved to where its token does not win (checked by the oracle)
+    assert np.argmax(brute_logits(head, "layernorm", X2[k])) != ids[k]
+    np.savez(tmp_path / "witnesses.npz", witness_ids=ids, witness_x=X2)
+    assert failed_tokens(audit(str(path), head)) == {int(ids[k])}
+    ids2 = ids.copy()
+    ids2[[0, 1]] = ids2[[1, 0]]  # rows swapped between two tokens
+    np.savez(tmp_path / "witnesses.npz", witness_ids=ids2, witness_x=X)
+    assert failed_tokens(audit(str(path), head)) == {int(ids[0]), int(ids[1])}
+    (tmp_path / "witnesses.npz").unlink()
+    with pytest.raises(InputError, match="companion"):
+        audit(str(path), head)
+
+
+# ------------------------------------------------------------------------------------------ certificates
+def exact_deficit_box(head, t, comp, lam, rho=1.0):
+    """Oracle: the box deficit of a dual certificate in Fractions, from the stored weights."""
+    W = np.asarray(head.W_U, dtype=np.float64).T * head.ln_w
+    b = head.b_U + np.asarray(head.W_U, dtype=np.float64).T @ head.ln_b
+    r = [sum(Fraction(l) * (Fraction(W[j, i]) - Fraction(W[t, i])) for j, l in zip(comp, lam)) for i in range(W.shape[1])]
+    c0 = sum(Fraction(l) * (Fraction(b[j]) - Fraction(b[t])) for j, l in zip(comp, lam))
+    return c0 - Fraction(rho) * sum(abs(v) for v in r)
+
+
+def test_tampered_dual_multiplier_fails(head, reports):
+    rep = fresh(reports, "box")
+    for t in entries(rep, "dual"):
+        c = t["certificate"]
+        assert exact_deficit_box(head, t["id"], c["competitors"], c["weights"]) > 0  # the engine's claim is true
+        k = int(np.argmin(c["weights"]))
+        lam = list(c["weights"])
+        lam[k] = 1e3  # one multiplier: now one competitor carries the certificate
+        if exact_deficit_box(head, t["id"], c["competitors"], lam) < 0:
+            c["weights"] = lam
+            res = audit(rep, head)
+            assert failed_tokens(res) == {t["id"]} and "deficit" in res.failures[0]
+            return
+    pytest.fail("no dual certificate broken by one multiplier")
+
+
+def test_dual_margin_upper_must_follow(head, reports):
+    rep = fresh(reports, "layernorm")
+    t = entries(rep, "dual")[3]
+    t["margin_upper"] = t["margin_upper"] * 1.01 if t["margin_upper"] < 0 else -1.0
+    assert failed_tokens(audit(rep, head)) == {t["id"]}
+
+
+def test_exact_fallback_settles_a_deficit_float_cannot():
+    """Two tokens in d = 1, box rho = 1: t = 0 loses everywhere iff b_1 − b_0 > |u_1 − u_0|. Around the float
+    nearest that gap the deficit is a few ulps either way, far inside float64's allowance: exact rationals
+    must decide, and both answers occur."""
+    u = np.array([[0.1, 0.7]])
+    gap = float(Fraction(0.7) - Fraction(0.1))
+    seen = set()
+    for b1 in (np.nextafter(gap, 0.0), gap, np.nextafter(gap, 1.0)):
+        h = head_from_arrays(u, np.array([0.0, float(b1)]), source="tiny")
+        exact = Fraction(float(b1)) - (Fraction(0.7) - Fraction(0.1))
+        ok, _, _ = check_dual(fold64(h, "box", 1.0, True), 0, np.array([1]), np.array([1.0]))
+        assert ok == (exact > 0)
+        seen.add(ok)
+    assert seen == {True, False}
+
+
+def test_cone_certificates_and_a_false_cone_claim(head, reports):
+    rep = fresh(reports, "cone")
+    cone = entries(rep, "cone")
+    assert cone and audit(rep, head).ok
+    # the planted interior token's certificate, claimed for a token the engine proved speakable
+    sp = next(t for t in entries(rep, "witness") if isinstance(t["certificate"]["x"], list))
+    donor = cone[0]["certificate"]
+    comps = [j if j != sp["id"] else cone[0]["id"] for j in donor["competitors"]]
+    sp.update(verdict="unspeakable", certificate=dict(donor, competitors=comps), margin_lower=None)
+    rep["counts"]["speakable"] -= 1
+    rep["counts"]["unspeakable"] += 1
+    assert failed_tokens(audit(rep, head)) == {sp["id"]}
+
+
+def test_cone_claim_on_tampered_weights_fails(head, reports, tmp_path):
+    """One entry of W_U moves an interior token out to a vertex: its cone claim is now false, and the oracle
+    (brute-force logits at x = e_i) shows it winning. The certificate's multipliers only guide the exact solve,
+    so the audit fails it because no exact Gordan certificate exists, not because a number changed."""
+    rep = reports["cone", True]
+    t = entries(rep, "cone")[0]["id"]
+    W = np.array(head.W_U, dtype=np.float64)
+    i = int(np.argmax(np.abs(head.ln_w)))
+    W[i, t] = 1e3 * np.sign(head.ln_w[i])
+    np.savez(tmp_path / "w.npz", W_U=W, b_U=head.b_U, ln_w=head.ln_w, ln_b=head.ln_b)
+    x = np.zeros(W.shape[0])
+    x[i] = 1.0
+    assert np.argmax(brute_logits(engine.load(str(tmp_path / "w.npz")), "cone", x)) == t
+    res = audit(rep, str(tmp_path / "w.npz"))
+    assert t in failed_tokens(res)
+    assert any(f.startswith(f"token {t}: unspeakable:") for f in res.failures)
+    bad = fresh(reports, "cone")
+    c = entries(bad, "cone")[0]
+    c["certificate"]["mu"] = 0.5  # the normalisation multiplier of a hull point is <= 0
+    assert failed_tokens(audit(bad, head)) == {c["id"]}
+
+
+def zero_report(reports, domain="box"):
+    """The box/no-bias scan with its undecided (interior) tokens claimed 'margin exactly 0' by the cone
+    certificates of the same rows."""
+    rep = fresh(reports, domain, False)
+    cone = {t["id"]: t["certificate"] for t in entries(reports["cone", True], "cone")}
+    und = entries(rep, verdict="undecided")
+    assert und and all(t["id"] in cone for t in und)
+    for t in und:
+        c = cone[t["id"]]
+        t.update(verdict="unspeakable", margin_lower=0.0, margin_upper=0.0,
+                 certificate={"kind": "zero", "competitors": c["competitors"], "weights": c["weights"], "mu": c["mu"]})
+    rep["counts"]["unspeakable"] += len(und)
+    rep["counts"]["undecided"] = 0
+    return rep, und
+
+
+def test_zero_margin_certificates(head, reports):
+    rep, und = zero_report(reports)
+    res = audit(rep, head)
+    assert res.ok, res.failures[:3]
+    assert res.certificates == len(und)
+    # on a head with a bias the same claim is false: x = 0 no longer ties every token (witnesses found
+    # without the bias fail too)
+    rep["bias"] = True
+    res = audit(rep, head)
+    zero = [f for f in res.failures if "constant bias" in f]
+    assert {int(f.split(":")[0].split()[1]) for f in zero} == {t["id"] for t in und}
+    rep, und = zero_report(reports)
+    und[0]["margin_upper"] = -1e-3  # margin exactly 0 is not below 0
+    assert failed_tokens(audit(rep, head)) == {und[0]["id"]}
+
+
+# ------------------------------------------------------------------------------------------ ties and weights
+def test_swapped_tie_partner_fails(head, reports):
+    rep = fresh(reports, "layernorm")
+    t = entries(rep, "tie")[0]
+    t["certificate"]["tie_with"] = (t["certificate"]["tie_with"] + 1) % V
+    res = audit(rep, head)
+    assert failed_tokens(res) == {t["id"]} and "differ" in res.failures[0]
+
+
+def test_tampered_bias_entry_in_the_weights_fails(head, reports, tmp_path):
+    rep = reports["layernorm", True]
+    arrays = {"W_U": head.W_U, "b_U": head.b_U.copy(), "ln_w": head.ln_w, "ln_b": head.ln_b}
+    np.savez(tmp_path / "w.npz", **arrays)
+    assert audit(rep, str(tmp_path / "w.npz")).ok
+    a, b = head.planted["duplicate"][0]
+    arrays["b_U"][b] = np.nextafter(arrays["b_U"][b], np.inf)  # one bias entry, one ulp: no longer a tie
+    np.savez(tmp_path / "w.npz", **arrays)
+    res = audit(rep, str(tmp_path / "w.npz"))
+    assert {a, b} <= failed_tokens(res)
+    assert any("biases of" in f for f in res.failures)
+
+
+def test_tie_compares_by_value():
+    W = np.array([[1.0, 1.0, 2.0], [0.0, -0.0, 1.0]])  # columns 0 and 1 differ only in the sign of a zero
+    h = head_from_arrays(W, np.array([0.0, -0.0, 1.0]), source="signed zeros")
+    F = fold64(h, "box", 1.0, True)
+    assert check_tie(F, h, 0, {"tie_with": 1}) == 0.0
+    with pytest.raises(Exception, match="differ"):
+        check_tie(F, h, 0, {"tie_with": 2})
+
+
+def test_overflow_is_never_a_pass(reports):
+    rep = reports["rmsnorm", True]
+    h = engine.load(SOURCE)
+    h.W_U = h.W_U.astype(np.float64) * 1e307  # logits overflow to inf: nothing can be proven
+    res = audit(rep, h)
+    c = rep["counts"]
+    assert not res.ok and len(res.failures) >= c["speakable"]
+
+
+# ------------------------------------------------------------------------------------------ counts, bad input
+@pytest.mark.parametrize("key,delta", [("speakable", 1), ("unspeakable", -1), ("undecided", 1), ("hard_to_speak", 1)])
+def test_tampered_count_fails(head, reports, key, delta):
+    rep = fresh(reports, "rmsnorm")
+    rep["counts"][key] += delta
+    res = audit(rep, head)
+    assert not res.ok and any(f.startswith("counts:") for f in res.failures)
+
+
+def test_unlisted_speakable_tokens_are_checked_at_their_screen_point(head, reports):
+    rep = fresh(reports, "layernorm")
+    listed = {t["id"] for t in rep["tokens"]}
+    unlisted = sorted(set(range(V)) - listed)
+    assert unlisted
+    # drop a listed unspeakable token: the audit now reads it as screen-settled speakable and must refute it
+    t = entries(rep, "dual")[0]
+    rep["tokens"].remove(t)
+    rep["counts"]["unspeakable"] -= 1
+    rep["counts"]["speakable"] += 1
+    rep["counts"]["hard_to_speak"] -= int(t["hard_to_speak"])
+    res = audit(rep, head)
+    assert failed_tokens(res) == {t["id"]} and "speakable (screen)" in res.failures[0]
+
+
+def test_bad_input_exits_2(tmp_path, reports, capsys):
+    good = fresh(reports, "layernorm")
+    cases = {
+        "schema": dict(good, schema="unspeakable.report/0"),
+        "V": dict(good, V=V + 1),
+        "domain": dict(good, domain="sphere"),
+        "radius": dict(good, radius=None),
+        "id": dict(good, tokens=good["tokens"] + [dict(good["tokens"][0], id=V)]),
+    }
+    for name, rep in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(rep))
+        assert main(["audit", str(path), SOURCE]) == 2, name
+        assert "unspeakable: error:" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("{not json")
+    assert main(["audit", str(tmp_path / "junk.json"), SOURCE]) == 2
+    (tmp_path / "ok.json").write_text(json.dumps(good))
+    assert main(["audit", str(tmp_path / "ok.json"), f"synthetic:V={V},d={D + 1},seed=0"]) == 2
+    assert f"d = {D + 1}" in capsys.readouterr().err
+
+
+# 12 of all-MiniLM-L6-v2's 28 hard-to-speak tokens (gram screen, TransformerLens-style rows)
+MINILM_HARD = [103, 1168, 8229, 14305, 15612, 16285, 16457, 17774, 21098, 21520, 21528, 21865]
+
+
+def test_minilm_subset_report_audits_clean():
+    """The real all-MiniLM-L6-v2 head (V = 30522, d = 384): a scan of hard-to-speak tokens audits clean, every
+    witness re-checked over all V logits; one witness coordinate tampered fails."""
+    from engine.load import minilm_head
+
+    h = minilm_head()
+    rep = engine.scan_head(h, tokens=MINILM_HARD, device="cpu", backend="torch")
+    js = json.loads(json.dumps(rep.to_json()))
+    assert [t["id"] for t in js["tokens"]] == MINILM_HARD and all(t["hard_to_speak"] for t in js["tokens"])
+    res = audit(js, h)
+    assert res.ok, res.failures[:3]
+    assert res.witnesses + res.certificates + res.ties == len(MINILM_HARD)
+    w = next(t for t in js["tokens"] if (t["certificate"] or {}).get("kind") == "witness")
+    if w["certificate"]["x"] == "self-direction":
+        return
+    w["certificate"]["x"] = [-v for v in w["certificate"]["x"]]
+    assert failed_tokens(audit(js, h)) == {w["id"]}
