@@ -30,14 +30,18 @@ float64 numbers, taken as exact reals.
   ``j ≠ t`` nearly cancel ``Σ w_j (ũ_j − ũ_t)``; an exact solve on a basis of ``d`` rows corrects them so the sum
   is exactly 0 (in ``layernorm`` up to a multiple of 1, which ``x ∈ 1⊥`` cannot see) with every weight still
   ``≥ 0``. So ``t`` can tie but never win. ``zero`` also needs a bounded domain and a constant bias
-  (then ``x = 0`` ties every token: the margin is exactly 0).
+  (then ``x = 0`` ties every token: the margin is exactly 0). The multipliers only guide this solve: what is
+  proven is the claim itself, so a multiplier changed in a way that keeps it true still passes.
 * tie — an identical folded row (and bias, outside ``cone``), compared by value.
 * stated bounds — ``margin_lower`` / ``margin_upper`` must follow from the evidence up to its allowance and a
   relative slack of ``2^-20`` (bounds are informative numbers; verdicts get no slack). Bounds a report
   states without evidence (an undecided token has no certificate) are counted as unchecked.
 * counts — ``speakable + unspeakable + undecided = tokens``; the listed tokens fit the counts.
 
-Any non-finite intermediate fails the claim. Inputs are never written to.
+Any non-finite intermediate fails the claim. Inputs are never written to. Not checked: the gram-screen fields
+(``hard_to_speak``, ``gram_argmax``: a heuristic, not a proof; only their count), a witness's informative
+``runner_up`` and ``allowance``. Cost: two float64 GEMMs of ``V × d`` rows against the witnesses (use ``sample``
+for very large heads) and, for cone/zero claims, one exact pass over the rows plus a ``d × d`` rational solve.
 """
 from __future__ import annotations
 

