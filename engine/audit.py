@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -99,7 +100,8 @@ class AuditResult:
 @dataclass
 class Folded:
     """The audit's own float64 fold. ``A = rows − c`` (any common shift cancels in l_t − l_j), ``K`` the rows
-    the logits are computed from (``P A`` in layernorm), ``A_abs``/``A_l1`` for the rounding bounds."""
+    the logits are computed from (``P A`` in layernorm), ``A_abs``/``A_l1`` for the rounding bounds, and
+    ``cs`` the per-row factors of the cheap (Cauchy–Schwarz) bound ``e_j = P_j ||x||_2 + Q_j ||x||_1 + R_j``."""
 
     rows: np.ndarray
     bias: np.ndarray
@@ -109,6 +111,7 @@ class Folded:
     K: np.ndarray
     A_abs: np.ndarray
     A_l1: np.ndarray
+    cs: tuple
     _colsum: list | None = None  # exact column sums of rows, computed once when a Gordan claim needs them
     _rank: int | None = None
 
@@ -136,7 +139,13 @@ def fold64(head: Head, domain: str, radius: float | None, bias: bool) -> Folded:
         A = rows - rows.mean(axis=0)
         K = A - A.mean(axis=1, keepdims=True) if domain == "layernorm" else A
         A_abs = np.abs(A)
-    return Folded(rows, b, domain, radius, A, np.ascontiguousarray(K), A_abs, A_abs.sum(axis=1))
+        A_l1, d = A_abs.sum(axis=1), rows.shape[1]
+        # |S_j − (exact K̃_j·z + b_j)| for S_j = fl(fl(K̂_j·x) + b_j), its later subtraction and the rounding
+        # of these sums: dot γ_d ||K̂_j|| ||x||, rows γ_(d+3) (||â_j|| ||x|| + ||â_j||_1 ||x||_1 / d), 8u per term.
+        P = gamma(2 * d + 16) * (np.linalg.norm(A, axis=1) + np.linalg.norm(K, axis=1))
+        Q = gamma(2 * d + 16) * A_l1 / d if domain == "layernorm" else np.zeros_like(A_l1)
+        R = 8 * U * np.abs(b) + ETA
+    return Folded(rows, b, domain, radius, A, np.ascontiguousarray(K), A_abs, A_l1, (P, Q, R))
 
 
 # ------------------------------------------------------------------------------------------ witnesses
@@ -178,7 +187,7 @@ def check_witnesses(F: Folded, ts: np.ndarray, X: np.ndarray):
 
     ``M_j = fl(l_t − l_j)`` and ``|M_j − (l_t − l_j)| <= E_j``: the GEMM error ``γ_(2d+8)`` times the absolute
     products (plus the projection's ``||a_j||_1 ||x||_1 / d`` in layernorm) and ``4u`` of each term for the
-    subtractions. The margin at x lies in ``[lo, hi] = [min_j (M_j − E_j), min_j (M_j + E_j)]``; ok iff ``lo > 0``
+    subtractions; the absolute products are first bounded by Cauchy–Schwarz (one GEMM), exactly where needed. The margin at x lies in ``[lo, hi] = [min_j (M_j − E_j), min_j (M_j + E_j)]``; ok iff ``lo > 0``
     and nothing was non-finite. Cone margins are divided by ``(ũ_t − c)·x`` (DESIGN §1's normalisation).
     """
     n = len(ts)
@@ -190,6 +199,38 @@ def check_witnesses(F: Folded, ts: np.ndarray, X: np.ndarray):
 
 
 def _witness_batch(F: Folded, ts: np.ndarray, X: np.ndarray):
+    """One GEMM with the cheap rank-one bound ``E_j = e_t + e_j + 8u|l_t|``; columns it cannot settle (a margin
+    within a few ``γ ||a|| ||x||``) are redone with the tighter ``|A| |x|`` bound of :func:`_witness_precise`."""
+    cols = np.arange(len(ts))
+    P, Q, R = F.cs
+    with np.errstate(all="ignore"):  # overflow and NaN are caught below, never read as a bound
+        nx, l1x = np.linalg.norm(X, axis=1), np.abs(X).sum(axis=1)
+        S = F.K @ X.T  # [V, B] logits
+        S += F.bias[:, None]
+        st = S[ts, cols].copy()
+        et = P[ts] * nx + Q[ts] * l1x + R[ts]
+        S += P[:, None] * nx[None, :]  # S_j + e_j: the most l_j can be
+        S += (Q[:, None] * l1x[None, :]) + R[:, None]
+        own = st - et - 8 * U * np.abs(st)  # the least l_t can be
+        low = own[None, :] - S
+        finite = np.isfinite(low).all(axis=0)
+        low[ts, cols] = np.inf  # t is not its own competitor
+        worst = np.argmin(low, axis=0)
+        lo = low[worst, cols]
+        ew = P[worst] * nx + Q[worst] * l1x + R[worst]
+        hi = lo + 2 * (et + ew + 8 * U * np.abs(st))  # M_w + E_w for the binding competitor w
+        ok = finite & (lo > 0)
+        if F.domain == "cone":  # normalised so that (ũ_t − c)·x = 1
+            scale = np.where(st > 0, st, np.nan)
+            lo, hi = lo / scale, hi / scale
+    redo = np.nonzero(~ok)[0]
+    if redo.size:
+        ok[redo], lo[redo], hi[redo], worst[redo] = _witness_precise(F, ts[redo], X[redo])
+    return ok, lo, hi, worst
+
+
+def _witness_precise(F: Folded, ts: np.ndarray, X: np.ndarray):
+    """The tight bound: a second GEMM of ``|A|`` against ``|x|`` in place of Cauchy–Schwarz."""
     cols = np.arange(len(ts))
     with np.errstate(all="ignore"):  # overflow and NaN are caught below, never read as a bound
         G = F.K @ X.T  # [V, B] logits without bias
@@ -463,7 +504,7 @@ def read_companion(data: dict, base_dir: str, d: int):
     try:
         with np.load(path, allow_pickle=False) as z:
             ids, X = np.asarray(z["witness_ids"]), np.asarray(z["witness_x"])
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise InputError(f"companion {path}: cannot read witness_ids and witness_x ({type(e).__name__}: {e})") from e
     if ids.ndim != 1 or ids.dtype.kind not in "iu" or X.dtype != np.float64 or X.shape != (ids.size, d):
         raise InputError(f"companion {path}: expected witness_ids [n] int64 and witness_x [n, {d}] float64; got "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.audit import AuditResult, audit, check_dual, check_tie, fold64
+from engine.audit import AuditResult, _witness_precise, audit, check_dual, check_tie, check_witnesses, fold64
 from engine.cli import main
 from engine.load import InputError, head_from_arrays
 
@@ -156,6 +156,37 @@ def test_witness_outside_the_domain_or_on_a_tie_fails(head, reports):
     assert failed_tokens(res) == {a}
 
 
+@pytest.mark.parametrize("domain", ["layernorm", "rmsnorm", "box", "cone"])
+def test_witness_bounds_bracket_the_exact_margin(domain):
+    """Oracle: margins in Fractions from the folded rows. lo <= exact margin <= hi, on both bounds (the cheap
+    Cauchy–Schwarz pass and the precise |A||x| pass), and ok only where the exact margin is > 0."""
+    rng = np.random.default_rng(7)
+    V, d = 40, 5
+    W = rng.standard_normal((d, V)) * 3 + 1.0
+    h = head_from_arrays(W, rng.standard_normal(V), rng.random(d) + 0.5, rng.standard_normal(d), "layernorm", source="tiny")
+    F = fold64(h, domain, None if domain == "cone" else 2.0, True)
+    ts = np.arange(V)
+    X = rng.standard_normal((V, d))
+    X *= (1.5 / np.linalg.norm(X, axis=1))[:, None] if domain != "box" else 1.0
+    X = np.clip(X, -2.0, 2.0)
+    Xq = [[Fraction(v) for v in x] for x in X]
+    for ok, lo, hi, _ in (check_witnesses(F, ts, X), _witness_precise(F, ts, X)):
+        for t in range(V):
+            z = Xq[t]
+            if domain == "layernorm":
+                m = sum(z) / d
+                z = [v - m for v in z]
+            logit = [sum(Fraction(F.rows[j, i]) * z[i] for i in range(d)) + Fraction(F.bias[j]) for j in range(V)]
+            exact = logit[t] - max(logit[j] for j in range(V) if j != t)
+            if domain == "cone":
+                c = [sum(Fraction(F.rows[j, i]) for j in range(V)) / V for i in range(d)]
+                scale = sum((Fraction(F.rows[t, i]) - c[i]) * z[i] for i in range(d))
+                exact = exact / scale if scale > 0 else None
+            if exact is not None:
+                assert lo[t] <= exact <= hi[t]
+            assert ok[t] == (exact is not None and exact > 0)
+
+
 def test_witness_margin_lower_must_follow_from_x(head, reports):
     rep = fresh(reports, "rmsnorm")
     t = next(t for t in entries(rep, "witness") if isinstance(t["certificate"]["x"], list))
@@ -189,6 +220,9 @@ def test_companion_file_witnesses(head, reports, tmp_path):
     ids2[[0, 1]] = ids2[[1, 0]]  # rows swapped between two tokens
     np.savez(tmp_path / "witnesses.npz", witness_ids=ids2, witness_x=X)
     assert failed_tokens(audit(str(path), head)) == {int(ids[0]), int(ids[1])}
+    (tmp_path / "witnesses.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(InputError, match="companion"):
+        audit(str(path), head)
     (tmp_path / "witnesses.npz").unlink()
     with pytest.raises(InputError, match="companion"):
         audit(str(path), head)
