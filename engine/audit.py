@@ -33,15 +33,17 @@ float64 numbers, taken as exact reals.
   (then ``x = 0`` ties every token: the margin is exactly 0). The multipliers only guide this solve: what is
   proven is the claim itself, so a multiplier changed in a way that keeps it true still passes.
 * tie — an identical folded row (and bias, outside ``cone``), compared by value.
-* stated bounds — ``margin_lower`` / ``margin_upper`` must follow from the evidence up to its allowance and a
-  relative slack of ``2^-20`` (bounds are informative numbers; verdicts get no slack). Bounds a report
-  states without evidence (an undecided token has no certificate) are counted as unchecked.
+* stated bounds — a witness's ``margin_lower`` and a certificate's ``margin_upper`` (and ``deficit``) must follow
+  from it; the other side must not contradict it (a speakable token's ``margin_upper`` is at least what its
+  witness proves). Up to the allowance and a relative slack of ``2^-20``: bounds are informative numbers;
+  verdicts get no slack. Undecided tokens claim nothing and carry no evidence: their bounds are not checked.
 * counts — ``speakable + unspeakable + undecided = tokens``; the listed tokens fit the counts.
 
 Any non-finite intermediate fails the claim. Inputs are never written to. Not checked: the gram-screen fields
 (``hard_to_speak``, ``gram_argmax``: a heuristic, not a proof; only their count), a witness's informative
-``runner_up`` and ``allowance``. Cost: two float64 GEMMs of ``V × d`` rows against the witnesses (use ``sample``
-for very large heads) and, for cone/zero claims, one exact pass over the rows plus a ``d × d`` rational solve.
+``runner_up`` and ``allowance``. Cost: one float64 GEMM of the ``V × d`` rows against the witnesses (a second
+only for margins near the allowance; ``sample`` for very large heads) and, for cone/zero claims, one exact pass
+over the rows plus a ``d × d`` rational ``rref`` per token.
 """
 from __future__ import annotations
 
@@ -538,7 +540,7 @@ def audit(report, head, *, sample: int | None = None, seed: int = 0, base_dir: s
         data, base_dir = read_report(where), base_dir or os.path.dirname(os.path.abspath(where))
     else:
         where, data, base_dir = "<report>", report, base_dir or os.getcwd()
-    head = load(head) if isinstance(head, str) else head
+    head = load(os.fspath(head)) if isinstance(head, (str, os.PathLike)) else head
     domain, radius, bias = validate(data, head, where)
     F = fold64(head, domain, radius, bias)
     companion = read_companion(data, base_dir, F.d)
