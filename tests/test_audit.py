@@ -33,6 +33,8 @@ class Reports(dict):
     def __missing__(self, key):
         # box without bias leaves every interior token to the LP (margin exactly 0): scan a subset there
         ids = np.r_[0:120, self.head.planted["duplicate"][0]] if key == ("box", False) else None
+        if key == ("layernorm", False):  # margin exactly 0 in the projected space: a few hull-interior tokens
+            ids = [t["id"] for t in entries(self["cone", True], "cone")][:8]
         rep = engine.scan_head(self.head, domain=key[0], bias=key[1], tokens=ids, device="cpu", backend="torch")
         self[key] = json.loads(json.dumps(rep.to_json()))
         return self[key]
@@ -314,7 +316,7 @@ def test_cone_claim_on_tampered_weights_fails(head, reports, tmp_path):
 
 
 def zero_report(reports, domain="box"):
-    """The box/no-bias scan with its undecided (interior) tokens claimed 'margin exactly 0' by the cone
+    """The no-bias scan with its undecided (interior) tokens claimed 'margin exactly 0' by the cone
     certificates of the same rows."""
     rep = fresh(reports, domain, False)
     cone = {t["id"]: t["certificate"] for t in entries(reports["cone", True], "cone")}
@@ -327,6 +329,15 @@ def zero_report(reports, domain="box"):
     rep["counts"]["unspeakable"] += len(und)
     rep["counts"]["undecided"] = 0
     return rep, und
+
+
+def test_zero_margin_in_layernorm_uses_the_projected_rows(head, reports):
+    """x ⊥ 1: the exact solve may leave any multiple of 1 in Σ w_j (ũ_j − ũ_t); a full-rank basis would be
+    singular after projection, so this is the path with the extra column of ones."""
+    rep, und = zero_report(reports, "layernorm")
+    res = audit(rep, head)
+    assert res.ok, res.failures[:3]
+    assert res.certificates == len(und) == 8
 
 
 def test_zero_margin_certificates(head, reports):
