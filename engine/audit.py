@@ -348,9 +348,10 @@ def dual_exact(F: Folded, t: int, comp: np.ndarray, lam: np.ndarray) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ Gordan (cone, zero)
-def check_gordan(F: Folded, t: int, comp: np.ndarray, lam: np.ndarray, mu: float):
+def check_gordan(F: Folded, t: int, comp: np.ndarray, lam: np.ndarray, mu: float, weights_out: dict | None = None):
     """Exact Gordan certificate: weights ``w ≥ 0``, ``w ≠ 0`` over ``j ≠ t`` with ``Σ w_j (ũ_j − ũ_t) = 0``
-    (in layernorm ``= α 1`` for some real α). Returns (ok, normalised cone margin bound or None, message).
+    (in layernorm ``= α 1`` for some real α). Returns (ok, normalised cone margin bound or None, message);
+    ``weights_out`` receives ``{j: w_j}`` for the named tokens (every other ``j ≠ t`` has ``w_j = κ``) and ``"kappa"``.
 
     Start from ``w_j = λ_j + κ`` (``κ = |μ|/V``; for the engine's cone LP ``Σλ_j(ũ_j − ũ_t) = |μ|(ũ_t − c)`` and
     ``ũ_t − c = (1/V) Σ_j (ũ_t − ũ_j)``, so these nearly cancel), compute the residual ``e`` exactly (the dense
@@ -377,6 +378,9 @@ def check_gordan(F: Folded, t: int, comp: np.ndarray, lam: np.ndarray, mu: float
     if neg:
         return False, None, f"the exact correction makes the weight of token {neg[0]} negative ({qfloat(w[neg[0]]):.3g})"
     total = ls + (V - 1) * kappa + sum((R[n, k] for n in range(len(B))), fmpq(0))
+    if weights_out is not None:
+        weights_out.update({j: v + kappa for j, v in lam_q.items()}, **{"kappa": kappa})
+        weights_out.update(w)
     if not total > 0:
         return False, None, "all weights are 0"
     return True, _cone_bound(F, w, lam_q, kappa, total), ""

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import engine
-from engine.audit import AuditResult, _witness_precise, audit, check_dual, check_tie, check_witnesses, fold64
+from engine.audit import (AuditResult, _witness_precise, audit, cert_arrays, check_dual, check_gordan, check_tie,
+                          check_witnesses, exact_colsum, fold64)
 from engine.cli import main
 from engine.load import InputError, head_from_arrays
 
@@ -339,6 +340,32 @@ def test_cone_certificates_and_a_false_cone_claim(head, reports):
     rep["counts"]["speakable"] -= 1
     rep["counts"]["unspeakable"] += 1
     assert failed_tokens(audit(rep, head)) == {sp["id"]}
+
+
+def test_gordan_weights_cancel_exactly(head, reports):
+    """Oracle in Fractions: the audit's final weights are >= 0, not all 0, and Σ_j w_j (ũ_j − ũ_t) is exactly 0."""
+    F = fold64(head, "cone", None, False)
+    for entry in entries(reports["cone", True], "cone")[:2]:
+        t = entry["id"]
+        w = {}
+        ok, _, _ = check_gordan(F, t, *cert_arrays(entry["certificate"], t, V, with_mu=True), weights_out=w)
+        assert ok
+        weight = {j: Fraction(int(v.p), int(v.q)) for j, v in w.items() if j != "kappa"}
+        k = Fraction(abs(entry["certificate"]["mu"])) / V  # the weight of every token the solve left alone
+        assert Fraction(int(w["kappa"].p), int(w["kappa"].q)) == k
+        full = [weight.get(j, k) for j in range(V) if j != t]
+        assert min(full) >= 0 and sum(full) > 0
+        others = [j for j in range(V) if j != t]
+        for i in range(D):
+            ut = Fraction(F.rows[t, i])
+            assert sum(wj * (Fraction(F.rows[j, i]) - ut) for wj, j in zip(full, others)) == 0
+
+
+def test_exact_colsum_matches_fractions():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((50, 3)) * np.exp2(rng.integers(-60, 60, (50, 3)))
+    a[0, 0], a[1, 1] = 0.0, -0.0
+    assert [Fraction(int(v.p), int(v.q)) for v in exact_colsum(a)] == [sum(map(Fraction, a[:, i])) for i in range(3)]
 
 
 def test_cone_claim_on_tampered_weights_fails(head, reports, tmp_path):
