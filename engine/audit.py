@@ -91,7 +91,8 @@ class AuditResult:
     def summary(self) -> str:
         n = self.witnesses + self.certificates + self.ties
         tail = "all hold" if self.ok else f"{len(self.failures)} fail"
-        return f"{n} proofs checked: {self.witnesses} witnesses, {self.certificates} certificates, {self.ties} ties, {tail}"
+        return (f"{n} proofs checked: {self.witnesses} witnesses, {self.certificates} certificates, "
+                f"{self.ties} ties, {tail}")
 
     def fail(self, token, claim: str, message: str) -> None:
         who = "counts" if token is None else f"token {token}"
@@ -189,7 +190,8 @@ def check_witnesses(F: Folded, ts: np.ndarray, X: np.ndarray):
 
     ``M_j = fl(l_t − l_j)`` and ``|M_j − (l_t − l_j)| <= E_j``: the GEMM error ``γ_(2d+8)`` times the absolute
     products (plus the projection's ``||a_j||_1 ||x||_1 / d`` in layernorm) and ``4u`` of each term for the
-    subtractions; the absolute products are first bounded by Cauchy–Schwarz (one GEMM), exactly where needed. The margin at x lies in ``[lo, hi] = [min_j (M_j − E_j), min_j (M_j + E_j)]``; ok iff ``lo > 0``
+    subtractions; the absolute products are first bounded by Cauchy–Schwarz (one GEMM), exactly where needed.
+    The margin at x lies in ``[lo, hi] = [min_j (M_j − E_j), min_j (M_j + E_j)]``; ok iff ``lo > 0``
     and nothing was non-finite. Cone margins are divided by ``(ũ_t − c)·x`` (DESIGN §1's normalisation).
     """
     n = len(ts)
@@ -376,7 +378,8 @@ def check_gordan(F: Folded, t: int, comp: np.ndarray, lam: np.ndarray, mu: float
     w = {j: lam_q.get(j, fmpq(0)) + kappa + R[n, k] for n, j in enumerate(B)}
     neg = [j for j in B if w[j] < 0]
     if neg:
-        return False, None, f"the exact correction makes the weight of token {neg[0]} negative ({qfloat(w[neg[0]]):.3g})"
+        j = neg[0]
+        return False, None, f"the exact correction makes the weight of token {j} negative ({qfloat(w[j]):.3g})"
     total = ls + (V - 1) * kappa + sum((R[n, k] for n in range(len(B))), fmpq(0))
     if weights_out is not None:
         weights_out.update({j: v + kappa for j, v in lam_q.items()}, **{"kappa": kappa})
@@ -497,7 +500,8 @@ def _validate_tokens(tokens, V: int, where: str) -> None:
         if tid in seen:
             raise InputError(f"{where}: token {tid} is listed twice")
         if t.get("verdict") not in VERDICTS:
-            raise InputError(f"{where}: token {tid} has verdict {t.get('verdict')!r}; expected one of {', '.join(VERDICTS)}")
+            raise InputError(f"{where}: token {tid} has verdict {t.get('verdict')!r}; "
+                             f"expected one of {', '.join(VERDICTS)}")
         seen.add(tid)
 
 
@@ -611,7 +615,8 @@ def check_claim(F: Folded, head: Head, t: int, entry: dict | None, companion, re
     kind = cert.get("kind") if isinstance(cert, dict) else None
     allowed = ("witness",) if verdict == "speakable" else ("tie", "zero", "cone" if F.domain == "cone" else "dual")
     if kind not in allowed:
-        raise Unproven(f"certificate kind {kind!r} cannot prove it in domain {F.domain} (expected {' or '.join(allowed)})")
+        raise Unproven(f"certificate kind {kind!r} cannot prove it in domain {F.domain} "
+                       f"(expected {' or '.join(allowed)})")
     if kind == "witness":
         return witness_point(F, t, cert, companion)
     if kind == "tie":

@@ -213,7 +213,8 @@ def test_witness_bounds_bracket_the_exact_margin(domain):
     rng = np.random.default_rng(7)
     V, d = 40, 5
     W = rng.standard_normal((d, V)) * 3 + 1.0
-    h = head_from_arrays(W, rng.standard_normal(V), rng.random(d) + 0.5, rng.standard_normal(d), "layernorm", source="tiny")
+    h = head_from_arrays(W, rng.standard_normal(V), rng.random(d) + 0.5, rng.standard_normal(d), "layernorm",
+                         source="tiny")
     F = fold64(h, domain, None if domain == "cone" else 2.0, True)
     ts = np.arange(V)
     X = rng.standard_normal((V, d))
