@@ -285,7 +285,8 @@ def exact_deficit_box(head, t, comp, lam, rho=1.0):
     """Oracle: the box deficit of a dual certificate in Fractions, from the stored weights."""
     W = np.asarray(head.W_U, dtype=np.float64).T * head.ln_w
     b = head.b_U + np.asarray(head.W_U, dtype=np.float64).T @ head.ln_b
-    r = [sum(Fraction(l) * (Fraction(W[j, i]) - Fraction(W[t, i])) for j, l in zip(comp, lam)) for i in range(W.shape[1])]
+    r = [sum(Fraction(l) * (Fraction(W[j, i]) - Fraction(W[t, i])) for j, l in zip(comp, lam))
+         for i in range(W.shape[1])]
     c0 = sum(Fraction(l) * (Fraction(b[j]) - Fraction(b[t])) for j, l in zip(comp, lam))
     return c0 - Fraction(rho) * sum(abs(v) for v in r)
 
