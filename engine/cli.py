@@ -1,4 +1,4 @@
-"""The ``unspeakable`` command line (DESIGN §5): ``scan``, ``gram``, ``check``, ``bench``, ``demo``.
+"""The ``unspeakable`` command line (DESIGN §5): ``scan``, ``gram``, ``check``, ``bench``, ``demo``, ``audit``.
 
 Each subcommand is a small dataclass with a ``run()`` method. Everything that can be checked before the
 work starts is checked first — output paths, ``--tokens``, backend and device, the source itself, token ids
@@ -362,6 +362,39 @@ class Demo:
         return Scan(source=self.source, domain="layernorm", out=self.out, csv=self.csv, plot=self.plot).run()
 
 
+@dataclass
+class Audit:
+    """Re-derive every claim of a saved report (schema unspeakable.report/1) from the weights alone.
+
+    Checks witnesses, dual/cone/zero certificates, ties, stated margin bounds and counts with a checker that
+    trusts nothing of the engine (engine/audit.py). Prints one line per failed claim and a summary.
+    Exit 0: every claim holds; 1: some claim fails; 2: bad input.
+    """
+
+    report: str
+    source: str
+    sample: int | None = None
+    seed: int = 0
+
+    @staticmethod
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("report", help="a report JSON written by scan --out (schema unspeakable.report/1)")
+        p.add_argument("source", help="the weights the report was made from (same forms as scan's SOURCE)")
+        p.add_argument("--sample", type=_positive_int, help="audit a random sample of N claims (counts always)")
+        p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+
+    def run(self) -> int:
+        from engine.auditor import audit
+
+        result = audit(self.report, self.source, sample=self.sample, seed=self.seed)
+        for line in result.failures:
+            print(line)
+        for note in result.notes:
+            print(f"note: {note}")
+        print(result.summary())
+        return 0 if result.ok else 1
+
+
 def _num(v):
     return f"{v:.4g}" if isinstance(v, float) else v
 
@@ -383,7 +416,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", help="write a figure of the margins here (.png, .pdf, .svg, ...)")
 
 
-COMMANDS = {"scan": Scan, "gram": Gram, "check": Check, "bench": Bench, "demo": Demo}
+COMMANDS = {"scan": Scan, "gram": Gram, "check": Check, "bench": Bench, "demo": Demo, "audit": Audit}
 
 
 def build_parser() -> argparse.ArgumentParser:
