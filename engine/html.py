@@ -144,7 +144,7 @@ def render_html(report: ScanReport, figure: bool = True) -> str:
     parts += [
         "<h2>Listed tokens</h2>",
         '<p class="note">Text is escaped: \\n \\t \\xNN control bytes, \\uXXXX invisible characters, ␣ a leading or '
-        'trailing space, "" the empty string. Click a header to sort.</p>',
+        'trailing space, \\∅ the empty string. Click a header to sort.</p>',
         '<div id="controls"><input id="q" type="search" placeholder="filter: text, token or id"> '
         '<select id="verdict"><option value="">all verdicts</option><option>unspeakable</option>'
         '<option>undecided</option><option>speakable</option></select> <span id="shown"></span></div>',

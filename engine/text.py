@@ -22,7 +22,7 @@ Two steps, kept apart because reports need both:
    * a plain space at the start or end of a token as ``␣`` (U+2423); interior spaces stay;
    * the backslash itself as ``\\\\`` and a literal ``␣`` as ``\\u2423``, so the display form is unambiguous;
    * bytes that are not valid UTF-8 (only from :func:`display_token`, which sees the raw bytes) as ``\\xNN``;
-   * the empty string as ``""``.
+   * the empty string as ``\\∅`` (a backslash sequence no other text produces).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from functools import lru_cache
 
 SCHEMES = ("bytelevel", "sentencepiece", "wordpiece", "plain")
 SPACE_MARK = "\u2423"  # ␣ OPEN BOX
+EMPTY = "\\\u2205"  # \∅: the empty string (every other backslash sequence is \\ \n \t \r \xNN \uXXXX)
 SP_SPACE = "\u2581"  # ▁ LOWER ONE EIGHTH BLOCK: SentencePiece's space
 _NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\", SPACE_MARK: "\\u2423"}
 
@@ -143,7 +144,7 @@ def escape(s: str | None) -> str | None:
     if s is None:
         return None
     if s == "":
-        return '""'
+        return EMPTY
     n_lead = len(s) - len(s.lstrip(" "))
     n_trail = len(s) - len(s.rstrip(" ")) if n_lead < len(s) else 0
     out = [SPACE_MARK] * n_lead
