@@ -6,7 +6,8 @@ filters (text box, verdict menu) in inline JavaScript. Token text is shown escap
 person sees is unambiguous, and the raw vocabulary entry sits beside it when the source has one.
 
 The table's rows are built by the script from a JSON block, so the initial order and filter can also be set
-from the URL fragment: ``report.html#sort=margin_lower&dir=asc&verdict=unspeakable&q=the``. After each
+from the URL fragment: ``report.html#sort=margin_lower&dir=asc&verdict=unspeakable&q=the``, and
+``#click=margin_lower`` clicks that header once the page is built (``click=a,a`` twice). After each
 render the table carries ``data-sort``, ``data-dir`` and ``data-rows`` attributes (used by the tests, handy for
 scripts).
 """
@@ -78,6 +79,8 @@ const p=new URLSearchParams(location.hash.slice(1));
 if(p.get('sort')&&cols.includes(p.get('sort'))){state.sort=p.get('sort');state.dir=p.get('dir')==='desc'?'desc':'asc';}
 if(p.get('q'))q.value=p.get('q'); if(p.get('verdict'))vsel.value=p.get('verdict');
 render();
+for(const c of (p.get('click')||'').split(',').filter(Boolean)){  // real clicks on headers, for scripts and tests
+ const th=[...table.tHead.rows[0].cells].find(h=>h.dataset.col===c); if(th)th.click();}
 window.unspeakableSort=function(c,dir){state.sort=c;state.dir=dir||'asc';render();};
 })();
 """
