@@ -516,8 +516,18 @@ def _head_from_hf_model(model, tokenizer, source: str) -> Head:
     head = head_from_arrays(weight.T, b_U, ln_w, ln_b, kind, source=source,
                             texts=_texts(tokenizer, int(weight.shape[0])), gram_center=True)
     # the model's own final norm and head, for the model check (engine.modelcheck): they run in its dtype
-    head.model = {"kind": "torch", "norm": norm_module, "unembed": out, "dtype": str(weight.dtype).replace("torch.", "")}
+    head.model = {"kind": "torch", "norm": norm_module, "unembed": out, "dtype": str(weight.dtype).replace("torch.", ""),
+                  "eps": _norm_eps(norm_module)}
     return head
+
+
+def _norm_eps(m) -> float | None:
+    """The eps of a norm module: ``eps`` (torch LayerNorm, TransformerLens) or ``variance_epsilon`` (HF RMSNorm)."""
+    for attr in ("eps", "variance_epsilon", "epsilon"):
+        v = getattr(m, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
 
 
 def _load_object(obj) -> Head:
@@ -536,7 +546,8 @@ def _load_object(obj) -> Head:
         src = f"{name}:{getattr(getattr(obj, 'cfg', None), 'model_name', '?')}"
         head = head_from_arrays(obj.W_U.detach(), obj.b_U.detach(), ln_w, ln_b, kind, source=src,
                                 texts=_texts(getattr(obj, "tokenizer", None), int(obj.W_U.shape[1])), gram_center=True)
-        head.model = {"kind": "torch", "norm": ln, "unembed": obj.unembed, "dtype": str(obj.W_U.dtype).replace("torch.", "")}
+        head.model = {"kind": "torch", "norm": ln, "unembed": obj.unembed, "dtype": str(obj.W_U.dtype).replace("torch.", ""),
+                      "eps": _norm_eps(ln)}
         return head
     raise InputError(f"source must be a file, a model name or directory, synthetic:..., or a model object "
                      f"(transformers PreTrainedModel, TransformerLens HookedTransformer or TransformerBridge); "
@@ -593,7 +604,7 @@ def _load_model_name(name: str) -> Head:
     """
     if not _cached_locally(name):
         raise InputError(
-            f"{name}: not a file, not synthetic:..., and no model of that name is in the local Hugging Face cache "
+            f"{name}: not a file or directory, not synthetic:..., and not in the local Hugging Face cache "
             f"(this tool does not download). Point SOURCE at a local copy: a checkpoint directory (save_pretrained), "
             f"a .gguf, .safetensors or .npz file; or download it first (huggingface-cli download {name}) "
             f"and give its Hugging Face id (e.g. gpt2, not the TransformerLens alias gpt2-small)")

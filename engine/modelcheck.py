@@ -69,8 +69,8 @@ def _gguf_logits(head, h, eps: float):
     import torch
 
     d = h.shape[1]
-    w = None if head.ln_w is None else torch.from_numpy(np.asarray(head.ln_w, dtype=np.float32))
-    b = None if head.ln_b is None else torch.from_numpy(np.asarray(head.ln_b, dtype=np.float32))
+    w = None if head.ln_w is None else torch.from_numpy(np.array(head.ln_w, dtype=np.float32))  # a copy: [d]
+    b = None if head.ln_b is None else torch.from_numpy(np.array(head.ln_b, dtype=np.float32))
     if head.norm == "rmsnorm":
         y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # llama.cpp's ggml_rms_norm, then the gain
         y = y if w is None else y * w
@@ -79,9 +79,9 @@ def _gguf_logits(head, h, eps: float):
         y = torch.nn.functional.layer_norm(h, (d,), w, b, eps)
     else:
         y = h
-    W = torch.from_numpy(np.asarray(head.W_U, dtype=np.float32))  # [d, V]
-    logits = y @ W
-    return logits if head.b_U is None else logits + torch.from_numpy(np.asarray(head.b_U, dtype=np.float32))
+    W = np.asarray(head.W_U, dtype=np.float32)  # [d, V]: a view of the dequantized head, read only
+    logits = y @ (torch.from_numpy(W) if W.flags.writeable else torch.tensor(W))
+    return logits if head.b_U is None else logits + torch.from_numpy(np.array(head.b_U, dtype=np.float32))
 
 
 def check_witnesses(head, tokens, X) -> list[dict]:
