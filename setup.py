@@ -20,6 +20,11 @@ setup(
         "triton>=3.0",
         # Loading TransformerLens / Hugging Face models by name (3.x HookedTransformer, 4.x TransformerBridge).
         "transformer_lens",
+        # .gguf sources (llama.cpp's format): the reader and gguf.quants.dequantize for every quantization type.
+        # Pure Python + numpy, no llama.cpp build.
+        "gguf>=0.10",
+        # The console table (escaped token text, verdict colours) and the spinners on long stages.
+        "rich>=13",
     ],
     extras_require={
         # scipy: independent oracles in tests (qhull ConvexHull, linprog) and NNLS in the decide stage.
