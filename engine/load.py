@@ -622,10 +622,9 @@ def _load_model_name(name: str) -> Head:
             HookedTransformer = None
         try:
             if HookedTransformer is not None:
-                model = HookedTransformer.from_pretrained_no_processing(name, device="cpu")
-                kind, ln_w, ln_b = _norm_params(getattr(model, "ln_final", None))
-                return head_from_arrays(model.W_U.detach(), model.b_U.detach(), ln_w, ln_b, kind, source=name,
-                                        texts=_texts(model.tokenizer, int(model.W_U.shape[1])), gram_center=True)
+                head = _load_object(HookedTransformer.from_pretrained_no_processing(name, device="cpu"))
+                head.source = name
+                return head
             from transformer_lens.model_bridge import TransformerBridge
 
             bridge = TransformerBridge.boot_transformers(name, device="cpu")

@@ -123,8 +123,9 @@ def annotate(report, head, problem) -> int:
     if getattr(head, "model", None) is None:
         return 0
     if problem.domain != head.norm or (problem.radius is not None and not math.isclose(problem.radius, math.sqrt(head.d_model))):
-        report.warnings.append(f"model check skipped: domain {problem.domain} with radius {problem.radius} is not "
-                               f"what the model's final {head.norm} produces")
+        report.warnings.append(f"model check skipped: the verdicts are on domain {problem.domain} (radius "
+                               f"{problem.radius}), not on the outputs of the model's final norm ({head.norm}, "
+                               f"radius sqrt(d_model))")
         return 0
     from engine.screen import witness_points
 
