@@ -505,6 +505,21 @@ def _texts(tokenizer, V: int) -> list | None:
         return None
 
 
+def _raw_tokens(head: Head, tokenizer) -> None:
+    """The tokenizer's raw vocabulary entries ("Ġthe") beside the decoded texts, for the displays."""
+    if tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return
+    try:
+        n = min(head.d_vocab, len(tokenizer))
+        tokens = [t if isinstance(t, str) else None for t in tokenizer.convert_ids_to_tokens(list(range(n)))]
+    except Exception:  # a tokenizer without a vocabulary list: the decoded texts are enough
+        return
+    from engine.text import detect_scheme
+
+    head.tokens = tokens + [None] * (head.d_vocab - n)
+    head.text_scheme = detect_scheme(tokens)
+
+
 def _head_from_hf_model(model, tokenizer, source: str) -> Head:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is None or getattr(out, "weight", None) is None:
@@ -515,6 +530,7 @@ def _head_from_hf_model(model, tokenizer, source: str) -> Head:
     kind, ln_w, ln_b = _norm_params(norm_module)
     head = head_from_arrays(weight.T, b_U, ln_w, ln_b, kind, source=source,
                             texts=_texts(tokenizer, int(weight.shape[0])), gram_center=True)
+    _raw_tokens(head, tokenizer)
     # the model's own final norm and head, for the model check (engine.modelcheck): they run in its dtype
     head.model = {"kind": "torch", "norm": norm_module, "unembed": out, "dtype": str(weight.dtype).replace("torch.", ""),
                   "eps": _norm_eps(norm_module)}

@@ -106,7 +106,8 @@ def detect_scheme(tokens) -> str:
     wp = sum(t.startswith("##") for t in toks)
     if sp >= max(g, wp) and sp >= 0.02 * n:
         return "sentencepiece"
-    if g >= 0.02 * n and not any(" " in t or "\n" in t for t in toks):
+    raw_space = sum(" " in t or "\n" in t for t in toks)  # byte-level BPE stores none (added tokens may)
+    if g >= 0.02 * n and raw_space <= 0.01 * n:
         return "bytelevel"
     if wp >= 0.02 * n:
         return "wordpiece"

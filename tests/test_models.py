@@ -239,3 +239,19 @@ def test_smollm2_witnesses_in_the_models_float32():
         assert int(np.argmax(row)) == r.id and got["argmax"] == r.id
         assert got["status"] == "ok"
         np.testing.assert_allclose(got["margin"], row[r.id] - np.delete(row, r.id).max(), rtol=1e-3, atol=1e-3)
+
+
+def test_directory_with_a_tokenizer_keeps_raw_and_decoded_texts(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {("Ġ" if i % 2 else "") + f"t{i}": i for i in range(46)}
+    vocab.update({"Ġthe": 46, "Ċ": 47})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
+    tiny_gpt2(tmp_path / "m")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(tmp_path / "m"))
+    head = load(str(tmp_path / "m"))
+    assert head.tokens[46] == "Ġthe" and head.texts[46] == " the" and head.texts[47] == "\n"
+    assert head.text_scheme == "bytelevel"
+    rep = enrich(scan_head(head, device="cpu", backend="torch"), head)
+    assert all(t.token == head.tokens[t.id] for t in rep.tokens)
