@@ -293,8 +293,6 @@ def write_plot(report: ScanReport, path, max_intervals: int = 200) -> None:
     certificate upper bound for unspeakable), coloured by verdict. Right: the margin intervals
     ``[margin_lower, margin_upper]`` of the listed tokens. A gram report shows its counts instead.
     """
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-
     fmt = _fig_format(os.fspath(path))
     if fmt not in plot_formats():
         raise ValueError(f"cannot write a {fmt!r} figure to {path}; expected one of {', '.join(sorted(plot_formats()))}")
@@ -304,8 +302,8 @@ def write_plot(report: ScanReport, path, max_intervals: int = 200) -> None:
 
 
 def make_figure(report: ScanReport, max_intervals: int = 200):
-    """The figure of :func:`write_plot` as a matplotlib ``Figure`` (no pyplot), for other writers (HTML)."""
-    from matplotlib.figure import Figure
+    """The figure of :func:`write_plot` as a matplotlib ``Figure``, for other writers (HTML)."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax_h, ax_i = fig.subplots(1, 2)

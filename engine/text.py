@@ -27,7 +27,6 @@ Two steps, kept apart because reports need both:
 from __future__ import annotations
 
 import json
-import os
 import unicodedata
 from functools import lru_cache
 
@@ -245,11 +244,3 @@ def _scheme_from_tokenizer_json(data: dict) -> str | None:
         return "wordpiece"
     return None
 
-
-def vocab_file_for(path: str) -> str | None:
-    """The vocabulary file in a directory, preferring tokenizer.json (None when there is none)."""
-    for name in ("tokenizer.json", "vocab.json", "vocab.txt"):
-        p = os.path.join(path, name)
-        if os.path.isfile(p):
-            return p
-    return None
