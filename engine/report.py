@@ -112,6 +112,8 @@ class ScanReport:
         }
         if self.gram is not None:
             out["gram"] = to_jsonable(self.gram)
+        if self.warnings:  # e.g. "weights dequantized from Q8_0 ...: verdicts describe the quantized head"
+            out["warnings"] = [str(w) for w in self.warnings]
         return out
 
     def to_csv(self) -> str:
@@ -267,6 +269,7 @@ def read_json(path) -> ScanReport:
         source=data["source"], V=data["V"], d=data["d"], domain=data["domain"], radius=data["radius"],
         bias=data["bias"], backend=data["backend"], device=data["device"], counts=dict(data["counts"]),
         timings_s=dict(data["timings_s"]), tokens=tokens, kind="gram" if gram else "scan", gram=data.get("gram"),
+        warnings=list(data.get("warnings") or []),
     )
 
 

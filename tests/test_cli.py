@@ -175,7 +175,8 @@ def test_scan_plumbing(fake, capsys, tmp_path):
     assert "unspeakable scan: fake" in so and "certificate (lp)" in so
     assert "warning: no norm: using cone" in se and "no norm" not in so
     data = json.loads(out.read_text())
-    assert list(data) == TOP_KEYS + ["gram"] and data["schema"] == SCHEMA
+    assert list(data) == TOP_KEYS + ["gram", "warnings"] and data["schema"] == SCHEMA
+    assert data["warnings"] == ["no norm: using cone, the bias is ignored; --domain box keeps it"]
     assert list(csv.reader(tab.open()))[0][0] == "id"
     assert fig.read_bytes()[:4] == b"\x89PNG"
     assert sorted(os.listdir(tmp_path)) == ["f.png", "r.json", "t.csv"]

@@ -84,6 +84,20 @@ def test_smollm2_head_matches_the_bytes(smol):
     assert any("Q8_0" in w for w in fold(smol).warnings)  # the warning reaches the report
 
 
+def test_quantization_warning_in_the_json(tmp_path):
+    from engine.cli import main
+
+    E, g = random_head(V=40, d=32)
+    p = write_gguf(tmp_path / "q.gguf", "llama", {"output.weight": E, "output_norm.weight": g},
+                   quant=gguf.GGMLQuantizationType.Q8_0)
+    assert main(["scan", p, "--device", "cpu", "--out", str(tmp_path / "r.json")]) == 0
+    import json
+
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert any("dequantized from Q8_0" in w and "quantized head" in w for w in data["warnings"])
+    assert data["gram"]["counted_with"] == "uncentred"
+
+
 @needs_smol
 def test_smollm2_texts(smol):
     assert smol.text_scheme == "bytelevel" and len(smol.texts) == 49152
