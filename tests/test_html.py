@@ -173,3 +173,24 @@ def test_table_sorts_and_filters_in_chromium(tmp_path):
     shot = tmp_path / "shot.png"
     chromium(url, tmp_path, f"--screenshot={shot}", "--window-size=1300,1400", "--hide-scrollbars")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------- the console
+def test_console_table_order_and_escapes():
+    import io
+
+    from engine.report import print_console
+
+    buf = io.StringIO()
+    rep = tricky_report()
+    rep.tokens[1].token, rep.text_scheme = "Ġthe", "bytelevel"
+    print_console(rep, file=buf, max_rows=6)
+    out = buf.getvalue()
+    ids = [int(m.group(1)) for m in re.finditer(r"^│\s+(\d+) │", out, re.M)]
+    assert ids == [3, 18, 6, 12, 24, 0]  # unspeakable, undecided, then the smallest margins first; capped at 6
+    assert "... 4 more" in out
+    assert "centred=4" in out and "uncentred=5" in out and "criterion: c" in out
+    rows = {int(m.group(1)): m.group(0) for m in re.finditer(r"^│\s+(\d+) │.*$", out, re.M)}
+    row = rows[3]
+    assert "␣the" in row and "'Ġthe'" in row  # display text and the raw entry
+    assert "\\∅" in rows[12]
