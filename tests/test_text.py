@@ -153,3 +153,23 @@ def test_tokens_key_in_npz_and_vocab_option(tmp_path):
     with pytest.raises(InputError, match="bad.npz: tokens must be a 1-D array of strings"):
         load(str(tmp_path / "bad.npz"))
     assert head_from_arrays(W).texts is None
+
+
+def test_cli_vocab(tmp_path, capsys):
+    from engine.cli import main
+
+    W = np.random.default_rng(1).standard_normal((6, 4)).astype(np.float32)
+    W[:, 1], W[:, 3] = 2 * W[:, 0], 3 * W[:, 2]  # tokens 0 and 2 are hard-to-speak: the gram report lists them
+    np.savez(tmp_path / "h.npz", W_U=W)
+    (tmp_path / "v.json").write_text(json.dumps(["Ġa", "Ċ", "b", "ĠĠ"]))
+    out = tmp_path / "g.json"
+    assert main(["gram", str(tmp_path / "h.npz"), "--vocab", str(tmp_path / "v.json"), "--no-center",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    listed = json.loads(out.read_text())["tokens"]
+    assert [t["id"] for t in listed] == [0, 2]
+    for t in listed:
+        assert (t["token"], t["text"]) == {0: ("Ġa", " a"), 1: ("Ċ", "\n"), 2: ("b", "b"), 3: ("ĠĠ", "  ")}[t["id"]]
+    capsys.readouterr()
+    assert main(["scan", str(tmp_path / "h.npz"), "--vocab", str(tmp_path / "none.json"),
+                 "--out", str(tmp_path / "r.json")]) == 2
+    assert "--vocab" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
