@@ -3,6 +3,8 @@
     from engine import scan, load, check
     report = scan(W_U, b_U, ln_w=ln_w, ln_b=ln_b)       # numpy arrays or torch tensors, any device
     report = engine.scan_head(engine.load("synthetic:V=5000,d=64,seed=0"))
+    head = engine.load("model.gguf")        # or a checkpoint directory, a cached model name, a transformers /
+    head = engine.load(model)               # TransformerLens model object; vocab="tokenizer.json" for texts
 """
 from engine.load import Head, InputError, Problem, fold, load
 from engine.report import ScanReport, TokenReport
