@@ -23,6 +23,11 @@ setup(
         # Exact rational arithmetic (flint's integer matrices) for the proofs float64 cannot settle:
         # degenerate Gordan certificates, margins below the LP's tolerances.
         "python-flint>=0.6",
+        # .gguf sources (llama.cpp's format): the reader and gguf.quants.dequantize for every quantization type.
+        # Pure Python + numpy, no llama.cpp build.
+        "gguf>=0.10",
+        # The console table (escaped token text, verdict colours) and the spinners on long stages.
+        "rich>=13",
     ],
     extras_require={
         # scipy: independent oracles in tests (qhull ConvexHull, linprog) and NNLS in the decide stage.

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -147,22 +148,56 @@ def _warn(messages) -> None:
         print(f"unspeakable: warning: {m}", file=sys.stderr)
 
 
-def _load(source: str):
+@contextmanager
+def _stage(message: str):
+    """A rich spinner on stderr while a stage runs, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message):
+        yield
+
+
+def _load(source: str, vocab: str | None = None):
     from engine.loader import load
 
     t0 = time.perf_counter()
-    head = load(source)
+    with _stage(f"loading {source}"):
+        head = load(source) if vocab is None else load(source, vocab=vocab)
     return head, time.perf_counter() - t0
 
 
-def _write_reports(report, out: str | None, csv: str | None = None, plot: str | None = None) -> None:
+def _enrich(report, head, **kw):
+    """Raw tokens, both gram counts, the model check (engine.enrich)."""
+    from engine.enrich import enrich
+
+    with _stage("gram counts (centred and uncentred) and the model check"):
+        return enrich(report, head, **kw)
+
+
+def _print(report) -> None:
+    from engine.report import print_console
+
+    print_console(report)
+    sys.stdout.flush()
+
+
+def _write_reports(report, out: str | None, csv: str | None = None, plot: str | None = None,
+                   html: str | None = None) -> None:
     from engine.report import write_csv, write_json, write_plot
 
-    # the JSON last: once it exists, the figure and the CSV beside it are complete too
+    # the JSON last: once it exists, the figure, the CSV and the page beside it are complete too
     if plot:
         write_plot(report, plot)
     if csv:
         write_csv(report, csv)
+    if html:
+        from engine.html import write_html
+
+        with _stage(f"writing {html}"):
+            write_html(report, html)
     if out:
         write_json(report, out)
 
@@ -183,27 +218,30 @@ class Scan:
     out: str | None = None
     csv: str | None = None
     plot: str | None = None
+    html: str | None = None
     resume: bool = False
+    vocab: str | None = None
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("source", help="a .npz/.safetensors file, a model name or directory, or synthetic:V=..,d=..,seed=..")
+        p.add_argument("source", help=_SOURCE_HELP)
         _domain_args(p)
         p.add_argument("--tokens", type=_token_spec_arg, help="scan only these ids, e.g. 1,5,100-200")
         _device_args(p)
         p.add_argument("--workers", type=_positive_int, default=1, help="parallel LP workers (default 1)")
         _report_args(p)
         p.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT.partial")
+        _vocab_arg(p)
 
     def run(self) -> int:
         if self.resume and not self.out:
             raise InputError("--resume needs --out: an interrupted scan keeps its progress in OUT.partial")
-        check_outputs(self.source, out=self.out, csv=self.csv, plot=self.plot)
+        check_outputs(self.source, out=self.out, csv=self.csv, plot=self.plot, html=self.html)
+        _check_vocab(self.vocab)
         _check_backend(self.backend, self.device)
-        from engine.report import format_table
         from engine.pipeline import scan_head
 
-        head, load_time = _load(self.source)
+        head, load_time = _load(self.source, self.vocab)
         ids = None if self.tokens is None else self.tokens.ids(head.d_vocab)
         checkpoint = None if not self.out else self.out + ".partial"
         try:
@@ -216,9 +254,11 @@ class Scan:
                 print(f"unspeakable: interrupted; decided tokens are kept in {checkpoint}: "
                       f"rerun with --resume to continue", file=sys.stderr)
             raise
+        _enrich(report, head, domain=self.domain, radius=self.radius, bias=self.bias, backend=self.backend,
+                device=self.device)
         _warn(report.warnings)
-        print(format_table(report))
-        _write_reports(report, self.out, self.csv, self.plot)
+        _print(report)
+        _write_reports(report, self.out, self.csv, self.plot, self.html)
         # Only now is the progress safe to drop: a failed report write leaves OUT.partial for --resume.
         if checkpoint and os.path.exists(checkpoint):
             os.remove(checkpoint)
@@ -234,26 +274,32 @@ class Gram:
     device: str = "auto"
     backend: str = "auto"
     out: str | None = None
+    html: str | None = None
+    vocab: str | None = None
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("source", help="a .npz/.safetensors file, a model name or directory, or synthetic:...")
+        p.add_argument("source", help=_SOURCE_HELP)
         p.add_argument("--center", action=argparse.BooleanOptionalAction, default=None,
-                       help="centre the rows TransformerLens-style (default: yes for models, no for files)")
+                       help="centre the rows TransformerLens-style (default: yes for models, no for files); "
+                            "the report shows both counts")
         _device_args(p)
         p.add_argument("--out", help="write the report JSON (gram fields only) here")
+        p.add_argument("--html", help="write a self-contained HTML page of the report here")
+        _vocab_arg(p)
 
     def run(self) -> int:
-        check_outputs(self.source, out=self.out)
+        check_outputs(self.source, out=self.out, html=self.html)
+        _check_vocab(self.vocab)
         _check_backend(self.backend, self.device)
-        from engine.report import format_table
         from engine.pipeline import gram_head
 
-        head, load_time = _load(self.source)
+        head, load_time = _load(self.source, self.vocab)
         report = gram_head(head, center=self.center, device=self.device, backend=self.backend, load_time=load_time)
+        _enrich(report, head, center=self.center, backend=self.backend, device=self.device)
         _warn(report.warnings)
-        print(format_table(report))
-        _write_reports(report, self.out)
+        _print(report)
+        _write_reports(report, self.out, html=self.html)
         return 0
 
 
@@ -266,18 +312,21 @@ class Check:
     domain: str | None = None
     radius: float | None = None
     bias: bool = True
+    vocab: str | None = None
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("source", help="a .npz/.safetensors file, a model name or directory, or synthetic:...")
-        p.add_argument("token", nargs="+", help="token ids, ranges (100-200) or exact token texts")
+        p.add_argument("source", help=_SOURCE_HELP)
+        p.add_argument("token", nargs="+", help="token ids, ranges (100-200) or exact token texts (decoded or raw)")
         _domain_args(p)
+        _vocab_arg(p)
 
     def run(self) -> int:
+        _check_vocab(self.vocab)
         from engine.report import format_certificate, format_tokens
         from engine.pipeline import check
 
-        head, _ = _load(self.source)
+        head, _ = _load(self.source, self.vocab)
         ids = self._ids(head)
         try:
             from engine.loader import fold
@@ -305,6 +354,8 @@ class Check:
                 out.append(spec.ids(V))
                 continue
             hits = [i for i, s in enumerate(head.texts or ()) if s == tok]
+            if not hits:  # the raw vocabulary entry ("Ġthe") when the decoded text did not match
+                hits = [i for i, s in enumerate(getattr(head, "tokens", None) or ()) if s == tok]
             if len(hits) != 1:
                 why = "no tokenizer is known for this source" if head.texts is None else (
                     "no token has this text" if not hits else f"{len(hits)} tokens have this text: {hits[:10]}")
@@ -352,6 +403,7 @@ class Demo:
     out: str | None = None
     csv: str | None = None
     plot: str | None = None
+    html: str | None = None
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
@@ -359,7 +411,8 @@ class Demo:
         _report_args(p)
 
     def run(self) -> int:
-        return Scan(source=self.source, domain="layernorm", out=self.out, csv=self.csv, plot=self.plot).run()
+        return Scan(source=self.source, domain="layernorm", out=self.out, csv=self.csv, plot=self.plot,
+                    html=self.html).run()
 
 
 @dataclass
@@ -414,6 +467,21 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the report JSON (schema unspeakable.report/1) here")
     p.add_argument("--csv", help="write the listed tokens as CSV here")
     p.add_argument("--plot", help="write a figure of the margins here (.png, .pdf, .svg, ...)")
+    p.add_argument("--html", help="write a self-contained HTML page (counts, figure, sortable token table) here")
+
+
+_SOURCE_HELP = ("a .npz/.safetensors/.pt/.gguf file, a Hugging Face checkpoint directory, a model name in the local "
+                "Hugging Face cache, or synthetic:V=..,d=..,seed=..")
+
+
+def _vocab_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocab", help="token texts from this file: a JSON list of strings, or a Hugging Face "
+                                   "tokenizer.json / vocab.json / vocab.txt")
+
+
+def _check_vocab(vocab: str | None) -> None:
+    if vocab is not None and not os.path.isfile(os.path.expanduser(vocab)):
+        raise InputError(f"--vocab {vocab}: no such file")
 
 
 COMMANDS = {"scan": Scan, "gram": Gram, "check": Check, "bench": Bench, "demo": Demo, "audit": Audit}

@@ -41,7 +41,10 @@ class Head:
     texts: list[str] | None = None  # decoded token strings, when a tokenizer is known
     planted: dict | None = None  # synthetic only: {"interior": [...], "duplicate": [[a, b], ...], ...}
     gram_center: bool = False  # gram screen rows TransformerLens-style (models) or as stored (files)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # carried into the report (e.g. quantized weights)
+    tokens: list[str | None] | None = None  # raw vocabulary entries (e.g. "Ġthe"), when known (engine.text)
+    text_scheme: str | None = None  # how ``tokens`` decode: bytelevel, sentencepiece, wordpiece, plain
+    model: object = None  # what the model check needs: the model's own final norm and head (engine.modelcheck)
 
     @property
     def d_model(self) -> int:

@@ -140,7 +140,6 @@ class LP:
         if sense not in ("max", "min"):
             raise ValueError(f"sense must be 'max' or 'min', got {sense!r}")
         cost = np.asarray(cost, dtype=np.float64).ravel()
-        n = cost.size
         self.sense = sense
         h = _CoreHighs()
         for name, value in (("output_flag", False), ("threads", int(threads)), ("presolve", "off"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -26,20 +27,60 @@ from engine.head import NORMS, Head, InputError, Problem, as_array, head_from_ar
 __all__ = ["load", "fold", "gram_rows", "problem_from_rows", "head_from_arrays", "minilm_head", "Head", "Problem",
            "InputError", "DOMAINS", "NORMS", "KEYS"]
 
-KEYS = ("W_U", "b_U", "ln_w", "ln_b", "norm")  # the keys a weights file may hold
-FILE_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
+KEYS = ("W_U", "b_U", "ln_w", "ln_b", "norm", "tokens")  # the keys a weights file may hold
+FILE_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth", ".gguf")
 SYNTHETIC_DEFAULTS = {"V": 50257, "d": 768, "seed": 0}
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
 _shape = shape_text
+_ids = ids_text
 
 
 # ------------------------------------------------------------------------------------------------ load
-def load(source: str) -> Head:
-    """Load a head from a weights file, ``synthetic:...``, or a model name / checkpoint directory.
+def load(source, *, vocab: str | None = None) -> Head:
+    """Load a head from a weights file (``.npz`` ``.safetensors`` ``.pt`` ``.gguf``), ``synthetic:...``, a model
+    name or checkpoint directory, or a model object (transformers ``PreTrainedModel``, TransformerLens 3.x
+    ``HookedTransformer`` or 4.x ``TransformerBridge``).
+
+    Args:
+        source: the file, name, directory, spec or model object.
+        vocab: a vocabulary file for the token texts (``engine.text.read_vocab``); overrides the source's own.
 
     Raises:
         InputError: before any work, naming the file, key, shape or token ids at fault.
     """
+    head = _load_source(source) if isinstance(source, str) else _load_object(source)
+    if vocab is not None:
+        from engine.text import read_vocab
+
+        tokens, scheme = read_vocab(os.path.expanduser(vocab))
+        attach_tokens(head, tokens, scheme, where=f"--vocab {vocab}")
+    return head
+
+
+def attach_tokens(head: Head, tokens, scheme: str | None = None, where: str = "tokens") -> Head:
+    """Set ``head.tokens`` (raw entries), ``head.text_scheme`` and ``head.texts`` (decoded) from raw tokens.
+
+    A vocabulary shorter than ``d_vocab`` (a padded embedding matrix) leaves the padding without text.
+
+    Raises:
+        InputError: more tokens than the head has columns, or entries that are not strings.
+    """
+    from engine.text import decode, detect_scheme
+
+    tokens = [None if t is None else t for t in tokens]
+    bad = [i for i, t in enumerate(tokens) if t is not None and not isinstance(t, str)]
+    if bad:
+        raise InputError(f"{where}: entries at ids {_ids(bad)} are not strings")
+    if len(tokens) > head.d_vocab:
+        raise InputError(f"{where}: {len(tokens)} tokens, but W_U {_shape(head.W_U)} has d_vocab = {head.d_vocab}")
+    scheme = scheme or detect_scheme(tokens)
+    head.tokens = tokens + [None] * (head.d_vocab - len(tokens))
+    head.text_scheme = scheme
+    head.texts = [decode(t, scheme) for t in head.tokens]
+    return head
+
+
+def _load_source(source: str) -> Head:
     if not isinstance(source, str) or not source.strip():
         raise InputError(f"source must be a non-empty string; got {source!r}")
     source = source.strip()
@@ -93,6 +134,10 @@ def _load_file(path: str, suffix: str) -> Head:
         raise InputError(f"{path}: file is not readable (permission denied)")
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: file is empty")
+    if suffix == ".gguf":
+        from engine.gguf import load_gguf
+
+        return load_gguf(path)
     if suffix == ".npz":
         arrays, meta_norm = _read_npz(path), None
     elif suffix == ".safetensors":
@@ -103,12 +148,29 @@ def _load_file(path: str, suffix: str) -> Head:
         raise InputError(f"{path}: unknown file type {suffix or '(no suffix)'}; expected one of "
                          f"{', '.join(FILE_SUFFIXES)}, a model directory, a model name or synthetic:...")
     norm = _norm_value(path, arrays.pop("norm", None))
+    tokens = _tokens_value(path, arrays.pop("tokens", None))
     if meta_norm is not None:
         if norm is not None and norm != meta_norm:
             raise InputError(f"{path}: norm {norm!r} (tensor) disagrees with norm {meta_norm!r} (metadata)")
         norm = meta_norm
-    return head_from_arrays(arrays["W_U"], arrays.get("b_U"), arrays.get("ln_w"), arrays.get("ln_b"), norm,
+    head = head_from_arrays(arrays["W_U"], arrays.get("b_U"), arrays.get("ln_w"), arrays.get("ln_b"), norm,
                             source=path)
+    return head if tokens is None else attach_tokens(head, tokens, where=f"{path}: key tokens")
+
+
+def _tokens_value(path: str, value) -> list[str] | None:
+    """The ``tokens`` entry: a 1-D string array (numpy ``U``/``S``) or a list of strings (``.pt``)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value):
+        return list(value)
+    arr = np.asarray(value) if not hasattr(value, "numpy") else None
+    if arr is None or arr.dtype.kind not in "US" or arr.ndim != 1:
+        what = f"dtype {arr.dtype} shape {_shape(arr)}" if arr is not None else type(value).__name__
+        raise InputError(f"{path}: tokens must be a 1-D array of strings (one per token id); got {what}")
+    if arr.dtype.kind == "S":
+        return [b.decode("utf-8", errors="replace") for b in arr.tolist()]
+    return [str(t) for t in arr.tolist()]
 
 
 def _check_keys(path: str, keys) -> None:
@@ -201,6 +263,8 @@ def _read_torch(path: str) -> dict:
     for k, v in obj.items():
         if k == "norm" and isinstance(v, (str, torch.Tensor)):
             continue
+        if k == "tokens" and isinstance(v, (list, tuple)):
+            continue
         if not isinstance(v, torch.Tensor):
             raise InputError(f"{path}: key {k} holds a {type(v).__name__}; expected a tensor")
     return dict(obj)
@@ -274,15 +338,69 @@ def _texts(tokenizer, V: int) -> list | None:
         return None
 
 
+def _raw_tokens(head: Head, tokenizer) -> None:
+    """The tokenizer's raw vocabulary entries ("Ġthe") beside the decoded texts, for the displays."""
+    if tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return
+    try:
+        n = min(head.d_vocab, len(tokenizer))
+        tokens = [t if isinstance(t, str) else None for t in tokenizer.convert_ids_to_tokens(list(range(n)))]
+    except Exception:  # a tokenizer without a vocabulary list: the decoded texts are enough
+        return
+    from engine.text import detect_scheme
+
+    head.tokens = tokens + [None] * (head.d_vocab - n)
+    head.text_scheme = detect_scheme(tokens)
+
+
 def _head_from_hf_model(model, tokenizer, source: str) -> Head:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is None or getattr(out, "weight", None) is None:
         out = model.get_input_embeddings()  # tied heads, encoder-only models
     weight = out.weight.detach()  # [d_vocab, d_model]
     b_U = getattr(out, "bias", None)
-    kind, ln_w, ln_b = _norm_params(_final_norm(model, int(weight.shape[1])))
-    return head_from_arrays(weight.T, b_U, ln_w, ln_b, kind, source=source,
+    norm_module = _final_norm(model, int(weight.shape[1]))
+    kind, ln_w, ln_b = _norm_params(norm_module)
+    head = head_from_arrays(weight.T, b_U, ln_w, ln_b, kind, source=source,
                             texts=_texts(tokenizer, int(weight.shape[0])), gram_center=True)
+    _raw_tokens(head, tokenizer)
+    # the model's own final norm and head, for the model check (engine.modelcheck): they run in its dtype
+    head.model = {"kind": "torch", "norm": norm_module, "unembed": out, "dtype": str(weight.dtype).replace("torch.", ""),
+                  "eps": _norm_eps(norm_module)}
+    return head
+
+
+def _norm_eps(m) -> float | None:
+    """The eps of a norm module: ``eps`` (torch LayerNorm, TransformerLens) or ``variance_epsilon`` (HF RMSNorm)."""
+    for attr in ("eps", "variance_epsilon", "epsilon"):
+        v = getattr(m, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def _load_object(obj) -> Head:
+    """A head from a model object: transformers ``PreTrainedModel``, TransformerLens 4.x ``TransformerBridge``
+    (its ``original_model``), TransformerLens 3.x ``HookedTransformer`` (``W_U``, ``b_U``, ``ln_final``)."""
+    name = type(obj).__name__
+    if getattr(obj, "original_model", None) is not None and hasattr(obj.original_model, "get_output_embeddings"):
+        src = getattr(getattr(obj, "cfg", None), "model_name", None) or name
+        return _head_from_hf_model(obj.original_model, getattr(obj, "tokenizer", None), f"{name}:{src}")
+    if hasattr(obj, "get_output_embeddings") and hasattr(obj, "get_input_embeddings"):
+        src = getattr(obj, "name_or_path", "") or getattr(getattr(obj, "config", None), "_name_or_path", "") or name
+        return _head_from_hf_model(obj, getattr(obj, "tokenizer", None), f"{name}:{src}")
+    if all(hasattr(obj, a) for a in ("W_U", "b_U", "unembed")):  # TransformerLens 3.x HookedTransformer
+        ln = getattr(obj, "ln_final", None)
+        kind, ln_w, ln_b = _norm_params(ln)
+        src = f"{name}:{getattr(getattr(obj, 'cfg', None), 'model_name', '?')}"
+        head = head_from_arrays(obj.W_U.detach(), obj.b_U.detach(), ln_w, ln_b, kind, source=src,
+                                texts=_texts(getattr(obj, "tokenizer", None), int(obj.W_U.shape[1])), gram_center=True)
+        head.model = {"kind": "torch", "norm": ln, "unembed": obj.unembed, "dtype": str(obj.W_U.dtype).replace("torch.", ""),
+                      "eps": _norm_eps(ln)}
+        return head
+    raise InputError(f"source must be a file, a model name or directory, synthetic:..., or a model object "
+                     f"(transformers PreTrainedModel, TransformerLens HookedTransformer or TransformerBridge); "
+                     f"got {name}")
 
 
 def _load_hf_dir(path: str) -> Head:
@@ -308,8 +426,38 @@ def _load_hf_dir(path: str) -> Head:
     return _head_from_hf_model(model, tokenizer, path)
 
 
+def _cached_locally(name: str) -> bool:
+    """Whether the Hugging Face cache holds ``name``'s config.json (no network call)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid repo id, no huggingface_hub: not cached
+        return False
+    return isinstance(hit, str)
+
+
+def _go_offline() -> None:
+    """No hub requests from here on: this tool never downloads, and retries would cost tens of seconds."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:  # read once at import: already imported means the environment came too late
+        constants.HF_HUB_OFFLINE = True
+
+
 def _load_model_name(name: str) -> Head:
-    """A TransformerLens / Hugging Face model name, from the local cache (no download is assumed)."""
+    """A TransformerLens / Hugging Face model name, from the local cache only: nothing is downloaded.
+
+    A name that is not in the local Hugging Face cache fails at once, without a network call.
+    """
+    if not _cached_locally(name):
+        raise InputError(
+            f"{name}: not a file or directory, not synthetic:..., and not in the local Hugging Face cache "
+            f"(this tool does not download). Point SOURCE at a local copy: a checkpoint directory (save_pretrained), "
+            f"a .gguf, .safetensors or .npz file; or download it first (huggingface-cli download {name}) "
+            f"and give its Hugging Face id (e.g. gpt2, not the TransformerLens alias gpt2-small)")
+    _go_offline()
     errors = []
     try:
         import transformer_lens
@@ -323,10 +471,9 @@ def _load_model_name(name: str) -> Head:
             HookedTransformer = None
         try:
             if HookedTransformer is not None:
-                model = HookedTransformer.from_pretrained_no_processing(name, device="cpu")
-                kind, ln_w, ln_b = _norm_params(getattr(model, "ln_final", None))
-                return head_from_arrays(model.W_U.detach(), model.b_U.detach(), ln_w, ln_b, kind, source=name,
-                                        texts=_texts(model.tokenizer, int(model.W_U.shape[1])), gram_center=True)
+                head = _load_object(HookedTransformer.from_pretrained_no_processing(name, device="cpu"))
+                head.source = name
+                return head
             from transformer_lens.model_bridge import TransformerBridge
 
             bridge = TransformerBridge.boot_transformers(name, device="cpu")

@@ -32,12 +32,19 @@ class TokenReport:
     margin_upper: float | None = None
     time_s: float = 0.0
     certificate: dict | None = None
+    # Extras, in the JSON only when known (after the contract's keys): the raw vocabulary entry ("Ġthe")
+    # when the source has one, and the check of the witness against the model's own arithmetic.
+    token: str | None = None
+    model_check: str | None = None  # "ok" | "fragile" (engine.modelcheck)
+    model_margin: float | None = None
 
     def to_json(self, gram: bool = False) -> dict:
         """This token's entry in the report's ``tokens`` list; ``gram=True`` keeps only the gram fields."""
         out = {"id": int(self.id), "text": None if self.text is None else str(self.text),
                "gram_argmax": int(self.gram_argmax), "hard_to_speak": bool(self.hard_to_speak)}
         if gram:
+            if self.token is not None:
+                out["token"] = str(self.token)
             return out
         out["verdict"] = self.verdict
         out["reason"] = self.reason
@@ -45,6 +52,11 @@ class TokenReport:
         out["margin_upper"] = _float_or_none(self.margin_upper)
         out["time_s"] = _float_or_none(self.time_s)
         out["certificate"] = to_jsonable(self.certificate)
+        if self.token is not None:
+            out["token"] = str(self.token)
+        if self.model_check is not None:
+            out["model_check"] = self.model_check
+            out["model_margin"] = _float_or_none(self.model_margin)
         return out
 
 
@@ -69,6 +81,10 @@ class ScanReport:
     margin_lower_all: object = None  # numpy float64 [V] (NaN where unknown)
     margin_upper_all: object = None
     gram_argmax_all: object = None  # numpy int64 [V], -1 for tokens not scanned
+    # Extra top-level JSON key "gram" (after the contract's keys) when known: the criterion in words and the
+    # hard-to-speak count with centred and with uncentred rows (engine.report.gram_summary).
+    gram: dict | None = None
+    text_scheme: str | None = None  # how the raw tokens decode (engine.text), for the displays
 
     # ------------------------------------------------------------------------------------------- contract
     def to_json(self) -> dict:
@@ -94,6 +110,10 @@ class ScanReport:
             "timings_s": _timings_json(self.timings_s, gram),
             "tokens": [t.to_json(gram=gram) for t in self.tokens],
         }
+        if self.gram is not None:
+            out["gram"] = to_jsonable(self.gram)
+        if self.warnings:  # e.g. "weights dequantized from Q8_0 ...: verdicts describe the quantized head"
+            out["warnings"] = [str(w) for w in self.warnings]
         return out
 
     def to_csv(self) -> str:
@@ -241,13 +261,15 @@ def read_json(path) -> ScanReport:
         lost = [k for k in want if k not in t]
         if lost:
             raise InputError(f"{path}: tokens[{i}] is missing keys {', '.join(lost)}")
-        tokens.append(TokenReport(**{k: t[k] for k in want if k in t}))
+        extra = {k: t[k] for k in ("token", "model_check", "model_margin") if k in t}
+        tokens.append(TokenReport(**{k: t[k] for k in want if k in t}, **extra))
         if tokens[-1].time_s is None:
             tokens[-1].time_s = 0.0
     return ScanReport(
         source=data["source"], V=data["V"], d=data["d"], domain=data["domain"], radius=data["radius"],
         bias=data["bias"], backend=data["backend"], device=data["device"], counts=dict(data["counts"]),
-        timings_s=dict(data["timings_s"]), tokens=tokens, kind="gram" if gram else "scan",
+        timings_s=dict(data["timings_s"]), tokens=tokens, kind="gram" if gram else "scan", gram=data.get("gram"),
+        warnings=list(data.get("warnings") or []),
     )
 
 
@@ -274,11 +296,17 @@ def write_plot(report: ScanReport, path, max_intervals: int = 200) -> None:
     certificate upper bound for unspeakable), coloured by verdict. Right: the margin intervals
     ``[margin_lower, margin_upper]`` of the listed tokens. A gram report shows its counts instead.
     """
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-
     fmt = _fig_format(os.fspath(path))
     if fmt not in plot_formats():
         raise ValueError(f"cannot write a {fmt!r} figure to {path}; expected one of {', '.join(sorted(plot_formats()))}")
+    fig = make_figure(report, max_intervals)
+    with _atomic(path, "wb") as f:
+        fig.savefig(f, format=fmt, dpi=110)
+
+
+def make_figure(report: ScanReport, max_intervals: int = 200):
+    """The figure of :func:`write_plot` as a matplotlib ``Figure``, for other writers (HTML)."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax_h, ax_i = fig.subplots(1, 2)
@@ -298,8 +326,7 @@ def write_plot(report: ScanReport, path, max_intervals: int = 200) -> None:
     counts = ", ".join(f"{k.replace('_', '-')} {c[k]}" for k in c)
     where = "gram" if report.kind == "gram" else f"{report.domain}" + ("" if report.radius is None else f" R={report.radius:.4g}")
     fig.suptitle(f"{report.source} — V={report.V}, d={report.d}, {where}\n{counts}", fontsize=10)
-    with _atomic(path, "wb") as f:
-        fig.savefig(f, format=fmt, dpi=110)
+    return fig
 
 
 def _margin_histogram(ax, report: ScanReport) -> None:
@@ -523,3 +550,103 @@ def _planted_table(report: ScanReport) -> list[str]:
         shown = ", ".join(map(str, ids[:12])) + (" …" if len(ids) > 12 else "")
         lines.append(f"  {'':<10}  ids: {shown}")
     return lines
+
+
+# --------------------------------------------------------------------------------------------- rich console
+_ORDER = {"unspeakable": 0, "undecided": 1}
+
+
+def ordered_tokens(tokens: list[TokenReport]) -> list[TokenReport]:
+    """Tokens in reading order: unspeakable (deepest first: lowest margin_upper), then undecided, then the
+    rest — hard-to-speak tokens — by margin_lower, smallest first (the hardest to speak). Ids break ties."""
+    def key(t: TokenReport):
+        group = _ORDER.get(t.verdict, 2)
+        m = t.margin_upper if group == 0 else t.margin_lower
+        m = _float_or_none(m)
+        return (group, math.inf if m is None else m, t.id)
+
+    return sorted(tokens, key=key)
+
+
+def _display(t: TokenReport, scheme: str | None) -> str:
+    from engine.text import display_token, escape
+
+    if t.token is not None and scheme:
+        return display_token(t.token, scheme)
+    return "—" if t.text is None else escape(t.text)
+
+
+def summary_lines(report: ScanReport) -> list[str]:
+    """Header, counts (both gram counts when known), the gram criterion and the stage timings, as text."""
+    gram = report.kind == "gram"
+    radius = "—" if report.radius is None else f"{report.radius:.6g}"
+    head = f"unspeakable {'gram' if gram else 'scan'}: {report.source}  V={report.V}  d={report.d}"
+    if not gram:
+        head += f"  domain={report.domain}  radius={radius}  bias={'on' if report.bias else 'off'}"
+    lines = [head + f"  backend={report.backend}/{report.device}",
+             "counts:  " + "  ".join(f"{k.replace('_', '-')}={v}" for k, v in report.counts.items())]
+    g = report.gram
+    if g:
+        lines.append(f"gram:    hard-to-speak centred={g.get('hard_to_speak_centred')}  "
+                     f"uncentred={g.get('hard_to_speak_uncentred')}  (counts and table use {g.get('counted_with')} rows)")
+        lines.append(f"         criterion: {g.get('criterion')}")
+    if report.timings_s:
+        lines.append("timings: " + "  ".join(f"{k}={_fmt(v)}s" for k, v in report.timings_s.items()))
+    return lines
+
+
+def print_console(report: ScanReport, file=None, max_rows: int = 40) -> None:
+    """The console report with ``rich``: summary, then the listed tokens in :func:`ordered_tokens` order
+    with escaped text (``engine.text``), margins, reasons and, when known, the model check."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    file = file or sys.stdout
+    console = Console(file=file, highlight=False, soft_wrap=False)
+    if not console.is_terminal:  # a pipe or a file: wide enough that rows are not wrapped
+        console = Console(file=file, highlight=False, soft_wrap=False, width=max(console.width, 160))
+    for line in summary_lines(report):
+        console.print(Text(line))
+    if not report.tokens:
+        console.print(Text("no tokens listed (none hard-to-speak or left open by the witness screen)"))
+    else:
+        console.print(_rich_table(report, ordered_tokens(report.tokens)[:max_rows], Table, Text))
+        if len(report.tokens) > max_rows:
+            console.print(Text(f"... {len(report.tokens) - max_rows} more (--out / --csv / --html list them all)"))
+    if report.planted:
+        console.print(Text("\n".join(_planted_table(report))))
+
+
+_STYLE = {"speakable": "green", "unspeakable": "bold red", "undecided": "yellow"}
+
+
+def _rich_table(report: ScanReport, tokens: list[TokenReport], Table, Text):
+    gram = report.kind == "gram"
+    raw = any(t.token is not None for t in tokens)
+    checked = any(t.model_check is not None for t in tokens)
+    table = Table(show_lines=False, header_style="bold")
+    table.add_column("id", justify="right")
+    table.add_column("text", overflow="fold", max_width=24)
+    if raw:
+        table.add_column("token", overflow="fold", max_width=24)
+    table.add_column("gram_argmax", justify="right")
+    if not gram:
+        for name in ("hard", "verdict", "margin_lower", "margin_upper", "reason"):
+            table.add_column(name, justify="right" if name.startswith("margin") else "left")
+        if checked:
+            table.add_column("model_check")
+    for t in tokens:
+        cells = [Text(str(t.id)), Text(_display(t, report.text_scheme))]
+        if raw:
+            cells.append(Text("—" if t.token is None else repr(t.token)))
+        cells.append(Text(str(t.gram_argmax)))
+        if not gram:
+            cells += [Text("yes" if t.hard_to_speak else "no"), Text(t.verdict or "—", style=_STYLE.get(t.verdict, "")),
+                      Text(_fmt(t.margin_lower)), Text(_fmt(t.margin_upper)), Text(t.reason or "")]
+            if checked:
+                cells.append(Text(t.model_check or "—", style="red" if t.model_check == "fragile" else ""))
+        table.add_row(*cells)
+    return table

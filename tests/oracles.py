@@ -509,7 +509,6 @@ def _bounds(rep, t, r):
     if mu is None and arr_u is not None and np.isfinite(arr_u[t]):
         mu = float(arr_u[t])
     return ml, mu
-    return out
 
 
 # ------------------------------------------------------------------------------------------ large V (balls)

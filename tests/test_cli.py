@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 
-import engine.loader
 from engine.cli import TokenSpec, main, parse_tokens
 from engine.loader import Head, InputError
 from engine.report import SCHEMA, ScanReport, TokenReport
@@ -161,7 +160,8 @@ def test_scan_plumbing(fake, capsys, tmp_path):
     assert "unspeakable scan: fake" in so and "certificate (lp)" in so
     assert "warning: no norm: using cone" in se and "no norm" not in so
     data = json.loads(out.read_text())
-    assert list(data) == TOP_KEYS and data["schema"] == SCHEMA
+    assert list(data) == TOP_KEYS + ["gram", "warnings"] and data["schema"] == SCHEMA
+    assert data["warnings"] == ["no norm: using cone, the bias is ignored; --domain box keeps it"]
     assert list(csv.reader(tab.open()))[0][0] == "id"
     assert fig.read_bytes()[:4] == b"\x89PNG"
     assert sorted(os.listdir(tmp_path)) == ["f.png", "r.json", "t.csv"]
@@ -199,7 +199,7 @@ def test_gram_plumbing(fake, capsys, tmp_path):
     assert rc == 0
     assert fake["gram_head"]["center"] is False
     data = json.loads(out.read_text())
-    assert list(data) == TOP_KEYS and list(data["tokens"][0]) == ["id", "text", "gram_argmax", "hard_to_speak"]
+    assert list(data) == TOP_KEYS + ["gram"] and list(data["tokens"][0]) == ["id", "text", "gram_argmax", "hard_to_speak"]
     run_cli(capsys, "gram", "src.npz", "--center")
     assert fake["gram_head"]["center"] is True
     run_cli(capsys, "gram", "src.npz")
@@ -353,7 +353,7 @@ def test_scan_end_to_end(capsys, tmp_path):
                          "--csv", tab, "--plot", fig)
     assert rc == 0, se
     data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
-    assert list(data) == TOP_KEYS and data["schema"] == SCHEMA
+    assert list(data) == TOP_KEYS + ["gram"] and data["schema"] == SCHEMA
     assert data["V"] == 300 and data["d"] == 8 and data["domain"] == "layernorm"
     assert math.isclose(data["radius"], math.sqrt(8))
     c = data["counts"]
@@ -382,7 +382,7 @@ def test_gram_end_to_end(capsys, tmp_path):
     rc, _, se = run_cli(capsys, "gram", SMALL, "--device", "cpu", "--out", tmp_path / "g.json")
     assert rc == 0, se
     data = json.loads((tmp_path / "g.json").read_text())
-    assert list(data) == TOP_KEYS and data["domain"] is None
+    assert list(data) == TOP_KEYS + ["gram"] and data["domain"] is None
     assert list(data["counts"]) == ["tokens", "hard_to_speak"]
     assert len(data["tokens"]) == data["counts"]["hard_to_speak"]
 

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linprog
 from scipy.spatial import ConvexHull
 
 from engine.loader import Head, fold

@@ -14,7 +14,7 @@ import torch
 
 import engine
 from engine.cli import main as cli_main
-from oracles import (audit, ball_interval_active_set, exact_cone_sign, exact_dual, exact_witness, fold_exact, instance, margin_interval,
+from oracles import (audit, ball_interval_active_set, exact_cone_sign, exact_witness, fold_exact, instance, margin_interval,
                      truth)
 
 DOMAINS = ["layernorm", "rmsnorm", "box", "cone"]

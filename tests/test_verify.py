@@ -54,7 +54,6 @@ def test_witness_accepts_true_winner_and_rejects_tampering(random_problem):
 
 def test_ball_witness_radius_is_enforced(random_problem):
     p = random_problem(40, 6, 1, "rmsnorm")
-    ver = Verifier(p)
     t = 3
     x = p.keys[t] / np.linalg.norm(p.keys[t]) * p.radius
     assert not p.domain.contains(x * (1 + 1e-12))[0]
