@@ -137,10 +137,10 @@ def check_outputs(source: str | None = None, **paths: str | None) -> None:
                                  f"expected one of {', '.join('.' + f for f in sorted(plot_formats()))}")
 
 
-def _check_backend(backend: str, device: str) -> None:
-    from kernels import resolve_backend  # torch is imported only once a command runs: --help stays quick
+def _check_backend(backend: str, device: str, precision: str = "auto") -> None:
+    from kernels import resolve_backend, resolve_precision  # torch only once a command runs: --help stays quick
 
-    resolve_backend(backend, device)
+    resolve_precision(precision, *resolve_backend(backend, device))
 
 
 def _warn(messages) -> None:
@@ -214,6 +214,7 @@ class Scan:
     tokens: TokenSpec | None = None
     device: str = "auto"
     backend: str = "auto"
+    precision: str = "auto"
     workers: int = 1
     out: str | None = None
     csv: str | None = None
@@ -228,6 +229,9 @@ class Scan:
         _domain_args(p)
         p.add_argument("--tokens", type=_token_spec_arg, help="scan only these ids, e.g. 1,5,100-200")
         _device_args(p)
+        p.add_argument("--precision", choices=("auto", "ieee", "tf32", "bf16"), default="auto",
+                       help="the screens' fast pass (auto: TF32 for the Triton kernels on sm_80+, IEEE float32 "
+                            "elsewhere); near ties are recomputed in float64 whatever the precision")
         p.add_argument("--workers", type=_positive_int, default=1, help="parallel LP workers (default 1)")
         _report_args(p)
         p.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT.partial")
@@ -238,7 +242,7 @@ class Scan:
             raise InputError("--resume needs --out: an interrupted scan keeps its progress in OUT.partial")
         check_outputs(self.source, out=self.out, csv=self.csv, plot=self.plot, html=self.html)
         _check_vocab(self.vocab)
-        _check_backend(self.backend, self.device)
+        _check_backend(self.backend, self.device, self.precision)
         from engine.pipeline import scan_head
 
         head, load_time = _load(self.source, self.vocab)
@@ -246,7 +250,8 @@ class Scan:
         checkpoint = None if not self.out else self.out + ".partial"
         try:
             report = scan_head(head, domain=self.domain, radius=self.radius, bias=self.bias, tokens=ids,
-                               device=self.device, backend=self.backend, workers=self.workers,
+                               device=self.device, backend=self.backend, precision=self.precision,
+                               workers=self.workers,
                                checkpoint=checkpoint, resume=self.resume, progress=sys.stderr.isatty(),
                                load_time=load_time, keep_checkpoint=True)
         except KeyboardInterrupt:

@@ -35,7 +35,7 @@ from engine.report import ScanReport, TokenReport
 from engine.screen import gram_screen, witness_points, witness_screen
 from engine.search import search
 from engine.verify import Verifier
-from kernels import resolve_backend
+from kernels import resolve_backend, resolve_precision
 
 
 @dataclass
@@ -46,6 +46,7 @@ class ScanOptions:
     tokens: object = None  # ids to scan (default: all V)
     device: str = "auto"
     backend: str = "auto"
+    precision: str = "auto"  # the screens' fast pass: auto | ieee | tf32 | bf16 (kernels.resolve_precision)
     workers: int = 1  # LP worker processes
     checkpoint: str | None = None  # JSON-lines file of settled tokens (``--out`` + ``.partial`` in the CLI)
     resume: bool = False
@@ -65,6 +66,7 @@ class _Scan:
     opt: ScanOptions
     backend: str
     device: torch.device
+    precision: str
     ledger: Ledger
     verifier: Verifier
     timings: dict = field(default_factory=dict)
@@ -119,13 +121,14 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
     t0 = time.perf_counter()
     problem = fold(head, domain=opt.domain, radius=opt.radius, bias=opt.bias)
     backend, dev = resolve_backend(opt.backend, opt.device)
+    precision = resolve_precision(opt.precision, backend, dev)
     V = problem.V
     ids = np.arange(V, dtype=np.int64) if opt.tokens is None else np.unique(np.asarray(opt.tokens, dtype=np.int64))
     if ids.size and (ids.min() < 0 or ids.max() >= V):
         bad = [int(t) for t in ids if t < 0 or t >= V]
         raise InputError(f"token ids {', '.join(map(str, bad[:10]))} are out of range for V = {V}")
     ckpt = Checkpoint(opt.checkpoint, fingerprint(problem), opt.resume) if opt.checkpoint else None
-    sc = _Scan(head, problem, opt, backend, dev, Ledger(ids, ckpt), Verifier(problem),
+    sc = _Scan(head, problem, opt, backend, dev, precision, Ledger(ids, ckpt), Verifier(problem),
                {"load": opt.load_time + time.perf_counter() - t0})
     sc.warnings = list(problem.warnings)
     return sc
@@ -135,9 +138,9 @@ def _screens(sc: _Scan) -> None:
     with sc.timed("screen"):
         ids = sc.ledger.ids
         grows = gram_rows(sc.head, sc.opt.gram_center)
-        sc.gram = gram_screen(grows, ids, backend=sc.backend, device=sc.device)
+        sc.gram = gram_screen(grows, ids, backend=sc.backend, device=sc.device, precision=sc.precision)
         del grows
-        sc.witness = witness_screen(sc.problem, ids, backend=sc.backend, device=sc.device)
+        sc.witness = witness_screen(sc.problem, ids, backend=sc.backend, device=sc.device, precision=sc.precision)
     _log(sc, f"screens: {sc.timings['screen']:.1f}s, {int(sc.gram.hard_to_speak.sum())} hard-to-speak")
 
 

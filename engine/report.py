@@ -224,12 +224,37 @@ def _umask() -> int:
     return mask
 
 
-def write_json(report: ScanReport, path) -> None:
-    """Write ``report.to_json()`` atomically. Refuses NaN/inf rather than writing invalid JSON."""
+# Above this many witness coordinates the report moves them to a companion binary file: a real head lists
+# thousands of witnesses of hundreds of numbers each (143 MB of JSON for SmolLM2 otherwise).
+COMPANION_MIN_NUMBERS = 100_000
+
+
+def write_json(report: ScanReport, path, companion_min: int = COMPANION_MIN_NUMBERS) -> None:
+    """Write ``report.to_json()`` atomically. Refuses NaN/inf rather than writing invalid JSON.
+
+    When the listed witness points hold more than ``companion_min`` numbers they go to ``PATH.witnesses.npz``
+    (arrays ``witness_ids`` [n] int64, ``witness_x`` [n, d] float64, written first, atomically); the JSON
+    names it under ``"companion"`` and each such witness reads ``"x": {"companion": i}``.
+    """
     data = report.to_json()
+    _split_witnesses(data, os.fspath(path), companion_min)
     with _atomic(path) as f:
         json.dump(data, f, indent=1, ensure_ascii=False, allow_nan=False)
         f.write("\n")
+
+
+def _split_witnesses(data: dict, path: str, companion_min: int) -> None:
+    rows = [t for t in data["tokens"] if isinstance((t.get("certificate") or {}).get("x"), list)]
+    if sum(len(t["certificate"]["x"]) for t in rows) <= companion_min:
+        return
+    name = os.path.basename(path) + ".witnesses.npz"
+    ids = np.array([t["id"] for t in rows], dtype=np.int64)
+    X = np.array([t["certificate"]["x"] for t in rows], dtype=np.float64)
+    with _atomic(os.path.join(os.path.dirname(os.path.abspath(path)), name), "wb") as f:
+        np.savez(f, witness_ids=ids, witness_x=X)
+    for i, t in enumerate(rows):
+        t["certificate"]["x"] = {"companion": i}
+    data["companion"] = name
 
 
 def write_csv(report: ScanReport, path) -> None:

@@ -12,6 +12,7 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "ieee", "tf32", "bf16")
 
 
 class BackendError(ValueError):
@@ -45,3 +46,18 @@ def resolve_backend(backend: str = "auto", device: str = "auto") -> tuple[str, t
                 "(set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter)"
             )
     return backend, dev
+
+
+def resolve_precision(precision: str, backend: str, device: torch.device) -> str:
+    """The fast pass's input precision: ``auto`` is TF32 for the Triton kernels on sm_80 and newer, IEEE
+    float32 elsewhere. Rows near a tie within the precision's error bound are recomputed in float64 either
+    way (kernels.screen), so the precision changes speed, never the result."""
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    on_gpu = backend == "triton" and device.type == "cuda"
+    if precision == "auto":
+        return "tf32" if on_gpu and torch.cuda.get_device_capability(device) >= (8, 0) else "ieee"
+    if precision != "ieee" and backend != "triton":
+        raise BackendError(f"--precision {precision} needs the triton backend (the torch backend computes in "
+                           f"IEEE float32)")
+    return precision

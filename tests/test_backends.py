@@ -37,3 +37,17 @@ def test_triton_interpreter_and_torch_give_identical_verdicts():
         assert tri["verdicts"] == [int(v) for v in ref.verdicts_all]
         assert tri["hard"] == [t.id for t in ref.tokens if t.hard_to_speak]
         assert np.all(np.asarray(ref.verdicts_all) != 0)
+
+
+def test_precision_is_resolved_in_one_place():
+    import torch
+
+    from kernels import BackendError, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", "torch", cpu) == "ieee"  # the CPU's float32 is IEEE
+    assert resolve_precision("tf32", "triton", cpu) == "tf32"  # the interpreter: a looser bound, same result
+    with pytest.raises(BackendError, match="needs the triton backend"):
+        resolve_precision("bf16", "torch", cpu)
+    with pytest.raises(BackendError, match="unknown precision"):
+        resolve_precision("fp8", "triton", cpu)

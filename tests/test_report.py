@@ -365,3 +365,21 @@ def test_format_certificate():
     assert "deficit=0.5" in s and "3 competitors" in s and s.index("2:0.7") < s.index("1:0.2")
     s = format_certificate({"kind": "witness", "x": [3.0, 4.0], "runner_up": 7})
     assert "||x||_2=5" in s and "runner_up=7" in s
+
+
+def test_large_witness_lists_go_to_a_companion_file_that_audits(tmp_path):
+    import engine
+    from engine.report import write_json
+
+    src = "synthetic:V=600,d=16,seed=5"
+    rep = engine.scan_head(engine.load(src), domain="box")
+    inline, split = tmp_path / "inline.json", tmp_path / "split.json"
+    write_json(rep, inline)  # a small report keeps its witnesses in the JSON
+    write_json(rep, split, companion_min=0)
+    a, b = json.loads(inline.read_text()), json.loads(split.read_text())
+    assert "companion" not in a and b["companion"] == "split.json.witnesses.npz"
+    xs = [t for t in a["tokens"] if isinstance((t["certificate"] or {}).get("x"), list)]
+    with np.load(tmp_path / b["companion"]) as z:
+        ids, X = z["witness_ids"], z["witness_x"]
+    assert ids.tolist() == [t["id"] for t in xs] and np.array_equal(X, [t["certificate"]["x"] for t in xs])
+    assert engine.audit(str(split), src).ok and engine.audit(str(inline), src).ok
