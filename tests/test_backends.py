@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from engine.loader import load
 from engine.pipeline import scan_head
