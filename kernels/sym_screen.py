@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.screen import PRECISION_UNIT, _gather_scores64, dot_error_unit
-from kernels.top2 import Top2, top2_reference, top2_torch
+from kernels.screen import dot_error_unit
+from kernels.top2 import Top2, _take_best, top2_reference, top2_torch
 
 NEG_INF = float("-inf")
 U32 = 2.0**-24  # float32 unit roundoff (the epilogue is float32 in every precision)
@@ -55,6 +55,10 @@ TINY = 2.0**-126  # smallest normal float32: the absolute error of a flushed sub
 RANGE_LIMIT = 2.0**100
 F64_SLACK = 1.0 + 2.0**-40  # rounds a float64-computed norm or bound up past its own rounding error
 PRECISIONS = ("ieee", "tf32", "bf16")
+# Candidates kept per row by the fast pass. The exact best and second lie among those within 2 eps of the
+# fast second; with K slots, up to K - 1 such near ties are settled by float64 rescoring of K dots, not by
+# a float64 pass over all V columns (the cost that dominated at tf32 / on uncentred rows).
+TOP_K = 6
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,10 @@ class SymScreenStats:
     tiles_skipped: int = 0
     directions: int = 0
     directions_skipped: int = 0
-    gram_recomputed: int = 0
+    gram_recomputed: int = 0  # rows recomputed in float64 over all V columns
     witness_recomputed: int = 0
+    gram_rescored: int = 0  # rows whose near-tied kept candidates were rescored in float64
+    witness_rescored: int = 0
     out_of_range_rows: int = 0
     times_s: dict = field(default_factory=dict)
 
@@ -136,10 +142,10 @@ def _check_inputs(gram_rows64, keys64, scale64, bias64, key_map) -> None:
 
 @dataclass
 class _Rows:
-    """float64 per-row quantities of one screen, in the original order."""
+    """float64 per-row quantities of one screen (original order until sorted by ``_take``)."""
 
-    norm: torch.Tensor  # [V] upper bound of ‖g_t‖ (gram) or ‖k̂_t‖ (witness)
-    eps: torch.Tensor  # [V] |fast value - real value| <= eps for every competitor j of row t
+    norm: torch.Tensor  # [V] upper bound of the norm the pruning bound multiplies (‖g_j‖ or ‖k_j‖)
+    eps: torch.Tensor  # [V] |fast value - real value (less a per-row constant)| <= eps for every j != t
     in_range: torch.Tensor  # [V] bool: no float32 overflow possible in this row's fast values
     ub_scale: torch.Tensor  # [V] fast value of (t, j) <= ub_scale[t] * norm[j] + ub_shift[t] + bias[j]
     ub_shift: torch.Tensor  # [V]
@@ -153,13 +159,14 @@ def _norms(x64: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
 
 
 def _dot_eps(norm, nmax, d, precision):
-    """|fast g_t·g_j - g_t·g_j| for every j: relative dot error, plus flushed subnormal inputs, products
-    and partial sums (absolute, TINY each), plus the float64 reference's own rounding."""
+    """|fast h_t·h_j - h_t·h_j| for every j: relative dot error of the precision, plus flushed subnormal
+    inputs, products and partial sums (absolute, TINY each), plus the float64 reference's own rounding."""
     rel = dot_error_unit(precision, d) + dot_error_unit("float64", d)
     return rel * norm * nmax + 2.0 * TINY * (math.sqrt(d) * (norm + nmax) + 2 * d + 4)
 
 
-def _gram_rows(g64, precision) -> _Rows:
+def _gram_only_rows(g64, precision) -> _Rows:
+    """Gram screen on a GEMM of the gram rows themselves: the fast value is the dot, no epilogue."""
     V, d = g64.shape
     norm = _norms(g64)
     nmax = float(norm.max()) if V else 0.0
@@ -170,24 +177,15 @@ def _gram_rows(g64, precision) -> _Rows:
 
 @dataclass
 class _Corrections:
-    """``G_tj - a_t a_j - beta_t - beta_j + gamma = k̂_t·k̂_j`` (a is None without sum_zero)."""
+    """``g_t·g_j = k̂_t·k̂_j + a_t a_j + beta_t + beta_j + gamma`` for the model keys ``k̂ = P(g − c)``
+    (a = σ/√d with σ the row sums, sum_zero only; beta_j = k̂_j·Pc; gamma = ‖Pc‖²), and the norms of k̂
+    and of the residual ``k − k̂`` between the caller's keys and the model."""
 
     a: torch.Tensor | None
     beta: torch.Tensor | None
     gamma: float
-
-
-def _corrections(g64, key_map: KeyMap | None) -> _Corrections:
-    if key_map is None:
-        return _Corrections(None, None, 0.0)
-    d = g64.shape[1]
-    p = torch.zeros(d, dtype=torch.float64) if key_map.center64 is None else key_map.center64.clone()
-    a = None
-    if key_map.sum_zero:
-        p -= p.mean()  # P c, with P the projection onto 1⊥
-        a = g64.sum(dim=1) / math.sqrt(d)
-    beta = g64 @ p  # P g_j · P c = g_j · P c (P symmetric, idempotent)
-    return _Corrections(a, beta, float(p @ p))
+    khat_norm: torch.Tensor
+    resid_norm: torch.Tensor
 
 
 def _model_keys(g64, r0, r1, key_map: KeyMap | None) -> torch.Tensor:
@@ -202,49 +200,63 @@ def _model_keys(g64, r0, r1, key_map: KeyMap | None) -> torch.Tensor:
     return k
 
 
-def _key_norms_and_residuals(g64, keys64, key_map, chunk: int = 8192):
-    """(‖k̂_j‖, ‖k_j − k̂_j‖) upper bounds: the residual covers the caller's keys differing from the map."""
-    V = g64.shape[0]
-    kn = torch.empty(V, dtype=torch.float64)
-    en = torch.zeros(V, dtype=torch.float64)
+def _corrections(g64, keys64, key_map: KeyMap | None, chunk: int = 8192) -> _Corrections:
+    V, d = g64.shape
+    p = torch.zeros(d, dtype=torch.float64)
+    if key_map is not None and key_map.center64 is not None:
+        p = key_map.center64 - (key_map.center64.mean() if key_map.sum_zero else 0.0)  # P c
+    a = g64.sum(dim=1) / math.sqrt(d) if key_map is not None and key_map.sum_zero else None
+    beta = None if not bool(p.any()) else torch.empty(V, dtype=torch.float64)
+    kn, en = torch.empty(V, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
     same = keys64 is g64 and key_map is None
     for r0 in range(0, V, chunk):
         r1 = min(V, r0 + chunk)
         kh = _model_keys(g64, r0, r1, key_map)
         kn[r0:r1] = torch.linalg.vector_norm(kh, dim=1)
+        if beta is not None:
+            beta[r0:r1] = kh @ p
         if not same:
             en[r0:r1] = torch.linalg.vector_norm(keys64[r0:r1] - kh, dim=1)
     # The residual is itself computed in float64: pad it by the rounding of a difference of that size.
     en = (en + 4.0 * 2.0**-53 * kn) * F64_SLACK
-    return kn * F64_SLACK, en
+    return _Corrections(a, beta, float(p @ p), kn * F64_SLACK, en)
 
 
-def _witness_rows(g64, keys64, scale64, bias64, key_map, corr: _Corrections, precision) -> _Rows:
-    """Bounds for the epilogue value ``f = s_t (S - a_t a_j - beta_j) + b_j`` (float32, four roundings)."""
-    V, d = g64.shape
-    gn = _norms(g64)
-    nmax = float(gn.max())
-    err_s = _dot_eps(gn, nmax, d, precision)
-    a_abs = torch.zeros(V, dtype=torch.float64) if corr.a is None else corr.a.abs()
-    b_abs = torch.zeros(V, dtype=torch.float64) if corr.beta is None else corr.beta.abs()
-    amax, bemax = float(a_abs.max()), float(b_abs.max())
+def _witness_rows(keys64, scale64, bias64, precision) -> _Rows:
+    """Bounds for the epilogue value ``f = s_t S_tj + b_j`` (S the float32 Gram of the keys; two roundings)."""
+    V, d = keys64.shape
+    kn = _norms(keys64)
+    kmax = float(kn.max())
     bmax = 0.0 if bias64 is None else float(bias64.abs().max())
-    inner = gn * nmax + a_abs * amax + bemax  # |S - a a - beta| and every partial result inside it
     s = scale64
-    eps = 2.0 * (s * (err_s + 6.0 * U32 * inner) + 3.0 * U32 * (s * inner + bmax) + TINY * (inner + 8.0 + 8.0 * s))
-    kn, en = _key_norms_and_residuals(g64, keys64, key_map)
-    kmax, emax = float(kn.max()), float(en.max())
-    # |k_t·k_j − (G − a a − beta − beta + gamma)|: the caller's keys vs the map, plus float64 rounding of
-    # a, beta, gamma, the map and the reference's own dot (generous: (d+4)^1.5 ulps of the magnitudes).
-    pn = math.sqrt(max(corr.gamma, 0.0))
-    f64 = 8.0 * (d + 4) ** 1.5 * 2.0**-53 * ((gn + pn) * (nmax + pn) + kn * kmax)
-    mismatch = en * (kmax + emax) + kn * emax + f64
-    eps = eps + s * mismatch + 8.0 * 2.0**-53 * (s * kn * kmax + bmax)  # the reference's s * dot + b
-    in_range = (inner * torch.clamp(s, min=1.0) + bmax < RANGE_LIMIT) & (s < RANGE_LIMIT)
-    beta_t = torch.zeros(V, dtype=torch.float64) if corr.beta is None else corr.beta
-    # f(t, j) = s_t (k̂_t·k̂_j + beta_t − gamma) + b_j ± eps_t <= s_t ‖k̂_t‖ ‖k̂_j‖ + s_t (beta_t − gamma) + b_j + eps_t
-    shift = s * (beta_t - corr.gamma + mismatch) + eps
-    return _Rows(kn, eps, in_range, s * kn * F64_SLACK, shift + shift.abs() * 2.0**-40)
+    mag = s * kn * kmax  # |s_t S_tj| and every partial result
+    eps = 2.0 * (s * _dot_eps(kn, kmax, d, precision) + 2.0 * U32 * (mag + bmax) + TINY * (kn * kmax + 4.0))
+    eps = eps + 8.0 * 2.0**-53 * (mag + bmax)  # the float64 reference's s * dot + b
+    in_range = (2.0 * kn * kmax * torch.clamp(s, min=1.0) + bmax < RANGE_LIMIT) & (s < RANGE_LIMIT)
+    return _Rows(kn, eps, in_range, s * kn * F64_SLACK, eps)  # f(t, j) <= s_t ‖k_t‖ ‖k_j‖ + b_j + eps_t
+
+
+def _gram_from_keys_rows(g64, keys64, corr: _Corrections, precision) -> _Rows:
+    """Bounds for the gram epilogue on the keys' Gram: ``f = S_tj + a_t a_j + beta_j`` (three float32
+    roundings), the real ``g_t·g_j`` less the row constant ``beta_t + gamma``, up to the residual."""
+    V, d = g64.shape
+    gn, kn = _norms(g64), _norms(keys64)
+    gmax, kmax = float(gn.max()), float(kn.max())
+    a_abs = torch.zeros(V, dtype=torch.float64) if corr.a is None else corr.a.abs()
+    beta = torch.zeros(V, dtype=torch.float64) if corr.beta is None else corr.beta
+    amax, bemax = float(a_abs.max()), float(beta.abs().max())
+    inner = kn * kmax + a_abs * amax + bemax  # |f| and every partial result
+    eps = 2.0 * (_dot_eps(kn, kmax, d, precision) + 4.0 * U32 * inner + TINY * (inner + 8.0))
+    khmax, emax = float(corr.khat_norm.max()), float(corr.resid_norm.max())
+    # |k_t·k_j − k̂_t·k̂_j| for the caller's keys k = k̂ + e, and float64 rounding of a, beta, gamma and of the
+    # reference's g_t·g_j (generous: (d+4)^1.5 ulps of every magnitude involved).
+    mismatch = corr.resid_norm * (khmax + emax) + corr.khat_norm * emax
+    f64 = 8.0 * (d + 4) ** 1.5 * 2.0**-53 * (gn * gmax + kn * kmax + a_abs * amax + bemax + beta.abs() + corr.gamma)
+    eps = eps + mismatch + f64
+    in_range = 2.0 * inner < RANGE_LIMIT
+    # f(t, j) <= g_t·g_j − beta_t − gamma + eps_t <= ‖g_t‖ ‖g_j‖ − beta_t − gamma + eps_t
+    shift = eps - beta - corr.gamma
+    return _Rows(gn, eps, in_range, gn, shift + shift.abs() * 2.0**-40)
 
 
 # ------------------------------------------------------------------------------- sorted fast operands
@@ -252,17 +264,21 @@ def _witness_rows(g64, keys64, scale64, bias64, key_map, corr: _Corrections, pre
 
 @dataclass
 class _Plan:
-    """Everything the fast pass reads, in the sorted order ``perm`` (position p holds row ``perm[p]``)."""
+    """Everything the fast pass reads, in the sorted order ``perm`` (position p holds row ``perm[p]``).
+
+    ``h32`` are the GEMM's rows: the keys when there is a witness screen (its values are then plain
+    scaled dots, and the gram's are the same Gram plus rank-one corrections, with error bounds in the
+    keys' norms rather than the larger uncentred ones), else the gram rows."""
 
     perm: torch.Tensor  # [V] int64
-    g32: torch.Tensor  # [V, d] float32 gram rows, rounded as the precision rounds its inputs
+    h32: torch.Tensor  # [V, d] float32, rounded as the precision rounds its inputs
     gram: _Rows  # sorted
     wit: _Rows | None  # sorted
     a32: torch.Tensor | None  # [V] epilogue vectors, float32, sorted
     beta32: torch.Tensor | None
     s32: torch.Tensor | None
     b32: torch.Tensor | None
-    bias_sorted: torch.Tensor | None  # float64, for the pruning bound
+    bias_sorted: torch.Tensor | None  # float64, for the witness pruning bound
     block: int
 
 
@@ -290,23 +306,22 @@ def _take(rows: _Rows | None, perm) -> _Rows | None:
 
 
 def _plan(g64, keys64, scale64, bias64, key_map, precision, block) -> _Plan:
-    gram = _gram_rows(g64, precision)
-    wit = None
-    if keys64 is not None:
-        corr = _corrections(g64, key_map)
-        wit = _witness_rows(g64, keys64, scale64, bias64, key_map, corr, precision)
-        m = float(wit.ub_scale.median())
-        key = m * wit.norm + (0.0 if bias64 is None else bias64)
-    else:
+    corr = None
+    if keys64 is None:
+        gram, wit = _gram_only_rows(g64, precision), None
         key = gram.norm
+    else:
+        corr = _corrections(g64, keys64, key_map)
+        gram = _gram_from_keys_rows(g64, keys64, corr, precision)
+        wit = _witness_rows(keys64, scale64, bias64, precision)
+        key = float(wit.ub_scale.median()) * wit.norm + (0.0 if bias64 is None else bias64)
     # Descending key: blocks of likely winners come first and raise every row's third best early.
     perm = torch.argsort(key, descending=True, stable=True)
     f32 = lambda t: None if t is None else t[perm].to(torch.float32)  # noqa: E731
-    plan = _Plan(perm, _sorted_f32(g64, perm, precision), _take(gram, perm), _take(wit, perm),
-                 None, None, None, None, None, block)
+    plan = _Plan(perm, _sorted_f32(g64 if keys64 is None else keys64, perm, precision), _take(gram, perm),
+                 _take(wit, perm), None, None, None, None, None, block)
     if keys64 is not None:
-        plan.a32, plan.beta32, plan.s32 = f32(corr.a), f32(corr.beta), f32(scale64)
-        plan.b32 = f32(bias64)
+        plan.a32, plan.beta32, plan.s32, plan.b32 = f32(corr.a), f32(corr.beta), f32(scale64), f32(bias64)
         plan.bias_sorted = None if bias64 is None else bias64[perm]
     return plan
 
@@ -343,7 +358,7 @@ def _needed(rows: _Rows, bb: _BlockBounds, vals: torch.Tensor, t0: int, t1: int,
     du = u - bb.m
     ub = bb.E[jb] + torch.maximum(du * bb.nmax[jb], du * bb.nmin[jb]) + rows.ub_shift[t0:t1]
     # Not (ub < third): a NaN bound or third keeps the direction (never skip on a non-number).
-    return bool((~(ub < vals[t0:t1, 2].double())).any())
+    return bool((~(ub < vals[t0:t1, -1].double())).any())
 
 
 # ----------------------------------------------------------------------------------------- torch pass
@@ -357,81 +372,79 @@ def _fold(T: torch.Tensor, dim: int, vals: torch.Tensor, idx: torch.Tensor, t0: 
     gap of 0 and send the row to the float64 recomputation, whose tie rule is the reference's.
     """
     m = T.amax(dim=dim)
-    th = vals[t0:t0 + m.shape[0], 2]
+    th = vals[t0:t0 + m.shape[0], -1]
     # Only rows whose tile max beats their third best need the candidates (a NaN max counts as a hit: it
     # reaches the state, and a non-finite slot sends the row to float64).
     hit = (~(m <= th)).nonzero().squeeze(1)
     if hit.numel() == 0:
         return
     sub = T.index_select(1 - dim, hit)
-    cv, ci = torch.topk(sub, min(3, T.shape[dim]), dim=dim)
+    cv, ci = torch.topk(sub, min(vals.shape[1], T.shape[dim]), dim=dim)
     if dim == 0:
         cv, ci = cv.T, ci.T
     # -inf is the masked self column (or an empty slot): never a competitor, index -1.
     ci = torch.where(cv == NEG_INF, -1, ci + c0)
     rows = hit + t0
-    tv, tj = torch.topk(torch.cat([vals[rows], cv], 1), 3, dim=1)
+    tv, tj = torch.topk(torch.cat([vals[rows], cv], 1), vals.shape[1], dim=1)
     vals[rows] = tv
     idx[rows] = torch.cat([idx[rows], ci], 1).gather(1, tj)
 
 
-def _witness_tile(D, W, plan: _Plan, r0, r1, c0, c1, transpose: bool) -> torch.Tensor:
-    """Epilogue values ``s_t (S − a_t a_j − beta_j) + b_j`` of the tile, targets t in rows (``transpose``
-    False: rows r0:r1) or in columns (True: rows c0:c1); D = S − a a^T already."""
+def _epilogue(S, W, plan: _Plan, r0, r1, c0, c1, screen: str, transpose: bool) -> torch.Tensor:
+    """Fast values of one screen on the tile, targets t in rows (``transpose`` False: rows r0:r1) or in
+    columns (True: rows c0:c1), candidates j the other side. One pass each (out= into a buffer):
+
+    * witness: ``s_t S_tj + b_j`` (addcmul);
+    * gram: ``S_tj + a_t a_j + beta_j`` (addr, add); S itself when there are no corrections.
+    """
     tr, cr = ((c0, c1), (r0, r1)) if transpose else ((r0, r1), (c0, c1))
     shape_t = (1, -1) if transpose else (-1, 1)  # broadcast of a per-target vector
     shape_c = (-1, 1) if transpose else (1, -1)  # of a per-candidate vector
+    if screen == "witness":
+        s = plan.s32[tr[0]:tr[1]].view(shape_t)
+        if plan.b32 is None:
+            return torch.mul(S, s, out=W)
+        return torch.addcmul(plan.b32[cr[0]:cr[1]].view(shape_c), S, s, out=W)
+    T = S
+    if plan.a32 is not None:
+        T = torch.addr(S, plan.a32[r0:r1], plan.a32[c0:c1], out=W)  # a a^T is symmetric: same both ways
     if plan.beta32 is not None:
-        torch.sub(D, plan.beta32[cr[0]:cr[1]].view(shape_c), out=W)
-        W.mul_(plan.s32[tr[0]:tr[1]].view(shape_t))
-    else:
-        torch.mul(D, plan.s32[tr[0]:tr[1]].view(shape_t), out=W)
-    if plan.b32 is not None:
-        W.add_(plan.b32[cr[0]:cr[1]].view(shape_c))
-    return W
+        T = torch.add(T, plan.beta32[cr[0]:cr[1]].view(shape_c), out=W)
+    return T
 
 
 class _State:
     """Running fast top-3 of one screen, in sorted positions: values float32, candidate positions int64."""
 
-    def __init__(self, V: int):
-        self.vals = torch.full((V, 3), NEG_INF, dtype=torch.float32)
-        self.idx = torch.full((V, 3), -1, dtype=torch.int64)
+    def __init__(self, V: int, k: int = TOP_K):
+        self.vals = torch.full((V, k), NEG_INF, dtype=torch.float32)
+        self.idx = torch.full((V, k), -1, dtype=torch.int64)
 
 
 def _tile_torch(plan, bufs, states, r0, r1, c0, c1, dirs) -> None:
-    """One tile pair: S = G_IJ once, then the needed reductions among the four."""
+    """One tile pair: S = H_I H_J^T once, then the needed reductions among the four (witness first, as
+    the gram's may write into S)."""
     n, m = r1 - r0, c1 - c0
-    S, D, W = (b[:n * m].view(n, m) for b in bufs)
-    torch.mm(plan.g32[r0:r1], plan.g32[c0:c1].T, out=S)
+    S, W = (b[:n * m].view(n, m) for b in bufs)
+    torch.mm(plan.h32[r0:r1], plan.h32[c0:c1].T, out=S)
     diag = r0 == c0
-    gs, ws = states
-    if dirs[2] or dirs[3]:
-        if plan.a32 is not None:
-            torch.addr(S, plan.a32[r0:r1], plan.a32[c0:c1], alpha=-1, out=D)
-        else:
-            D = S
-        for k, transpose in ((2, False), (3, True)):
-            if dirs[k]:
-                Wt = _witness_tile(D, W, plan, r0, r1, c0, c1, transpose)
-                if diag:
-                    Wt.fill_diagonal_(NEG_INF)  # self is no competitor: -inf never wins a max
-                _fold(Wt, 0 if transpose else 1, ws.vals, ws.idx, c0 if transpose else r0, r0 if transpose else c0)
-    if diag:
-        S.fill_diagonal_(NEG_INF)  # self is no competitor: -inf never wins a max
-    if dirs[0]:
-        _fold(S, 1, gs.vals, gs.idx, r0, c0)
-    if dirs[1]:
-        _fold(S, 0, gs.vals, gs.idx, c0, r0)
+    for screen, st, k in (("witness", states[1], 2), ("gram", states[0], 0)):
+        for transpose in (False, True):
+            if not dirs[k + transpose]:
+                continue
+            T = _epilogue(S, W, plan, r0, r1, c0, c1, screen, transpose)
+            if diag:
+                T.fill_diagonal_(NEG_INF)  # self is no competitor: -inf never wins a max
+            _fold(T, 0 if transpose else 1, st.vals, st.idx, c0 if transpose else r0, r0 if transpose else c0)
 
 
 def _fast_torch(plan: _Plan, prune: bool, stats: SymScreenStats) -> tuple[_State, _State | None]:
     """The symmetric schedule: for I, for J >= I, tile (I, J) updates rows I and rows J."""
-    V, B = plan.g32.shape[0], plan.block
+    V, B = plan.h32.shape[0], plan.block
     gs, ws = _State(V), (None if plan.wit is None else _State(V))
     gb = _block_bounds(plan.gram, None, B)
     wb = None if plan.wit is None else _block_bounds(plan.wit, plan.bias_sorted, B)
-    bufs = [torch.empty(B * B, dtype=torch.float32) for _ in range(3)]
+    bufs = [torch.empty(B * B, dtype=torch.float32) for _ in range(2)]
     for ib, r0 in enumerate(range(0, V, B)):
         r1 = min(V, r0 + B)
         for jb, c0 in enumerate(range(r0, V, B), start=ib):
@@ -465,38 +478,76 @@ def _directions(plan, gb, wb, gs, ws, I, J, prune) -> list:
 # ------------------------------------------------------------------------------------ exact recovery
 
 
-def _untrusted(st: _State, rows: _Rows, V: int) -> torch.Tensor:
-    """Rows whose fast top-3 cannot be trusted to order the real values: out of float32 range, an empty
-    or non-finite slot among the first min(3, V − 1), or a gap within 2 eps (best/second or second/third)."""
-    k = min(3, V - 1)
-    v = st.vals.double()
-    bad = ~rows.in_range
-    if k > 0:
-        bad |= (st.idx[:, :k] < 0).any(dim=1) | (~torch.isfinite(v[:, :k])).any(dim=1)
-    for s in range(min(2, k - 1)):
-        # not (gap > 2 eps): a NaN gap is untrusted too
-        bad |= ~(v[:, s] - v[:, s + 1] > 2.0 * rows.eps)
-    return bad
-
-
-def _recover(st: _State, rows: _Rows, perm, q64, keys64, scale64, bias64) -> tuple[Top2, int]:
-    """Exact best / second indices (float64 recomputation of untrusted rows), values rescored in float64."""
+def _slots_to_original(st: _State, perm: torch.Tensor):
+    """The state in the original row order, candidate positions mapped back to token ids (-1: empty)."""
     V = perm.shape[0]
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(V)
-    bad_sorted = _untrusted(st, rows, V)
-    pos = st.idx[inv]  # original row order, candidate positions
-    cand = torch.where(pos >= 0, perm[pos.clamp(min=0)], -1)
-    best_idx, second_idx = cand[:, 0].clone(), cand[:, 1].clone()
-    redo = bad_sorted[inv].nonzero().squeeze(1)
+    pos = st.idx[inv]
+    return inv, st.vals[inv].double(), torch.where(pos >= 0, perm[pos.clamp(min=0)], -1)
+
+
+def _pair_scores64(q64, keys64, rows, cols, scale64, bias64, chunk: int = 8192) -> torch.Tensor:
+    """float64 scores of the pairs (rows[i], cols[i]), as the reference computes them, in chunks."""
+    out = torch.empty(rows.shape[0], dtype=torch.float64)
+    for c0 in range(0, rows.shape[0], chunk):
+        r, c = rows[c0:c0 + chunk], cols[c0:c0 + chunk]
+        out[c0:c0 + chunk] = (q64[r] * keys64[c]).sum(dim=1)
+    if scale64 is not None:
+        out = out * scale64[rows]
+    if bias64 is not None:
+        out = out + bias64[cols]
+    return out
+
+
+def _first_two(vals: torch.Tensor, ids: torch.Tensor):
+    """Best and second of each row over slots (value, then the smaller id: the reference's tie rule)."""
+    b_val, b_idx = _take_best(vals, ids)
+    taken = ids == b_idx[:, None]
+    s_val, s_idx = _take_best(vals.masked_fill(taken, NEG_INF), ids.masked_fill(taken, -1))
+    return b_val, b_idx, s_val, s_idx
+
+
+def _recover(st: _State, rows: _Rows, perm, q64, keys64, scale64, bias64) -> tuple[Top2, int, int]:
+    """Exact best / second indices, values rescored in float64.
+
+    The float64 reference's best and second lie among the j whose fast value is >= (fast second) − 2 eps
+    (each fast value is within eps of the reference's). When those all sit in the kept top-K, their
+    float64 scores decide (O(K) dots per row); otherwise (more near ties than slots, a non-finite or
+    missing slot, or a row out of float32 range) the row is recomputed in float64 over all V columns.
+    Returns (result, rows recomputed over all V, rows decided by rescoring more than two candidates).
+    """
+    V = perm.shape[0]
+    K = st.vals.shape[1]
+    inv, v, cand = _slots_to_original(st, perm)
+    eps, in_range = rows.eps[inv], rows.in_range[inv]
+    need = min(K, V - 1)  # slots that must be filled: every row has V - 1 competitors
+    f2 = v[:, 1] if need >= 2 else torch.full((V,), NEG_INF, dtype=torch.float64)
+    # not (v < f2 - 2 eps): NaN counts as near, so a non-finite value is never ruled out
+    near = ~(v < (f2 - 2.0 * eps)[:, None]) & (cand >= 0)
+    full = ~in_range
+    if need > 0:
+        full |= (cand[:, :need] < 0).any(dim=1) | (~torch.isfinite(v[:, :need])).any(dim=1)
+    if V - 1 > K:
+        full |= near[:, K - 1]  # the last slot is near: more near ties may lie outside the top-K
+    # Every other row decides among its near slots by their float64 scores (usually the two best only).
+    pr, ps = (near & ~full[:, None]).nonzero(as_tuple=True)
+    scores = torch.full_like(v, NEG_INF)
+    scores[pr, ps] = _pair_scores64(q64, keys64, pr, cand[pr, ps], scale64, bias64)
+    best_val, best_idx, second_val, second_idx = _first_two(scores, torch.where(near, cand, -1))
+    gap_small = ~(v[:, 0] - f2 > 2.0 * eps)
+    rescored = int((((near.sum(dim=1) > 2) | gap_small) & ~full).sum())
+    redo = full.nonzero().squeeze(1)
     if redo.numel():
         ex = top2_torch(q64[redo], keys64, redo, scale=None if scale64 is None else scale64[redo], bias=bias64,
                         block_rows=256, block_cols=8192)
         best_idx[redo], second_idx[redo] = ex.best_idx, ex.second_idx
-    best_val = _gather_scores64(q64, keys64, best_idx, scale64, bias64)
-    second_val = _gather_scores64(q64, keys64, second_idx, scale64, bias64)
-    self_val = _gather_scores64(q64, keys64, torch.arange(V), scale64, bias64)
-    return Top2(best_val, best_idx, second_val, second_idx, self_val), int(redo.numel())
+        for val, idx in ((best_val, best_idx), (second_val, second_idx)):  # rescored like every other row
+            val[redo] = _pair_scores64(q64, keys64, redo, idx[redo].clamp(min=0), scale64, bias64)
+            val[redo] = torch.where(idx[redo] >= 0, val[redo], NEG_INF)
+    ids = torch.arange(V)
+    self_val = _pair_scores64(q64, keys64, ids, ids, scale64, bias64)
+    return Top2(best_val, best_idx, second_val, second_idx, self_val), int(redo.numel()), rescored
 
 
 # ----------------------------------------------------------------------------------------------- entry
@@ -549,10 +600,12 @@ def sym_screen(
     gs, ws = _fast(plan, backend, device, prune, stats)
     t2 = time.perf_counter()
     stats.out_of_range_rows = int((~plan.gram.in_range).sum()) + (0 if plan.wit is None else int((~plan.wit.in_range).sum()))
-    gram, stats.gram_recomputed = _recover(gs, plan.gram, plan.perm, gram_rows64, gram_rows64, None, None)
+    gram, stats.gram_recomputed, stats.gram_rescored = _recover(gs, plan.gram, plan.perm, gram_rows64,
+                                                               gram_rows64, None, None)
     witness = None
     if keys64 is not None:
-        witness, stats.witness_recomputed = _recover(ws, plan.wit, plan.perm, keys64, keys64, scale64, bias64)
+        witness, stats.witness_recomputed, stats.witness_rescored = _recover(ws, plan.wit, plan.perm, keys64,
+                                                                             keys64, scale64, bias64)
     stats.times_s = {"prepare": t1 - t0, "fast": t2 - t1, "recover": time.perf_counter() - t2}
     return SymScreen(gram, witness, stats)
 
