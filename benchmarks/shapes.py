@@ -29,6 +29,8 @@ SHAPES: dict[str, tuple[int, int]] = {
     "gpt2-xl": (50257, 1600),
     "pythia-160m": (50304, 768),
     "llama3-8b": (128256, 4096),
+    "smollm2-135m": (49152, 576),
+    "gemma3-270m": (262144, 640),  # the 262144 x 640 head of DESIGN §7's memory target
 }
 
 # A CI-sized head: GPT-2's d_model with a sixth of its vocabulary. Ratios, not times, carry over.

@@ -126,9 +126,12 @@ def _check_inputs(gram_rows64, keys64, scale64, bias64, key_map) -> None:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         if t.dtype != torch.float64 or t.device.type != "cpu":
             raise TypeError(f"{name} must be a float64 CPU tensor (the master copy), got {t.dtype} on {t.device}")
-        bad = (~torch.isfinite(t)).nonzero()
-        if bad.numel():
-            raise ValueError(f"{name} has {bad.shape[0]} non-finite entries, first at {bad[0].tolist()}")
+        # A finite sum proves every entry finite (inf and NaN propagate) in one vectorised pass; only a
+        # non-finite sum (bad entries, or an overflow) pays for the elementwise check.
+        if not bool(torch.isfinite(t.sum())):
+            bad = (~torch.isfinite(t)).nonzero()
+            if bad.numel():
+                raise ValueError(f"{name} has {bad.shape[0]} non-finite entries, first at {bad[0].tolist()}")
     if keys64 is None and (scale64 is not None or bias64 is not None or key_map is not None):
         raise ValueError("scale64, bias64 and key_map describe the witness screen: they need keys64")
     if keys64 is not None and scale64 is None:
@@ -293,7 +296,7 @@ def round_inputs(x32: torch.Tensor, precision: str) -> torch.Tensor:
     return ((b + 0xFFF + ((b >> 13) & 1)) & -0x2000).view(torch.float32)
 
 
-def _sorted_f32(x64: torch.Tensor, perm: torch.Tensor, precision: str, chunk: int = 8192) -> torch.Tensor:
+def _sorted_f32(x64: torch.Tensor, perm: torch.Tensor, precision: str, chunk: int = 1024) -> torch.Tensor:
     """``x64[perm]`` as float32, filled in chunks: no float64 copy of the whole matrix."""
     out = torch.empty(x64.shape, dtype=torch.float32)
     for r0 in range(0, x64.shape[0], chunk):
@@ -487,16 +490,29 @@ def _slots_to_original(st: _State, perm: torch.Tensor):
     return inv, st.vals[inv].double(), torch.where(pos >= 0, perm[pos.clamp(min=0)], -1)
 
 
-def _pair_scores64(q64, keys64, rows, cols, scale64, bias64, chunk: int = 8192) -> torch.Tensor:
-    """float64 scores of the pairs (rows[i], cols[i]), as the reference computes them, in chunks."""
-    out = torch.empty(rows.shape[0], dtype=torch.float64)
-    for c0 in range(0, rows.shape[0], chunk):
+def _pair_scores64(q64, keys64, rows, cols, scale64, bias64, chunk: int = 1024) -> torch.Tensor:
+    """float64 scores of the pairs (rows[i], cols[i]), as the reference computes them, in chunks (small
+    enough that the gathered copies come from the allocator's cache, not fresh pages). ``rows = cols =
+    None``: the self scores of every row, read in place."""
+    n = q64.shape[0] if rows is None else rows.shape[0]
+    out = torch.empty(n, dtype=torch.float64)
+    for c0 in range(0, n, chunk):
+        if rows is None:
+            out[c0:c0 + chunk] = (q64[c0:c0 + chunk] * keys64[c0:c0 + chunk]).sum(dim=1)
+            continue
         r, c = rows[c0:c0 + chunk], cols[c0:c0 + chunk]
         out[c0:c0 + chunk] = (q64[r] * keys64[c]).sum(dim=1)
+    if rows is None:
+        return out if scale64 is None and bias64 is None else _pair_affine(out, scale64, bias64, None, None)
+    return _pair_affine(out, scale64, bias64, rows, cols)
+
+
+def _pair_affine(out, scale64, bias64, rows, cols):
+    """``scale[row] * dot + bias[col]``, as the reference applies them (after the dot)."""
     if scale64 is not None:
-        out = out * scale64[rows]
+        out = out * (scale64 if rows is None else scale64[rows])
     if bias64 is not None:
-        out = out + bias64[cols]
+        out = out + (bias64 if cols is None else bias64[cols])
     return out
 
 
@@ -545,8 +561,7 @@ def _recover(st: _State, rows: _Rows, perm, q64, keys64, scale64, bias64) -> tup
         for val, idx in ((best_val, best_idx), (second_val, second_idx)):  # rescored like every other row
             val[redo] = _pair_scores64(q64, keys64, redo, idx[redo].clamp(min=0), scale64, bias64)
             val[redo] = torch.where(idx[redo] >= 0, val[redo], NEG_INF)
-    ids = torch.arange(V)
-    self_val = _pair_scores64(q64, keys64, ids, ids, scale64, bias64)
+    self_val = _pair_scores64(q64, keys64, None, None, scale64, bias64)
     return Top2(best_val, best_idx, second_val, second_idx, self_val), int(redo.numel()), rescored
 
 
