@@ -607,12 +607,13 @@ def sym_screen(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     V = gram_rows64.shape[0]
+    user_block = block
     block = block or (1024 if backend == "torch" else 0)
     stats = SymScreenStats(backend=backend, precision=precision, block=block)
     t0 = time.perf_counter()
     plan = _plan(gram_rows64, keys64, scale64, bias64, key_map, precision, max(1, min(block or 64, max(V, 1))))
     t1 = time.perf_counter()
-    gs, ws = _fast(plan, backend, device, prune, stats)
+    gs, ws = _fast(plan, backend, device, prune, stats, precision, user_block)
     t2 = time.perf_counter()
     stats.out_of_range_rows = int((~plan.gram.in_range).sum()) + (0 if plan.wit is None else int((~plan.wit.in_range).sum()))
     gram, stats.gram_recomputed, stats.gram_rescored = _recover(gs, plan.gram, plan.perm, gram_rows64,
@@ -625,11 +626,12 @@ def sym_screen(
     return SymScreen(gram, witness, stats)
 
 
-def _fast(plan, backend, device, prune, stats):
+def _fast(plan, backend, device, prune, stats, precision, block):
+    """The one place the fast pass's backend is chosen."""
     if backend == "triton":
         from kernels.triton_sym import fast_triton
 
-        return fast_triton(plan, device, prune, stats)
+        return fast_triton(plan, device, prune, stats, precision=precision, block=block)
     if backend != "torch":
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     if torch.device(device).type != "cpu":
