@@ -1,5 +1,5 @@
 """One symmetric pass for both screens (DESIGN §3 steps 2–3, §4): the gram screen and the witness screen
-from a single tiled float32 Gram of the gram rows, each pair of row blocks (I ≤ J) visited once.
+from a single tiled float32 Gram, each pair of row blocks (I ≤ J) visited once.
 
 Gram rows ``g_j`` (float64 ``[V, d]``: the gain-folded rows ``ũ_j``, or TransformerLens-style centred rows).
 
@@ -8,33 +8,37 @@ Gram rows ``g_j`` (float64 ``[V, d]``: the gain-folded rows ``ũ_j``, or Transfo
   (``R/‖k_t‖`` for the balls, ``1/‖k_t‖²`` for the cone), bias ``b_j``; the witness logits at
   ``x_t = s_t k_t`` are ``l_t(j) = s_t k_t·k_j + b_j``; per row best / second over ``j ≠ t`` and self.
 
-The keys relate to the gram rows through a :class:`KeyMap` ``k̂_j = P(g_j − c)`` (``P`` = projection onto
-``1⊥`` when ``sum_zero``, else the identity; no map: ``k̂_j = g_j``, the centred-rows convention), so
+The GEMM runs on the keys (when there is a witness screen; else on the gram rows). The gram rows relate
+to the keys through a :class:`KeyMap`, ``k̂_j = P(g_j − c)`` (``P`` = projection onto ``1⊥`` when
+``sum_zero``, else the identity; no map: ``k̂_j = g_j``, the centred-rows convention), so
 
-    k̂_t·k̂_j = g_t·g_j − a_t a_j − β_t − β_j + γ,   a = σ/√d (σ = row sums; sum_zero only),
-                                                    β_j = g_j·Pc,  γ = ‖Pc‖²,
+    g_t·g_j = k̂_t·k̂_j + a_t a_j + β_t + β_j + γ,   a = σ/√d (σ = row sums; sum_zero only),
+                                                    β_j = k̂_j·Pc,  γ = ‖Pc‖²,
 
-the Gram plus rank-one corrections held in O(V) vectors. One tile ``S = G_IJ`` therefore feeds four
-reductions: gram rows I (over columns J), gram rows J (over rows I), and the witness logits of rows I and
-of rows J, computed in the epilogue as ``s_t (S − a_t a_j − β_j) + b_j``. That is the real logit minus
-``s_t (γ − β_t)``, a constant per row: it moves neither the argmax over j nor any gap, and every value
-returned is rescored in float64 from the float64 inputs. The box domain's screen point ``ρ·sign(k_t)`` is
-no multiple of ``k_t``, so it is not a Gram of the rows: there, call this with ``keys64=None`` (gram only)
-and run the witness screen separately with ``kernels.screen.top2_exact``.
+the keys' Gram plus rank-one corrections held in O(V) vectors. One tile ``S = K_I K_J^T`` therefore feeds
+four reductions, two epilogues each way: witness ``s_t S_tj + b_j`` and gram ``S_tj + a_t a_j + β_j`` (the
+real ``g_t·g_j`` less ``β_t + γ``, a constant per row that moves neither the argmax over j nor any gap),
+for the rows of I over the columns J and for the rows of J over the rows I. Every value returned is
+rescored in float64 from the float64 inputs. Running the GEMM on the (centred) keys keeps its error bound
+in their norms, several times smaller than the uncentred rows' on a real head. The box domain's screen
+point ``ρ·sign(k_t)`` is no multiple of ``k_t``, so it is not a Gram of the rows: there, call this with
+``keys64=None`` (gram only) and run the witness screen separately with ``kernels.screen.top2_exact``.
 
 Exactness (as ``kernels.screen.top2_exact``, plus the second index, issue 8): every fast value is within
-an a-priori bound ``eps_t`` of its real-arithmetic value (dot error of the precision, the float32
-epilogue's roundings, flushed subnormals, float64 rounding of the reference and of the key map, and
-``‖k_j − k̂_j‖``). The fast pass keeps a top-3 per row; a row whose best − second or second − third is
-``≤ 2 eps_t``, or that has an empty or non-finite slot, or whose magnitudes could overflow float32, is
-recomputed in float64 over all columns. Then best / second / self are rescored in float64. Indices equal a
-float64 reference on every row (ties aside), and so does the second index.
+an a-priori bound ``eps_t`` of the float64 reference's value (dot error of the precision, the float32
+epilogue's roundings, flushed subnormals, float64 rounding of the reference and of the corrections, and
+the measured residual ``‖k_j − k̂_j‖`` between the caller's keys and the map). The fast pass keeps the top
+K = ``TOP_K`` candidates per row. The reference's best and second lie among the candidates whose fast
+value is ≥ fast second − 2 eps_t; those are rescored in float64 and ordered by the reference's rule (value,
+then first index). A row where that set may extend past the K kept (the K-th is still near), with an empty
+or non-finite slot, or whose magnitudes could overflow float32, is recomputed in float64 over all
+columns. Indices equal the float64 reference on every row (ties aside), the second index included.
 
-Pruning: rows are sorted by a key (witness: ``m·‖k̂_j‖ + b_j``; gram only: ``‖g_j‖``) and before each tile
-a rigorous upper bound of every fast value a direction could produce (Cauchy–Schwarz, plus ``eps_t``) is
-compared with each target row's current third best; a direction whose bound is below every target's third
-is skipped, and the GEMM too when all four are. A candidate skipped so could not have entered the fast
-top-3, so pruned and unpruned runs give the same fast top-3 and the same result.
+Pruning: rows are sorted by a key (witness: ``m·‖k_j‖ + b_j``; gram only: ``‖g_j‖``) and before each tile
+a rigorous upper bound of every fast value a direction could produce (Cauchy–Schwarz per block, plus
+``eps_t``) is compared with each target row's current K-th best; a direction whose bound is below every
+target's K-th is skipped, and the GEMM too when all four are. A candidate skipped so could not have
+entered the fast top-K, so pruned and unpruned runs keep the same candidates and give the same result.
 """
 from __future__ import annotations
 
@@ -318,7 +322,7 @@ def _plan(g64, keys64, scale64, bias64, key_map, precision, block) -> _Plan:
         gram = _gram_from_keys_rows(g64, keys64, corr, precision)
         wit = _witness_rows(keys64, scale64, bias64, precision)
         key = float(wit.ub_scale.median()) * wit.norm + (0.0 if bias64 is None else bias64)
-    # Descending key: blocks of likely winners come first and raise every row's third best early.
+    # Descending key: blocks of likely winners come first and raise every row's K-th best early.
     perm = torch.argsort(key, descending=True, stable=True)
     f32 = lambda t: None if t is None else t[perm].to(torch.float32)  # noqa: E731
     plan = _Plan(perm, _sorted_f32(g64 if keys64 is None else keys64, perm, precision), _take(gram, perm),
@@ -356,11 +360,11 @@ def _block_bounds(rows: _Rows, bias: torch.Tensor | None, block: int) -> _BlockB
 
 
 def _needed(rows: _Rows, bb: _BlockBounds, vals: torch.Tensor, t0: int, t1: int, jb: int) -> bool:
-    """Whether some target row t0:t1 could take a candidate of block jb into its fast top-3."""
+    """Whether some target row t0:t1 could take a candidate of block jb into its fast top-K."""
     u = rows.ub_scale[t0:t1]
     du = u - bb.m
     ub = bb.E[jb] + torch.maximum(du * bb.nmax[jb], du * bb.nmin[jb]) + rows.ub_shift[t0:t1]
-    # Not (ub < third): a NaN bound or third keeps the direction (never skip on a non-number).
+    # Not (ub < K-th): a NaN bound or K-th value keeps the direction (never skip on a non-number).
     return bool((~(ub < vals[t0:t1, -1].double())).any())
 
 
@@ -368,15 +372,15 @@ def _needed(rows: _Rows, bb: _BlockBounds, vals: torch.Tensor, t0: int, t1: int,
 
 
 def _fold(T: torch.Tensor, dim: int, vals: torch.Tensor, idx: torch.Tensor, t0: int, c0: int) -> None:
-    """Fold the candidates of tile ``T`` into the running top-3 of its targets.
+    """Fold the candidates of tile ``T`` into the running top-K of its targets.
 
     dim=1: the targets are T's rows (sorted positions t0 + i), the candidates its columns (c0 + j);
-    dim=0: the transpose. Ties among fast values need no rule here: equal values in a row's top-3 leave a
-    gap of 0 and send the row to the float64 recomputation, whose tie rule is the reference's.
+    dim=0: the transpose. Ties among fast values need no rule here: equal fast values are within 2 eps of
+    each other, so they are rescored in float64 and ordered by the reference's rule.
     """
     m = T.amax(dim=dim)
     th = vals[t0:t0 + m.shape[0], -1]
-    # Only rows whose tile max beats their third best need the candidates (a NaN max counts as a hit: it
+    # Only rows whose tile max beats their K-th best need the candidates (a NaN max counts as a hit: it
     # reaches the state, and a non-finite slot sends the row to float64).
     hit = (~(m <= th)).nonzero().squeeze(1)
     if hit.numel() == 0:
@@ -417,7 +421,7 @@ def _epilogue(S, W, plan: _Plan, r0, r1, c0, c1, screen: str, transpose: bool) -
 
 
 class _State:
-    """Running fast top-3 of one screen, in sorted positions: values float32, candidate positions int64."""
+    """Running fast top-K of one screen, in sorted positions: values float32, candidate positions int64."""
 
     def __init__(self, V: int, k: int = TOP_K):
         self.vals = torch.full((V, k), NEG_INF, dtype=torch.float32)
@@ -597,7 +601,7 @@ def sym_screen(
         device: where the fast pass runs ("cpu" for torch).
         precision: "ieee", "tf32" or "bf16" (torch backend: operands rounded so, to reproduce them).
         block: rows per block (tile = block × block); default 1024 (torch), the kernel's tile (triton).
-        prune: skip tile reductions that rigorous bounds show cannot change any fast top-3.
+        prune: skip tile reductions that rigorous bounds show cannot change any fast top-K.
 
     Returns:
         :class:`SymScreen`: ``gram`` and ``witness`` as ``Top2`` over ``j ≠ t`` (float64 values, int64

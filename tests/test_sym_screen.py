@@ -17,15 +17,26 @@ from pathlib import Path
 import pytest
 import torch
 
-# Triton decides interpreted vs compiled once per process, when it is imported (see test_triton_top2.py):
-# on a machine without CUDA, if nothing imported it yet, import it interpreted and restore the variable.
-if "triton" not in sys.modules and not torch.cuda.is_available():
+# Triton decides interpreted vs compiled once per function, when it is defined (see test_triton_top2.py).
+# On a machine without CUDA: if nothing imported triton yet, import it interpreted, together with both
+# kernel modules (so that test_triton_top2.py, collected later, finds its kernel interpreted too); if it
+# is interpreted already, import this file's kernel module the same way. Then restore the variable.
+def _triton_interpreted_already() -> bool:
+    if "triton" not in sys.modules:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(sys.modules["triton.language"].zeros, InterpretedFunction)
+
+
+if not torch.cuda.is_available() and ("triton" not in sys.modules or (
+        _triton_interpreted_already() and "kernels.triton_sym" not in sys.modules)):
     _saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import triton  # noqa: F401
 
-        from kernels import triton_sym  # noqa: F401
+        from kernels import triton_sym, triton_top2  # noqa: F401
     finally:
         if _saved is None:
             del os.environ["TRITON_INTERPRET"]
