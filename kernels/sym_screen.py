@@ -300,11 +300,15 @@ def round_inputs(x32: torch.Tensor, precision: str) -> torch.Tensor:
     return ((b + 0xFFF + ((b >> 13) & 1)) & -0x2000).view(torch.float32)
 
 
-def _sorted_f32(x64: torch.Tensor, perm: torch.Tensor, precision: str, chunk: int = 1024) -> torch.Tensor:
-    """``x64[perm]`` as float32, filled in chunks: no float64 copy of the whole matrix."""
+def _sorted_f32(x64: torch.Tensor, perm: torch.Tensor, precision: str, chunk: int = 8192) -> torch.Tensor:
+    """``x64[perm]`` as float32, filled in chunks through one reused float64 buffer: no float64 copy of
+    the whole matrix."""
     out = torch.empty(x64.shape, dtype=torch.float32)
+    buf = torch.empty((min(chunk, x64.shape[0]), x64.shape[1]), dtype=torch.float64)
     for r0 in range(0, x64.shape[0], chunk):
-        out[r0:r0 + chunk] = round_inputs(x64[perm[r0:r0 + chunk]].to(torch.float32), precision)
+        m = min(chunk, x64.shape[0] - r0)
+        torch.index_select(x64, 0, perm[r0:r0 + m], out=buf[:m])
+        out[r0:r0 + m] = round_inputs(buf[:m].to(torch.float32), precision)
     return out
 
 
@@ -494,20 +498,23 @@ def _slots_to_original(st: _State, perm: torch.Tensor):
     return inv, st.vals[inv].double(), torch.where(pos >= 0, perm[pos.clamp(min=0)], -1)
 
 
-def _pair_scores64(q64, keys64, rows, cols, scale64, bias64, chunk: int = 1024) -> torch.Tensor:
-    """float64 scores of the pairs (rows[i], cols[i]), as the reference computes them, in chunks (small
-    enough that the gathered copies come from the allocator's cache, not fresh pages). ``rows = cols =
-    None``: the self scores of every row, read in place."""
+def _pair_scores64(q64, keys64, rows, cols, scale64, bias64, chunk: int = 8192) -> torch.Tensor:
+    """float64 scores of the pairs (rows[i], cols[i]), as the reference computes them (dot, then scale,
+    then bias), in chunks gathered into two reused buffers: no fresh pages per chunk, few ops (each op
+    can cost a scheduler quantum on a shared machine). ``rows = cols = None``: every row's self score."""
     n = q64.shape[0] if rows is None else rows.shape[0]
     out = torch.empty(n, dtype=torch.float64)
-    for c0 in range(0, n, chunk):
-        if rows is None:
-            out[c0:c0 + chunk] = (q64[c0:c0 + chunk] * keys64[c0:c0 + chunk]).sum(dim=1)
-            continue
-        r, c = rows[c0:c0 + chunk], cols[c0:c0 + chunk]
-        out[c0:c0 + chunk] = (q64[r] * keys64[c]).sum(dim=1)
     if rows is None:
-        return out if scale64 is None and bias64 is None else _pair_affine(out, scale64, bias64, None, None)
+        for c0 in range(0, n, chunk):
+            out[c0:c0 + chunk] = torch.linalg.vecdot(q64[c0:c0 + chunk], keys64[c0:c0 + chunk])
+        return _pair_affine(out, scale64, bias64, None, None)
+    qa = torch.empty((min(chunk, n), q64.shape[1]), dtype=torch.float64)
+    kb = torch.empty_like(qa)
+    for c0 in range(0, n, chunk):
+        m = min(chunk, n - c0)
+        torch.index_select(q64, 0, rows[c0:c0 + m], out=qa[:m])
+        torch.index_select(keys64, 0, cols[c0:c0 + m], out=kb[:m])
+        out[c0:c0 + m] = torch.linalg.vecdot(qa[:m], kb[:m])
     return _pair_affine(out, scale64, bias64, rows, cols)
 
 
