@@ -42,6 +42,7 @@ entered the fast top-K, so pruned and unpruned runs keep the same candidates and
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -300,7 +301,7 @@ def round_inputs(x32: torch.Tensor, precision: str) -> torch.Tensor:
     return ((b + 0xFFF + ((b >> 13) & 1)) & -0x2000).view(torch.float32)
 
 
-def _sorted_f32(x64: torch.Tensor, perm: torch.Tensor, precision: str, chunk: int = 8192) -> torch.Tensor:
+def _sorted_f32(x64: torch.Tensor, perm: torch.Tensor, precision: str, chunk: int = 1024) -> torch.Tensor:
     """``x64[perm]`` as float32, filled in chunks through one reused float64 buffer: no float64 copy of
     the whole matrix."""
     out = torch.empty(x64.shape, dtype=torch.float32)
@@ -432,12 +433,32 @@ class _State:
         self.idx = torch.full((V, k), -1, dtype=torch.int64)
 
 
-def _tile_torch(plan, bufs, states, r0, r1, c0, c1, dirs) -> None:
-    """One tile pair: S = H_I H_J^T once, then the needed reductions among the four (witness first, as
-    the gram's may write into S)."""
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's intra-op threads set to n inside the block. Apart from its GEMMs the pass is many small and
+    medium ops (epilogues, O(V d) preparation and recovery): on a shared machine every multi-threaded op
+    waits at its barrier for a descheduled thread (a scheduler quantum), so they run on one thread and
+    only the GEMMs use the caller's threads (measured at V = 8192, d = 768 under a load of 12 on 2 cores:
+    the whole pass 3-4x slower with every op on 2 threads than on 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _tile_torch(plan, bufs, states, r0, r1, c0, c1, dirs, gemm_threads: int = 1) -> None:
+    """One tile pair: S = H_I H_J^T once (``gemm_threads``), then the needed reductions among the four
+    (on the calling thread; witness first, as the gram's may write into S)."""
     n, m = r1 - r0, c1 - c0
     S, W = (b[:n * m].view(n, m) for b in bufs)
-    torch.mm(plan.h32[r0:r1], plan.h32[c0:c1].T, out=S)
+    with _threads(gemm_threads):
+        torch.mm(plan.h32[r0:r1], plan.h32[c0:c1].T, out=S)
+    _reduce_tile(plan, S, W, states, r0, r1, c0, c1, dirs)
+
+
+def _reduce_tile(plan, S, W, states, r0, r1, c0, c1, dirs) -> None:
     diag = r0 == c0
     for screen, st, k in (("witness", states[1], 2), ("gram", states[0], 0)):
         for transpose in (False, True):
@@ -449,7 +470,7 @@ def _tile_torch(plan, bufs, states, r0, r1, c0, c1, dirs) -> None:
             _fold(T, 0 if transpose else 1, st.vals, st.idx, c0 if transpose else r0, r0 if transpose else c0)
 
 
-def _fast_torch(plan: _Plan, prune: bool, stats: SymScreenStats) -> tuple[_State, _State | None]:
+def _fast_torch(plan: _Plan, prune: bool, stats: SymScreenStats, gemm_threads: int) -> tuple[_State, _State | None]:
     """The symmetric schedule: for I, for J >= I, tile (I, J) updates rows I and rows J."""
     V, B = plan.h32.shape[0], plan.block
     gs, ws = _State(V), (None if plan.wit is None else _State(V))
@@ -467,7 +488,7 @@ def _fast_torch(plan: _Plan, prune: bool, stats: SymScreenStats) -> tuple[_State
             if not any(dirs):
                 stats.tiles_skipped += 1
                 continue
-            _tile_torch(plan, bufs, (gs, ws), r0, r1, c0, c1, dirs)
+            _tile_torch(plan, bufs, (gs, ws), r0, r1, c0, c1, dirs, gemm_threads)
     return gs, ws
 
 
@@ -498,23 +519,23 @@ def _slots_to_original(st: _State, perm: torch.Tensor):
     return inv, st.vals[inv].double(), torch.where(pos >= 0, perm[pos.clamp(min=0)], -1)
 
 
-def _pair_scores64(q64, keys64, rows, cols, scale64, bias64, chunk: int = 8192) -> torch.Tensor:
+def _pair_scores64(q64, keys64, rows, cols, scale64, bias64, chunk: int = 1024) -> torch.Tensor:
     """float64 scores of the pairs (rows[i], cols[i]), as the reference computes them (dot, then scale,
-    then bias), in chunks gathered into two reused buffers: no fresh pages per chunk, few ops (each op
-    can cost a scheduler quantum on a shared machine). ``rows = cols = None``: every row's self score."""
+    then bias), in cache-sized chunks gathered into two reused buffers (no fresh pages per chunk; measured
+    faster than large chunks or ``vecdot``). ``rows = cols = None``: every row's self score."""
     n = q64.shape[0] if rows is None else rows.shape[0]
     out = torch.empty(n, dtype=torch.float64)
-    if rows is None:
-        for c0 in range(0, n, chunk):
-            out[c0:c0 + chunk] = torch.linalg.vecdot(q64[c0:c0 + chunk], keys64[c0:c0 + chunk])
-        return _pair_affine(out, scale64, bias64, None, None)
     qa = torch.empty((min(chunk, n), q64.shape[1]), dtype=torch.float64)
     kb = torch.empty_like(qa)
     for c0 in range(0, n, chunk):
         m = min(chunk, n - c0)
-        torch.index_select(q64, 0, rows[c0:c0 + m], out=qa[:m])
-        torch.index_select(keys64, 0, cols[c0:c0 + m], out=kb[:m])
-        out[c0:c0 + m] = torch.linalg.vecdot(qa[:m], kb[:m])
+        if rows is None:
+            torch.mul(q64[c0:c0 + m], keys64[c0:c0 + m], out=qa[:m])
+        else:
+            torch.index_select(q64, 0, rows[c0:c0 + m], out=qa[:m])
+            torch.index_select(keys64, 0, cols[c0:c0 + m], out=kb[:m])
+            qa[:m].mul_(kb[:m])
+        torch.sum(qa[:m], dim=1, out=out[c0:c0 + m])
     return _pair_affine(out, scale64, bias64, rows, cols)
 
 
@@ -617,6 +638,15 @@ def sym_screen(
     _check_inputs(gram_rows64, keys64, scale64, bias64, key_map)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    gemm_threads = torch.get_num_threads()
+    # The torch backend runs everything but its GEMMs on one thread (see _threads).
+    with _threads(1) if backend == "torch" else contextlib.nullcontext():
+        return _sym_screen(gram_rows64, keys64, scale64, bias64, key_map, backend, device, precision, block, prune,
+                           gemm_threads)
+
+
+def _sym_screen(gram_rows64, keys64, scale64, bias64, key_map, backend, device, precision, block, prune,
+                gemm_threads) -> SymScreen:
     V = gram_rows64.shape[0]
     user_block = block
     block = block or (1024 if backend == "torch" else 0)
@@ -624,20 +654,25 @@ def sym_screen(
     t0 = time.perf_counter()
     plan = _plan(gram_rows64, keys64, scale64, bias64, key_map, precision, max(1, min(block or 64, max(V, 1))))
     t1 = time.perf_counter()
-    gs, ws = _fast(plan, backend, device, prune, stats, precision, user_block)
+    gs, ws = _fast(plan, backend, device, prune, stats, precision, user_block, gemm_threads)
     t2 = time.perf_counter()
     stats.out_of_range_rows = int((~plan.gram.in_range).sum()) + (0 if plan.wit is None else int((~plan.wit.in_range).sum()))
+    gram, witness = _recover_both(gs, ws, plan, gram_rows64, keys64, scale64, bias64, stats)
+    stats.times_s = {"prepare": t1 - t0, "fast": t2 - t1, "recover": time.perf_counter() - t2}
+    return SymScreen(gram, witness, stats)
+
+
+def _recover_both(gs, ws, plan, gram_rows64, keys64, scale64, bias64, stats):
     gram, stats.gram_recomputed, stats.gram_rescored = _recover(gs, plan.gram, plan.perm, gram_rows64,
                                                                gram_rows64, None, None)
     witness = None
     if keys64 is not None:
         witness, stats.witness_recomputed, stats.witness_rescored = _recover(ws, plan.wit, plan.perm, keys64,
                                                                              keys64, scale64, bias64)
-    stats.times_s = {"prepare": t1 - t0, "fast": t2 - t1, "recover": time.perf_counter() - t2}
-    return SymScreen(gram, witness, stats)
+    return gram, witness
 
 
-def _fast(plan, backend, device, prune, stats, precision, block):
+def _fast(plan, backend, device, prune, stats, precision, block, gemm_threads):
     """The one place the fast pass's backend is chosen."""
     if backend == "triton":
         from kernels.triton_sym import fast_triton
@@ -647,7 +682,7 @@ def _fast(plan, backend, device, prune, stats, precision, block):
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     if torch.device(device).type != "cpu":
         raise ValueError(f"the torch backend of sym_screen runs on the CPU, got device {device!r}")
-    return _fast_torch(plan, prune, stats)
+    return _fast_torch(plan, prune, stats, gemm_threads)
 
 
 def sym_screen_reference(
