@@ -59,11 +59,14 @@ def two_pass(bp, memory_only=False) -> dict:
 
 
 def _sym(bp, centred: bool, memory_only: bool) -> dict:
+    import warnings
+
     import torch
 
     import kernels.sym_screen as ss
 
     p = bp.problem
+    warnings.filterwarnings("ignore", message=".*not writable.*")  # read-only memory maps; never written
     keys = torch.from_numpy(p.keys)
     n = torch.linalg.vector_norm(keys, dim=1)
     scale = torch.where(n > 0, p.radius / n, 0.0)
@@ -83,9 +86,9 @@ def _first_block_row_only(ss) -> None:
     """Memory probe: the fast pass visits the tiles (0, J) only (see the module docstring)."""
     real = ss._tile_torch
 
-    def tile(plan, bufs, states, r0, r1, c0, c1, dirs):
+    def tile(plan, bufs, states, r0, r1, c0, c1, *args):
         if r0 == 0:
-            real(plan, bufs, states, r0, r1, c0, c1, dirs)
+            real(plan, bufs, states, r0, r1, c0, c1, *args)
 
     ss._tile_torch = tile
 
@@ -106,7 +109,8 @@ def worker(args) -> None:
 
     name = args.worker.removesuffix(THREADS_SUFFIX)
     torch.set_num_threads(1 if name != args.worker else args.threads)
-    bp = load_problem(args.data)
+    # Memory maps: a provider's RSS counts the arrays it reads (sym-centred never reads the stored rows).
+    bp = load_problem(args.data, mmap=True)
     reset = _reset_peak()
     base_kb = _proc_kb("VmRSS")
     ru0 = resource.getrusage(resource.RUSAGE_SELF)

@@ -139,11 +139,13 @@ def save_problem(bp: BenchProblem, directory: str) -> None:
         f.write(f"{bp.name} {bp.V} {bp.d} {bp.seed} {p.domain} {p.radius!r}\n")
 
 
-def load_problem(directory: str) -> BenchProblem:
-    """The :class:`BenchProblem` written by :func:`save_problem`."""
+def load_problem(directory: str, mmap: bool = False) -> BenchProblem:
+    """The :class:`BenchProblem` written by :func:`save_problem`. ``mmap``: read-only memory maps, so that
+    a provider's peak RSS counts only the arrays it reads."""
     with open(os.path.join(directory, "meta.txt")) as f:
         name, V, d, seed, domain, radius = f.read().split()
-    a = {n: np.load(os.path.join(directory, n + ".npy")) for n in ("rows", "bias", "center", "keys")}
+    a = {n: np.load(os.path.join(directory, n + ".npy"), mmap_mode="r" if mmap else None)
+         for n in ("rows", "bias", "center", "keys")}
     problem = Problem(rows=a["rows"], bias=a["bias"], domain=domain, radius=float(radius), center=a["center"],
                       keys=a["keys"], bias_used=True, source=f"bench:{name},seed={seed}")
     return BenchProblem(name=name, V=int(V), d=int(d), seed=int(seed), rows=a["rows"], problem=problem)
