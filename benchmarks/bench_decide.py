@@ -83,7 +83,7 @@ def summary(timings: list[TokenTiming]) -> dict:
 
 def report(bp: BenchProblem, timings, setup_s, scan_s, scanned) -> list[str]:
     s = summary(timings)
-    L = [f"decide on {s['n']} open tokens of {bp.name} (V = {bp.V}, d = {bp.d}, {bp.problem.domain}); open = "
+    L = [f"decide on {s['n']} open tokens of {bp.name} (V = {bp.V}, d = {bp.d}, {bp.problem.domain.name}); open = "
          f"self-direction margin ≤ 0 among the first {scanned} ids (witness screen on them: {scan_s:.2f} s); "
          f"per-problem setup {setup_s:.2f} s, once",
          f"median {s['median_s']:.3f} s (target ≤ {TARGET_MEDIAN_S} s: {s['median_s'] / TARGET_MEDIAN_S:.2f}× the "

@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from any directory
 
 from engine.head import Problem  # noqa: E402
+from engine.domain import domain_for  # noqa: E402
 from engine.loader import problem_from_rows  # noqa: E402
 
 # name -> (d_vocab V, d_model d), as published for each model.
@@ -30,6 +31,8 @@ SHAPES: dict[str, tuple[int, int]] = {
     "gpt2-xl": (50257, 1600),
     "pythia-160m": (50304, 768),
     "llama3-8b": (128256, 4096),
+    "smollm2-135m": (49152, 576),
+    "gemma3-270m": (262144, 640),  # the 262144 x 640 head of DESIGN §7's memory target
 }
 
 # A CI-sized head: GPT-2's d_model with a sixth of its vocabulary. Ratios, not times, carry over.
@@ -123,18 +126,24 @@ def save_problem(bp: BenchProblem, directory: str) -> None:
     without regenerating it (and without the generator's temporaries inflating its peak memory)."""
     os.makedirs(directory, exist_ok=True)
     p = bp.problem
-    for name, a in (("rows", bp.rows), ("bias", p.bias)):
+    for name, a in (("rows", bp.rows), ("bias", p.bias), ("center", p.center), ("keys", p.keys)):
         np.save(os.path.join(directory, name + ".npy"), a)
     with open(os.path.join(directory, "meta.txt"), "w") as f:
         f.write(f"{bp.name} {bp.V} {bp.d} {bp.seed} {p.domain.name} {p.radius!r}\n")
 
 
-def load_problem(directory: str) -> BenchProblem:
-    """The :class:`BenchProblem` written by :func:`save_problem`."""
+def load_problem(directory: str, mmap: bool = False) -> BenchProblem:
+    """The :class:`BenchProblem` written by :func:`save_problem`. ``mmap``: read-only memory maps, so that
+    a provider's peak RSS counts only the arrays it reads."""
     with open(os.path.join(directory, "meta.txt")) as f:
         name, V, d, seed, domain, radius = f.read().split()
-    a = {n: np.load(os.path.join(directory, n + ".npy")) for n in ("rows", "bias")}
-    problem = problem_from_rows(a["rows"], a["bias"], domain, float(radius), source=f"bench:{name},seed={seed}")
+    a = {n: np.load(os.path.join(directory, n + ".npy"), mmap_mode="r" if mmap else None)
+         for n in ("rows", "bias", "center", "keys")}
+    # The arrays as saved (memory-mapped on request, so a provider's RSS counts only what it reads): the
+    # keys were built by problem_from_rows when the problem was set up.
+    dom = domain_for(domain, domain, int(d), float(radius))[0]
+    problem = Problem(rows=a["rows"], bias=a["bias"], domain=dom, center=a["center"], keys=a["keys"],
+                      bias_used=True, source=f"bench:{name},seed={seed}")
     return BenchProblem(name=name, V=int(V), d=int(d), seed=int(seed), rows=a["rows"], problem=problem)
 
 

@@ -32,7 +32,7 @@ from engine.head import Head, InputError, head_from_arrays
 from engine.ledger import Checkpoint, Ledger, fingerprint
 from engine.loader import fold, gram_rows, load, problem_from_rows
 from engine.report import ScanReport, TokenReport
-from engine.screen import gram_screen, witness_points, witness_screen
+from engine.screen import gram_screen, screens, witness_points
 from engine.search import search
 from engine.verify import Verifier
 from kernels import resolve_backend, resolve_precision
@@ -72,6 +72,7 @@ class _Scan:
     timings: dict = field(default_factory=dict)
     gram: object = None
     witness: object = None
+    screen_stats: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
 
     def base(self, t: int) -> TokenReport:
@@ -136,11 +137,11 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
 
 def _screens(sc: _Scan) -> None:
     with sc.timed("screen"):
-        ids = sc.ledger.ids
-        grows = gram_rows(sc.head, sc.opt.gram_center)
-        sc.gram = gram_screen(grows, ids, backend=sc.backend, device=sc.device, precision=sc.precision)
+        centred = sc.head.gram_center if sc.opt.gram_center is None else sc.opt.gram_center
+        grows = gram_rows(sc.head, centred)
+        sc.gram, sc.witness, sc.screen_stats = screens(grows, centred, sc.head.norm, sc.problem, sc.ledger.ids,
+                                                       backend=sc.backend, device=sc.device, precision=sc.precision)
         del grows
-        sc.witness = witness_screen(sc.problem, ids, backend=sc.backend, device=sc.device, precision=sc.precision)
     _log(sc, f"screens: {sc.timings['screen']:.1f}s, {int(sc.gram.hard_to_speak.sum())} hard-to-speak")
 
 
@@ -382,7 +383,7 @@ def _assemble(sc: _Scan, t_start: float) -> ScanReport:
     rep = ScanReport(source=p.source or sc.head.source, V=V, d=p.d, domain=p.domain.name,
                      radius=p.radius_reported, bias=bool(p.bias_used), backend=sc.backend, device=str(sc.device),
                      counts=counts, timings_s=sc.timings, tokens=[led.listed[t] for t in sorted(led.listed)],
-                     planted=p.planted, warnings=list(sc.warnings))
+                     planted=p.planted, warnings=list(sc.warnings), screen_stats=sc.screen_stats)
     full, lo_all, hi_all = np.zeros(V, dtype=np.int8), np.full(V, np.nan), np.full(V, np.nan)
     full[led.ids], lo_all[led.ids], hi_all[led.ids] = led.verdict, led.lower, led.upper
     ga = np.full(V, -1, dtype=np.int64)
@@ -451,6 +452,7 @@ def bench_head(head: Head, *, tokens=None, device: str = "auto", backend: str = 
         "device": rep.device, "counts": rep.counts, "timings_s": ts,
         "screen_tokens_per_s": n / ts["screen"] if ts["screen"] > 0 else None,
         "screen_pairs_per_s": n * rep.V / ts["screen"] if ts["screen"] > 0 else None,
+        "screen_pass": {k: v for k, v in rep.screen_stats.items() if not isinstance(v, dict)},
         "open_tokens": len(times),
         "open_token_time_s": {
             "median": float(np.median(times)) if times else None,

@@ -81,6 +81,7 @@ class ScanReport:
     margin_lower_all: object = None  # numpy float64 [V] (NaN where unknown)
     margin_upper_all: object = None
     gram_argmax_all: object = None  # numpy int64 [V], -1 for tokens not scanned
+    screen_stats: dict = field(default_factory=dict)  # the screens' pass: tiles skipped, rows recomputed (bench)
     # Extra top-level JSON key "gram" (after the contract's keys) when known: the criterion in words and the
     # hard-to-speak count with centred and with uncentred rows (engine.report.gram_summary).
     gram: dict | None = None

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from kernels.screen import top2_exact
+from kernels.sym_screen import KeyMap, sym_screen
 
 
 @dataclass
@@ -49,14 +50,17 @@ def gram_screen(rows64: np.ndarray, ids: np.ndarray | None = None, *, backend: s
     idx = torch.from_numpy(ids)
     queries = g if ids.size == V and np.array_equal(ids, np.arange(V)) else g[idx]  # no copy for a full scan
     res, redo = top2_exact(queries, g, idx, backend=backend, device=device, precision=precision)
+    return _gram_result(res, ids, redo, t0)
+
+
+def _gram_result(res, ids: np.ndarray, redo: int, t0: float) -> GramScreen:
     best = res.best_val.numpy()
     best_idx = res.best_idx.numpy()
     selfv = res.self_val.numpy()
     hard = best >= selfv
     # argmax(-1) over the whole row keeps the first index of the maximum: self wins only if strictly
     # larger than every competitor, or equal to the best competitor and earlier in the vocabulary.
-    ar = ids
-    argmax = np.where((selfv > best) | ((selfv == best) & (ar < best_idx)) | (best_idx < 0), ar, best_idx)
+    argmax = np.where((selfv > best) | ((selfv == best) & (ids < best_idx)) | (best_idx < 0), ids, best_idx)
     return GramScreen(argmax.astype(np.int64), best, best_idx.astype(np.int64), res.second_val.numpy(), selfv,
                       hard, redo, time.perf_counter() - t0)
 
@@ -82,3 +86,46 @@ def witness_screen(problem, ids: np.ndarray | None = None, *, backend: str = "to
     )
     margin = res.self_val.numpy() - res.best_val.numpy()
     return WitnessScreen(margin, res.best_idx.numpy().astype(np.int64), redo, time.perf_counter() - t0)
+
+
+def screens(grows: np.ndarray, centred_rows: bool, norm: str, problem, ids: np.ndarray, *, backend: str = "torch",
+            device="cpu", precision: str = "ieee") -> tuple[GramScreen, WitnessScreen, dict]:
+    """Both screens over the tokens ``ids``: one symmetric pass (``kernels.sym_screen``: one float32 Gram
+    of the rows, each pair of row blocks visited once, two epilogues) when all V are scanned and the
+    witness keys derive from the gram rows; otherwise the two separate passes. Returns the screens and the
+    pass's statistics (tiles skipped, rows recomputed in float64)."""
+    t0 = time.perf_counter()
+    key_map = _key_map(centred_rows, norm, problem)
+    if ids.size != problem.V or key_map is None:
+        g = gram_screen(grows, ids, backend=backend, device=device, precision=precision)
+        return g, witness_screen(problem, ids, backend=backend, device=device, precision=precision), {"passes": 2}
+    q, s = problem.domain.screen_queries(problem.keys)
+    scaled_key = s is not None and q is problem.keys  # the box's screen point is no multiple of its key
+    res = sym_screen(torch.from_numpy(np.ascontiguousarray(grows)),
+                     torch.from_numpy(problem.keys) if scaled_key else None,
+                     torch.from_numpy(s) if scaled_key else None,
+                     torch.from_numpy(problem.bias) if scaled_key and np.any(problem.bias) else None,
+                     key_map if scaled_key and key_map is not _SAME_ROWS else None,
+                     backend=backend, device=device, precision=precision)
+    st = res.stats
+    g = _gram_result(res.gram, ids, st.gram_recomputed, t0)
+    if res.witness is None:
+        w = witness_screen(problem, ids, backend=backend, device=device, precision=precision)
+    else:
+        margin = res.witness.self_val.numpy() - res.witness.best_val.numpy()
+        w = WitnessScreen(margin, res.witness.best_idx.numpy().astype(np.int64), st.witness_recomputed,
+                          time.perf_counter() - t0)
+    return g, w, {"passes": 1 if res.witness is not None else 2, **st.to_json()}
+
+
+_SAME_ROWS = KeyMap()  # marker: the witness keys are the gram rows themselves
+
+
+def _key_map(centred_rows: bool, norm: str, problem):
+    """How the witness keys derive from the gram rows, or None when they do not (then two passes)."""
+    if problem.margin_exp or problem.x_exp:
+        return None  # rows rescaled at fold time: the gram rows (as loaded) are not the problem's rows
+    if not centred_rows:
+        return KeyMap(torch.from_numpy(problem.center), sum_zero=problem.domain.centred)
+    # TransformerLens-style rows are P(ũ − c) with P the layernorm projection when the norm is one
+    return _SAME_ROWS if (norm == "layernorm") == problem.domain.centred else None

@@ -9,6 +9,7 @@ PTX uses ``mma.sync`` (Ampere tensor cores) or ``wgmma`` (Hopper warpgroup MMA).
 
     python -m kernels.aot            # table
     python -m kernels.aot --json     # [{"kernel", "target", "registers", "spills_bytes", ...}]
+    python -m kernels.aot --kernel all   # also the symmetric screen kernel (kernels.triton_sym)
 
 The kernel is compiled with every feature switch on (self, scale, bias): the witness screen, a superset
 of the gram screen's code and the register-hungriest variant.
@@ -35,6 +36,7 @@ if __name__ == "__main__":
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+from kernels.triton_sym import SymConfig, _sym_kernel, sym_configs_for  # noqa: E402
 from kernels.triton_top2 import PRECISIONS, TileConfig, _top2_kernel, configs_for  # noqa: E402
 
 TARGETS = (80, 90)
@@ -138,21 +140,54 @@ def compile_top2(config: TileConfig, precision: str, cc: int):
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
 
 
-def build_all(targets=TARGETS) -> list[AotResult]:
+# The symmetric screen kernel (kernels.triton_sym), compiled with every switch on: witness, a, beta, bias,
+# pruning — the register-hungriest variant, a superset of the others' code.
+_SYM_POINTERS = {
+    "h_ptr": "*fp32", "pairs_ptr": "*i32", "a_ptr": "*fp32", "beta_ptr": "*fp32", "s_ptr": "*fp32", "b_ptr": "*fp32",
+    "g_th_ptr": "*fp32", "w_th_ptr": "*fp32", "g_ub_ptr": "*fp32", "w_ub_ptr": "*fp32", "g_blk_ptr": "*fp32",
+    "w_blk_ptr": "*fp32", "g_cv_ptr": "*fp32", "g_ci_ptr": "*i64", "w_cv_ptr": "*fp32", "w_ci_ptr": "*i64",
+    "needs_ptr": "*i32",
+}
+_SYM_SIZES = {"V": "i32", "D": "i32", "stride_h": "i32", "g_mref": "fp32", "w_mref": "fp32"}
+_SYM_DIVISIBLE_BY_16 = set(_SYM_POINTERS) | {"D", "stride_h"}
+
+
+def compile_sym(config: SymConfig, precision: str, cc: int):
+    """Compile the all-switches-on variant of the symmetric screen kernel for ``sm_<cc>``."""
+    fn = _compiled_fn(_sym_kernel)
+    constexprs = dict(HAS_WITNESS=True, HAS_A=True, HAS_BETA=True, HAS_BIAS=True, PRUNE=True, PRECISION=precision,
+                      K=6, BLOCK=config.block, BLOCK_K=config.block_k)
+    operands = {"h_ptr": "*bf16"} if precision == "bf16" else {}
+    signature = {**_SYM_POINTERS, **operands, **_SYM_SIZES, **{k: "constexpr" for k in constexprs}}
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in _SYM_DIVISIBLE_BY_16}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+
+
+KERNELS = {"top2": (compile_top2, configs_for), "sym": (compile_sym, sym_configs_for)}
+
+
+def build_all(targets=TARGETS, kernels=("top2",), precisions=PRECISIONS) -> list[AotResult]:
     results = []
-    for cc in targets:
-        for precision in PRECISIONS:
-            for config in configs_for(cc, precision):
-                k = compile_top2(config, precision, cc)
-                ptx = k.asm["ptx"]
-                regs, spills, tool = ptxas_usage(ptx, cc, fmad=k.metadata.enable_fp_fusion)
-                results.append(AotResult(
-                    kernel=f"top2[{precision},{config.name}]", target=_gpu_name(cc), precision=precision,
-                    config=config.name, registers=regs, spills_bytes=spills, shared_bytes=int(k.metadata.shared),
-                    mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
-                    cubin_registers=cubin_registers(k.asm["cubin"]), ptxas=tool,
-                ))
+    for name in kernels:
+        compile_fn, configs = KERNELS[name]
+        for cc in targets:
+            for precision in precisions:
+                for config in configs(cc, precision):
+                    results.append(_report(name, compile_fn(config, precision, cc), config, precision, cc))
     return results
+
+
+def _report(name, k, config, precision, cc) -> AotResult:
+    ptx = k.asm["ptx"]
+    regs, spills, tool = ptxas_usage(ptx, cc, fmad=k.metadata.enable_fp_fusion)
+    return AotResult(
+        kernel=f"{name}[{precision},{config.name}]", target=_gpu_name(cc), precision=precision,
+        config=config.name, registers=regs, spills_bytes=spills, shared_bytes=int(k.metadata.shared),
+        mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
+        cubin_registers=cubin_registers(k.asm["cubin"]), ptxas=tool,
+    )
 
 
 def format_table(results: list[AotResult]) -> str:
@@ -170,8 +205,14 @@ def main(args=None) -> int:
     p = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--target", type=int, action="append", choices=TARGETS, help="compute capability (repeat)")
+    # Default: the top-2 kernel only, the report tests/test_aot.py checks; "--kernel all" adds the
+    # symmetric screen kernel (tests/test_sym_screen.py checks that one).
+    p.add_argument("--kernel", choices=("top2", "sym", "all"), default="top2", help="which kernels to build")
+    p.add_argument("--precision", action="append", choices=PRECISIONS, help="only these precisions (repeat)")
     a = p.parse_args(args)
-    results = build_all(tuple(a.target) if a.target else TARGETS)
+    kernels = tuple(KERNELS) if a.kernel == "all" else (a.kernel,)
+    results = build_all(tuple(a.target) if a.target else TARGETS, kernels,
+                        tuple(a.precision) if a.precision else PRECISIONS)
     print(json.dumps([asdict(r) for r in results], indent=1) if a.json else format_table(results))
     return 0
 

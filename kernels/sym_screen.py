@@ -1,0 +1,708 @@
+"""One symmetric pass for both screens (DESIGN §3 steps 2–3, §4): the gram screen and the witness screen
+from a single tiled float32 Gram, each pair of row blocks (I ≤ J) visited once.
+
+Gram rows ``g_j`` (float64 ``[V, d]``: the gain-folded rows ``ũ_j``, or TransformerLens-style centred rows).
+
+* gram screen: ``score_t(j) = g_t·g_j``; per row the best and second best over ``j ≠ t`` and the self value.
+* witness screen: keys ``k_j`` (the caller's float64 keys, ``P(ũ_j − c)``), per-row scale ``s_t ≥ 0``
+  (``R/‖k_t‖`` for the balls, ``1/‖k_t‖²`` for the cone), bias ``b_j``; the witness logits at
+  ``x_t = s_t k_t`` are ``l_t(j) = s_t k_t·k_j + b_j``; per row best / second over ``j ≠ t`` and self.
+
+The GEMM runs on the keys (when there is a witness screen; else on the gram rows). The gram rows relate
+to the keys through a :class:`KeyMap`, ``k̂_j = P(g_j − c)`` (``P`` = projection onto ``1⊥`` when
+``sum_zero``, else the identity; no map: ``k̂_j = g_j``, the centred-rows convention), so
+
+    g_t·g_j = k̂_t·k̂_j + a_t a_j + β_t + β_j + γ,   a = σ/√d (σ = row sums; sum_zero only),
+                                                    β_j = k̂_j·Pc,  γ = ‖Pc‖²,
+
+the keys' Gram plus rank-one corrections held in O(V) vectors. One tile ``S = K_I K_J^T`` therefore feeds
+four reductions, two epilogues each way: witness ``s_t S_tj + b_j`` and gram ``S_tj + a_t a_j + β_j`` (the
+real ``g_t·g_j`` less ``β_t + γ``, a constant per row that moves neither the argmax over j nor any gap),
+for the rows of I over the columns J and for the rows of J over the rows I. Every value returned is
+rescored in float64 from the float64 inputs. Running the GEMM on the (centred) keys keeps its error bound
+in their norms, several times smaller than the uncentred rows' on a real head. The box domain's screen
+point ``ρ·sign(k_t)`` is no multiple of ``k_t``, so it is not a Gram of the rows: there, call this with
+``keys64=None`` (gram only) and run the witness screen separately with ``kernels.screen.top2_exact``.
+
+Exactness (as ``kernels.screen.top2_exact``, plus the second index, issue 8): every fast value is within
+an a-priori bound ``eps_t`` of the float64 reference's value (dot error of the precision, the float32
+epilogue's roundings, flushed subnormals, float64 rounding of the reference and of the corrections, and
+the measured residual ``‖k_j − k̂_j‖`` between the caller's keys and the map). The fast pass keeps the top
+K = ``TOP_K`` candidates per row. The reference's best and second lie among the candidates whose fast
+value is ≥ fast second − 2 eps_t; those are rescored in float64 and ordered by the reference's rule (value,
+then first index). A row where that set may extend past the K kept (the K-th is still near), with an empty
+or non-finite slot, or whose magnitudes could overflow float32, is recomputed in float64 over all
+columns. Indices equal the float64 reference on every row (ties aside), the second index included.
+
+Pruning: rows are sorted by a key (witness: ``m·‖k_j‖ + b_j``; gram only: ``‖g_j‖``) and before each tile
+a rigorous upper bound of every fast value a direction could produce (Cauchy–Schwarz per block, plus
+``eps_t``) is compared with each target row's current K-th best; a direction whose bound is below every
+target's K-th is skipped, and the GEMM too when all four are. A candidate skipped so could not have
+entered the fast top-K, so pruned and unpruned runs keep the same candidates and give the same result.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.screen import dot_error_unit
+from kernels.top2 import Top2, _take_best, top2_reference, top2_torch
+
+NEG_INF = float("-inf")
+U32 = 2.0**-24  # float32 unit roundoff (the epilogue is float32 in every precision)
+TINY = 2.0**-126  # smallest normal float32: the absolute error of a flushed subnormal (FTZ / DAZ)
+# A row whose fast magnitudes could reach this is recomputed in float64: the a-priori bound assumes no
+# float32 overflow anywhere in a row's dot products and epilogue (float32 max is ~2^128).
+RANGE_LIMIT = 2.0**100
+F64_SLACK = 1.0 + 2.0**-40  # rounds a float64-computed norm or bound up past its own rounding error
+PRECISIONS = ("ieee", "tf32", "bf16")
+# Candidates kept per row by the fast pass. The exact best and second lie among those within 2 eps of the
+# fast second; with K slots, up to K - 1 such near ties are settled by float64 rescoring of K dots, not by
+# a float64 pass over all V columns (the cost that dominated at tf32 / on uncentred rows).
+TOP_K = 6
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """How the witness keys derive from the gram rows: ``k̂_j = P(g_j − center)``.
+
+    ``center64``: float64 ``[d]`` (None: zero). ``sum_zero``: P projects onto ``1⊥`` (layernorm), else P = I.
+    """
+
+    center64: torch.Tensor | None = None
+    sum_zero: bool = False
+
+
+@dataclass
+class SymScreenStats:
+    """What the pass did. ``tiles``: row-block pairs I ≤ J; ``tiles_skipped``: pairs whose GEMM was pruned;
+    ``directions`` / ``directions_skipped``: (tile, reduction) pairs and those pruned."""
+
+    backend: str
+    precision: str
+    block: int
+    tiles: int = 0
+    tiles_skipped: int = 0
+    directions: int = 0
+    directions_skipped: int = 0
+    gram_recomputed: int = 0  # rows recomputed in float64 over all V columns
+    witness_recomputed: int = 0
+    gram_rescored: int = 0  # rows whose near-tied kept candidates were rescored in float64
+    witness_rescored: int = 0
+    out_of_range_rows: int = 0
+    times_s: dict = field(default_factory=dict)
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.tiles_skipped / self.tiles if self.tiles else 0.0
+
+    def to_json(self) -> dict:
+        return {**{k: v for k, v in self.__dict__.items()}, "skipped_fraction": self.skipped_fraction}
+
+
+@dataclass
+class SymScreen:
+    """Both screens: float64 values, int64 indices, on the CPU. ``witness`` is None when no keys were given."""
+
+    gram: Top2
+    witness: Top2 | None
+    stats: SymScreenStats
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def _check_inputs(gram_rows64, keys64, scale64, bias64, key_map) -> None:
+    if gram_rows64.dim() != 2:
+        raise ValueError(f"gram_rows64 must be [V, d], got shape {tuple(gram_rows64.shape)}")
+    V, d = gram_rows64.shape
+    given = {"gram_rows64": (gram_rows64, (V, d)), "keys64": (keys64, (V, d)), "scale64": (scale64, (V,)),
+             "bias64": (bias64, (V,))}
+    if key_map is not None and key_map.center64 is not None:
+        given["key_map.center64"] = (key_map.center64, (d,))
+    for name, (t, shape) in given.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != torch.float64 or t.device.type != "cpu":
+            raise TypeError(f"{name} must be a float64 CPU tensor (the master copy), got {t.dtype} on {t.device}")
+        # A finite sum proves every entry finite (inf and NaN propagate) in one vectorised pass; only a
+        # non-finite sum (bad entries, or an overflow) pays for the elementwise check.
+        if not bool(torch.isfinite(t.sum())):
+            bad = (~torch.isfinite(t)).nonzero()
+            if bad.numel():
+                raise ValueError(f"{name} has {bad.shape[0]} non-finite entries, first at {bad[0].tolist()}")
+    if keys64 is None and (scale64 is not None or bias64 is not None or key_map is not None):
+        raise ValueError("scale64, bias64 and key_map describe the witness screen: they need keys64")
+    if keys64 is not None and scale64 is None:
+        raise ValueError("the witness screen needs scale64 (x_t = scale64[t] * keys64[t])")
+    if scale64 is not None and bool((scale64 < 0).any()):
+        raise ValueError("scale64 must be >= 0 (x_t = s_t k_t points along the token's own key)")
+
+
+# ------------------------------------------------------------------------------- float64 row quantities
+
+
+@dataclass
+class _Rows:
+    """float64 per-row quantities of one screen (original order until sorted by ``_take``)."""
+
+    norm: torch.Tensor  # [V] upper bound of the norm the pruning bound multiplies (‖g_j‖ or ‖k_j‖)
+    eps: torch.Tensor  # [V] |fast value - real value (less a per-row constant)| <= eps for every j != t
+    in_range: torch.Tensor  # [V] bool: no float32 overflow possible in this row's fast values
+    ub_scale: torch.Tensor  # [V] fast value of (t, j) <= ub_scale[t] * norm[j] + ub_shift[t] + bias[j]
+    ub_shift: torch.Tensor  # [V]
+
+
+def _norms(x64: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    out = torch.empty(x64.shape[0], dtype=torch.float64)
+    for r0 in range(0, x64.shape[0], chunk):
+        out[r0:r0 + chunk] = torch.linalg.vector_norm(x64[r0:r0 + chunk], dim=1)
+    return out * F64_SLACK
+
+
+def _dot_eps(norm, nmax, d, precision):
+    """|fast h_t·h_j - h_t·h_j| for every j: relative dot error of the precision, plus flushed subnormal
+    inputs, products and partial sums (absolute, TINY each), plus the float64 reference's own rounding."""
+    rel = dot_error_unit(precision, d) + dot_error_unit("float64", d)
+    return rel * norm * nmax + 2.0 * TINY * (math.sqrt(d) * (norm + nmax) + 2 * d + 4)
+
+
+def _gram_only_rows(g64, precision) -> _Rows:
+    """Gram screen on a GEMM of the gram rows themselves: the fast value is the dot, no epilogue."""
+    V, d = g64.shape
+    norm = _norms(g64)
+    nmax = float(norm.max()) if V else 0.0
+    eps = _dot_eps(norm, nmax, d, precision)
+    in_range = norm * nmax * 2.0 < RANGE_LIMIT
+    return _Rows(norm, eps, in_range, norm, eps)  # f(t, j) <= ‖g_t‖ ‖g_j‖ + eps_t
+
+
+@dataclass
+class _Corrections:
+    """``g_t·g_j = k̂_t·k̂_j + a_t a_j + beta_t + beta_j + gamma`` for the model keys ``k̂ = P(g − c)``
+    (a = σ/√d with σ the row sums, sum_zero only; beta_j = k̂_j·Pc; gamma = ‖Pc‖²), and the norms of k̂
+    and of the residual ``k − k̂`` between the caller's keys and the model."""
+
+    a: torch.Tensor | None
+    beta: torch.Tensor | None
+    gamma: float
+    khat_norm: torch.Tensor
+    resid_norm: torch.Tensor
+
+
+def _model_keys(g64, r0, r1, key_map: KeyMap | None) -> torch.Tensor:
+    """``k̂_j = P(g_j − c)`` for rows r0:r1, in float64."""
+    k = g64[r0:r1].clone()
+    if key_map is None:
+        return k
+    if key_map.center64 is not None:
+        k -= key_map.center64
+    if key_map.sum_zero:
+        k -= k.mean(dim=1, keepdim=True)
+    return k
+
+
+def _corrections(g64, keys64, key_map: KeyMap | None, chunk: int = 8192) -> _Corrections:
+    V, d = g64.shape
+    p = torch.zeros(d, dtype=torch.float64)
+    if key_map is not None and key_map.center64 is not None:
+        p = key_map.center64 - (key_map.center64.mean() if key_map.sum_zero else 0.0)  # P c
+    a = g64.sum(dim=1) / math.sqrt(d) if key_map is not None and key_map.sum_zero else None
+    beta = None if not bool(p.any()) else torch.empty(V, dtype=torch.float64)
+    kn, en = torch.empty(V, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
+    same = keys64 is g64 and key_map is None
+    for r0 in range(0, V, chunk):
+        r1 = min(V, r0 + chunk)
+        kh = _model_keys(g64, r0, r1, key_map)
+        kn[r0:r1] = torch.linalg.vector_norm(kh, dim=1)
+        if beta is not None:
+            beta[r0:r1] = kh @ p
+        if not same:
+            en[r0:r1] = torch.linalg.vector_norm(keys64[r0:r1] - kh, dim=1)
+    # The residual is itself computed in float64: pad it by the rounding of a difference of that size.
+    en = (en + 4.0 * 2.0**-53 * kn) * F64_SLACK
+    return _Corrections(a, beta, float(p @ p), kn * F64_SLACK, en)
+
+
+def _witness_rows(keys64, scale64, bias64, precision) -> _Rows:
+    """Bounds for the epilogue value ``f = s_t S_tj + b_j`` (S the float32 Gram of the keys; two roundings)."""
+    V, d = keys64.shape
+    kn = _norms(keys64)
+    kmax = float(kn.max())
+    bmax = 0.0 if bias64 is None else float(bias64.abs().max())
+    s = scale64
+    mag = s * kn * kmax  # |s_t S_tj| and every partial result
+    eps = 2.0 * (s * _dot_eps(kn, kmax, d, precision) + 2.0 * U32 * (mag + bmax) + TINY * (kn * kmax + 4.0))
+    eps = eps + 8.0 * 2.0**-53 * (mag + bmax)  # the float64 reference's s * dot + b
+    in_range = (2.0 * kn * kmax * torch.clamp(s, min=1.0) + bmax < RANGE_LIMIT) & (s < RANGE_LIMIT)
+    return _Rows(kn, eps, in_range, s * kn * F64_SLACK, eps)  # f(t, j) <= s_t ‖k_t‖ ‖k_j‖ + b_j + eps_t
+
+
+def _gram_from_keys_rows(g64, keys64, corr: _Corrections, precision) -> _Rows:
+    """Bounds for the gram epilogue on the keys' Gram: ``f = S_tj + a_t a_j + beta_j`` (three float32
+    roundings), the real ``g_t·g_j`` less the row constant ``beta_t + gamma``, up to the residual."""
+    V, d = g64.shape
+    gn, kn = _norms(g64), _norms(keys64)
+    gmax, kmax = float(gn.max()), float(kn.max())
+    a_abs = torch.zeros(V, dtype=torch.float64) if corr.a is None else corr.a.abs()
+    beta = torch.zeros(V, dtype=torch.float64) if corr.beta is None else corr.beta
+    amax, bemax = float(a_abs.max()), float(beta.abs().max())
+    inner = kn * kmax + a_abs * amax + bemax  # |f| and every partial result
+    eps = 2.0 * (_dot_eps(kn, kmax, d, precision) + 4.0 * U32 * inner + TINY * (inner + 8.0))
+    khmax, emax = float(corr.khat_norm.max()), float(corr.resid_norm.max())
+    # |k_t·k_j − k̂_t·k̂_j| for the caller's keys k = k̂ + e, and float64 rounding of a, beta, gamma and of the
+    # reference's g_t·g_j (generous: (d+4)^1.5 ulps of every magnitude involved).
+    mismatch = corr.resid_norm * (khmax + emax) + corr.khat_norm * emax
+    f64 = 8.0 * (d + 4) ** 1.5 * 2.0**-53 * (gn * gmax + kn * kmax + a_abs * amax + bemax + beta.abs() + corr.gamma)
+    eps = eps + mismatch + f64
+    in_range = 2.0 * inner < RANGE_LIMIT
+    # f(t, j) <= g_t·g_j − beta_t − gamma + eps_t <= ‖g_t‖ ‖g_j‖ − beta_t − gamma + eps_t
+    shift = eps - beta - corr.gamma
+    return _Rows(gn, eps, in_range, gn, shift + shift.abs() * 2.0**-40)
+
+
+# ------------------------------------------------------------------------------- sorted fast operands
+
+
+@dataclass
+class _Plan:
+    """Everything the fast pass reads, in the sorted order ``perm`` (position p holds row ``perm[p]``).
+
+    ``h32`` are the GEMM's rows: the keys when there is a witness screen (its values are then plain
+    scaled dots, and the gram's are the same Gram plus rank-one corrections, with error bounds in the
+    keys' norms rather than the larger uncentred ones), else the gram rows."""
+
+    perm: torch.Tensor  # [V] int64
+    h32: torch.Tensor  # [V, d] float32, rounded as the precision rounds its inputs
+    gram: _Rows  # sorted
+    wit: _Rows | None  # sorted
+    a32: torch.Tensor | None  # [V] epilogue vectors, float32, sorted
+    beta32: torch.Tensor | None
+    s32: torch.Tensor | None
+    b32: torch.Tensor | None
+    bias_sorted: torch.Tensor | None  # float64, for the witness pruning bound
+    block: int
+
+
+def round_inputs(x32: torch.Tensor, precision: str) -> torch.Tensor:
+    """float32 operands as the precision's dot sees them: TF32 keeps 10 mantissa bits, bf16 7 (round to
+    nearest even). Used by the torch backend to reproduce those precisions on the CPU."""
+    if precision == "ieee":
+        return x32
+    if precision == "bf16":
+        return x32.to(torch.bfloat16).to(torch.float32)
+    b = x32.contiguous().view(torch.int32)
+    return ((b + 0xFFF + ((b >> 13) & 1)) & -0x2000).view(torch.float32)
+
+
+def _sorted_f32(x64: torch.Tensor, perm: torch.Tensor, precision: str, chunk: int = 1024) -> torch.Tensor:
+    """``x64[perm]`` as float32, filled in chunks through one reused float64 buffer: no float64 copy of
+    the whole matrix."""
+    out = torch.empty(x64.shape, dtype=torch.float32)
+    buf = torch.empty((min(chunk, x64.shape[0]), x64.shape[1]), dtype=torch.float64)
+    for r0 in range(0, x64.shape[0], chunk):
+        m = min(chunk, x64.shape[0] - r0)
+        torch.index_select(x64, 0, perm[r0:r0 + m], out=buf[:m])
+        out[r0:r0 + m] = round_inputs(buf[:m].to(torch.float32), precision)
+    return out
+
+
+def _take(rows: _Rows | None, perm) -> _Rows | None:
+    return None if rows is None else _Rows(*(getattr(rows, f)[perm] for f in rows.__dataclass_fields__))
+
+
+def _plan(g64, keys64, scale64, bias64, key_map, precision, block) -> _Plan:
+    corr = None
+    if keys64 is None:
+        gram, wit = _gram_only_rows(g64, precision), None
+        key = gram.norm
+    else:
+        corr = _corrections(g64, keys64, key_map)
+        gram = _gram_from_keys_rows(g64, keys64, corr, precision)
+        wit = _witness_rows(keys64, scale64, bias64, precision)
+        key = float(wit.ub_scale.median()) * wit.norm + (0.0 if bias64 is None else bias64)
+    # Descending key: blocks of likely winners come first and raise every row's K-th best early.
+    perm = torch.argsort(key, descending=True, stable=True)
+    f32 = lambda t: None if t is None else t[perm].to(torch.float32)  # noqa: E731
+    plan = _Plan(perm, _sorted_f32(g64 if keys64 is None else keys64, perm, precision), _take(gram, perm),
+                 _take(wit, perm), None, None, None, None, None, block)
+    if keys64 is not None:
+        plan.a32, plan.beta32, plan.s32, plan.b32 = f32(corr.a), f32(corr.beta), f32(scale64), f32(bias64)
+        plan.bias_sorted = None if bias64 is None else bias64[perm]
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- pruning
+
+
+@dataclass
+class _BlockBounds:
+    """Per block J of sorted rows: ``max_j (m n_j + b_j)`` and the range of ``n_j``, so that for any row
+    multiplier u: ``max_j (u n_j + b_j) <= E_J + max((u − m) N_J, (u − m) n_J)`` (linear in n_j)."""
+
+    m: float
+    E: torch.Tensor
+    nmax: torch.Tensor
+    nmin: torch.Tensor
+
+
+def _block_bounds(rows: _Rows, bias: torch.Tensor | None, block: int) -> _BlockBounds:
+    V = rows.norm.shape[0]
+    m = float(rows.ub_scale.median()) if V else 0.0
+    val = m * rows.norm + (0.0 if bias is None else bias)
+    pad = (-V) % block
+    def per_block(x, fill, op):  # noqa: E306
+        return op(torch.nn.functional.pad(x, (0, pad), value=fill).view(-1, block), dim=1).values
+    E = per_block(val, NEG_INF, torch.max)
+    E = E + E.abs() * 2.0**-40  # float64 rounding of m n_j + b_j, rounded up
+    return _BlockBounds(m, E, per_block(rows.norm, NEG_INF, torch.max), per_block(rows.norm, math.inf, torch.min))
+
+
+def _needed(rows: _Rows, bb: _BlockBounds, vals: torch.Tensor, t0: int, t1: int, jb: int) -> bool:
+    """Whether some target row t0:t1 could take a candidate of block jb into its fast top-K."""
+    u = rows.ub_scale[t0:t1]
+    du = u - bb.m
+    ub = bb.E[jb] + torch.maximum(du * bb.nmax[jb], du * bb.nmin[jb]) + rows.ub_shift[t0:t1]
+    # Not (ub < K-th): a NaN bound or K-th value keeps the direction (never skip on a non-number).
+    return bool((~(ub < vals[t0:t1, -1].double())).any())
+
+
+# ----------------------------------------------------------------------------------------- torch pass
+
+
+def _fold(T: torch.Tensor, dim: int, vals: torch.Tensor, idx: torch.Tensor, t0: int, c0: int) -> None:
+    """Fold the candidates of tile ``T`` into the running top-K of its targets.
+
+    dim=1: the targets are T's rows (sorted positions t0 + i), the candidates its columns (c0 + j);
+    dim=0: the transpose. Ties among fast values need no rule here: equal fast values are within 2 eps of
+    each other, so they are rescored in float64 and ordered by the reference's rule.
+    """
+    m = T.amax(dim=dim)
+    th = vals[t0:t0 + m.shape[0], -1]
+    # Only rows whose tile max beats their K-th best need the candidates (a NaN max counts as a hit: it
+    # reaches the state, and a non-finite slot sends the row to float64).
+    hit = (~(m <= th)).nonzero().squeeze(1)
+    if hit.numel() == 0:
+        return
+    sub = T.index_select(1 - dim, hit)
+    cv, ci = torch.topk(sub, min(vals.shape[1], T.shape[dim]), dim=dim)
+    if dim == 0:
+        cv, ci = cv.T, ci.T
+    # -inf is the masked self column (or an empty slot): never a competitor, index -1.
+    ci = torch.where(cv == NEG_INF, -1, ci + c0)
+    rows = hit + t0
+    tv, tj = torch.topk(torch.cat([vals[rows], cv], 1), vals.shape[1], dim=1)
+    vals[rows] = tv
+    idx[rows] = torch.cat([idx[rows], ci], 1).gather(1, tj)
+
+
+def _epilogue(S, W, plan: _Plan, r0, r1, c0, c1, screen: str, transpose: bool) -> torch.Tensor:
+    """Fast values of one screen on the tile, targets t in rows (``transpose`` False: rows r0:r1) or in
+    columns (True: rows c0:c1), candidates j the other side. One pass each (out= into a buffer):
+
+    * witness: ``s_t S_tj + b_j`` (addcmul);
+    * gram: ``S_tj + a_t a_j + beta_j`` (addr, add); S itself when there are no corrections.
+    """
+    tr, cr = ((c0, c1), (r0, r1)) if transpose else ((r0, r1), (c0, c1))
+    shape_t = (1, -1) if transpose else (-1, 1)  # broadcast of a per-target vector
+    shape_c = (-1, 1) if transpose else (1, -1)  # of a per-candidate vector
+    if screen == "witness":
+        s = plan.s32[tr[0]:tr[1]].view(shape_t)
+        if plan.b32 is None:
+            return torch.mul(S, s, out=W)
+        return torch.addcmul(plan.b32[cr[0]:cr[1]].view(shape_c), S, s, out=W)
+    T = S
+    if plan.a32 is not None:
+        T = torch.addr(S, plan.a32[r0:r1], plan.a32[c0:c1], out=W)  # a a^T is symmetric: same both ways
+    if plan.beta32 is not None:
+        T = torch.add(T, plan.beta32[cr[0]:cr[1]].view(shape_c), out=W)
+    return T
+
+
+class _State:
+    """Running fast top-K of one screen, in sorted positions: values float32, candidate positions int64."""
+
+    def __init__(self, V: int, k: int = TOP_K):
+        self.vals = torch.full((V, k), NEG_INF, dtype=torch.float32)
+        self.idx = torch.full((V, k), -1, dtype=torch.int64)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's intra-op threads set to n inside the block. Apart from its GEMMs the pass is many small and
+    medium ops (epilogues, O(V d) preparation and recovery): on a shared machine every multi-threaded op
+    waits at its barrier for a descheduled thread (a scheduler quantum), so they run on one thread and
+    only the GEMMs use the caller's threads (measured at V = 8192, d = 768 under a load of 12 on 2 cores:
+    the whole pass 3-4x slower with every op on 2 threads than on 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _tile_torch(plan, bufs, states, r0, r1, c0, c1, dirs, gemm_threads: int = 1) -> None:
+    """One tile pair: S = H_I H_J^T once (``gemm_threads``), then the needed reductions among the four
+    (on the calling thread; witness first, as the gram's may write into S)."""
+    n, m = r1 - r0, c1 - c0
+    S, W = (b[:n * m].view(n, m) for b in bufs)
+    with _threads(gemm_threads):
+        torch.mm(plan.h32[r0:r1], plan.h32[c0:c1].T, out=S)
+    _reduce_tile(plan, S, W, states, r0, r1, c0, c1, dirs)
+
+
+def _reduce_tile(plan, S, W, states, r0, r1, c0, c1, dirs) -> None:
+    diag = r0 == c0
+    for screen, st, k in (("witness", states[1], 2), ("gram", states[0], 0)):
+        for transpose in (False, True):
+            if not dirs[k + transpose]:
+                continue
+            T = _epilogue(S, W, plan, r0, r1, c0, c1, screen, transpose)
+            if diag:
+                T.fill_diagonal_(NEG_INF)  # self is no competitor: -inf never wins a max
+            _fold(T, 0 if transpose else 1, st.vals, st.idx, c0 if transpose else r0, r0 if transpose else c0)
+
+
+def _fast_torch(plan: _Plan, prune: bool, stats: SymScreenStats, gemm_threads: int) -> tuple[_State, _State | None]:
+    """The symmetric schedule: for I, for J >= I, tile (I, J) updates rows I and rows J."""
+    V, B = plan.h32.shape[0], plan.block
+    gs, ws = _State(V), (None if plan.wit is None else _State(V))
+    gb = _block_bounds(plan.gram, None, B)
+    wb = None if plan.wit is None else _block_bounds(plan.wit, plan.bias_sorted, B)
+    bufs = [torch.empty(B * B, dtype=torch.float32) for _ in range(2)]
+    for ib, r0 in enumerate(range(0, V, B)):
+        r1 = min(V, r0 + B)
+        for jb, c0 in enumerate(range(r0, V, B), start=ib):
+            c1 = min(V, c0 + B)
+            dirs = _directions(plan, gb, wb, gs, ws, (r0, r1, ib), (c0, c1, jb), prune)
+            stats.tiles += 1
+            stats.directions += len([k for k in range(4) if dirs[k] is not None])
+            stats.directions_skipped += len([k for k in range(4) if dirs[k] is False])
+            if not any(dirs):
+                stats.tiles_skipped += 1
+                continue
+            _tile_torch(plan, bufs, (gs, ws), r0, r1, c0, c1, dirs, gemm_threads)
+    return gs, ws
+
+
+def _directions(plan, gb, wb, gs, ws, I, J, prune) -> list:
+    """[gram rows I, gram rows J, witness rows I, witness rows J]: True (reduce), False (pruned) or None
+    (does not exist: the diagonal tile's column reductions are its row reductions; no witness)."""
+    (r0, r1, ib), (c0, c1, jb) = I, J
+    diag = r0 == c0
+    out = []
+    for rows, bb, st in ((plan.gram, gb, gs), (plan.wit, wb, ws)):
+        for (t0, t1), blk, exists in (((r0, r1), jb, True), ((c0, c1), ib, not diag)):
+            if rows is None or not exists:
+                out.append(None)
+            else:
+                out.append(True if not prune else _needed(rows, bb, st.vals, t0, t1, blk))
+    return [out[0], out[1], out[2], out[3]]
+
+
+# ------------------------------------------------------------------------------------ exact recovery
+
+
+def _slots_to_original(st: _State, perm: torch.Tensor):
+    """The state in the original row order, candidate positions mapped back to token ids (-1: empty)."""
+    V = perm.shape[0]
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(V)
+    pos = st.idx[inv]
+    return inv, st.vals[inv].double(), torch.where(pos >= 0, perm[pos.clamp(min=0)], -1)
+
+
+def _pair_scores64(q64, keys64, rows, cols, scale64, bias64, chunk: int = 1024) -> torch.Tensor:
+    """float64 scores of the pairs (rows[i], cols[i]), as the reference computes them (dot, then scale,
+    then bias), in cache-sized chunks gathered into two reused buffers (no fresh pages per chunk; measured
+    faster than large chunks or ``vecdot``). ``rows = cols = None``: every row's self score."""
+    n = q64.shape[0] if rows is None else rows.shape[0]
+    out = torch.empty(n, dtype=torch.float64)
+    qa = torch.empty((min(chunk, n), q64.shape[1]), dtype=torch.float64)
+    kb = torch.empty_like(qa)
+    for c0 in range(0, n, chunk):
+        m = min(chunk, n - c0)
+        if rows is None:
+            torch.mul(q64[c0:c0 + m], keys64[c0:c0 + m], out=qa[:m])
+        else:
+            torch.index_select(q64, 0, rows[c0:c0 + m], out=qa[:m])
+            torch.index_select(keys64, 0, cols[c0:c0 + m], out=kb[:m])
+            qa[:m].mul_(kb[:m])
+        torch.sum(qa[:m], dim=1, out=out[c0:c0 + m])
+    return _pair_affine(out, scale64, bias64, rows, cols)
+
+
+def _pair_affine(out, scale64, bias64, rows, cols):
+    """``scale[row] * dot + bias[col]``, as the reference applies them (after the dot)."""
+    if scale64 is not None:
+        out = out * (scale64 if rows is None else scale64[rows])
+    if bias64 is not None:
+        out = out + (bias64 if cols is None else bias64[cols])
+    return out
+
+
+def _first_two(vals: torch.Tensor, ids: torch.Tensor):
+    """Best and second of each row over slots (value, then the smaller id: the reference's tie rule)."""
+    b_val, b_idx = _take_best(vals, ids)
+    taken = ids == b_idx[:, None]
+    s_val, s_idx = _take_best(vals.masked_fill(taken, NEG_INF), ids.masked_fill(taken, -1))
+    return b_val, b_idx, s_val, s_idx
+
+
+def _recover(st: _State, rows: _Rows, perm, q64, keys64, scale64, bias64) -> tuple[Top2, int, int]:
+    """Exact best / second indices, values rescored in float64.
+
+    The float64 reference's best and second lie among the j whose fast value is >= (fast second) − 2 eps
+    (each fast value is within eps of the reference's). When those all sit in the kept top-K, their
+    float64 scores decide (O(K) dots per row); otherwise (more near ties than slots, a non-finite or
+    missing slot, or a row out of float32 range) the row is recomputed in float64 over all V columns.
+    Returns (result, rows recomputed over all V, rows decided by rescoring more than two candidates).
+    """
+    V = perm.shape[0]
+    K = st.vals.shape[1]
+    inv, v, cand = _slots_to_original(st, perm)
+    eps, in_range = rows.eps[inv], rows.in_range[inv]
+    need = min(K, V - 1)  # slots that must be filled: every row has V - 1 competitors
+    f2 = v[:, 1] if need >= 2 else torch.full((V,), NEG_INF, dtype=torch.float64)
+    # not (v < f2 - 2 eps): NaN counts as near, so a non-finite value is never ruled out
+    near = ~(v < (f2 - 2.0 * eps)[:, None]) & (cand >= 0)
+    full = ~in_range
+    if need > 0:
+        full |= (cand[:, :need] < 0).any(dim=1) | (~torch.isfinite(v[:, :need])).any(dim=1)
+    if V - 1 > K:
+        full |= near[:, K - 1]  # the last slot is near: more near ties may lie outside the top-K
+    # Every other row decides among its near slots by their float64 scores (usually the two best only).
+    pr, ps = (near & ~full[:, None]).nonzero(as_tuple=True)
+    scores = torch.full_like(v, NEG_INF)
+    scores[pr, ps] = _pair_scores64(q64, keys64, pr, cand[pr, ps], scale64, bias64)
+    best_val, best_idx, second_val, second_idx = _first_two(scores, torch.where(near, cand, -1))
+    gap_small = ~(v[:, 0] - f2 > 2.0 * eps)
+    rescored = int((((near.sum(dim=1) > 2) | gap_small) & ~full).sum())
+    redo = full.nonzero().squeeze(1)
+    if redo.numel():
+        ex = top2_torch(q64[redo], keys64, redo, scale=None if scale64 is None else scale64[redo], bias=bias64,
+                        block_rows=256, block_cols=8192)
+        best_idx[redo], second_idx[redo] = ex.best_idx, ex.second_idx
+        for val, idx in ((best_val, best_idx), (second_val, second_idx)):  # rescored like every other row
+            val[redo] = _pair_scores64(q64, keys64, redo, idx[redo].clamp(min=0), scale64, bias64)
+            val[redo] = torch.where(idx[redo] >= 0, val[redo], NEG_INF)
+    self_val = _pair_scores64(q64, keys64, None, None, scale64, bias64)
+    return Top2(best_val, best_idx, second_val, second_idx, self_val), int(redo.numel()), rescored
+
+
+# ----------------------------------------------------------------------------------------------- entry
+
+
+def sym_screen(
+    gram_rows64: torch.Tensor,
+    keys64: torch.Tensor | None = None,
+    scale64: torch.Tensor | None = None,
+    bias64: torch.Tensor | None = None,
+    key_map: KeyMap | None = None,
+    *,
+    backend: str = "torch",
+    device: torch.device | str = "cpu",
+    precision: str = "ieee",
+    block: int | None = None,
+    prune: bool = True,
+) -> SymScreen:
+    """Gram screen and (optionally) witness screen in one symmetric pass, indices exact.
+
+    Args:
+        gram_rows64: float64 ``[V, d]`` CPU, the gram screen's rows ``g_j`` (never written).
+        keys64: float64 ``[V, d]``, the witness keys ``k_j``; None: gram screen only (the box domain,
+            whose screen point is not a multiple of ``k_t``, runs its witness screen with
+            ``kernels.screen.top2_exact`` instead). May be ``gram_rows64`` itself (centred rows).
+        scale64: float64 ``[V]`` ≥ 0, ``x_t = scale64[t] · keys64[t]`` (R/‖k_t‖ balls, 1/‖k_t‖² cone).
+        bias64: float64 ``[V]`` or None (no bias: cone).
+        key_map: ``keys64 ≈ P(gram_rows64 − center)``; None: ``keys64 ≈ gram_rows64``. Any difference
+            between keys64 and the map (float64 rounding, or none at all) is measured and covered by the
+            error bound, so a loose map costs recomputations, never exactness.
+        backend: "torch" (float32 tiles on the CPU) or "triton" (CUDA, or Triton's interpreter).
+        device: where the fast pass runs ("cpu" for torch).
+        precision: "ieee", "tf32" or "bf16" (torch backend: operands rounded so, to reproduce them).
+        block: rows per block (tile = block × block); default 1024 (torch), the kernel's tile (triton).
+        prune: skip tile reductions that rigorous bounds show cannot change any fast top-K.
+
+    Returns:
+        :class:`SymScreen`: ``gram`` and ``witness`` as ``Top2`` over ``j ≠ t`` (float64 values, int64
+        indices, first index on ties as the float64 reference) with self values, and the stats.
+    """
+    _check_inputs(gram_rows64, keys64, scale64, bias64, key_map)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    gemm_threads = torch.get_num_threads()
+    # The torch backend runs everything but its GEMMs on one thread (see _threads).
+    with _threads(1) if backend == "torch" else contextlib.nullcontext():
+        return _sym_screen(gram_rows64, keys64, scale64, bias64, key_map, backend, device, precision, block, prune,
+                           gemm_threads)
+
+
+def _sym_screen(gram_rows64, keys64, scale64, bias64, key_map, backend, device, precision, block, prune,
+                gemm_threads) -> SymScreen:
+    V = gram_rows64.shape[0]
+    user_block = block
+    block = block or (1024 if backend == "torch" else 0)
+    stats = SymScreenStats(backend=backend, precision=precision, block=block)
+    t0 = time.perf_counter()
+    plan = _plan(gram_rows64, keys64, scale64, bias64, key_map, precision, max(1, min(block or 64, max(V, 1))))
+    t1 = time.perf_counter()
+    gs, ws = _fast(plan, backend, device, prune, stats, precision, user_block, gemm_threads)
+    t2 = time.perf_counter()
+    stats.out_of_range_rows = int((~plan.gram.in_range).sum()) + (0 if plan.wit is None else int((~plan.wit.in_range).sum()))
+    gram, witness = _recover_both(gs, ws, plan, gram_rows64, keys64, scale64, bias64, stats)
+    stats.times_s = {"prepare": t1 - t0, "fast": t2 - t1, "recover": time.perf_counter() - t2}
+    return SymScreen(gram, witness, stats)
+
+
+def _recover_both(gs, ws, plan, gram_rows64, keys64, scale64, bias64, stats):
+    gram, stats.gram_recomputed, stats.gram_rescored = _recover(gs, plan.gram, plan.perm, gram_rows64,
+                                                               gram_rows64, None, None)
+    witness = None
+    if keys64 is not None:
+        witness, stats.witness_recomputed, stats.witness_rescored = _recover(ws, plan.wit, plan.perm, keys64,
+                                                                             keys64, scale64, bias64)
+    return gram, witness
+
+
+def _fast(plan, backend, device, prune, stats, precision, block, gemm_threads):
+    """The one place the fast pass's backend is chosen."""
+    if backend == "triton":
+        from kernels.triton_sym import fast_triton
+
+        return fast_triton(plan, device, prune, stats, precision=precision, block=block)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"the torch backend of sym_screen runs on the CPU, got device {device!r}")
+    return _fast_torch(plan, prune, stats, gemm_threads)
+
+
+def sym_screen_reference(
+    gram_rows64: torch.Tensor,
+    keys64: torch.Tensor | None = None,
+    scale64: torch.Tensor | None = None,
+    bias64: torch.Tensor | None = None,
+    key_map: KeyMap | None = None,
+    **_ignored,
+) -> SymScreen:
+    """Float64 reference with the same signature: untiled V × V float64 (small inputs only); key_map is
+    validated and otherwise unused (the witness reads keys64 directly)."""
+    _check_inputs(gram_rows64, keys64, scale64, bias64, key_map)
+    V = gram_rows64.shape[0]
+    ids = torch.arange(V)
+    gram = top2_reference(gram_rows64, gram_rows64, ids)
+    witness = None
+    if keys64 is not None:
+        witness = top2_reference(keys64, keys64, ids, scale=scale64, bias=bias64)
+    return SymScreen(gram, witness, SymScreenStats(backend="reference", precision="float64", block=V))
+
+
+__all__ = ["sym_screen", "sym_screen_reference", "KeyMap", "SymScreen", "SymScreenStats", "PRECISIONS", "round_inputs"]
