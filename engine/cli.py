@@ -215,6 +215,7 @@ class Scan:
     device: str = "auto"
     backend: str = "auto"
     precision: str = "auto"
+    verify: str = "bounded"
     workers: int = 1
     out: str | None = None
     csv: str | None = None
@@ -232,6 +233,9 @@ class Scan:
         p.add_argument("--precision", choices=("auto", "ieee", "tf32", "bf16"), default="auto",
                        help="the screens' fast pass (auto: TF32 for the Triton kernels on sm_80+, IEEE float32 "
                             "elsewhere); near ties are recomputed in float64 whatever the precision")
+        p.add_argument("--verify", choices=("bounded", "full"), default="bounded",
+                       help="bounded: competitors the verifier's own float32 bound cannot exclude are re-scored in "
+                            "float64; full: all of them, for audits")
         p.add_argument("--workers", type=_positive_int, default=1, help="parallel LP workers (default 1)")
         _report_args(p)
         p.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT.partial")
@@ -251,7 +255,7 @@ class Scan:
         try:
             report = scan_head(head, domain=self.domain, radius=self.radius, bias=self.bias, tokens=ids,
                                device=self.device, backend=self.backend, precision=self.precision,
-                               workers=self.workers,
+                               verify=self.verify, workers=self.workers,
                                checkpoint=checkpoint, resume=self.resume, progress=sys.stderr.isatty(),
                                load_time=load_time, keep_checkpoint=True)
         except KeyboardInterrupt:

@@ -48,6 +48,7 @@ class ScanOptions:
     backend: str = "auto"
     precision: str = "auto"  # the screens' fast pass: auto | ieee | tf32 | bf16 (kernels.resolve_precision)
     workers: int = 1  # LP worker processes
+    verify: str = "bounded"  # "full": every competitor of every witness re-scored in float64 (audits)
     checkpoint: str | None = None  # JSON-lines file of settled tokens (``--out`` + ``.partial`` in the CLI)
     resume: bool = False
     progress: bool = False
@@ -129,7 +130,9 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
         bad = [int(t) for t in ids if t < 0 or t >= V]
         raise InputError(f"token ids {', '.join(map(str, bad[:10]))} are out of range for V = {V}")
     ckpt = Checkpoint(opt.checkpoint, fingerprint(problem), opt.resume) if opt.checkpoint else None
-    sc = _Scan(head, problem, opt, backend, dev, precision, Ledger(ids, ckpt), Verifier(problem),
+    if opt.verify not in ("bounded", "full"):
+        raise InputError(f"unknown verify mode {opt.verify!r}; expected bounded or full")
+    sc = _Scan(head, problem, opt, backend, dev, precision, Ledger(ids, ckpt), Verifier(problem, full=opt.verify == "full"),
                {"load": opt.load_time + time.perf_counter() - t0})
     sc.warnings = list(problem.warnings)
     return sc

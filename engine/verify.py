@@ -36,6 +36,17 @@ from engine.domain import ETA, U, gamma
 from engine.evidence import Certificate
 
 
+PAIRWISE_MIN_V = 1024  # below this the exhaustive float64 check costs little
+
+
+def _dot_error32(d: int) -> float:
+    """Relative bound: ``|fl32(a32·x32) − a·x| <= this × ||a|| ||x||`` for float64 a, x rounded to float32 and
+    a float32 dot product in any order (Higham 3.1 with both input roundings), doubled for safety."""
+    u = 2.0**-24
+    g = (d + 2) * u / (1.0 - (d + 2) * u)
+    return 2.0 * (2 * u * (1 + u) + g * (1 + u) ** 2)
+
+
 @dataclass
 class WitnessCheck:
     ok: bool
@@ -64,8 +75,10 @@ def _finite(*xs) -> bool:
 class Verifier:
     """Holds the float64 shifted rows ``A = rows - c`` (any c works: it cancels exactly in l_t - l_j)."""
 
-    def __init__(self, problem):
+    def __init__(self, problem, full: bool = False):
         self.p = problem
+        self.full = full  # True: re-score every competitor of every witness in float64 (audits)
+        self.A32 = None  # float32 copy of the rows for the competitor bounds, built on first use
         self.dom = problem.domain
         self.rows = np.ascontiguousarray(problem.rows, dtype=np.float64)
         self.c = np.asarray(problem.center, dtype=np.float64)
@@ -76,6 +89,7 @@ class Verifier:
         self.norms = np.linalg.norm(self.A, axis=1) * (1.0 + gamma(self.p.d + 2)) + (self.p.d + 2) * ETA
         self.bias = np.asarray(problem.bias, dtype=np.float64)
         self.V, self.d = self.A.shape
+        self.An = np.linalg.norm(self.A, axis=1)
         if self.dom.centred:
             self.row_sums = self.A.sum(axis=1)
             self.row_sums_err = gamma(self.d) * np.abs(self.A).sum(axis=1) + self.d * ETA
@@ -110,12 +124,109 @@ class Verifier:
         return np.where(np.isfinite(r), r, np.inf)
 
     def _witness_batch(self, pos, ts, Xb, xn, own, out):
-        g_d = gamma(self.d + 2) + 2 * U
-        own_err = g_d * self.norms[ts] * xn + 2 * U * np.abs(own) + (self.d + 4) * ETA
-        reach = self._reach(float(xn.max()))  # one bound for the whole batch: O(V) memory, not O(V·B)
-        cand = np.union1d(np.nonzero(reach >= float((own - own_err).min()))[0], ts)
-        M, E = self._margins(cand, ts, Xb, xn)
-        mm = self._exact_min(M, E, cand, ts, Xb, xn, reach)
+        mm = None if self.full or self.V < PAIRWISE_MIN_V else self._pairwise_min(ts, Xb, xn)
+        if mm is None:  # exhaustive: every competitor the Cauchy–Schwarz bound cannot drop, in float64
+            g_d = gamma(self.d + 2) + 2 * U
+            own_err = g_d * self.norms[ts] * xn + 2 * U * np.abs(own) + (self.d + 4) * ETA
+            reach = self._reach(float(xn.max()))  # one bound for the whole batch: O(V) memory, not O(V·B)
+            cand = np.union1d(np.nonzero(reach >= float((own - own_err).min()))[0], ts)
+            M, E = self._margins(cand, ts, Xb, xn)
+            mm = self._exact_min(M, E, cand, ts, Xb, xn, reach)
+        self._conclude(pos, ts, Xb, mm, out)
+
+    # ------------------------------------------------------------------ bounded competitors
+    def _pairwise_min(self, ts, Xb, xn):
+        """Per token ``(margin, allowance, runner-up)`` over all V from the verifier's own float32 pass with
+        a rigorous error bound: a competitor whose upper bound is below another's lower bound is neither the
+        runner-up nor a threat; the rest (usually a handful) are scored in float64. None: no bound here
+        (a non-finite float32 value, or too many competitors left) — the caller checks exhaustively."""
+        cand = self._candidates(ts, Xb, xn)
+        if cand is None:
+            return None
+        J, K = cand
+        M, E = self._pair_margins(J, K, ts, Xb, xn)
+        order = np.lexsort((M - E, K))  # per token, the smallest bound-adjusted margin first
+        first = order[np.unique(K[order], return_index=True)[1]]
+        if first.size != len(ts):
+            return None
+        return [(float(M[i]), float(E[i]), int(J[i])) for i in first]
+
+    def _candidates(self, ts, Xb, xn):
+        """Pairs (j, k) whose logit may be the largest competitor of token ``ts[k]`` at ``z_k`` (z = x; layernorm
+        z = P x). One fused float32 pass ``A32 x32 + b32`` over [V, B]; every logit is within ``E_k`` of its
+        float32 value (inputs rounded to float32, Higham's bound for any order, the bias add, float32
+        underflow, layernorm's ``s_j sum(x) / d``, all bounded by the largest row), so a row more than ``2 E_k``
+        below the column's best competitor is out."""
+        if self.A32 is None:
+            with np.errstate(over="ignore"):
+                A32, b32 = self.A.astype(np.float32), self.bias.astype(np.float32)
+            finite = np.all(np.isfinite(A32)) and np.all(np.isfinite(b32))
+            self.A32 = (torch.from_numpy(A32), torch.from_numpy(b32)) if finite else False
+        if self.A32 is False:
+            return None
+        A32, b32 = self.A32
+        with np.errstate(over="ignore", invalid="ignore"):
+            X32 = Xb.astype(np.float32)
+        if not np.all(np.isfinite(X32)):
+            return None
+        base = torch.addmm(b32[:, None], A32, torch.from_numpy(X32).T)
+        base[torch.from_numpy(ts), torch.arange(len(ts))] = float("-inf")  # the token itself is no competitor
+        top = base.max(dim=0).values
+        if not bool(torch.isfinite(top).all()):
+            return None
+        E = torch.from_numpy(self._column_error(Xb, xn)).float()
+        J, K = torch.nonzero(base >= (top - 2 * E)[None, :], as_tuple=True)
+        if J.numel() > 8 * len(ts) + self.V // 4:
+            return None
+        return J.numpy().astype(np.int64), K.numpy().astype(np.int64)
+
+    def _column_error(self, Xb, xn) -> np.ndarray:
+        """``E_k`` >= |fl32(A32 x32 + b32)_jk − A_j·z_k − b_j| for every j (float64, rounded up generously)."""
+        u, d = 2.0**-24, self.d
+        an, bn = float(self.An.max()), float(np.abs(self.bias).max())
+        size = an * xn + bn  # >= |logit| and |float32 logit| up to the bound itself
+        E = _dot_error32(d) * an * xn + 4 * u * (size + bn) + 2.0**-148 * (math.sqrt(d) * (an + xn) + d + 2)
+        if self.dom.centred:
+            sig = np.abs(Xb.sum(axis=1)) + gamma(d) * np.abs(Xb).sum(axis=1) + d * ETA
+            E += float(np.max(np.abs(self.row_sums) + self.row_sums_err)) * sig / d * (1 + 8 * U)
+        return E * (1 + 2.0**-20) + 2.0**-140
+
+    def _centred_terms(self, rows, Xb):
+        """layernorm: ``A_j·P x = A_j·x - s_j sum(x) / d`` — the correction ``s_j sum(x) / d`` [rows, B] and its
+        error bound (row sums and sum(x) carry their own)."""
+        d = self.d
+        sig = Xb.sum(axis=1)
+        sig_err = gamma(d) * np.abs(Xb).sum(axis=1) + d * ETA
+        s, s_err = self.row_sums[rows], self.row_sums_err[rows]
+        corr = s[:, None] * sig[None, :] / d
+        err = ((np.abs(s) + s_err)[:, None] * (np.abs(sig) + sig_err)[None, :] - np.abs(s)[:, None]
+               * np.abs(sig)[None, :]) / d + 4 * U * np.abs(corr) + 4 * ETA
+        return corr, err
+
+    def _pair_margins(self, J, K, ts, Xb, xn, chunk: int = 8192):
+        """``M[p] = l_t(z_k) - l_j(z_k)`` and allowance ``E[p]`` for pairs ``p = (J[p], K[p])``, in float64."""
+        d = self.d
+        g_d = gamma(d + 2) + 2 * U
+        G = np.concatenate([np.einsum("ij,ij->i", self.A[J[c: c + chunk]], Xb[K[c: c + chunk]])
+                            for c in range(0, J.size, chunk)] or [np.zeros(0)])
+        Gt = np.einsum("ij,ij->i", self.A[ts], Xb)[K]
+        Bt, bc = self.bias[ts][K], self.bias[J]
+        with np.errstate(over="ignore", invalid="ignore"):
+            M = (Gt - G) + (Bt - bc)
+            E = g_d * (self.norms[J] + self.norms[ts][K]) * xn[K]
+            E += 4 * U * (np.abs(G) + np.abs(Gt) + np.abs(bc) + np.abs(Bt)) + (2 * d + 16) * ETA
+            if self.dom.centred:
+                ct, et = self._centred_terms(ts, Xb)
+                cj, ej = self._centred_terms(J, Xb)
+                ar = np.arange(J.size)
+                corr = ct[K, K] - cj[ar, K]
+                M -= corr
+                E += et[K, K] + ej[ar, K] + 4 * U * np.abs(corr)
+        bad = ~(np.isfinite(M) & np.isfinite(E))
+        M[bad], E[bad] = -np.inf, np.inf  # an overflowing comparison proves nothing
+        return M, E
+
+    def _conclude(self, pos, ts, Xb, mm, out):
         for k in range(len(ts)):
             m_k, e_k, w = mm[k]
             if not (math.isfinite(m_k) and math.isfinite(e_k)):
