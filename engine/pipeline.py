@@ -18,6 +18,7 @@ certificates prove "margin exactly 0".
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -149,26 +150,27 @@ def _screens(sc: _Scan) -> None:
 
 
 def find_ties(problem) -> dict[int, list[int]]:
-    """token -> a candidate partner with an identical folded row and bias, by value (``+ 0.0`` turns -0.0
-    into 0.0 before bytes are compared). Where the domain has null directions (layernorm), rows are
-    compared after the projection on a coarse grid (two offsets, so no pair straddles a cell edge): every
-    candidate is then proven or rejected exactly by ``Verifier.tie``."""
-    M = np.hstack([problem.rows, problem.bias[:, None]]) + 0.0
-    grids = [M]
+    """token -> candidate partners with an identical folded row and bias, by value (``+ 0.0`` turns -0.0
+    into 0.0 before bytes are hashed). Where the domain has null directions (layernorm), rows are also
+    compared after the projection on a coarse grid (two offsets, so no pair straddles a cell edge). Every
+    candidate is proven or rejected exactly by ``Verifier.tie``. Rows are hashed in chunks: O(V) memory."""
+    keys = [lambda r0, r1: np.hstack([problem.rows[r0:r1], problem.bias[r0:r1, None]]) + 0.0]
     if problem.domain.null_directions(problem.d).shape[1]:
         g = 1e-9 * (float(np.max(np.abs(problem.keys))) + 1e-300)
-        K = np.hstack([problem.keys, problem.bias[:, None]])
-        with np.errstate(over="ignore", invalid="ignore"):
-            grids = [M] + [np.floor(K / g + off) for off in (0.0, 0.5)]
-    ties: dict[int, int] = {}
-    for G in grids:
-        G = np.ascontiguousarray(G)
-        view = G.view(np.dtype((np.void, G.dtype.itemsize * G.shape[1]))).ravel()
-        _, inv, counts = np.unique(view, return_inverse=True, return_counts=True)
-        for grp in np.nonzero(counts > 1)[0]:
-            members = np.nonzero(inv == grp)[0]
-            for t in members:  # a few partners each: one verified partner is all a tie needs
-                ties.setdefault(int(t), []).extend(int(m) for m in members[:9] if m != t)
+        for off in (0.0, 0.5):
+            keys.append(lambda r0, r1, off=off: np.floor(np.hstack([problem.keys[r0:r1], problem.bias[r0:r1, None]])
+                                                         / g + off))
+    ties: dict[int, list[int]] = {}
+    for key in keys:
+        groups: dict[bytes, list[int]] = {}
+        for r0 in range(0, problem.V, 4096):
+            with np.errstate(over="ignore", invalid="ignore"):
+                block = np.ascontiguousarray(key(r0, min(problem.V, r0 + 4096)))
+            for i, row in enumerate(block):
+                groups.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), []).append(r0 + i)
+        for members in groups.values():
+            for t in members if len(members) > 1 else ():  # a few partners each: one verified partner suffices
+                ties.setdefault(t, []).extend(m for m in members[:9] if m != t)
     return ties
 
 
@@ -190,7 +192,9 @@ def _settle_screen_witnesses(sc: _Scan) -> None:
     led, w = sc.ledger, sc.witness
     with sc.timed("verify"):
         win = np.array([t for t in led.ids if not led.settled(t) and w.margin[led.pos[int(t)]] > 0], dtype=np.int64)
-        checks = sc.verifier.witnesses(win, witness_points(sc.problem, win)) if win.size else []
+        # in chunks: the points of all V tokens at once would be another V × d float64 array or three
+        checks = [c for c0 in range(0, win.size, 4096)
+                  for c in sc.verifier.witnesses(win[c0: c0 + 4096], witness_points(sc.problem, win[c0: c0 + 4096]))]
     for t, c in zip(win, checks):
         if not c.ok:
             continue
