@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-# Compiled kernels go to the (git-ignored) build tree, not ~/.triton; set before triton is imported.
-os.environ.setdefault("TRITON_CACHE_DIR", str(_ROOT / "build" / "triton-cache"))
 if __name__ == "__main__":
-    # Compiling needs triton's compiled (not interpreted) jit functions, chosen when triton is imported.
+    # Run as the AOT report (never on import, where a library must not touch the caller's environment):
+    # compiled kernels go to the (git-ignored) build tree, not ~/.triton, and compiling needs triton's
+    # compiled (not interpreted) jit functions; both are read when triton is imported.
+    os.environ.setdefault("TRITON_CACHE_DIR", str(_ROOT / "build" / "triton-cache"))
     os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
