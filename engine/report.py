@@ -267,7 +267,7 @@ def write_csv(report: ScanReport, path) -> None:
 
 def read_json(path) -> ScanReport:
     """Read a report written by :func:`write_json`, checking the schema string and the contract's keys."""
-    from engine.loader import InputError
+    from engine.head import InputError
 
     try:
         with open(path, encoding="utf-8") as f:
