@@ -134,11 +134,12 @@ def annotate(report, head, problem) -> int:
               and r.certificate.get("x") is not None]
     if not chosen:
         return 0
-    rows = []
-    for r in chosen:
-        x = r.certificate["x"]
-        rows.append(problem.report_x(witness_points(problem, np.array([r.id]))[0]) if isinstance(x, str)
-                    else np.asarray(x, dtype=np.float64))
+    # the screen's points all at once (each call normalises every key)
+    screen_ids = np.array([r.id for r in chosen if isinstance(r.certificate["x"], str)], dtype=np.int64)
+    screen_x = dict(zip(screen_ids.tolist(), problem.report_x(witness_points(problem, screen_ids)))) \
+        if screen_ids.size else {}
+    rows = [screen_x[r.id] if isinstance(r.certificate["x"], str) else np.asarray(r.certificate["x"], dtype=np.float64)
+            for r in chosen]
     results = check_witnesses(head, [r.id for r in chosen], np.stack(rows))
     for r, res in zip(chosen, results):
         r.model_check, r.model_margin = res["status"], res["margin"]
