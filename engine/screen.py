@@ -47,9 +47,11 @@ def gram_screen(rows64: np.ndarray, ids: np.ndarray | None = None, *, backend: s
     g = torch.from_numpy(np.ascontiguousarray(rows64, dtype=np.float64))
     V = g.shape[0]
     ids = np.arange(V, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-    idx = torch.from_numpy(ids)
-    queries = g if ids.size == V and np.array_equal(ids, np.arange(V)) else g[idx]  # no copy for a full scan
-    res, redo = top2_exact(queries, g, idx, backend=backend, device=device, precision=precision)
+    if ids.size == V and np.array_equal(ids, np.arange(V)):  # all rows: one symmetric pass, each pair once
+        res = sym_screen(g, backend=backend, device=device, precision=precision)
+        return _gram_result(res.gram, ids, res.stats.gram_recomputed, t0)
+    res, redo = top2_exact(g[torch.from_numpy(ids)], g, torch.from_numpy(ids), backend=backend, device=device,
+                           precision=precision)
     return _gram_result(res, ids, redo, t0)
 
 
