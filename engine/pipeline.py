@@ -98,6 +98,31 @@ class _Timer:
         self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.perf_counter() - self.t0
 
 
+class _Bar:
+    """A rich progress bar on stderr for a stage over many tokens (only when ``progress``; else nothing)."""
+
+    def __init__(self, sc: _Scan, label: str, total: int):
+        self.bar = None
+        if sc.opt.progress and total:
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+            self.task = self.bar.add_task(label, total=total)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def _log(sc: _Scan, msg: str) -> None:
     if sc.opt.progress:
         print(msg, file=sys.stderr, flush=True)
@@ -269,50 +294,66 @@ def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple]:
     their verified (undecided) result."""
     still_open: list[tuple] = []
     keys32 = torch.from_numpy(work.keys).to(torch.float32)
-    for b0 in range(0, todo.size, 256):
-        chunk = todo[b0: b0 + 256]
-        with sc.timed("search"):
-            cands = [lift(c) for c in search(work, chunk, keys32=keys32)]
-        done = []
-        for cand, res in zip(cands, _verdicts(sc, cands)):
-            if res[0] == "undecided":
-                still_open.append((cand, res))
-            else:
-                done.append(_token_report(sc, cand.token, res, cand.time_s))
-        sc.ledger.record(done)
-        _log(sc, f"search: {b0 + chunk.size}/{todo.size} tokens, {len(still_open)} left for the LP")
+    with _Bar(sc, "search", todo.size) as bar:
+        for b0 in range(0, todo.size, 256):
+            _search_chunk(sc, work, lift, todo[b0: b0 + 256], keys32, still_open)
+            bar.advance(min(256, todo.size - b0))
+        _log(sc, f"search: {todo.size} tokens, {len(still_open)} left for the LP")
     return still_open
+
+
+def _search_chunk(sc: _Scan, work, lift, chunk: np.ndarray, keys32, still_open: list) -> None:
+    with sc.timed("search"):
+        cands = [lift(c) for c in search(work, chunk, keys32=keys32)]
+    done = []
+    for cand, res in zip(cands, _verdicts(sc, cands)):
+        if res[0] == "undecided":
+            still_open.append((cand, res))
+        else:
+            done.append(_token_report(sc, cand.token, res, cand.time_s))
+    sc.ledger.record(done)
 
 
 def _decide_stage(sc: _Scan, work, lift, still_open: list[tuple]) -> None:
     """LP stage for what the search left: first stop at the first proven sign (the verdict needs no more);
     where verification cannot confirm it (a margin inside the rounding allowance), solve to the exact
     optimum once more. Only verified bounds are reported; undecided tokens keep the best of every stage."""
-    comps = {c.token: None if c.certificate is None else np.asarray(c.certificate.competitors, dtype=np.int64)
-             for c, _ in still_open}
-    best = {c.token: res for c, res in still_open}
-    spent = {c.token: c.time_s for c, _ in still_open}
-    pricer = Pricer(work)
+    st = _DecideState(
+        comps={c.token: None if c.certificate is None else np.asarray(c.certificate.competitors, dtype=np.int64)
+               for c, _ in still_open},
+        best={c.token: res for c, res in still_open}, spent={c.token: c.time_s for c, _ in still_open},
+        pricer=Pricer(work))
     pending = [c.token for c, _ in still_open]
     for stop_at_sign in (True, False):
-        for b0 in range(0, len(pending), 64):
-            chunk = pending[b0: b0 + 64]
-            with sc.timed("decide"):
-                # The second pass solves to the optimum, to a tolerance near float64's own: a margin of 1e-9
-                # relative is far above rounding and must not be left undecided.
-                cands = [lift(c) for c in decide_many(work, chunk, comps, pricer=pricer, workers=sc.opt.workers,
-                                                      time_limit=sc.opt.decide_time_limit, stop_at_sign=stop_at_sign,
-                                                      tol=1e-9 if stop_at_sign else 1e-14, n_start=192,
-                                                      add_per_round=96)]
-            for cand, res in zip(cands, _verdicts(sc, cands)):
-                spent[cand.token] += cand.time_s
-                best[cand.token] = _merge(best[cand.token], res)
-            final = [t for t in chunk if best[t][0] != "undecided" or not stop_at_sign]
-            sc.ledger.record([_token_report(sc, t, best[t], spent[t]) for t in final])
-            _log(sc, f"decide ({'sign' if stop_at_sign else 'exact'}): {b0 + len(chunk)}/{len(pending)}")
-        pending = [t for t in pending if best[t][0] == "undecided"]
+        with _Bar(sc, "decide (sign)" if stop_at_sign else "decide (exact)", len(pending)) as bar:
+            for b0 in range(0, len(pending), 64):
+                _decide_chunk(sc, work, lift, pending[b0: b0 + 64], stop_at_sign, st)
+                bar.advance(len(pending[b0: b0 + 64]))
+        pending = [t for t in pending if st.best[t][0] == "undecided"]
         if not pending:
             break
+
+
+@dataclass
+class _DecideState:
+    comps: dict  # token -> starting competitors (the search's certificate support)
+    best: dict  # token -> best verified result so far
+    spent: dict  # token -> seconds spent after the screens
+    pricer: Pricer
+
+
+def _decide_chunk(sc: _Scan, work, lift, chunk: list, stop_at_sign: bool, st: _DecideState) -> None:
+    with sc.timed("decide"):
+        # The second pass solves to the optimum, to a tolerance near float64's own: a margin of 1e-9
+        # relative is far above rounding and must not be left undecided.
+        cands = [lift(c) for c in decide_many(work, chunk, st.comps, pricer=st.pricer, workers=sc.opt.workers,
+                                              time_limit=sc.opt.decide_time_limit, stop_at_sign=stop_at_sign,
+                                              tol=1e-9 if stop_at_sign else 1e-14, n_start=192, add_per_round=96)]
+    for cand, res in zip(cands, _verdicts(sc, cands)):
+        st.spent[cand.token] += cand.time_s
+        st.best[cand.token] = _merge(st.best[cand.token], res)
+    final = [t for t in chunk if st.best[t][0] != "undecided" or not stop_at_sign]
+    sc.ledger.record([_token_report(sc, t, st.best[t], st.spent[t]) for t in final])
 
 
 def _merge(old: tuple, new: tuple) -> tuple:
