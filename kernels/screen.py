@@ -111,8 +111,12 @@ def top2_exact(
     eps = row_error_bounds(queries64, keys_norm_max, scale64, center64, bias64, precision)
     gap = fast.best_val.cpu().double() - fast.second_val.cpu().double()
     # Near tie between the two best competitors: the fast argmax may be wrong. (gap is +inf or NaN when
-    # there is at most one competitor; NaN never compares <=, and one competitor is always exact.)
-    redo = (gap <= 2.0 * eps).nonzero().squeeze(1)
+    # there is at most one competitor; NaN never compares <=, and one competitor is always exact.) Likewise
+    # between the second and the third, for the second index, where the fast pass keeps the third value.
+    near = gap <= 2.0 * eps
+    if fast.third_val is not None:
+        near |= (fast.second_val.cpu().double() - fast.third_val.cpu().double()) <= 2.0 * eps
+    redo = near.nonzero().squeeze(1)
     q64 = queries64 if center64 is None else queries64 - center64
     if redo.numel():
         exact = top2_torch(

@@ -27,6 +27,7 @@ class Top2:
     second_val: torch.Tensor  # [B]
     second_idx: torch.Tensor  # [B] int64, -1 when fewer than 2 competitors
     self_val: torch.Tensor  # [B]; NaN where self_index < 0
+    third_val: torch.Tensor | None = None  # [B] the third largest competitor value, when the pass keeps it
 
 
 def _check(queries, keys, self_index, scale, center, bias):
@@ -91,6 +92,7 @@ def top2_torch(
     out_sec = torch.full((B,), NEG_INF, dtype=dt, device=dev)
     out_sidx = torch.full((B,), -1, dtype=torch.int64, device=dev)
     out_self = torch.full((B,), float("nan"), dtype=dt, device=dev)
+    out_third = torch.full((B,), NEG_INF, dtype=dt, device=dev)
     for r0 in range(0, B, block_rows):
         r1 = min(B, r0 + block_rows)
         q = queries[r0:r1]
@@ -105,6 +107,7 @@ def top2_torch(
         bidx = torch.full((n,), -1, dtype=torch.int64, device=dev)
         sec = best.clone()
         sidx = bidx.clone()
+        third = best.clone()
         selfv = torch.full((n,), float("nan"), dtype=dt, device=dev)
         for c0 in range(0, V, block_cols):
             c1 = min(V, c0 + block_cols)
@@ -119,11 +122,17 @@ def top2_torch(
                 selfv[rows_hit] = s[rows_hit, cols_hit]
                 s[rows_hit, cols_hit] = NEG_INF
             b_val, b_idx, c_val, c_idx = _tile_top2(s)
+            # The third value over both parts: the largest of what the merge leaves (values only: it is
+            # what tells whether the second index is exact, kernels.screen).
+            t_val = torch.topk(s, 3, dim=1).values[:, 2] if s.shape[1] >= 3 else torch.full_like(b_val, NEG_INF)
+            pool = torch.stack([best, sec, third, b_val, c_val, t_val], dim=1)
             best, bidx, sec, sidx = merge_top2(best, bidx, sec, sidx, b_val, b_idx + c0 * (b_idx >= 0),
                                                c_val, c_idx + c0 * (c_idx >= 0))
+            third = torch.topk(pool, 3, dim=1).values[:, 2]
         out_best[r0:r1], out_bidx[r0:r1], out_sec[r0:r1], out_sidx[r0:r1] = best, bidx, sec, sidx
+        out_third[r0:r1] = third
         out_self[r0:r1] = selfv
-    return Top2(out_best, out_bidx, out_sec, out_sidx, out_self)
+    return Top2(out_best, out_bidx, out_sec, out_sidx, out_self, out_third)
 
 
 def _tile_top2(s: torch.Tensor):

@@ -56,3 +56,23 @@ def test_two_tokens_have_no_second_competitor():
     r = top2_torch(keys, keys, torch.tensor([0, 1]))
     assert r.best_idx.tolist() == [1, 0] and r.second_idx.tolist() == [-1, -1]
     assert np.isneginf(r.second_val.numpy()).all()
+
+
+def test_top2_exact_second_index_is_exact_when_second_and_third_are_near_tied():
+    """Issue 8: the second index too must equal the float64 reference when the 2nd and 3rd competitors are
+    closer than the float32 pass can tell apart."""
+    from kernels.screen import top2_exact
+
+    rng = np.random.default_rng(4)
+    V, d = 300, 16
+    keys = rng.standard_normal((V, d))
+    q = rng.standard_normal((5, d))
+    for i in range(5):  # columns 10+i (best), 100+i and 200+i (2nd / 3rd, 1e-12 apart, order by index reversed)
+        keys[10 + i] = 30.0 * q[i] / np.linalg.norm(q[i])
+        keys[200 + i] = 20.0 * q[i] / np.linalg.norm(q[i])
+        keys[100 + i] = keys[200 + i] * (1 - 1e-12)
+    kt, qt = torch.from_numpy(keys), torch.from_numpy(q)
+    ref = top2_reference(qt, kt, torch.full((5,), -1))
+    got, redo = top2_exact(qt, kt, torch.full((5,), -1))
+    assert torch.equal(got.best_idx, ref.best_idx) and torch.equal(got.second_idx, ref.second_idx)
+    assert got.second_idx.tolist() == [200 + i for i in range(5)] and redo == 5
