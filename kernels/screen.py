@@ -85,21 +85,16 @@ def top2_exact(
     device: torch.device | str = "cpu",
     precision: str = "ieee",
     block_rows: int = 1024,
-    keys_fast: torch.Tensor | None = None,
-    keys_norm_max: float | None = None,
 ) -> tuple[Top2, int]:
     """Top-2 screen whose indices equal the float64 reference, values rescored in float64.
 
-    All ``*64`` arguments are float64 tensors on the CPU (the master copy). ``keys_fast`` may pass a
-    float32 copy of ``keys64`` already on ``device`` to avoid re-casting per call. Returns the result (on
-    the CPU, float64 values) and the number of rows recomputed in float64.
+    All ``*64`` arguments are float64 tensors on the CPU (the master copy). Returns the result (on the
+    CPU, float64 values) and the number of rows recomputed in float64.
     """
     device = torch.device(device)
     B = queries64.shape[0]
-    if keys_fast is None:
-        keys_fast = keys64.to(device=device, dtype=torch.float32).contiguous()
-    if keys_norm_max is None:
-        keys_norm_max = float(torch.linalg.vector_norm(keys64, dim=1).max()) if keys64.shape[0] else 0.0
+    keys_fast = keys64.to(device=device, dtype=torch.float32).contiguous()
+    keys_norm_max = float(torch.linalg.vector_norm(keys64, dim=1).max()) if keys64.shape[0] else 0.0
     f32 = lambda t: None if t is None else t.to(device=device, dtype=torch.float32).contiguous()  # noqa: E731
     si = None if self_index is None else self_index.to(device)
     fast = _fast_top2(

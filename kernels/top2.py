@@ -101,38 +101,39 @@ def top2_torch(
         if scale is not None:
             # Scaling the query row is the same product up to one rounding (covered by the error bound).
             q = q * scale[r0:r1, None]
-        si = self_index[r0:r1]
-        n = r1 - r0
-        best = torch.full((n,), NEG_INF, dtype=dt, device=dev)
-        bidx = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        sec = best.clone()
-        sidx = bidx.clone()
-        third = best.clone()
-        selfv = torch.full((n,), float("nan"), dtype=dt, device=dev)
-        for c0 in range(0, V, block_cols):
-            c1 = min(V, c0 + block_cols)
-            kt = keys[c0:c1].T
-            s = q @ kt if bias is None else torch.addmm(bias[c0:c1], q, kt)
-            # Self columns in this tile: read the self score, then -inf so it never wins a max.
-            # (Index math in int64: row * V overflows int32 at V = 50257.)
-            in_tile = (si >= c0) & (si < c1)
-            if bool(in_tile.any()):
-                rows_hit = in_tile.nonzero().squeeze(1)
-                cols_hit = si[rows_hit] - c0
-                selfv[rows_hit] = s[rows_hit, cols_hit]
-                s[rows_hit, cols_hit] = NEG_INF
-            b_val, b_idx, c_val, c_idx = _tile_top2(s)
-            # The third value over both parts: the largest of what the merge leaves (values only: it is
-            # what tells whether the second index is exact, kernels.screen).
-            t_val = torch.topk(s, 3, dim=1).values[:, 2] if s.shape[1] >= 3 else torch.full_like(b_val, NEG_INF)
-            pool = torch.stack([best, sec, third, b_val, c_val, t_val], dim=1)
-            best, bidx, sec, sidx = merge_top2(best, bidx, sec, sidx, b_val, b_idx + c0 * (b_idx >= 0),
-                                               c_val, c_idx + c0 * (c_idx >= 0))
-            third = torch.topk(pool, 3, dim=1).values[:, 2]
-        out_best[r0:r1], out_bidx[r0:r1], out_sec[r0:r1], out_sidx[r0:r1] = best, bidx, sec, sidx
-        out_third[r0:r1] = third
-        out_self[r0:r1] = selfv
+        (out_best[r0:r1], out_bidx[r0:r1], out_sec[r0:r1], out_sidx[r0:r1], out_third[r0:r1],
+         out_self[r0:r1]) = _row_block(q, keys, self_index[r0:r1], bias, block_cols)
     return Top2(out_best, out_bidx, out_sec, out_sidx, out_self, out_third)
+
+
+def _row_block(q, keys, si, bias, block_cols: int):
+    """One block of query rows against every key tile: best, second (with indices), third value, self."""
+    n, V, dt, dev = q.shape[0], keys.shape[0], q.dtype, q.device
+    best = torch.full((n,), NEG_INF, dtype=dt, device=dev)
+    bidx = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    sec, sidx, third = best.clone(), bidx.clone(), best.clone()
+    selfv = torch.full((n,), float("nan"), dtype=dt, device=dev)
+    for c0 in range(0, V, block_cols):
+        c1 = min(V, c0 + block_cols)
+        kt = keys[c0:c1].T
+        s = q @ kt if bias is None else torch.addmm(bias[c0:c1], q, kt)
+        # Self columns in this tile: read the self score, then -inf so it never wins a max.
+        # (Index math in int64: row * V overflows int32 at V = 50257.)
+        in_tile = (si >= c0) & (si < c1)
+        if bool(in_tile.any()):
+            rows_hit = in_tile.nonzero().squeeze(1)
+            cols_hit = si[rows_hit] - c0
+            selfv[rows_hit] = s[rows_hit, cols_hit]
+            s[rows_hit, cols_hit] = NEG_INF
+        b_val, b_idx, c_val, c_idx = _tile_top2(s)
+        # The third value over both parts: the largest of what the merge leaves (values only: it is
+        # what tells whether the second index is exact, kernels.screen).
+        t_val = torch.topk(s, 3, dim=1).values[:, 2] if s.shape[1] >= 3 else torch.full_like(b_val, NEG_INF)
+        pool = torch.stack([best, sec, third, b_val, c_val, t_val], dim=1)
+        best, bidx, sec, sidx = merge_top2(best, bidx, sec, sidx, b_val, b_idx + c0 * (b_idx >= 0),
+                                           c_val, c_idx + c0 * (c_idx >= 0))
+        third = torch.topk(pool, 3, dim=1).values[:, 2]
+    return best, bidx, sec, sidx, third, selfv
 
 
 def _tile_top2(s: torch.Tensor):
