@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels import BackendError, triton_interpret
-
-PRECISIONS = ("ieee", "tf32", "bf16")
+from kernels.triton_top2 import PRECISIONS, config_table_key
 
 
 @dataclass(frozen=True)
@@ -62,13 +61,7 @@ _CONFIGS = {
 
 def sym_configs_for(cc: int | tuple[int, int], precision: str = "tf32") -> list[SymConfig]:
     """Tile configurations for compute capability ``cc`` (sm_8x: the sm_80 table; sm_90+: sm_90's)."""
-    if isinstance(cc, tuple):
-        cc = cc[0] * 10 + cc[1]
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if cc < 80:
-        raise ValueError(f"the symmetric screen kernel needs sm_80 or newer; got sm_{cc}")
-    return list(_CONFIGS[(90 if cc >= 90 else 80, precision)])
+    return list(_CONFIGS[config_table_key(cc, precision, "the symmetric screen kernel")])
 
 
 @triton.jit

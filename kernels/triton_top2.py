@@ -68,13 +68,19 @@ def configs_for(cc: int | tuple[int, int], precision: str = "tf32") -> list[Tile
 
     sm_8x uses the sm_80 table, sm_90 and newer the sm_90 table (tuned for, and checked on, 80 and 90).
     """
+    return list(_CONFIGS[config_table_key(cc, precision, "the top-2 kernel")])
+
+
+def config_table_key(cc: int | tuple[int, int], precision: str, kernel: str) -> tuple[int, str]:
+    """``(80 or 90, precision)``: the tuned table a compute capability uses (sm_8x → 80, sm_90+ → 90), after
+    checking the precision and that the GPU has TF32/bf16 tensor cores (sm_80+). Shared by every kernel."""
     if isinstance(cc, tuple):
         cc = cc[0] * 10 + cc[1]
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if cc < 80:
-        raise ValueError(f"the top-2 kernel needs sm_80 or newer (TF32/bf16 tensor cores); got sm_{cc}")
-    return list(_CONFIGS[(90 if cc >= 90 else 80, precision)])
+        raise ValueError(f"{kernel} needs sm_80 or newer (TF32/bf16 tensor cores); got sm_{cc}")
+    return (90 if cc >= 90 else 80, precision)
 
 
 @triton.jit
