@@ -217,9 +217,8 @@ def _settle_screen_witnesses(sc: _Scan) -> None:
     led, w = sc.ledger, sc.witness
     with sc.timed("verify"):
         win = np.array([t for t in led.ids if not led.settled(t) and w.margin[led.pos[int(t)]] > 0], dtype=np.int64)
-        # in chunks: the points of all V tokens at once would be another V × d float64 array or three
-        checks = [c for c0 in range(0, win.size, 4096)
-                  for c in sc.verifier.witnesses(win[c0: c0 + 4096], witness_points(sc.problem, win[c0: c0 + 4096]))]
+        # the points come in chunks: all V of them at once would be another V × d float64 array or three
+        checks = sc.verifier.self_witnesses(win, lambda ids: witness_points(sc.problem, ids))
     for t, c in zip(win, checks):
         if not c.ok:
             continue

@@ -31,20 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine import exact
+from engine import exact, verify_sym
 from engine.domain import ETA, U, gamma
 from engine.evidence import Certificate
 
 
 PAIRWISE_MIN_V = 1024  # below this the exhaustive float64 check costs little
-
-
-def _dot_error32(d: int) -> float:
-    """Relative bound: ``|fl32(a32·x32) − a·x| <= this × ||a|| ||x||`` for float64 a, x rounded to float32 and
-    a float32 dot product in any order (Higham 3.1 with both input roundings), doubled for safety."""
-    u = 2.0**-24
-    g = (d + 2) * u / (1.0 - (d + 2) * u)
-    return 2.0 * (2 * u * (1 + u) + g * (1 + u) ** 2)
 
 
 @dataclass
@@ -108,13 +100,51 @@ class Verifier:
         if idx.size == 0:
             return out  # type: ignore[return-value]
         t_all, Xv = tokens[idx], X[idx]
-        xn = np.linalg.norm(Xv, axis=1) * (1.0 + gamma(self.d + 1)) + (self.d + 1) * ETA
+        xn = self._xnorm(Xv)
         own = np.einsum("ij,ij->i", self.A[t_all], Xv) + self.bias[t_all]
         order = np.argsort(-own, kind="stable")  # batches of similar own logit prune together
         for b0 in range(0, idx.size, batch):
             sel = order[b0: b0 + batch]
             self._witness_batch(idx[sel], t_all[sel], Xv[sel], xn[sel], own[sel], out)
         return out  # type: ignore[return-value]
+
+    def _xnorm(self, X: np.ndarray) -> np.ndarray:
+        """Rigorous upper bounds of the points' norms."""
+        return np.linalg.norm(X, axis=1) * (1.0 + gamma(self.d + 1)) + (self.d + 1) * ETA
+
+    def self_witnesses(self, tokens: np.ndarray, points, chunk: int = 4096) -> list[WitnessCheck]:
+        """As :meth:`witnesses` for ``X = points(ids)`` (chunks of ``tokens``), for witnesses that are mostly
+        multiples of their own rows (the screens' self-directions): their competitors are bounded by one
+        symmetric pass of the verifier's own (``engine.verify_sym``) and rescored in float64; the others,
+        and every column that pass cannot settle, are checked as :meth:`witnesses` does. The points are
+        asked for in chunks, so all V of them are never held at once."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        sp = None
+        if not self.full and self.V >= PAIRWISE_MIN_V and np.unique(tokens).size == tokens.size:
+            sp = verify_sym.self_pairs(self.A, self.bias, self.dom.centred, tokens, points, chunk)
+        out: list[WitnessCheck] = []
+        for c0 in range(0, tokens.size, chunk):
+            ids = tokens[c0: c0 + chunk]
+            cols = np.full(ids.size, -1) if sp is None else sp.col[c0: c0 + ids.size]
+            out.extend(self._self_chunk(ids, np.asarray(points(ids), dtype=np.float64), cols, sp))
+        return out
+
+    def _self_chunk(self, ids, X, cols, sp) -> list[WitnessCheck]:
+        res: list[WitnessCheck | None] = [None] * ids.size
+        fast = np.array([i for i in range(ids.size) if cols[i] >= 0 and self.dom.contains(X[i])[0]], dtype=np.int64)
+        mm = None
+        if fast.size:
+            J = np.concatenate([sp.J_of[c] for c in cols[fast]])
+            K = np.repeat(np.arange(fast.size), [sp.J_of[c].size for c in cols[fast]])
+            mm = self._min_pairs(J, K, ids[fast], X[fast], self._xnorm(X[fast]))
+        if mm is None:
+            fast = np.zeros(0, dtype=np.int64)
+        else:
+            self._conclude(fast, ids[fast], X[fast], mm, res)
+        rest = np.setdiff1d(np.arange(ids.size), fast)
+        for i, wc in zip(rest, self.witnesses(ids[rest], X[rest]) if rest.size else ()):
+            res[i] = wc
+        return res  # type: ignore[return-value]
 
     def _reach(self, xmax: float) -> np.ndarray:
         """Rigorous upper bound of every row's logit at any point of norm <= xmax (Cauchy–Schwarz)."""
@@ -141,9 +171,11 @@ class Verifier:
         runner-up nor a threat; the rest (usually a handful) are scored in float64. None: no bound here
         (a non-finite float32 value, or too many competitors left) — the caller checks exhaustively."""
         cand = self._candidates(ts, Xb, xn)
-        if cand is None:
-            return None
-        J, K = cand
+        return None if cand is None else self._min_pairs(*cand, ts, Xb, xn)
+
+    def _min_pairs(self, J, K, ts, Xb, xn):
+        """Per column k, ``(margin, allowance, runner-up)`` over the candidate pairs ``(J[p], K[p] = k)`` in
+        float64 (None: some column has none)."""
         M, E = self._pair_margins(J, K, ts, Xb, xn)
         order = np.lexsort((M - E, K))  # per token, the smallest bound-adjusted margin first
         first = order[np.unique(K[order], return_index=True)[1]]
@@ -157,6 +189,8 @@ class Verifier:
         float32 value (inputs rounded to float32, Higham's bound for any order, the bias add, float32
         underflow, layernorm's ``s_j sum(x) / d``, all bounded by the largest row), so a row more than ``2 E_k``
         below the column's best competitor is out."""
+        if torch.get_float32_matmul_precision() != "highest":
+            return None  # float32 GEMMs may then run in reduced precision: the bound assumes IEEE float32
         if self.A32 is None:
             with np.errstate(over="ignore"):
                 A32, b32 = self.A.astype(np.float32), self.bias.astype(np.float32)
@@ -185,23 +219,20 @@ class Verifier:
         u, d = 2.0**-24, self.d
         an, bn = float(self.An.max()), float(np.abs(self.bias).max())
         size = an * xn + bn  # >= |logit| and |float32 logit| up to the bound itself
-        E = _dot_error32(d) * an * xn + 4 * u * (size + bn) + 2.0**-148 * (math.sqrt(d) * (an + xn) + d + 2)
+        E = verify_sym.dot_error32(d) * an * xn + 4 * u * (size + bn) + 2.0**-148 * (math.sqrt(d) * (an + xn) + d + 2)
         if self.dom.centred:
             sig = np.abs(Xb.sum(axis=1)) + gamma(d) * np.abs(Xb).sum(axis=1) + d * ETA
             E += float(np.max(np.abs(self.row_sums) + self.row_sums_err)) * sig / d * (1 + 8 * U)
         return E * (1 + 2.0**-20) + 2.0**-140
 
-    def _centred_terms(self, rows, Xb):
-        """layernorm: ``A_j·P x = A_j·x - s_j sum(x) / d`` — the correction ``s_j sum(x) / d`` [rows, B] and its
-        error bound (row sums and sum(x) carry their own)."""
-        d = self.d
-        sig = Xb.sum(axis=1)
-        sig_err = gamma(d) * np.abs(Xb).sum(axis=1) + d * ETA
+    def _centred_terms(self, rows, sig, sig_err):
+        """layernorm: ``A_j·P x = A_j·x - s_j sum(x) / d`` — per pair, the correction ``s_j sum(x) / d`` for
+        rows ``rows`` and the points' sums ``sig`` (error ``sig_err``), and its error bound (row sums carry
+        their own)."""
         s, s_err = self.row_sums[rows], self.row_sums_err[rows]
-        corr = s[:, None] * sig[None, :] / d
-        err = ((np.abs(s) + s_err)[:, None] * (np.abs(sig) + sig_err)[None, :] - np.abs(s)[:, None]
-               * np.abs(sig)[None, :]) / d + 4 * U * np.abs(corr) + 4 * ETA
-        return corr, err
+        corr = s * sig / self.d
+        err = ((np.abs(s) + s_err) * (np.abs(sig) + sig_err) - np.abs(s) * np.abs(sig)) / self.d
+        return corr, err + 4 * U * np.abs(corr) + 4 * ETA
 
     def _pair_margins(self, J, K, ts, Xb, xn, chunk: int = 8192):
         """``M[p] = l_t(z_k) - l_j(z_k)`` and allowance ``E[p]`` for pairs ``p = (J[p], K[p])``, in float64."""
@@ -216,12 +247,13 @@ class Verifier:
             E = g_d * (self.norms[J] + self.norms[ts][K]) * xn[K]
             E += 4 * U * (np.abs(G) + np.abs(Gt) + np.abs(bc) + np.abs(Bt)) + (2 * d + 16) * ETA
             if self.dom.centred:
-                ct, et = self._centred_terms(ts, Xb)
-                cj, ej = self._centred_terms(J, Xb)
-                ar = np.arange(J.size)
-                corr = ct[K, K] - cj[ar, K]
+                sig = Xb.sum(axis=1)
+                sig_err = gamma(d) * np.abs(Xb).sum(axis=1) + d * ETA
+                ct, et = self._centred_terms(ts[K], sig[K], sig_err[K])
+                cj, ej = self._centred_terms(J, sig[K], sig_err[K])
+                corr = ct - cj
                 M -= corr
-                E += et[K, K] + ej[ar, K] + 4 * U * np.abs(corr)
+                E += et + ej + 4 * U * np.abs(corr)
         bad = ~(np.isfinite(M) & np.isfinite(E))
         M[bad], E[bad] = -np.inf, np.inf  # an overflowing comparison proves nothing
         return M, E

@@ -6,6 +6,7 @@ interpreter runs the kernels on the CPU, for tests and for checking them by hand
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -61,3 +62,18 @@ def resolve_precision(precision: str, backend: str, device: torch.device) -> str
         raise BackendError(f"--precision {precision} needs the triton backend (the torch backend computes in "
                            f"IEEE float32)")
     return precision
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n inside the block. Apart from their GEMMs the tiled passes are many
+    small and medium ops (epilogues, top-K folds, O(V d) preparation): on a shared machine every
+    multi-threaded op waits at its barrier for a descheduled thread (a scheduler quantum), so they run on
+    one thread and only the GEMMs use the caller's threads (measured at V = 8192, d = 768 under a load of 12
+    on 2 cores: the whole symmetric pass 3-4x slower with every op on 2 threads than on 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import torch_threads
 from kernels.screen import dot_error_unit
 from kernels.top2 import Top2, _take_best, top2_reference, top2_torch
 
@@ -433,27 +434,12 @@ class _State:
         self.idx = torch.full((V, k), -1, dtype=torch.int64)
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    """torch's intra-op threads set to n inside the block. Apart from its GEMMs the pass is many small and
-    medium ops (epilogues, O(V d) preparation and recovery): on a shared machine every multi-threaded op
-    waits at its barrier for a descheduled thread (a scheduler quantum), so they run on one thread and
-    only the GEMMs use the caller's threads (measured at V = 8192, d = 768 under a load of 12 on 2 cores:
-    the whole pass 3-4x slower with every op on 2 threads than on 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _tile_torch(plan, bufs, states, r0, r1, c0, c1, dirs, gemm_threads: int = 1) -> None:
     """One tile pair: S = H_I H_J^T once (``gemm_threads``), then the needed reductions among the four
     (on the calling thread; witness first, as the gram's may write into S)."""
     n, m = r1 - r0, c1 - c0
     S, W = (b[:n * m].view(n, m) for b in bufs)
-    with _threads(gemm_threads):
+    with torch_threads(gemm_threads):
         torch.mm(plan.h32[r0:r1], plan.h32[c0:c1].T, out=S)
     _reduce_tile(plan, S, W, states, r0, r1, c0, c1, dirs)
 
@@ -639,8 +625,8 @@ def sym_screen(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     gemm_threads = torch.get_num_threads()
-    # The torch backend runs everything but its GEMMs on one thread (see _threads).
-    with _threads(1) if backend == "torch" else contextlib.nullcontext():
+    # The torch backend runs everything but its GEMMs on one thread (see kernels.torch_threads).
+    with torch_threads(1) if backend == "torch" else contextlib.nullcontext():
         return _sym_screen(gram_rows64, keys64, scale64, bias64, key_map, backend, device, precision, block, prune,
                            gemm_threads)
 
