@@ -168,6 +168,7 @@ def spawn_worker(provider: str, data: str, tmp: str, args, extra=(), timeout=Non
         with open(path) as f:
             res.update(json.load(f))  # wall_s = the provider call alone; peak_rss_mb = VmHWM past loading
         res["process_wall_s"] = run["wall_s"]
+        res["timed_out"] = False  # the provider finished; a kill during the interpreter's exit does not count
     elif not run["timed_out"]:
         raise RuntimeError(f"{tag} failed (rc {run['rc']}):\n{_log_tail(run)}")
     print(f"  {tag:18s} " + (f"did not finish in {timeout:.0f} s" if run["timed_out"] and "cpu_s" not in res
@@ -374,7 +375,8 @@ def _seed_rows(res: dict, bp: BenchProblem, y) -> list[str]:
     for r in res.get("seed-lp", []):
         if r["timed_out"]:
             L.append(f"| seed linprog | `is_token_feasible`, token {r['token']}: **did not finish in "
-                     f"{_s(r.get('wall_s'), '.0f')} s** | {bp.V} | > {_s(r.get('wall_s'), '.0f')} | > {_ratio(r.get('wall_s'), y)} | — |")
+                     f"{_s(r.get('wall_s'), '.0f')} s** (killed; start-up and loading included) | {bp.V} | "
+                     f"> {_s(r.get('wall_s'), '.0f')} | > {_ratio(r.get('wall_s'), y)} | {_s(r['peak_rss_mb'], '.0f')} |")
         else:
             msg = (r.get("stats") or {}).get("message", "")[:80]
             L.append(f"| seed linprog | `is_token_feasible`, token {r['token']} ({msg}) | {bp.V} | {_s(r['wall_s'])} "
