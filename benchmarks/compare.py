@@ -58,7 +58,6 @@ ALL_PROVIDERS = ("yardstick", "screens", "scan", "faiss", "seed-gram", "seed-lp"
 RESULTS = os.path.join(HERE, "RESULTS.md")
 GRIVAS_RHO = 100.0  # the paper's default box: --logit-lower-bound / --logit-upper-bound ±100
 GRIVAS_PATIENCE = 100  # reflections before Braid Reflect gives up (the paper's default)
-GRIVAS_EPS = 1e-8  # lower bound of the Chebyshev radius and (× 0.1) the feasibility tolerance, as in the paper
 SEED_MARGIN = 1.00e-7  # the seed's margin in is_token_feasible
 _WARGS = None  # the worker's arguments, for the providers that need more than the head
 
@@ -108,7 +107,8 @@ def _grivas(bp, memory_only=False) -> dict:
         for group, tokens in json.loads(_WARGS.grivas_tokens).items():
             for t in tokens:
                 lp_only = group == "lp"
-                rec = grivas.class_is_bounded(W, b, W64, b64, int(t), GRIVAS_RHO, _WARGS.lp_cap, lp_only)
+                rec = grivas.class_is_bounded(W, b, W64, b64, int(t), GRIVAS_RHO, _WARGS.lp_cap, lp_only,
+                                              _WARGS.grivas_lp_method)
                 f.write(json.dumps({"group": group, **rec}) + "\n")
                 f.flush()
     return {"stats": {"setup_s": setup_s}}
@@ -147,11 +147,14 @@ def _log_tail(res: dict, n: int = 15) -> str:
         return "".join(f.readlines()[-n:])
 
 
-def _env(threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[k] = str(threads)
+def _env(threads: int, blas_threads: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS=str(threads))
+    for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[k] = str(blas_threads)
     return env
+
+
+SINGLE_THREADED = ("seed-lp", "grivas")  # per-token LP peers: one BLAS thread (see grivas.py)
 
 
 def spawn_worker(provider: str, data: str, tmp: str, args, extra=(), timeout=None, tag=None) -> dict:
@@ -161,7 +164,8 @@ def spawn_worker(provider: str, data: str, tmp: str, args, extra=(), timeout=Non
     os.makedirs(out, exist_ok=True)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", provider, "--data", data, "--out", out,
            "--threads", str(args.threads), *extra]
-    run = run_capped(cmd, timeout, os.path.join(out, "log.txt"), env=_env(args.threads))
+    blas = 1 if provider in SINGLE_THREADED else args.threads
+    run = run_capped(cmd, timeout, os.path.join(out, "log.txt"), env=_env(args.threads, blas))
     res = {"provider": tag, "outdir": out, **run}
     path = os.path.join(out, f"{provider}.json")
     if os.path.exists(path):
@@ -270,18 +274,19 @@ def run_grivas(bp: BenchProblem, data: str, tmp: str, args, lp_tokens: list[int]
     rng = np.random.default_rng(args.seed)
     sample = np.sort(rng.choice(bp.V, size=min(args.grivas_sample, bp.V), replace=False)).tolist()
     tokens = json.dumps({"sample": sample, "lp": lp_tokens})
-    r = spawn_worker("grivas", data, tmp, args, ["--grivas-tokens", tokens, "--lp-cap", str(args.lp_cap)],
-                     timeout=args.peer_cap)
+    r = spawn_worker("grivas", data, tmp, args, ["--grivas-tokens", tokens, "--lp-cap", str(args.lp_cap),
+                                                 "--grivas-lp-method", args.grivas_lp_method], timeout=args.peer_cap)
     with open(os.path.join(r["outdir"], "grivas.jsonl")) as f:
         lines = [json.loads(ln) for ln in f if ln.strip()]
     recs = [x for x in lines if "group" in x]
     setup_s = lines[0]["setup_s"] if lines and "setup_s" in lines[0] else None
     samp = [x for x in recs if x["group"] == "sample"]
     mean = float(np.mean([x["time_s"] for x in samp])) if samp else None
-    total = None if mean is None or setup_s is None else setup_s + bp.V * mean
+    total = None if mean is None or setup_s is None else setup_s + bp.V * mean / args.threads
     return {"setup_s": setup_s, "sample": samp, "lp": [x for x in recs if x["group"] == "lp"],
             "planned": {"sample": len(sample), "lp": len(lp_tokens)}, "extrapolated_s": total,
-            "peak_rss_mb": r["peak_rss_mb"], "timed_out": r["timed_out"], "cap_s": args.peer_cap}
+            "peak_rss_mb": r["peak_rss_mb"], "timed_out": r["timed_out"], "cap_s": args.peer_cap,
+            "processes": args.threads, "method": args.grivas_lp_method, "lp_cap": args.lp_cap}
 
 
 def run_all(bp: BenchProblem, centred: bool, source: str, args, tmp: str) -> dict:
@@ -304,9 +309,13 @@ def run_all(bp: BenchProblem, centred: bool, source: str, args, tmp: str) -> dic
         except ImportError:
             res["faiss"] = {"missing": "faiss not importable"}
     if "seed-gram" in want and args.seed_V:
-        sdata = os.path.join(tmp, "data-seed")
-        save_problem(reduced(bp, min(args.seed_V, bp.V)), sdata)
-        res["yardstick@seed-V"] = spawn_worker("yardstick", sdata, tmp, args, tag="yardstick@seed-V")
+        sdata = data
+        if args.seed_V < bp.V or "yardstick" not in res:  # at the full V the yardstick above is the reference
+            sdata = os.path.join(tmp, "data-seed")
+            save_problem(reduced(bp, min(args.seed_V, bp.V)), sdata)
+            res["yardstick@seed-V"] = spawn_worker("yardstick", sdata, tmp, args, tag="yardstick@seed-V")
+        else:
+            res["yardstick@seed-V"] = res["yardstick"]
         res["seed-gram"] = spawn_worker("seed-gram", sdata, tmp, args, timeout=args.peer_cap)
         res["seed-gram"]["V"] = min(args.seed_V, bp.V)
     hard = lp_candidates(bp, res.get("scan"), max(args.seed_lp_tokens, args.grivas_lp_tokens))
@@ -413,15 +422,16 @@ def grivas_lines(g: dict, V: int) -> list[str]:
     by_search = [x for x in samp if x["settled_by_search"]]
     lp_in_sample = [x for x in samp if not x["settled_by_search"]]
     statuses = lambda xs: ", ".join(f"{s} {sum(x['status'] == s for x in xs)}" for s in sorted({x['status'] for x in xs}))
-    L = [(f"Grivas-style peer (box ρ = {GRIVAS_RHO:g}, patience {GRIVAS_PATIENCE}, LP time limit per token as "
-         f"given): rank check (two SVDs) {_s(g['setup_s'])} s once; random sample of {len(samp)}/{g['planned']['sample']} "
+    L = [(f"Grivas-style peer (box ρ = {GRIVAS_RHO:g}, patience {GRIVAS_PATIENCE}, LP: scipy `{g['method']}`, "
+         f"time limit {g['lp_cap']:g} s per token; one process, one BLAS thread): rank check (two SVDs) {_s(g['setup_s'])} s once; random sample of {len(samp)}/{g['planned']['sample']} "
          f"tokens: Braid Reflect settled {len(by_search)} ({_med_p95([x['search_s'] for x in samp])} per token), the "
          f"LP the other {len(lp_in_sample)} ({_med_p95([x['lp_s'] for x in lp_in_sample])}; {statuses(lp_in_sample) or '—'}); "
          f"whole pipeline per token {_med_p95([x['time_s'] for x in samp])}. "
          f"The LP alone on {len(lp)}/{g['planned']['lp']} of the tokens our scan took past the screens: "
          f"{_med_p95([x['lp_s'] for x in lp])} ({statuses(lp) or '—'})."),
-         f"Extrapolation: T(V) = t_rank_check + V × mean per-token time over the random sample = "
-         f"{_s(g['setup_s'])} + {V} × {_s(np.mean([x['time_s'] for x in samp]) if samp else None, '.3g')} = "
+         f"Extrapolation: T(V) = t_rank_check + V × mean per-token time over the random sample / P processes "
+         f"(the paper's pool over classes, one per core) = {_s(g['setup_s'])} + {V} × "
+         f"{_s(np.mean([x['time_s'] for x in samp]) if samp else None, '.3g')} / {g['processes']} = "
          f"**{_s(g['extrapolated_s'], '.1f')} s**" + (f" (run killed at its {g['cap_s']:.0f} s cap)" if g["timed_out"] else "")
          + "."]
     return L
@@ -494,6 +504,8 @@ def parse_args(argv):
     ap.add_argument("--grivas-sample", type=int, default=64, help="random tokens through the Grivas pipeline")
     ap.add_argument("--grivas-lp-tokens", type=int, default=4, help="tokens past our screens given the LP alone")
     ap.add_argument("--lp-cap", type=float, default=120.0, help="HiGHS time limit per Grivas LP (s)")
+    ap.add_argument("--grivas-lp-method", default="highs", choices=("highs", "highs-ds", "highs-ipm"),
+                    help="scipy linprog method of the Grivas LP (highs-ipm: nearest to the paper's barrier)")
     ap.add_argument("--peer-cap", type=float, default=1800.0, help="seconds before the Grivas or seed-gram run is killed")
     for a in ("--worker", "--data", "--out", "--grivas-tokens"):
         ap.add_argument(a, help=argparse.SUPPRESS)

@@ -13,8 +13,12 @@ Practice" (ACL 2022, arXiv 2203.06462) and their code (github.com/andreasgrv/una
 3. otherwise the exact step: maximise the radius ``r ≥ ε`` of a ball inside the region where ``t`` wins,
    ``(w_j − w_t)·x + ‖w_j − w_t‖·r ≤ b_t − b_j`` for every ``j ≠ t``, ``x`` in the box. Optimal:
    argmaxable; infeasible: bounded (unargmaxable). The paper used Gurobi's barrier method, one thread,
-   feasibility tolerance ε/10; here HiGHS's interior point method through ``scipy.optimize.linprog`` (the
-   paper's code has this call commented out as its alternative), with a time limit per class.
+   feasibility tolerance ε/10; here HiGHS through ``scipy.optimize.linprog`` (the paper's code has this
+   call, with ``highs-ipm``, commented out as its alternative), with a time limit per class.
+
+The paper runs classes in parallel processes (``STOLLEN_NUM_PROCESSES``), each single-threaded: the
+benchmark times one process with one BLAS thread (two OpenBLAS threads on a shared 2-core machine made a
+4096 × 256 matvec 100× slower) and divides the extrapolated total by the number of cores.
 """
 from __future__ import annotations
 
@@ -47,8 +51,10 @@ def braid_reflect(W: np.ndarray, b: np.ndarray, t: int, rho: float, patience: in
     return bool(j == t and np.all(np.abs(x) <= rho)), it
 
 
-def chebyshev_lp(W: np.ndarray, b: np.ndarray, t: int, rho: float, time_limit: float) -> str:
-    """The exact step over all V − 1 constraints: ``argmaxable``, ``bounded`` or the solver's status."""
+def chebyshev_lp(W: np.ndarray, b: np.ndarray, t: int, rho: float, time_limit: float, method: str = "highs") -> str:
+    """The exact step over all V − 1 constraints: ``argmaxable``, ``bounded`` or the solver's status.
+    ``method``: scipy's HiGHS choice (``highs``: HiGHS picks, dual simplex on these LPs; ``highs-ipm``: the
+    interior point method, nearest to the paper's barrier, 4–7× slower here on dense heads)."""
     from scipy.optimize import linprog
 
     braid = np.delete(W - W[t], t, axis=0)
@@ -57,18 +63,19 @@ def chebyshev_lp(W: np.ndarray, b: np.ndarray, t: int, rho: float, time_limit: f
     c = np.zeros(W.shape[1] + 1)
     c[-1] = -1.0  # maximise r
     bounds = [(-rho, rho)] * W.shape[1] + [(EPSILON, None)]
-    res = linprog(c, A_ub=A, b_ub=-braid_b, bounds=bounds, method="highs-ipm",
+    res = linprog(c, A_ub=A, b_ub=-braid_b, bounds=bounds, method=method,
                   options={"time_limit": float(time_limit), "primal_feasibility_tolerance": EPSILON * 0.1})
     return {0: "argmaxable", 2: "bounded"}.get(res.status, "time limit" if res.status == 1 else f"status {res.status}")
 
 
-def class_is_bounded(W, b, W64, b64, t: int, rho: float, time_limit: float, lp_only: bool = False) -> dict:
+def class_is_bounded(W, b, W64, b64, t: int, rho: float, time_limit: float, lp_only: bool = False,
+                     method: str = "highs") -> dict:
     """One class through the pipeline, timed: Braid Reflect on ``W, b`` (weights' dtype), the LP on the
     float64 copies when the search does not settle it (``lp_only``: the LP alone, for its per-class time)."""
     t0 = time.perf_counter()
     settled, its = (False, 0) if lp_only else braid_reflect(W, b, t, rho)
     t1 = time.perf_counter()
-    status = "argmaxable (search)" if settled else chebyshev_lp(W64, b64, t, rho, time_limit)
+    status = "argmaxable (search)" if settled else chebyshev_lp(W64, b64, t, rho, time_limit, method)
     t2 = time.perf_counter()
     return {"token": t, "search_s": t1 - t0, "reflections": its, "settled_by_search": settled,
             "lp_s": None if settled else t2 - t1, "status": status, "time_s": t2 - t0}
