@@ -52,7 +52,7 @@ sys.path.insert(0, HERE)
 
 import bench_sym_screen as bss
 from compare_screen import _cpu, _versions, faiss_top2
-from shapes import BenchProblem, save_problem, shape_of
+from shapes import BenchProblem, load_problem, save_problem, shape_of
 
 ALL_PROVIDERS = ("yardstick", "screens", "scan", "faiss", "seed-gram", "seed-lp", "grivas")
 RESULTS = os.path.join(HERE, "RESULTS.md")
@@ -255,8 +255,11 @@ def lp_candidates(bp: BenchProblem, scan: dict | None, n: int) -> list[int]:
     a scan, tokens whose self-direction margin is ≤ 0 (``bench_decide.open_tokens``); else token 0."""
     ids = list(scan["lp_tokens"]) + list(scan["search_tokens"]) if scan else []
     if len(ids) < n:
+        import warnings
+
         from bench_decide import open_tokens
 
+        warnings.filterwarnings("ignore", message=".*not writable.*")  # read-only memory maps; never written
         ids += [int(t) for t in open_tokens(bp, min(bp.V, 4096), n)[0] if int(t) not in ids]
     return [int(t) for t in ids[:n]] or [0]
 
@@ -289,11 +292,9 @@ def run_grivas(bp: BenchProblem, data: str, tmp: str, args, lp_tokens: list[int]
             "processes": args.threads, "method": args.grivas_lp_method, "lp_cap": args.lp_cap}
 
 
-def run_all(bp: BenchProblem, centred: bool, source: str, args, tmp: str) -> dict:
-    """Every selected provider, one after the other, each in its own subprocess."""
+def run_all(bp: BenchProblem, centred: bool, source: str, args, tmp: str, data: str) -> dict:
+    """Every selected provider, one after the other, each in its own subprocess (the head saved in ``data``)."""
     res: dict = {}
-    data = os.path.join(tmp, "data")
-    save_problem(bp, data)
     want = set(args.providers)
     if "yardstick" in want:
         res["yardstick"] = spawn_worker("yardstick", data, tmp, args)
@@ -427,12 +428,13 @@ def grivas_lines(g: dict, V: int) -> list[str]:
          f"tokens: Braid Reflect settled {len(by_search)} ({_med_p95([x['search_s'] for x in samp])} per token), the "
          f"LP the other {len(lp_in_sample)} ({_med_p95([x['lp_s'] for x in lp_in_sample])}; {statuses(lp_in_sample) or '—'}); "
          f"whole pipeline per token {_med_p95([x['time_s'] for x in samp])}. "
-         f"The LP alone on {len(lp)}/{g['planned']['lp']} of the tokens our scan took past the screens: "
+         f"The LP alone on {len(lp)}/{g['planned']['lp']} tokens the screens leave open (our scan's LP tokens, "
+         f"then its search tokens): "
          f"{_med_p95([x['lp_s'] for x in lp])} ({statuses(lp) or '—'})."),
          f"Extrapolation: T(V) = t_rank_check + V × mean per-token time over the random sample / P processes "
          f"(the paper's pool over classes, one per core) = {_s(g['setup_s'])} + {V} × "
          f"{_s(np.mean([x['time_s'] for x in samp]) if samp else None, '.3g')} / {g['processes']} = "
-         f"**{_s(g['extrapolated_s'], '.1f')} s**" + (f" (run killed at its {g['cap_s']:.0f} s cap)" if g["timed_out"] else "")
+         f"**{_s(g['extrapolated_s'], '.3g')} s**" + (f" (run killed at its {g['cap_s']:.0f} s cap)" if g["timed_out"] else "")
          + "."]
     return L
 
@@ -527,7 +529,7 @@ def parse_args(argv):
 def source_of(args) -> tuple[str, str]:
     """``(source, name)`` of the head to compare on."""
     if args.source:
-        return args.source, os.path.basename(args.source.rstrip("/")) or args.source
+        return args.source, (os.path.basename(args.source.rstrip("/")) or args.source).replace(" ", "_")
     if args.shape:
         name, V, d = shape_of(args.shape)
     else:
@@ -552,7 +554,10 @@ def main(argv=None) -> int:
     print(f"  head loaded and folded in {time.perf_counter() - t0:.1f} s", flush=True)
     tmp = tempfile.mkdtemp(prefix="compare-")
     try:
-        res = run_all(bp, centred, source, args, tmp)
+        data = os.path.join(tmp, "data")
+        save_problem(bp, data)
+        bp = load_problem(data, mmap=True)  # the parent keeps memory maps only while the providers run
+        res = run_all(bp, centred, source, args, tmp, data)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lines = report(res, bp, source, args, argv)
