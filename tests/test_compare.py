@@ -82,3 +82,12 @@ def test_quick_run_has_every_provider_and_finite_ratios(tmp_path, capsys):
 def test_unknown_provider_is_refused():
     with pytest.raises(SystemExit):
         compare.parse_args(["--providers", "yardstick,nope"])
+
+
+def test_sources_of_shapes_and_sizes():
+    assert compare.source_of(compare.parse_args(["--shape", "gemma3-270m"]))[0] == "synthetic:V=262144,d=640,seed=0"
+    assert compare.source_of(compare.parse_args(["--shape", "smollm2-135m"])) == ("synthetic:V=49152,d=576,seed=0",
+                                                                                  "smollm2-135m")
+    assert compare.source_of(compare.parse_args(["--quick"]))[0] == "synthetic:V=4096,d=256,seed=0"
+    assert compare.source_of(compare.parse_args([]))[0] == "synthetic:V=50257,d=768,seed=0"
+    assert compare.source_of(compare.parse_args(["--source", "/x/My Model.gguf"])) == ("/x/My Model.gguf", "My_Model.gguf")
