@@ -91,7 +91,9 @@ def _setup(problem, keys32, opt: SearchOptions) -> _Setup:
     keys64 = torch.from_numpy(problem.keys)
     keys32 = keys64.to(torch.float32) if keys32 is None else keys32
     bias64 = torch.from_numpy(problem.bias)  # zeros in the cone
-    size = float(dom.logit_size(problem.keys).max()) + float(bias64.abs().max()) + 1e-300
+    # in row chunks: a projection of all V keys at once would be a transient V × d float64 copy
+    size = max(float(dom.logit_size(problem.keys[r0: r0 + 8192]).max()) for r0 in range(0, problem.V, 8192))
+    size += float(bias64.abs().max()) + 1e-300
     K = min(opt.active, problem.V - 1)
     return _Setup(dom, problem.domain.bounded, keys64, keys32, bias64, bias64.to(torch.float32), K,
                   min(opt.add, K), opt.rel_tol * size)
@@ -121,7 +123,7 @@ def _round(st: _Setup, s: _State, act: torch.Tensor, first: bool, inner: int) ->
     """One pricing pass over all V at the current points, then ``inner`` pairwise FW steps."""
     cand = _price(st, s, act, st.K if first else st.add)
     S, lam = _active_set(st, s, act, cand, first)
-    A = s.kt[act][:, None, :] - st.keys64[S]  # a_j = k_t − k_j
+    A = st.keys64[S].neg_().add_(s.kt[act][:, None, :])  # a_j = k_t − k_j, in the gathered copy (no second one)
     beta = s.bt[act][:, None] - st.bias64[S]
     lam = _pairwise_fw(st.dom, A, beta, lam, inner)
     # f(λ) recomputed from λ itself (not the running sums) for the certificate bound.
@@ -147,7 +149,7 @@ def _price(st: _Setup, s: _State, act: torch.Tensor, kk: int) -> torch.Tensor:
     marg32 = own.to(torch.float32)[:, None] - logits
     marg32[torch.arange(n), Ta] = float("inf")  # the token itself is no competitor
     cand = torch.topk(-marg32, kk, dim=1).indices
-    m64 = own[:, None] - ((st.keys64[cand] * x[:, None, :]).sum(-1) + st.bias64[cand])
+    m64 = own[:, None] - (st.keys64[cand].mul_(x[:, None, :]).sum(-1) + st.bias64[cand])
     # A float32 margin is only a hint; the claimed lower bound is the float64 one over the threats found
     # and the float32 minimum (verification recomputes everything in float64 anyway).
     lower = torch.minimum(m64.min(1).values, marg32.min(1).values.to(torch.float64))

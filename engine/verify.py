@@ -64,8 +64,27 @@ def _finite(*xs) -> bool:
     return all(bool(np.all(np.isfinite(x))) for x in xs)
 
 
+class ShiftedRows:
+    """``A = rows − c``, rows computed on demand (the same float64 values every time): holding all of it
+    would cost another V × d float64 array. ``A[ids]``, ``A[t]`` and ``A[:, cols]`` as for an array."""
+
+    def __init__(self, rows: np.ndarray, c: np.ndarray):
+        self.rows, self.c, self.shape = rows, c, rows.shape
+
+    def __getitem__(self, idx):
+        if isinstance(idx, tuple):
+            return self.rows[idx] - self.c[idx[1]]
+        return self.rows[idx] - self.c
+
+    def chunks(self, size: int = 8192):
+        """``(r0, A[r0:r1])`` over all rows."""
+        for r0 in range(0, self.shape[0], size):
+            yield r0, self[r0: r0 + size]
+
+
 class Verifier:
-    """Holds the float64 shifted rows ``A = rows - c`` (any c works: it cancels exactly in l_t - l_j)."""
+    """Checks claims against the float64 shifted rows ``A = rows - c`` (any c works: it cancels exactly in
+    l_t - l_j), computed on demand (:class:`ShiftedRows`)."""
 
     def __init__(self, problem, full: bool = False):
         self.p = problem
@@ -74,17 +93,20 @@ class Verifier:
         self.dom = problem.domain
         self.rows = np.ascontiguousarray(problem.rows, dtype=np.float64)
         self.c = np.asarray(problem.center, dtype=np.float64)
-        self.A = self.rows - self.c
-        self.A_t = torch.from_numpy(self.A)
-        # |fl(u - c) - (u - c)| <= u |fl(u - c)| elementwise (one rounding), so a shifted-row dot carries an
-        # extra relative u of ||a|| ||x|| on top of the dot product's own gamma_d.
-        self.norms = np.linalg.norm(self.A, axis=1) * (1.0 + gamma(self.p.d + 2)) + (self.p.d + 2) * ETA
+        self.A = ShiftedRows(self.rows, self.c)
         self.bias = np.asarray(problem.bias, dtype=np.float64)
         self.V, self.d = self.A.shape
-        self.An = np.linalg.norm(self.A, axis=1)
+        self.An = np.empty(self.V)
         if self.dom.centred:
-            self.row_sums = self.A.sum(axis=1)
-            self.row_sums_err = gamma(self.d) * np.abs(self.A).sum(axis=1) + self.d * ETA
+            self.row_sums, self.row_sums_err = np.empty(self.V), np.empty(self.V)
+        for r0, a in self.A.chunks():
+            self.An[r0: r0 + a.shape[0]] = np.linalg.norm(a, axis=1)
+            if self.dom.centred:
+                self.row_sums[r0: r0 + a.shape[0]] = a.sum(axis=1)
+                self.row_sums_err[r0: r0 + a.shape[0]] = gamma(self.d) * np.abs(a).sum(axis=1) + self.d * ETA
+        # |fl(u - c) - (u - c)| <= u |fl(u - c)| elementwise (one rounding), so a shifted-row dot carries an
+        # extra relative u of ||a|| ||x|| on top of the dot product's own gamma_d.
+        self.norms = self.An * (1.0 + gamma(self.d + 2)) + (self.d + 2) * ETA
 
     # ------------------------------------------------------------------ witnesses
     def witnesses(self, tokens: np.ndarray, X: np.ndarray, batch: int = 192) -> list[WitnessCheck]:
@@ -192,10 +214,13 @@ class Verifier:
         if torch.get_float32_matmul_precision() != "highest":
             return None  # float32 GEMMs may then run in reduced precision: the bound assumes IEEE float32
         if self.A32 is None:
+            A32 = torch.empty((self.V, self.d), dtype=torch.float32)
             with np.errstate(over="ignore"):
-                A32, b32 = self.A.astype(np.float32), self.bias.astype(np.float32)
-            finite = np.all(np.isfinite(A32)) and np.all(np.isfinite(b32))
-            self.A32 = (torch.from_numpy(A32), torch.from_numpy(b32)) if finite else False
+                for r0, a in self.A.chunks():
+                    A32[r0: r0 + a.shape[0]] = torch.from_numpy(a.astype(np.float32))
+                b32 = torch.from_numpy(self.bias.astype(np.float32))
+            finite = bool(torch.isfinite(A32).all()) and bool(torch.isfinite(b32).all())
+            self.A32 = (A32, b32) if finite else False
         if self.A32 is False:
             return None
         A32, b32 = self.A32
@@ -311,8 +336,9 @@ class Verifier:
         d = self.d
         g_d = gamma(d + 2) + 2 * U
         # The one heavy product: float64 GEMM through torch (numpy's OpenBLAS threads would compete with torch's).
-        Ac = self.A_t if cand.size == self.V else self.A_t[torch.from_numpy(cand)]
-        G = (Ac @ torch.from_numpy(np.ascontiguousarray(Xb)).T).numpy()  # [|C|, B]
+        Xt = torch.from_numpy(np.ascontiguousarray(Xb)).T
+        G = np.concatenate([(torch.from_numpy(self.A[cand[c0: c0 + 8192]]) @ Xt).numpy()
+                            for c0 in range(0, cand.size, 8192)] or [np.zeros((0, len(ts)))])  # [|C|, B]
         Gt = np.einsum("ij,ij->i", self.A[ts], Xb)
         Bt, bc = self.bias[ts], self.bias[cand]
         with np.errstate(over="ignore", invalid="ignore"):

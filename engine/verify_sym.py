@@ -59,29 +59,33 @@ class SelfPairs:
     J_of: list
 
 
-def certified_rows(A: np.ndarray, centred: bool, ids=None) -> np.ndarray:
-    """float64 ``B`` rows ``ids`` (default all): ``A`` itself, or ``A − (sum(A_j) / d) 1`` for layernorm."""
-    R = A if ids is None else A[ids]
-    return R - (R.sum(axis=1) / R.shape[1])[:, None] if centred else np.array(R, dtype=np.float64)
+def certified_rows(a: np.ndarray, centred: bool) -> np.ndarray:
+    """float64 ``B`` of rows ``a`` of A (a new array): ``a`` itself, or ``a − (sum(a_j) / d) 1`` for layernorm."""
+    return a - (a.sum(axis=1) / a.shape[1])[:, None] if centred else np.array(a, dtype=np.float64)
 
 
-def _row_bounds(A: np.ndarray, centred: bool, chunk: int = 8192):
-    """``nB_j >= ||B_ex_j||`` and ``delta_j >= ||B64_j − B_ex_j||`` (B_ex: the exact rows the verifier
-    certifies, from the exact ``rows − c``), and the float32 copy of B."""
+def _bounds64(a: np.ndarray, centred: bool):
+    """For rows ``a`` of A: ``nB >= ||B_ex||``, ``delta >= ||B64 − B_ex||`` (B_ex: the exact rows the verifier
+    certifies, from the exact ``rows − c``) and the float64 ``B64``."""
+    d = a.shape[1]
+    b = certified_rows(a, centred)
+    na, nb = (np.linalg.norm(m, axis=1) * (1 + gamma(d + 2)) + d * ETA for m in (a, b))
+    dl = U * na  # one rounding in rows − c
+    if centred:
+        s = np.abs(a.sum(axis=1))
+        s_err = gamma(d) * np.abs(a).sum(axis=1) + d * ETA
+        dl = dl + U * nb + (s_err + 2 * U * s) / math.sqrt(d) + d * ETA
+    return (nb + dl) * (1 + 8 * U), dl * (1 + 8 * U), b
+
+
+def _row_bounds(A: np.ndarray, centred: bool, perm: np.ndarray, chunk: int = 8192):
+    """:func:`_bounds64` of all rows in the order ``perm``, with the float32 copy of B (built in that order:
+    no second V × d copy)."""
     V, d = A.shape
     nB, delta = np.empty(V), np.empty(V)
     B32 = torch.empty((V, d), dtype=torch.float32)
     for r0 in range(0, V, chunk):
-        a = A[r0: r0 + chunk]
-        b = certified_rows(a, centred)
-        na, nb = (np.linalg.norm(m, axis=1) * (1 + gamma(d + 2)) + d * ETA for m in (a, b))
-        dl = U * na  # one rounding in rows − c
-        if centred:
-            s = np.abs(a.sum(axis=1))
-            s_err = gamma(d) * np.abs(a).sum(axis=1) + d * ETA
-            dl = dl + U * nb + (s_err + 2 * U * s) / math.sqrt(d) + d * ETA
-        delta[r0: r0 + chunk] = dl * (1 + 8 * U)
-        nB[r0: r0 + chunk] = (nb + dl) * (1 + 8 * U)
+        nB[r0: r0 + chunk], delta[r0: r0 + chunk], b = _bounds64(A[perm[r0: r0 + chunk]], centred)
         with np.errstate(over="ignore"):
             B32[r0: r0 + chunk] = torch.from_numpy(b.astype(np.float32))
     return nB, delta, B32
@@ -162,22 +166,23 @@ def self_pairs(A, bias, centred: bool, tokens: np.ndarray, points, chunk: int = 
     if torch.get_float32_matmul_precision() != "highest":
         return None  # float32 GEMMs may then run in reduced precision: the bound assumes IEEE float32
     V, d = A.shape
-    nB, delta, B32 = _row_bounds(A, centred)
     sig, rn = np.zeros(tokens.size), np.full(tokens.size, np.inf)
     for c0 in range(0, tokens.size, chunk):
         ids = tokens[c0: c0 + chunk]
-        s, r, xn = _split(certified_rows(A, centred, ids), np.asarray(points(ids), dtype=np.float64), delta[ids])
+        _, dl, B64t = _bounds64(A[ids], centred)
+        s, r, xn = _split(B64t, np.asarray(points(ids), dtype=np.float64), dl)
         usable = np.isfinite(s) & (np.abs(s) >= 2.0**-100) & (np.abs(s) <= 2.0**100) & (r <= RESIDUAL_REL * xn)
         sig[c0: c0 + chunk], rn[c0: c0 + chunk] = np.where(usable, s, 0.0), np.where(usable, r, np.inf)
     sel = np.nonzero(np.isfinite(rn))[0]
-    Bm, dm, bm = float(nB.max(initial=0.0)), float(delta.max(initial=0.0)), float(np.abs(bias).max(initial=0.0))
-    if sel.size < SYM_MIN or not (Bm <= 2.0**50 and bm <= RANGE and np.abs(sig).max() * Bm * Bm <= RANGE):
+    if sel.size < SYM_MIN:
         return None
-    E = _column_bound(sig[sel], rn[sel], nB[tokens[sel]], delta[tokens[sel]], Bm, dm, bm, d)
     perm = np.concatenate([tokens[sel], np.setdiff1d(np.arange(V), tokens[sel])])
-    pt = torch.from_numpy(perm)
-    vals, idx = _fast_pass(B32[pt], torch.from_numpy(sig[sel]).float(), torch.from_numpy(bias[perm]).float(),
-                           sel.size)
+    nB, delta, B32 = _row_bounds(A, centred, perm)  # position k holds row perm[k]
+    Bm, dm, bm = float(nB.max(initial=0.0)), float(delta.max(initial=0.0)), float(np.abs(bias).max(initial=0.0))
+    if not (Bm <= 2.0**50 and bm <= RANGE and np.abs(sig).max() * Bm * Bm <= RANGE):
+        return None
+    E = _column_bound(sig[sel], rn[sel], nB[: sel.size], delta[: sel.size], Bm, dm, bm, d)
+    vals, idx = _fast_pass(B32, torch.from_numpy(sig[sel]).float(), torch.from_numpy(bias[perm]).float(), sel.size)
     del B32
     return _candidates(vals, idx, E, perm, sel, tokens.size)
 

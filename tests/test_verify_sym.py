@@ -106,7 +106,7 @@ def test_bound_covers_float32_error():
     V, d = 1100, 300
     A = rng.standard_normal((V, d)) * 1e3 + 5e3
     b = rng.normal(0, 1e4, V)
-    nB, delta, B32 = verify_sym._row_bounds(A, False)
+    nB, delta, B32 = verify_sym._row_bounds(A, False, np.arange(V))
     sig = 1.0 / np.linalg.norm(A, axis=1)
     E = verify_sym._column_bound(sig, np.zeros(V), nB, delta, nB.max(), delta.max(), np.abs(b).max(), d)
     import torch
