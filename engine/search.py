@@ -26,6 +26,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from engine.evidence import Candidate, Certificate
+from kernels import torch_threads
 
 
 @dataclass
@@ -51,6 +52,7 @@ class _Setup:
     K: int
     add: int
     tol: float
+    gemm_threads: int  # the caller's torch threads, for the pricing GEMM
 
 
 @dataclass
@@ -80,7 +82,9 @@ def search(problem, tokens: np.ndarray, *, keys32: torch.Tensor | None = None,
         return []
     setup = _setup(problem, keys32, opt)
     out: list[Candidate] = []
-    with threadpool_limits(limits=1, user_api="blas"):
+    # Everything but the pricing GEMM on one thread (kernels.torch_threads): the FW steps are many small
+    # ops, 2x slower on two threads under load here (768 SmolLM2 tokens: 20.7 s against 10.3 s, load 5).
+    with threadpool_limits(limits=1, user_api="blas"), torch_threads(1):
         for b0 in range(0, tokens.size, opt.batch):
             out.extend(_search_batch(problem, setup, tokens[b0: b0 + opt.batch], opt))
     return out
@@ -96,7 +100,7 @@ def _setup(problem, keys32, opt: SearchOptions) -> _Setup:
     size += float(bias64.abs().max()) + 1e-300
     K = min(opt.active, problem.V - 1)
     return _Setup(dom, problem.domain.bounded, keys64, keys32, bias64, bias64.to(torch.float32), K,
-                  min(opt.add, K), opt.rel_tol * size)
+                  min(opt.add, K), opt.rel_tol * size, torch.get_num_threads())
 
 
 def _search_batch(problem, st: _Setup, toks: np.ndarray, opt: SearchOptions) -> list[Candidate]:
@@ -144,7 +148,8 @@ def _price(st: _Setup, s: _State, act: torch.Tensor, kk: int) -> torch.Tensor:
     update the best witness. Returns the ``kk`` most threatening competitors per token."""
     n = act.numel()
     Ta, kt, bt, x = s.T[act], s.kt[act], s.bt[act], s.x[act]
-    logits = (x.to(torch.float32) @ st.keys32.T) + st.bias32
+    with torch_threads(st.gemm_threads):
+        logits = torch.addmm(st.bias32[None, :], x.to(torch.float32), st.keys32.T)
     own = (kt * x).sum(1) + bt
     marg32 = own.to(torch.float32)[:, None] - logits
     marg32[torch.arange(n), Ta] = float("inf")  # the token itself is no competitor
@@ -178,13 +183,17 @@ def _pairwise_fw(dom, A: torch.Tensor, beta: torch.Tensor, lam: torch.Tensor, in
     worst-scoring one, with the exact line step of the domain."""
     ar = torch.arange(A.shape[0])
     v = torch.einsum("bk,bkd->bd", lam, A)
+    live = torch.ones(A.shape[0], dtype=torch.bool)
     for _ in range(inner):
         g = torch.einsum("bkd,bd->bk", A, dom.best_response(v)) + beta  # margin vs each atom at x(λ)
+        live &= g.min(1).values <= 0  # x(λ) beats every atom: a witness for the pricing pass to check
+        if not bool(live.any()):
+            break
         jf = g.argmin(1)
         ja = torch.where(lam > 0, g, torch.full_like(g, -np.inf)).argmax(1)
         w = A[ar, jf] - A[ar, ja]
         step = dom.line_step(v, w, beta[ar, jf] - beta[ar, ja], lam[ar, ja])
-        step = torch.where(jf == ja, torch.zeros_like(step), step)
+        step = torch.where((jf == ja) | ~live, torch.zeros_like(step), step)
         v = v + step[:, None] * w
         lam[ar, jf] += step
         lam[ar, ja] -= step
