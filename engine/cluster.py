@@ -125,9 +125,9 @@ class Cluster:
 
     def start(self) -> Cluster:
         ray = _ray()
-        if ray.is_initialized():
-            return self
         check_address(self.address)
+        if ray.is_initialized():  # a Ray this process already runs (a caller's, or ours from an earlier scan)
+            return self
         kw = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         if self.address is None:
             kw.update(num_cpus=self.num_cpus, object_store_memory=self.object_store_memory)
