@@ -5,17 +5,18 @@ per-task throughput of each stage, and a sizing table for K nodes on a 262144 ×
 
 Each Ray is started fresh (``num_cpus`` = 1, then 2), warmed up on a small head (worker start-up and
 imports are not the scan's), then scans the head once. The two reports must be equal (verdicts, bounds,
-certificates). Throughputs are per worker CPU: screen ``2·V·V·d`` multiply-adds (the gram and the witness
-pass over each row block), search ``n·V·d`` per searched token batch of n (``rounds`` pricing GEMMs each,
-folded into the rate), the driver's verification ``n·V·d``.
+certificates). Throughputs: screen ``2·V·V·d`` multiply-adds per worker CPU (the gram and the witness pass
+over each row block); search ``n_open·V·d`` per worker CPU (its pricing rounds folded into the rate); the
+driver's verification ``(V + n_open)·V·d`` (every screen winner and every open token is verified there,
+serially: the driver trusts no task).
 
-Sizing (the prediction, stated): with K nodes of c CPUs each,
+Sizing (a prediction, stated): with K nodes of c CPUs each,
 
-    T(K) = T_put + S / (K·c·r_screen) + N_open·V·d / (K·c·r_search) + N_open·V·d / r_verify
+    T(K) = T_put + (2·V²·d / r_screen + N_open·V·d / r_search) / (K·c) + (V + N_open)·V·d / r_verify
 
-where S = 2·V²·d, N_open the tokens the witness screen leaves open, r_* the rates measured here and
-T_put = the object-store broadcast (2·V·d·8 bytes to each node over the network at ``--net-gbps``).
-The driver's verification is serial: it bounds the speed-up (Amdahl).
+with r_* the rates measured here on one worker, N_open the tokens the witness screen leaves open (17.5 %
+of V, SmolLM2's share) and T_put the object-store broadcast (2·V·d·8 bytes to each node at ``net_gbps``).
+The last term does not shrink with K: the driver's verification bounds the speed-up (Amdahl).
 """
 from __future__ import annotations
 
@@ -66,8 +67,8 @@ def _rates(rep, V: int, d: int, workers: int) -> dict:
     n_open = sum(1 for t in rep.tokens if t.reason not in ("tie", "witness (screen)"))
     return {"n_open": n_open,
             "screen_madds_per_cpu_s": 2.0 * V * V * d / (ts["screen"] * workers),
-            "search_madds_per_cpu_s": n_open * V * d / max(1e-9, (ts["search"] + ts["decide"]) * workers),
-            "verify_madds_per_s": n_open * V * d / max(1e-9, ts["verify"])}
+            "search_madds_per_cpu_s": max(1, n_open) * V * d / max(1e-9, (ts["search"] + ts["decide"]) * workers),
+            "verify_madds_per_s": (V + n_open) * V * d / max(1e-9, ts["verify"])}
 
 
 def sizing(rates: dict, V: int = BIG_V, d: int = BIG_D, cpus: int = 16, open_frac: float = 0.175,
@@ -77,7 +78,7 @@ def sizing(rates: dict, V: int = BIG_V, d: int = BIG_D, cpus: int = 16, open_fra
     n_open = int(open_frac * V)
     t_screen, t_search = (2.0 * V * V * d / rates["screen_madds_per_cpu_s"],
                           n_open * V * d / rates["search_madds_per_cpu_s"])
-    t_verify = n_open * V * d / rates["verify_madds_per_s"]
+    t_verify = (V + n_open) * V * d / rates["verify_madds_per_s"]
     rows = []
     for K in (1, 2, 4, 8, 16):
         t_put = 2 * V * d * 8 * 8 / (net_gbps * 1e9)  # each node pulls the gram rows and the keys once
@@ -112,13 +113,15 @@ def main(argv=None) -> int:
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                                     cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
            "wall_s": {"1": t1, "2": t2}, "speedup_2_over_1": t1 / t2, "reports_equal": _same(one, two),
+           "screen_speedup_2_over_1": one.timings_s["screen"] / two.timings_s["screen"],
            "timings_1": one.timings_s, "timings_2": two.timings_s, "stats_1": s1, "stats_2": s2,
            "counts": one.counts, "rates_1_worker": rates, "sizing_262144x4096": sizing(rates)}
     if a.json:
         print(json.dumps(out, indent=1, default=float))
         return 0
     print(f"{a.source} ({a.domain}): 1 worker {t1:.1f} s, 2 workers {t2:.1f} s, speed-up {t1 / t2:.2f}x, "
-          f"reports equal: {out['reports_equal']}; load {load_avg} -> {out['load_avg_after']}")
+          f"(screens {out['screen_speedup_2_over_1']:.2f}x), reports equal: {out['reports_equal']}; "
+          f"load {load_avg} -> {out['load_avg_after']}")
     for k in ("timings_1", "timings_2"):
         print(f"  {k}: " + "  ".join(f"{s}={v:.1f}" for s, v in out[k].items()))
     print("  rates (1 worker): " + "  ".join(f"{k}={v:.3g}" for k, v in rates.items()))

@@ -239,7 +239,9 @@ def _screen_ok(res, ids: np.ndarray, grows: np.ndarray, problem) -> bool:
     best = np.einsum("ij,ij->i", rows, grows[g.best_idx])
     tol = 1e-12 * np.linalg.norm(rows, axis=1) * np.linalg.norm(grows[g.best_idx], axis=1) + 1e-300
     ok = np.all(np.abs(own - g.self_val) <= tol) and np.all(np.abs(best - g.best) <= tol)
-    return bool(ok and np.array_equal(g.hard_to_speak, g.best >= g.self_val))
+    # argmax(-1) keeps the first index of the row maximum (engine.screen._gram_result)
+    first = np.where((g.self_val > g.best) | ((g.self_val == g.best) & (ids < g.best_idx)), ids, g.best_idx)
+    return bool(ok and np.array_equal(g.hard_to_speak, g.best >= g.self_val) and np.array_equal(g.argmax, first))
 
 
 def _run_bounded(fn, args: list[tuple], max_in_flight: int) -> list:
