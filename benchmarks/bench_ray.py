@@ -39,7 +39,7 @@ from engine.loader import load
 BIG_V, BIG_D = 262144, 4096
 
 
-def _run(head, domain: str, workers: int, screen_rows: int) -> tuple[object, float, dict]:
+def _run(head, domain: str, workers: int, screen_rows: int, tokens=None) -> tuple[object, float, dict]:
     import ray
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -47,7 +47,7 @@ def _run(head, domain: str, workers: int, screen_rows: int) -> tuple[object, flo
         cl = Cluster(screen_rows=screen_rows)
         es.scan_head(load("synthetic:V=600,d=16,seed=1"), domain=domain, cluster=cl, device="cpu", backend="torch")
         t0 = time.perf_counter()
-        rep = es.scan_head(head, domain=domain, cluster=cl, device="cpu", backend="torch")
+        rep = es.scan_head(head, domain=domain, cluster=cl, device="cpu", backend="torch", tokens=tokens)
         return rep, time.perf_counter() - t0, dict(cl.stats)
     finally:
         ray.shutdown()
@@ -62,13 +62,14 @@ def _same(a, b) -> bool:
     return ja == jb and np.array_equal(a.verdicts_all, b.verdicts_all)
 
 
-def _rates(rep, V: int, d: int, workers: int) -> dict:
+def _rates(rep, V: int, d: int, workers: int, n: int) -> dict:
+    """Rates of a scan of ``n`` tokens (rows) against all V."""
     ts = rep.timings_s
     n_open = sum(1 for t in rep.tokens if t.reason not in ("tie", "witness (screen)"))
     return {"n_open": n_open,
-            "screen_madds_per_cpu_s": 2.0 * V * V * d / (ts["screen"] * workers),
+            "screen_madds_per_cpu_s": 2.0 * n * V * d / (ts["screen"] * workers),
             "search_madds_per_cpu_s": max(1, n_open) * V * d / max(1e-9, (ts["search"] + ts["decide"]) * workers),
-            "verify_madds_per_s": (V + n_open) * V * d / max(1e-9, ts["verify"])}
+            "verify_madds_per_s": (n + n_open) * V * d / max(1e-9, ts["verify"])}
 
 
 def sizing(rates: dict, V: int = BIG_V, d: int = BIG_D, cpus: int = 16, open_frac: float = 0.175,
@@ -98,17 +99,19 @@ def sizing(rates: dict, V: int = BIG_V, d: int = BIG_D, cpus: int = 16, open_fra
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", default="synthetic:V=16384,d=768,seed=0")
-    ap.add_argument("--domain", default="layernorm")
+    ap.add_argument("--domain", help="default: the source's")
     ap.add_argument("--screen-rows", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, help="scan only ids 0..N-1 (their rows against all V)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     head = load(a.source)
     V, d = head.d_vocab, head.d_model
     load_avg = os.getloadavg()
-    one, t1, s1 = _run(head, a.domain, 1, a.screen_rows)
-    two, t2, s2 = _run(head, a.domain, 2, a.screen_rows)
-    rates = _rates(one, V, d, 1)
-    out = {"source": a.source, "domain": a.domain, "V": V, "d": d, "load_avg_before": load_avg,
+    ids = None if a.tokens is None else np.arange(min(a.tokens, V))
+    one, t1, s1 = _run(head, a.domain, 1, a.screen_rows, ids)
+    two, t2, s2 = _run(head, a.domain, 2, a.screen_rows, ids)
+    rates = _rates(one, V, d, 1, V if ids is None else ids.size)
+    out = {"source": a.source, "domain": a.domain, "V": V, "d": d, "tokens": a.tokens, "load_avg_before": load_avg,
            "load_avg_after": os.getloadavg(),
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                                     cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
