@@ -175,7 +175,8 @@ class Cluster:
         slim_ref = ray.put(Slim(problem.keys, problem.bias, problem.domain))
         fn = self._remote(_screen_task, "screen", V, d, min(self.screen_rows, ids.size))
         blocks = [ids[b0: b0 + self.screen_rows] for b0 in range(0, ids.size, self.screen_rows)]
-        results = _run_bounded(fn, [(grows_ref, slim_ref, b, backend, precision) for b in blocks], self.in_flight())
+        # Tasks ask Ray for CPUs only: they screen with the torch backend in IEEE float32 (exact either way)
+        results = _run_bounded(fn, [(grows_ref, slim_ref, b, "torch", "ieee") for b in blocks], self.in_flight())
         del grows_ref, slim_ref
         gs, ws, redone = [], [], 0
         for b, res in zip(blocks, results):
