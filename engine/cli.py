@@ -207,7 +207,7 @@ def _write_reports(report, out: str | None, csv: str | None = None, plot: str | 
 class Scan:
     """Decide every token (or --tokens): speakable, unspeakable or undecided, with proofs."""
 
-    source: str
+    source: str | list[str]  # one source, or several (and @FILE lists) scanned as one job
     domain: str | None = None
     radius: float | None = None
     bias: bool = True
@@ -247,6 +247,8 @@ class Scan:
         p.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT.partial "
                                                              "(with --out-dir: skip the models already reported)")
         _vocab_arg(p)
+        p.add_argument("--out-dir", metavar="DIR", help="several sources (with or without --ray): write "
+                                                         "DIR/<name>.json per model and DIR/summary.json")
         _ray_args(p)
 
     def run(self) -> int:
@@ -557,11 +559,10 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run the screens and the open tokens as Ray tasks: on the cluster at ADDRESS (HOST:PORT, "
                         "ray://HOST:PORT or auto), or on a local Ray started here when no ADDRESS is given")
-    g.add_argument("--max-in-flight", type=_positive_int, help="Ray tasks submitted at a time (default 2 x CPUs)")
-    g.add_argument("--ray-cpus", type=_positive_int, help="CPUs of the local Ray (default: all)")
-    g.add_argument("--object-store-memory", type=_bytes_arg,
+    g.add_argument("--max-in-flight", type=_positive_int, metavar="N", help="Ray tasks submitted at a time (default 2 x CPUs)")
+    g.add_argument("--ray-cpus", type=_positive_int, metavar="N", help="CPUs of the local Ray (default: all)")
+    g.add_argument("--object-store-memory", type=_bytes_arg, metavar="BYTES",
                    help="object store bytes of the local Ray (default: Ray's, 30%% of memory)")
-    g.add_argument("--out-dir", help="several sources: write DIR/<name>.json per model and DIR/summary.json")
 
 
 # --------------------------------------------------------------------------------------------- many models

@@ -173,7 +173,7 @@ def _screens(sc: _Scan) -> None:
         grows = gram_rows(sc.head, centred)
         run = screens if sc.opt.cluster is None else sc.opt.cluster.screens
         sc.gram, sc.witness, sc.screen_stats = run(grows, centred, sc.head.norm, sc.problem, sc.ledger.ids,
-                                                       backend=sc.backend, device=sc.device, precision=sc.precision)
+                                                   backend=sc.backend, device=sc.device, precision=sc.precision)
         del grows
     _log(sc, f"screens: {sc.timings['screen']:.1f}s, {int(sc.gram.hard_to_speak.sum())} hard-to-speak")
 
