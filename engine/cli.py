@@ -207,7 +207,7 @@ def _write_reports(report, out: str | None, csv: str | None = None, plot: str | 
 class Scan:
     """Decide every token (or --tokens): speakable, unspeakable or undecided, with proofs."""
 
-    source: str
+    source: str | list[str]  # one source, or several (and @FILE lists) scanned as one job
     domain: str | None = None
     radius: float | None = None
     bias: bool = True
@@ -223,10 +223,16 @@ class Scan:
     html: str | None = None
     resume: bool = False
     vocab: str | None = None
+    ray: str | None = None  # "local" (a Ray started here) or an address
+    max_in_flight: int | None = None
+    ray_cpus: int | None = None
+    object_store_memory: int | None = None
+    out_dir: str | None = None
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("source", help=_SOURCE_HELP)
+        p.add_argument("source", nargs="+", help=_SOURCE_HELP + "; several, or @FILE listing one per line, "
+                                                                "scan as one job (--out-dir)")
         _domain_args(p)
         p.add_argument("--tokens", type=_token_spec_arg, help="scan only these ids, e.g. 1,5,100-200")
         _device_args(p)
@@ -238,26 +244,58 @@ class Scan:
                             "float64; full: all of them, for audits")
         p.add_argument("--workers", type=_positive_int, default=1, help="parallel LP workers (default 1)")
         _report_args(p)
-        p.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT.partial")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT.partial "
+                                                             "(with --out-dir: skip the models already reported)")
         _vocab_arg(p)
+        p.add_argument("--out-dir", metavar="DIR", help="several sources (with or without --ray): write "
+                                                         "DIR/<name>.json per model and DIR/summary.json")
+        _ray_args(p)
 
     def run(self) -> int:
+        sources = expand_sources(self.source)
+        if len(sources) > 1 or self.out_dir:
+            return self._run_many(sources)
         if self.resume and not self.out:
             raise InputError("--resume needs --out: an interrupted scan keeps its progress in OUT.partial")
-        check_outputs(self.source, out=self.out, csv=self.csv, plot=self.plot, html=self.html)
+        check_outputs(sources[0], out=self.out, csv=self.csv, plot=self.plot, html=self.html)
+        self._check()
+        with self._cluster() as cluster:
+            self._scan_one(sources[0], self.out, self.csv, self.plot, self.html, cluster)
+        return 0
+
+    def _check(self) -> None:
         _check_vocab(self.vocab)
         _check_backend(self.backend, self.device, self.precision)
+        local_only = {"--ray-cpus": self.ray_cpus, "--object-store-memory": self.object_store_memory}
+        given = [k for k, v in local_only.items() if v is not None]
+        if given and self.ray not in (None, "local"):
+            raise InputError(f"{', '.join(given)} size a local Ray; the cluster at {self.ray} has its own")
+        if self.ray is None and (given or self.max_in_flight is not None):
+            raise InputError("--max-in-flight, --ray-cpus and --object-store-memory need --ray")
+
+    def _cluster(self):
+        """The Ray cluster for ``--ray`` (started or joined here, before any work), else nothing."""
+        if self.ray is None:
+            from contextlib import nullcontext
+
+            return nullcontext()
+        from engine.cluster import Cluster
+
+        return Cluster(address=None if self.ray == "local" else self.ray, num_cpus=self.ray_cpus,
+                       max_in_flight=self.max_in_flight, object_store_memory=self.object_store_memory).start()
+
+    def _scan_one(self, source: str, out, csv, plot, html, cluster):
         from engine.pipeline import scan_head
 
-        head, load_time = _load(self.source, self.vocab)
+        head, load_time = _load(source, self.vocab)
         ids = None if self.tokens is None else self.tokens.ids(head.d_vocab)
-        checkpoint = None if not self.out else self.out + ".partial"
+        checkpoint = None if not out else out + ".partial"
         try:
             report = scan_head(head, domain=self.domain, radius=self.radius, bias=self.bias, tokens=ids,
                                device=self.device, backend=self.backend, precision=self.precision,
                                verify=self.verify, workers=self.workers,
                                checkpoint=checkpoint, resume=self.resume, progress=sys.stderr.isatty(),
-                               load_time=load_time, keep_checkpoint=True)
+                               load_time=load_time, keep_checkpoint=True, cluster=cluster)
         except KeyboardInterrupt:
             if checkpoint and os.path.exists(checkpoint):
                 print(f"unspeakable: interrupted; decided tokens are kept in {checkpoint}: "
@@ -267,10 +305,36 @@ class Scan:
                 device=self.device)
         _warn(report.warnings)
         _print(report)
-        _write_reports(report, self.out, self.csv, self.plot, self.html)
+        _write_reports(report, out, csv, plot, html)
         # Only now is the progress safe to drop: a failed report write leaves OUT.partial for --resume.
         if checkpoint and os.path.exists(checkpoint):
             os.remove(checkpoint)
+        return report
+
+    def _run_many(self, sources: list[str]) -> int:
+        """Several models as one job: ``DIR/<name>.json`` each as it finishes (``DIR/<name>.json.partial``
+        while it runs), ``DIR/summary.json`` rewritten after each, a summary table at the end."""
+        single = {"--out": self.out, "--csv": self.csv, "--plot": self.plot, "--html": self.html}
+        given = [k for k, v in single.items() if v]
+        if given:
+            raise InputError(f"{', '.join(given)} name one model's files; with several sources use --out-dir DIR")
+        if not self.out_dir:
+            raise InputError("several sources need --out-dir DIR (DIR/<name>.json per model, DIR/summary.json)")
+        if not os.path.isdir(self.out_dir) or not os.access(self.out_dir, os.W_OK | os.X_OK):
+            raise InputError(f"--out-dir {self.out_dir}: not an existing, writable directory")
+        names = safe_names(sources)
+        for src, name in zip(sources, names):
+            check_outputs(src, out=os.path.join(self.out_dir, name + ".json"))
+        self._check()
+        rows = []
+        with self._cluster() as cluster:
+            for src, name in zip(sources, names):
+                out = os.path.join(self.out_dir, name + ".json")
+                done = self.resume and os.path.isfile(out) and not os.path.exists(out + ".partial")
+                rep = _read_report(out) if done else self._scan_one(src, out, None, None, None, cluster)
+                rows.append(summary_row(src, out, rep, resumed=done))
+                _write_summary(os.path.join(self.out_dir, "summary.json"), rows)
+        print(format_summary(rows))
         return 0
 
 
@@ -481,6 +545,91 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 _SOURCE_HELP = ("a .npz/.safetensors/.pt/.gguf file, a Hugging Face checkpoint directory, a model name in the local "
                 "Hugging Face cache, or synthetic:V=..,d=..,seed=..")
+
+
+def _bytes_arg(s: str) -> int:
+    m = re.match(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)i?B?\s*$", s, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes like 2000000000, 2G or 512M, got {s!r}")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index((m.group(2) or "_").upper()))
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray (pip install -e \".[ray]\")")
+    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the screens and the open tokens as Ray tasks: on the cluster at ADDRESS (HOST:PORT, "
+                        "ray://HOST:PORT or auto), or on a local Ray started here when no ADDRESS is given")
+    g.add_argument("--max-in-flight", type=_positive_int, metavar="N", help="Ray tasks submitted at a time (default 2 x CPUs)")
+    g.add_argument("--ray-cpus", type=_positive_int, metavar="N", help="CPUs of the local Ray (default: all)")
+    g.add_argument("--object-store-memory", type=_bytes_arg, metavar="BYTES",
+                   help="object store bytes of the local Ray (default: Ray's, 30%% of memory)")
+
+
+# --------------------------------------------------------------------------------------------- many models
+def expand_sources(source) -> list[str]:
+    """SOURCE arguments with ``@FILE`` replaced by the file's lines (blank lines and ``#`` comments skipped)."""
+    out = []
+    for s in [source] if isinstance(source, str) else source:
+        if not s.startswith("@"):
+            out.append(s)
+            continue
+        try:
+            with open(os.path.expanduser(s[1:]), encoding="utf-8") as f:
+                lines = [ln.strip() for ln in f]
+        except OSError as e:
+            raise InputError(f"cannot read the source list {s[1:]}: {e.strerror or e}") from None
+        out.extend(ln for ln in lines if ln and not ln.startswith("#"))
+    if not out:
+        raise InputError("no source given (the source list is empty)")
+    return out
+
+
+def safe_names(sources: list[str]) -> list[str]:
+    """A file name per source: its base name without extension (a model name with / as __), characters
+    outside [A-Za-z0-9._-] as _, repeats numbered -2, -3, ..."""
+    names, seen = [], {}
+    for src in sources:
+        base = src.rstrip("/\\")
+        base = os.path.basename(base) if os.path.exists(os.path.expanduser(base)) else base.replace("/", "__")
+        base = re.sub(r"\.(npz|safetensors|pt|gguf)$", "", base, flags=re.IGNORECASE)
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "model"
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
+def summary_row(source: str, out: str, report, resumed: bool = False) -> dict:
+    return {"source": source, "report": out, "V": int(report.V), "d": int(report.d), "domain": report.domain,
+            **{k: int(report.counts.get(k, 0)) for k in ("tokens", "hard_to_speak", "speakable", "unspeakable",
+                                                        "undecided")},
+            "total_s": float(report.timings_s.get("total", 0.0)), "resumed": bool(resumed)}
+
+
+def _read_report(path: str):
+    from engine.report import read_json
+
+    try:
+        return read_json(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"--resume: cannot read the finished report {path}: {e}") from None
+
+
+def _write_summary(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"schema": "unspeakable.summary/1", "models": rows}, f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def format_summary(rows: list[dict]) -> str:
+    head = f"{'source':<40} {'V':>7} {'d':>5} {'domain':<9} {'hard':>6} {'speak':>7} {'unspeak':>7} {'undec':>5} {'s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        src = r["source"] if len(r["source"]) <= 40 else "…" + r["source"][-39:]
+        lines.append(f"{src:<40} {r['V']:>7} {r['d']:>5} {r['domain']!s:<9} {r['hard_to_speak']:>6} "
+                     f"{r['speakable']:>7} {r['unspeakable']:>7} {r['undecided']:>5} {r['total_s']:>7.1f}")
+    return "\n".join(lines)
 
 
 def _vocab_arg(p: argparse.ArgumentParser) -> None:

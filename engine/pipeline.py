@@ -57,6 +57,7 @@ class ScanOptions:
     decide_time_limit: float = 30.0
     load_time: float = 0.0
     keep_checkpoint: bool = False  # the CLI removes it only once the report is safely written
+    cluster: object = None  # an engine.cluster.Cluster: screens and open tokens as Ray tasks, verified here
 
 
 @dataclass
@@ -139,6 +140,8 @@ def scan_head(head: Head, **options) -> ScanReport:
     _restore(sc)
     todo = sc.ledger.open_ids()
     work, lift = _working_problem(sc)
+    if sc.opt.cluster is not None:  # what comes back is verified and recorded here; failed tasks' tokens stay
+        todo = sc.opt.cluster.open_tokens(sc, work, lift, todo)
     still_open = _search_stage(sc, work, lift, todo)
     if still_open:
         _decide_stage(sc, work, lift, still_open)
@@ -168,8 +171,9 @@ def _screens(sc: _Scan) -> None:
     with sc.timed("screen"):
         centred = sc.head.gram_center if sc.opt.gram_center is None else sc.opt.gram_center
         grows = gram_rows(sc.head, centred)
-        sc.gram, sc.witness, sc.screen_stats = screens(grows, centred, sc.head.norm, sc.problem, sc.ledger.ids,
-                                                       backend=sc.backend, device=sc.device, precision=sc.precision)
+        run = screens if sc.opt.cluster is None else sc.opt.cluster.screens
+        sc.gram, sc.witness, sc.screen_stats = run(grows, centred, sc.head.norm, sc.problem, sc.ledger.ids,
+                                                   backend=sc.backend, device=sc.device, precision=sc.precision)
         del grows
     _log(sc, f"screens: {sc.timings['screen']:.1f}s, {int(sc.gram.hard_to_speak.sum())} hard-to-speak")
 
@@ -343,16 +347,21 @@ class _DecideState:
 
 def _decide_chunk(sc: _Scan, work, lift, chunk: list, stop_at_sign: bool, st: _DecideState) -> None:
     with sc.timed("decide"):
-        # The second pass solves to the optimum, to a tolerance near float64's own: a margin of 1e-9
-        # relative is far above rounding and must not be left undecided.
         cands = [lift(c) for c in decide_many(work, chunk, st.comps, pricer=st.pricer, workers=sc.opt.workers,
-                                              time_limit=sc.opt.decide_time_limit, stop_at_sign=stop_at_sign,
-                                              tol=1e-9 if stop_at_sign else 1e-14, n_start=192, add_per_round=96)]
+                                              **decide_pass_options(stop_at_sign, sc.opt.decide_time_limit))]
     for cand, res in zip(cands, _verdicts(sc, cands)):
         st.spent[cand.token] += cand.time_s
         st.best[cand.token] = _merge(st.best[cand.token], res)
     final = [t for t in chunk if st.best[t][0] != "undecided" or not stop_at_sign]
     sc.ledger.record([_token_report(sc, t, st.best[t], st.spent[t]) for t in final])
+
+
+def decide_pass_options(stop_at_sign: bool, time_limit: float) -> dict:
+    """One LP pass's settings (also the Ray tasks': engine.cluster). The second pass solves to the optimum,
+    to a tolerance near float64's own: a margin of 1e-9 relative is far above rounding and must not be left
+    undecided."""
+    return {"time_limit": time_limit, "stop_at_sign": stop_at_sign, "tol": 1e-9 if stop_at_sign else 1e-14,
+            "n_start": 192, "add_per_round": 96}
 
 
 def _merge(old: tuple, new: tuple) -> tuple:
