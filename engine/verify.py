@@ -147,8 +147,11 @@ class Verifier:
         out: list[WitnessCheck] = []
         for c0 in range(0, tokens.size, chunk):
             ids = tokens[c0: c0 + chunk]
-            cols = np.full(ids.size, -1) if sp is None else sp.col[c0: c0 + ids.size]
-            out.extend(self._self_chunk(ids, np.asarray(points(ids), dtype=np.float64), cols, sp))
+            X = np.asarray(points(ids), dtype=np.float64)
+            cols = np.full(ids.size, -1) if sp is None else sp.col[c0: c0 + ids.size].copy()
+            if sp is not None:
+                cols[~sp.holds_for(self.A, self.dom.centred, ids, X, c0)] = -1
+            out.extend(self._self_chunk(ids, X, cols, sp))
         return out
 
     def _self_chunk(self, ids, X, cols, sp) -> list[WitnessCheck]:

@@ -53,10 +53,20 @@ class SelfPairs:
     """Competitor candidates of the witnesses that took the symmetric pass.
 
     ``col[i]``: the witness's column in ``J_of`` (-1: not here, check it per batch); ``J_of[c]``: its
-    candidate competitor ids (original ids)."""
+    candidate competitor ids (original ids); ``sigma`` / ``rn``: the split ``x = σ B_t + r`` the bound was
+    made for (a point checked later must split the same way, see :meth:`holds_for`)."""
 
     col: np.ndarray
     J_of: list
+    sigma: np.ndarray
+    rn: np.ndarray
+
+    def holds_for(self, A, centred: bool, ids: np.ndarray, X: np.ndarray, c0: int) -> np.ndarray:
+        """Per point: was the bound made for this very point? (The points are asked for twice; a caller's
+        ``points`` that answered differently gets the per-batch check, not a bound made for another point.)"""
+        _, dl, B64t = _bounds64(A[ids], centred)
+        s, r, _ = _split(B64t, X, dl)
+        return (s == self.sigma[c0: c0 + ids.size]) & (r <= self.rn[c0: c0 + ids.size])
 
 
 def certified_rows(a: np.ndarray, centred: bool) -> np.ndarray:
@@ -184,20 +194,20 @@ def self_pairs(A, bias, centred: bool, tokens: np.ndarray, points, chunk: int = 
     E = _column_bound(sig[sel], rn[sel], nB[: sel.size], delta[: sel.size], Bm, dm, bm, d)
     vals, idx = _fast_pass(B32, torch.from_numpy(sig[sel]).float(), torch.from_numpy(bias[perm]).float(), sel.size)
     del B32
-    return _candidates(vals, idx, E, perm, sel, tokens.size)
+    return _candidates(vals, idx, E, perm, sel, sig, rn)
 
 
-def _candidates(vals, idx, E, perm, sel, n) -> SelfPairs:
+def _candidates(vals, idx, E, perm, sel, sig, rn) -> SelfPairs:
     """Per witness, the kept competitors within ``2 E_t`` of its best; columns whose set may extend past
     the K kept (or with a non-finite best) are left to the per-batch check."""
     v = vals.double().numpy()
     thr = v[:, 0] - 2 * E
     keep = v >= thr[:, None]
     good = np.isfinite(v[:, 0]) & np.isfinite(thr) & ~keep[:, -1]
-    col = np.full(n, -1, dtype=np.int64)
+    col = np.full(sig.size, -1, dtype=np.int64)
     J_of = []
     ix = idx.numpy()
     for k in np.nonzero(good)[0]:
         col[sel[k]] = len(J_of)
         J_of.append(perm[ix[k][keep[k]]])
-    return SelfPairs(col, J_of)
+    return SelfPairs(col, J_of, sig, rn)

@@ -115,3 +115,22 @@ def test_bound_covers_float32_error():
     exact = sig[:, None] * (A @ A.T) + b[None, :]
     err = np.abs(fast.double().numpy() - exact).max(axis=1)
     assert np.all(err <= E) and np.median(err / E) > 1e-4  # a bound, and not a vacuous one
+
+
+def test_points_that_change_between_calls(random_problem):
+    """``points`` is asked twice (plan, check): a point that differs the second time is checked per batch
+    against its own competitors, never with a bound made for the first point."""
+    p = random_problem(1200, 12, 8, "rmsnorm")
+    calls = []
+
+    def points(ids):
+        x = witness_points(p, ids)
+        if calls.count(ids[0]) and ids[0] == 0:
+            x[:50] = p.domain.into(-x[:50])  # the opposite direction: other competitors win there
+        calls.append(ids[0])
+        return x
+
+    got = Verifier(p).self_witnesses(np.arange(p.V), points, chunk=p.V)
+    X = witness_points(p, np.arange(p.V))
+    X[:50] = p.domain.into(-X[:50])
+    _agree(got, Verifier(p, full=True).witnesses(np.arange(p.V), X))
