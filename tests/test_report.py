@@ -372,7 +372,8 @@ def test_large_witness_lists_go_to_a_companion_file_that_audits(tmp_path):
     from engine.report import write_json
 
     src = "synthetic:V=600,d=16,seed=5"
-    rep = engine.scan_head(engine.load(src), domain="box")
+    # a subset is enough (the audit checks subset reports too): the search's witnesses are what matter here
+    rep = engine.scan_head(engine.load(src), domain="box", tokens=np.arange(200))
     inline, split = tmp_path / "inline.json", tmp_path / "split.json"
     write_json(rep, inline)  # a small report keeps its witnesses in the JSON
     write_json(rep, split, companion_min=0)
@@ -381,5 +382,6 @@ def test_large_witness_lists_go_to_a_companion_file_that_audits(tmp_path):
     xs = [t for t in a["tokens"] if isinstance((t["certificate"] or {}).get("x"), list)]
     with np.load(tmp_path / b["companion"]) as z:
         ids, X = z["witness_ids"], z["witness_x"]
+    assert len(xs) >= 10  # witnesses from the search (coordinates, not "self-direction") to move out
     assert ids.tolist() == [t["id"] for t in xs] and np.array_equal(X, [t["certificate"]["x"] for t in xs])
     assert engine.audit(str(split), src).ok and engine.audit(str(inline), src).ok

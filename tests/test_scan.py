@@ -1,5 +1,9 @@
 """Pipeline properties: --resume ends with the same report as an uninterrupted scan; verdicts do not
-depend on the worker count."""
+depend on the worker count.
+
+The uninterrupted scan and the interrupted one are made once per module (fixtures): every test compares
+against the same clean report and resumes from the same checkpoint text, written afresh into its own file.
+"""
 import json
 import os
 
@@ -14,8 +18,9 @@ from engine.loader import load
 SOURCE = "synthetic:V=800,d=12,seed=9"
 
 
-def _interrupted_scan(head, ckpt, monkeypatch, after: int = 2):
-    """Run a scan that dies (KeyboardInterrupt) after its ``after``-th persisted ledger record."""
+def _interrupted_scan(head, ckpt, monkeypatch, after: int = 2) -> str:
+    """Run a scan that dies (KeyboardInterrupt) after its ``after``-th persisted ledger record; return the
+    checkpoint file it leaves, as text."""
     calls = {"n": 0}
     real = Ledger.record
 
@@ -31,20 +36,36 @@ def _interrupted_scan(head, ckpt, monkeypatch, after: int = 2):
         es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt)
     monkeypatch.setattr(Ledger, "record", real)
     with open(ckpt) as f:
-        return [json.loads(ln) for ln in f.read().splitlines()]
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def head():
+    return load(SOURCE)
+
+
+@pytest.fixture(scope="module")
+def clean(head):
+    return es.scan_head(head, domain="box", device="cpu", backend="torch", workers=1)
+
+
+@pytest.fixture(scope="module")
+def interrupted(head, tmp_path_factory):
+    """The checkpoint text an interrupted scan leaves behind (header and the tokens settled so far)."""
+    with pytest.MonkeyPatch.context() as mp:
+        return _interrupted_scan(head, str(tmp_path_factory.mktemp("interrupted") / "r.json.partial"), mp)
 
 
 def _strip(rep):
     return [(t.id, t.verdict, t.reason, t.hard_to_speak, t.gram_argmax) for t in rep.tokens]
 
 
-def test_resume_after_interruption_gives_the_same_report(tmp_path, monkeypatch):
-    head = load(SOURCE)
-    clean = es.scan_head(head, domain="box", device="cpu", backend="torch")
-    ckpt = str(tmp_path / "r.json.partial")
-    lines = _interrupted_scan(head, ckpt, monkeypatch)
+def test_resume_after_interruption_gives_the_same_report(head, clean, interrupted, tmp_path):
+    lines = [json.loads(ln) for ln in interrupted.splitlines()]
     assert lines[0]["schema"] == CHECKPOINT_SCHEMA and 0 < len(lines) - 1 < len(clean.tokens)
-    with open(ckpt, "a") as f:
+    ckpt = str(tmp_path / "r.json.partial")
+    with open(ckpt, "w") as f:
+        f.write(interrupted)
         f.write('{"id": 12, "verdict": "speak')  # a torn last line, as a crash mid-write leaves it
     resumed = es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt, resume=True)
     assert np.array_equal(clean.verdicts_all, resumed.verdicts_all)
@@ -58,11 +79,8 @@ def test_resume_after_interruption_gives_the_same_report(tmp_path, monkeypatch):
         es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=str(p), resume=True)
 
 
-def test_resumed_tokens_are_reverified_not_trusted(tmp_path, monkeypatch):
-    head = load(SOURCE)
-    clean = es.scan_head(head, domain="box", device="cpu", backend="torch")
-    ckpt = str(tmp_path / "r.json.partial")
-    lines = _interrupted_scan(head, ckpt, monkeypatch)
+def test_resumed_tokens_are_reverified_not_trusted(head, clean, interrupted, tmp_path):
+    lines = [json.loads(ln) for ln in interrupted.splitlines()]
     # forge the stored proofs: every witness moved off its point, every unspeakable claim flipped
     forged = [lines[0]]
     for rec in lines[1:]:
@@ -71,6 +89,7 @@ def test_resumed_tokens_are_reverified_not_trusted(tmp_path, monkeypatch):
             cert["x"] = [-v for v in cert["x"]]
         rec["verdict"] = {"speakable": "unspeakable", "unspeakable": "speakable"}.get(rec["verdict"], rec["verdict"])
         forged.append(rec)
+    ckpt = str(tmp_path / "r.json.partial")
     with open(ckpt, "w") as f:
         f.write("\n".join(json.dumps(r) for r in forged) + "\n")
     resumed = es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt, resume=True)
@@ -78,9 +97,7 @@ def test_resumed_tokens_are_reverified_not_trusted(tmp_path, monkeypatch):
     assert any("did not re-verify" in w for w in resumed.warnings)
 
 
-def test_verdicts_do_not_depend_on_workers():
-    head = load(SOURCE)
-    one = es.scan_head(head, domain="box", device="cpu", backend="torch", workers=1)
+def test_verdicts_do_not_depend_on_workers(head, clean):
     two = es.scan_head(head, domain="box", device="cpu", backend="torch", workers=2)
-    assert np.array_equal(one.verdicts_all, two.verdicts_all)
-    assert one.counts["undecided"] == 0
+    assert np.array_equal(clean.verdicts_all, two.verdicts_all)
+    assert clean.counts["undecided"] == 0
