@@ -375,6 +375,9 @@ class _PoolState:
     @classmethod
     def bind(cls, pricer, competitors, options):
         cls.job = (pricer, competitors, options)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")  # for the worker's life (see _one_blas_thread)
 
 
 def _pool_decide(t: int) -> Candidate:
@@ -394,7 +397,8 @@ def decide_many(problem, tokens, competitors: dict | None = None, *, workers: in
     competitors = competitors or {}
     pricer = pricer or Pricer(problem)
     if workers <= 1 or len(tokens) <= 1:
-        return [_decide_contained(pricer, t, competitors.get(t), opt) for t in tokens]
+        with _one_blas_thread():  # once for the batch: each limit object rescans the loaded libraries (~2 ms)
+            return [_decide_contained(pricer, t, competitors.get(t), opt) for t in tokens]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -405,8 +409,7 @@ def decide_many(problem, tokens, competitors: dict | None = None, *, workers: in
 
 def _decide_contained(pricer: Pricer, t: int, competitors, opt: DecideOptions) -> Candidate:
     t0 = time.perf_counter()
-    try:
-        with _one_blas_thread():
-            return _decide(pricer, t, competitors, opt)[0]
+    try:  # BLAS already on one thread (decide_many's block, or the pool worker's initializer)
+        return _decide(pricer, t, competitors, opt)[0]
     except Exception as e:  # noqa: BLE001 - reported as the token's reason, see decide_many
         return Candidate(token=t, reason=f"lp error: {type(e).__name__}: {e}", time_s=time.perf_counter() - t0)
