@@ -142,7 +142,7 @@ def _fold(T: torch.Tensor, dim: int, vals: torch.Tensor, idx: torch.Tensor, t0: 
     idx[rows] = torch.cat([idx[rows], ci], 1).gather(1, tj)
 
 
-def _fast_pass(B32, s32, b32, ns: int, block: int = 2048):
+def _fast_pass(B32, s32, b32, ns: int, block: int = 1024):
     """Top-K fast values ``σ_t B_j·B_t + b_j`` over ``j != t`` for the first ``ns`` rows (the witnesses),
     each tile ``B_I B_J^T`` computed once for both directions. Positions are those of ``B32``."""
     V = B32.shape[0]

@@ -65,10 +65,10 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 # fast second; with K slots, up to K - 1 such near ties are settled by float64 rescoring of K dots, not by
 # a float64 pass over all V columns (the cost that dominated at tf32 / on uncentred rows).
 TOP_K = 6
-# Rows per block of the torch pass. Per flop a 2048 x 2048 x d float32 GEMM ran 14 % faster than 1024 x 1024
-# here (d = 576, min of 4: 0.356 against 0.414 s per 1024 rows x 16384), and the whole pass 15 % faster at
-# V = 24576 of SmolLM2's head; the diagonal tiles' waste stays V * block / 2 products (2 % at V = 49152).
-TORCH_BLOCK = 2048
+# Rows per block of the torch pass. 2048 looked 14 % faster under load (GEMM per flop), but on the quiet
+# machine 1024 wins: GPT-2 shape 16.3 / 17.0 s at 1024 against 19.3 / 19.0 s at 2048 (alternated runs): a
+# 1024 x 1024 float32 tile (4 MB) stays in cache through its epilogues, a 2048 x 2048 one (16 MB) does not.
+TORCH_BLOCK = 1024
 
 
 @dataclass(frozen=True)
