@@ -100,17 +100,21 @@ def check_witnesses(head, tokens, X) -> list[dict]:
     for b0 in range(0, tokens.size, 256):  # a few [256, V] logit blocks at a time
         L = model_logits(head, H[b0:b0 + 256])
         fin = torch.finfo(L.dtype).eps
-        L64 = L.double().cpu().numpy()
-        for k, t in enumerate(tokens[b0:b0 + 256]):
-            row = L64[k]
-            self_v = row[t]
-            others = np.delete(row, t)
-            margin = float(self_v - others.max())
-            res = 2.0 * fin * float(np.max(np.abs(row)))
-            ok = int(np.argmax(row)) == int(t) and math.isfinite(margin) and margin > res
-            out.append({"status": "ok" if ok else "fragile", "argmax": int(np.argmax(row)), "margin": margin,
-                        "resolution": res})
+        out.extend(_row_checks(L.double().cpu().numpy(), tokens[b0:b0 + 256], fin))
     return out
+
+
+def _row_checks(L64: np.ndarray, ts: np.ndarray, fin: float) -> list[dict]:
+    """Per row k of the model's logits: argmax, margin of ``ts[k]`` over the others, resolution, status."""
+    ar = np.arange(ts.size)
+    self_v = L64[ar, ts].copy()
+    argmax = np.argmax(L64, axis=1)
+    res = 2.0 * fin * np.max(np.abs(L64), axis=1)
+    L64[ar, ts] = -np.inf  # the others' best (the logits are a fresh float64 copy)
+    margin = self_v - L64.max(axis=1)
+    return [{"status": "ok" if int(argmax[k]) == int(t) and math.isfinite(margin[k]) and margin[k] > res[k]
+             else "fragile", "argmax": int(argmax[k]), "margin": float(margin[k]), "resolution": float(res[k])}
+            for k, t in enumerate(ts)]
 
 
 def annotate(report, head, problem) -> int:

@@ -187,6 +187,8 @@ def to_jsonable(obj):
     if hasattr(obj, "tolist"):  # torch tensors
         return to_jsonable(obj.tolist())
     if isinstance(obj, (list, tuple)):
+        if all(type(v) is float for v in obj):  # witness coordinates, the bulk of a real head's report
+            return [v if math.isfinite(v) else None for v in obj]
         return [to_jsonable(v) for v in obj]
     if hasattr(obj, "to_json"):
         return to_jsonable(obj.to_json())
