@@ -10,7 +10,10 @@ plus an absolute ``ETA = 2^-1074`` per operation that may underflow). Any non-fi
   speakable iff ``z`` lies in the domain and ``l_t(z) - l_j(z) > allowance_j`` for every ``j != t``.
   Tokens ``j`` whose Cauchy–Schwarz bound ``||a_j|| ||x|| + b_j`` is below ``l_t`` cannot win and are skipped
   (a rigorous bound, not a heuristic); the reported margin is over all V (skipped rows that could be the
-  runner-up are scored too) and is a rigorous lower bound (the allowance subtracted).
+  runner-up are scored too) and is a rigorous lower bound (the allowance subtracted). Competitors are first
+  bounded in float32 with a rigorous error (per batch of witnesses; for the screens' self-direction
+  witnesses, one symmetric Gram of the verifier's own rows, ``engine.verify_sym``) and only those the bound
+  cannot exclude are scored in float64.
 * dual certificate ``lambda`` → ``r = sum lambda_j (u_j - u_t)``, ``c0 = sum lambda_j (b_j - b_t)``,
   ``deficit = c0 - sup_X(-r·x)`` with its rounding error subtracted; proven unspeakable iff positive.
 * Gordan certificate ``(lambda, mu)`` (``cone``; and ``zero``: a bounded domain whose bias is constant,
