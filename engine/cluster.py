@@ -47,7 +47,13 @@ import torch
 
 from engine.evidence import Candidate, Certificate
 from engine.head import InputError
-from engine.pipeline import _merge, _token_report, _verdicts, decide_pass_options
+from engine.pipeline import (
+    _DecideState,
+    _record_decide,
+    _record_search,
+    _verdicts,
+    decide_pass_options,
+)
 from engine.screen import GramScreen, WitnessScreen, gram_screen, witness_screen
 
 BASE_BYTES = 600 * 2**20
@@ -353,7 +359,7 @@ class _OpenTokens:
                     "decide": cluster._remote(decide_task, "decide", work.V, work.d)}
         self.passes = [_Pass("search", SEARCH_BATCH), _Pass("decide", DECIDE_BATCH, True),
                        _Pass("decide", DECIDE_BATCH, False)]
-        self.best, self.spent, self.comps = {}, {}, {}
+        self.st = _DecideState(None)
         self.local: list[int] = []
         self.queue: deque = deque()
         self.compute = {"search": 0.0, "decide": 0.0}
@@ -389,7 +395,7 @@ class _OpenTokens:
         p, _, toks = job
         if p.kind == "search":
             return self.fns["search"].remote(self.ref, np.asarray(toks, dtype=np.int64))
-        comps = {t: self.comps.get(t) for t in toks}
+        comps = {t: self.st.comps.get(t) for t in toks}
         return self.fns["decide"].remote(self.ref, list(toks), comps,
                                          decide_pass_options(p.stop_at_sign, self.sc.opt.decide_time_limit))
 
@@ -424,23 +430,10 @@ class _OpenTokens:
         return self._after_decide(toks, cands, results, p.stop_at_sign)
 
     def _after_search(self, cands: list, results: list) -> list:
-        done, still_open = [], []
-        for cand, res in zip(cands, results):
-            t = cand.token
-            if res[0] != "undecided":
-                done.append(_token_report(self.sc, t, res, cand.time_s))
-                continue
-            self.best[t], self.spent[t] = res, cand.time_s
-            cert = cand.certificate
-            self.comps[t] = None if cert is None else np.asarray(cert.competitors, dtype=np.int64)
-            still_open.append(t)
-        self.sc.ledger.record(done)
-        return still_open
+        still_open = _record_search(self.sc, cands, results)
+        for cand, res in still_open:
+            self.st.enter(cand, res)
+        return [cand.token for cand, _ in still_open]
 
     def _after_decide(self, toks: list, cands: list, results: list, stop_at_sign: bool) -> list:
-        for cand, res in zip(cands, results):
-            self.spent[cand.token] += cand.time_s
-            self.best[cand.token] = _merge(self.best[cand.token], res)
-        final = [t for t in toks if self.best[t][0] != "undecided" or not stop_at_sign]
-        self.sc.ledger.record([_token_report(self.sc, t, self.best[t], self.spent[t]) for t in final])
-        return [t for t in toks if t not in set(final)]
+        return _record_decide(self.sc, toks, cands, results, stop_at_sign, self.st)

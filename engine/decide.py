@@ -375,9 +375,7 @@ class _PoolState:
     @classmethod
     def bind(cls, pricer, competitors, options):
         cls.job = (pricer, competitors, options)
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=1, user_api="blas")  # for the worker's life (see _one_blas_thread)
+        _one_blas_thread()  # applied on creation, kept for the worker's life
 
 
 def _pool_decide(t: int) -> Candidate:

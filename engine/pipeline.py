@@ -308,24 +308,29 @@ def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple]:
 def _search_chunk(sc: _Scan, work, lift, chunk: np.ndarray, keys32, still_open: list) -> None:
     with sc.timed("search"):
         cands = [lift(c) for c in search(work, chunk, keys32=keys32)]
-    done = []
-    for cand, res in zip(cands, _verdicts(sc, cands)):
+    still_open.extend(_record_search(sc, cands, _verdicts(sc, cands)))
+
+
+def _record_search(sc: _Scan, cands: list, results: list) -> list[tuple]:
+    """Record the searched tokens that have a verdict; return ``(candidate, result)`` of the others (also the
+    Ray driver's, engine.cluster)."""
+    done, still_open = [], []
+    for cand, res in zip(cands, results):
         if res[0] == "undecided":
             still_open.append((cand, res))
         else:
             done.append(_token_report(sc, cand.token, res, cand.time_s))
     sc.ledger.record(done)
+    return still_open
 
 
 def _decide_stage(sc: _Scan, work, lift, still_open: list[tuple]) -> None:
     """LP stage for what the search left: first stop at the first proven sign (the verdict needs no more);
     where verification cannot confirm it (a margin inside the rounding allowance), solve to the exact
     optimum once more. Only verified bounds are reported; undecided tokens keep the best of every stage."""
-    st = _DecideState(
-        comps={c.token: None if c.certificate is None else np.asarray(c.certificate.competitors, dtype=np.int64)
-               for c, _ in still_open},
-        best={c.token: res for c, res in still_open}, spent={c.token: c.time_s for c, _ in still_open},
-        pricer=Pricer(work))
+    st = _DecideState(Pricer(work))
+    for cand, res in still_open:
+        st.enter(cand, res)
     pending = [c.token for c, _ in still_open]
     for stop_at_sign in (True, False):
         with _Bar(sc, "decide (sign)" if stop_at_sign else "decide (exact)", len(pending)) as bar:
@@ -339,21 +344,35 @@ def _decide_stage(sc: _Scan, work, lift, still_open: list[tuple]) -> None:
 
 @dataclass
 class _DecideState:
-    comps: dict  # token -> starting competitors (the search's certificate support)
-    best: dict  # token -> best verified result so far
-    spent: dict  # token -> seconds spent after the screens
-    pricer: Pricer
+    pricer: Pricer | None  # None on the Ray driver: the tasks price
+    comps: dict = field(default_factory=dict)  # token -> starting competitors (the search's certificate support)
+    best: dict = field(default_factory=dict)  # token -> best verified result so far
+    spent: dict = field(default_factory=dict)  # token -> seconds spent after the screens
+
+    def enter(self, cand: Candidate, res: tuple) -> None:
+        """A token the search left open, with its verified result."""
+        cert = cand.certificate
+        self.comps[cand.token] = None if cert is None else np.asarray(cert.competitors, dtype=np.int64)
+        self.best[cand.token], self.spent[cand.token] = res, cand.time_s
 
 
 def _decide_chunk(sc: _Scan, work, lift, chunk: list, stop_at_sign: bool, st: _DecideState) -> None:
     with sc.timed("decide"):
         cands = [lift(c) for c in decide_many(work, chunk, st.comps, pricer=st.pricer, workers=sc.opt.workers,
                                               **decide_pass_options(stop_at_sign, sc.opt.decide_time_limit))]
-    for cand, res in zip(cands, _verdicts(sc, cands)):
+    _record_decide(sc, chunk, cands, _verdicts(sc, cands), stop_at_sign, st)
+
+
+def _record_decide(sc: _Scan, chunk: list, cands: list, results: list, stop_at_sign: bool, st: _DecideState) -> list:
+    """Merge an LP pass's verified results into ``st``; record the tokens that are final (a verdict, or the
+    last pass); return the others (also the Ray driver's, engine.cluster)."""
+    for cand, res in zip(cands, results):
         st.spent[cand.token] += cand.time_s
         st.best[cand.token] = _merge(st.best[cand.token], res)
     final = [t for t in chunk if st.best[t][0] != "undecided" or not stop_at_sign]
     sc.ledger.record([_token_report(sc, t, st.best[t], st.spent[t]) for t in final])
+    final_set = set(final)
+    return [t for t in chunk if t not in final_set]
 
 
 def decide_pass_options(stop_at_sign: bool, time_limit: float) -> dict:
