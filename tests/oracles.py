@@ -92,6 +92,14 @@ def fold_inst(inst):
     return fold(inst["W_U"], inst["b_U"], inst["ln_w"], inst["ln_b"], inst["domain"], inst["bias"])
 
 
+def fold_projected(inst):
+    """``fold_inst`` with layernorm's rows projected onto 1⊥ (float64; ``fold_exact`` is the exact twin)."""
+    rows, bias = fold_inst(inst)
+    if inst["domain"] == "layernorm":
+        rows = rows - rows.mean(axis=1, keepdims=True)
+    return rows, bias
+
+
 def fold_exact(inst, project=True):
     """Folded rows and bias as lists of Fractions, exactly from the float inputs. With ``project`` and
     domain layernorm the rows are projected onto 1⊥ (what the logits see on the domain)."""
@@ -296,11 +304,9 @@ def _margin_interval(inst, t: int, iters: int = 60):
     """(lo, hi, x): the true margin lies in [lo, hi] (up to float64 rounding, O(1e-15) of the scale). For cone
     the margin is normalised by (u_t - c)·x = 1 with c the mean row, and hi is the LP optimum (not a
     rigorous bound). Scale-free: data are scaled by powers of two first; lo/hi are returned unscaled."""
-    rows, bias = fold_inst(inst)
+    rows, bias = fold_projected(inst)
     dom = inst["domain"]
     V, d = rows.shape
-    if dom == "layernorm":
-        rows = rows - rows.mean(axis=1, keepdims=True)
     R = radius_of(inst)
     # scale rows·R and bias jointly by a power of two first (exact), so that differences cannot overflow
     M0, e = _scaled(np.hstack([rows * (1.0 if R is None else R), bias[:, None]]))
@@ -519,11 +525,8 @@ def ball_interval_active_set(inst, t: int, k0: int = 48, rounds: int = 10):
     competitors that beat t at that point."""
     from scipy.optimize import minimize
 
-    rows, bias = fold_inst(inst)
-    dom = inst["domain"]
+    rows, bias = fold_projected(inst)
     V, d = rows.shape
-    if dom == "layernorm":
-        rows = rows - rows.mean(axis=1, keepdims=True)
     R = radius_of(inst)
     A = rows * R - rows[t] * R  # A_j·y + (b_j - b_t) = l_j - l_t at x = R y
     c = bias - bias[t]

@@ -470,11 +470,8 @@ def test_hunt_minimal(name, domain, W, b, radius, t, want):
     inst = instance(W, b, domain=domain, radius=radius)
     s, why, lo, hi = truth(inst, t)
     assert s == want, f"oracle disagrees with the stated truth: {s} ({why}, [{lo}, {hi}])"
-    kw = {} if radius is None else {"radius": radius}
-    try:
-        rep = scan(W.copy(), None if b is None else b.copy(), domain=domain, **kw)
-    except engine.InputError as e:  # refusing an extreme input with a clear message is allowed
-        assert str(e)
+    rep = _scan_or_refused(W, b, domain, radius)
+    if rep is None:
         return
     assert rep.verdicts_all[t] == want, f"{name}: token {t} engine {rep.verdicts_all[t]}, truth {want}"
     assert_matches_oracle(inst, rep, tokens=[t])
@@ -582,10 +579,16 @@ HUNT_CASES = [
 def test_hunt_instance(kind, domain, W, b, radius, t):
     W = np.array(W, dtype=np.float64)
     b = None if b is None else np.array(b, dtype=np.float64)
+    rep = _scan_or_refused(W, b, domain, radius)
+    if rep is not None:
+        assert_matches_oracle(instance(W, b, domain=domain, radius=radius), rep, tokens=[t])
+
+
+def _scan_or_refused(W, b, domain, radius):
+    """The scan's report, or None when it refuses the extreme input with a clear message (allowed)."""
     kw = {} if radius is None else {"radius": radius}
     try:
-        rep = scan(W.copy(), None if b is None else b.copy(), domain=domain, **kw)
-    except engine.InputError as e:  # refusing an extreme input with a clear message is allowed
+        return scan(W.copy(), None if b is None else b.copy(), domain=domain, **kw)
+    except engine.InputError as e:
         assert str(e)
-        return
-    assert_matches_oracle(instance(W, b, domain=domain, radius=radius), rep, tokens=[t])
+        return None
