@@ -2,7 +2,7 @@
 
 * the raw vocabulary entry of each listed token (``token``, e.g. ``Ġthe``) beside its decoded ``text``;
 * the gram criterion in words, and the hard-to-speak count with both row conventions, centred and
-  uncentred (DESIGN §3.2: the choice moves the count; one more gram screen pass, V²·d);
+  uncentred (DESIGN §3.2: the choice moves the count; reduced from the scan's own Gram tiles, or one more gram pass, V²·d);
 * the check of each witness against the model's own final norm and unembedding (``engine.modelcheck``).
 
 ``enrich(report, head, ...)`` does all three; the CLI calls it for scan, gram and demo.
@@ -29,15 +29,20 @@ def gram_summary(report, head, center: bool | None = None, backend: str = "torch
     """``{"criterion", "counted_with", "hard_to_speak_centred", "hard_to_speak_uncentred"}`` for the report.
 
     The report's own count (``counts.hard_to_speak``, made with ``center``, default ``head.gram_center``)
-    is reused; the other convention costs one more gram screen over the same tokens.
+    is reused, and so is the other convention's when the scan's pass reduced it from the same tiles
+    (``report.gram_other``); otherwise it costs one more gram screen over the same tokens.
     """
     from engine.loader import gram_rows
     from engine.screen import gram_screen
 
     used = head.gram_center if center is None else bool(center)
-    ids = _scanned_ids(report)
-    other = gram_screen(gram_rows(head, not used), ids, backend=backend, device=device)
-    n_used, n_other = int(report.counts.get("hard_to_speak", 0)), int(other.hard_to_speak.sum())
+    made = getattr(report, "gram_other", None)  # counted by the scan's own pass, from the same tiles
+    if made is not None and made.get("centred") == (not used):
+        n_other = int(made["hard_to_speak"])
+    else:
+        n_other = int(gram_screen(gram_rows(head, not used), _scanned_ids(report), backend=backend,
+                                  device=device).hard_to_speak.sum())
+    n_used = int(report.counts.get("hard_to_speak", 0))
     centred, uncentred = (n_used, n_other) if used else (n_other, n_used)
     return {"criterion": CRITERION, "counted_with": "centred" if used else "uncentred",
             "hard_to_speak_centred": centred, "hard_to_speak_uncentred": uncentred}

@@ -170,12 +170,29 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
 def _screens(sc: _Scan) -> None:
     with sc.timed("screen"):
         centred = sc.head.gram_center if sc.opt.gram_center is None else sc.opt.gram_center
-        grows = gram_rows(sc.head, centred)
-        run = screens if sc.opt.cluster is None else sc.opt.cluster.screens
-        sc.gram, sc.witness, sc.screen_stats = run(grows, centred, sc.head.norm, sc.problem, sc.ledger.ids,
-                                                   backend=sc.backend, device=sc.device, precision=sc.precision)
+        grows = _shared_rows(gram_rows(sc.head, centred), sc.problem)
+        if sc.opt.cluster is None:  # the other convention's count (for the report) from the same tiles
+            sc.gram, sc.witness, sc.screen_stats = screens(
+                grows, centred, sc.head.norm, sc.problem, sc.ledger.ids, backend=sc.backend, device=sc.device,
+                precision=sc.precision, other_rows=lambda: _shared_rows(gram_rows(sc.head, not centred), sc.problem))
+        else:
+            sc.gram, sc.witness, sc.screen_stats = sc.opt.cluster.screens(
+                grows, centred, sc.head.norm, sc.problem, sc.ledger.ids, backend=sc.backend, device=sc.device,
+                precision=sc.precision)
         del grows
     _log(sc, f"screens: {sc.timings['screen']:.1f}s, {int(sc.gram.hard_to_speak.sum())} hard-to-speak")
+
+
+def _shared_rows(rows: np.ndarray, problem) -> np.ndarray:
+    """The problem's own array (never written by anyone) in place of ``rows`` when the two are equal
+    entry for entry: the uncentred gram rows are the folded rows, and the centred ones often the keys, so
+    the screens hold one float64 ``V × d`` copy less. Compared by row chunks, stopping at the first that
+    differs."""
+    for a in (problem.rows, problem.keys):
+        if a.shape == rows.shape and all(np.array_equal(a[r0:r0 + 4096], rows[r0:r0 + 4096])
+                                         for r0 in range(0, rows.shape[0], 4096)):
+            return a
+    return rows
 
 
 def find_ties(problem) -> dict[int, list[int]]:
@@ -458,7 +475,8 @@ def _assemble(sc: _Scan, t_start: float) -> ScanReport:
     rep = ScanReport(source=p.source or sc.head.source, V=V, d=p.d, domain=p.domain.name,
                      radius=p.radius_reported, bias=bool(p.bias_used), backend=sc.backend, device=str(sc.device),
                      counts=counts, timings_s=sc.timings, tokens=[led.listed[t] for t in sorted(led.listed)],
-                     planted=p.planted, warnings=list(sc.warnings), screen_stats=sc.screen_stats)
+                     planted=p.planted, warnings=list(sc.warnings), screen_stats=sc.screen_stats,
+                     gram_other=sc.screen_stats.get("other_gram"))
     full, lo_all, hi_all = np.zeros(V, dtype=np.int8), np.full(V, np.nan), np.full(V, np.nan)
     full[led.ids], lo_all[led.ids], hi_all[led.ids] = led.verdict, led.lower, led.upper
     ga = np.full(V, -1, dtype=np.int64)

@@ -82,6 +82,9 @@ class ScanReport:
     margin_upper_all: object = None
     gram_argmax_all: object = None  # numpy int64 [V], -1 for tokens not scanned
     screen_stats: dict = field(default_factory=dict)  # the screens' pass: tiles skipped, rows recomputed (bench)
+    # The other gram convention's count when the screens' pass made it ({"centred": bool, "hard_to_speak":
+    # int}); engine.enrich reads it instead of running a gram pass of its own. Not part of the JSON.
+    gram_other: dict | None = None
     # Extra top-level JSON key "gram" (after the contract's keys) when known: the criterion in words and the
     # hard-to-speak count with centred and with uncentred rows (engine.report.gram_summary).
     gram: dict | None = None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kernels.screen import top2_exact
-from kernels.sym_screen import KeyMap, sym_screen
+from kernels.sym_screen import KeyMap, OtherGram, sym_screen
 
 
 @dataclass
@@ -91,11 +91,17 @@ def witness_screen(problem, ids: np.ndarray | None = None, *, backend: str = "to
 
 
 def screens(grows: np.ndarray, centred_rows: bool, norm: str, problem, ids: np.ndarray, *, backend: str = "torch",
-            device="cpu", precision: str = "ieee") -> tuple[GramScreen, WitnessScreen, dict]:
+            device="cpu", precision: str = "ieee", other_rows=None) -> tuple[GramScreen, WitnessScreen, dict]:
     """Both screens over the tokens ``ids``: one symmetric pass (``kernels.sym_screen``: one float32 Gram
     of the rows, each pair of row blocks visited once, two epilogues) when all V are scanned and the
     witness keys derive from the gram rows; otherwise the two separate passes. Returns the screens and the
-    pass's statistics (tiles skipped, rows recomputed in float64)."""
+    pass's statistics (tiles skipped, rows recomputed in float64).
+
+    ``other_rows``: a callable returning the gram rows of the other convention (centred when ``grows``
+    are not, and the reverse; float64 ``[V, d]``). When the pass can reduce them from the same tiles, its
+    hard-to-speak count is returned as ``stats["other_gram"] = {"centred": bool, "hard_to_speak": int}``;
+    otherwise the key is absent and the caller counts it by a pass of its own.
+    """
     t0 = time.perf_counter()
     key_map = _key_map(centred_rows, norm, problem)
     if ids.size != problem.V or key_map is None:
@@ -103,21 +109,29 @@ def screens(grows: np.ndarray, centred_rows: bool, norm: str, problem, ids: np.n
         return g, witness_screen(problem, ids, backend=backend, device=device, precision=precision), {"passes": 2}
     q, s = problem.domain.screen_queries(problem.keys)
     scaled_key = s is not None and q is problem.keys  # the box's screen point is no multiple of its key
+    other_map = _key_map(not centred_rows, norm, problem) if other_rows is not None and scaled_key else None
+    other = None if other_map is None else OtherGram(
+        lambda: torch.from_numpy(np.ascontiguousarray(other_rows(), dtype=np.float64)),
+        None if other_map is _SAME_ROWS else other_map)
     res = sym_screen(torch.from_numpy(np.ascontiguousarray(grows)),
                      torch.from_numpy(problem.keys) if scaled_key else None,
                      torch.from_numpy(s) if scaled_key else None,
                      torch.from_numpy(problem.bias) if scaled_key and np.any(problem.bias) else None,
                      key_map if scaled_key and key_map is not _SAME_ROWS else None,
-                     backend=backend, device=device, precision=precision)
+                     backend=backend, device=device, precision=precision, other=other)
     st = res.stats
     g = _gram_result(res.gram, ids, st.gram_recomputed, t0)
+    extra = {}
+    if res.other is not None:
+        extra["other_gram"] = {"centred": not centred_rows,
+                               "hard_to_speak": int((res.other.best_val >= res.other.self_val).sum())}
     if res.witness is None:
         w = witness_screen(problem, ids, backend=backend, device=device, precision=precision)
     else:
         margin = res.witness.self_val.numpy() - res.witness.best_val.numpy()
         w = WitnessScreen(margin, res.witness.best_idx.numpy().astype(np.int64), st.witness_recomputed,
                           time.perf_counter() - t0)
-    return g, w, {"passes": 1 if res.witness is not None else 2, **st.to_json()}
+    return g, w, {"passes": 1 if res.witness is not None else 2, **st.to_json(), **extra}
 
 
 _SAME_ROWS = KeyMap()  # marker: the witness keys are the gram rows themselves

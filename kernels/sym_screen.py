@@ -82,6 +82,18 @@ class KeyMap:
     sum_zero: bool = False
 
 
+@dataclass(frozen=True)
+class OtherGram:
+    """A second gram convention counted in the same pass (the report names both, DESIGN §3.2): its rows
+    ``g'_j`` relate to the witness keys as the main gram rows do, ``k̂_j = P(g'_j − center)`` (``key_map``;
+    None: ``k̂_j = g'_j``). ``rows()`` returns them as float64 ``[V, d]`` CPU (a new tensor): it is called
+    once to bound the pass's error and once more, after the float32 operands are freed, to rescore the
+    kept candidates, so the float64 copy never lives beside the float32 pass."""
+
+    rows: "object"  # Callable[[], torch.Tensor]
+    key_map: KeyMap | None = None
+
+
 @dataclass
 class SymScreenStats:
     """What the pass did. ``tiles``: row-block pairs I ≤ J; ``tiles_skipped``: pairs whose GEMM was pruned;
@@ -98,6 +110,8 @@ class SymScreenStats:
     witness_recomputed: int = 0
     gram_rescored: int = 0  # rows whose near-tied kept candidates were rescored in float64
     witness_rescored: int = 0
+    other_recomputed: int = 0  # the same for the OtherGram convention, when one was counted
+    other_rescored: int = 0
     out_of_range_rows: int = 0
     times_s: dict = field(default_factory=dict)
 
@@ -116,6 +130,7 @@ class SymScreen:
     gram: Top2
     witness: Top2 | None
     stats: SymScreenStats
+    other: Top2 | None = None  # the OtherGram convention's gram screen (None: not asked, or the backend has none)
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -293,6 +308,9 @@ class _Plan:
     b32: torch.Tensor | None
     bias_sorted: torch.Tensor | None  # float64, for the witness pruning bound
     block: int
+    other: _Rows | None = None  # sorted: the OtherGram convention's gram bounds, its epilogue vectors
+    a2_32: torch.Tensor | None = None
+    beta2_32: torch.Tensor | None = None
 
 
 def round_inputs(x32: torch.Tensor, precision: str) -> torch.Tensor:
@@ -322,7 +340,16 @@ def _take(rows: _Rows | None, perm) -> _Rows | None:
     return None if rows is None else _Rows(*(getattr(rows, f)[perm] for f in rows.__dataclass_fields__))
 
 
-def _plan(g64, keys64, scale64, bias64, key_map, precision, block) -> _Plan:
+def _other_rows(other: OtherGram, V: int, d: int) -> torch.Tensor:
+    g = other.rows()
+    if not isinstance(g, torch.Tensor) or tuple(g.shape) != (V, d) or g.dtype != torch.float64 or g.device.type != "cpu":
+        raise ValueError(f"OtherGram.rows() must return a float64 CPU tensor of shape {(V, d)}")
+    if not bool(torch.isfinite(g.sum())) and not bool(torch.isfinite(g).all()):
+        raise ValueError("OtherGram.rows() has non-finite entries")
+    return g
+
+
+def _plan(g64, keys64, scale64, bias64, key_map, precision, block, other: OtherGram | None = None) -> _Plan:
     corr = None
     if keys64 is None:
         gram, wit = _gram_only_rows(g64, precision), None
@@ -332,14 +359,23 @@ def _plan(g64, keys64, scale64, bias64, key_map, precision, block) -> _Plan:
         gram = _gram_from_keys_rows(g64, keys64, corr, precision)
         wit = _witness_rows(keys64, scale64, bias64, precision)
         key = float(wit.ub_scale.median()) * wit.norm + (0.0 if bias64 is None else bias64)
+        if other is not None:  # its float64 rows live only here, before the float32 operands exist
+            g2 = _other_rows(other, *g64.shape)
+            corr2 = _corrections(g2, keys64, other.key_map)
+            other_rows = _gram_from_keys_rows(g2, keys64, corr2, precision)
+            del g2
     # Descending key: blocks of likely winners come first and raise every row's K-th best early.
     perm = torch.argsort(key, descending=True, stable=True)
+    if other is not None:
+        other_rows = _take(other_rows, perm)
     f32 = lambda t: None if t is None else t[perm].to(torch.float32)  # noqa: E731
     plan = _Plan(perm, _sorted_f32(g64 if keys64 is None else keys64, perm, precision), _take(gram, perm),
                  _take(wit, perm), None, None, None, None, None, block)
     if keys64 is not None:
         plan.a32, plan.beta32, plan.s32, plan.b32 = f32(corr.a), f32(corr.beta), f32(scale64), f32(bias64)
         plan.bias_sorted = None if bias64 is None else bias64[perm]
+        if other is not None:
+            plan.other, plan.a2_32, plan.beta2_32 = other_rows, f32(corr2.a), f32(corr2.beta)
     return plan
 
 
@@ -412,7 +448,8 @@ def _epilogue(S, W, plan: _Plan, r0, r1, c0, c1, screen: str, transpose: bool) -
     columns (True: rows c0:c1), candidates j the other side. One pass each (out= into a buffer):
 
     * witness: ``s_t S_tj + b_j`` (addcmul);
-    * gram: ``S_tj + a_t a_j + beta_j`` (addr, add); S itself when there are no corrections.
+    * gram (and "other", the OtherGram convention, with its own a and beta): ``S_tj + a_t a_j + beta_j``
+      (addr, add); S itself when there are no corrections.
     """
     tr, cr = ((c0, c1), (r0, r1)) if transpose else ((r0, r1), (c0, c1))
     shape_t = (1, -1) if transpose else (-1, 1)  # broadcast of a per-target vector
@@ -422,11 +459,12 @@ def _epilogue(S, W, plan: _Plan, r0, r1, c0, c1, screen: str, transpose: bool) -
         if plan.b32 is None:
             return torch.mul(S, s, out=W)
         return torch.addcmul(plan.b32[cr[0]:cr[1]].view(shape_c), S, s, out=W)
+    a32, beta32 = (plan.a32, plan.beta32) if screen == "gram" else (plan.a2_32, plan.beta2_32)
     T = S
-    if plan.a32 is not None:
-        T = torch.addr(S, plan.a32[r0:r1], plan.a32[c0:c1], out=W)  # a a^T is symmetric: same both ways
-    if plan.beta32 is not None:
-        T = torch.add(T, plan.beta32[cr[0]:cr[1]].view(shape_c), out=W)
+    if a32 is not None:
+        T = torch.addr(S, a32[r0:r1], a32[c0:c1], out=W)  # a a^T is symmetric: same both ways
+    if beta32 is not None:
+        T = torch.add(T, beta32[cr[0]:cr[1]].view(shape_c), out=W)
     return T
 
 
@@ -439,8 +477,8 @@ class _State:
 
 
 def _tile_torch(plan, bufs, states, r0, r1, c0, c1, dirs, gemm_threads: int = 1) -> None:
-    """One tile pair: S = H_I H_J^T once (``gemm_threads``), then the needed reductions among the four
-    (on the calling thread; witness first, as the gram's may write into S)."""
+    """One tile pair: S = H_I H_J^T once (``gemm_threads``), then the needed reductions among the four (six
+    with an OtherGram) on the calling thread."""
     n, m = r1 - r0, c1 - c0
     S, W = (b[:n * m].view(n, m) for b in bufs)
     with torch_threads(gemm_threads):
@@ -450,7 +488,9 @@ def _tile_torch(plan, bufs, states, r0, r1, c0, c1, dirs, gemm_threads: int = 1)
 
 def _reduce_tile(plan, S, W, states, r0, r1, c0, c1, dirs) -> None:
     diag = r0 == c0
-    for screen, st, k in (("witness", states[1], 2), ("gram", states[0], 0)):
+    # Witness first: a gram epilogue without corrections is S itself, and its masked diagonal (-inf) would
+    # turn the witness's s_t * S_tt into NaN where s_t = 0 (the grams only add finite terms to -inf).
+    for screen, st, k in (("witness", states[1], 2), ("gram", states[0], 0), ("other", states[2], 4)):
         for transpose in (False, True):
             if not dirs[k + transpose]:
                 continue
@@ -460,41 +500,45 @@ def _reduce_tile(plan, S, W, states, r0, r1, c0, c1, dirs) -> None:
             _fold(T, 0 if transpose else 1, st.vals, st.idx, c0 if transpose else r0, r0 if transpose else c0)
 
 
-def _fast_torch(plan: _Plan, prune: bool, stats: SymScreenStats, gemm_threads: int) -> tuple[_State, _State | None]:
-    """The symmetric schedule: for I, for J >= I, tile (I, J) updates rows I and rows J."""
+def _fast_torch(plan: _Plan, prune: bool, stats: SymScreenStats, gemm_threads: int):
+    """The symmetric schedule: for I, for J >= I, tile (I, J) updates rows I and rows J. Returns the
+    states of the gram, witness and other screens (None where there is none)."""
     V, B = plan.h32.shape[0], plan.block
     gs, ws = _State(V), (None if plan.wit is None else _State(V))
+    os_ = None if plan.other is None else _State(V)
     gb = _block_bounds(plan.gram, None, B)
     wb = None if plan.wit is None else _block_bounds(plan.wit, plan.bias_sorted, B)
+    ob = None if plan.other is None else _block_bounds(plan.other, None, B)
     bufs = [torch.empty(B * B, dtype=torch.float32) for _ in range(2)]
     for ib, r0 in enumerate(range(0, V, B)):
         r1 = min(V, r0 + B)
         for jb, c0 in enumerate(range(r0, V, B), start=ib):
             c1 = min(V, c0 + B)
-            dirs = _directions(plan, gb, wb, gs, ws, (r0, r1, ib), (c0, c1, jb), prune)
+            dirs = _directions(plan, (gb, wb, ob), (gs, ws, os_), (r0, r1, ib), (c0, c1, jb), prune)
             stats.tiles += 1
-            stats.directions += len([k for k in range(4) if dirs[k] is not None])
-            stats.directions_skipped += len([k for k in range(4) if dirs[k] is False])
+            stats.directions += sum(x is not None for x in dirs)
+            stats.directions_skipped += sum(x is False for x in dirs)
             if not any(dirs):
                 stats.tiles_skipped += 1
                 continue
-            _tile_torch(plan, bufs, (gs, ws), r0, r1, c0, c1, dirs, gemm_threads)
-    return gs, ws
+            _tile_torch(plan, bufs, (gs, ws, os_), r0, r1, c0, c1, dirs, gemm_threads)
+    return gs, ws, os_
 
 
-def _directions(plan, gb, wb, gs, ws, I, J, prune) -> list:
-    """[gram rows I, gram rows J, witness rows I, witness rows J]: True (reduce), False (pruned) or None
-    (does not exist: the diagonal tile's column reductions are its row reductions; no witness)."""
+def _directions(plan, bounds, states, I, J, prune) -> list:
+    """[gram rows I, gram rows J, witness rows I, witness rows J, other rows I, other rows J]: True
+    (reduce), False (pruned) or None (does not exist: the diagonal tile's column reductions are its row
+    reductions; no witness; no other gram)."""
     (r0, r1, ib), (c0, c1, jb) = I, J
     diag = r0 == c0
     out = []
-    for rows, bb, st in ((plan.gram, gb, gs), (plan.wit, wb, ws)):
+    for rows, bb, st in zip((plan.gram, plan.wit, plan.other), bounds, states):
         for (t0, t1), blk, exists in (((r0, r1), jb, True), ((c0, c1), ib, not diag)):
             if rows is None or not exists:
                 out.append(None)
             else:
                 out.append(True if not prune else _needed(rows, bb, st.vals, t0, t1, blk))
-    return [out[0], out[1], out[2], out[3]]
+    return out
 
 
 # ------------------------------------------------------------------------------------ exact recovery
@@ -602,6 +646,7 @@ def sym_screen(
     precision: str = "ieee",
     block: int | None = None,
     prune: bool = True,
+    other: OtherGram | None = None,
 ) -> SymScreen:
     """Gram screen and (optionally) witness screen in one symmetric pass, indices exact.
 
@@ -620,36 +665,49 @@ def sym_screen(
         precision: "ieee", "tf32" or "bf16" (torch backend: operands rounded so, to reproduce them).
         block: rows per block (tile = block × block); default ``TORCH_BLOCK`` (torch), the kernel's tile (triton).
         prune: skip tile reductions that rigorous bounds show cannot change any fast top-K.
+        other: a second gram convention (:class:`OtherGram`) reduced from the same tiles (two more
+            epilogues); needs keys64. The Triton backend has no third epilogue: there ``other`` is None
+            in the result and the caller counts it by a separate pass.
 
     Returns:
-        :class:`SymScreen`: ``gram`` and ``witness`` as ``Top2`` over ``j ≠ t`` (float64 values, int64
-        indices, first index on ties as the float64 reference) with self values, and the stats.
+        :class:`SymScreen`: ``gram``, ``witness`` and ``other`` as ``Top2`` over ``j ≠ t`` (float64 values,
+        int64 indices, first index on ties as the float64 reference) with self values, and the stats.
     """
     _check_inputs(gram_rows64, keys64, scale64, bias64, key_map)
+    if other is not None and keys64 is None:
+        raise ValueError("other (a second gram convention) is reduced from the keys' Gram: it needs keys64")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     gemm_threads = torch.get_num_threads()
     # The torch backend runs everything but its GEMMs on one thread (see kernels.torch_threads).
     with torch_threads(1) if backend == "torch" else contextlib.nullcontext():
         return _sym_screen(gram_rows64, keys64, scale64, bias64, key_map, backend, device, precision, block, prune,
-                           gemm_threads)
+                           gemm_threads, other)
 
 
 def _sym_screen(gram_rows64, keys64, scale64, bias64, key_map, backend, device, precision, block, prune,
-                gemm_threads) -> SymScreen:
+                gemm_threads, other) -> SymScreen:
     V = gram_rows64.shape[0]
     user_block = block
     block = block or (TORCH_BLOCK if backend == "torch" else 0)
     stats = SymScreenStats(backend=backend, precision=precision, block=block)
     t0 = time.perf_counter()
-    plan = _plan(gram_rows64, keys64, scale64, bias64, key_map, precision, max(1, min(block or 64, max(V, 1))))
+    plan = _plan(gram_rows64, keys64, scale64, bias64, key_map, precision, max(1, min(block or 64, max(V, 1))),
+                 other if backend == "torch" else None)
     t1 = time.perf_counter()
-    gs, ws = _fast(plan, backend, device, prune, stats, precision, user_block, gemm_threads)
+    gs, ws, os_ = _fast(plan, backend, device, prune, stats, precision, user_block, gemm_threads)
+    plan.h32 = None  # the float32 operands are done with: free them before any float64 copy is made
     t2 = time.perf_counter()
-    stats.out_of_range_rows = int((~plan.gram.in_range).sum()) + (0 if plan.wit is None else int((~plan.wit.in_range).sum()))
+    stats.out_of_range_rows = sum(int((~r.in_range).sum()) for r in (plan.gram, plan.wit, plan.other) if r is not None)
     gram, witness = _recover_both(gs, ws, plan, gram_rows64, keys64, scale64, bias64, stats)
+    other_top2 = None
+    if os_ is not None:
+        g2 = _other_rows(other, *gram_rows64.shape)
+        other_top2, stats.other_recomputed, stats.other_rescored = _recover(os_, plan.other, plan.perm, g2, g2,
+                                                                            None, None)
+        del g2
     stats.times_s = {"prepare": t1 - t0, "fast": t2 - t1, "recover": time.perf_counter() - t2}
-    return SymScreen(gram, witness, stats)
+    return SymScreen(gram, witness, stats, other_top2)
 
 
 def _recover_both(gs, ws, plan, gram_rows64, keys64, scale64, bias64, stats):
@@ -667,7 +725,7 @@ def _fast(plan, backend, device, prune, stats, precision, block, gemm_threads):
     if backend == "triton":
         from kernels.triton_sym import fast_triton
 
-        return fast_triton(plan, device, prune, stats, precision=precision, block=block)
+        return (*fast_triton(plan, device, prune, stats, precision=precision, block=block), None)
     if backend != "torch":
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     if torch.device(device).type != "cpu":
@@ -681,6 +739,7 @@ def sym_screen_reference(
     scale64: torch.Tensor | None = None,
     bias64: torch.Tensor | None = None,
     key_map: KeyMap | None = None,
+    other: OtherGram | None = None,
     **_ignored,
 ) -> SymScreen:
     """Float64 reference with the same signature: untiled V × V float64 (small inputs only); key_map is
@@ -692,7 +751,11 @@ def sym_screen_reference(
     witness = None
     if keys64 is not None:
         witness = top2_reference(keys64, keys64, ids, scale=scale64, bias=bias64)
-    return SymScreen(gram, witness, SymScreenStats(backend="reference", precision="float64", block=V))
+    o = None
+    if other is not None:
+        g2 = _other_rows(other, *gram_rows64.shape)
+        o = top2_reference(g2, g2, ids)
+    return SymScreen(gram, witness, SymScreenStats(backend="reference", precision="float64", block=V), o)
 
 
-__all__ = ["sym_screen", "sym_screen_reference", "KeyMap", "SymScreen", "SymScreenStats", "PRECISIONS", "round_inputs"]
+__all__ = ["sym_screen", "sym_screen_reference", "KeyMap", "OtherGram", "SymScreen", "SymScreenStats", "PRECISIONS", "round_inputs"]

@@ -101,3 +101,42 @@ def test_verdicts_do_not_depend_on_workers(head, clean):
     two = es.scan_head(head, domain="box", device="cpu", backend="torch", workers=2)
     assert np.array_equal(clean.verdicts_all, two.verdicts_all)
     assert clean.counts["undecided"] == 0
+
+
+@pytest.mark.parametrize("norm,domain,gram_center,one_pass", [
+    ("layernorm", "layernorm", False, True),  # the demo's case: uncentred rows counted, centred from the keys
+    ("layernorm", "layernorm", True, True),
+    ("rmsnorm", "rmsnorm", True, True),  # SmolLM2's case
+    ("rmsnorm", "rmsnorm", False, True),
+    ("layernorm", "rmsnorm", True, False),  # keys not derived from the centred rows: a separate pass
+])
+def test_both_gram_counts_equal_the_float64_oracle(norm, domain, gram_center, one_pass):
+    """The report's hard-to-speak counts with centred and with uncentred rows (the other one reduced from
+    the screens' own tiles where it can be) equal a float64 V x V count from the weights."""
+    from engine.enrich import enrich
+    from engine.head import head_from_arrays
+
+    rng = np.random.default_rng(11)
+    V, d = 300, 10
+    W_U = rng.normal(size=(d, V)) * rng.uniform(0.3, 1.5, V) + 0.8 * rng.normal(size=(d, 1))
+    ln_w = rng.uniform(0.5, 1.5, d)
+    head = head_from_arrays(W_U, rng.normal(size=V), ln_w, None, norm, gram_center=gram_center)
+    rep = es.scan_head(head, domain=domain, device="cpu", backend="torch")
+    assert (rep.gram_other is not None) == one_pass
+    enrich(rep, head)
+
+    def oracle(centred):
+        rows = (W_U * ln_w[:, None]).T.astype(np.float64)
+        if centred:
+            if norm == "layernorm":
+                rows = rows - rows.mean(axis=1, keepdims=True)
+            rows = rows - rows.mean(axis=0)
+        G = rows @ rows.T
+        selfv = np.diag(G).copy()
+        np.fill_diagonal(G, -np.inf)
+        return int((G.max(axis=1) >= selfv).sum())
+
+    want = {"hard_to_speak_centred": oracle(True), "hard_to_speak_uncentred": oracle(False)}
+    assert {k: rep.gram[k] for k in want} == want
+    assert want["hard_to_speak_centred"] != want["hard_to_speak_uncentred"]  # the conventions really differ
+    assert rep.counts["hard_to_speak"] == want["hard_to_speak_centred" if gram_center else "hard_to_speak_uncentred"]

@@ -46,7 +46,7 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels import triton_sym as ts  # noqa: E402
-from kernels.sym_screen import KeyMap, round_inputs, sym_screen, sym_screen_reference  # noqa: E402
+from kernels.sym_screen import KeyMap, OtherGram, round_inputs, sym_screen, sym_screen_reference  # noqa: E402
 
 INTERPRETED = isinstance(tl.zeros, InterpretedFunction) and isinstance(ts._sym_kernel, InterpretedFunction)
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,6 +297,105 @@ def test_validation():
         sym_screen(u, precision="fp16")
     with pytest.raises(ValueError, match="backend"):
         sym_screen(u, backend="numpy")
+
+
+# --- a second gram convention from the same tiles (OtherGram: the report names both counts) ----------------
+
+
+def tl_rows(u, domain):
+    """TransformerLens-style centred rows, computed as ``engine.loader.gram_rows`` does (not as the keys are:
+    the two differ in float64 rounding, which the bound's measured residual covers)."""
+    r = u.clone()
+    if domain == "layernorm":
+        r -= r.mean(dim=1, keepdim=True)
+    return r - r.mean(dim=0)
+
+
+def with_other(u, b, domain, convention):
+    """The screen inputs plus the other convention: TransformerLens rows when the main rows are uncentred,
+    the uncentred rows ũ (through the key map) when they are centred."""
+    g, k, s, bias, km = screen_inputs(u, b, domain, convention)
+    c = u.mean(dim=0)
+    if convention == "uncentred":
+        return (g, k, s, bias, km), OtherGram(lambda: tl_rows(u, domain), None)
+    return (tl_rows(u, domain), k, s, bias, None), OtherGram(lambda: u.clone(), KeyMap(c, sum_zero=domain == "layernorm"))
+
+
+def assert_other_same(res, ref):
+    a, e = res.other, ref.other
+    assert a is not None and e is not None
+    for f in ("best_idx", "second_idx"):
+        assert torch.equal(getattr(a, f), getattr(e, f)), (f, (getattr(a, f) != getattr(e, f)).nonzero()[:5])
+    for f in ("best_val", "second_val", "self_val"):
+        ok = torch.isfinite(getattr(e, f))
+        torch.testing.assert_close(getattr(a, f)[ok], getattr(e, f)[ok], rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("V,d", SHAPES)
+@pytest.mark.parametrize("domain", ["layernorm", "rmsnorm", "cone"])
+@pytest.mark.parametrize("convention", ["uncentred", "centred"])
+def test_other_convention_matches_its_float64_reference(V, d, domain, convention):
+    """The other convention's gram screen, reduced from the keys' tiles, equals the float64 reference of
+    its own rows; the main gram and witness screens are the same as without it."""
+    u, b = head(V, d, seed=V + d + 1)
+    args, other = with_other(u, b, domain, convention)
+    ref = sym_screen_reference(*args, other=other)
+    assert torch.equal(ref.other.best_idx, sym_screen_reference(other.rows()).gram.best_idx)
+    for block in (16, 64):
+        res = sym_screen(*args, block=block, other=other)
+        assert_same(res, ref)
+        assert_other_same(res, ref)
+        assert_same(res, sym_screen(*args, block=block))  # the third reduction leaves the other two alone
+    # the two conventions really count differently on these rows (else the test could not tell them apart)
+    assert not torch.equal(ref.gram.best_idx, ref.other.best_idx)
+
+
+def test_other_convention_ties_duplicates_and_pruning():
+    """Duplicated rows (exact ties in both conventions keep the first index) and decades of norms (pruned
+    directions): pruned and unpruned runs give the float64 reference's indices."""
+    g = torch.Generator().manual_seed(5)
+    V, d = 300, 12
+    u = torch.randn(V, d, generator=g, dtype=torch.float64) * torch.logspace(0, -3, V, dtype=torch.float64)[:, None]
+    u[40], u[41], u[250] = u[7], u[7], u[7]
+    u[100:110] = torch.randint(-2, 3, (10, d), generator=g).double()
+    b = torch.randn(V, generator=g, dtype=torch.float64)
+    for domain in ("layernorm", "rmsnorm"):
+        for convention in ("uncentred", "centred"):
+            args, other = with_other(u, b, domain, convention)
+            ref = sym_screen_reference(*args, other=other)
+            for prune in (True, False):
+                res = sym_screen(*args, block=32, prune=prune, other=other)
+                assert_other_same(res, ref)
+                assert res.stats.directions == sym_screen(*args, block=32, prune=prune).stats.directions * 3 // 2
+
+
+def test_other_convention_off_the_map_and_not_written():
+    """A wrong key map for the other rows widens its bound (the residual is measured), never its answer;
+    no input is written, the rows callable included."""
+    u, b = head(130, 33, seed=9)
+    g, k, s, bias, km = screen_inputs(u, b, "layernorm", "uncentred")
+    shown = u * 1.5 + 0.25
+    before = [x.clone() for x in (g, k, s, bias, shown)]
+    other = OtherGram(lambda: shown, KeyMap(torch.zeros(33, dtype=torch.float64), sum_zero=False))
+    res = sym_screen(g, k, s, bias, km, block=16, other=other)
+    assert_other_same(res, sym_screen_reference(g, k, s, bias, km, other=other))
+    for x, y in zip(before, (g, k, s, bias, shown)):
+        assert torch.equal(x, y)
+
+
+def test_other_convention_validation():
+    u, b = head(20, 4, seed=1)
+    args = screen_inputs(u, b, "rmsnorm", "uncentred")
+    with pytest.raises(ValueError, match="needs keys64"):
+        sym_screen(u, other=OtherGram(lambda: u))
+    with pytest.raises(ValueError, match="shape"):
+        sym_screen(*args, other=OtherGram(lambda: u[:, :3].contiguous()))
+    with pytest.raises(ValueError, match="float64"):
+        sym_screen(*args, other=OtherGram(lambda: u.float()))
+    bad = u.clone()
+    bad[2, 2] = math.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        sym_screen(*args, other=OtherGram(lambda: bad))
 
 
 # --- the Triton kernel, in Triton's CPU interpreter (small odd shapes: it runs each program in numpy) ------
