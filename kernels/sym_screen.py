@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -90,7 +91,7 @@ class OtherGram:
     once to bound the pass's error and once more, after the float32 operands are freed, to rescore the
     kept candidates, so the float64 copy never lives beside the float32 pass."""
 
-    rows: "object"  # Callable[[], torch.Tensor]
+    rows: Callable[[], torch.Tensor]
     key_map: KeyMap | None = None
 
 
