@@ -44,31 +44,33 @@ def _torch_dtype(name: str):
     return dt if isinstance(dt, torch.dtype) else torch.float32
 
 
-def model_logits(head, H: np.ndarray):
-    """Logits ``[n, V]`` of the model at hidden states H ``[n, d]``, in the model's dtype (a torch tensor)."""
+ROW_BLOCK = 1024  # witnesses per block of the GGUF head's tiled logits
+COL_BLOCK = 2048  # vocabulary columns per tile: a 1024 x 2048 float32 tile (8 MB) is reduced while in cache
+
+
+def _normed(head, H: np.ndarray):
+    """The model's final norm applied to hidden states H ``[n, d]`` in the model's dtype: ``(y, unembed)``
+    where ``unembed(y, c0, c1)`` gives the logits of vocabulary columns c0:c1 (a torch tensor, a fresh
+    one the caller may write), and None for c1 when the unembedding is a module of the model's own that
+    is called whole."""
     import torch
 
     m = head.model
     dtype = _torch_dtype(m.get("dtype", "float32"))
     h = torch.from_numpy(np.ascontiguousarray(H))
-    with torch.no_grad():
-        if m["kind"] == "torch":
-            param = next(iter(m["unembed"].parameters()), None)
-            dev = param.device if param is not None else "cpu"
-            y = h.to(dev, dtype)[:, None, :]  # [n, pos=1, d]: TransformerLens modules want a position axis
-            if m.get("norm") is not None:
-                y = m["norm"](y)
-            unembed = m["unembed"]
-            if isinstance(unembed, torch.nn.Embedding):  # tied head read from the input embedding
-                return torch.nn.functional.linear(y, unembed.weight)[:, 0, :]
-            return unembed(y)[:, 0, :]
-        return _gguf_logits(head, h.to(dtype), m.get("eps") or 0.0)
-
-
-def _gguf_logits(head, h, eps: float):
-    import torch
-
+    if m["kind"] == "torch":
+        param = next(iter(m["unembed"].parameters()), None)
+        dev = param.device if param is not None else "cpu"
+        y = h.to(dev, dtype)[:, None, :]  # [n, pos=1, d]: TransformerLens modules want a position axis
+        if m.get("norm") is not None:
+            y = m["norm"](y)
+        unembed = m["unembed"]
+        if isinstance(unembed, torch.nn.Embedding):  # tied head read from the input embedding
+            return y, lambda y, c0, c1: torch.nn.functional.linear(y, unembed.weight)[:, 0, :], True
+        return y, lambda y, c0, c1: unembed(y)[:, 0, :], True
+    h = h.to(dtype)
     d = h.shape[1]
+    eps = m.get("eps") or 0.0
     w = None if head.ln_w is None else torch.from_numpy(np.array(head.ln_w, dtype=np.float32))  # a copy: [d]
     b = None if head.ln_b is None else torch.from_numpy(np.array(head.ln_b, dtype=np.float32))
     if head.norm == "rmsnorm":
@@ -80,12 +82,74 @@ def _gguf_logits(head, h, eps: float):
     else:
         y = h
     W = np.asarray(head.W_U, dtype=np.float32)  # [d, V]: a view of the dequantized head, read only
-    logits = y @ (torch.from_numpy(W) if W.flags.writeable else torch.tensor(W))
-    return logits if head.b_U is None else logits + torch.from_numpy(np.array(head.b_U, dtype=np.float32))
+    Wt = torch.from_numpy(W) if W.flags.writeable else torch.tensor(W)
+    bu = None if head.b_U is None else torch.from_numpy(np.array(head.b_U, dtype=np.float32))
+
+    def tile(y, c0, c1):
+        out = y @ Wt[:, c0:c1]
+        return out if bu is None else out.add_(bu[c0:c1])
+    return y, tile, False
+
+
+def model_logits(head, H: np.ndarray):
+    """Logits ``[n, V]`` of the model at hidden states H ``[n, d]``, in the model's dtype (a torch tensor)."""
+    import torch
+
+    with torch.no_grad():
+        y, unembed, _ = _normed(head, H)
+        return unembed(y, 0, head.d_vocab)
+
+
+class _RowStats:
+    """Per witness, reduced over the column tiles of its logits as they come: its own logit, the first
+    maximum over the other tokens (value, index), the largest magnitude, and whether a NaN was seen."""
+
+    def __init__(self, ts):
+        import torch
+
+        n = ts.numel()
+        f64 = dict(dtype=torch.float64)
+        self.ts, self.rows = ts, torch.arange(n)
+        self.self_v = torch.full((n,), math.nan, **f64)
+        self.omax, self.oidx = torch.full((n,), -math.inf, **f64), torch.full((n,), -1, dtype=torch.int64)
+        self.amax, self.nan = torch.zeros(n, **f64), torch.zeros(n, dtype=torch.bool)
+
+    def add(self, L, c0: int) -> None:
+        """Fold the logits ``L`` ``[n, m]`` of columns c0:c0+m in (L is written: its own token masked)."""
+        import torch
+
+        lo, hi = torch.aminmax(L, dim=1)
+        self.amax = torch.maximum(self.amax, torch.maximum(-lo.double().cpu(), hi.double().cpu()))
+        self.nan |= torch.isnan(hi).cpu() | torch.isnan(lo).cpu()
+        inside = ((self.ts >= c0) & (self.ts < c0 + L.shape[1])).nonzero().squeeze(1)
+        if inside.numel():
+            r, c = inside.to(L.device), (self.ts[inside] - c0).to(L.device)
+            self.self_v[inside] = L[r, c].double().cpu()
+            L[r, c] = -math.inf
+        v, i = L.max(dim=1)  # the first index of the maximum within the tile
+        v, i = v.double().cpu(), i.cpu() + c0
+        better = v > self.omax  # strictly: on a tie the earlier tile's (smaller) index stays
+        self.omax, self.oidx = torch.where(better, v, self.omax), torch.where(better, i, self.oidx)
+
+    def checks(self, fin: float) -> list[dict]:
+        """np.argmax's answer (first index of the row maximum), the margin and resolution, the status."""
+        import torch
+
+        t, sv, om = self.ts, self.self_v, self.omax
+        argmax = torch.where((sv > om) | ((sv == om) & (t < self.oidx)) | (self.oidx < 0), t, self.oidx)
+        margin = sv - om
+        margin[self.nan] = math.nan
+        res = 2.0 * fin * self.amax
+        return [{"status": "ok" if int(a) == int(tt) and math.isfinite(mg) and mg > rs else "fragile",
+                 "argmax": int(a), "margin": float(mg), "resolution": float(rs)}
+                for a, tt, mg, rs in zip(argmax.tolist(), t.tolist(), margin.tolist(), res.tolist())]
 
 
 def check_witnesses(head, tokens, X) -> list[dict]:
     """For each (token, witness x): the model's argmax, margin and resolution at ``h(x)``, and the status.
+
+    The logits are reduced as they are made, never held whole: per block of witnesses, the model's own
+    unembedding module called whole (model objects), or the dequantized head in column tiles (GGUF).
 
     Returns:
         one dict per token: ``{"status": "ok"|"fragile", "argmax": int, "margin": float, "resolution": float}``.
@@ -96,25 +160,19 @@ def check_witnesses(head, tokens, X) -> list[dict]:
     if tokens.size == 0:
         return []
     H = hidden_states(X, head.model.get("eps"))
-    out = []
-    for b0 in range(0, tokens.size, 256):  # a few [256, V] logit blocks at a time
-        L = model_logits(head, H[b0:b0 + 256])
-        fin = torch.finfo(L.dtype).eps
-        out.extend(_row_checks(L.double().cpu().numpy(), tokens[b0:b0 + 256], fin))
+    V, out = head.d_vocab, []
+    with torch.no_grad():
+        y, unembed, whole = _normed(head, H)
+        rb = 256 if whole else ROW_BLOCK  # a module called whole makes [rb, V] logits at once
+        for b0 in range(0, tokens.size, rb):
+            st = _RowStats(torch.from_numpy(tokens[b0:b0 + rb]))
+            for c0 in range(0, V, V if whole else COL_BLOCK):
+                L = unembed(y[b0:b0 + rb], c0, min(V, c0 + COL_BLOCK))
+                if c0 == 0:
+                    fin = torch.finfo(L.dtype).eps
+                st.add(L, c0)
+            out.extend(st.checks(fin))
     return out
-
-
-def _row_checks(L64: np.ndarray, ts: np.ndarray, fin: float) -> list[dict]:
-    """Per row k of the model's logits: argmax, margin of ``ts[k]`` over the others, resolution, status."""
-    ar = np.arange(ts.size)
-    self_v = L64[ar, ts].copy()
-    argmax = np.argmax(L64, axis=1)
-    res = 2.0 * fin * np.max(np.abs(L64), axis=1)
-    L64[ar, ts] = -np.inf  # the others' best (the logits are a fresh float64 copy)
-    margin = self_v - L64.max(axis=1)
-    return [{"status": "ok" if int(argmax[k]) == int(t) and math.isfinite(margin[k]) and margin[k] > res[k]
-             else "fragile", "argmax": int(argmax[k]), "margin": float(margin[k]), "resolution": float(res[k])}
-            for k, t in enumerate(ts)]
 
 
 def annotate(report, head, problem) -> int:

@@ -2,6 +2,7 @@
 witnesses checked against the model's own final norm + unembedding (engine.modelcheck)."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -282,3 +283,74 @@ def test_directory_with_a_tokenizer_keeps_raw_and_decoded_texts(tmp_path):
     assert head.text_scheme == "bytelevel"
     rep = enrich(scan_head(head, device="cpu", backend="torch"), head)
     assert all(t.token == head.tokens[t.id] for t in rep.tokens)
+
+
+def _checks_oracle(L64: np.ndarray, ts: np.ndarray, fin: float) -> list[dict]:
+    """The model check of whole float64 logit rows, as numpy states it: np.argmax (first index of the
+    maximum), margin over every other token, resolution two ulps of the largest magnitude."""
+    out = []
+    for row, t in zip(L64, ts):
+        others = np.delete(row, t)
+        margin = row[t] - (others.max() if others.size else -np.inf)
+        res = 2.0 * fin * np.max(np.abs(row))
+        a = int(np.argmax(row))
+        out.append({"status": "ok" if a == t and np.isfinite(margin) and margin > res else "fragile",
+                    "argmax": a, "margin": float(margin), "resolution": float(res)})
+    return out
+
+
+@pytest.mark.parametrize("cols", [1, 3, 7, 50])
+def test_tiled_reduction_equals_whole_rows(cols):
+    """engine.modelcheck reduces each witness's logits tile by tile; the answer equals the whole row's:
+    ties among the others keep the first index, a tie with the token itself goes to the smaller index
+    (np.argmax), across tile edges, with a NaN row and an infinite logit."""
+    from engine.modelcheck import _RowStats
+
+    rng = np.random.default_rng(cols)
+    n, V = 12, 50
+    L = rng.integers(-4, 5, size=(n, V)).astype(np.float32)  # small integers: many exact ties
+    ts = rng.integers(0, V, size=n)
+    ts[0], ts[1] = 0, V - 1
+    L[2, :] = 1.0; ts[2] = 30  # every logit tied: argmax 0, margin 0
+    L[3, 10] = L[3, 40] = 9.0; ts[3] = 40  # a tie of the token (40) with an earlier one (10): argmax 10
+    L[4, 10] = L[4, 40] = 9.0; ts[4] = 10  # ... and with a later one: argmax 10 = the token, margin 0
+    L[5, 33] = np.inf
+    L[6, 7] = np.nan
+    st = _RowStats(torch.from_numpy(ts))
+    for c0 in range(0, V, cols):
+        st.add(torch.from_numpy(L[:, c0:c0 + cols].copy()), c0)
+    fin = float(np.finfo(np.float32).eps)
+    got, want = st.checks(fin), _checks_oracle(L.astype(np.float64), ts, fin)
+    for k, (g, w) in enumerate(zip(got, want)):
+        if k == 6:  # a NaN logit: fragile with a NaN margin (np.argmax would name the NaN's column)
+            assert g["status"] == "fragile" and math.isnan(g["margin"])
+            continue
+        assert g == w or (g["status"] == w["status"] and g["argmax"] == w["argmax"]
+                          and all(g[f] == w[f] or (math.isnan(g[f]) and math.isnan(w[f])) for f in ("margin", "resolution"))), (k, g, w)
+    assert got[2]["argmax"] == 0 and got[3]["argmax"] == 10 and got[4]["argmax"] == 10 and got[4]["margin"] == 0.0
+
+
+def test_gguf_head_check_in_column_tiles_equals_the_whole_logits(monkeypatch):
+    """A GGUF-style head (our torch norm and unembedding, float32): the tiled check gives the argmax and
+    status of the whole logits, and margins equal to float32 rounding (the tiles' GEMMs may sum in
+    another order)."""
+    import engine.modelcheck as mc
+    from engine.head import head_from_arrays
+
+    rng = np.random.default_rng(3)
+    d, V, n = 16, 300, 40
+    head = head_from_arrays(rng.standard_normal((d, V)).astype(np.float32), rng.standard_normal(V).astype(np.float32),
+                            rng.uniform(0.5, 1.5, d).astype(np.float32), None, "rmsnorm")
+    head.model = {"kind": "gguf", "dtype": "float32", "eps": 1e-6}
+    X = rng.standard_normal((n, d))
+    X *= (np.sqrt(d) * 0.99 / np.linalg.norm(X, axis=1))[:, None]
+    ts = rng.integers(0, V, size=n)
+    L = mc.model_logits(head, hidden_states(X, 1e-6)).double().numpy()
+    ts[: n // 2] = L[: n // 2].argmax(axis=1)  # half of them the model's argmax: "ok" rows to compare too
+    monkeypatch.setattr(mc, "COL_BLOCK", 37)
+    monkeypatch.setattr(mc, "ROW_BLOCK", 16)
+    got = check_witnesses(head, ts, X)
+    want = _checks_oracle(L, ts, float(np.finfo(np.float32).eps))
+    assert [g["argmax"] for g in got] == [w["argmax"] for w in want]
+    assert [g["status"] for g in got] == [w["status"] for w in want] and {g["status"] for g in got} == {"ok", "fragile"}
+    np.testing.assert_allclose([g["margin"] for g in got], [w["margin"] for w in want], rtol=1e-5, atol=1e-4)
