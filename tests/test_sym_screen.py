@@ -274,6 +274,10 @@ def test_tiny_vocabularies(V):
     for convention in ("uncentred", "centred"):
         args = screen_inputs(u, b, "rmsnorm", convention)
         assert_same(sym_screen(*args, block=2), sym_screen_reference(*args))
+        args, other = with_other(u, b, "layernorm", convention)
+        res, ref = sym_screen(*args, block=2, other=other), sym_screen_reference(*args, other=other)
+        assert_same(res, ref)
+        assert_other_same(res, ref)
 
 
 def test_validation():
@@ -484,3 +488,19 @@ def test_sym_kernel_compiles_without_spills():
     assert proc.returncode == 0, proc.stderr[-4000:]
     (r,) = json.loads(proc.stdout)
     assert r["spills_bytes"] == 0 and 0 < r["registers"] <= 255 and r["wgmma"], r
+
+
+@pytest.mark.parametrize("offset", [1e18, 1e-18])
+def test_other_convention_out_of_float32_range(offset):
+    """Keys of ordinary size, but uncentred rows with a shared offset that overflows float32 products (or
+    rows so small their products underflow): the other convention's rows are recomputed in float64 and
+    its answer is still the float64 one."""
+    u, b = head(130, 33, seed=12, mean=0.0)
+    u = u * (1.0 if offset > 1 else offset) + (offset if offset > 1 else 0.0) * torch.linspace(1, 2, 33, dtype=torch.float64)
+    for domain in ("layernorm", "rmsnorm"):
+        args, other = with_other(u, b, domain, "centred")
+        res = sym_screen(*args, block=32, other=other)
+        ref = sym_screen_reference(*args, other=other)
+        assert_other_same(res, ref)
+        if offset > 1:
+            assert res.stats.other_recomputed > 0
