@@ -36,6 +36,7 @@ class SearchOptions:
     add: int = 16  # new competitors per pricing round
     rounds: int = 8  # pricing rounds
     inner: int = 30  # pairwise FW steps per round
+    hubs: int = 16  # of the first active set: the rows with the largest reach anywhere in the domain
     rel_tol: float = 1e-7  # a bound this far past 0 (relative to the logits' size) ends a token's search
 
 
@@ -53,6 +54,7 @@ class _Setup:
     add: int
     tol: float
     gemm_threads: int  # the caller's torch threads, for the pricing GEMM
+    hubs: torch.Tensor  # [h + 1] ids of the largest reach sup_X l_j(x), largest first (h + 1: one may be the token)
 
 
 @dataclass
@@ -96,11 +98,14 @@ def _setup(problem, keys32, opt: SearchOptions) -> _Setup:
     keys32 = keys64.to(torch.float32) if keys32 is None else keys32
     bias64 = torch.from_numpy(problem.bias)  # zeros in the cone
     # in row chunks: a projection of all V keys at once would be a transient V × d float64 copy
-    size = max(float(dom.logit_size(problem.keys[r0: r0 + 8192]).max()) for r0 in range(0, problem.V, 8192))
-    size += float(bias64.abs().max()) + 1e-300
+    reach = np.concatenate([dom.support(problem.keys[r0: r0 + 8192]) for r0 in range(0, problem.V, 8192)])
+    size = float(np.abs(reach).max()) + float(bias64.abs().max()) + 1e-300
     K = min(opt.active, problem.V - 1)
+    h = max(0, min(opt.hubs, K // 4))
+    with np.errstate(invalid="ignore"):
+        hubs = np.argsort(-(reach + problem.bias), kind="stable")[: h + 1] if h else np.zeros(0, dtype=np.int64)
     return _Setup(dom, problem.domain.bounded, keys64, keys32, bias64, bias64.to(torch.float32), K,
-                  min(opt.add, K), opt.rel_tol * size, torch.get_num_threads())
+                  min(opt.add, K), opt.rel_tol * size, torch.get_num_threads(), torch.from_numpy(hubs))
 
 
 def _search_batch(problem, st: _Setup, toks: np.ndarray, opt: SearchOptions) -> list[Candidate]:
@@ -167,12 +172,23 @@ def _price(st: _Setup, s: _State, act: torch.Tensor, kk: int) -> torch.Tensor:
 
 
 def _active_set(st: _Setup, s: _State, act, cand, first: bool):
-    """Heaviest current atoms, then the new threats (duplicates are harmless)."""
+    """Heaviest current atoms, then the new threats (duplicates are harmless). The first set is the
+    threats at the screen point and the hubs: rows whose logit can be large anywhere in the domain. The
+    threats alone are local to the screen point: the first FW point moves away from it, where a hub
+    (measured on SmolLM2: a few tokens of the largest norm) beat nearly every first point by tens of
+    logits, and the search took one pricing pass more per token to learn so."""
     n = act.numel()
     if first:
         lam = torch.zeros((n, st.K), dtype=torch.float64)
         lam[:, 0] = 1.0
-        return cand, lam
+        h = st.hubs.numel() - 1
+        if h <= 0:
+            return cand, lam
+        hub = st.hubs[None, :].expand(n, -1)
+        mine = hub == s.T[act][:, None]  # the token itself is no competitor: drop it, else the last hub
+        keep = ~mine
+        keep[:, -1] &= mine.any(1)
+        return torch.cat([cand[:, : st.K - h], hub[keep].view(n, h)], 1), lam
     S, lam = s.S[act], s.lam[act]
     order = torch.argsort(-lam, dim=1, stable=True)[:, : st.K - st.add]
     S = torch.cat([torch.gather(S, 1, order), cand], dim=1)

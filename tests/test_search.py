@@ -38,3 +38,40 @@ def test_search_cone_finds_vertex_witnesses_only(random_problem, full_lp_margin)
         if c.witness is not None and ver.witness(c.token, c.witness).ok:
             lo, _ = full_lp_margin(p.keys, p.bias, c.token, "cone", None)
             assert lo > 0
+
+
+@pytest.mark.parametrize("domain", ["rmsnorm", "layernorm", "box", "cone"])
+def test_first_active_set_holds_the_hubs_never_the_token(domain, random_problem, monkeypatch):
+    """The first active set: the screen point's threats plus the rows of largest reach sup_X l_j(x)
+    (computed here independently per domain), the token itself never among them, hubs included."""
+    import engine.search as es
+
+    p = random_problem(300, 6, 3, domain)
+    keys, bias = p.keys, p.bias
+    if domain == "box":
+        reach = p.radius * np.abs(keys).sum(1) + bias
+    elif domain == "cone":  # the search's surrogate: the unit ball, no bias
+        reach = np.linalg.norm(keys, axis=1)
+    else:
+        k = keys - keys.mean(1, keepdims=True) if domain == "layernorm" else keys
+        reach = p.radius * np.linalg.norm(k, axis=1) + bias
+    top = np.argsort(-reach, kind="stable")
+    opt = SearchOptions(hubs=8)
+    st = es._setup(p, None, opt)
+    assert list(st.hubs.numpy()) == list(top[:9])
+    seen = {}
+    real = es._active_set
+
+    def spy(st_, s, act, cand, first):
+        S, lam = real(st_, s, act, cand, first)
+        if first:
+            for i, t in enumerate(s.T[act].tolist()):
+                seen[t] = set(S[i].tolist())
+        return S, lam
+    monkeypatch.setattr(es, "_active_set", spy)
+    toks = np.r_[top[:3], top[8], np.arange(20)]  # hubs themselves, the last hub, ordinary tokens
+    search(p, toks, options=opt)
+    assert set(seen) == set(toks.tolist())
+    for t, S in seen.items():
+        assert t not in S
+        assert set(top[:9].tolist()) - {t} <= S or (t not in top[:9] and set(top[:8].tolist()) <= S)
