@@ -177,6 +177,16 @@ def _enrich(report, head, **kw):
         return enrich(report, head, **kw)
 
 
+def time_line(timings: dict, enrich_s: float, write_s: float) -> str:
+    """Where a scan command's time went, every part timed on its own: the engine's stages (which add up
+    to its total, the checkpoint's appends included), the enrichment after it (raw tokens, the other gram
+    count, the model check) and the console table plus the files written."""
+    stages = ", ".join(f"{k} {timings.get(k, 0.0):.1f} s" for k in ("load", "screen", "search", "decide", "verify"))
+    total = timings.get("total", 0.0)
+    return (f"time: {stages} (engine {total:.1f} s); enrich {enrich_s:.1f} s; table and files {write_s:.1f} s; "
+            f"{total + enrich_s + write_s:.1f} s in all")
+
+
 def _print(report) -> None:
     from engine.report import print_console
 
@@ -301,14 +311,17 @@ class Scan:
                 print(f"unspeakable: interrupted; decided tokens are kept in {checkpoint}: "
                       f"rerun with --resume to continue", file=sys.stderr)
             raise
+        t0 = time.perf_counter()
         _enrich(report, head, domain=self.domain, radius=self.radius, bias=self.bias, backend=self.backend,
                 device=self.device)
+        t1 = time.perf_counter()
         _warn(report.warnings)
         _print(report)
         _write_reports(report, out, csv, plot, html)
         # Only now is the progress safe to drop: a failed report write leaves OUT.partial for --resume.
         if checkpoint and os.path.exists(checkpoint):
             os.remove(checkpoint)
+        print(f"unspeakable: {time_line(report.timings_s, t1 - t0, time.perf_counter() - t1)}", file=sys.stderr)
         return report
 
     def _run_many(self, sources: list[str]) -> int:

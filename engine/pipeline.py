@@ -139,7 +139,8 @@ def scan_head(head: Head, **options) -> ScanReport:
     _settle_screen_witnesses(sc)
     _restore(sc)
     todo = sc.ledger.open_ids()
-    work, lift = _working_problem(sc)
+    with sc.timed("search"):  # the cone of a constant-bias head is built here
+        work, lift = _working_problem(sc)
     if sc.opt.cluster is not None:  # what comes back is verified and recorded here; failed tasks' tokens stay
         todo = sc.opt.cluster.open_tokens(sc, work, lift, todo)
     still_open = _search_stage(sc, work, lift, todo)
@@ -221,16 +222,18 @@ def find_ties(problem) -> dict[int, list[int]]:
 
 
 def _settle_ties(sc: _Scan) -> None:
-    ties = find_ties(sc.problem)
-    reports = []
-    for t in sc.ledger.ids:
-        j = next((j for j in ties.get(int(t), ()) if sc.verifier.tie(int(t), j)), None)
-        if j is not None:
-            r = sc.base(int(t))
-            r.verdict, r.reason, r.margin_upper = "unspeakable", "tie", 0.0
-            r.certificate = {"kind": "tie", "tie_with": j}
-            reports.append(r)
-    sc.ledger.record(reports, persist=False)
+    with sc.timed("screen"):  # finding candidate pairs is a screen; proving them, verification
+        ties = find_ties(sc.problem)
+    with sc.timed("verify"):
+        reports = []
+        for t in sc.ledger.ids:
+            j = next((j for j in ties.get(int(t), ()) if sc.verifier.tie(int(t), j)), None)
+            if j is not None:
+                r = sc.base(int(t))
+                r.verdict, r.reason, r.margin_upper = "unspeakable", "tie", 0.0
+                r.certificate = {"kind": "tie", "tie_with": j}
+                reports.append(r)
+        sc.ledger.record(reports, persist=False)
 
 
 def _settle_screen_witnesses(sc: _Scan) -> None:
@@ -240,14 +243,14 @@ def _settle_screen_witnesses(sc: _Scan) -> None:
         win = np.array([t for t in led.ids if not led.settled(t) and w.margin[led.pos[int(t)]] > 0], dtype=np.int64)
         # the points come in chunks: all V of them at once would be another V × d float64 array or three
         checks = sc.verifier.self_witnesses(win, lambda ids: witness_points(sc.problem, ids))
-    for t, c in zip(win, checks):
-        if not c.ok:
-            continue
-        i = led.pos[int(t)]
-        r = sc.base(int(t))
-        r.verdict, r.reason, r.margin_lower = "speakable", "witness (screen)", sc.problem.report_margin(c.margin)
-        r.certificate = {"kind": "witness", "x": "self-direction", "runner_up": int(w.runner_up[i])}
-        led.record([r], persist=False, listed=bool(sc.gram.hard_to_speak[i]))
+        for t, c in zip(win, checks):
+            if not c.ok:
+                continue
+            i = led.pos[int(t)]
+            r = sc.base(int(t))
+            r.verdict, r.reason, r.margin_lower = "speakable", "witness (screen)", sc.problem.report_margin(c.margin)
+            r.certificate = {"kind": "witness", "x": "self-direction", "runner_up": int(w.runner_up[i])}
+            led.record([r], persist=False, listed=bool(sc.gram.hard_to_speak[i]))
     _log(sc, f"witness screen settled {int((led.verdict == 1).sum())}; {led.open_ids().size} open")
 
 
@@ -313,7 +316,8 @@ def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple]:
     """Batched search over the open tokens; settled ones are recorded, the rest returned for the LP with
     their verified (undecided) result."""
     still_open: list[tuple] = []
-    keys32 = torch.from_numpy(work.keys).to(torch.float32)
+    with sc.timed("search"):
+        keys32 = torch.from_numpy(work.keys).to(torch.float32)
     with _Bar(sc, "search", todo.size) as bar:
         for b0 in range(0, todo.size, 256):
             _search_chunk(sc, work, lift, todo[b0: b0 + 256], keys32, still_open)
@@ -325,7 +329,9 @@ def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple]:
 def _search_chunk(sc: _Scan, work, lift, chunk: np.ndarray, keys32, still_open: list) -> None:
     with sc.timed("search"):
         cands = [lift(c) for c in search(work, chunk, keys32=keys32)]
-    still_open.extend(_record_search(sc, cands, _verdicts(sc, cands)))
+    results = _verdicts(sc, cands)  # timed as verification
+    with sc.timed("search"):  # recording, the checkpoint's append included
+        still_open.extend(_record_search(sc, cands, results))
 
 
 def _record_search(sc: _Scan, cands: list, results: list) -> list[tuple]:
@@ -345,7 +351,8 @@ def _decide_stage(sc: _Scan, work, lift, still_open: list[tuple]) -> None:
     """LP stage for what the search left: first stop at the first proven sign (the verdict needs no more);
     where verification cannot confirm it (a margin inside the rounding allowance), solve to the exact
     optimum once more. Only verified bounds are reported; undecided tokens keep the best of every stage."""
-    st = _DecideState(Pricer(work))
+    with sc.timed("decide"):
+        st = _DecideState(Pricer(work))
     for cand, res in still_open:
         st.enter(cand, res)
     pending = [c.token for c, _ in still_open]
@@ -377,7 +384,9 @@ def _decide_chunk(sc: _Scan, work, lift, chunk: list, stop_at_sign: bool, st: _D
     with sc.timed("decide"):
         cands = [lift(c) for c in decide_many(work, chunk, st.comps, pricer=st.pricer, workers=sc.opt.workers,
                                               **decide_pass_options(stop_at_sign, sc.opt.decide_time_limit))]
-    _record_decide(sc, chunk, cands, _verdicts(sc, cands), stop_at_sign, st)
+    results = _verdicts(sc, cands)  # timed as verification
+    with sc.timed("decide"):  # recording, the checkpoint's append included
+        _record_decide(sc, chunk, cands, results, stop_at_sign, st)
 
 
 def _record_decide(sc: _Scan, chunk: list, cands: list, results: list, stop_at_sign: bool, st: _DecideState) -> list:

@@ -74,8 +74,11 @@ def test_quick_run_has_every_provider_and_finite_ratios(tmp_path, capsys):
     for p in ("screens (ours)", "whole scan (ours)", "faiss", "seed gram", "Grivas-style"):
         ratio = re.search(r"\| ([0-9.]+)× ", rows[p])
         assert ratio and math.isfinite(float(ratio.group(1))) and float(ratio.group(1)) > 0, rows[p]
-    for stage in ("load", "screen", "search", "decide", "verify", "engine total"):
+    for stage in ("load", "screen", "search", "decide", "verify", "engine total",
+                  "enrichment: raw tokens, other gram count, model check", "console table and report files"):
         assert f"| {stage} |" in out
+    rest = re.search(r"\| start-up \(imports\) and exit: whole − everything timed \| (-?[0-9.]+) \|", out)
+    assert rest and float(rest.group(1)) >= 0  # the command's timers never claim more than its wall time
     assert "Extrapolation: T(V)" in out
 
 

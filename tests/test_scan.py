@@ -6,6 +6,7 @@ against the same clean report and resumes from the same checkpoint text, written
 """
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -140,3 +141,49 @@ def test_both_gram_counts_equal_the_float64_oracle(norm, domain, gram_center, on
     assert {k: rep.gram[k] for k in want} == want
     assert want["hard_to_speak_centred"] != want["hard_to_speak_uncentred"]  # the conventions really differ
     assert rep.counts["hard_to_speak"] == want["hard_to_speak_centred" if gram_center else "hard_to_speak_uncentred"]
+
+
+STAGES = ("load", "screen", "search", "decide", "verify")
+
+
+def _assert_adds_up(timings):
+    parts = sum(timings[k] for k in STAGES)
+    assert all(timings[k] >= 0 for k in STAGES)
+    assert abs(timings["total"] - parts) <= 0.02 * timings["total"] + 0.02, (timings, parts)
+
+
+@pytest.mark.parametrize("domain", ["box", "layernorm", "cone"])
+def test_stage_times_add_up_to_the_total(head, clean, domain, tmp_path, monkeypatch):
+    """Every part of a scan is inside one stage's timer (ties, recording and the checkpoint's appends
+    included): the five stages add up to the total, with a checkpoint, and slowed-down appends land in a
+    stage rather than in the gap."""
+    rep = clean if domain == "box" else es.scan_head(head, domain=domain, device="cpu", backend="torch")
+    _assert_adds_up(rep.timings_s)
+    real = Ledger.record
+
+    def slow_record(self, reports, **k):
+        if reports and k.get("persist", True):
+            time.sleep(0.05)
+        return real(self, reports, **k)
+    monkeypatch.setattr(Ledger, "record", slow_record)
+    rep = es.scan_head(head, domain=domain, device="cpu", backend="torch", checkpoint=str(tmp_path / "r.partial"))
+    _assert_adds_up(rep.timings_s)
+
+
+def test_cli_prints_where_the_time_went(tmp_path, capsys):
+    """After the files are written, one stderr line accounts for the whole command: the engine's stages
+    (adding up to the engine's total), the enrichment and the table and files, adding up to the sum."""
+    import re
+
+    from engine.cli import main
+
+    assert main(["scan", "synthetic:V=300,d=8,seed=1", "--device", "cpu", "--out", str(tmp_path / "r.json")]) == 0
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("unspeakable: time:")]
+    assert len(line) == 1
+    nums = {k: float(v) for k, v in re.findall(r"(load|screen|search|decide|verify|engine|enrich|files) ([0-9.]+) s",
+                                                line[0])}
+    nums["all"] = float(re.search(r"([0-9.]+) s in all$", line[0]).group(1))
+    assert set(nums) == {*STAGES, "engine", "enrich", "files", "all"}
+    assert abs(sum(nums[k] for k in STAGES) - nums["engine"]) <= 0.05 * nums["engine"] + 0.3  # one decimal each
+    assert abs(nums["engine"] + nums["enrich"] + nums["files"] - nums["all"]) <= 0.15
+    assert json.loads((tmp_path / "r.json").read_text())["timings_s"]["total"] == pytest.approx(nums["engine"], abs=0.05)
