@@ -49,10 +49,10 @@ COL_BLOCK = 2048  # vocabulary columns per tile: a 1024 x 2048 float32 tile (8 M
 
 
 def _normed(head, H: np.ndarray):
-    """The model's final norm applied to hidden states H ``[n, d]`` in the model's dtype: ``(y, unembed)``
-    where ``unembed(y, c0, c1)`` gives the logits of vocabulary columns c0:c1 (a torch tensor, a fresh
-    one the caller may write), and None for c1 when the unembedding is a module of the model's own that
-    is called whole."""
+    """The model's final norm applied to hidden states H ``[n, d]`` in the model's dtype: ``(y, unembed,
+    whole)``. ``unembed(y_rows, c0, c1)`` gives the logits of vocabulary columns c0:c1 as a fresh torch
+    tensor the caller may write; ``whole``: the unembedding is the model's own module, which gives all V
+    columns at once (c0, c1 ignored)."""
     import torch
 
     m = head.model
@@ -107,12 +107,11 @@ class _RowStats:
     def __init__(self, ts):
         import torch
 
-        n = ts.numel()
-        f64 = dict(dtype=torch.float64)
-        self.ts, self.rows = ts, torch.arange(n)
-        self.self_v = torch.full((n,), math.nan, **f64)
-        self.omax, self.oidx = torch.full((n,), -math.inf, **f64), torch.full((n,), -1, dtype=torch.int64)
-        self.amax, self.nan = torch.zeros(n, **f64), torch.zeros(n, dtype=torch.bool)
+        n, f64 = ts.numel(), torch.float64
+        self.ts = ts
+        self.self_v = torch.full((n,), math.nan, dtype=f64)
+        self.omax, self.oidx = torch.full((n,), -math.inf, dtype=f64), torch.full((n,), -1, dtype=torch.int64)
+        self.amax, self.nan = torch.zeros(n, dtype=f64), torch.zeros(n, dtype=torch.bool)
 
     def add(self, L, c0: int) -> None:
         """Fold the logits ``L`` ``[n, m]`` of columns c0:c0+m in (L is written: its own token masked)."""
