@@ -559,7 +559,7 @@ def fold(head: Head, domain: str | None = None, radius: float | None = None, bia
         if head.ln_b is not None:
             b = b + rows @ np.asarray(head.ln_b, dtype=np.float64)  # b̃_j = u_j·β + b_j, before the gain
         if head.ln_w is not None:
-            rows = rows * np.asarray(head.ln_w, dtype=np.float64)
+            rows *= np.asarray(head.ln_w, dtype=np.float64)  # in place: rows is this function's own copy
     bias_used = bool(bias) and dom.bounded
     if not bias_used:
         b = np.zeros(V)
@@ -600,6 +600,9 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
 
 
 def _check_folded(rows: np.ndarray, bias: np.ndarray, source: str) -> None:
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(rows.sum()) and np.isfinite(bias.sum()):  # inf and NaN propagate into a sum
+            return
     bad = np.nonzero(~np.isfinite(rows).all(axis=1) | ~np.isfinite(bias))[0]
     if bad.size:
         raise InputError(f"{source or '<arrays>'}: folding the final norm overflows float64 at token ids "
@@ -611,7 +614,9 @@ def _scale_exponents(rows, bias, domain) -> tuple[int, int]:
     binary exponents of the radius and of the largest entry of ``rows·2^e_x`` and ``bias``. (A wide range
     inside the rows cannot be scaled away; the verifier's underflow allowances cover it.)"""
     e_x = math.frexp(domain.radius)[1] if domain.radius is not None else 0
-    mr, mb = float(np.max(np.abs(rows), initial=0.0)), float(np.max(np.abs(bias), initial=0.0))
+    # the largest magnitude without an |rows| copy: max and -min, two reductions
+    mr = max(float(rows.max(initial=0.0)), -float(rows.min(initial=0.0)))
+    mb = float(np.max(np.abs(bias), initial=0.0))
     exps = ([math.frexp(mr)[1] + e_x] if mr > 0 else []) + ([math.frexp(mb)[1]] if mb > 0 else [])
     e = max(exps, default=0)
     comfortable = abs(e_x) <= _SAFE_EXPONENT and abs(e) <= _SAFE_EXPONENT
