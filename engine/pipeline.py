@@ -18,7 +18,6 @@ certificates prove "margin exactly 0".
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -198,27 +197,50 @@ def _shared_rows(rows: np.ndarray, problem) -> np.ndarray:
 
 def find_ties(problem) -> dict[int, list[int]]:
     """token -> candidate partners with an identical folded row and bias, by value (``+ 0.0`` turns -0.0
-    into 0.0 before bytes are hashed). Where the domain has null directions (layernorm), rows are also
-    compared after the projection on a coarse grid (two offsets, so no pair straddles a cell edge). Every
-    candidate is proven or rejected exactly by ``Verifier.tie``. Rows are hashed in chunks: O(V) memory."""
+    into 0.0 before the bits are fingerprinted). Where the domain has null directions (layernorm), rows are
+    also compared after the projection on a coarse grid (two offsets, so no pair straddles a cell edge).
+    Every candidate is proven or rejected exactly by ``Verifier.tie`` (a fingerprint collision costs one
+    rejected check, never a verdict). Rows are fingerprinted in chunks: O(V) memory."""
     keys = [lambda r0, r1: np.hstack([problem.rows[r0:r1], problem.bias[r0:r1, None]]) + 0.0]
     if problem.domain.null_directions(problem.d).shape[1]:
         g = 1e-9 * (float(np.max(np.abs(problem.keys))) + 1e-300)
         for off in (0.0, 0.5):
             keys.append(lambda r0, r1, off=off: np.floor(np.hstack([problem.keys[r0:r1], problem.bias[r0:r1, None]])
-                                                         / g + off))
+                                                         / g + off) + 0.0)
+    mult = _fingerprint_multipliers(problem.d + 1)
     ties: dict[int, list[int]] = {}
     for key in keys:
-        groups: dict[bytes, list[int]] = {}
+        fps = np.empty((problem.V, 2), dtype=np.uint64)
         for r0 in range(0, problem.V, 4096):
             with np.errstate(over="ignore", invalid="ignore"):
-                block = np.ascontiguousarray(key(r0, min(problem.V, r0 + 4096)))
-            for i, row in enumerate(block):
-                groups.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), []).append(r0 + i)
-        for members in groups.values():
-            for t in members if len(members) > 1 else ():  # a few partners each: one verified partner suffices
+                block = np.ascontiguousarray(key(r0, min(problem.V, r0 + 4096)), dtype=np.float64)
+            fps[r0: r0 + block.shape[0]] = _fingerprint(block, mult)
+        _, group, count = np.unique(fps, axis=0, return_inverse=True, return_counts=True)
+        shared = np.nonzero(count[group.ravel()] > 1)[0]  # rows whose fingerprint another row shares
+        shared = shared[np.argsort(group.ravel()[shared], kind="stable")]  # by group, ids ascending within
+        for members in np.split(shared, np.nonzero(np.diff(group.ravel()[shared]))[0] + 1) if shared.size else ():
+            members = members.tolist()
+            for t in members:  # a few partners each: one verified partner suffices
                 ties.setdefault(t, []).extend(m for m in members[:9] if m != t)
     return ties
+
+
+def _fingerprint_multipliers(n: int) -> np.ndarray:
+    """Two rows of ``n`` fixed random odd 64-bit multipliers (a 128-bit fingerprint of a row's bits)."""
+    return np.random.default_rng(0x5EED7135).integers(0, 2**64, size=(2, n), dtype=np.uint64) | np.uint64(1)
+
+
+def _fingerprint(block: np.ndarray, mult: np.ndarray) -> np.ndarray:
+    """Per row, ``[sum_i m_i * y_i for m in mult]`` modulo 2**64, ``y = bits ^ (bits >> 32)`` of each
+    float64: equal rows (bit for bit) give equal values. The fold matters: small integers and other short
+    mantissas have their low 48 bits all zero, and a product by an odd multiplier only carries bits
+    upwards, so without it such rows would be told apart by 16 bits. Two different rows collide with
+    probability ``2**(v - 64)`` per multiplier row, ``v`` the lowest bit in which their folded words
+    differ (below 32 unless both halves of the two floats differ in the same bits); a collision only costs
+    one rejected ``Verifier.tie`` check."""
+    w = block.view(np.uint64)
+    y = w ^ (w >> np.uint64(32))
+    return np.stack([(y * m).sum(axis=1, dtype=np.uint64) for m in mult], axis=1)
 
 
 def _settle_ties(sc: _Scan) -> None:

@@ -187,3 +187,36 @@ def test_cli_prints_where_the_time_went(tmp_path, capsys):
     assert abs(sum(nums[k] for k in STAGES) - nums["engine"]) <= 0.05 * nums["engine"] + 0.3  # one decimal each
     assert abs(nums["engine"] + nums["enrich"] + nums["files"] - nums["all"]) <= 0.15
     assert json.loads((tmp_path / "r.json").read_text())["timings_s"]["total"] == pytest.approx(nums["engine"], abs=0.05)
+
+
+@pytest.mark.parametrize("domain", ["layernorm", "rmsnorm", "box", "cone"])
+def test_find_ties_against_brute_force(domain):
+    """Tie candidates: every pair of rows equal by value (±0.0 alike) with equal bias, and in layernorm
+    also rows equal up to a multiple of the ones vector (a null direction); each such pair found both
+    ways, in ascending partner order, and nothing else (compared with an all-pairs check)."""
+    from engine.loader import problem_from_rows
+    from engine.pipeline import find_ties
+
+    rng = np.random.default_rng(7)
+    V, d = 600, 9
+    rows = rng.integers(-3, 4, size=(V, d)).astype(np.float64)
+    b = rng.integers(-2, 3, size=V).astype(np.float64)
+    for a, c in ((5, 6), (5, 300), (40, 41), (599, 0)):
+        rows[c], b[c] = rows[a], b[a]
+    rows[70], rows[71], b[70], b[71] = 0.0, -0.0, 1.0, 1.0
+    rows[72] = np.where(rows[72] == 0, -0.0, rows[72])
+    rows[73], b[73] = np.where(rows[72] == 0, 0.0, rows[72]), b[72]
+    rows[80], b[80] = rows[81] + 2.0, b[81]  # equal after the layernorm projection only
+    p = problem_from_rows(rows, b, domain)
+    ties = find_ties(p)
+    proj = p.domain.null_directions(p.d).shape[1] > 0
+    want = {}
+    for t in range(V):
+        for j in range(V):
+            same = np.array_equal(p.rows[t], p.rows[j]) and p.bias[t] == p.bias[j]
+            if proj:
+                same |= np.allclose(p.keys[t], p.keys[j], rtol=0, atol=1e-12) and p.bias[t] == p.bias[j]
+            if j != t and same:
+                want.setdefault(t, []).append(j)
+    assert {t: sorted(set(v)) for t, v in ties.items()} == want
+    assert (80 in want) == proj and 5 in want and 70 in want and 72 in want
