@@ -171,14 +171,12 @@ def _screens(sc: _Scan) -> None:
     with sc.timed("screen"):
         centred = sc.head.gram_center if sc.opt.gram_center is None else sc.opt.gram_center
         grows = _shared_rows(gram_rows(sc.head, centred), sc.problem)
-        if sc.opt.cluster is None:  # the other convention's count (for the report) from the same tiles
-            sc.gram, sc.witness, sc.screen_stats = screens(
-                grows, centred, sc.head.norm, sc.problem, sc.ledger.ids, backend=sc.backend, device=sc.device,
-                precision=sc.precision, other_rows=lambda: _shared_rows(gram_rows(sc.head, not centred), sc.problem))
-        else:
-            sc.gram, sc.witness, sc.screen_stats = sc.opt.cluster.screens(
-                grows, centred, sc.head.norm, sc.problem, sc.ledger.ids, backend=sc.backend, device=sc.device,
-                precision=sc.precision)
+        run, extra = screens, {"other_rows": lambda: _shared_rows(gram_rows(sc.head, not centred), sc.problem)}
+        if sc.opt.cluster is not None:  # the Ray screens count no other convention (enrich does, after)
+            run, extra = sc.opt.cluster.screens, {}
+        sc.gram, sc.witness, sc.screen_stats = run(grows, centred, sc.head.norm, sc.problem, sc.ledger.ids,
+                                                   backend=sc.backend, device=sc.device, precision=sc.precision,
+                                                   **extra)
         del grows
     _log(sc, f"screens: {sc.timings['screen']:.1f}s, {int(sc.gram.hard_to_speak.sum())} hard-to-speak")
 
@@ -216,9 +214,10 @@ def find_ties(problem) -> dict[int, list[int]]:
                 block = np.ascontiguousarray(key(r0, min(problem.V, r0 + 4096)), dtype=np.float64)
             fps[r0: r0 + block.shape[0]] = _fingerprint(block, mult)
         _, group, count = np.unique(fps, axis=0, return_inverse=True, return_counts=True)
-        shared = np.nonzero(count[group.ravel()] > 1)[0]  # rows whose fingerprint another row shares
-        shared = shared[np.argsort(group.ravel()[shared], kind="stable")]  # by group, ids ascending within
-        for members in np.split(shared, np.nonzero(np.diff(group.ravel()[shared]))[0] + 1) if shared.size else ():
+        group = group.ravel()
+        shared = np.nonzero(count[group] > 1)[0]  # rows whose fingerprint another row shares
+        shared = shared[np.argsort(group[shared], kind="stable")]  # by group, ids ascending within
+        for members in np.split(shared, np.nonzero(np.diff(group[shared]))[0] + 1) if shared.size else ():
             members = members.tolist()
             for t in members:  # a few partners each: one verified partner suffices
                 ties.setdefault(t, []).extend(m for m in members[:9] if m != t)
