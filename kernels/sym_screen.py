@@ -87,9 +87,9 @@ class KeyMap:
 class OtherGram:
     """A second gram convention counted in the same pass (the report names both, DESIGN §3.2): its rows
     ``g'_j`` relate to the witness keys as the main gram rows do, ``k̂_j = P(g'_j − center)`` (``key_map``;
-    None: ``k̂_j = g'_j``). ``rows()`` returns them as float64 ``[V, d]`` CPU (a new tensor): it is called
-    once to bound the pass's error and once more, after the float32 operands are freed, to rescore the
-    kept candidates, so the float64 copy never lives beside the float32 pass."""
+    None: ``k̂_j = g'_j``). ``rows()`` returns them as float64 ``[V, d]`` CPU (never written here): it is
+    called once to bound the pass's error and once more, after the float32 operands are freed, to rescore
+    the kept candidates, so a copy made for it never lives beside the float32 pass."""
 
     rows: Callable[[], torch.Tensor]
     key_map: KeyMap | None = None
