@@ -123,8 +123,8 @@ def screens(grows: np.ndarray, centred_rows: bool, norm: str, problem, ids: np.n
     g = _gram_result(res.gram, ids, st.gram_recomputed, t0)
     extra = {}
     if res.other is not None:
-        extra["other_gram"] = {"centred": not centred_rows,
-                               "hard_to_speak": int((res.other.best_val >= res.other.self_val).sum())}
+        other_gram = _gram_result(res.other, ids, st.other_recomputed, t0)  # the criterion's one definition
+        extra["other_gram"] = {"centred": not centred_rows, "hard_to_speak": int(other_gram.hard_to_speak.sum())}
     if res.witness is None:
         w = witness_screen(problem, ids, backend=backend, device=device, precision=precision)
     else:
