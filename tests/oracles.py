@@ -572,5 +572,21 @@ def ball_interval_active_set(inst, t: int, k0: int = 48, rounds: int = 10):
         if hi - lo < 1e-12 * max(1.0, abs(hi)) or not new:
             break
         K += new
+    if hi - lo > 1e-12 * max(1.0, abs(hi)):  # the dual stalled: polish lo by the primal over the leading competitors
+        for _ in range(3):
+            l = A[others] @ y + c[others]
+            Kp = others[np.argsort(-l)[:max(200, len(K))]]
+            AK, cK = A[Kp], c[Kp]
+            res = minimize(lambda z: -z[-1], np.r_[y, -l.max()], jac=lambda z: np.r_[np.zeros(d), -1.0], method="SLSQP",
+                           constraints=[{"type": "ineq", "fun": lambda z: -(AK @ z[:-1] + cK) - z[-1],
+                                         "jac": lambda z: np.c_[-AK, -np.ones(len(Kp))]},
+                                        {"type": "ineq", "fun": lambda z: 1.0 - z[:-1] @ z[:-1],
+                                         "jac": lambda z: np.r_[-2.0 * z[:-1], 0.0]}],
+                           options={"ftol": 1e-15, "maxiter": 1000})
+            yp = res.x[:-1] / max(1.0, float(np.linalg.norm(res.x[:-1])))  # a feasible point: its margin is a lower bound
+            m, _ = point_margin(yp)
+            if m <= lo:
+                break
+            lo, y = m, yp
     tol = 1e-13 * (1 + abs(hi))
     return lo - tol, hi + tol
