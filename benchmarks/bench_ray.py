@@ -32,9 +32,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import engine.pipeline as es
-from engine.cluster import SEARCH_BATCH, Cluster, task_memory
-from engine.loader import load
+import unspeakable.engine.pipeline as es
+from unspeakable.engine.cluster import SEARCH_BATCH, Cluster, task_memory
+from unspeakable.engine.loader import load
 
 BIG_V, BIG_D = 262144, 4096
 

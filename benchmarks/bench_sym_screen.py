@@ -51,7 +51,7 @@ def yardstick(bp, memory_only=False) -> dict:
 
 
 def two_pass(bp, memory_only=False) -> dict:
-    from engine.screen import gram_screen, witness_screen
+    from unspeakable.engine.screen import gram_screen, witness_screen
 
     g = gram_screen(bp.rows)
     w = witness_screen(bp.problem)
@@ -63,7 +63,7 @@ def _sym(bp, centred: bool, memory_only: bool) -> dict:
 
     import torch
 
-    import kernels.sym_screen as ss
+    import unspeakable.kernels.sym_screen as ss
 
     p = bp.problem
     warnings.filterwarnings("ignore", message=".*not writable.*")  # read-only memory maps; never written

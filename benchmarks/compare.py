@@ -17,7 +17,7 @@ and every provider but the scan reads them in its own subprocess (``bench_sym_sc
   themselves, top-3 per row, ``--threads`` threads (DESIGN §7's ceiling).
 * ``screens`` — both screens in one symmetric pass, ``bench_sym_screen``'s ``sym`` provider (``sym-centred``
   for heads whose gram rows are centred, as the scan does).
-* ``scan`` — ``python -m engine scan SOURCE --out X.json`` in a subprocess: wall time of the WHOLE command
+* ``scan`` — ``python -m unspeakable scan SOURCE --out X.json`` in a subprocess: wall time of the WHOLE command
   (start-up, load, stages, report writing), peak RSS from ``wait4``; the report's ``timings_s`` per stage,
   how many tokens each stage settled, the per-token time of the tokens that reached the LP.
 * ``faiss`` — ``compare_screen.faiss_top2``: ``IndexFlatIP``, k = 3, gram + witness searches.
@@ -184,7 +184,7 @@ def spawn_worker(provider: str, data: str, tmp: str, args, extra=(), timeout=Non
 def load_head(source: str, name: str, seed: int) -> tuple[BenchProblem, bool]:
     """The head the CLI scans, as a :class:`BenchProblem` (gram rows as the scan takes them, the problem
     folded on the source's default domain), and whether its gram rows are centred."""
-    from engine.loader import fold, gram_rows, load
+    from unspeakable.engine.loader import fold, gram_rows, load
 
     head = load(source)
     problem = fold(head)
@@ -195,7 +195,7 @@ def load_head(source: str, name: str, seed: int) -> tuple[BenchProblem, bool]:
 
 def reduced(bp: BenchProblem, V: int) -> BenchProblem:
     """The first ``V`` tokens of ``bp`` (for the seed's V × V Gram)."""
-    from engine.loader import problem_from_rows
+    from unspeakable.engine.loader import problem_from_rows
 
     p = problem_from_rows(bp.rows[:V], bp.problem.bias[:V], bp.problem.domain, source=bp.problem.source)
     return BenchProblem(name=f"{bp.name}[:{V}]", V=V, d=bp.d, seed=bp.seed, rows=p.rows, problem=p)
@@ -237,7 +237,7 @@ def scan_summary(report: dict) -> dict:
 
 def run_scan(source: str, tmp: str, scan_args: list[str]) -> dict:
     out = os.path.join(tmp, "scan.json")
-    cmd = [sys.executable, "-m", "engine", "scan", source, "--out", out, *scan_args]
+    cmd = [sys.executable, "-m", "unspeakable", "scan", source, "--out", out, *scan_args]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = run_capped(cmd, None, os.path.join(tmp, "scan.log"), env=env)
     if res["rc"] != 0:
@@ -245,7 +245,7 @@ def run_scan(source: str, tmp: str, scan_args: list[str]) -> dict:
     with open(out) as f:
         res.update(scan_summary(json.load(f)))
     res["after_s"] = after_engine(res["log"])
-    res["command"] = "python -m engine scan " + " ".join([source, "--out", "X.json", *scan_args])
+    res["command"] = "python -m unspeakable scan " + " ".join([source, "--out", "X.json", *scan_args])
     print(f"  {'scan':18s} {res['wall_s']:9.2f} s  peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
     return res
 

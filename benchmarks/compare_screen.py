@@ -70,7 +70,7 @@ def _drop_self(I: np.ndarray, first_id: int = 0) -> np.ndarray:
 
 
 def ours(bp: BenchProblem) -> ScreenRun:
-    from engine.screen import gram_screen, witness_screen
+    from unspeakable.engine.screen import gram_screen, witness_screen
 
     run = ScreenRun("ours")
     t0 = time.perf_counter()

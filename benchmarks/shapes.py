@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from any directory
 
-from engine.head import Problem  # noqa: E402
-from engine.domain import domain_for  # noqa: E402
-from engine.loader import problem_from_rows  # noqa: E402
+from unspeakable.engine.head import Problem  # noqa: E402
+from unspeakable.engine.domain import domain_for  # noqa: E402
+from unspeakable.engine.loader import problem_from_rows  # noqa: E402
 
 # name -> (d_vocab V, d_model d), as published for each model.
 SHAPES: dict[str, tuple[int, int]] = {

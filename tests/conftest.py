@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def _random_problem(V, d, seed, domain, bias=True):
     """Gaussian rows with lognormal norms around a shared offset, folded onto ``domain``."""
-    from engine.loader import problem_from_rows
+    from unspeakable.engine.loader import problem_from_rows
 
     rng = np.random.default_rng(seed)
     rows = rng.standard_normal((V, d)) * np.exp(rng.normal(0, 0.3, (V, 1))) + 2.0 * rng.standard_normal(d)
@@ -76,7 +76,7 @@ class _Shared:
 
     def head(self, source: str):
         if source not in self.heads:
-            from engine.loader import load
+            from unspeakable.engine.loader import load
 
             self.heads[source] = load(source)
         return self.heads[source]
@@ -84,7 +84,7 @@ class _Shared:
     def scan(self, source: str, domain: str, tokens=None):
         key = (source, domain, None if tokens is None else tuple(int(t) for t in tokens))
         if key not in self.scans:
-            from engine.pipeline import scan_head
+            from unspeakable.engine.pipeline import scan_head
 
             self.scans[key] = scan_head(self.head(source), domain=domain, tokens=tokens, device="cpu",
                                         backend="torch")

@@ -1,6 +1,6 @@
 """Ahead-of-time build of every kernel configuration for sm_80 and sm_90, without a GPU.
 
-``python -m kernels.aot --json`` runs in its own process: compiling needs triton imported compiled, and
+``python -m unspeakable.kernels.aot --json`` runs in its own process: compiling needs triton imported compiled, and
 the interpreter tests import it interpreted (Triton makes that choice once per process).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
 @pytest.fixture(scope="module")
 def aot():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--json"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "unspeakable.kernels.aot", "--json"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
@@ -30,7 +30,7 @@ def aot():
 def test_every_configuration_compiles_for_both_targets(aot):
     # Imported here, not at the top: importing triton during collection would decide, for the whole
     # session, that it is compiled, and push the interpreter tests into a subprocess.
-    from kernels import triton_top2 as tt
+    from unspeakable.kernels import triton_top2 as tt
 
     want = {(f"sm_{cc}{'a' if cc >= 90 else ''}", p, c.name) for cc in (80, 90) for p in tt.PRECISIONS
             for c in tt.configs_for(cc, p)}

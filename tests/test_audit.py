@@ -8,11 +8,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-import engine
-from engine.auditor import (AuditResult, _witness_precise, audit, cert_arrays, check_dual, check_gordan, check_tie,
+import unspeakable
+from unspeakable.engine.auditor import (AuditResult, _witness_precise, audit, cert_arrays, check_dual, check_gordan, check_tie,
                           check_witnesses, exact_colsum, fold64)
-from engine.cli import main
-from engine.head import InputError, head_from_arrays
+from unspeakable.engine.cli import main
+from unspeakable.engine.head import InputError, head_from_arrays
 
 V, D = 300, 10
 SOURCE = f"synthetic:V={V},d={D},seed=0"
@@ -21,7 +21,7 @@ CASES = [("layernorm", True), ("rmsnorm", True), ("box", True), ("cone", True), 
 
 @pytest.fixture(scope="module")
 def head():
-    return engine.load(SOURCE)
+    return unspeakable.load(SOURCE)
 
 
 class Reports(dict):
@@ -38,7 +38,7 @@ class Reports(dict):
             ids = np.r_[0:120, self.head.planted["duplicate"][0]]
         if key == ("layernorm", False):  # margin exactly 0 in the projected space: a few hull-interior tokens
             ids = [t["id"] for t in entries(self["cone", True], "cone")][:8]
-        rep = engine.scan_head(self.head, domain=key[0], bias=key[1], tokens=ids, device="cpu", backend="torch")
+        rep = unspeakable.scan_head(self.head, domain=key[0], bias=key[1], tokens=ids, device="cpu", backend="torch")
         self[key] = json.loads(json.dumps(rep.to_json()))
         return self[key]
 
@@ -159,7 +159,7 @@ def test_sample_audits_only_n_claims(head, reports, tmp_path, capsys):
 
 
 def test_audit_never_writes_to_the_weights(reports):
-    h = engine.load(SOURCE)
+    h = unspeakable.load(SOURCE)
     for a in (h.W_U, h.b_U, h.ln_w, h.ln_b):
         if a is not None:
             a.setflags(write=False)  # any write would raise
@@ -382,7 +382,7 @@ def test_cone_claim_on_tampered_weights_fails(head, reports, tmp_path):
     np.savez(tmp_path / "w.npz", W_U=W, b_U=head.b_U, ln_w=head.ln_w, ln_b=head.ln_b)
     x = np.zeros(W.shape[0])
     x[i] = 1.0
-    assert np.argmax(brute_logits(engine.load(str(tmp_path / "w.npz")), "cone", x)) == t
+    assert np.argmax(brute_logits(unspeakable.load(str(tmp_path / "w.npz")), "cone", x)) == t
     res = audit(rep, str(tmp_path / "w.npz"))
     assert t in failed_tokens(res)
     assert any(f.startswith(f"token {t}: unspeakable:") for f in res.failures)
@@ -458,7 +458,7 @@ def test_tie_compares_by_value():
 
 def test_overflow_is_never_a_pass(reports):
     rep = reports["rmsnorm", True]
-    h = engine.load(SOURCE)
+    h = unspeakable.load(SOURCE)
     h.W_U = h.W_U.astype(np.float64) * 1e307  # logits overflow to inf: nothing can be proven
     res = audit(rep, h)
     c = rep["counts"]
@@ -517,10 +517,10 @@ MINILM_HARD = [103, 1168, 8229, 14305, 15612, 16285]
 def test_minilm_subset_report_audits_clean():
     """The real all-MiniLM-L6-v2 head (V = 30522, d = 384): a scan of hard-to-speak tokens audits clean, every
     witness re-checked over all V logits; one witness coordinate tampered fails."""
-    from engine.loader import minilm_head
+    from unspeakable.engine.loader import minilm_head
 
     h = minilm_head()
-    rep = engine.scan_head(h, tokens=MINILM_HARD, device="cpu", backend="torch")
+    rep = unspeakable.scan_head(h, tokens=MINILM_HARD, device="cpu", backend="torch")
     js = json.loads(json.dumps(rep.to_json()))
     assert [t["id"] for t in js["tokens"]] == MINILM_HARD and all(t["hard_to_speak"] for t in js["tokens"])
     res = audit(js, h)

@@ -8,16 +8,16 @@ import sys
 import numpy as np
 import pytest
 
-from engine.loader import load
-from engine.pipeline import scan_head
+from unspeakable.engine.loader import load
+from unspeakable.engine.pipeline import scan_head
 
 SOURCE = "synthetic:V=200,d=16,seed=5"  # planted tokens of every kind; 13 interpreter tiles (16 rows), the last ragged; the interpreter is slow
 DOMAINS = ("layernorm", "cone")
 # One interpreter process scans every domain (each process pays the torch and triton imports).
 SCRIPT = """
 import json, sys
-from engine.loader import load
-from engine.pipeline import scan_head
+from unspeakable.engine.loader import load
+from unspeakable.engine.pipeline import scan_head
 head = load(sys.argv[1])
 out = {}
 for domain in sys.argv[3:]:
@@ -52,7 +52,7 @@ def test_triton_interpreter_and_torch_give_identical_verdicts():
 def test_precision_is_resolved_in_one_place():
     import torch
 
-    from kernels import BackendError, resolve_precision
+    from unspeakable.kernels import BackendError, resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", "torch", cpu) == "ieee"  # the CPU's float32 is IEEE

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cli import TokenSpec, main, parse_tokens
-from engine.loader import Head, InputError
-from engine.report import SCHEMA, ScanReport, TokenReport
+from unspeakable.engine.cli import TokenSpec, main, parse_tokens
+from unspeakable.engine.loader import Head, InputError
+from unspeakable.engine.report import SCHEMA, ScanReport, TokenReport
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_KEYS = ["schema", "source", "V", "d", "domain", "radius", "bias", "backend", "device", "counts", "timings_s",
@@ -135,12 +135,12 @@ def fake(monkeypatch):
     def fold(h, **kw):
         return types.SimpleNamespace(warnings=["a fold warning"])
 
-    mod = types.ModuleType("engine.pipeline")
+    mod = types.ModuleType("unspeakable.engine.pipeline")
     mod.scan_head, mod.gram_head, mod.check, mod.bench_head = scan_head, gram_head, check, bench_head
-    monkeypatch.setitem(sys.modules, "engine.pipeline", mod)
+    monkeypatch.setitem(sys.modules, "unspeakable.engine.pipeline", mod)
     # sys.modules, not the attribute: the package re-exports the function engine.load (DESIGN §5), which
     # shadows the module of the same name as an attribute of `engine`.
-    load_mod = sys.modules["engine.loader"]
+    load_mod = sys.modules["unspeakable.engine.loader"]
     monkeypatch.setattr(load_mod, "load", load, raising=False)
     monkeypatch.setattr(load_mod, "fold", fold, raising=False)
     return calls
@@ -390,8 +390,8 @@ def test_gram_end_to_end(capsys, tmp_path):
 def test_check_end_to_end(capsys):
     rc, so, se = run_cli(capsys, "check", SMALL, "0", "1", "2")
     assert rc == 0, se
-    from engine.loader import load
-    from engine.pipeline import check
+    from unspeakable.engine.loader import load
+    from unspeakable.engine.pipeline import check
 
     # each token's certificate line carries the verdict the library gives for it (word-exact)
     for r in check(load(SMALL), [0, 1, 2]):
@@ -401,7 +401,7 @@ def test_check_end_to_end(capsys):
 # --------------------------------------------------------------------------------------------- the process
 def test_console_entry_in_a_subprocess(tmp_path):
     script = shutil.which("unspeakable")
-    cmd = [script] if script else [sys.executable, "-m", "engine"]
+    cmd = [script] if script else [sys.executable, "-m", "unspeakable"]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run(cmd + ["--help"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert p.returncode == 0, p.stderr

@@ -15,12 +15,12 @@ import pytest
 from scipy.optimize import linprog
 from scipy.spatial import ConvexHull
 
-from engine import decide as decide_mod
-from engine import restricted
-from engine.decide import decide_many, decide_token, decide_token_stats
-from engine.highs import LPResult, Status
-from engine.loader import problem_from_rows
-from engine.verify import Verifier
+from unspeakable.engine import decide as decide_mod
+from unspeakable.engine import restricted
+from unspeakable.engine.decide import decide_many, decide_token, decide_token_stats
+from unspeakable.engine.highs import LPResult, Status
+from unspeakable.engine.loader import problem_from_rows
+from unspeakable.engine.verify import Verifier
 
 
 # ------------------------------------------------------------------------------------------ fixtures

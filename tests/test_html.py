@@ -12,9 +12,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
-from engine.cli import main  # noqa: E402
-from engine.html import render_html, write_html  # noqa: E402
-from engine.report import ScanReport, TokenReport  # noqa: E402
+from unspeakable.engine.cli import main  # noqa: E402
+from unspeakable.engine.html import render_html, write_html  # noqa: E402
+from unspeakable.engine.report import ScanReport, TokenReport  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +106,7 @@ def test_write_html_is_atomic(tmp_path, monkeypatch):
     p = tmp_path / "r.html"
     write_html(tricky_report(), p)
     assert p.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
-    import engine.html as h
+    import unspeakable.engine.html as h
 
     def boom(*a, **k):
         raise RuntimeError("figure failed")
@@ -179,7 +179,7 @@ def test_table_sorts_and_filters_in_chromium(tmp_path):
 def test_console_table_order_and_escapes():
     import io
 
-    from engine.report import print_console
+    from unspeakable.engine.report import print_console
 
     buf = io.StringIO()
     rep = tricky_report()

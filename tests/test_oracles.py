@@ -4,9 +4,9 @@ import pytest
 import torch
 from scipy.spatial import ConvexHull
 
-from engine.loader import Head, fold
-from engine.pipeline import scan_head
-from engine.screen import gram_screen
+from unspeakable.engine.loader import Head, fold
+from unspeakable.engine.pipeline import scan_head
+from unspeakable.engine.screen import gram_screen
 
 DOMAINS = ["layernorm", "rmsnorm", "box", "cone"]
 

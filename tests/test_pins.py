@@ -37,8 +37,8 @@ def digest(rep) -> dict:
 
 
 def run_case(name: str) -> dict:
-    from engine.loader import load
-    from engine.pipeline import scan_head
+    from unspeakable.engine.loader import load
+    from unspeakable.engine.pipeline import scan_head
 
     source, domain, tokens = CASES[name]
     return digest(scan_head(load(source), domain=domain, tokens=tokens, device="cpu", backend="torch"))

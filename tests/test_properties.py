@@ -1,4 +1,4 @@
-"""Property tests (issue 8): on small random heads in all four domains, every verdict of ``engine.scan`` must
+"""Property tests (issue 8): on small random heads in all four domains, every verdict of ``unspeakable.scan`` must
 agree with the independent oracles of ``tests/oracles.py`` wherever those are decisive, every proof must
 re-check in exact rational arithmetic, reported margins must enclose the true margin, ``undecided`` is
 allowed only for margins that are (numerically) zero, and no input array may be written to.
@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-import engine
+import unspeakable
 from oracles import audit, instance
 
 DOMAINS = ["layernorm", "rmsnorm", "box", "cone"]
@@ -80,7 +80,7 @@ def heads(draw, domain):
 
 def _scan(rows, b, ln_w, radius, domain):
     kw = {} if radius is None else {"radius": radius}
-    return engine.scan(np.ascontiguousarray(rows.T).copy(), None if b is None else b.copy(),
+    return unspeakable.scan(np.ascontiguousarray(rows.T).copy(), None if b is None else b.copy(),
                        ln_w=None if ln_w is None else ln_w.copy(), norm=domain if domain != "box" and domain != "cone" else None,
                        domain=domain, device="cpu", backend="torch", **kw)
 
@@ -94,7 +94,7 @@ def _problems(case, domain, kinds):
     rows, b, ln_w, radius = case
     try:
         rep = _scan(rows, b, ln_w, radius, domain)
-    except engine.InputError as e:  # refusing an extreme input with a clear message is allowed
+    except unspeakable.InputError as e:  # refusing an extreme input with a clear message is allowed
         msg = str(e)
         assert msg, "InputError without a message"
         return []
@@ -161,7 +161,7 @@ def test_scan_never_writes_to_its_inputs(kind, domain):
     before = [_snap(a) for a in (W, bb, gg)]
     E0 = E.copy()
     norm = domain if domain in ("layernorm", "rmsnorm") else "rmsnorm"
-    engine.scan(W, bb, ln_w=gg, ln_b=gg, norm=norm, domain=domain, device="cpu", backend="torch")
+    unspeakable.scan(W, bb, ln_w=gg, ln_b=gg, norm=norm, domain=domain, device="cpu", backend="torch")
     for a, a0, name in zip((W, bb, gg), before, ("W_U", "b_U", "ln_w")):
         assert _same(a, a0), f"scan wrote to {name} ({kind}, {domain})"
     assert np.array_equal(E, E0), f"scan wrote to the array behind W_U ({kind}, {domain})"
@@ -175,9 +175,9 @@ def test_verdicts_do_not_depend_on_the_input_container(domain):
     b = rng.standard_normal(10)
     g = np.array([4.0, 0.25, 1.0])
     norm = domain if domain in ("layernorm", "rmsnorm") else "rmsnorm"
-    ref = engine.scan(np.ascontiguousarray(E.T).copy(), b.copy(), ln_w=g.copy(), norm=norm, domain=domain,
+    ref = unspeakable.scan(np.ascontiguousarray(E.T).copy(), b.copy(), ln_w=g.copy(), norm=norm, domain=domain,
                       device="cpu", backend="torch").verdicts_all
     for W in (E.T, torch.from_numpy(E).T):
-        got = engine.scan(W, b.copy(), ln_w=g.copy(), norm=norm, domain=domain, device="cpu",
+        got = unspeakable.scan(W, b.copy(), ln_w=g.copy(), norm=norm, domain=domain, device="cpu",
                           backend="torch").verdicts_all
         assert np.array_equal(np.asarray(got), np.asarray(ref))

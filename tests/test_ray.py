@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-import engine.pipeline as es
-from engine.cli import main
-from engine.cluster import Cluster, task_memory
-from engine.ledger import Ledger
-from engine.loader import load
+import unspeakable.engine.pipeline as es
+from unspeakable.engine.cli import main
+from unspeakable.engine.cluster import Cluster, task_memory
+from unspeakable.engine.ledger import Ledger
+from unspeakable.engine.loader import load
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")  # a dependency of ray

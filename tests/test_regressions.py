@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-import engine
-from engine.cli import main as cli_main
+import unspeakable
+from unspeakable.engine.cli import main as cli_main
 from oracles import (audit, ball_interval_active_set, exact_cone_sign, exact_witness, fold_exact, instance, margin_interval,
                      truth)
 
 DOMAINS = ["layernorm", "rmsnorm", "box", "cone"]
-REPROS = pathlib.Path("/work/shared/repros")
+REPROS = pathlib.Path(__file__).parent / "data" / "repros"  # copies of shared/repros (README there)
 SPEAKABLE, UNSPEAKABLE, UNDECIDED = 1, -1, 0
 
 
 def scan(W_U, b_U=None, **kw):
     kw.setdefault("device", "cpu")
     kw.setdefault("backend", "torch")
-    return engine.scan(W_U, b_U, **kw)
+    return unspeakable.scan(W_U, b_U, **kw)
 
 
 def report_of(rep, t):
@@ -93,7 +93,7 @@ def test_2_overflowing_bias_differences(domain):
     b = np.array([-1.6e308, 1.2e308, 0.3e308])
     try:
         rep = scan(W, b, domain=domain)
-    except engine.InputError as e:
+    except unspeakable.InputError as e:
         msg = str(e).lower()
         assert any(k in msg for k in ("overflow", "magnitude", "too large", "range", "e+308")), str(e)
         return
@@ -151,7 +151,7 @@ def test_5_margin_lower_is_a_lower_bound_box():
 
 @pytest.fixture(scope="module")
 def synth3000():
-    return engine.load("synthetic:V=3000,d=64,seed=0")
+    return unspeakable.load("synthetic:V=3000,d=64,seed=0")
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +183,13 @@ def _check_1493(rep, head, bounds):
 def test_5_margin_lower_synthetic_token_1493(synth3000, synth1493):
     """synthetic:V=3000,d=64,seed=0 (layernorm), token 1493 alone: margin ~9.1145, reported 9.172."""
     assert synth3000.norm == "layernorm"
-    _check_1493(engine.scan_head(synth3000, tokens=[1493], device="cpu", backend="torch"), synth3000, synth1493)
+    _check_1493(unspeakable.scan_head(synth3000, tokens=[1493], device="cpu", backend="torch"), synth3000, synth1493)
 
 
 @pytest.mark.skipif(not os.environ.get("UNSPEAKABLE_SLOW"), reason="full 3000-token scan (~1-2 min on 2 cores); "
                     "set UNSPEAKABLE_SLOW=1")
 def test_5_margin_lower_synthetic_full_scan(synth3000, synth1493):
-    _check_1493(engine.scan_head(synth3000, device="cpu", backend="torch"), synth3000, synth1493)
+    _check_1493(unspeakable.scan_head(synth3000, device="cpu", backend="torch"), synth3000, synth1493)
 
 
 # ------------------------------------------------------------------------------------------- item 6
@@ -278,7 +278,6 @@ def _repro(name):
     return W, b, int(z["t"])
 
 
-@pytest.mark.skipif(not REPROS.is_dir(), reason="shared reproducers not present")
 @pytest.mark.parametrize("name,domain,want", REPRO_CASES)
 def test_11_repros_oracle_sanity(name, domain, want):
     """The oracles agree with the README's truth (so the engine tests below test the engine)."""
@@ -296,7 +295,6 @@ def test_11_repros_oracle_sanity(name, domain, want):
         assert lo > 0, (lo, hi)
 
 
-@pytest.mark.skipif(not REPROS.is_dir(), reason="shared reproducers not present")
 @pytest.mark.parametrize("how", ["full", "tokens", "check", "cli"])
 @pytest.mark.parametrize("name,domain,want", REPRO_CASES)
 def test_11_repros_verdict_is_the_truth_whatever_the_batch(name, domain, want, how, tmp_path):
@@ -306,9 +304,9 @@ def test_11_repros_verdict_is_the_truth_whatever_the_batch(name, domain, want, h
     elif how == "tokens":
         got = scan(W, b, domain=domain, tokens=[t]).verdicts_all[t]
     elif how == "check":
-        from engine.head import head_from_arrays
+        from unspeakable.engine.head import head_from_arrays
 
-        r = engine.check(head_from_arrays(W, b), [t], domain=domain)[0]
+        r = unspeakable.check(head_from_arrays(W, b), [t], domain=domain)[0]
         got = {"speakable": SPEAKABLE, "unspeakable": UNSPEAKABLE}.get(r.verdict, UNDECIDED)
     else:
         npz = tmp_path / "r.npz"
@@ -341,7 +339,7 @@ def test_transposed_looking_W_U_is_refused_or_warned():
     W = np.random.default_rng(0).standard_normal((10, 3))
     try:
         rep = scan(W, domain="rmsnorm")
-    except engine.InputError as e:
+    except unspeakable.InputError as e:
         msg = str(e)
         assert "transpos" in msg.lower() or "W_U.T" in msg, msg
         return
@@ -354,11 +352,11 @@ def test_resumed_tokens_are_reverified(tmp_path):
     rng = np.random.default_rng(3)
     W = rng.standard_normal((3, 12))
     b = rng.standard_normal(12)
-    from engine.head import head_from_arrays
+    from unspeakable.engine.head import head_from_arrays
 
     head = head_from_arrays(W, b)
     ckpt = tmp_path / "r.json.partial"
-    clean = engine.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=str(ckpt),
+    clean = unspeakable.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=str(ckpt),
                              keep_checkpoint=True)
     lines = [json.loads(ln) for ln in ckpt.read_text().splitlines()]  # a header, then one token per line
     header, toks = lines[0], {rec["id"]: rec for rec in lines[1:]}
@@ -374,9 +372,9 @@ def test_resumed_tokens_are_reverified(tmp_path):
         flipped[int(k)] = rec["verdict"]
     ckpt.write_text("\n".join(json.dumps(r) for r in [header, *toks.values()]) + "\n")
     try:
-        resumed = engine.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=str(ckpt),
+        resumed = unspeakable.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=str(ckpt),
                                    resume=True)
-    except engine.InputError:
+    except unspeakable.InputError:
         return  # refusing a checkpoint that does not verify is fine
     for t in flipped:
         assert resumed.verdicts_all[t] == clean.verdicts_all[t], f"token {t}: tampered verdict survived resume"
@@ -589,6 +587,6 @@ def _scan_or_refused(W, b, domain, radius):
     kw = {} if radius is None else {"radius": radius}
     try:
         return scan(W.copy(), None if b is None else b.copy(), domain=domain, **kw)
-    except engine.InputError as e:
+    except unspeakable.InputError as e:
         assert str(e)
         return None

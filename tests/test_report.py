@@ -14,9 +14,9 @@ import stat
 import numpy as np
 import pytest
 
-from engine import report as rp
-from engine.loader import InputError
-from engine.report import (
+from unspeakable.engine import report as rp
+from unspeakable.engine.loader import InputError
+from unspeakable.engine.report import (
     SCHEMA,
     ScanReport,
     TokenReport,
@@ -368,12 +368,12 @@ def test_format_certificate():
 
 
 def test_large_witness_lists_go_to_a_companion_file_that_audits(tmp_path):
-    import engine
-    from engine.report import write_json
+    import unspeakable
+    from unspeakable.engine.report import write_json
 
     src = "synthetic:V=600,d=16,seed=5"
     # a subset is enough (the audit checks subset reports too): the search's witnesses are what matter here
-    rep = engine.scan_head(engine.load(src), domain="box", tokens=np.arange(200))
+    rep = unspeakable.scan_head(unspeakable.load(src), domain="box", tokens=np.arange(200))
     inline, split = tmp_path / "inline.json", tmp_path / "split.json"
     write_json(rep, inline)  # a small report keeps its witnesses in the JSON
     write_json(rep, split, companion_min=0)
@@ -384,4 +384,4 @@ def test_large_witness_lists_go_to_a_companion_file_that_audits(tmp_path):
         ids, X = z["witness_ids"], z["witness_x"]
     assert len(xs) >= 10  # witnesses from the search (coordinates, not "self-direction") to move out
     assert ids.tolist() == [t["id"] for t in xs] and np.array_equal(X, [t["certificate"]["x"] for t in xs])
-    assert engine.audit(str(split), src).ok and engine.audit(str(inline), src).ok
+    assert unspeakable.audit(str(split), src).ok and unspeakable.audit(str(inline), src).ok

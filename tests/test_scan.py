@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-import engine.pipeline as es
-from engine.head import InputError
-from engine.ledger import CHECKPOINT_SCHEMA, Ledger
-from engine.loader import load
+import unspeakable.engine.pipeline as es
+from unspeakable.engine.head import InputError
+from unspeakable.engine.ledger import CHECKPOINT_SCHEMA, Ledger
+from unspeakable.engine.loader import load
 
 SOURCE = "synthetic:V=800,d=12,seed=9"
 
@@ -114,8 +114,8 @@ def test_verdicts_do_not_depend_on_workers(head, clean):
 def test_both_gram_counts_equal_the_float64_oracle(norm, domain, gram_center, one_pass):
     """The report's hard-to-speak counts with centred and with uncentred rows (the other one reduced from
     the screens' own tiles where it can be) equal a float64 V x V count from the weights."""
-    from engine.enrich import enrich
-    from engine.head import head_from_arrays
+    from unspeakable.engine.enrich import enrich
+    from unspeakable.engine.head import head_from_arrays
 
     rng = np.random.default_rng(11)
     V, d = 300, 10
@@ -175,7 +175,7 @@ def test_cli_prints_where_the_time_went(tmp_path, capsys):
     (adding up to the engine's total), the enrichment and the table and files, adding up to the sum."""
     import re
 
-    from engine.cli import main
+    from unspeakable.engine.cli import main
 
     assert main(["scan", "synthetic:V=300,d=8,seed=1", "--device", "cpu", "--out", str(tmp_path / "r.json")]) == 0
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("unspeakable: time:")]
@@ -194,8 +194,8 @@ def test_find_ties_against_brute_force(domain):
     """Tie candidates: every pair of rows equal by value (±0.0 alike) with equal bias, and in layernorm
     also rows equal up to a multiple of the ones vector (a null direction); each such pair found both
     ways, in ascending partner order, and nothing else (compared with an all-pairs check)."""
-    from engine.loader import problem_from_rows
-    from engine.pipeline import find_ties
+    from unspeakable.engine.loader import problem_from_rows
+    from unspeakable.engine.pipeline import find_ties
 
     rng = np.random.default_rng(7)
     V, d = 600, 9

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from engine.search import SearchOptions, search
-from engine.verify import Verifier
+from unspeakable.engine.search import SearchOptions, search
+from unspeakable.engine.verify import Verifier
 
 
 @pytest.mark.parametrize("domain,d", [("box", 5), ("rmsnorm", 2), ("rmsnorm", 3)])
@@ -44,7 +44,7 @@ def test_search_cone_finds_vertex_witnesses_only(random_problem, full_lp_margin)
 def test_first_active_set_holds_the_hubs_never_the_token(domain, random_problem, monkeypatch):
     """The first active set: the screen point's threats plus the rows of largest reach sup_X l_j(x)
     (computed here independently per domain), the token itself never among them, hubs included."""
-    import engine.search as es
+    import unspeakable.engine.search as es
 
     p = random_problem(300, 6, 3, domain)
     keys, bias = p.keys, p.bias

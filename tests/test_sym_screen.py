@@ -30,13 +30,13 @@ def _triton_interpreted_already() -> bool:
 
 
 if not torch.cuda.is_available() and ("triton" not in sys.modules or (
-        _triton_interpreted_already() and "kernels.triton_sym" not in sys.modules)):
+        _triton_interpreted_already() and "unspeakable.kernels.triton_sym" not in sys.modules)):
     _saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import triton  # noqa: F401
 
-        from kernels import triton_sym, triton_top2  # noqa: F401
+        from unspeakable.kernels import triton_sym, triton_top2  # noqa: F401
     finally:
         if _saved is None:
             del os.environ["TRITON_INTERPRET"]
@@ -45,8 +45,8 @@ if not torch.cuda.is_available() and ("triton" not in sys.modules or (
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from kernels import triton_sym as ts  # noqa: E402
-from kernels.sym_screen import KeyMap, OtherGram, round_inputs, sym_screen, sym_screen_reference  # noqa: E402
+from unspeakable.kernels import triton_sym as ts  # noqa: E402
+from unspeakable.kernels.sym_screen import KeyMap, OtherGram, round_inputs, sym_screen, sym_screen_reference  # noqa: E402
 
 INTERPRETED = isinstance(tl.zeros, InterpretedFunction) and isinstance(ts._sym_kernel, InterpretedFunction)
 ROOT = Path(__file__).resolve().parent.parent
@@ -469,7 +469,7 @@ def test_round_robin_visits_every_pair_once():
 
 
 def test_triton_without_cuda_or_interpreter_is_refused(monkeypatch):
-    from kernels import BackendError
+    from unspeakable.kernels import BackendError
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -480,9 +480,9 @@ def test_triton_without_cuda_or_interpreter_is_refused(monkeypatch):
 
 def test_sym_kernel_compiles_without_spills():
     """The register-hungriest build (sm_90 wgmma, tf32, every switch on) through Triton's full pipeline and
-    ptxas: no spills. ``python -m kernels.aot --kernel all`` reports every target and precision."""
+    ptxas: no spills. ``python -m unspeakable.kernels.aot --kernel all`` reports every target and precision."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--kernel", "sym", "--target", "90",
+    proc = subprocess.run([sys.executable, "-m", "unspeakable.kernels.aot", "--kernel", "sym", "--target", "90",
                            "--precision", "tf32", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

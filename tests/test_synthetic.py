@@ -8,8 +8,8 @@ import math  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from engine.loader import InputError, fold, gram_rows, load  # noqa: E402
-from engine.synthetic import make_synthetic, synthesize  # noqa: E402
+from unspeakable.engine.loader import InputError, fold, gram_rows, load  # noqa: E402
+from unspeakable.engine.synthetic import make_synthetic, synthesize  # noqa: E402
 
 KINDS = ("interior", "duplicate", "low_bias", "shadow")
 

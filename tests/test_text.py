@@ -8,8 +8,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from engine.loader import InputError, head_from_arrays, load  # noqa: E402
-from engine.text import (  # noqa: E402
+from unspeakable.engine.loader import InputError, head_from_arrays, load  # noqa: E402
+from unspeakable.engine.text import (  # noqa: E402
     byte_decoder,
     decode,
     detect_scheme,
@@ -156,7 +156,7 @@ def test_tokens_key_in_npz_and_vocab_option(tmp_path):
 
 
 def test_cli_vocab(tmp_path, capsys):
-    from engine.cli import main
+    from unspeakable.engine.cli import main
 
     W = np.random.default_rng(1).standard_normal((6, 4)).astype(np.float32)
     W[:, 1], W[:, 3] = 2 * W[:, 0], 3 * W[:, 2]  # tokens 0 and 2 are hard-to-speak: the gram report lists them

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.top2 import top2_reference, top2_torch
+from unspeakable.kernels.top2 import top2_reference, top2_torch
 
 
 def _instance(B, V, d, seed, ties=False):
@@ -61,7 +61,7 @@ def test_two_tokens_have_no_second_competitor():
 def test_top2_exact_second_index_is_exact_when_second_and_third_are_near_tied():
     """Issue 8: the second index too must equal the float64 reference when the 2nd and 3rd competitors are
     closer than the float32 pass can tell apart."""
-    from kernels.screen import top2_exact
+    from unspeakable.kernels.screen import top2_exact
 
     rng = np.random.default_rng(4)
     V, d = 300, 16

@@ -25,7 +25,7 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     try:
         import triton  # noqa: F401
 
-        from kernels import triton_top2 as tt
+        from unspeakable.kernels import triton_top2 as tt
     finally:
         if _saved is None:
             del os.environ["TRITON_INTERPRET"]
@@ -34,14 +34,14 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from kernels import triton_top2 as tt  # noqa: E402
+from unspeakable.kernels import triton_top2 as tt  # noqa: E402
 
 INTERPRETED = isinstance(tl.zeros, InterpretedFunction) and isinstance(tt._top2_kernel, InterpretedFunction)
 
-import kernels.screen as screen  # noqa: E402
-from kernels import BackendError, resolve_backend  # noqa: E402
-from kernels.screen import row_error_bounds, top2_exact  # noqa: E402
-from kernels.top2 import Top2, top2_reference, top2_torch  # noqa: E402
+import unspeakable.kernels.screen as screen  # noqa: E402
+from unspeakable.kernels import BackendError, resolve_backend  # noqa: E402
+from unspeakable.kernels.screen import row_error_bounds, top2_exact  # noqa: E402
+from unspeakable.kernels.top2 import Top2, top2_reference, top2_torch  # noqa: E402
 
 FEATURES = ("self", "scale", "center", "bias")
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from engine.evidence import Certificate
-from engine.loader import problem_from_rows
-from engine.verify import Verifier
+from unspeakable.engine.evidence import Certificate
+from unspeakable.engine.loader import problem_from_rows
+from unspeakable.engine.verify import Verifier
 
 
 def box_lp(p, t):
@@ -146,8 +146,8 @@ def test_tie_requires_identical_row_and_bias(random_problem):
 def test_bounded_verification_equals_the_exhaustive_one(domain):
     """The verifier's float32 competitor bound prunes, the float64 re-score decides: the verdicts, runner-ups
     and margins equal the exhaustive float64 check on screen points and on perturbed (losing) points."""
-    from engine.loader import fold, load
-    from engine.verify import PAIRWISE_MIN_V
+    from unspeakable.engine.loader import fold, load
+    from unspeakable.engine.verify import PAIRWISE_MIN_V
 
     p = fold(load(f"synthetic:V={PAIRWISE_MIN_V + 1500},d=24,seed=6"), domain=domain)
     ids = np.arange(p.V)

@@ -4,10 +4,10 @@ does not apply."""
 import numpy as np
 import pytest
 
-from engine import verify_sym
-from engine.loader import problem_from_rows
-from engine.screen import witness_points
-from engine.verify import Verifier
+from unspeakable.engine import verify_sym
+from unspeakable.engine.loader import problem_from_rows
+from unspeakable.engine.screen import witness_points
+from unspeakable.engine.verify import Verifier
 
 
 def _key(c):

@@ -1,3 +1,3 @@
-from engine.cli import main
+from unspeakable.engine.cli import main
 
 raise SystemExit(main())

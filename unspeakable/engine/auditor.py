@@ -57,8 +57,8 @@ from fractions import Fraction
 import numpy as np
 from flint import fmpq, fmpq_mat
 
-from engine.head import Head, InputError
-from engine.loader import load
+from unspeakable.engine.head import Head, InputError
+from unspeakable.engine.loader import load
 
 SCHEMA = "unspeakable.report/1"
 DOMAINS = ("layernorm", "rmsnorm", "box", "cone")

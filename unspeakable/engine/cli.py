@@ -19,8 +19,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from engine.domain import DOMAINS
-from engine.head import InputError
+from unspeakable.engine.domain import DOMAINS
+from unspeakable.engine.head import InputError
 
 DEMO_SOURCE = "synthetic:V=50257,d=768,seed=0"
 
@@ -129,7 +129,7 @@ def check_outputs(source: str | None = None, **paths: str | None) -> None:
             raise InputError(f"{opt} and {seen[real]} both name {path}; give each output its own file")
         seen[real] = opt
         if flag == "plot":
-            from engine.report import plot_formats
+            from unspeakable.engine.report import plot_formats
 
             ext = os.path.splitext(path)[1].lower().lstrip(".")
             if ext and ext not in plot_formats():
@@ -138,7 +138,7 @@ def check_outputs(source: str | None = None, **paths: str | None) -> None:
 
 
 def _check_backend(backend: str, device: str, precision: str = "auto") -> None:
-    from kernels import resolve_backend, resolve_precision  # torch only once a command runs: --help stays quick
+    from unspeakable.kernels import resolve_backend, resolve_precision  # torch only once a command runs: --help stays quick
 
     resolve_precision(precision, *resolve_backend(backend, device))
 
@@ -161,7 +161,7 @@ def _stage(message: str):
 
 
 def _load(source: str, vocab: str | None = None):
-    from engine.loader import load
+    from unspeakable.engine.loader import load
 
     t0 = time.perf_counter()
     with _stage(f"loading {source}"):
@@ -171,7 +171,7 @@ def _load(source: str, vocab: str | None = None):
 
 def _enrich(report, head, **kw):
     """Raw tokens, both gram counts, the model check (engine.enrich)."""
-    from engine.enrich import enrich
+    from unspeakable.engine.enrich import enrich
 
     with _stage("gram counts (centred and uncentred) and the model check"):
         return enrich(report, head, **kw)
@@ -188,7 +188,7 @@ def time_line(timings: dict, enrich_s: float, write_s: float) -> str:
 
 
 def _print(report) -> None:
-    from engine.report import print_console
+    from unspeakable.engine.report import print_console
 
     print_console(report)
     sys.stdout.flush()
@@ -196,7 +196,7 @@ def _print(report) -> None:
 
 def _write_reports(report, out: str | None, csv: str | None = None, plot: str | None = None,
                    html: str | None = None) -> None:
-    from engine.report import write_csv, write_json, write_plot
+    from unspeakable.engine.report import write_csv, write_json, write_plot
 
     # the JSON last: once it exists, the figure, the CSV and the page beside it are complete too
     if plot:
@@ -204,7 +204,7 @@ def _write_reports(report, out: str | None, csv: str | None = None, plot: str | 
     if csv:
         write_csv(report, csv)
     if html:
-        from engine.html import write_html
+        from unspeakable.engine.html import write_html
 
         with _stage(f"writing {html}"):
             write_html(report, html)
@@ -289,13 +289,13 @@ class Scan:
             from contextlib import nullcontext
 
             return nullcontext()
-        from engine.cluster import Cluster
+        from unspeakable.engine.cluster import Cluster
 
         return Cluster(address=None if self.ray == "local" else self.ray, num_cpus=self.ray_cpus,
                        max_in_flight=self.max_in_flight, object_store_memory=self.object_store_memory).start()
 
     def _scan_one(self, source: str, out, csv, plot, html, cluster):
-        from engine.pipeline import scan_head
+        from unspeakable.engine.pipeline import scan_head
 
         head, load_time = _load(source, self.vocab)
         ids = None if self.tokens is None else self.tokens.ids(head.d_vocab)
@@ -378,7 +378,7 @@ class Gram:
         check_outputs(self.source, out=self.out, html=self.html)
         _check_vocab(self.vocab)
         _check_backend(self.backend, self.device)
-        from engine.pipeline import gram_head
+        from unspeakable.engine.pipeline import gram_head
 
         head, load_time = _load(self.source, self.vocab)
         report = gram_head(head, center=self.center, device=self.device, backend=self.backend, load_time=load_time)
@@ -409,13 +409,13 @@ class Check:
 
     def run(self) -> int:
         _check_vocab(self.vocab)
-        from engine.report import format_certificate, format_tokens
-        from engine.pipeline import check
+        from unspeakable.engine.report import format_certificate, format_tokens
+        from unspeakable.engine.pipeline import check
 
         head, _ = _load(self.source, self.vocab)
         ids = self._ids(head)
         try:
-            from engine.loader import fold
+            from unspeakable.engine.loader import fold
 
             _warn(fold(head, domain=self.domain, radius=self.radius, bias=self.bias).warnings)
         except ImportError:  # pragma: no cover - the warnings are a courtesy
@@ -465,8 +465,8 @@ class Bench:
         p.add_argument("--json", action="store_true", help="print the measurements as JSON")
 
     def run(self) -> int:
-        from engine.report import to_jsonable
-        from engine.pipeline import bench_head
+        from unspeakable.engine.report import to_jsonable
+        from unspeakable.engine.pipeline import bench_head
 
         head, _ = _load(self.source)
         ids = None if self.tokens is None else self.tokens.ids(head.d_vocab)
@@ -523,7 +523,7 @@ class Audit:
         p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
 
     def run(self) -> int:
-        from engine.auditor import audit
+        from unspeakable.engine.auditor import audit
 
         result = audit(self.report, self.source, sample=self.sample, seed=self.seed)
         for line in result.failures:
@@ -619,7 +619,7 @@ def summary_row(source: str, out: str, report, resumed: bool = False) -> dict:
 
 
 def _read_report(path: str):
-    from engine.report import read_json
+    from unspeakable.engine.report import read_json
 
     try:
         return read_json(path)
@@ -672,12 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Console entry point: ``unspeakable`` (setup.py) and ``python -m engine``. Returns the exit status."""
+    """Console entry point: ``unspeakable`` (setup.py) and ``python -m unspeakable``. Returns the exit status."""
     try:
         ns = build_parser().parse_args(args)
     except SystemExit as e:  # argparse has printed usage and the error (status 2), or --help (status 0)
         return int(e.code or 0)
-    from kernels import BackendError
+    from unspeakable.kernels import BackendError
 
     cls = ns._cls
     command = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})

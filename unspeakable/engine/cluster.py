@@ -45,16 +45,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.evidence import Candidate, Certificate
-from engine.head import InputError
-from engine.pipeline import (
+from unspeakable.engine.evidence import Candidate, Certificate
+from unspeakable.engine.head import InputError
+from unspeakable.engine.pipeline import (
     _DecideState,
     _record_decide,
     _record_search,
     _verdicts,
     decide_pass_options,
 )
-from engine.screen import GramScreen, WitnessScreen, gram_screen, witness_screen
+from unspeakable.engine.screen import GramScreen, WitnessScreen, gram_screen, witness_screen
 
 BASE_BYTES = 600 * 2**20
 SEARCH_BATCH = 256  # engine.pipeline._search_stage's chunk: a task searches whole chunks, bit for bit the same
@@ -303,7 +303,7 @@ def clean_candidate(raw, token: int, d: int) -> Candidate | None:
 
 def search_task(slim: Slim, tokens: np.ndarray) -> list[Candidate]:
     """Search one or more whole chunks of open tokens (runs on a worker)."""
-    from engine.search import search
+    from unspeakable.engine.search import search
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -314,7 +314,7 @@ def search_task(slim: Slim, tokens: np.ndarray) -> list[Candidate]:
 
 def decide_task(slim: Slim, tokens: list, comps: dict, options: dict) -> list[Candidate]:
     """One LP pass (``engine.pipeline.decide_pass_options``) on a batch (runs on a worker; one process)."""
-    from engine.decide import decide_many
+    from unspeakable.engine.decide import decide_many
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -29,8 +29,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from engine.evidence import Candidate, Certificate
-from engine.restricted import SOLVERS
+from unspeakable.engine.evidence import Candidate, Certificate
+from unspeakable.engine.restricted import SOLVERS
 
 U32 = 2.0**-24
 

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from engine.head import InputError
+from unspeakable.engine.head import InputError
 
 U = 2.0**-53  # float64 unit roundoff
 ETA = 2.0**-1074  # smallest subnormal: the absolute error of one underflowing operation

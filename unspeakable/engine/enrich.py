@@ -32,8 +32,8 @@ def gram_summary(report, head, center: bool | None = None, backend: str = "torch
     is reused, and so is the other convention's when the scan's pass reduced it from the same tiles
     (``report.gram_other``); otherwise it costs one more gram screen over the same tokens.
     """
-    from engine.loader import gram_rows
-    from engine.screen import gram_screen
+    from unspeakable.engine.loader import gram_rows
+    from unspeakable.engine.screen import gram_screen
 
     used = head.gram_center if center is None else bool(center)
     made = getattr(report, "gram_other", None)  # counted by the scan's own pass, from the same tiles
@@ -62,7 +62,7 @@ def attach_raw_tokens(report, head) -> None:
 def enrich(report, head, *, center: bool | None = None, domain=None, radius=None, bias: bool = True,
            backend: str = "torch", device="cpu", model_check: bool = True):
     """Raw tokens, both gram counts and (scan reports of model sources) the model check; returns the report."""
-    from kernels import resolve_backend
+    from unspeakable.kernels import resolve_backend
 
     backend, dev = resolve_backend(backend, device)
     attach_raw_tokens(report, head)
@@ -71,8 +71,8 @@ def enrich(report, head, *, center: bool | None = None, domain=None, radius=None
         if w not in report.warnings:
             report.warnings.append(w)
     if model_check and report.kind == "scan" and getattr(head, "model", None) is not None:
-        from engine.loader import fold
-        from engine.modelcheck import annotate
+        from unspeakable.engine.loader import fold
+        from unspeakable.engine.modelcheck import annotate
 
         annotate(report, head, fold(head, domain=domain, radius=radius, bias=bias))
     return report

@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from engine.head import Head, InputError, head_from_arrays
+from unspeakable.engine.head import Head, InputError, head_from_arrays
 
 # Final norm kind by ``general.architecture``, as llama.cpp's graph builds it (src/llama-model.cpp).
 RMS_ARCHS = frozenset({
@@ -152,7 +152,7 @@ def load_gguf(path: str) -> Head:
     Raises:
         InputError: unreadable file, no head tensor, a shape that disagrees with the metadata.
     """
-    from engine.text import decode, detect_scheme
+    from unspeakable.engine.text import decode, detect_scheme
 
     path = os.fspath(path)
     g = read_gguf(path)

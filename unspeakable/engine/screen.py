@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.screen import top2_exact
-from kernels.sym_screen import KeyMap, OtherGram, sym_screen
+from unspeakable.kernels.screen import top2_exact
+from unspeakable.kernels.sym_screen import KeyMap, OtherGram, sym_screen
 
 
 @dataclass

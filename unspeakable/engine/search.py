@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from engine.evidence import Candidate, Certificate
-from kernels import torch_threads
+from unspeakable.engine.evidence import Candidate, Certificate
+from unspeakable.kernels import torch_threads
 
 
 @dataclass

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.head import Head, InputError, head_from_arrays
+from unspeakable.engine.head import Head, InputError, head_from_arrays
 
 # Shape of the cloud. The deviation from the shared mean has RMS norm DEV_SCALE before the per-token factor.
 DEV_SCALE = 3.0

@@ -178,7 +178,7 @@ def read_vocab(path: str) -> tuple[list[str | None], str]:
     Raises:
         InputError: naming the file and what is wrong with it.
     """
-    from engine.head import InputError
+    from unspeakable.engine.head import InputError
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -199,7 +199,7 @@ def read_vocab(path: str) -> tuple[list[str | None], str]:
 
 
 def _vocab_from_json(path: str, data) -> tuple[list[str | None], str]:
-    from engine.head import InputError
+    from unspeakable.engine.head import InputError
 
     if isinstance(data, list):
         bad = [i for i, t in enumerate(data) if t is not None and not isinstance(t, str)]

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine import exact, verify_sym
-from engine.domain import ETA, U, gamma
-from engine.evidence import Certificate
+from unspeakable.engine import exact, verify_sym
+from unspeakable.engine.domain import ETA, U, gamma
+from unspeakable.engine.evidence import Certificate
 
 
 PAIRWISE_MIN_V = 1024  # below this the exhaustive float64 check costs little

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.domain import ETA, U, gamma
-from kernels import torch_threads
+from unspeakable.engine.domain import ETA, U, gamma
+from unspeakable.kernels import torch_threads
 
 TOP_K = 4
 SYM_MIN = 1024  # fewer multiples than this: the per-batch pass costs about as much

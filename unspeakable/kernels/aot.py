@@ -7,9 +7,9 @@ runs for that architecture, with its flags), the register count of the cubin Tri
 with the bundled ``cuobjdump``, as a cross-check), the shared memory Triton allocated, and whether the
 PTX uses ``mma.sync`` (Ampere tensor cores) or ``wgmma`` (Hopper warpgroup MMA).
 
-    python -m kernels.aot            # table
-    python -m kernels.aot --json     # [{"kernel", "target", "registers", "spills_bytes", ...}]
-    python -m kernels.aot --kernel all   # also the symmetric screen kernel (kernels.triton_sym)
+    python -m unspeakable.kernels.aot            # table
+    python -m unspeakable.kernels.aot --json     # [{"kernel", "target", "registers", "spills_bytes", ...}]
+    python -m unspeakable.kernels.aot --kernel all   # also the symmetric screen kernel (kernels.triton_sym)
 
 The kernel is compiled with every feature switch on (self, scale, bias): the witness screen, a superset
 of the gram screen's code and the register-hungriest variant.
@@ -37,8 +37,8 @@ if __name__ == "__main__":
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from kernels.triton_sym import SymConfig, _sym_kernel, sym_configs_for  # noqa: E402
-from kernels.triton_top2 import PRECISIONS, TileConfig, _top2_kernel, configs_for  # noqa: E402
+from unspeakable.kernels.triton_sym import SymConfig, _sym_kernel, sym_configs_for  # noqa: E402
+from unspeakable.kernels.triton_top2 import PRECISIONS, TileConfig, _top2_kernel, configs_for  # noqa: E402
 
 TARGETS = (80, 90)
 
@@ -203,7 +203,7 @@ def format_table(results: list[AotResult]) -> str:
 
 
 def main(args=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m unspeakable.kernels.aot", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--target", type=int, action="append", choices=TARGETS, help="compute capability (repeat)")
     # Default: the top-2 kernel only, the report tests/test_aot.py checks; "--kernel all" adds the

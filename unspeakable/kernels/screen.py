@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from kernels import resolve_backend
-from kernels.top2 import Top2, top2_torch
+from unspeakable.kernels import resolve_backend
+from unspeakable.kernels.top2 import Top2, top2_torch
 
 U32 = 2.0**-24
 # Unit roundoff of the *inputs* to the dot products for each fast precision.
@@ -51,7 +51,7 @@ def row_error_bounds(queries64, keys_norm_max, scale64, center64, bias64, precis
 
 def _fast_top2(backend, queries, keys, self_index, scale, center, bias, precision, **kw) -> Top2:
     if backend == "triton":
-        from kernels.triton_top2 import top2_triton
+        from unspeakable.kernels.triton_top2 import top2_triton
 
         return top2_triton(queries, keys, self_index, scale=scale, center=center, bias=bias, precision=precision, **kw)
     return top2_torch(queries, keys, self_index, scale=scale, center=center, bias=bias, **kw)

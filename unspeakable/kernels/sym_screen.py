@@ -50,9 +50,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import torch_threads
-from kernels.screen import dot_error_unit
-from kernels.top2 import Top2, _take_best, top2_reference, top2_torch
+from unspeakable.kernels import torch_threads
+from unspeakable.kernels.screen import dot_error_unit
+from unspeakable.kernels.top2 import Top2, _take_best, top2_reference, top2_torch
 
 NEG_INF = float("-inf")
 U32 = 2.0**-24  # float32 unit roundoff (the epilogue is float32 in every precision)
@@ -724,7 +724,7 @@ def _recover_both(gs, ws, plan, gram_rows64, keys64, scale64, bias64, stats):
 def _fast(plan, backend, device, prune, stats, precision, block, gemm_threads):
     """The one place the fast pass's backend is chosen."""
     if backend == "triton":
-        from kernels.triton_sym import fast_triton
+        from unspeakable.kernels.triton_sym import fast_triton
 
         return (*fast_triton(plan, device, prune, stats, precision=precision, block=block), None)
     if backend != "torch":

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import BackendError, triton_interpret
-from kernels.triton_top2 import PRECISIONS, config_table_key
+from unspeakable.kernels import BackendError, triton_interpret
+from unspeakable.kernels.triton_top2 import PRECISIONS, config_table_key
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class SymConfig:
 # Small enough for the interpreter, big enough for tl.dot (16) and ragged edges at odd test shapes.
 TEST_CONFIG = SymConfig(16, 16, num_warps=4, num_stages=1)
 
-# Per architecture and precision, best first; every one compiles without spilling (python -m kernels.aot
+# Per architecture and precision, best first; every one compiles without spilling (python -m unspeakable.kernels.aot
 # --kernel sym). The four epilogues and the top-K extraction keep several BLOCK x BLOCK tiles live, so the
 # tiles are smaller than the one-sided top-2 kernel's.
 _CONFIGS = {
@@ -234,7 +234,7 @@ def _down32(x64: torch.Tensor) -> torch.Tensor:
 
 def _bounds_on(rows, bias_sorted, block, dev):
     """Per-row (ub_scale, ub_shift) and per-block (E, N, n) of sym_screen's pruning bound, as fp32."""
-    from kernels.sym_screen import _block_bounds
+    from unspeakable.kernels.sym_screen import _block_bounds
 
     bb = _block_bounds(rows, bias_sorted, block)
     ub = torch.stack([rows.ub_scale.to(torch.float32), _up32(rows.ub_shift)], dim=1)
@@ -281,7 +281,7 @@ def _existing(pairs: torch.Tensor, has_witness: bool) -> torch.Tensor:
 def fast_triton(plan, device, prune: bool, stats, precision: str = "ieee", block: int | None = None):
     """The fast pass of ``sym_screen`` on the GPU (or in Triton's interpreter): per row the fast top-K
     of both screens, in sorted positions, returned on the CPU as ``sym_screen._State``."""
-    from kernels.sym_screen import TOP_K, _State
+    from unspeakable.kernels.sym_screen import TOP_K, _State
 
     dev = torch.device(device)
     if dev.type != "cuda" and not triton_interpret():

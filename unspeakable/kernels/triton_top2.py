@@ -9,7 +9,7 @@ Centre and bf16: done by the launcher, not in the kernel. ``q - center`` is comp
 ``top2_torch`` does) over row chunks of at most ``_CENTER_CHUNK_ELEMS`` elements, and for "bf16" the
 (centred) queries and the keys are cast to bf16 once. Then both dot operands reach shared memory
 straight from global memory (cp.async / TMA-able); an in-kernel subtraction or cast would stage every
-tile through registers and made the tuned configurations spill (see ``python -m kernels.aot``).
+tile through registers and made the tuned configurations spill (see ``python -m unspeakable.kernels.aot``).
 
 Precision: "ieee" (fp32 FMA), "tf32" (tensor cores, inputs rounded to 10 mantissa bits), "bf16" (7
 bits). The accumulator is fp32 in every case; ``kernels.screen.dot_error_unit`` bounds the error and
@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import BackendError, triton_interpret
-from kernels.top2 import Top2
+from unspeakable.kernels import BackendError, triton_interpret
+from unspeakable.kernels.top2 import Top2
 
 PRECISIONS = ("ieee", "tf32", "bf16")
 _CENTER_CHUNK_ELEMS = 1 << 26  # 256 MB of fp32 centred queries at most per launch
@@ -49,7 +49,7 @@ class TileConfig:
 TEST_CONFIG = TileConfig(32, 128, 64, num_warps=4, num_stages=1)  # (block_m, block_n, block_k, ...)
 
 # Per architecture and precision, best first. Chosen so that every one compiles without spilling
-# (``python -m kernels.aot``; the d % 16 == 0 specialisation of real heads: 768, 1600, 4096).
+# (``python -m unspeakable.kernels.aot``; the d % 16 == 0 specialisation of real heads: 768, 1600, 4096).
 _CONFIGS = {
     # sm_80: mma.sync m16n8k8 (tf32) / m16n8k16 (bf16), cp.async pipelining, 164 KiB shared memory.
     (80, "tf32"): (TileConfig(128, 128, 16, 8, 4), TileConfig(64, 128, 16, 4, 4)),
@@ -208,7 +208,7 @@ def _operand(x: torch.Tensor, precision: str) -> tuple[torch.Tensor, str]:
 
     On the GPU, d is padded with zero columns to a multiple of 16: exact (zero terms add nothing), and
     it gives the 16-divisible row strides Triton's JIT specialises on, i.e. the vectorised spill-free
-    build that ``python -m kernels.aot`` checks (an unaligned d compiles scalar loads that spill).
+    build that ``python -m unspeakable.kernels.aot`` checks (an unaligned d compiles scalar loads that spill).
     """
     d = x.shape[1]
     if x.device.type in _PAD_D_DEVICES and d % 16:
