@@ -412,3 +412,28 @@ def test_console_entry_in_a_subprocess(tmp_path):
     assert p.returncode == 2
     assert p.stderr.startswith("unspeakable: error: --resume needs --out")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(shutil.which("unspeakable") is None, reason="the console script is not installed")
+def test_installed_script_runs_outside_the_checkout(tmp_path):
+    """The installed command from a directory that is not the checkout, with no PYTHONPATH: what a user
+    types after pip install. The import names are ours alone (a dependency's 'kernels' shadowed ours once)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([shutil.which("unspeakable"), "scan", "synthetic:V=300,d=8,seed=1", "--out", "x.json"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "x.json").read_text())["schema"] == SCHEMA
+    p = subprocess.run([sys.executable, "-c", "import unspeakable, unspeakable.engine, unspeakable.kernels; "
+                        "print(unspeakable.__file__)"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert Path(p.stdout.strip()).parent.name == "unspeakable"
+
+
+def test_our_import_name_is_ours_alone():
+    """No other installed distribution ships a top-level 'unspeakable' (transformers' 'kernels' dependency once
+    shadowed a package of ours with that generic name)."""
+    from importlib.metadata import packages_distributions
+
+    owners = set(packages_distributions().get("unspeakable", ["unspeakable"]))
+    assert owners == {"unspeakable"}, owners

@@ -273,6 +273,36 @@ def test_unknown_model_name_offline():
         load("no-such-org/no-such-model-xyz")
 
 
+def test_offline_switch_is_scoped_to_the_load(monkeypatch):
+    """A cached-looking name is loaded with the hub switched off, and the caller's process is left as it was:
+    environment variables unset again, huggingface_hub's constant back to its own value."""
+    import sys
+
+    import huggingface_hub.constants as hub_constants
+    import transformers
+
+    from unspeakable.engine import loader
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loader, "_cached_locally", lambda name: True)
+    monkeypatch.setitem(sys.modules, "transformer_lens", None)  # straight to the transformers path
+    seen = {}
+
+    def from_pretrained(name, **kw):
+        seen.update(env=os.environ.get("HF_HUB_OFFLINE"), tf=os.environ.get("TRANSFORMERS_OFFLINE"),
+                    const=hub_constants.HF_HUB_OFFLINE, local=kw.get("local_files_only"))
+        raise OSError("not here")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(InputError, match="some-org/some-model"):
+        load("some-org/some-model")
+    assert seen == {"env": "1", "tf": "1", "const": True, "local": True}
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ
+    assert hub_constants.HF_HUB_OFFLINE is False
+
+
 # ------------------------------------------------------------------------------------------- synthetic
 def test_synthetic_spec():
     assert _parse_synthetic("synthetic") == {"V": 50257, "d": 768, "seed": 0}
