@@ -48,7 +48,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from unspeakable.kernels import triton_sym as ts  # noqa: E402
 from unspeakable.kernels.sym_screen import KeyMap, OtherGram, round_inputs, sym_screen, sym_screen_reference  # noqa: E402
 
-INTERPRETED = isinstance(tl.zeros, InterpretedFunction) and isinstance(ts._sym_kernel, InterpretedFunction)
+INTERPRETED = isinstance(tl.zeros, InterpretedFunction) and isinstance(ts.sym_kernel, InterpretedFunction)
 ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = [(37, 5), (130, 33), (257, 64)]

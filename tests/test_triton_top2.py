@@ -36,7 +36,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from unspeakable.kernels import triton_top2 as tt  # noqa: E402
 
-INTERPRETED = isinstance(tl.zeros, InterpretedFunction) and isinstance(tt._top2_kernel, InterpretedFunction)
+INTERPRETED = isinstance(tl.zeros, InterpretedFunction) and isinstance(tt.top2_kernel, InterpretedFunction)
 
 import unspeakable.kernels.screen as screen  # noqa: E402
 from unspeakable.kernels import BackendError, resolve_backend  # noqa: E402

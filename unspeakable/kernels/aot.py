@@ -37,8 +37,8 @@ if __name__ == "__main__":
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from unspeakable.kernels.triton_sym import SymConfig, _sym_kernel, sym_configs_for  # noqa: E402
-from unspeakable.kernels.triton_top2 import PRECISIONS, TileConfig, _top2_kernel, configs_for  # noqa: E402
+from unspeakable.kernels.triton_sym import SymConfig, sym_kernel, sym_configs_for  # noqa: E402
+from unspeakable.kernels.triton_top2 import PRECISIONS, TileConfig, top2_kernel, configs_for  # noqa: E402
 
 TARGETS = (80, 90)
 
@@ -126,7 +126,7 @@ def cubin_registers(cubin: bytes) -> int:
 
 def compile_top2(config: TileConfig, precision: str, cc: int):
     """Compile the witness-screen variant of the top-2 kernel for ``sm_<cc>``; returns a CompiledKernel."""
-    fn = _compiled_fn(_top2_kernel)
+    fn = _compiled_fn(top2_kernel)
     constexprs = dict(
         HAS_SELF=True, HAS_SCALE=True, HAS_BIAS=True, PRECISION=precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -155,7 +155,7 @@ _SYM_DIVISIBLE_BY_16 = set(_SYM_POINTERS) | {"D", "stride_h"}
 
 def compile_sym(config: SymConfig, precision: str, cc: int):
     """Compile the all-switches-on variant of the symmetric screen kernel for ``sm_<cc>``."""
-    fn = _compiled_fn(_sym_kernel)
+    fn = _compiled_fn(sym_kernel)
     constexprs = dict(HAS_WITNESS=True, HAS_A=True, HAS_BETA=True, HAS_BIAS=True, PRUNE=True, PRECISION=precision,
                       K=6, BLOCK=config.block, BLOCK_K=config.block_k)
     operands = {"h_ptr": "*bf16"} if precision == "bf16" else {}

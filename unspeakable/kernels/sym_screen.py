@@ -28,7 +28,7 @@ Exactness (as ``kernels.screen.top2_exact``, plus the second index, issue 8): ev
 an a-priori bound ``eps_t`` of the float64 reference's value (dot error of the precision, the float32
 epilogue's roundings, flushed subnormals, float64 rounding of the reference and of the corrections, and
 the measured residual ``‖k_j − k̂_j‖`` between the caller's keys and the map). The fast pass keeps the top
-K = ``TOP_K`` candidates per row. The reference's best and second lie among the candidates whose fast
+K = ``sym_plan.TOP_K`` candidates per row. The reference's best and second lie among the candidates whose fast
 value is ≥ fast second − 2 eps_t; those are rescored in float64 and ordered by the reference's rule (value,
 then first index). A row where that set may extend past the K kept (the K-th is still near), with an empty
 or non-finite slot, or whose magnitudes could overflow float32, is recomputed in float64 over all
@@ -52,9 +52,9 @@ import torch
 
 from unspeakable.kernels import torch_threads
 from unspeakable.kernels.screen import dot_error_unit
-from unspeakable.kernels.top2 import Top2, _take_best, top2_reference, top2_torch
+from unspeakable.kernels.sym_plan import NEG_INF, BlockBounds, Plan, Rows, State, block_bounds
+from unspeakable.kernels.top2 import Top2, take_best, top2_reference, top2_torch
 
-NEG_INF = float("-inf")
 U32 = 2.0**-24  # float32 unit roundoff (the epilogue is float32 in every precision)
 TINY = 2.0**-126  # smallest normal float32: the absolute error of a flushed subnormal (FTZ / DAZ)
 # A row whose fast magnitudes could reach this is recomputed in float64: the a-priori bound assumes no
@@ -62,10 +62,6 @@ TINY = 2.0**-126  # smallest normal float32: the absolute error of a flushed sub
 RANGE_LIMIT = 2.0**100
 F64_SLACK = 1.0 + 2.0**-40  # rounds a float64-computed norm or bound up past its own rounding error
 PRECISIONS = ("ieee", "tf32", "bf16")
-# Candidates kept per row by the fast pass. The exact best and second lie among those within 2 eps of the
-# fast second; with K slots, up to K - 1 such near ties are settled by float64 rescoring of K dots, not by
-# a float64 pass over all V columns (the cost that dominated at tf32 / on uncentred rows).
-TOP_K = 6
 # Rows per block of the torch pass. 2048 looked 14 % faster under load (GEMM per flop), but on the quiet
 # machine 1024 wins: GPT-2 shape 16.3 / 17.0 s at 1024 against 19.3 / 19.0 s at 2048 (alternated runs): a
 # 1024 x 1024 float32 tile (4 MB) stays in cache through its epilogues, a 2048 x 2048 one (16 MB) does not.
@@ -169,17 +165,6 @@ def _check_inputs(gram_rows64, keys64, scale64, bias64, key_map) -> None:
 # ------------------------------------------------------------------------------- float64 row quantities
 
 
-@dataclass
-class _Rows:
-    """float64 per-row quantities of one screen (original order until sorted by ``_take``)."""
-
-    norm: torch.Tensor  # [V] upper bound of the norm the pruning bound multiplies (‖g_j‖ or ‖k_j‖)
-    eps: torch.Tensor  # [V] |fast value - real value (less a per-row constant)| <= eps for every j != t
-    in_range: torch.Tensor  # [V] bool: no float32 overflow possible in this row's fast values
-    ub_scale: torch.Tensor  # [V] fast value of (t, j) <= ub_scale[t] * norm[j] + ub_shift[t] + bias[j]
-    ub_shift: torch.Tensor  # [V]
-
-
 def _norms(x64: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     out = torch.empty(x64.shape[0], dtype=torch.float64)
     for r0 in range(0, x64.shape[0], chunk):
@@ -194,14 +179,14 @@ def _dot_eps(norm, nmax, d, precision):
     return rel * norm * nmax + 2.0 * TINY * (math.sqrt(d) * (norm + nmax) + 2 * d + 4)
 
 
-def _gram_only_rows(g64, precision) -> _Rows:
+def _gram_only_rows(g64, precision) -> Rows:
     """Gram screen on a GEMM of the gram rows themselves: the fast value is the dot, no epilogue."""
     V, d = g64.shape
     norm = _norms(g64)
     nmax = float(norm.max()) if V else 0.0
     eps = _dot_eps(norm, nmax, d, precision)
     in_range = norm * nmax * 2.0 < RANGE_LIMIT
-    return _Rows(norm, eps, in_range, norm, eps)  # f(t, j) <= ‖g_t‖ ‖g_j‖ + eps_t
+    return Rows(norm, eps, in_range, norm, eps)  # f(t, j) <= ‖g_t‖ ‖g_j‖ + eps_t
 
 
 @dataclass
@@ -251,7 +236,7 @@ def _corrections(g64, keys64, key_map: KeyMap | None, chunk: int = 8192) -> _Cor
     return _Corrections(a, beta, float(p @ p), kn * F64_SLACK, en)
 
 
-def _witness_rows(keys64, scale64, bias64, precision) -> _Rows:
+def _witness_rows(keys64, scale64, bias64, precision) -> Rows:
     """Bounds for the epilogue value ``f = s_t S_tj + b_j`` (S the float32 Gram of the keys; two roundings)."""
     V, d = keys64.shape
     kn = _norms(keys64)
@@ -262,10 +247,10 @@ def _witness_rows(keys64, scale64, bias64, precision) -> _Rows:
     eps = 2.0 * (s * _dot_eps(kn, kmax, d, precision) + 2.0 * U32 * (mag + bmax) + TINY * (kn * kmax + 4.0))
     eps = eps + 8.0 * 2.0**-53 * (mag + bmax)  # the float64 reference's s * dot + b
     in_range = (2.0 * kn * kmax * torch.clamp(s, min=1.0) + bmax < RANGE_LIMIT) & (s < RANGE_LIMIT)
-    return _Rows(kn, eps, in_range, s * kn * F64_SLACK, eps)  # f(t, j) <= s_t ‖k_t‖ ‖k_j‖ + b_j + eps_t
+    return Rows(kn, eps, in_range, s * kn * F64_SLACK, eps)  # f(t, j) <= s_t ‖k_t‖ ‖k_j‖ + b_j + eps_t
 
 
-def _gram_from_keys_rows(g64, keys64, corr: _Corrections, precision) -> _Rows:
+def _gram_from_keys_rows(g64, keys64, corr: _Corrections, precision) -> Rows:
     """Bounds for the gram epilogue on the keys' Gram: ``f = S_tj + a_t a_j + beta_j`` (three float32
     roundings), the real ``g_t·g_j`` less the row constant ``beta_t + gamma``, up to the residual."""
     V, d = g64.shape
@@ -285,33 +270,10 @@ def _gram_from_keys_rows(g64, keys64, corr: _Corrections, precision) -> _Rows:
     in_range = 2.0 * inner < RANGE_LIMIT
     # f(t, j) <= g_t·g_j − beta_t − gamma + eps_t <= ‖g_t‖ ‖g_j‖ − beta_t − gamma + eps_t
     shift = eps - beta - corr.gamma
-    return _Rows(gn, eps, in_range, gn, shift + shift.abs() * 2.0**-40)
+    return Rows(gn, eps, in_range, gn, shift + shift.abs() * 2.0**-40)
 
 
 # ------------------------------------------------------------------------------- sorted fast operands
-
-
-@dataclass
-class _Plan:
-    """Everything the fast pass reads, in the sorted order ``perm`` (position p holds row ``perm[p]``).
-
-    ``h32`` are the GEMM's rows: the keys when there is a witness screen (its values are then plain
-    scaled dots, and the gram's are the same Gram plus rank-one corrections, with error bounds in the
-    keys' norms rather than the larger uncentred ones), else the gram rows."""
-
-    perm: torch.Tensor  # [V] int64
-    h32: torch.Tensor  # [V, d] float32, rounded as the precision rounds its inputs
-    gram: _Rows  # sorted
-    wit: _Rows | None  # sorted
-    a32: torch.Tensor | None  # [V] epilogue vectors, float32, sorted
-    beta32: torch.Tensor | None
-    s32: torch.Tensor | None
-    b32: torch.Tensor | None
-    bias_sorted: torch.Tensor | None  # float64, for the witness pruning bound
-    block: int
-    other: _Rows | None = None  # sorted: the OtherGram convention's gram bounds, its epilogue vectors
-    a2_32: torch.Tensor | None = None
-    beta2_32: torch.Tensor | None = None
 
 
 def round_inputs(x32: torch.Tensor, precision: str) -> torch.Tensor:
@@ -337,8 +299,8 @@ def _sorted_f32(x64: torch.Tensor, perm: torch.Tensor, precision: str, chunk: in
     return out
 
 
-def _take(rows: _Rows | None, perm) -> _Rows | None:
-    return None if rows is None else _Rows(*(getattr(rows, f)[perm] for f in rows.__dataclass_fields__))
+def _take(rows: Rows | None, perm) -> Rows | None:
+    return None if rows is None else Rows(*(getattr(rows, f)[perm] for f in rows.__dataclass_fields__))
 
 
 def _other_rows(other: OtherGram, V: int, d: int) -> torch.Tensor:
@@ -350,7 +312,7 @@ def _other_rows(other: OtherGram, V: int, d: int) -> torch.Tensor:
     return g
 
 
-def _plan(g64, keys64, scale64, bias64, key_map, precision, block, other: OtherGram | None = None) -> _Plan:
+def _plan(g64, keys64, scale64, bias64, key_map, precision, block, other: OtherGram | None = None) -> Plan:
     corr = None
     if keys64 is None:
         gram, wit = _gram_only_rows(g64, precision), None
@@ -370,7 +332,7 @@ def _plan(g64, keys64, scale64, bias64, key_map, precision, block, other: OtherG
     if other is not None:
         other_rows = _take(other_rows, perm)
     f32 = lambda t: None if t is None else t[perm].to(torch.float32)  # noqa: E731
-    plan = _Plan(perm, _sorted_f32(g64 if keys64 is None else keys64, perm, precision), _take(gram, perm),
+    plan = Plan(perm, _sorted_f32(g64 if keys64 is None else keys64, perm, precision), _take(gram, perm),
                  _take(wit, perm), None, None, None, None, None, block)
     if keys64 is not None:
         plan.a32, plan.beta32, plan.s32, plan.b32 = f32(corr.a), f32(corr.beta), f32(scale64), f32(bias64)
@@ -383,30 +345,7 @@ def _plan(g64, keys64, scale64, bias64, key_map, precision, block, other: OtherG
 # ---------------------------------------------------------------------------------------------- pruning
 
 
-@dataclass
-class _BlockBounds:
-    """Per block J of sorted rows: ``max_j (m n_j + b_j)`` and the range of ``n_j``, so that for any row
-    multiplier u: ``max_j (u n_j + b_j) <= E_J + max((u − m) N_J, (u − m) n_J)`` (linear in n_j)."""
-
-    m: float
-    E: torch.Tensor
-    nmax: torch.Tensor
-    nmin: torch.Tensor
-
-
-def _block_bounds(rows: _Rows, bias: torch.Tensor | None, block: int) -> _BlockBounds:
-    V = rows.norm.shape[0]
-    m = float(rows.ub_scale.median()) if V else 0.0
-    val = m * rows.norm + (0.0 if bias is None else bias)
-    pad = (-V) % block
-    def per_block(x, fill, op):  # noqa: E306
-        return op(torch.nn.functional.pad(x, (0, pad), value=fill).view(-1, block), dim=1).values
-    E = per_block(val, NEG_INF, torch.max)
-    E = E + E.abs() * 2.0**-40  # float64 rounding of m n_j + b_j, rounded up
-    return _BlockBounds(m, E, per_block(rows.norm, NEG_INF, torch.max), per_block(rows.norm, math.inf, torch.min))
-
-
-def _needed(rows: _Rows, bb: _BlockBounds, vals: torch.Tensor, t0: int, t1: int, jb: int) -> bool:
+def _needed(rows: Rows, bb: BlockBounds, vals: torch.Tensor, t0: int, t1: int, jb: int) -> bool:
     """Whether some target row t0:t1 could take a candidate of block jb into its fast top-K."""
     u = rows.ub_scale[t0:t1]
     du = u - bb.m
@@ -444,7 +383,7 @@ def _fold(T: torch.Tensor, dim: int, vals: torch.Tensor, idx: torch.Tensor, t0: 
     idx[rows] = torch.cat([idx[rows], ci], 1).gather(1, tj)
 
 
-def _epilogue(S, W, plan: _Plan, r0, r1, c0, c1, screen: str, transpose: bool) -> torch.Tensor:
+def _epilogue(S, W, plan: Plan, r0, r1, c0, c1, screen: str, transpose: bool) -> torch.Tensor:
     """Fast values of one screen on the tile, targets t in rows (``transpose`` False: rows r0:r1) or in
     columns (True: rows c0:c1), candidates j the other side. One pass each (out= into a buffer):
 
@@ -467,14 +406,6 @@ def _epilogue(S, W, plan: _Plan, r0, r1, c0, c1, screen: str, transpose: bool) -
     if beta32 is not None:
         T = torch.add(T, beta32[cr[0]:cr[1]].view(shape_c), out=W)
     return T
-
-
-class _State:
-    """Running fast top-K of one screen, in sorted positions: values float32, candidate positions int64."""
-
-    def __init__(self, V: int, k: int = TOP_K):
-        self.vals = torch.full((V, k), NEG_INF, dtype=torch.float32)
-        self.idx = torch.full((V, k), -1, dtype=torch.int64)
 
 
 def _tile_torch(plan, bufs, states, r0, r1, c0, c1, dirs, gemm_threads: int = 1) -> None:
@@ -501,15 +432,15 @@ def _reduce_tile(plan, S, W, states, r0, r1, c0, c1, dirs) -> None:
             _fold(T, 0 if transpose else 1, st.vals, st.idx, c0 if transpose else r0, r0 if transpose else c0)
 
 
-def _fast_torch(plan: _Plan, prune: bool, stats: SymScreenStats, gemm_threads: int):
+def _fast_torch(plan: Plan, prune: bool, stats: SymScreenStats, gemm_threads: int):
     """The symmetric schedule: for I, for J >= I, tile (I, J) updates rows I and rows J. Returns the
     states of the gram, witness and other screens (None where there is none)."""
     V, B = plan.h32.shape[0], plan.block
-    gs, ws = _State(V), (None if plan.wit is None else _State(V))
-    os_ = None if plan.other is None else _State(V)
-    gb = _block_bounds(plan.gram, None, B)
-    wb = None if plan.wit is None else _block_bounds(plan.wit, plan.bias_sorted, B)
-    ob = None if plan.other is None else _block_bounds(plan.other, None, B)
+    gs, ws = State(V), (None if plan.wit is None else State(V))
+    os_ = None if plan.other is None else State(V)
+    gb = block_bounds(plan.gram, None, B)
+    wb = None if plan.wit is None else block_bounds(plan.wit, plan.bias_sorted, B)
+    ob = None if plan.other is None else block_bounds(plan.other, None, B)
     bufs = [torch.empty(B * B, dtype=torch.float32) for _ in range(2)]
     for ib, r0 in enumerate(range(0, V, B)):
         r1 = min(V, r0 + B)
@@ -545,7 +476,7 @@ def _directions(plan, bounds, states, I, J, prune) -> list:
 # ------------------------------------------------------------------------------------ exact recovery
 
 
-def _slots_to_original(st: _State, perm: torch.Tensor):
+def _slots_to_original(st: State, perm: torch.Tensor):
     """The state in the original row order, candidate positions mapped back to token ids (-1: empty)."""
     V = perm.shape[0]
     inv = torch.empty_like(perm)
@@ -585,13 +516,13 @@ def _pair_affine(out, scale64, bias64, rows, cols):
 
 def _first_two(vals: torch.Tensor, ids: torch.Tensor):
     """Best and second of each row over slots (value, then the smaller id: the reference's tie rule)."""
-    b_val, b_idx = _take_best(vals, ids)
+    b_val, b_idx = take_best(vals, ids)
     taken = ids == b_idx[:, None]
-    s_val, s_idx = _take_best(vals.masked_fill(taken, NEG_INF), ids.masked_fill(taken, -1))
+    s_val, s_idx = take_best(vals.masked_fill(taken, NEG_INF), ids.masked_fill(taken, -1))
     return b_val, b_idx, s_val, s_idx
 
 
-def _recover(st: _State, rows: _Rows, perm, q64, keys64, scale64, bias64) -> tuple[Top2, int, int]:
+def _recover(st: State, rows: Rows, perm, q64, keys64, scale64, bias64) -> tuple[Top2, int, int]:
     """Exact best / second indices, values rescored in float64.
 
     The float64 reference's best and second lie among the j whose fast value is >= (fast second) − 2 eps

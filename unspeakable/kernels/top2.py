@@ -48,7 +48,7 @@ def _check(queries, keys, self_index, scale, center, bias):
     return B, V, d
 
 
-def _take_best(vals: torch.Tensor, idx: torch.Tensor):
+def take_best(vals: torch.Tensor, idx: torch.Tensor):
     """Row-wise max over candidates, first (smallest) index among equal maxima. vals/idx: [B, k]."""
     best = vals.max(dim=1).values
     # Smallest index among the maxima; idx -1 marks an empty slot and never wins (its value is -inf).
@@ -63,10 +63,10 @@ def merge_top2(a_val, a_idx, a_sec, a_sidx, b_val, b_idx, b_sec, b_sidx):
     """Merge two partial top-2 results (tie rule: smaller index first)."""
     vals = torch.stack([a_val, a_sec, b_val, b_sec], dim=1)
     idx = torch.stack([a_idx, a_sidx, b_idx, b_sidx], dim=1)
-    best, bidx = _take_best(vals, idx)
+    best, bidx = take_best(vals, idx)
     vals2 = torch.where(idx == bidx[:, None], torch.full_like(vals, NEG_INF), vals)
     idx2 = torch.where(idx == bidx[:, None], torch.full_like(idx, -1), idx)
-    sec, sidx = _take_best(vals2, idx2)
+    sec, sidx = take_best(vals2, idx2)
     return best, bidx, sec, sidx
 
 

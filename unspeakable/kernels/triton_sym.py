@@ -13,7 +13,7 @@ witness rows I, witness rows J — each ``gram: S + a_t a_j + beta_j`` / ``witne
 (-inf never wins a max: the ragged edge and the self column on the diagonal), and a top-K extraction of
 the rows whose tile maximum beats their current K-th value (read at launch; the extraction stops as soon
 as no row of the tile has another candidate above it). Pruning: before the GEMM, each direction's
-rigorous bound (Cauchy–Schwarz, per block, see ``sym_screen._block_bounds``) is compared with the
+rigorous bound (Cauchy–Schwarz, per block, see ``sym_screen.block_bounds``) is compared with the
 targets' K-th values; a pair none of whose directions is needed skips the GEMM and is counted.
 
 Precision: "ieee" (fp32 FMA), "tf32" or "bf16" (operands cast by the launcher, fp32 accumulator); the
@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from unspeakable.kernels import BackendError, triton_interpret
+from unspeakable.kernels.sym_plan import TOP_K, State, block_bounds
 from unspeakable.kernels.triton_top2 import PRECISIONS, config_table_key
 
 
@@ -100,7 +101,7 @@ def _topk_rows(T, th, targets, target_ok, cand0, local, out_v_ptr, out_i_ptr, K:
 
 
 @triton.jit
-def _sym_kernel(
+def sym_kernel(
     h_ptr, pairs_ptr, a_ptr, beta_ptr, s_ptr, b_ptr,
     g_th_ptr, w_th_ptr, g_ub_ptr, w_ub_ptr, g_blk_ptr, w_blk_ptr,
     g_cv_ptr, g_ci_ptr, w_cv_ptr, w_ci_ptr, needs_ptr,
@@ -234,9 +235,7 @@ def _down32(x64: torch.Tensor) -> torch.Tensor:
 
 def _bounds_on(rows, bias_sorted, block, dev):
     """Per-row (ub_scale, ub_shift) and per-block (E, N, n) of sym_screen's pruning bound, as fp32."""
-    from unspeakable.kernels.sym_screen import _block_bounds
-
-    bb = _block_bounds(rows, bias_sorted, block)
+    bb = block_bounds(rows, bias_sorted, block)
     ub = torch.stack([rows.ub_scale.to(torch.float32), _up32(rows.ub_shift)], dim=1)
     # u - m is formed on the device: pad u's rounding into the shift instead (|du| N covers it, see _needed).
     blk = torch.stack([_up32(bb.E), _up32(bb.nmax), _down32(bb.nmin.clamp(max=3e38))], dim=1)
@@ -280,9 +279,7 @@ def _existing(pairs: torch.Tensor, has_witness: bool) -> torch.Tensor:
 
 def fast_triton(plan, device, prune: bool, stats, precision: str = "ieee", block: int | None = None):
     """The fast pass of ``sym_screen`` on the GPU (or in Triton's interpreter): per row the fast top-K
-    of both screens, in sorted positions, returned on the CPU as ``sym_screen._State``."""
-    from unspeakable.kernels.sym_screen import TOP_K, _State
-
+    of both screens, in sorted positions, returned on the CPU as ``sym_screen.State``."""
     dev = torch.device(device)
     if dev.type != "cuda" and not triton_interpret():
         raise BackendError(f"the triton backend needs a CUDA device (got {dev}) or TRITON_INTERPRET=1")
@@ -295,7 +292,7 @@ def fast_triton(plan, device, prune: bool, stats, precision: str = "ieee", block
     g_ub, g_blk, g_m = _bounds_on(plan.gram, None, B, dev)
     has_w = plan.wit is not None
     w_ub, w_blk, w_m = _bounds_on(plan.wit, plan.bias_sorted, B, dev) if has_w else (g_ub, g_blk, 0.0)
-    states = [_State(V, K) for _ in range(2 if has_w else 1)]
+    states = [State(V, K) for _ in range(2 if has_w else 1)]
     dv = [(st.vals.to(dev), st.idx.to(dev)) for st in states]
     dummy = h
     for rnd in round_robin(triton.cdiv(V, B)):
@@ -305,7 +302,7 @@ def fast_triton(plan, device, prune: bool, stats, precision: str = "ieee", block
         needs = torch.empty(len(rnd), dtype=torch.int32, device=dev)
         th = [v[:, K - 1].contiguous() for v, _ in dv]
         wc = cands[1] if has_w else cands[0]
-        _runnable(_sym_kernel)[(len(rnd),)](
+        _runnable(sym_kernel)[(len(rnd),)](
             h, pairs, a if a is not None else dummy, beta if beta is not None else dummy, s if s is not None else dummy,
             b if b is not None else dummy, th[0], th[1] if has_w else th[0], g_ub, w_ub, g_blk, w_blk,
             cands[0][0], cands[0][1], wc[0], wc[1], needs,

@@ -107,7 +107,7 @@ def _merge_top2(best, best_i, second, second_i, t_best, t_best_i, t_second, t_se
 
 
 @triton.jit
-def _top2_kernel(
+def top2_kernel(
     q_ptr, k_ptr, self_ptr, scale_ptr, bias_ptr,
     best_val_ptr, best_idx_ptr, second_val_ptr, second_idx_ptr, self_val_ptr,
     B, V, D,
@@ -234,7 +234,7 @@ def _launch_top2(queries, keys, self_index, scale, center, bias, precision, conf
         q = queries[r0:r1] if center is None else queries[r0:r1] - center
         q_op, _ = _operand(q, precision)
         grid = (triton.cdiv(r1 - r0, config.block_m),)
-        _runnable(_top2_kernel)[grid](
+        _runnable(top2_kernel)[grid](
             q_op, keys_op,
             dummy if self_index is None else self_index[r0:r1],
             dummy if scale is None else scale[r0:r1],
