@@ -9,10 +9,10 @@ cluster through two methods with the shapes of the local stages:
   those ids: the same exact top-2 with float64 recovery, so the blocks concatenate to the single-process
   screens). The driver checks every block (shapes, index ranges) and recomputes in float64 the self and
   best scores at the returned indices; a block that fails is screened again locally.
-* :meth:`Cluster.open_tokens` — the open tokens in the pipeline's own search chunks (256 tokens, so every
+* :meth:`Cluster.open_tokens` — the open tokens in the pipeline's own search chunks (``pipeline.SEARCH_CHUNK``, so every
   search batch is the single-process batch), then the LP passes (stop at the sign, then exact) for what
   the search left, each as a task. Tasks return *claims* (``Candidate``, unlifted); the driver rebuilds
-  them from plain arrays, lifts them and verifies them with its own ``Verifier`` (``pipeline._verdicts``),
+  them from plain arrays, lifts them and verifies them with its own ``Verifier`` (``pipeline.verify_candidates``),
   exactly as the single-process stages do, and records each finished token in the ledger (and its
   checkpoint) as results arrive. Nothing a task returns becomes a verdict without that check; a task that
   fails after Ray's retries, or returns something malformed, hands its tokens back to the local pipeline.
@@ -48,17 +48,20 @@ import torch
 from unspeakable.engine.evidence import Candidate, Certificate
 from unspeakable.engine.head import InputError
 from unspeakable.engine.pipeline import (
-    _DecideState,
-    _record_decide,
-    _record_search,
-    _verdicts,
+    DECIDE_CHUNK,
+    LP_PASSES,
+    SEARCH_CHUNK,
+    DecideState,
     decide_pass_options,
+    record_decide,
+    record_search,
+    verify_candidates,
 )
-from unspeakable.engine.screen import GramScreen, WitnessScreen, gram_screen, witness_screen
+from unspeakable.engine.screen import GramScreen, WitnessScreen, gram_argmax, gram_screen, hard_to_speak, witness_screen
 
 BASE_BYTES = 600 * 2**20
-SEARCH_BATCH = 256  # engine.pipeline._search_stage's chunk: a task searches whole chunks, bit for bit the same
-DECIDE_BATCH = 64  # tokens per LP task (each token is solved on its own: the batch does not change results)
+SEARCH_BATCH = SEARCH_CHUNK  # a search task searches whole chunks of the pipeline's, bit for bit the same
+DECIDE_BATCH = DECIDE_CHUNK  # tokens per LP task (each token is solved on its own: the batch does not change results)
 TILE_BYTES = 4 * 1024 * 8192
 
 
@@ -167,7 +170,7 @@ class Cluster:
         largest = max((n.get("Resources", {}).get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=0)
         if need > largest:
             raise InputError(f"a {kind} task on a {V} x {d} head needs about {need / 2**30:.1f} GiB "
-                             f"(engine.cluster.task_memory); the largest Ray node offers {largest / 2**30:.1f} GiB")
+                             f"(unspeakable.engine.cluster.task_memory); the largest Ray node offers {largest / 2**30:.1f} GiB")
         return ray.remote(fn).options(num_cpus=1, memory=need, max_retries=self.max_retries, retry_exceptions=False)
 
     # ------------------------------------------------------------------------------------------- screens
@@ -246,9 +249,8 @@ def _screen_ok(res, ids: np.ndarray, grows: np.ndarray, problem) -> bool:
     best = np.einsum("ij,ij->i", rows, grows[g.best_idx])
     tol = 1e-12 * np.linalg.norm(rows, axis=1) * np.linalg.norm(grows[g.best_idx], axis=1) + 1e-300
     ok = np.all(np.abs(own - g.self_val) <= tol) and np.all(np.abs(best - g.best) <= tol)
-    # argmax(-1) keeps the first index of the row maximum (engine.screen._gram_result)
-    first = np.where((g.self_val > g.best) | ((g.self_val == g.best) & (ids < g.best_idx)), ids, g.best_idx)
-    return bool(ok and np.array_equal(g.hard_to_speak, g.best >= g.self_val) and np.array_equal(g.argmax, first))
+    return bool(ok and np.array_equal(g.hard_to_speak, hard_to_speak(g.self_val, g.best))
+                and np.array_equal(g.argmax, gram_argmax(ids, g.self_val, g.best, g.best_idx)))
 
 
 def _run_bounded(fn, args: list[tuple], max_in_flight: int) -> list:
@@ -325,8 +327,8 @@ def decide_task(slim: Slim, tokens: list, comps: dict, options: dict) -> list[Ca
 class _Pass:
     """One pass over the open tokens (search, LP to the sign, LP to the optimum) cut into the single-process
     chunks: tokens enter ``feed`` in the single-process order, results are taken in chunk order, so every
-    chunk, every verification batch and the next pass's order are those of ``pipeline._search_stage`` /
-    ``_decide_stage`` (the verifier's last bits depend on its batch)."""
+    chunk, every verification batch and the next pass's order are those of the pipeline's
+    stages (``SEARCH_CHUNK``, ``DECIDE_CHUNK``, ``LP_PASSES``; the verifier's last bits depend on its batch)."""
 
     kind: str  # "search" | "decide"
     size: int
@@ -350,16 +352,15 @@ class _Pass:
 
 class _OpenTokens:
     """The driver's side of :meth:`Cluster.open_tokens`: three passes of tasks, at most ``in_flight`` at a
-    time (later passes first, so that tokens finish early), per-token state as in ``pipeline._decide_stage``."""
+    time (later passes first, so that tokens finish early), per-token state in the pipeline's ``DecideState``."""
 
     def __init__(self, cluster: Cluster, sc, work, lift):
         self.cl, self.sc, self.lift, self.d = cluster, sc, lift, work.d
         self.ref = _ray().put(Slim(work.keys, work.bias, work.domain))
         self.fns = {"search": cluster._remote(search_task, "search", work.V, work.d),
                     "decide": cluster._remote(decide_task, "decide", work.V, work.d)}
-        self.passes = [_Pass("search", SEARCH_BATCH), _Pass("decide", DECIDE_BATCH, True),
-                       _Pass("decide", DECIDE_BATCH, False)]
-        self.st = _DecideState(None)
+        self.passes = [_Pass("search", SEARCH_BATCH)] + [_Pass("decide", DECIDE_BATCH, s) for s in LP_PASSES]
+        self.st = DecideState(None)
         self.local: list[int] = []
         self.queue: deque = deque()
         self.compute = {"search": 0.0, "decide": 0.0}
@@ -424,16 +425,16 @@ class _OpenTokens:
             return []
         cands = [self.lift(c) for c in cands]
         self.compute[p.kind] += sum(c.time_s for c in cands)
-        results = _verdicts(self.sc, cands)
+        results = verify_candidates(self.sc, cands)
         if p.kind == "search":
             return self._after_search(cands, results)
         return self._after_decide(toks, cands, results, p.stop_at_sign)
 
     def _after_search(self, cands: list, results: list) -> list:
-        still_open = _record_search(self.sc, cands, results)
+        still_open = record_search(self.sc, cands, results)
         for cand, res in still_open:
             self.st.enter(cand, res)
         return [cand.token for cand, _ in still_open]
 
     def _after_decide(self, toks: list, cands: list, results: list, stop_at_sign: bool) -> list:
-        return _record_decide(self.sc, toks, cands, results, stop_at_sign, self.st)
+        return record_decide(self.sc, toks, cands, results, stop_at_sign, self.st)

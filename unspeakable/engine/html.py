@@ -19,7 +19,8 @@ import io
 import json
 import math
 
-from unspeakable.engine.report import ScanReport, _atomic, _display, make_figure, ordered_tokens, summary_lines, to_jsonable
+from unspeakable.engine.report import (ScanReport, atomic_write, display_text, make_figure, ordered_tokens, summary_lines,
+                                       to_jsonable)
 
 COLUMNS = ("id", "text", "token", "verdict", "hard_to_speak", "margin_lower", "margin_upper", "reason", "gram_argmax",
            "model_check")
@@ -95,7 +96,7 @@ def _json_script(obj, id_: str) -> str:
 def _rows(report: ScanReport) -> list[dict]:
     rows = []
     for t in ordered_tokens(report.tokens):
-        rows.append({"id": t.id, "display": _display(t, report.text_scheme), "text": t.text, "token": t.token,
+        rows.append({"id": t.id, "display": display_text(t, report.text_scheme), "text": t.text, "token": t.token,
                      "verdict": t.verdict, "hard_to_speak": t.hard_to_speak, "margin_lower": t.margin_lower,
                      "margin_upper": t.margin_upper, "reason": t.reason, "gram_argmax": t.gram_argmax,
                      "model_check": t.model_check})
@@ -163,5 +164,5 @@ def render_html(report: ScanReport, figure: bool = True) -> str:
 def write_html(report: ScanReport, path, figure: bool = True) -> None:
     """Write :func:`render_html` atomically (nothing half-written on failure)."""
     page = render_html(report, figure=figure)
-    with _atomic(path) as f:
+    with atomic_write(path) as f:
         f.write(page)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +37,26 @@ from unspeakable.engine.screen import gram_screen, screens, witness_points
 from unspeakable.engine.search import search
 from unspeakable.engine.verify import Verifier
 from unspeakable.kernels import resolve_backend, resolve_precision
+
+
+# The open tokens' stages, in this order (the Ray driver, engine.cluster, runs the same ones): the search
+# over chunks of SEARCH_CHUNK tokens, then one LP pass per entry of LP_PASSES (its stop_at_sign) over chunks
+# of DECIDE_CHUNK tokens, each pass taking what the one before left undecided. A chunk is also a
+# verification batch, whose last bits the results depend on: the cluster's tasks keep the same chunks.
+SEARCH_CHUNK = 256
+DECIDE_CHUNK = 64
+LP_PASSES = (True, False)
+
+
+class Verified(NamedTuple):
+    """One token's verified result, in internal units: only verified numbers (a checked point's margin is
+    a lower bound even when <= 0, a checked certificate's deficit an upper bound even when speakable)."""
+
+    verdict: str  # speakable | unspeakable | undecided
+    reason: str
+    lower: float | None  # margin lower bound
+    upper: float | None  # margin upper bound
+    certificate: dict | None  # the proof, as reported (internal units until _token_report)
 
 
 @dataclass
@@ -333,16 +354,16 @@ def _working_problem(sc: _Scan):
     return cone, lift
 
 
-def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple]:
+def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple[Candidate, Verified]]:
     """Batched search over the open tokens; settled ones are recorded, the rest returned for the LP with
     their verified (undecided) result."""
     still_open: list[tuple] = []
     with sc.timed("search"):
         keys32 = torch.from_numpy(work.keys).to(torch.float32)
     with _Bar(sc, "search", todo.size) as bar:
-        for b0 in range(0, todo.size, 256):
-            _search_chunk(sc, work, lift, todo[b0: b0 + 256], keys32, still_open)
-            bar.advance(min(256, todo.size - b0))
+        for b0 in range(0, todo.size, SEARCH_CHUNK):
+            _search_chunk(sc, work, lift, todo[b0: b0 + SEARCH_CHUNK], keys32, still_open)
+            bar.advance(min(SEARCH_CHUNK, todo.size - b0))
         _log(sc, f"search: {todo.size} tokens, {len(still_open)} left for the LP")
     return still_open
 
@@ -350,17 +371,17 @@ def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple]:
 def _search_chunk(sc: _Scan, work, lift, chunk: np.ndarray, keys32, still_open: list) -> None:
     with sc.timed("search"):
         cands = [lift(c) for c in search(work, chunk, keys32=keys32)]
-    results = _verdicts(sc, cands)  # timed as verification
+    results = verify_candidates(sc, cands)  # timed as verification
     with sc.timed("search"):  # recording, the checkpoint's append included
-        still_open.extend(_record_search(sc, cands, results))
+        still_open.extend(record_search(sc, cands, results))
 
 
-def _record_search(sc: _Scan, cands: list, results: list) -> list[tuple]:
+def record_search(sc: _Scan, cands: list, results: list) -> list[tuple[Candidate, Verified]]:
     """Record the searched tokens that have a verdict; return ``(candidate, result)`` of the others (also the
     Ray driver's, engine.cluster)."""
     done, still_open = [], []
     for cand, res in zip(cands, results):
-        if res[0] == "undecided":
+        if res.verdict == "undecided":
             still_open.append((cand, res))
         else:
             done.append(_token_report(sc, cand.token, res, cand.time_s))
@@ -368,55 +389,55 @@ def _record_search(sc: _Scan, cands: list, results: list) -> list[tuple]:
     return still_open
 
 
-def _decide_stage(sc: _Scan, work, lift, still_open: list[tuple]) -> None:
+def _decide_stage(sc: _Scan, work, lift, still_open: list[tuple[Candidate, Verified]]) -> None:
     """LP stage for what the search left: first stop at the first proven sign (the verdict needs no more);
     where verification cannot confirm it (a margin inside the rounding allowance), solve to the exact
     optimum once more. Only verified bounds are reported; undecided tokens keep the best of every stage."""
     with sc.timed("decide"):
-        st = _DecideState(Pricer(work))
+        st = DecideState(Pricer(work))
     for cand, res in still_open:
         st.enter(cand, res)
     pending = [c.token for c, _ in still_open]
-    for stop_at_sign in (True, False):
+    for stop_at_sign in LP_PASSES:
         with _Bar(sc, "decide (sign)" if stop_at_sign else "decide (exact)", len(pending)) as bar:
-            for b0 in range(0, len(pending), 64):
-                _decide_chunk(sc, work, lift, pending[b0: b0 + 64], stop_at_sign, st)
-                bar.advance(len(pending[b0: b0 + 64]))
-        pending = [t for t in pending if st.best[t][0] == "undecided"]
+            for b0 in range(0, len(pending), DECIDE_CHUNK):
+                _decide_chunk(sc, work, lift, pending[b0: b0 + DECIDE_CHUNK], stop_at_sign, st)
+                bar.advance(len(pending[b0: b0 + DECIDE_CHUNK]))
+        pending = [t for t in pending if st.best[t].verdict == "undecided"]
         if not pending:
             break
 
 
 @dataclass
-class _DecideState:
+class DecideState:
     pricer: Pricer | None  # None on the Ray driver: the tasks price
     comps: dict = field(default_factory=dict)  # token -> starting competitors (the search's certificate support)
-    best: dict = field(default_factory=dict)  # token -> best verified result so far
+    best: dict = field(default_factory=dict)  # token -> best Verified result so far
     spent: dict = field(default_factory=dict)  # token -> seconds spent after the screens
 
-    def enter(self, cand: Candidate, res: tuple) -> None:
+    def enter(self, cand: Candidate, res: Verified) -> None:
         """A token the search left open, with its verified result."""
         cert = cand.certificate
         self.comps[cand.token] = None if cert is None else np.asarray(cert.competitors, dtype=np.int64)
         self.best[cand.token], self.spent[cand.token] = res, cand.time_s
 
 
-def _decide_chunk(sc: _Scan, work, lift, chunk: list, stop_at_sign: bool, st: _DecideState) -> None:
+def _decide_chunk(sc: _Scan, work, lift, chunk: list, stop_at_sign: bool, st: DecideState) -> None:
     with sc.timed("decide"):
         cands = [lift(c) for c in decide_many(work, chunk, st.comps, pricer=st.pricer, workers=sc.opt.workers,
                                               **decide_pass_options(stop_at_sign, sc.opt.decide_time_limit))]
-    results = _verdicts(sc, cands)  # timed as verification
+    results = verify_candidates(sc, cands)  # timed as verification
     with sc.timed("decide"):  # recording, the checkpoint's append included
-        _record_decide(sc, chunk, cands, results, stop_at_sign, st)
+        record_decide(sc, chunk, cands, results, stop_at_sign, st)
 
 
-def _record_decide(sc: _Scan, chunk: list, cands: list, results: list, stop_at_sign: bool, st: _DecideState) -> list:
+def record_decide(sc: _Scan, chunk: list, cands: list, results: list, stop_at_sign: bool, st: DecideState) -> list:
     """Merge an LP pass's verified results into ``st``; record the tokens that are final (a verdict, or the
     last pass); return the others (also the Ray driver's, engine.cluster)."""
     for cand, res in zip(cands, results):
         st.spent[cand.token] += cand.time_s
         st.best[cand.token] = _merge(st.best[cand.token], res)
-    final = [t for t in chunk if st.best[t][0] != "undecided" or not stop_at_sign]
+    final = [t for t in chunk if st.best[t].verdict != "undecided" or not stop_at_sign]
     sc.ledger.record([_token_report(sc, t, st.best[t], st.spent[t]) for t in final])
     final_set = set(final)
     return [t for t in chunk if t not in final_set]
@@ -430,21 +451,19 @@ def decide_pass_options(stop_at_sign: bool, time_limit: float) -> dict:
             "n_start": 192, "add_per_round": 96}
 
 
-def _merge(old: tuple, new: tuple) -> tuple:
+def _merge(old: Verified, new: Verified) -> Verified:
     """A verdict wins; between two undecided results keep the tighter verified bounds of both."""
-    if new[0] != "undecided" or old[0] != "undecided":
-        return new if new[0] != "undecided" else old
-    lo = max([b for b in (old[2], new[2]) if b is not None], default=None)
-    hi = min([b for b in (old[3], new[3]) if b is not None], default=None)
-    return ("undecided", new[1], lo, hi, None)
+    if new.verdict != "undecided" or old.verdict != "undecided":
+        return new if new.verdict != "undecided" else old
+    lo = max([b for b in (old.lower, new.lower) if b is not None], default=None)
+    hi = min([b for b in (old.upper, new.upper) if b is not None], default=None)
+    return Verified("undecided", new.reason, lo, hi, None)
 
 
 # --------------------------------------------------------------------------------------------- verdicts
-def _verdicts(sc: _Scan, cands: list[Candidate]) -> list[tuple]:
-    """Verify candidates (witnesses in one batched pass); for each return
-    ``(verdict, reason, margin_lower, margin_upper, certificate-json)`` in internal units. Only verified
-    numbers are reported: a checked point's margin is a lower bound even when it is <= 0, a checked
-    certificate's deficit an upper bound even when the token is speakable."""
+def verify_candidates(sc: _Scan, cands: list[Candidate]) -> list[Verified]:
+    """Verify candidates (witnesses in one batched pass); each one's :class:`Verified` result (also the Ray
+    driver's, engine.cluster)."""
     with sc.timed("verify"):
         with_w = [i for i, c in enumerate(cands) if c.witness is not None]
         wchecks = {}
@@ -454,7 +473,7 @@ def _verdicts(sc: _Scan, cands: list[Candidate]) -> list[tuple]:
         return [_verdict(sc, c, wchecks.get(i)) for i, c in enumerate(cands)]
 
 
-def _verdict(sc: _Scan, cand: Candidate, wc) -> tuple:
+def _verdict(sc: _Scan, cand: Candidate, wc) -> Verified:
     cc = sc.verifier.certificate(cand.token, cand.certificate) if cand.certificate is not None else None
     zero = cc is not None and cand.certificate.zero
     lower = wc.margin if wc is not None and np.isfinite(wc.margin) else None
@@ -465,26 +484,26 @@ def _verdict(sc: _Scan, cand: Candidate, wc) -> tuple:
         msg = f"internal error: token {cand.token} has both a verified witness and a verified certificate"
         print(f"unspeakable: {msg}", file=sys.stderr)
         sc.warnings.append(msg)
-        return ("undecided", msg, lower, upper, None)
+        return Verified("undecided", msg, lower, upper, None)
     if wc is not None and wc.ok:
-        return ("speakable", f"witness ({cand.reason})", lower, upper,
+        return Verified("speakable", f"witness ({cand.reason})", lower, upper,
                 {"kind": "witness", "x": np.asarray(cand.witness, dtype=np.float64), "runner_up": wc.runner_up,
-                 "allowance": wc.allowance})
+                        "allowance": wc.allowance})
     if cc is not None and cc.ok:
         cj = cand.certificate.to_json()
         cj["kind"] = "zero" if zero else "dual" if sc.problem.domain.bounded else "cone"
         cj["deficit"] = float(cc.deficit)
-        return ("unspeakable", "margin exactly 0" if zero else f"certificate ({cand.reason})", lower, upper, cj)
-    return ("undecided", cand.reason or "no proof", lower, upper, None)
+        return Verified("unspeakable", "margin exactly 0" if zero else f"certificate ({cand.reason})", lower, upper,
+                        cj)
+    return Verified("undecided", cand.reason or "no proof", lower, upper, None)
 
 
-def _token_report(sc: _Scan, t: int, res: tuple, time_s: float) -> TokenReport:
+def _token_report(sc: _Scan, t: int, res: Verified, time_s: float) -> TokenReport:
     """A verified result as the token's report, in the caller's units (DESIGN §5)."""
-    v, reason, lo, hi, cj = res
-    p = sc.problem
+    p, cj = sc.problem, res.certificate
     r = sc.base(t)
-    r.verdict, r.reason, r.time_s = v, reason, float(time_s)
-    r.margin_lower, r.margin_upper = p.report_margin(lo), p.report_margin(hi)
+    r.verdict, r.reason, r.time_s = res.verdict, res.reason, float(time_s)
+    r.margin_lower, r.margin_upper = p.report_margin(res.lower), p.report_margin(res.upper)
     if cj is not None:
         cj = dict(cj)
         if cj.get("kind") == "witness":

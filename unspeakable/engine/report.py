@@ -200,7 +200,7 @@ def to_jsonable(obj):
 
 # --------------------------------------------------------------------------------------------- atomic files
 @contextmanager
-def _atomic(path: str | os.PathLike, mode: str = "w"):
+def atomic_write(path: str | os.PathLike, mode: str = "w"):
     """Yield a temp file in ``path``'s directory; on success ``os.replace`` it onto ``path``.
 
     On any exception the temp file is removed and ``path`` is left exactly as it was: nothing half-written.
@@ -244,7 +244,7 @@ def write_json(report: ScanReport, path, companion_min: int = COMPANION_MIN_NUMB
     """
     data = report.to_json()
     _split_witnesses(data, os.fspath(path), companion_min)
-    with _atomic(path) as f:
+    with atomic_write(path) as f:
         json.dump(data, f, indent=1, ensure_ascii=False, allow_nan=False)
         f.write("\n")
 
@@ -256,7 +256,7 @@ def _split_witnesses(data: dict, path: str, companion_min: int) -> None:
     name = os.path.basename(path) + ".witnesses.npz"
     ids = np.array([t["id"] for t in rows], dtype=np.int64)
     X = np.array([t["certificate"]["x"] for t in rows], dtype=np.float64)
-    with _atomic(os.path.join(os.path.dirname(os.path.abspath(path)), name), "wb") as f:
+    with atomic_write(os.path.join(os.path.dirname(os.path.abspath(path)), name), "wb") as f:
         np.savez(f, witness_ids=ids, witness_x=X)
     for i, t in enumerate(rows):
         t["certificate"]["x"] = {"companion": i}
@@ -266,7 +266,7 @@ def _split_witnesses(data: dict, path: str, companion_min: int) -> None:
 def write_csv(report: ScanReport, path) -> None:
     """Write ``report.to_csv()`` atomically."""
     text = report.to_csv()
-    with _atomic(path) as f:
+    with atomic_write(path) as f:
         f.write(text)
 
 
@@ -331,7 +331,7 @@ def write_plot(report: ScanReport, path, max_intervals: int = 200) -> None:
     if fmt not in plot_formats():
         raise ValueError(f"cannot write a {fmt!r} figure to {path}; expected one of {', '.join(sorted(plot_formats()))}")
     fig = make_figure(report, max_intervals)
-    with _atomic(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         fig.savefig(f, format=fmt, dpi=110)
 
 
@@ -599,7 +599,7 @@ def ordered_tokens(tokens: list[TokenReport]) -> list[TokenReport]:
     return sorted(tokens, key=key)
 
 
-def _display(t: TokenReport, scheme: str | None) -> str:
+def display_text(t: TokenReport, scheme: str | None) -> str:
     from unspeakable.engine.text import display_token, escape
 
     if t.token is not None and scheme:
@@ -670,7 +670,7 @@ def _rich_table(report: ScanReport, tokens: list[TokenReport], Table, Text):
         if checked:
             table.add_column("model_check")
     for t in tokens:
-        cells = [Text(str(t.id)), Text(_display(t, report.text_scheme))]
+        cells = [Text(str(t.id)), Text(display_text(t, report.text_scheme))]
         if raw:
             cells.append(Text("—" if t.token is None else repr(t.token)))
         cells.append(Text(str(t.gram_argmax)))

@@ -55,16 +55,25 @@ def gram_screen(rows64: np.ndarray, ids: np.ndarray | None = None, *, backend: s
     return _gram_result(res, ids, redo, t0)
 
 
+def hard_to_speak(self_val: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """The gram criterion: some other row scores at least the token's own (``best >= self``)."""
+    return best >= self_val
+
+
+def gram_argmax(ids: np.ndarray, self_val: np.ndarray, best: np.ndarray, best_idx: np.ndarray) -> np.ndarray:
+    """argmax(-1) over each whole gram row, which keeps the first index of the maximum: the token itself
+    only if strictly larger than every competitor, or equal to the best competitor and earlier in the
+    vocabulary, or without any competitor (``best_idx < 0``, V = 1)."""
+    return np.where((self_val > best) | ((self_val == best) & (ids < best_idx)) | (best_idx < 0), ids,
+                    best_idx).astype(np.int64)
+
+
 def _gram_result(res, ids: np.ndarray, redo: int, t0: float) -> GramScreen:
     best = res.best_val.numpy()
     best_idx = res.best_idx.numpy()
     selfv = res.self_val.numpy()
-    hard = best >= selfv
-    # argmax(-1) over the whole row keeps the first index of the maximum: self wins only if strictly
-    # larger than every competitor, or equal to the best competitor and earlier in the vocabulary.
-    argmax = np.where((selfv > best) | ((selfv == best) & (ids < best_idx)) | (best_idx < 0), ids, best_idx)
-    return GramScreen(argmax.astype(np.int64), best, best_idx.astype(np.int64), res.second_val.numpy(), selfv,
-                      hard, redo, time.perf_counter() - t0)
+    return GramScreen(gram_argmax(ids, selfv, best, best_idx), best, best_idx.astype(np.int64),
+                      res.second_val.numpy(), selfv, hard_to_speak(selfv, best), redo, time.perf_counter() - t0)
 
 
 def witness_points(problem, tokens: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +50,20 @@ class WitnessCheck:
     allowance: float  # rounding allowance subtracted before the sign test
     runner_up: int  # the j attaining the max (-1 if none)
     message: str = ""
+
+
+class Closest(NamedTuple):
+    """At one point, a token's closest competitor: ``margin = l_t - l_j`` in float64, its rounding
+    ``allowance`` (the true margin is >= margin - allowance), and ``runner_up = j`` (-1 if none)."""
+
+    margin: float
+    allowance: float
+    runner_up: int
+
+    @property
+    def proven(self) -> float:
+        """The rigorous lower bound ``margin - allowance`` (NaN when either is not a number)."""
+        return self.margin - self.allowance
 
 
 @dataclass
@@ -194,7 +209,7 @@ class Verifier:
 
     # ------------------------------------------------------------------ bounded competitors
     def _pairwise_min(self, ts, Xb, xn):
-        """Per token ``(margin, allowance, runner-up)`` over all V from the verifier's own float32 pass with
+        """Per token the :class:`Closest` competitor over all V from the verifier's own float32 pass with
         a rigorous error bound: a competitor whose upper bound is below another's lower bound is neither the
         runner-up nor a threat; the rest (usually a handful) are scored in float64. None: no bound here
         (a non-finite float32 value, or too many competitors left) — the caller checks exhaustively."""
@@ -202,14 +217,14 @@ class Verifier:
         return None if cand is None else self._min_pairs(*cand, ts, Xb, xn)
 
     def _min_pairs(self, J, K, ts, Xb, xn):
-        """Per column k, ``(margin, allowance, runner-up)`` over the candidate pairs ``(J[p], K[p] = k)`` in
+        """Per column k, the :class:`Closest` competitor among the candidate pairs ``(J[p], K[p] = k)`` in
         float64 (None: some column has none)."""
         M, E = self._pair_margins(J, K, ts, Xb, xn)
         order = np.lexsort((M - E, K))  # per token, the smallest bound-adjusted margin first
         first = order[np.unique(K[order], return_index=True)[1]]
         if first.size != len(ts):
             return None
-        return [(float(M[i]), float(E[i]), int(J[i])) for i in first]
+        return [Closest(float(M[i]), float(E[i]), int(J[i])) for i in first]
 
     def _candidates(self, ts, Xb, xn):
         """Pairs (j, k) whose logit may be the largest competitor of token ``ts[k]`` at ``z_k`` (z = x; layernorm
@@ -291,7 +306,7 @@ class Verifier:
 
     def _conclude(self, pos, ts, Xb, mm, out):
         for k in range(len(ts)):
-            m_k, e_k, w = mm[k]
+            m_k, e_k, w = mm[k].margin, mm[k].allowance, mm[k].runner_up
             if not (math.isfinite(m_k) and math.isfinite(e_k)):
                 out[pos[k]] = WitnessCheck(False, float("nan"), float("nan"), -1,
                                            "non-finite intermediate: no proof")
@@ -307,35 +322,35 @@ class Verifier:
                                        "" if ok else f"token {w} reaches {m_k:.6g} (allowance {e_k:.3g})")
 
     def _exact_min(self, M, E, cand, ts, Xb, xn, reach):
-        """Per token ``(margin, allowance, runner-up)`` over all V: rows outside ``cand`` whose reach could
+        """Per token the :class:`Closest` competitor over all V: rows outside ``cand`` whose reach could
         exceed the best competitor found are scored too (then no skipped row can be the runner-up)."""
         best = self._min_cols(M, E, cand)
         out_rows = np.setdiff1d(np.arange(self.V), cand, assume_unique=True)
         if out_rows.size == 0:
             return best
         with np.errstate(invalid="ignore"):
-            top = self._own(ts, Xb) - np.array([b[0] for b in best])  # best competitor's logit, about
-            thr = float(np.min(top)) - max(b[1] for b in best)
+            top = self._own(ts, Xb) - np.array([b.margin for b in best])  # best competitor's logit, about
+            thr = float(np.min(top)) - max(b.allowance for b in best)
         extra = out_rows if not math.isfinite(thr) else out_rows[reach[out_rows] >= thr]
         if extra.size == 0:
             return best
         M2, E2 = self._margins(extra, ts, Xb, xn, self_in=False)
         best2 = self._min_cols(M2, E2, extra)
-        return [b2 if (b2[0] - b2[1]) < (b[0] - b[1]) else b for b, b2 in zip(best, best2)]
+        return [b2 if b2.proven < b.proven else b for b, b2 in zip(best, best2)]
 
     def _own(self, ts, Xb):
         return np.einsum("ij,ij->i", self.A[ts], Xb) + self.bias[ts]
 
     @staticmethod
     def _min_cols(M, E, cand):
-        """Per column: (margin, allowance, row) of the row with the smallest bound-adjusted margin."""
+        """Per column, the :class:`Closest` row: the smallest bound-adjusted margin."""
         if M.shape[0] == 0:
-            return [(math.inf, 0.0, -1)] * M.shape[1]
+            return [Closest(math.inf, 0.0, -1)] * M.shape[1]
         with np.errstate(invalid="ignore"):
             w = np.argmin(M - E, axis=0)
         cols = np.arange(M.shape[1])
         m, e = M[w, cols], E[w, cols]
-        return [(float(m[k]), float(e[k]), int(cand[w[k]]) if np.isfinite(m[k]) else -1) for k in cols]
+        return [Closest(float(m[k]), float(e[k]), int(cand[w[k]]) if np.isfinite(m[k]) else -1) for k in cols]
 
     def _margins(self, cand, ts, Xb, xn, self_in: bool = True):
         """``M[i, k] = l_t(x_k) - l_{cand[i]}(x_k)`` and its allowance ``E`` (the self entry: +inf, 0)."""
