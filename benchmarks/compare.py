@@ -245,7 +245,7 @@ def run_scan(source: str, tmp: str, scan_args: list[str]) -> dict:
     with open(out) as f:
         res.update(scan_summary(json.load(f)))
     res["after_s"] = after_engine(res["log"])
-    res["command"] = "python -m unspeakable scan " + " ".join([source, "--out", "X.json", *scan_args])
+    res["command"] = "unspeakable scan " + " ".join([shown(source), "--out", "X.json", *map(shown, scan_args)])
     print(f"  {'scan':18s} {res['wall_s']:9.2f} s  peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
     return res
 
@@ -459,6 +459,12 @@ def grivas_lines(g: dict, V: int) -> list[str]:
     return L
 
 
+def shown(arg: str) -> str:
+    """An argument as RESULTS.md records it: an absolute path by its file name (no machine paths in the
+    repository; the README says where the real heads' files come from)."""
+    return os.path.basename(arg) if os.path.isabs(arg) else arg
+
+
 def machine_lines(args, argv) -> list[str]:
     try:
         up = subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
@@ -466,7 +472,7 @@ def machine_lines(args, argv) -> list[str]:
         up = "load average {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
     return [f"- machine: {_cpu()}; `uptime`: {up}",
             f"- commit: {git_commit()}; {_versions()}; threads: {args.threads}",
-            f"- command: `python benchmarks/compare.py {' '.join(argv)}`"]
+            f"- command: `python benchmarks/compare.py {' '.join(shown(a) for a in argv)}`"]
 
 
 def git_commit() -> str:
@@ -482,7 +488,7 @@ def git_commit() -> str:
 def report(res: dict, bp: BenchProblem, source: str, args, argv) -> list[str]:
     when = datetime.datetime.now().astimezone().isoformat(timespec="minutes")
     L = [f"### compare: {bp.name} (V = {bp.V}, d = {bp.d}, {bp.problem.domain.name}) — {when}", ""]
-    L += machine_lines(args, argv) + [f"- source: `{source}`", ""]
+    L += machine_lines(args, argv) + [f"- source: `{shown(source)}`", ""]
     L += provider_rows(res, bp) + [""]
     L.append("Ratios are to the yardstick measured in this run. Times: the provider call in its subprocess "
              "(data loaded before the clock), except the whole scan (the command, start-up to exit). Peak RSS: "
