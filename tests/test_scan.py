@@ -19,9 +19,9 @@ from unspeakable.engine.loader import load
 SOURCE = "synthetic:V=800,d=12,seed=9"
 
 
-def _interrupted_scan(head, ckpt, monkeypatch, after: int = 2) -> str:
+def _interrupted_scan(head, ckpt, monkeypatch, after: int = 2) -> tuple[str, bytes]:
     """Run a scan that dies (KeyboardInterrupt) after its ``after``-th persisted ledger record; return the
-    checkpoint file it leaves, as text."""
+    checkpoint it leaves: the JSON lines as text and the witness rows (``.x``) as bytes."""
     calls = {"n": 0}
     real = Ledger.record
 
@@ -36,8 +36,8 @@ def _interrupted_scan(head, ckpt, monkeypatch, after: int = 2) -> str:
     with pytest.raises(KeyboardInterrupt):
         es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt)
     monkeypatch.setattr(Ledger, "record", real)
-    with open(ckpt) as f:
-        return f.read()
+    with open(ckpt) as f, open(ckpt + ".x", "rb") as fx:
+        return f.read(), fx.read()
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +61,28 @@ def _strip(rep):
     return [(t.id, t.verdict, t.reason, t.hard_to_speak, t.gram_argmax) for t in rep.tokens]
 
 
-def test_resume_after_interruption_gives_the_same_report(head, clean, interrupted, tmp_path):
-    lines = [json.loads(ln) for ln in interrupted.splitlines()]
+def test_resume_after_interruption_gives_the_same_report(head, clean, interrupted, tmp_path, monkeypatch):
+    text, xrows = interrupted
+    lines = [json.loads(ln) for ln in text.splitlines()]
     assert lines[0]["schema"] == CHECKPOINT_SCHEMA and 0 < len(lines) - 1 < len(clean.tokens)
+    cited = [rec["certificate"]["x"]["row"] for rec in lines[1:]
+             if isinstance((rec.get("certificate") or {}).get("x"), dict)]
+    assert cited and len(xrows) == 8 * lines[0]["d"] * len(cited)  # 8·d bytes per witness, each row cited once
     ckpt = str(tmp_path / "r.json.partial")
     with open(ckpt, "w") as f:
-        f.write(interrupted)
+        f.write(text)
         f.write('{"id": 12, "verdict": "speak')  # a torn last line, as a crash mid-write leaves it
+    with open(ckpt + ".x", "wb") as f:
+        f.write(xrows + b"\x00" * 5)  # and a torn row
+    restored = []
+    real = es._reverify
+    monkeypatch.setattr(es, "_reverify", lambda sc, r: restored.append(r.id) or real(sc, r))
     resumed = es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt, resume=True)
     assert np.array_equal(clean.verdicts_all, resumed.verdicts_all)
     assert _strip(clean) == _strip(resumed)
     assert clean.counts == resumed.counts
-    assert not os.path.exists(ckpt)  # a finished scan removes its checkpoint
+    assert len(restored) == len(lines) - 1  # every stored token, witnesses from the rows included, was re-checked
+    assert not os.path.exists(ckpt) and not os.path.exists(ckpt + ".x")  # a finished scan removes its checkpoint
     # a checkpoint from other settings is refused, not silently reused
     p = tmp_path / "other.partial"
     p.write_text(json.dumps({"schema": CHECKPOINT_SCHEMA, "fingerprint": "x"}) + "\n")
@@ -81,18 +91,24 @@ def test_resume_after_interruption_gives_the_same_report(head, clean, interrupte
 
 
 def test_resumed_tokens_are_reverified_not_trusted(head, clean, interrupted, tmp_path):
-    lines = [json.loads(ln) for ln in interrupted.splitlines()]
+    text, xrows = interrupted
+    lines = [json.loads(ln) for ln in text.splitlines()]
     # forge the stored proofs: every witness moved off its point, every unspeakable claim flipped
     forged = [lines[0]]
+    rows = np.frombuffer(xrows, dtype="<f8").reshape(-1, lines[0]["d"]).copy()
+    moved = 0
     for rec in lines[1:]:
         cert = rec.get("certificate") or {}
-        if cert.get("kind") == "witness":
-            cert["x"] = [-v for v in cert["x"]]
+        if cert.get("kind") == "witness" and isinstance(cert.get("x"), dict):
+            rows[cert["x"]["row"]] *= -1.0
+            moved += 1
         rec["verdict"] = {"speakable": "unspeakable", "unspeakable": "speakable"}.get(rec["verdict"], rec["verdict"])
         forged.append(rec)
+    assert moved, "no witness row reached the checkpoint"
     ckpt = str(tmp_path / "r.json.partial")
     with open(ckpt, "w") as f:
         f.write("\n".join(json.dumps(r) for r in forged) + "\n")
+    rows.astype("<f8").tofile(ckpt + ".x")
     resumed = es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt, resume=True)
     assert np.array_equal(clean.verdicts_all, resumed.verdicts_all)
     assert any("did not re-verify" in w for w in resumed.warnings)

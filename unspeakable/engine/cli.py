@@ -21,6 +21,7 @@ import numpy as np
 
 from unspeakable.engine.domain import DOMAINS
 from unspeakable.engine.head import InputError
+from unspeakable.engine.ledger import remove_checkpoint
 
 DEMO_SOURCE = "synthetic:V=50257,d=768,seed=0"
 
@@ -319,8 +320,8 @@ class Scan:
         _print(report)
         _write_reports(report, out, csv, plot, html)
         # Only now is the progress safe to drop: a failed report write leaves OUT.partial for --resume.
-        if checkpoint and os.path.exists(checkpoint):
-            os.remove(checkpoint)
+        if checkpoint:
+            remove_checkpoint(checkpoint)
         print(f"unspeakable: {time_line(report.timings_s, t1 - t0, time.perf_counter() - t1)}", file=sys.stderr)
         return report
 

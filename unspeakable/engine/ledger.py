@@ -4,9 +4,13 @@ It holds, for the scanned token ids, the verdict codes, the verified bounds (in 
 listed :class:`~engine.report.TokenReport` entries and the time spent per token, and appends every settled
 token to the :class:`Checkpoint` (when there is one). Resume goes through the same ``record``.
 
-The checkpoint is a JSON-lines file: a header ``{"schema", "fingerprint"}`` then one token report per line,
-appended and fsync'd per batch (cost linear in the tokens settled, not quadratic). A torn last line (a
-crash mid-write) is ignored on resume; a header that does not match the input is refused.
+The checkpoint is a JSON-lines file: a header ``{"schema", "fingerprint", "d"}`` then one token report per
+line, appended and fsync'd per batch (cost linear in the tokens settled, not quadratic). Witness points do
+not go into the JSON: each is one binary row of ``d`` float64 values appended to ``PATH.x`` (written and
+fsync'd before the lines that cite it), and its certificate reads ``"x": {"row": i}``. A real head's tens of
+thousands of witnesses cost ``8·d`` bytes each instead of ~20 bytes per coordinate as JSON text. A torn last
+line or row (a crash mid-write) is ignored on resume (that token is decided again); a header that does not
+match the input is refused. Restored records are claims, not verdicts: the pipeline re-verifies each.
 """
 from __future__ import annotations
 
@@ -19,7 +23,13 @@ import numpy as np
 from unspeakable.engine.head import VERDICT_CODE, InputError
 from unspeakable.engine.report import TokenReport, to_jsonable
 
-CHECKPOINT_SCHEMA = "unspeakable.checkpoint/2"
+CHECKPOINT_SCHEMA = "unspeakable.checkpoint/3"
+READABLE_SCHEMAS = ("unspeakable.checkpoint/2", CHECKPOINT_SCHEMA)  # /2: witness points inline as JSON lists
+
+
+def checkpoint_files(path: str) -> tuple[str, str]:
+    """The checkpoint's two files: the JSON lines and the witness rows."""
+    return path, path + ".x"
 
 
 def fingerprint(problem) -> str:
@@ -33,53 +43,93 @@ def fingerprint(problem) -> str:
 
 
 class Checkpoint:
-    """Settled tokens appended to ``path`` (JSON lines), read back by :meth:`restore`."""
+    """Settled tokens appended to ``path`` (JSON lines; witness rows in ``path.x``), read back into ``stored``."""
 
-    def __init__(self, path: str | None, fp: str, resume: bool):
-        self.path, self.fp = path, fp
+    def __init__(self, path: str | None, fp: str, resume: bool, d: int = 0):
+        self.path, self.fp, self.d = path, fp, int(d)
         self.stored: dict[int, dict] = {}
+        self.rows = 0  # witness rows in path.x
         if not path:
             return
+        self.xpath = checkpoint_files(path)[1]
         if resume and os.path.exists(path):
-            self.stored = self._read(path, fp)
+            self.stored, self.rows = self._read(path, self.xpath, fp, self.d)
+            with open(self.xpath, "ab") as f:  # drop a torn row, so that appended rows keep their numbers
+                f.truncate(self.rows * 8 * self.d)
         else:
+            with open(self.xpath, "wb") as f:
+                f.flush()
+                os.fsync(f.fileno())
             with open(path, "w", encoding="utf-8") as f:
-                f.write(json.dumps({"schema": CHECKPOINT_SCHEMA, "fingerprint": fp}) + "\n")
+                f.write(json.dumps({"schema": CHECKPOINT_SCHEMA, "fingerprint": fp, "d": self.d}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
 
     @staticmethod
-    def _read(path: str, fp: str) -> dict[int, dict]:
+    def _read(path: str, xpath: str, fp: str, d: int) -> tuple[dict[int, dict], int]:
         try:
             with open(path, encoding="utf-8") as f:
                 lines = f.read().split("\n")
             head = json.loads(lines[0])
         except (OSError, ValueError, IndexError) as e:
             raise InputError(f"cannot resume from {path}: {e}") from e
-        if not isinstance(head, dict) or head.get("schema") != CHECKPOINT_SCHEMA or head.get("fingerprint") != fp:
+        if not isinstance(head, dict) or head.get("schema") not in READABLE_SCHEMAS or head.get("fingerprint") != fp:
             raise InputError(f"cannot resume from {path}: it belongs to a different input or settings")
+        rows = np.zeros((0, d))
+        if os.path.exists(xpath) and d > 0:
+            raw = np.fromfile(xpath, dtype="<f8")
+            rows = raw[: raw.size - raw.size % d].reshape(-1, d)
         stored = {}
         for ln in lines[1:]:
             try:
                 rec = json.loads(ln)
             except ValueError:
                 continue  # a torn last line: that token is simply decided again
-            if isinstance(rec, dict) and isinstance(rec.get("id"), int):
-                stored[rec["id"]] = rec
-        return stored
+            if not (isinstance(rec, dict) and isinstance(rec.get("id"), int) and not isinstance(rec["id"], bool)):
+                continue
+            cert = rec.get("certificate")
+            x = cert.get("x") if isinstance(cert, dict) else None
+            if isinstance(x, dict):  # a witness row of path.x; one that is missing (torn) is decided again
+                i = x.get("row")
+                if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < rows.shape[0]):
+                    continue
+                cert["x"] = rows[i].tolist()
+            stored[rec["id"]] = rec
+        return stored, int(rows.shape[0])
 
     def append(self, reports: list[TokenReport]) -> None:
         if not self.path or not reports:
             return
+        recs, X = [], []
+        for r in reports:
+            rec = to_jsonable(r.__dict__)  # a new dict: the caller's report is left as it is
+            cert = rec.get("certificate")
+            x = cert.get("x") if isinstance(cert, dict) else None
+            if isinstance(x, list) and len(x) == self.d and self.d > 0:
+                cert["x"] = {"row": self.rows + len(X)}
+                X.append(x)
+            recs.append(rec)
+        if X:
+            with open(self.xpath, "ab") as f:
+                f.write(np.asarray(X, dtype="<f8").tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            self.rows += len(X)
         with open(self.path, "a", encoding="utf-8") as f:
-            for r in reports:
-                f.write(json.dumps(to_jsonable(r.__dict__), allow_nan=False) + "\n")
+            for rec in recs:
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def remove(self) -> None:
-        if self.path and os.path.exists(self.path):
-            os.remove(self.path)
+        if self.path:
+            remove_checkpoint(self.path)
+
+
+def remove_checkpoint(path: str) -> None:
+    for f in checkpoint_files(path):
+        if os.path.exists(f):
+            os.remove(f)
 
 
 class Ledger:

@@ -179,7 +179,7 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
     if ids.size and (ids.min() < 0 or ids.max() >= V):
         bad = [int(t) for t in ids if t < 0 or t >= V]
         raise InputError(f"token ids {', '.join(map(str, bad[:10]))} are out of range for V = {V}")
-    ckpt = Checkpoint(opt.checkpoint, fingerprint(problem), opt.resume) if opt.checkpoint else None
+    ckpt = Checkpoint(opt.checkpoint, fingerprint(problem), opt.resume, problem.d) if opt.checkpoint else None
     if opt.verify not in ("bounded", "full"):
         raise InputError(f"unknown verify mode {opt.verify!r}; expected bounded or full")
     sc = _Scan(head, problem, opt, backend, dev, precision, Ledger(ids, ckpt), Verifier(problem, full=opt.verify == "full"),
