@@ -198,7 +198,9 @@ def test_cli_prints_where_the_time_went(tmp_path, capsys):
     assert len(line) == 1
     nums = {k: float(v) for k, v in re.findall(r"(load|screen|search|decide|verify|engine|enrich|files) ([0-9.]+) s",
                                                 line[0])}
-    nums["all"] = float(re.search(r"([0-9.]+) s in all$", line[0]).group(1))
+    nums["all"] = float(re.search(r"([0-9.]+) s in all; peak RSS ([0-9.]+) GiB$", line[0]).group(1))
+    peak = float(re.search(r"peak RSS ([0-9.]+) GiB$", line[0]).group(1))
+    assert 0.05 < peak < 24, peak  # this process's own high-water mark: at least the interpreter and torch
     assert set(nums) == {*STAGES, "engine", "enrich", "files", "all"}
     assert abs(sum(nums[k] for k in STAGES) - nums["engine"]) <= 0.05 * nums["engine"] + 0.3  # one decimal each
     assert abs(nums["engine"] + nums["enrich"] + nums["files"] - nums["all"]) <= 0.15
