@@ -160,7 +160,7 @@ def scan_head(head: Head, **options) -> ScanReport:
     _restore(sc)
     todo = sc.ledger.open_ids()
     with sc.timed("search"):  # the cone of a constant-bias head is built here
-        work, lift = _working_problem(sc)
+        work, lift = working_problem(sc.problem)
     if sc.opt.cluster is not None:  # what comes back is verified and recorded here; failed tasks' tokens stay
         todo = sc.opt.cluster.open_tokens(sc, work, lift, todo)
     still_open = _search_stage(sc, work, lift, todo)
@@ -334,12 +334,12 @@ def _reverify(sc: _Scan, r: TokenReport) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- search, decide
-def _working_problem(sc: _Scan):
-    """The problem the search and decide stages solve, and how their claims map back (``lift``).
+def working_problem(p):
+    """The problem the search and decide stages solve for problem ``p``, and how their claims map back
+    (``lift``; also the benchmarks', which draw the LP's tokens as a scan does).
 
     Normally the problem itself. With a constant bias in a bounded domain: the cone of the domain's rows
     (its keys); a cone witness is scaled onto the domain, a Gordan certificate proves margin exactly 0."""
-    p = sc.problem
     if not (p.domain.bounded and p.constant_bias):
         return p, lambda c: c
     cone = problem_from_rows(p.keys, np.zeros(p.V), Cone(), source=p.source, bias_used=False)
