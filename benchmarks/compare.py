@@ -118,13 +118,25 @@ bss.PROVIDERS.update({"faiss": _faiss, "seed-gram": _seed_gram, "seed-lp": _seed
 
 
 # ------------------------------------------------------------------------------------- subprocesses
-def run_capped(cmd, timeout: float | None, out_path: str, env=None) -> dict:
+def run_capped(cmd, timeout: float | None, out_path: str, env=None, watch: tuple = ()) -> dict:
     """Run ``cmd`` (stdout and stderr to ``out_path``), killed after ``timeout`` s. Wall time of the whole
-    command and its peak RSS (``wait4``'s ``ru_maxrss``: the child and the descendants it waited for)."""
+    command and its peak RSS (``wait4``'s ``ru_maxrss``: the child and the descendants it waited for); with
+    ``watch``, the largest total size the files at those paths reached while it ran (polled twice a second)."""
     with open(out_path, "w") as log:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         killed = threading.Event()
+        watched = {"max_bytes": 0}
+
+        def poll():
+            while p.poll() is None:
+                size = sum(os.path.getsize(f) for f in watch if os.path.exists(f))
+                watched["max_bytes"] = max(watched["max_bytes"], size)
+                time.sleep(0.5)
+
+        poller = threading.Thread(target=poll, daemon=True) if watch else None
+        if poller:
+            poller.start()
 
         def kill():
             killed.set()
@@ -138,8 +150,11 @@ def run_capped(cmd, timeout: float | None, out_path: str, env=None) -> dict:
         if timer:
             timer.cancel()
         p.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": p.returncode, "wall_s": wall, "peak_rss_mb": ru.ru_maxrss / 1024, "timed_out": killed.is_set(),
-            "log": out_path}
+    out = {"rc": p.returncode, "wall_s": wall, "peak_rss_mb": ru.ru_maxrss / 1024, "timed_out": killed.is_set(),
+           "log": out_path}
+    if watch:
+        out["watched_max_mb"] = watched["max_bytes"] / 2**20
+    return out
 
 
 def _log_tail(res: dict, n: int = 15) -> str:
@@ -181,13 +196,18 @@ def spawn_worker(provider: str, data: str, tmp: str, args, extra=(), timeout=Non
 
 
 # ------------------------------------------------------------------------------------------- the head
-def load_head(source: str, name: str, seed: int) -> tuple[BenchProblem, bool]:
+# Shapes of RMSNorm models: their synthetic stand-in is scanned on the rmsnorm domain (--domain rmsnorm),
+# as the real head would be.
+SHAPE_DOMAINS = {"smollm2-135m": "rmsnorm", "gemma3-270m": "rmsnorm", "llama3-8b": "rmsnorm"}
+
+
+def load_head(source: str, name: str, seed: int, domain: str | None = None) -> tuple[BenchProblem, bool]:
     """The head the CLI scans, as a :class:`BenchProblem` (gram rows as the scan takes them, the problem
-    folded on the source's default domain), and whether its gram rows are centred."""
+    folded on ``domain``, default the source's own), and whether its gram rows are centred."""
     from unspeakable.engine.loader import fold, gram_rows, load
 
     head = load(source)
-    problem = fold(head)
+    problem = fold(head, domain=domain)
     rows = gram_rows(head)
     centred = bool(head.gram_center) or bool(problem.margin_exp or problem.x_exp)
     return BenchProblem(name=name, V=problem.V, d=problem.d, seed=seed, rows=rows, problem=problem), centred
@@ -239,14 +259,17 @@ def run_scan(source: str, tmp: str, scan_args: list[str]) -> dict:
     out = os.path.join(tmp, "scan.json")
     cmd = [sys.executable, "-m", "unspeakable", "scan", source, "--out", out, *scan_args]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = run_capped(cmd, None, os.path.join(tmp, "scan.log"), env=env)
+    res = run_capped(cmd, None, os.path.join(tmp, "scan.log"), env=env, watch=(out + ".partial", out + ".partial.x"))
     if res["rc"] != 0:
         raise RuntimeError(f"scan failed (rc {res['rc']}):\n{_log_tail(res)}")
+    res["checkpoint_max_mb"] = res.pop("watched_max_mb")  # OUT.partial and its witness rows, at their largest
+    res["report_mb"] = sum(os.path.getsize(f) for f in (out, out + ".witnesses.npz") if os.path.exists(f)) / 2**20
     with open(out) as f:
         res.update(scan_summary(json.load(f)))
     res["after_s"] = after_engine(res["log"])
     res["command"] = "unspeakable scan " + " ".join([shown(source), "--out", "X.json", *map(shown, scan_args)])
-    print(f"  {'scan':18s} {res['wall_s']:9.2f} s  peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    print(f"  {'scan':18s} {res['wall_s']:9.2f} s  peak RSS {res['peak_rss_mb']:.0f} MB  checkpoint at most "
+          f"{res['checkpoint_max_mb']:.1f} MB  report {res['report_mb']:.1f} MB", flush=True)
     return res
 
 
@@ -364,7 +387,9 @@ def provider_rows(res: dict, bp: BenchProblem) -> list[str]:
             _wall(res["screens"]), y, res["screens"]["peak_rss_mb"])
     if "scan" in res:
         sc = res["scan"]
-        row("**whole scan (ours)**", f"`{sc['command']}`, whole command", bp.V, sc["wall_s"], y, sc["peak_rss_mb"])
+        row("**whole scan (ours)**", f"`{sc['command']}`, whole command; checkpoint at most "
+            f"{sc.get('checkpoint_max_mb', float('nan')):.1f} MB, report {sc.get('report_mb', float('nan')):.1f} MB",
+            bp.V, sc["wall_s"], y, sc["peak_rss_mb"])
     f = res.get("faiss")
     if f and "missing" in f:
         L.append("| faiss | not importable | | | | |")
@@ -576,7 +601,10 @@ def main(argv=None) -> int:
     source, name = source_of(args)
     print(f"compare: {source} — providers {','.join(args.providers)}", flush=True)
     t0 = time.perf_counter()
-    bp, centred = load_head(source, name, args.seed)
+    domain = None if args.source else SHAPE_DOMAINS.get(name)
+    if domain and "--domain" not in args.scan_args.split():
+        args.scan_args = f"{args.scan_args} --domain {domain}".strip()
+    bp, centred = load_head(source, name, args.seed, domain)
     print(f"  head loaded and folded in {time.perf_counter() - t0:.1f} s", flush=True)
     tmp = tempfile.mkdtemp(prefix="compare-")
     try:
