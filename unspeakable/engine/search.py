@@ -15,6 +15,11 @@ deliberately cheap (a few pricing rounds): it settles the easy tokens in bulk an
 their best competitors, to the exact LP stage. Everything it returns is a claim for ``engine.verify``.
 Cone: the domain's bounded surrogate (the unit ball, no bias) searches for witnesses only; cone
 certificates need exact hull membership and come from the decide stage.
+
+:func:`near_search` runs first, without any pass over V: most tokens the witness screen leaves open lose
+at their screen point to one row only (its runner-up), and the same Frank–Wolfe steps against that row and
+the hubs find a nearby point where they win. On SmolLM2 it proposed witnesses that verified for 7843 of the
+8595 open tokens in 4 s, against 28 s for the priced search; the rest go to :func:`search`.
 """
 from __future__ import annotations
 
@@ -90,6 +95,48 @@ def search(problem, tokens: np.ndarray, *, keys32: torch.Tensor | None = None,
         for b0 in range(0, tokens.size, opt.batch):
             out.extend(_search_batch(problem, setup, tokens[b0: b0 + opt.batch], opt))
     return out
+
+
+def near_search(problem, tokens: np.ndarray, runner_up: np.ndarray, *,
+                options: SearchOptions | None = None) -> list[Candidate]:
+    """One witness claim per token from Frank–Wolfe on the active set {runner-up} ∪ hubs, with no pricing
+    pass over V (the claims carry no bounds: the verifier's check over all V is the only judge)."""
+    opt = options or SearchOptions()
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.size == 0:
+        return []
+    st = _setup(problem, torch.empty((0, problem.d), dtype=torch.float32), opt)
+    out: list[Candidate] = []
+    with threadpool_limits(limits=1, user_api="blas"), torch_threads(1):
+        for b0 in range(0, tokens.size, opt.batch):
+            t0 = time.perf_counter()
+            T = torch.from_numpy(tokens[b0: b0 + opt.batch])
+            R = torch.from_numpy(np.asarray(runner_up[b0: b0 + opt.batch], dtype=np.int64))
+            n = T.numel()
+            R = torch.where((R < 0) | (R >= problem.V) | (R == T), (T + 1) % problem.V, R)  # always a competitor
+            S = torch.cat([R[:, None], st.hubs[None, :].expand(n, -1)], 1)
+            S = torch.where(S == T[:, None], R[:, None], S)  # the token itself is no competitor: its runner-up again
+            kt, bt = st.keys64[T], st.bias64[T]
+            A = st.keys64[S].neg_().add_(kt[:, None, :])
+            beta = bt[:, None] - st.bias64[S]
+            lam = torch.zeros(S.shape, dtype=torch.float64)
+            lam[:, 0] = 1.0
+            lam = _pairwise_fw(st.dom, A, beta, lam, opt.inner)
+            v = torch.einsum("bk,bkd->bd", lam / lam.sum(1, keepdim=True), A)
+            X = st.dom.best_response(v)
+            elapsed = (time.perf_counter() - t0) / n
+            for i in range(n):
+                out.append(Candidate(token=int(T[i]), witness=_onto_domain(problem, st, kt[i], X[i]), reason="search",
+                                     time_s=elapsed, iterations=opt.inner))
+    return out
+
+
+def _onto_domain(problem, st: _Setup, kt: torch.Tensor, x: torch.Tensor) -> np.ndarray:
+    """A search point as a witness of the problem's domain (the cone: normalised so (k_t − c)·x = 1)."""
+    if st.certify:
+        return problem.domain.into(x.numpy())
+    nx = float((kt * x).sum())
+    return x.numpy() / nx if nx > 0 else x.numpy()
 
 
 def _setup(problem, keys32, opt: SearchOptions) -> _Setup:
@@ -227,12 +274,7 @@ def _candidate(problem, st: _Setup, s: _State, i: int, token: int, elapsed: floa
         ww = np.zeros(ids.size)
         np.add.at(ww, inv, s.best_lam[i, nz].numpy())
         cert = Certificate(ids.astype(np.int64), ww / ww.sum())
-    wx = s.best_x[i].numpy()
-    if st.certify:
-        wx = problem.domain.into(wx)
-    else:
-        nx = float((s.kt[i] * s.best_x[i]).sum())  # the cone's normalisation (k_t − c)·x = 1
-        wx = wx / nx if nx > 0 else wx
+    wx = _onto_domain(problem, st, s.kt[i], s.best_x[i])
     return Candidate(token=token, witness=wx, certificate=cert, lower=float(s.best_lower[i]),
                      upper=float(s.best_upper[i]) if st.certify else float("inf"), reason="search",
                      time_s=elapsed, iterations=opt.rounds * opt.inner)
