@@ -63,11 +63,11 @@ def open_tokens(bp: BenchProblem, scan: int, limit: int) -> tuple[np.ndarray, di
     ids = np.arange(min(scan, bp.V), dtype=np.int64)
     t0 = time.perf_counter()
     w = witness_screen(bp.problem, ids)
-    past_screen = ids[w.margin <= 0]
+    past_screen, runner_up = ids[w.margin <= 0], w.runner_up[w.margin <= 0]
     work = working_problem(bp.problem)[0]  # a constant bias in a bounded domain: the cone, as the scan does
     left, near, comps = [], [], {}
     for b0 in range(0, past_screen.size, SEARCH_CHUNK):
-        for c in search(work, past_screen[b0: b0 + SEARCH_CHUNK]):
+        for c in search(work, past_screen[b0: b0 + SEARCH_CHUNK], runner_up=runner_up[b0: b0 + SEARCH_CHUNK]):
             comps[c.token] = None if c.certificate is None else np.asarray(c.certificate.competitors, dtype=np.int64)
             if c.lower > 0 or c.upper < 0:  # a sign the pipeline would now verify: not an LP token
                 near.append((min(abs(c.lower), abs(c.upper)), c.token))

@@ -71,7 +71,8 @@ def test_first_active_set_holds_the_hubs_never_the_token(domain, random_problem,
     monkeypatch.setattr(es, "_active_set", spy)
     toks = np.r_[top[:3], top[8], np.arange(20)]  # hubs themselves, the last hub, ordinary tokens
     search(p, toks, options=opt)
-    assert set(seen) == set(toks.tolist())
+    # every token whose screen point the first pricing pass did not find winning builds a first active set
+    assert seen and set(seen) <= set(toks.tolist())
     for t, S in seen.items():
         assert t not in S
         assert set(top[:9].tolist()) - {t} <= S or (t not in top[:9] and set(top[:8].tolist()) <= S)

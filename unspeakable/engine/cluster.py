@@ -55,6 +55,7 @@ from unspeakable.engine.pipeline import (
     decide_pass_options,
     record_decide,
     record_search,
+    runner_ups,
     verify_candidates,
 )
 from unspeakable.engine.screen import GramScreen, WitnessScreen, gram_argmax, gram_screen, hard_to_speak, witness_screen
@@ -303,15 +304,17 @@ def clean_candidate(raw, token: int, d: int) -> Candidate | None:
                      iterations=int(raw.iterations))
 
 
-def search_task(slim: Slim, tokens: np.ndarray) -> list[Candidate]:
-    """Search one or more whole chunks of open tokens (runs on a worker)."""
+def search_task(slim: Slim, tokens: np.ndarray, runner_up: np.ndarray) -> list[Candidate]:
+    """Search one or more whole chunks of open tokens (runs on a worker), each from the near point of its
+    witness-screen runner-up, as the pipeline's search does."""
     from unspeakable.engine.search import search
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         keys32 = torch.from_numpy(slim.keys).to(torch.float32)
         return [c for b0 in range(0, tokens.size, SEARCH_BATCH)
-                for c in search(slim, tokens[b0: b0 + SEARCH_BATCH], keys32=keys32)]
+                for c in search(slim, tokens[b0: b0 + SEARCH_BATCH], keys32=keys32,
+                                runner_up=runner_up[b0: b0 + SEARCH_BATCH])]
 
 
 def decide_task(slim: Slim, tokens: list, comps: dict, options: dict) -> list[Candidate]:
@@ -395,7 +398,7 @@ class _OpenTokens:
     def _submit(self, job):
         p, _, toks = job
         if p.kind == "search":
-            return self.fns["search"].remote(self.ref, np.asarray(toks, dtype=np.int64))
+            return self.fns["search"].remote(self.ref, np.asarray(toks, dtype=np.int64), runner_ups(self.sc, toks))
         comps = {t: self.st.comps.get(t) for t in toks}
         return self.fns["decide"].remote(self.ref, list(toks), comps,
                                          decide_pass_options(p.stop_at_sign, self.sc.opt.decide_time_limit))

@@ -34,7 +34,7 @@ from unspeakable.engine.ledger import Checkpoint, Ledger, fingerprint
 from unspeakable.engine.loader import fold, gram_rows, load, problem_from_rows
 from unspeakable.engine.report import ScanReport, TokenReport
 from unspeakable.engine.screen import gram_screen, screens, witness_points
-from unspeakable.engine.search import near_search, search
+from unspeakable.engine.search import search
 from unspeakable.engine.verify import Verifier
 from unspeakable.kernels import resolve_backend, resolve_precision
 
@@ -161,7 +161,6 @@ def scan_head(head: Head, **options) -> ScanReport:
     todo = sc.ledger.open_ids()
     with sc.timed("search"):  # the cone of a constant-bias head is built here
         work, lift = working_problem(sc.problem)
-    todo = _near_stage(sc, work, lift, todo)
     if sc.opt.cluster is not None:  # what comes back is verified and recorded here; failed tasks' tokens stay
         todo = sc.opt.cluster.open_tokens(sc, work, lift, todo)
     still_open = _search_stage(sc, work, lift, todo)
@@ -355,30 +354,6 @@ def working_problem(p):
     return cone, lift
 
 
-def _near_stage(sc: _Scan, work, lift, todo: np.ndarray) -> np.ndarray:
-    """The search's first pass, with no pricing over V (``search.near_search``: each token against its
-    witness-screen runner-up and the hubs): verified witnesses are recorded; the tokens left go on to the
-    priced search (also on a Ray cluster: this pass runs here, before the cluster's)."""
-    if todo.size == 0:
-        return todo
-    runner_up = sc.witness.runner_up[np.array([sc.ledger.pos[int(t)] for t in todo], dtype=np.int64)]
-    left = []
-    with _Bar(sc, "search (near)", todo.size) as bar:
-        for b0 in range(0, todo.size, SEARCH_CHUNK):
-            chunk = todo[b0: b0 + SEARCH_CHUNK]
-            with sc.timed("search"):
-                cands = [lift(c) for c in near_search(work, chunk, runner_up[b0: b0 + SEARCH_CHUNK])]
-            results = verify_candidates(sc, cands)  # timed as verification
-            with sc.timed("search"):
-                done = [(c, r) for c, r in zip(cands, results) if r.verdict == "speakable"]
-                sc.ledger.record([_token_report(sc, c.token, r, c.time_s) for c, r in done])
-                settled = {c.token for c, _ in done}
-                left.extend(int(t) for t in chunk if int(t) not in settled)
-            bar.advance(chunk.size)
-    _log(sc, f"search (near): {todo.size - len(left)} of {todo.size} settled without pricing")
-    return np.array(left, dtype=np.int64)
-
-
 def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple[Candidate, Verified]]:
     """Batched search over the open tokens; settled ones are recorded, the rest returned for the LP with
     their verified (undecided) result."""
@@ -393,9 +368,14 @@ def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple[Candida
     return still_open
 
 
+def runner_ups(sc: _Scan, tokens) -> np.ndarray:
+    """The witness screen's runner-up of each token: where the search starts from (also the Ray driver's)."""
+    return sc.witness.runner_up[np.array([sc.ledger.pos[int(t)] for t in tokens], dtype=np.int64)]
+
+
 def _search_chunk(sc: _Scan, work, lift, chunk: np.ndarray, keys32, still_open: list) -> None:
     with sc.timed("search"):
-        cands = [lift(c) for c in search(work, chunk, keys32=keys32)]
+        cands = [lift(c) for c in search(work, chunk, keys32=keys32, runner_up=runner_ups(sc, chunk))]
     results = verify_candidates(sc, cands)  # timed as verification
     with sc.timed("search"):  # recording, the checkpoint's append included
         still_open.extend(record_search(sc, cands, results))

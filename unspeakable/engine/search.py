@@ -16,10 +16,12 @@ their best competitors, to the exact LP stage. Everything it returns is a claim 
 Cone: the domain's bounded surrogate (the unit ball, no bias) searches for witnesses only; cone
 certificates need exact hull membership and come from the decide stage.
 
-:func:`near_search` runs first, without any pass over V: most tokens the witness screen leaves open lose
-at their screen point to one row only (its runner-up), and the same Frank–Wolfe steps against that row and
-the hubs find a nearby point where they win. On SmolLM2 it proposed witnesses that verified for 7843 of the
-8595 open tokens in 4 s, against 28 s for the priced search; the rest go to :func:`search`.
+Where the witness screen's runner-up is given, the search first tries a *near point*: the same
+Frank–Wolfe steps against the runner-up and the hubs alone (no pass over V), then one pricing pass over V
+at those points. Most tokens the screen leaves open on a real head lose at their screen point to that one
+row, and their near point already wins: on SmolLM2, 7843 of 8595 open tokens, each for one pricing pass
+instead of several. The others (on a synthetic cloud, nearly all) search on from their screen points, for
+one pricing pass more.
 """
 from __future__ import annotations
 
@@ -81,62 +83,27 @@ class _State:
 
 
 def search(problem, tokens: np.ndarray, *, keys32: torch.Tensor | None = None,
-           options: SearchOptions | None = None) -> list[Candidate]:
-    """Search witnesses / certificates for ``tokens``; returns one Candidate per token (same order)."""
+           options: SearchOptions | None = None, runner_up: np.ndarray | None = None) -> list[Candidate]:
+    """Search witnesses / certificates for ``tokens``; returns one Candidate per token (same order).
+    ``runner_up``: per token, the row that beats it at its screen point (the witness screen's); the search
+    then starts from the near point (module docstring)."""
     opt = options or SearchOptions()
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.size == 0:
         return []
+    if runner_up is not None:
+        runner_up = np.asarray(runner_up, dtype=np.int64)
+        if runner_up.shape != tokens.shape:
+            raise ValueError(f"runner_up has shape {runner_up.shape}; expected {tokens.shape}, one per token")
     setup = _setup(problem, keys32, opt)
     out: list[Candidate] = []
     # Everything but the pricing GEMM on one thread (kernels.torch_threads): the FW steps are many small
     # ops, 2x slower on two threads under load here (768 SmolLM2 tokens: 20.7 s against 10.3 s, load 5).
     with threadpool_limits(limits=1, user_api="blas"), torch_threads(1):
         for b0 in range(0, tokens.size, opt.batch):
-            out.extend(_search_batch(problem, setup, tokens[b0: b0 + opt.batch], opt))
+            ru = None if runner_up is None else runner_up[b0: b0 + opt.batch]
+            out.extend(_search_batch(problem, setup, tokens[b0: b0 + opt.batch], opt, ru))
     return out
-
-
-def near_search(problem, tokens: np.ndarray, runner_up: np.ndarray, *,
-                options: SearchOptions | None = None) -> list[Candidate]:
-    """One witness claim per token from Frank–Wolfe on the active set {runner-up} ∪ hubs, with no pricing
-    pass over V (the claims carry no bounds: the verifier's check over all V is the only judge)."""
-    opt = options or SearchOptions()
-    tokens = np.asarray(tokens, dtype=np.int64)
-    if tokens.size == 0:
-        return []
-    st = _setup(problem, torch.empty((0, problem.d), dtype=torch.float32), opt)
-    out: list[Candidate] = []
-    with threadpool_limits(limits=1, user_api="blas"), torch_threads(1):
-        for b0 in range(0, tokens.size, opt.batch):
-            t0 = time.perf_counter()
-            T = torch.from_numpy(tokens[b0: b0 + opt.batch])
-            R = torch.from_numpy(np.asarray(runner_up[b0: b0 + opt.batch], dtype=np.int64))
-            n = T.numel()
-            R = torch.where((R < 0) | (R >= problem.V) | (R == T), (T + 1) % problem.V, R)  # always a competitor
-            S = torch.cat([R[:, None], st.hubs[None, :].expand(n, -1)], 1)
-            S = torch.where(S == T[:, None], R[:, None], S)  # the token itself is no competitor: its runner-up again
-            kt, bt = st.keys64[T], st.bias64[T]
-            A = st.keys64[S].neg_().add_(kt[:, None, :])
-            beta = bt[:, None] - st.bias64[S]
-            lam = torch.zeros(S.shape, dtype=torch.float64)
-            lam[:, 0] = 1.0
-            lam = _pairwise_fw(st.dom, A, beta, lam, opt.inner)
-            v = torch.einsum("bk,bkd->bd", lam / lam.sum(1, keepdim=True), A)
-            X = st.dom.best_response(v)
-            elapsed = (time.perf_counter() - t0) / n
-            for i in range(n):
-                out.append(Candidate(token=int(T[i]), witness=_onto_domain(problem, st, kt[i], X[i]), reason="search",
-                                     time_s=elapsed, iterations=opt.inner))
-    return out
-
-
-def _onto_domain(problem, st: _Setup, kt: torch.Tensor, x: torch.Tensor) -> np.ndarray:
-    """A search point as a witness of the problem's domain (the cone: normalised so (k_t − c)·x = 1)."""
-    if st.certify:
-        return problem.domain.into(x.numpy())
-    nx = float((kt * x).sum())
-    return x.numpy() / nx if nx > 0 else x.numpy()
 
 
 def _setup(problem, keys32, opt: SearchOptions) -> _Setup:
@@ -155,7 +122,8 @@ def _setup(problem, keys32, opt: SearchOptions) -> _Setup:
                   min(opt.add, K), opt.rel_tol * size, torch.get_num_threads(), torch.from_numpy(hubs))
 
 
-def _search_batch(problem, st: _Setup, toks: np.ndarray, opt: SearchOptions) -> list[Candidate]:
+def _search_batch(problem, st: _Setup, toks: np.ndarray, opt: SearchOptions,
+                  runner_up: np.ndarray | None = None) -> list[Candidate]:
     t0 = time.perf_counter()
     B, K = toks.size, st.K
     T = torch.from_numpy(toks)
@@ -165,6 +133,11 @@ def _search_batch(problem, st: _Setup, toks: np.ndarray, opt: SearchOptions) -> 
                torch.full((B,), -np.inf, dtype=torch.float64), x.clone(), torch.full((B,), np.inf, dtype=torch.float64),
                torch.zeros((B, K), dtype=torch.int64), torch.zeros((B, K), dtype=torch.float64),
                torch.zeros(B, dtype=torch.bool))
+    if runner_up is not None:  # the near points first: one pricing pass says which of them win already
+        s.x = _near_points(st, T, kt, bt, torch.from_numpy(runner_up), opt.inner)
+        _price(st, s, torch.arange(B), 1)
+        s.done |= s.best_lower > st.tol
+        s.x = torch.where(s.done[:, None], s.x, x)  # the others search on from their screen points
     for r in range(opt.rounds):
         act = (~s.done).nonzero().squeeze(1)
         if act.numel() == 0:
@@ -175,9 +148,28 @@ def _search_batch(problem, st: _Setup, toks: np.ndarray, opt: SearchOptions) -> 
     return [_candidate(problem, st, s, i, int(toks[i]), elapsed, opt) for i in range(B)]
 
 
+def _near_points(st: _Setup, T: torch.Tensor, kt, bt, R: torch.Tensor, inner: int) -> torch.Tensor:
+    """The best response to pairwise Frank–Wolfe on the active set {runner-up} ∪ hubs: no pass over V."""
+    V = st.keys64.shape[0]
+    R = torch.where((R < 0) | (R >= V) | (R == T), (T + 1) % V, R)  # always a competitor
+    S = torch.cat([R[:, None], st.hubs[None, :].expand(T.numel(), -1)], 1)
+    S = torch.where(S == T[:, None], R[:, None], S)  # the token itself is no competitor: its runner-up again
+    A = st.keys64[S].neg_().add_(kt[:, None, :])
+    beta = bt[:, None] - st.bias64[S]
+    lam = torch.zeros(S.shape, dtype=torch.float64)
+    lam[:, 0] = 1.0
+    lam = _pairwise_fw(st.dom, A, beta, lam, inner)
+    return st.dom.best_response(torch.einsum("bk,bkd->bd", lam / lam.sum(1, keepdim=True), A))
+
+
 def _round(st: _Setup, s: _State, act: torch.Tensor, first: bool, inner: int) -> None:
-    """One pricing pass over all V at the current points, then ``inner`` pairwise FW steps."""
+    """One pricing pass over all V at the current points, then ``inner`` pairwise FW steps for the tokens
+    whose point the pass did not find winning (a winner's search is over: no steps spent on it)."""
     cand = _price(st, s, act, st.K if first else st.add)
+    go = ~(s.best_lower[act] > st.tol)
+    if not bool(go.any()):
+        return
+    act, cand = act[go], cand[go]
     S, lam = _active_set(st, s, act, cand, first)
     A = st.keys64[S].neg_().add_(s.kt[act][:, None, :])  # a_j = k_t − k_j, in the gathered copy (no second one)
     beta = s.bt[act][:, None] - st.bias64[S]
@@ -274,7 +266,12 @@ def _candidate(problem, st: _Setup, s: _State, i: int, token: int, elapsed: floa
         ww = np.zeros(ids.size)
         np.add.at(ww, inv, s.best_lam[i, nz].numpy())
         cert = Certificate(ids.astype(np.int64), ww / ww.sum())
-    wx = _onto_domain(problem, st, s.kt[i], s.best_x[i])
+    wx = s.best_x[i].numpy()
+    if st.certify:
+        wx = problem.domain.into(wx)
+    else:
+        nx = float((s.kt[i] * s.best_x[i]).sum())  # the cone's normalisation (k_t − c)·x = 1
+        wx = wx / nx if nx > 0 else wx
     return Candidate(token=token, witness=wx, certificate=cert, lower=float(s.best_lower[i]),
                      upper=float(s.best_upper[i]) if st.certify else float("inf"), reason="search",
                      time_s=elapsed, iterations=opt.rounds * opt.inner)
