@@ -590,3 +590,24 @@ def _scan_or_refused(W, b, domain, radius):
     except unspeakable.InputError as e:
         assert str(e)
         return None
+
+
+# ------------------------------------------------------------------------------------------ issue 18
+@pytest.mark.parametrize("tokens, says", [([1.5], "must be integers"), (np.array([0.0, 1.0]), "must be integers"),
+                                          (np.array([True, False, True]), "boolean mask"),
+                                          ([[0, 1]], "1-D"), ([7], "out of range")])
+def test_18_tokens_that_are_not_ids_are_refused(tokens, says):
+    W = np.random.default_rng(0).standard_normal((3, 5))
+    with pytest.raises(unspeakable.InputError, match=says):
+        unspeakable.scan(W, domain="box", tokens=tokens, device="cpu", backend="torch")
+
+
+def test_18_cli_tokens_not_ids_exit_2(tmp_path, capsys):
+    from unspeakable.engine.cli import main
+
+    path = tmp_path / "h.npz"
+    np.savez(path, W_U=np.random.default_rng(0).standard_normal((3, 5)))
+    with pytest.raises(SystemExit) as e:
+        main(["scan", str(path), "--tokens", "1.5", "--out", str(tmp_path / "r.json")])
+    assert e.value.code == 2
+    assert "1.5" in capsys.readouterr().err

@@ -169,6 +169,42 @@ def _check_float(name: str, a: np.ndarray, where: str) -> None:
         )
 
 
+def token_ids(tokens, V: int, where: str = "tokens") -> np.ndarray:
+    """Sorted unique int64 ids of ``tokens`` (a list, numpy array or torch tensor of integer ids).
+
+    Raises:
+        InputError: a boolean mask (pass ``np.nonzero(mask)[0]``), non-integer values (``1.5`` is not read as
+            token 1), a non-1-D shape, or ids outside ``0 … V-1`` — naming what is wrong.
+    """
+    try:
+        arr = as_array(tokens, where, where) if not isinstance(tokens, (int, np.integer)) else np.array([tokens])
+        arr = np.asarray(arr)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{where}: cannot read token ids from {type(tokens).__name__}: {e}") from None
+    if arr.dtype.kind == "b":
+        raise InputError(f"{where}: got a boolean mask of shape {shape_text(arr)}; pass token ids instead "
+                         f"(np.nonzero(mask)[0])")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.ndim != 1:
+        raise InputError(f"{where}: token ids must be a 1-D list of integers; got shape {shape_text(arr)}")
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f":
+            with np.errstate(invalid="ignore"):
+                frac = np.nonzero(~np.isfinite(arr) | (arr != np.round(arr)))[0]
+            shown = ", ".join(repr(float(arr[i])) for i in frac[:MAX_IDS_SHOWN])
+            raise InputError(f"{where}: token ids must be integers; got {arr.dtype} values"
+                             + (f" such as {shown}" if frac.size else "") + " (pass an integer array)")
+        raise InputError(f"{where}: token ids must be integers; got values of dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize >= 8 and arr.size and int(arr.max()) > 2**62:
+        raise InputError(f"{where}: token ids {ids_text(arr[arr > 2**62])} are out of range for V = {V}")
+    ids = np.unique(arr.astype(np.int64))
+    bad = ids[(ids < 0) | (ids >= V)]
+    if bad.size:
+        raise InputError(f"token ids {ids_text(bad)} are out of range for V = {V}")
+    return ids
+
+
 # ----------------------------------------------------------------------------------------- validation
 _VECTOR_AXIS = {"b_U": 1, "ln_w": 0, "ln_b": 0}  # which axis of W_U each vector must match
 

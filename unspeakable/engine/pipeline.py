@@ -28,7 +28,7 @@ import torch
 from unspeakable.engine.decide import Pricer, decide_many
 from unspeakable.engine.domain import Cone
 from unspeakable.engine.evidence import Candidate, Certificate
-from unspeakable.engine.head import Head, InputError, head_from_arrays
+from unspeakable.engine.head import Head, InputError, head_from_arrays, token_ids
 from unspeakable.engine.ledger import Checkpoint, Ledger, fingerprint
 from unspeakable.engine.loader import fold, gram_rows, load, problem_from_rows
 from unspeakable.engine.report import ScanReport, TokenReport
@@ -154,10 +154,7 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
     backend, dev = resolve_backend(opt.backend, opt.device)
     precision = resolve_precision(opt.precision, backend, dev)
     V = problem.V
-    ids = np.arange(V, dtype=np.int64) if opt.tokens is None else np.unique(np.asarray(opt.tokens, dtype=np.int64))
-    if ids.size and (ids.min() < 0 or ids.max() >= V):
-        bad = [int(t) for t in ids if t < 0 or t >= V]
-        raise InputError(f"token ids {', '.join(map(str, bad[:10]))} are out of range for V = {V}")
+    ids = np.arange(V, dtype=np.int64) if opt.tokens is None else token_ids(opt.tokens, V)
     ckpt = Checkpoint(opt.checkpoint, fingerprint(problem), opt.resume) if opt.checkpoint else None
     if opt.verify not in ("bounded", "full"):
         raise InputError(f"unknown verify mode {opt.verify!r}; expected bounded or full")
