@@ -80,6 +80,15 @@ class Problem:
     warnings: list[str] = field(default_factory=list)
     margin_exp: int = 0  # reported margin = internal margin × 2**margin_exp
     x_exp: int = 0  # reported point = internal point × 2**x_exp
+    # The fold's own rounding (engine.loader.fold_parts), in internal units; None: exact. The head as given
+    # has rows ``rows + rows_lo + e_j`` with ``||e_j||_1 <= row_err_j`` and bias ``bias + bias_lo ± bias_err``.
+    rows_lo: np.ndarray | None = None  # [V, d]
+    row_err: np.ndarray | None = None  # [V]
+    bias_lo: np.ndarray | None = None  # [V]
+    bias_err: np.ndarray | None = None  # [V]
+    exact_source: object = None  # the Head folded here: exact rational rows and bias (engine.exact.head_rows)
+    row_exp: int = 0  # internal rows = exact γ ⊙ u × 2**row_exp
+    bias_exp: int = 0  # internal bias = exact (u·β + b) × 2**bias_exp
 
     @property
     def V(self) -> int:
@@ -115,8 +124,18 @@ class Problem:
 
     @property
     def constant_bias(self) -> bool:
-        """Every token has the same bias: then every logit is equal at x = 0 (DESIGN §2, margin exactly 0)."""
+        """Every token has the same bias (exactly, the fold's residual included): then every logit is equal
+        at x = 0 (DESIGN §2, margin exactly 0)."""
+        if self.bias_err is not None and np.any(self.bias_err):
+            return False
+        if self.bias_lo is not None and not np.all(self.bias_lo == self.bias_lo[0]):
+            return False
         return bool(np.all(self.bias == self.bias[0]))
+
+    @property
+    def fold_exact(self) -> bool:
+        """The float64 rows and bias are the head's exactly (no residual of the fold)."""
+        return all(a is None or not np.any(a) for a in (self.rows_lo, self.row_err, self.bias_lo, self.bias_err))
 
 
 def _ldexp(m: float, e: int) -> float:

@@ -27,6 +27,8 @@ def fingerprint(problem) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(problem.rows).tobytes())
     h.update(np.ascontiguousarray(problem.bias).tobytes())
+    for a in (problem.rows_lo, problem.row_err, problem.bias_lo, problem.bias_err):  # the fold's residual
+        h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
     h.update(f"{problem.domain.name}|{problem.radius!r}|{problem.bias_used}|{problem.margin_exp}|"
              f"{problem.x_exp}".encode())
     return h.hexdigest()

@@ -471,7 +471,18 @@ def _verdict(sc: _Scan, cand: Candidate, wc) -> tuple:
         cj = cand.certificate.to_json()
         cj["kind"] = "zero" if zero else "dual" if sc.problem.domain.bounded else "cone"
         cj["deficit"] = float(cc.deficit)
-        return ("unspeakable", "margin exactly 0" if zero else f"certificate ({cand.reason})", lower, upper, cj)
+        reason = "margin exactly 0" if zero else f"certificate ({cand.reason})"
+        if cc.exact is not None:  # an exact proof's own weights (engine.exact): what the audit re-checks
+            comp, w = cc.exact
+            cj.update(competitors=[int(j) for j in comp], weights=[float(v) for v in w],
+                      weights_exact=[f"{v.numerator}/{v.denominator}" for v in w])
+            if cj["kind"] == "cone":
+                cj["mu"] = 0.0
+            if cj["kind"] == "dual" and cc.deficit == 0:
+                reason = "never wins: exact certificate with deficit 0 (at best a tie)"
+            else:
+                reason += ", exact"
+        return ("unspeakable", reason, lower, upper, cj)
     return ("undecided", cand.reason or "no proof", lower, upper, None)
 
 
