@@ -88,6 +88,9 @@ class Problem:
     bias_err: np.ndarray | None = None  # [V]
     exact_source: object = None  # the Head folded here: exact rational rows and bias (engine.exact.head_rows)
     row_exp: int = 0  # internal rows = exact γ ⊙ u × 2**row_exp
+    # The bias the search and decide stages work with (None: ``bias``): ``bias + bias_lo`` less a common
+    # shift, so that a large common part does not drown the differences. Only the verifier proves anything.
+    work_bias: np.ndarray | None = None
     bias_exp: int = 0  # internal bias = exact (u·β + b) × 2**bias_exp
 
     @property
@@ -121,6 +124,10 @@ class Problem:
     def internal_x(self, x: np.ndarray) -> np.ndarray:
         """A point in the caller's units → internal units (for re-verifying a stored witness)."""
         return np.ldexp(np.asarray(x, dtype=np.float64), -self.x_exp) if self.x_exp else np.asarray(x, dtype=np.float64)
+
+    @property
+    def search_bias(self) -> np.ndarray:
+        return self.bias if self.work_bias is None else self.work_bias
 
     @property
     def constant_bias(self) -> bool:

@@ -307,9 +307,10 @@ class Verifier:
         Gt = np.einsum("ij,ij->i", self.A[ts], Xb)[K]
         Bt, bc = self.bias[ts][K], self.bias[J]
         with np.errstate(over="ignore", invalid="ignore"):
-            M = (Gt - G) + (Bt - bc)
+            db, db_err = _two_diff(Bt, bc)  # the bias difference exactly (large equal biases cancel)
+            M = ((Gt - G) + db_err) + db
             E = g_d * (self.norms[J] + self.norms[ts][K]) * xn[K]
-            E += 4 * U * (np.abs(G) + np.abs(Gt) + np.abs(bc) + np.abs(Bt)) + (2 * d + 16) * ETA
+            E += 4 * U * (np.abs(G) + np.abs(Gt) + np.abs(db) + np.abs(M)) + (2 * d + 16) * ETA
             if self.lo is not None:  # the exact rows' residual, in the margin (its own rounding is in fold_err)
                 gl = np.concatenate([np.einsum("ij,ij->i", self.lo[J[c: c + chunk]], Xb[K[c: c + chunk]])
                                      for c in range(0, J.size, chunk)] or [np.zeros(0)])
@@ -338,7 +339,57 @@ class Verifier:
         E = E + 4 * U * (np.abs(dbl) + np.abs(M)) + 4 * ETA
         return M, E
 
+    REFINE_MAX = 64  # witnesses per batch re-checked difference-first when the a-priori allowance was too coarse
+
+    def _refine(self, t: int, x: np.ndarray):
+        """``(margin, allowance, runner-up)`` of token t at x over all V, difference first:
+        ``l_t − l_j = (A_t − A_j)·z + (lo_t − lo_j)·z + (b_t − b_j)``, so the allowance scales with
+        ``|A_t − A_j|`` (0 for equal rounded rows) rather than with ``|A_t| + |A_j|``: near-duplicate rows and
+        rows that the fold rounded together are told apart. O(V d) per witness."""
+        d, best = self.d, (math.inf, 0.0, -1)
+        absx, xn = np.abs(x), float(self._xnorm(x[None, :])[0])
+        sig = float(x.sum())
+        sig_err = gamma(d) * float(absx.sum()) + d * ETA
+        for r0, a in self.A.chunks():
+            with np.errstate(over="ignore", invalid="ignore"):
+                D = self.A[t] - a  # one rounding per entry: |err| <= u |D|
+                ids = np.arange(r0, r0 + a.shape[0])
+                if self.lo is not None:
+                    L = self.lo[t] - self.lo[ids]
+                    D2 = D + L  # the exact row difference, rounded once more
+                    err_rows = U * (np.abs(D) + np.abs(D2)) + U * np.abs(L)
+                    D = D2
+                else:
+                    err_rows = U * np.abs(D)
+                aD = np.abs(D) + err_rows
+                M = D @ x
+                E = gamma(d + 2) * (aD @ absx) + (err_rows @ absx) + (d + 4) * ETA
+                if self.dom.centred:  # z = P x: subtract (sum D)(sum x) / d
+                    sD = D.sum(axis=1)
+                    sD_err = gamma(d) * aD.sum(axis=1) + err_rows.sum(axis=1) + d * ETA
+                    corr = sD * sig / d
+                    M = M - corr
+                    E += ((np.abs(sD) + sD_err) * (abs(sig) + sig_err) - np.abs(sD) * abs(sig)) / d \
+                        + 4 * U * np.abs(corr) + 4 * ETA
+                db, de = _two_diff(self.bias[t], self.bias[ids])
+                M = (M + de) + db
+                E += 4 * U * (np.abs(M) + np.abs(db)) + 4 * ETA
+                M, E = self._fold_terms(M, E, t, ids, xn)
+            bad = ~(np.isfinite(M) & np.isfinite(E))
+            M[bad], E[bad] = -math.inf, math.inf  # an overflowing comparison proves nothing
+            if r0 <= t < r0 + a.shape[0]:
+                M[t - r0], E[t - r0] = math.inf, 0.0  # t is not its own competitor
+            i = int(np.argmin(M - E))
+            if M[i] - E[i] < best[0] - best[1]:
+                best = (float(M[i]), float(E[i]), r0 + i)
+        return best
+
     def _conclude(self, pos, ts, Xb, mm, out):
+        fails = [k for k in range(len(ts)) if math.isfinite(mm[k][0]) and mm[k][0] > 0 >= mm[k][0] - mm[k][1]]
+        if 0 < len(fails) <= self.REFINE_MAX:
+            mm = list(mm)
+            for k in fails:
+                mm[k] = self._refine(int(ts[k]), np.asarray(Xb[k], dtype=np.float64))
         for k in range(len(ts)):
             m_k, e_k, w = mm[k]
             if not (math.isfinite(m_k) and math.isfinite(e_k)):
@@ -397,9 +448,10 @@ class Verifier:
         Gt = np.einsum("ij,ij->i", self.A[ts], Xb)
         Bt, bc = self.bias[ts], self.bias[cand]
         with np.errstate(over="ignore", invalid="ignore"):
-            M = (Gt[None, :] - G) + (Bt[None, :] - bc[:, None])
+            db, db_err = _two_diff(Bt[None, :], bc[:, None])  # the bias difference exactly
+            M = ((Gt[None, :] - G) + db_err) + db
             E = g_d * (self.norms[cand][:, None] + self.norms[ts][None, :]) * xn[None, :]
-            E += 4 * U * (np.abs(G) + np.abs(Gt)[None, :] + np.abs(bc)[:, None] + np.abs(Bt)[None, :])
+            E += 4 * U * (np.abs(G) + np.abs(Gt)[None, :] + np.abs(db) + np.abs(M))
             E += (2 * d + 16) * ETA  # products and sums that underflow
             if self.lo is not None:  # the exact rows' residual, in the margin (its own rounding is in fold_err)
                 M += np.einsum("ij,ij->i", self.lo[ts], Xb)[None, :] - self.lo[cand] @ Xb.T
@@ -508,9 +560,9 @@ class Verifier:
                 er = er + gamma(m + 2) * (lam @ np.abs(self.lo[comp]) + lam_sum_hi * np.abs(self.lo[t])) * (1 + 4 * U)
                 r = r + rl
                 er = er + U * np.abs(r) + ETA
-            c0 = float(lam @ self.bias[comp] - lam_sum * self.bias[t])
-            c0_err = gamma(m + 2) * float(lam @ np.abs(self.bias[comp]) + lam_sum_hi * abs(self.bias[t])) \
-                * (1 + 4 * U) + (m + 2) * ETA
+            db, de = _two_diff(self.bias[comp], self.bias[t])  # b_j - b_t exactly: large equal biases cancel
+            c0 = float(lam @ db + lam @ de)
+            c0_err = gamma(m + 2) * float(lam @ (np.abs(db) + np.abs(de))) * (1 + 4 * U) + (m + 2) * ETA
             if self.blo.any() or self.berr.any() or self.rerr.any():  # the bias residual; what it misses
                 cl = float(lam @ self.blo[comp] - lam_sum * self.blo[t])
                 c0_err += gamma(m + 2) * float(lam @ np.abs(self.blo[comp]) + lam_sum_hi * abs(self.blo[t])) \
@@ -667,6 +719,15 @@ class Verifier:
             return False
         bt, bj = exact.problem_bias(self.p, [t, j])
         return bt == bj
+
+
+def _two_diff(a, b):
+    """``(s, e)`` with ``a − b = s + e`` exactly (Knuth's TwoSum; exact also under underflow). Non-finite
+    inputs give non-finite outputs, which the callers refuse."""
+    s = a - b
+    z = s - a
+    e = (a - (s - z)) - (b + z)
+    return s, e
 
 
 def _independent(D: np.ndarray, cols: list[int], n_fixed: int, need: int) -> list[int]:
