@@ -112,7 +112,7 @@ class Pricer:
 
     def __init__(self, problem):
         self.domain = problem.domain
-        self.keys = np.ascontiguousarray(problem.keys, dtype=np.float64)
+        self.keys = np.ascontiguousarray(problem.search_keys, dtype=np.float64)
         self.V, self.d = self.keys.shape
         if self.V < 2:
             raise ValueError("need at least two tokens")

@@ -91,6 +91,7 @@ class Problem:
     # The bias the search and decide stages work with (None: ``bias``): ``bias + bias_lo`` less a common
     # shift, so that a large common part does not drown the differences. Only the verifier proves anything.
     work_bias: np.ndarray | None = None
+    work_keys: np.ndarray | None = None  # likewise ``keys`` with the rows' residual added (None: ``keys``)
     bias_exp: int = 0  # internal bias = exact (u·β + b) × 2**bias_exp
 
     @property
@@ -128,6 +129,10 @@ class Problem:
     @property
     def search_bias(self) -> np.ndarray:
         return self.bias if self.work_bias is None else self.work_bias
+
+    @property
+    def search_keys(self) -> np.ndarray:
+        return self.keys if self.work_keys is None else self.work_keys
 
     @property
     def constant_bias(self) -> bool:

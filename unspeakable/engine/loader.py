@@ -723,13 +723,13 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
         b_lo, b_err = _rescale_residual(b_lo, b_err, -e)
     margin_exp, x_exp = domain.units(e, e_x)
     center = rows.mean(axis=0)
-    keys, work_bias = domain.keys(rows, center), None
+    keys, work_keys, work_bias = domain.keys(rows, center), None, None
     if lo is not None:  # the search and the LP see the exact rows more closely (the verifier needs no help)
-        keys += domain.project(lo)
+        work_keys = keys + domain.project(lo)
     if b_lo is not None:  # and the bias as one double, less a common shift (which changes no verdict)
         work_bias = np.ascontiguousarray((bias - float(np.median(bias))) + b_lo)
     return Problem(rows=rows, bias=np.ascontiguousarray(bias), domain=domain, center=np.ascontiguousarray(center),
-                   keys=keys, work_bias=work_bias, bias_used=bool(np.any(bias)) if bias_used is None else bias_used,
+                   keys=keys, work_keys=work_keys, work_bias=work_bias, bias_used=bool(np.any(bias)) if bias_used is None else bias_used,
                    source=source, texts=texts, planted=planted, warnings=list(warnings or []),
                    margin_exp=margin_exp, x_exp=x_exp, rows_lo=lo, row_err=row_err, bias_lo=b_lo, bias_err=b_err,
                    exact_source=exact_source, row_exp=e_x - e, bias_exp=-e)

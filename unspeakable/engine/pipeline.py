@@ -335,7 +335,7 @@ def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple]:
     their verified (undecided) result."""
     still_open: list[tuple] = []
     with sc.timed("search"):
-        keys32 = torch.from_numpy(work.keys).to(torch.float32)
+        keys32 = torch.from_numpy(work.search_keys).to(torch.float32)
     with _Bar(sc, "search", todo.size) as bar:
         for b0 in range(0, todo.size, 256):
             _search_chunk(sc, work, lift, todo[b0: b0 + 256], keys32, still_open)
