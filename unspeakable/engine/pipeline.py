@@ -471,6 +471,8 @@ def _verdict(sc: _Scan, cand: Candidate, wc) -> tuple:
         cj = cand.certificate.to_json()
         cj["kind"] = "zero" if zero else "dual" if sc.problem.domain.bounded else "cone"
         cj["deficit"] = float(cc.deficit)
+        if "mu" in cj:
+            cj["mu"] = min(cj["mu"], 0.0)  # as the verifier read it: mu only guides the weights
         reason = "margin exactly 0" if zero else f"certificate ({cand.reason})"
         if cc.exact is not None:  # an exact proof's own weights (engine.exact): what the audit re-checks
             comp, w = cc.exact

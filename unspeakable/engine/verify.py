@@ -529,6 +529,9 @@ class Verifier:
         if sign > 0:
             dl = exact._down(Fraction(lo) / ls) if lo > 0 else 0.0
             return CertificateCheck(True, dl, -dl, "proven in exact rational arithmetic")
+        if sign == 0:  # deficit exactly 0: t can at best tie; the weights as given are the exact proof
+            return CertificateCheck(True, 0.0, 0.0, "proven in exact rational arithmetic (deficit exactly 0)",
+                                    exact=(comp, [v / ls for v in w]))
         F = self.dom.null_directions(self.d)
         for attempt in range(2):
             found = exact.null_weights(self.p, t, comp, lam, F, deadline) if attempt == 0 else \
@@ -587,8 +590,9 @@ class Verifier:
                                 "" if ok else f"deficit {deficit_lo:.6g} is not positive", allowance=float(allowance))
 
     def _gordan(self, t, comp, lam, mu, F) -> CertificateCheck:
-        if mu is None or not np.isfinite(mu) or mu > 0:
+        if mu is None or not np.isfinite(mu):
             return _fail("a Gordan certificate needs a finite normalisation multiplier mu <= 0")
+        mu = min(float(mu), 0.0)  # mu only guides the weights; a rounding-noise mu > 0 means 0
         chk = self._gordan_float(t, comp, lam, mu, F)
         if chk.ok:
             return chk
