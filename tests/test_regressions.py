@@ -609,3 +609,124 @@ def test_18_cli_tokens_not_ids_exit_2(tmp_path, capsys):
     np.savez(path, W_U=np.random.default_rng(0).standard_normal((3, 5)))
     assert main(["scan", str(path), "--tokens", "1.5", "--out", str(tmp_path / "r.json")]) == 2
     assert "1.5" in capsys.readouterr().err
+
+
+def _interrupted_checkpoint(head, ckpt, monkeypatch, after: int = 2, **kw):
+    """Scan ``head`` until the ``after``-th persisted batch, then 'crash' (the checkpoint stays)."""
+    from unspeakable.engine.ledger import Ledger
+
+    real, calls = Ledger.record, {"n": 0}
+
+    def record_then_die(self, reports, **k):
+        real(self, reports, **k)
+        if k.get("persist", True) and reports:
+            calls["n"] += 1
+            if calls["n"] == after:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(Ledger, "record", record_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        unspeakable.scan_head(head, checkpoint=str(ckpt), device="cpu", backend="torch", **kw)
+    monkeypatch.setattr(Ledger, "record", real)
+
+
+def _same_report(a, b):
+    """b (resumed) equals a (uninterrupted) but for the last digits of bounds re-proven one token at a time."""
+    ja, jb = a.to_json(), b.to_json()
+    for j in (ja, jb):
+        j.pop("timings_s")
+        j.pop("warnings", None)
+        for t in j["tokens"]:
+            t.pop("time_s")
+    assert len(ja["tokens"]) == len(jb["tokens"])
+    for ta, tb in zip(ja["tokens"], jb["tokens"]):
+        for k in ("margin_lower", "margin_upper"):
+            x, y = ta.pop(k), tb.pop(k)
+            assert (x is None) == (y is None), (ta["id"], k)
+            if x is not None:
+                assert abs(x - y) <= 1e-12 * max(1.0, abs(x)), (ta["id"], k, x, y)
+    assert ja == jb
+    for x, y in ((a.margin_lower_all, b.margin_lower_all), (a.margin_upper_all, b.margin_upper_all)):
+        assert np.allclose(x, y, rtol=1e-12, atol=0, equal_nan=True)
+
+
+def _resume_head():
+    from unspeakable.engine.head import head_from_arrays
+
+    rng = np.random.default_rng(18)
+    W = rng.standard_normal((3, 400))
+    W[:, 200:] *= 0.3  # many interior tokens: certificates as well as witnesses reach the checkpoint
+    return head_from_arrays(W, rng.standard_normal(400) * 0.1)
+
+
+def test_18_resume_rederives_every_number(tmp_path, monkeypatch):
+    """A checkpoint edited to margin_lower = 1e6 (and other stated numbers and texts) resumes to the same report
+    as an uninterrupted scan, and that report audits clean: restored numbers are re-derived, not copied."""
+    head = _resume_head()
+    ckpt = tmp_path / "r.json.partial"
+    clean = unspeakable.scan_head(head, domain="rmsnorm", device="cpu", backend="torch")
+    _interrupted_checkpoint(head, ckpt, monkeypatch, domain="rmsnorm")
+    lines = [json.loads(ln) for ln in ckpt.read_text().splitlines() if ln.strip()]
+    kinds = {r["verdict"] for r in lines[1:]}
+    assert {"speakable", "unspeakable"} <= kinds, kinds
+    for rec in lines[1:]:
+        rec["margin_lower"], rec["margin_upper"] = 1e6, -1e6
+        rec["hard_to_speak"], rec["text"], rec["gram_argmax"] = not rec["hard_to_speak"], "edited", 0
+    ckpt.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    resumed = unspeakable.scan_head(head, domain="rmsnorm", device="cpu", backend="torch", checkpoint=str(ckpt),
+                                    resume=True)
+    _same_report(clean, resumed)
+    res = unspeakable.audit(json.loads(json.dumps(resumed.to_json())), head)
+    assert res.ok, res.failures[:5]
+
+
+@pytest.mark.parametrize("garbage", ["unknown_key", "certificate_string", "competitors_text", "weights_exact_bad",
+                                     "x_short", "id_mismatch", "reason_odd", "not_a_dict"])
+def test_18_resume_garbage_record_is_decided_again(tmp_path, monkeypatch, garbage):
+    head = _resume_head()
+    ckpt = tmp_path / "r.json.partial"
+    clean = unspeakable.scan_head(head, domain="rmsnorm", device="cpu", backend="torch")
+    _interrupted_checkpoint(head, ckpt, monkeypatch, domain="rmsnorm")
+    lines = [json.loads(ln) for ln in ckpt.read_text().splitlines() if ln.strip()]
+    for rec in lines[1:]:
+        cert = rec.get("certificate") or {}
+        if garbage == "unknown_key":
+            rec["surprise"] = 1
+        elif garbage == "certificate_string":
+            rec["certificate"] = "garbage"
+        elif garbage == "competitors_text":
+            cert["competitors"], cert["x"] = "abc", "abc"
+        elif garbage == "weights_exact_bad":
+            cert["weights_exact"] = ["a/b"] * len(cert.get("competitors", [0]))
+        elif garbage == "x_short":
+            cert["x"], cert["lower_x"] = [0.5], [0.5]
+        elif garbage == "id_mismatch":
+            rec["id"] = (rec["id"] + 1) % 400
+        elif garbage == "reason_odd":
+            rec["reason"] = "trust me"
+    text = [json.dumps(lines[0])] + [json.dumps(r if garbage != "not_a_dict" else [r]) for r in lines[1:]]
+    ckpt.write_text("\n".join(text) + "\n")
+    resumed = unspeakable.scan_head(head, domain="rmsnorm", device="cpu", backend="torch", checkpoint=str(ckpt),
+                                    resume=True)
+    assert np.array_equal(resumed.verdicts_all, clean.verdicts_all)
+    assert unspeakable.audit(json.loads(json.dumps(resumed.to_json())), head).ok
+
+
+def test_18_cli_resume_with_a_garbage_checkpoint_exits_0(tmp_path, monkeypatch):
+    head = _resume_head()
+    src = tmp_path / "h.npz"
+    np.savez(src, W_U=np.asarray(head.W_U), b_U=np.asarray(head.b_U))
+    out = tmp_path / "r.json"
+    from unspeakable.engine.loader import load
+
+    _interrupted_checkpoint(load(str(src)), str(out) + ".partial", monkeypatch, domain="rmsnorm")
+    part = pathlib.Path(str(out) + ".partial")
+    lines = part.read_text().splitlines()
+    recs = [json.loads(ln) for ln in lines[1:]]
+    for r in recs:
+        r["certificate"] = {"kind": "dual", "competitors": [1e300], "weights": "x"}
+        r["margin_lower"] = 1e6
+    part.write_text("\n".join([lines[0]] + [json.dumps(r) for r in recs]) + "\n")
+    assert cli_main(["scan", str(src), "--domain", "rmsnorm", "--device", "cpu", "--backend", "torch", "--out", str(out),
+                     "--resume"]) == 0
+    assert cli_main(["audit", str(out), str(src)]) == 0

@@ -18,6 +18,8 @@ certificates prove "margin exactly 0".
 """
 from __future__ import annotations
 
+import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -274,8 +276,10 @@ def _settle_screen_witnesses(sc: _Scan) -> None:
 
 # --------------------------------------------------------------------------------------------- resume
 def _restore(sc: _Scan) -> None:
-    """Tokens settled by an interrupted run, re-verified from their stored proofs (not trusted); a proof
-    that does not verify leaves its token open, to be decided again."""
+    """Tokens settled by an interrupted run, re-derived from their stored evidence (nothing is trusted): the
+    verdict from its proof, every number from the check that backs it, the text and gram fields from this
+    run. A record that does not re-derive (a proof that fails, a malformed or unknown field) leaves its
+    token open, to be decided again."""
     ckpt = sc.ledger.checkpoint
     if ckpt is None or not ckpt.stored:
         return
@@ -285,28 +289,124 @@ def _restore(sc: _Scan) -> None:
             rec = ckpt.stored.get(int(t))
             if rec is None:
                 continue
-            r = TokenReport(**rec)
-            if _reverify(sc, r):
-                good.append(r)
-            else:
+            try:
+                r = _rederive(sc, int(t), rec)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, ZeroDivisionError):
+                r = None
+            if r is None:
                 bad += 1
+            else:
+                good.append(r)
         sc.ledger.record(good, persist=False)
     if bad:
         sc.warnings.append(f"{bad} tokens restored from {ckpt.path} did not re-verify and were decided again")
 
 
-def _reverify(sc: _Scan, r: TokenReport) -> bool:
-    cert, v = r.certificate or {}, sc.verifier
+_RESTORED_KEYS = {"id", "text", "gram_argmax", "hard_to_speak", "verdict", "reason", "margin_lower", "margin_upper",
+                  "time_s", "certificate", "token", "model_check", "model_margin"}
+_REASON = re.compile(r"(witness|certificate) \([a-z][a-z0-9 :_.,'-]{0,80}\)(, exact)?|margin exactly 0(, exact)?|"
+                     r"never wins: exact certificate with deficit 0 \(at best a tie\)")
+
+
+def _rederive(sc: _Scan, t: int, rec: dict) -> TokenReport | None:
+    """The token's report re-derived from a checkpoint record's evidence, or None (decide it again)."""
+    if not isinstance(rec, dict) or set(rec) - _RESTORED_KEYS or rec.get("id") != t:
+        return None
+    cert, v, p = rec.get("certificate"), sc.verifier, sc.problem
+    verdict, reason = rec.get("verdict"), rec.get("reason")
+    if not isinstance(cert, dict) or not isinstance(reason, str) or not _REASON.fullmatch(reason):
+        return None
     kind = cert.get("kind")
-    if r.verdict == "speakable" and kind == "witness" and isinstance(cert.get("x"), list):
-        return v.witness(r.id, sc.problem.internal_x(np.asarray(cert["x"], dtype=np.float64))).ok
-    if r.verdict == "unspeakable" and kind in ("dual", "cone", "zero"):
-        c = Certificate(np.asarray(cert["competitors"], dtype=np.int64), np.asarray(cert["weights"], dtype=np.float64),
-                        cert.get("mu"), zero=kind == "zero")
-        return v.certificate(r.id, c).ok
-    if r.verdict == "unspeakable" and kind == "tie":
-        return v.tie(r.id, int(cert.get("tie_with", -1)))
-    return False  # undecided tokens carry no proof: decide them again
+    r = sc.base(t)
+    r.verdict, r.reason, r.time_s = verdict, reason, _time(rec.get("time_s"))
+    if verdict == "speakable" and kind == "witness" and isinstance(cert.get("x"), list):
+        x = _point(cert["x"], p)
+        wc = v.witness(t, p.internal_x(x))
+        if not wc.ok:
+            return None
+        cj = {"kind": "witness", "x": p.internal_x(x), "runner_up": wc.runner_up, "allowance": wc.allowance}
+        lower, upper = wc.margin, None
+        if "upper" in cert:
+            c = _stored_certificate(cert["upper"], zero=False)
+            cc = v.certificate(t, c)
+            if cc.margin_upper is not None:
+                upper, cj["upper"] = cc.margin_upper, c.to_json()
+        res = ("speakable", reason, lower, upper, cj)
+    elif verdict == "unspeakable" and kind == "tie":
+        j = cert.get("tie_with")
+        if not isinstance(j, int) or isinstance(j, bool) or not v.tie(t, j):
+            return None
+        r.margin_upper, r.certificate = 0.0, {"kind": "tie", "tie_with": j}
+        return r
+    elif verdict == "unspeakable" and kind in ("dual", "cone", "zero"):
+        c = _stored_certificate(cert, zero=kind == "zero")
+        cc = v.certificate(t, c) if "weights_exact" not in cert else v.exact_weights(t, c, _rationals(cert))
+        if not cc.ok or (kind == "zero") != c.zero or (kind == "cone") == p.domain.bounded:
+            return None
+        cj = c.to_json()
+        cj["kind"], cj["deficit"] = kind, float(cc.deficit)
+        if cc.exact is not None:
+            cj["weights_exact"] = [f"{w.numerator}/{w.denominator}" for w in cc.exact[1]]
+        lower = 0.0 if kind == "zero" else None
+        if "lower_x" in cert and kind != "zero":
+            x = _point(cert["lower_x"], p)
+            wc = v.witness(t, p.internal_x(x))
+            if math.isfinite(wc.margin):
+                lower, cj["lower_x"] = wc.margin, p.internal_x(x)
+        res = ("unspeakable", reason, lower, cc.margin_upper, cj)
+    else:
+        return None  # undecided tokens carry no proof: decide them again
+    out = _token_report(sc, t, res, r.time_s)
+    # A stored bound is kept only where the re-derived one proves it (a lower bound at most the re-checked
+    # one, an upper bound at least it): then a resumed report equals the uninterrupted one, whose batched
+    # checks may round a last digit differently, and an edited number never survives.
+    lo_s, hi_s = rec.get("margin_lower"), rec.get("margin_upper")
+    if _num(lo_s) and out.margin_lower is not None and lo_s <= out.margin_lower:
+        out.margin_lower = float(lo_s)
+    if _num(hi_s) and out.margin_upper is not None and hi_s >= out.margin_upper:
+        out.margin_upper = float(hi_s)
+    if out.certificate.get("kind") == "witness":  # informative fields of the witness (not claims)
+        if _num(cert.get("allowance")) and cert["allowance"] >= 0:
+            out.certificate["allowance"] = float(cert["allowance"])
+        if isinstance(cert.get("runner_up"), int) and 0 <= cert["runner_up"] < p.V:
+            out.certificate["runner_up"] = cert["runner_up"]
+    return out
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _time(v) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 else 0.0
+
+
+def _point(x, p) -> np.ndarray:
+    """A stored point (caller's units) as a float64 vector of the problem's dimension, or ValueError."""
+    if not isinstance(x, list) or len(x) != p.d or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                           for v in x):
+        raise ValueError("not a point")
+    return np.asarray(x, dtype=np.float64)
+
+
+def _stored_certificate(cert: dict, zero: bool) -> Certificate:
+    comp, lam, mu = cert["competitors"], cert["weights"], cert.get("mu")
+    if not (isinstance(comp, list) and isinstance(lam, list)) or not all(
+            isinstance(j, int) and not isinstance(j, bool) for j in comp) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) for w in lam):
+        raise ValueError("not a certificate")
+    if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float))):
+        raise ValueError("not a multiplier")
+    return Certificate(np.asarray(comp, dtype=np.int64), np.asarray(lam, dtype=np.float64), mu, zero=zero)
+
+
+def _rationals(cert: dict) -> list:
+    from fractions import Fraction
+
+    w = cert["weights_exact"]
+    if not isinstance(w, list) or not all(isinstance(v, str) for v in w):
+        raise ValueError("weights_exact must be rationals")
+    return [Fraction(v) for v in w]
 
 
 # --------------------------------------------------------------------------------------------- search, decide
@@ -464,9 +564,11 @@ def _verdict(sc: _Scan, cand: Candidate, wc) -> tuple:
         sc.warnings.append(msg)
         return ("undecided", msg, lower, upper, None)
     if wc is not None and wc.ok:
-        return ("speakable", f"witness ({cand.reason})", lower, upper,
-                {"kind": "witness", "x": np.asarray(cand.witness, dtype=np.float64), "runner_up": wc.runner_up,
-                 "allowance": wc.allowance})
+        cj = {"kind": "witness", "x": np.asarray(cand.witness, dtype=np.float64), "runner_up": wc.runner_up,
+              "allowance": wc.allowance}
+        if upper is not None:  # the evidence of margin_upper, so that a resumed scan re-derives it
+            cj["upper"] = cand.certificate.to_json()
+        return ("speakable", f"witness ({cand.reason})", lower, upper, cj)
     if cc is not None and cc.ok:
         cj = cand.certificate.to_json()
         cj["kind"] = "zero" if zero else "dual" if sc.problem.domain.bounded else "cone"
@@ -484,6 +586,8 @@ def _verdict(sc: _Scan, cand: Candidate, wc) -> tuple:
                 reason = "never wins: exact certificate with deficit 0 (at best a tie)"
             else:
                 reason += ", exact"
+        if lower is not None and not zero:  # the evidence of margin_lower (a checked point), for --resume
+            cj["lower_x"] = np.asarray(cand.witness, dtype=np.float64)
         return ("unspeakable", reason, lower, upper, cj)
     return ("undecided", cand.reason or "no proof", lower, upper, None)
 
@@ -502,6 +606,8 @@ def _token_report(sc: _Scan, t: int, res: tuple, time_s: float) -> TokenReport:
             cj["allowance"] = p.report_margin(cj["allowance"])
         elif cj.get("kind") == "dual":
             cj["deficit"] = p.report_margin(cj["deficit"])
+        if "lower_x" in cj:
+            cj["lower_x"] = [float(v) for v in p.report_x(cj["lower_x"])]
     r.certificate = cj
     return r
 

@@ -510,6 +510,32 @@ class Verifier:
             return chk
         return self._dual_exact(t, comp, lam, chk)
 
+    def exact_weights(self, t: int, cert: Certificate, w: list) -> CertificateCheck:
+        """A certificate with exact rational weights ``w`` (one per competitor), checked as stated in rationals
+        from the head as given: deficit ``>= 0`` (cone: ``r = 0``; ``cert.zero``: a constant bias and ``r`` in
+        the span of the null directions)."""
+        comp = np.asarray(cert.competitors, dtype=np.int64)
+        if comp.ndim != 1 or comp.size == 0 or len(w) != comp.size or np.any(comp < 0) or np.any(comp >= self.V) \
+                or np.any(comp == t) or np.unique(comp).size != comp.size:
+            return _fail("exact weights need distinct valid competitors, one weight each")
+        w = [Fraction(v) for v in w]
+        if any(v < 0 for v in w) or not sum(w) > 0 or comp.size * self.d > exact.MAX_ENTRIES:
+            return _fail("exact weights must be >= 0, not all 0, and of a checkable size")
+        r, c0 = exact.combination(self.p, t, comp, w)
+        ws = sum(w, Fraction(0))
+        if cert.zero or not self.dom.bounded:
+            if cert.zero and not (self.dom.bounded and self.p.constant_bias):
+                return _fail("margin exactly 0 needs a bounded domain and a constant bias")
+            F = self.dom.null_directions(self.d)
+            ok = all(v == 0 for v in r) or (F.shape[1] == 1 and len(set(r)) == 1)
+            return CertificateCheck(ok, 0.0, 0.0 if ok else None, "" if ok else "the exact residual is not 0",
+                                    exact=(comp, [v / ws for v in w]) if ok else None)
+        sign, lo = exact.deficit_sign(self.p, r, c0)
+        if sign < 0:
+            return _fail("the exact deficit is negative")
+        dl = exact._down(Fraction(lo) / ws) if lo > 0 else 0.0
+        return CertificateCheck(True, dl, -dl, "proven in exact rational arithmetic", exact=(comp, [v / ws for v in w]))
+
     # Exact proofs are tried for certificates within their float allowance of deciding, at these sizes and
     # within this much time per certificate (past it: no proof, never a verdict).
     EXACT_TIME_S = 5.0
