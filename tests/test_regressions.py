@@ -14,8 +14,9 @@ import torch
 
 import unspeakable
 from unspeakable.engine.cli import main as cli_main
-from oracles import (audit, ball_interval_active_set, exact_cone_sign, exact_witness, fold_exact, instance, margin_interval,
-                     truth)
+from oracles import (audit, ball_interval_active_set, exact_cone_sign, exact_margin_1d, exact_witness, fold_exact,
+                     instance, margin_interval, truth)
+from unspeakable.engine.head import head_from_arrays
 
 DOMAINS = ["layernorm", "rmsnorm", "box", "cone"]
 REPROS = pathlib.Path(__file__).parent / "data" / "repros"  # copies of shared/repros (README there)
@@ -730,3 +731,141 @@ def test_18_cli_resume_with_a_garbage_checkpoint_exits_0(tmp_path, monkeypatch):
     assert cli_main(["scan", str(src), "--domain", "rmsnorm", "--device", "cpu", "--backend", "torch", "--out", str(out),
                      "--resume"]) == 0
     assert cli_main(["audit", str(out), str(src)]) == 0
+
+
+# --- issue 18: the fold's own rounding (truth: exact rationals from the head as given, oracles.exact_margin_1d)
+def _exact_verdicts(W, b, lw, lb, domain, norm="layernorm"):
+    """Scan, audit (must hold) and return (engine verdict codes, exact truth codes, exact margins)."""
+    from unspeakable.engine.head import head_from_arrays
+
+    head = head_from_arrays(W, b, lw, lb, norm)
+    rep = unspeakable.scan_head(head, domain=domain, device="cpu", backend="torch")
+    res = unspeakable.audit(json.loads(json.dumps(rep.to_json())), head)
+    assert res.ok, res.failures[:3]
+    inst = instance(W, b, lw, lb, domain=domain)
+    m = [exact_margin_1d(inst, t) for t in range(np.asarray(W).shape[1])]
+    return np.asarray(rep.verdicts_all), np.array([1 if v > 0 else -1 for v in m]), m
+
+
+@pytest.mark.parametrize("gain", [0.7, 0.5204867619680973, 0.9066351196001362, 1.2956000291856498])
+def test_18_gain_fold_with_a_common_offset_box(gain):
+    """box, d = 1, V = 2: rows C - 5 ulp and C + 1 ulp (C = 2**25) with a gain, and a bias that leaves token 0 a
+    margin of a few 1e-16 at x = -1 (exact): the rounded fold must not decide it either way wrongly; subtracting C
+    from both rows (DESIGN §1: no verdict changes) must give the same verdicts."""
+    from fractions import Fraction
+
+    C = 2.0**25
+    ulp = float(np.spacing(C))
+    W = np.array([[C - 5 * ulp, C + ulp]])
+    for rel in (1 - 1e-6, 1 + 1e-6):  # token 0 wins barely / loses barely
+        b1 = float(Fraction(6) * Fraction(gain) * Fraction(ulp) * Fraction(rel))
+        b = np.array([0.0, b1])
+        got, want, m = _exact_verdicts(W, b, [gain], None, "box")
+        assert np.all((got == want) | (got == 0)) and np.all(got != 0), (got, want, [float(v) for v in m])
+        shifted, _, _ = _exact_verdicts(W - C, b, [gain], None, "box")
+        assert np.array_equal(shifted, want)
+
+
+def _family(kind, rng):
+    if kind == "offset_ln":  # layernorm, d = 2: a large common offset, a gain, ln_b, a bias of the offset's ulp
+        C = float(2.0 ** rng.integers(15, 35))
+        W = np.vstack([C + np.spacing(C) * rng.integers(-8, 8, 3), rng.integers(-8, 8, 3) * np.spacing(C)])
+        return W, rng.standard_normal(3) * np.spacing(C) * 8, rng.uniform(0.3, 1.7, 2), rng.standard_normal(2)
+    if kind == "false_tie":  # 0.7 a and 0.7 nextafter(a) fold to one double; box d = 1
+        a = rng.uniform(1, 2)
+        W = np.array([[a, np.nextafter(a, 3), rng.uniform(-2, 2)]])
+        return W, np.array([0.0, -rng.uniform(0, 2) * np.spacing(a) * 0.7, rng.uniform(-3, -2)]), [0.7], None
+    if kind == "cancel":  # ln_b = (±big): u·β cancels; layernorm d = 2
+        big = 10.0 ** rng.integers(4, 9)
+        W = rng.standard_normal((2, 3))
+        lb = np.array([big, -big])
+        return W, -(W.T @ lb) + rng.standard_normal(3) * 1e-11 * big, None, lb
+    if kind == "f32_big_lnb":  # a float32 head with ln_b ~ 1.2e9: two tokens with equal slopes on the domain,
+        # so their margin is the exact bias difference δ(β0 + β1) + b0 − b1, a few 1e-8, while each u·β ~ 1e9
+        # rounds by ~1e-7 in float64
+        a = np.float32(rng.uniform(0.5, 1.0))
+        bb = np.float32(rng.uniform(-1.0, -0.5))
+        delta = np.float32(2.0**-10)
+        W = np.array([[a, a + delta], [bb, bb + delta]], dtype=np.float32)
+        beta0 = np.float32(1.2e9 * rng.uniform(0.9, 1.1))
+        lb = np.array([beta0, -beta0 + np.float32(128.0)], dtype=np.float32)
+        b0 = np.float32(rng.uniform(0.5, 1.0))
+        b1 = np.float32(b0 + np.float32(0.125) + np.float32(rng.integers(-3, 4)) * np.float32(2.0**-24))
+        return W, np.array([b0, b1], dtype=np.float32), np.ones(2, np.float32), lb
+    raise KeyError(kind)
+
+
+@pytest.mark.parametrize("kind", ["offset_ln", "false_tie", "cancel", "f32_big_lnb"])
+def test_18_fold_rounding_families_match_exact_truth(kind):
+    """The issue's families (common offset in layernorm, rows that fold to one double, ln_b = (1e6, -1e6)-like
+    cancellation, a float32 head with ln_b ~ 1.2e9): every verdict is the exact truth (none undecided on these
+    seeds), no rounded fold is called a tie, and the audit holds."""
+    rng = np.random.default_rng(18)
+    for _ in range(8):
+        W, b, lw, lb = _family(kind, rng)
+        domain = "box" if kind == "false_tie" else "layernorm"
+        got, want, m = _exact_verdicts(W, b, lw, lb, domain)
+        assert np.array_equal(got, want), (kind, got, want, [float(v) for v in m])
+
+
+def test_18_false_tie_is_not_a_tie():
+    a = 1.6369616873214543
+    W = np.array([[a, np.nextafter(a, 3), -0.9208531449445188]])
+    b = np.array([0.0, -1.2737129908718127e-17, -2.9834723644714707])
+    rep = unspeakable.scan(W, b, ln_w=[0.7], norm="layernorm", domain="box", device="cpu", backend="torch")
+    assert all(r.reason != "tie" for r in rep.tokens)
+    got, want, _ = _exact_verdicts(W, b, [0.7], None, "box")
+    assert list(got) == list(want) == [1, 1, -1]
+
+
+# --- issue 18: needless undecided
+@pytest.mark.parametrize("domain", ["box", "rmsnorm"])
+def test_18_zero_margin_with_a_nonconstant_bias(domain):
+    """Rows (1, -1, 0) with bias (1, -1, 0), d = 1: tokens 1 and 2 can at best tie (margin exactly 0 at x = -1),
+    token 0 wins at x = 1: proven with exact certificates, audited."""
+    W, b = np.array([[1.0, -1.0, 0.0]]), np.array([1.0, -1.0, 0.0])
+    got, want, m = _exact_verdicts(W, b, None, None, domain, norm="none")
+    assert m[1] == m[2] == 0 and list(got) == [1, -1, -1]
+
+
+@pytest.mark.parametrize("domain", ["box", "rmsnorm", "layernorm"])
+def test_18_identical_rows_biases_one_ulp_apart(domain):
+    """Pairs of identical rows whose biases are one ulp apart: the lower one's margin is at most minus that
+    ulp (proven exactly: a certificate on its twin has deficit exactly the bias difference)."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((4, 60))
+    W[:, 1::2] = W[:, 0::2]
+    b = rng.standard_normal(60)
+    b[1::2] = np.nextafter(b[0::2], np.inf)
+    rep = unspeakable.scan(W, b, domain=domain, device="cpu", backend="torch")
+    assert np.all(rep.verdicts_all[0::2] == -1)
+    assert np.all(rep.margin_upper_all[0::2] <= 0)
+    res = unspeakable.audit(json.loads(json.dumps(rep.to_json())), head_from_arrays(W, b))
+    assert res.ok, res.failures[:3]
+
+
+@pytest.mark.parametrize("domain", ["cone", "box", "rmsnorm"])
+def test_18_point_on_a_hull_edge(domain):
+    """The square's corners plus (-1, -0.182), an exact (non-dyadic) convex combination of two corners: unspeakable
+    (hand geometry), proven with exact weights, audited."""
+    W = np.array([[1, 1, -1, -1, -1], [1, -1, 1, -1, -0.182]], dtype=float)
+    rep = unspeakable.scan(W, domain=domain, device="cpu", backend="torch")
+    assert list(rep.verdicts_all) == [1, 1, 1, 1, -1]
+    assert "weights_exact" in rep.tokens[-1].certificate
+    res = unspeakable.audit(json.loads(json.dumps(rep.to_json())), head_from_arrays(W))
+    assert res.ok, res.failures[:3]
+
+
+def test_18_square_edges_many_points_decided_quickly():
+    """d = 2, the 4 corners and 296 points on the square's edges (cone): every edge point unspeakable, every
+    corner speakable, none undecided. Before the support-restricted exact solve: 48 undecided after 48 s."""
+    rng = np.random.default_rng(0)
+    n = 296
+    side, s = rng.integers(0, 4, n), np.round(rng.uniform(-0.999, 0.999, n), 3)
+    one = np.ones(n)
+    pts = np.select([side[:, None] == k for k in range(4)],
+                    [np.stack(p, 1) for p in ((one, s), (-one, s), (s, one), (s, -one))])
+    W = np.vstack([[[1, 1], [1, -1], [-1, 1], [-1, -1]], pts]).T
+    rep = unspeakable.scan(W, domain="cone", device="cpu", backend="torch")
+    assert rep.counts["undecided"] == 0 and rep.counts["speakable"] == 4
+    assert rep.timings_s["verify"] < 30
