@@ -168,12 +168,14 @@ def exact_witness(inst, t: int, x, exact=None):
     return False, margin, f"token {j} reaches the logit of {t} (margin {_fl(margin)!r})"
 
 
-def exact_dual(inst, t: int, competitors, weights, exact=None):
-    """(ok, message): the dual certificate's deficit is positive, exactly (no rounding anywhere)."""
+def exact_dual(inst, t: int, competitors, weights, exact=None, at_least_zero: bool = False):
+    """(ok, message): the dual certificate's deficit is positive, exactly (no rounding anywhere). With
+    ``at_least_zero`` (exact weights, given as rationals or "p/q" strings) a deficit of exactly 0 also proves
+    the claim: t can then at best tie, and a tie is not a win."""
     rows, bias = exact if exact is not None else fold_exact(inst, project=False)
     d = len(rows[0])
     comp = [int(j) for j in competitors]
-    lam = [F(float(w)) for w in weights]
+    lam = [F(w) if isinstance(w, str) else F(float(w)) for w in weights]
     if len(comp) != len(lam) or not comp or any(j == t or j < 0 or j >= len(rows) for j in comp):
         return False, "malformed certificate"
     if any(v < 0 for v in lam) or sum(lam) <= 0:
@@ -183,12 +185,14 @@ def exact_dual(inst, t: int, competitors, weights, exact=None):
     dom = inst["domain"]
     if dom == "box":
         deficit = c0 - rho_exact(inst) * sum((abs(v) for v in r), F(0))
-        return deficit > 0, f"deficit {_fl(deficit)!r}"
+        return (deficit >= 0 if at_least_zero else deficit > 0), f"deficit {_fl(deficit)!r}"
     if dom in ("layernorm", "rmsnorm"):
         if dom == "layernorm":
             m = sum(r, F(0)) / d
             r = [v - m for v in r]
         ok = c0 > 0 and c0 * c0 > radius2_exact(inst) * _dot(r, r)
+        if at_least_zero:
+            ok = c0 >= 0 and c0 * c0 >= radius2_exact(inst) * _dot(r, r)
         rr = radius2_exact(inst) * _dot(r, r)
         ratio = _fl(c0 * c0 / rr) if rr else math.inf
         return ok, f"c0 = {_fl(c0)!r}, c0^2 / (R^2 |Pr|^2) = {ratio!r} (needs c0 > 0 and ratio > 1)"
@@ -493,7 +497,9 @@ def audit(inst, rep, tokens=None, tiny_rel: float = 1e-12, bound_rel: float = 1e
             if not ok:
                 out.append(("witness", t, f"witness fails the exact check: {msg}"))
         if r.verdict == "unspeakable" and kind == "dual":
-            ok, msg = exact_dual(inst, t, cert["competitors"], cert["weights"], exact_raw)
+            exact_w = cert.get("weights_exact")
+            ok, msg = exact_dual(inst, t, cert["competitors"], exact_w or cert["weights"], exact_raw,
+                                 at_least_zero=exact_w is not None)
             if not ok:
                 out.append(("certificate", t, f"dual certificate fails the exact check: {msg}"))
         if r.verdict == "unspeakable" and (kind == "tie" or r.reason == "tie"):
