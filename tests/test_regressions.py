@@ -869,3 +869,55 @@ def test_18_square_edges_many_points_decided_quickly():
     rep = unspeakable.scan(W, domain="cone", device="cpu", backend="torch")
     assert rep.counts["undecided"] == 0 and rep.counts["speakable"] == 4
     assert rep.timings_s["verify"] < 30
+
+
+@pytest.mark.parametrize("domain", ["layernorm"])  # its centred corrections too; rmsnorm passes the same (13 s)
+def test_18_fold_residual_on_the_large_head_paths(domain):
+    """V >= 1024 takes the verifier's symmetric self-direction pass and its float32 competitor bounds; with a
+    float64 head whose fold rounds (a common offset 2**30, a non-dyadic gain, ln_b) every claim checked must hold
+    exactly for the head as given (oracles: fold_exact from the raw floats; the points are the engine's own,
+    the check is not)."""
+    from oracles import exact_dual, exact_witness, fold_exact
+
+    from unspeakable.engine.loader import fold
+    from unspeakable.engine.screen import witness_points
+
+    import unspeakable.engine.verify_sym as verify_sym
+
+    rng = np.random.default_rng(11)
+    V, d = 3000, 32  # about 2000 screen witnesses: the symmetric pass runs (verify_sym.SYM_MIN)
+    W = 2.0**30 + rng.standard_normal((d, V))
+    g, lb, b = rng.uniform(0.5, 1.5, d), rng.standard_normal(d), rng.standard_normal(V) * 1e-3
+    head = head_from_arrays(W, b, g, lb, "layernorm")
+    settled = []
+    real = verify_sym.self_pairs
+
+    def spy(*a, **k):
+        sp = real(*a, **k)
+        settled.append(0 if sp is None else int((sp.col >= 0).sum()))
+        return sp
+
+    verify_sym.self_pairs = spy
+    try:
+        rep = unspeakable.scan_head(head, domain=domain, device="cpu", backend="torch")
+    finally:
+        verify_sym.self_pairs = real
+    assert rep.counts["undecided"] == 0 and settled and settled[0] >= 1024, settled
+    inst = instance(W, b, g, lb, domain=domain)
+    exact = fold_exact(inst, project=False)
+    problem = fold(head, domain=domain)
+    by_id = {r.id: r for r in rep.tokens}
+    for t in rng.choice(V, 24, replace=False):
+        r = by_id.get(int(t))
+        v = int(rep.verdicts_all[t])
+        if v == 1:
+            cert = r.certificate if r is not None else {"x": "self-direction"}
+            x = problem.report_x(witness_points(problem, np.array([t]))[0]) if cert["x"] == "self-direction" \
+                else cert["x"]
+            ok, m, msg = exact_witness(inst, int(t), x, exact)
+            assert ok, (int(t), msg)
+        elif v == -1 and r.certificate.get("kind") == "dual":
+            c = r.certificate
+            ok, msg = exact_dual(inst, int(t), c["competitors"], c.get("weights_exact") or c["weights"], exact,
+                                 at_least_zero="weights_exact" in c)
+            assert ok, (int(t), msg)
