@@ -147,6 +147,7 @@ def scan_head(head: Head, **options) -> ScanReport:
     still_open = _search_stage(sc, work, lift, todo)
     if still_open:
         _decide_stage(sc, work, lift, still_open)
+    _settle_twins(sc)
     return _assemble(sc, t_start)
 
 
@@ -534,6 +535,54 @@ def _merge(old: tuple, new: tuple) -> tuple:
     lo = max([b for b in (old[2], new[2]) if b is not None], default=None)
     hi = min([b for b in (old[3], new[3]) if b is not None], default=None)
     return ("undecided", new[1], lo, hi, None)
+
+
+def _settle_twins(sc: _Scan) -> None:
+    """Undecided tokens whose row has exact twins (identical rows) with a strictly lower bias: a twin loses to
+    the token everywhere by the bias gap, which may be one ulp, so the search and the LP (tolerances far above
+    an ulp) cannot find a point where the token beats it and everyone else. Search again on the rows without
+    the dominated twins (they can never be the argmax), and verify what is found on the full head: there the
+    margin is the smaller of the bias gap and the margin against the rest."""
+    led, p = sc.ledger, sc.problem
+    und = [int(t) for t in led.ids if led.verdict[led.pos[int(t)]] == 0]
+    if not und or not p.domain.bounded or not p.fold_exact:
+        return
+    with sc.timed("decide"):
+        _, group = np.unique(p.rows, axis=0, return_inverse=True)
+        group = group.ravel()
+        top = {}
+        for j in range(p.V):  # per group the highest bias; several at it: none dominates the others
+            g = int(group[j])
+            if g not in top or p.bias[j] > p.bias[top[g][0]]:
+                top[g] = [j]
+            elif p.bias[j] == p.bias[top[g][0]]:
+                top[g].append(j)
+        dominated = np.array([p.bias[j] < p.bias[top[int(group[j])][0]] for j in range(p.V)])
+        todo = [t for t in und if not dominated[t] and np.any(dominated & (group == group[t]))]
+        if not todo or dominated.all():
+            return
+        keep = np.nonzero(~dominated)[0]
+        R = problem_from_rows(p.rows[keep], p.bias[keep], p.domain, source=p.source, bias_used=p.bias_used)
+        pos = {int(j): i for i, j in enumerate(keep)}
+        ids = np.array([pos[t] for t in todo], dtype=np.int64)
+        cands = search(R, ids)
+        lp = decide_many(R, [int(i) for i in ids], **decide_pass_options(False, sc.opt.decide_time_limit))
+    found = []
+    for c_s, c_l, t in zip(cands, lp, todo):
+        for c in (c_s, c_l):
+            if c.witness is not None:
+                found.append((t, R.report_x(c.witness), c.reason))
+    if not found:
+        return
+    with sc.timed("verify"):
+        checks = sc.verifier.witnesses(np.array([f[0] for f in found]), np.stack([f[1] for f in found]))
+    done = {}
+    for (t, x, why), wc in zip(found, checks):
+        if wc.ok and t not in done:
+            cj = {"kind": "witness", "x": x, "runner_up": wc.runner_up, "allowance": wc.allowance}
+            done[t] = _token_report(sc, t, ("speakable", f"witness ({why}, dominated twins set aside)", wc.margin,
+                                            None, cj), 0.0)
+    sc.ledger.record(list(done.values()))
 
 
 # --------------------------------------------------------------------------------------------- verdicts
