@@ -24,7 +24,16 @@ plus an absolute ``ETA = 2^-1074`` per operation that may underflow). Any non-fi
   exactly, so a nonnegative nonzero combination of ``u_j - u_t`` is exactly 0 (or exactly in the span of
   the domain's null directions): ``t`` can never win strictly. Coordinates on which all rows agree carry
   no information and are dropped first, so rows that do not span R^d are handled in their span.
-* tie → an identical folded row and bias, compared by value (``0.0 == -0.0``).
+* tie → an identical folded row and bias, compared by value (``0.0 == -0.0``); where the fold rounds, the
+  head's own rows and biases in rationals decide (two different rows may round to one double).
+* the head as given (issue 18) → the float64 fold is not the head: ``problem.rows_lo`` (the exact residual of
+  each gain product) and ``bias_lo`` (a compensated ``u·β + b``) enter every margin, certificate residual and
+  Gordan sum, and ``row_err`` / ``bias_err`` (what even they miss) every allowance. Bias differences are taken
+  exactly (TwoSum), so a large common part cancels. A witness the a-priori allowance cannot settle is
+  re-checked difference first (:meth:`Verifier._refine`). A certificate the float check cannot settle is
+  tried in exact rationals from the head (``engine.exact``): the weights as given (deficit > 0, or exactly 0:
+  t can at best tie), else exact weights on the certificate's support (the LP's active set first, then a
+  support of at most d' + 1 rows found by a float LP), within ``EXACT_TIME_S``; past it, no proof.
 """
 from __future__ import annotations
 
