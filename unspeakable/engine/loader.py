@@ -653,37 +653,53 @@ def fold_parts(head: Head, bias_used: bool = True, chunk: int = 4096):
     return rows, lo, row_err, b_hi, b_lo, b_err
 
 
-def _dot2(W: np.ndarray, beta: np.ndarray, b: np.ndarray):
-    """``u_j·β + b_j`` for every column ``u_j`` of W as ``hi + lo`` with error at most ``err`` (Ogita, Rump and
-    Oishi's Dot2, vectorised over the tokens: ``|hi + lo − exact| <= 2 γ_n² Σ|terms|``, n = 2d + 2, plus the
-    bound of any product the split cannot make error-free)."""
+def _dot2(W: np.ndarray, beta: np.ndarray, b: np.ndarray, chunk: int = 2048):
+    """``u_j·β + b_j`` for every column ``u_j`` of W as ``hi + lo`` with ``|hi + lo − exact| <= err``, vectorised
+    over blocks of tokens. Each product is split error-free (exact for float32 / float16 factors, else Dekker),
+    then Rump's extraction: with ``σ = 2^k >= 2 n max|p|``, ``q = fl(σ + p) − σ`` and ``r = p − q`` are exact,
+    the ``q`` are multiples of ``u σ`` whose sum is exact, and only the small remainders ``r`` (``|r| <= u σ``)
+    and the products' residuals are summed with rounding: ``err = γ_n (Σ|r| + Σ|e|)``, about ``n² u² max|p|``
+    where a plain dot product errs by ``n u Σ|p|`` — so a large ``β`` whose terms cancel keeps its small
+    exact sum. Rows where σ would overflow fall back to that plain bound."""
     exact_p = _exact_products(W, beta)
-    beta = beta.astype(np.float64)
-    V, d = W.shape[1], W.shape[0]
-    s, c = b.copy(), np.zeros(V)
-    absum, bad_err = np.abs(b), np.zeros(V)
+    beta = np.asarray(beta, dtype=np.float64)
+    d, V = W.shape
+    n = d + 1
+    gn = (n + 2) * U / (1 - (n + 2) * U)
+    hi, lo, err = np.empty(V), np.empty(V), np.empty(V)
     with np.errstate(over="ignore", invalid="ignore"):
-        for i in range(d):
-            u = np.asarray(W[i], dtype=np.float64)
-            if exact_p:
-                p, q = u * beta[i], 0.0
-            else:
-                p, q, bad = _two_product(u, np.full(V, beta[i]))
-                if bad.any():
-                    bad_err += np.where(bad, U * np.abs(p) + ETA, 0.0)
-            t = s + p  # TwoSum (Knuth): s + p = t + sigma exactly, also under underflow
-            z = t - s
-            sigma = (s - (t - z)) + (p - z)
-            s = t
-            c += q + sigma
-            absum += np.abs(p)
-        hi = s + c
-        z = hi - s
-        lo = (s - (hi - z)) + (c - z)
-        n = 2 * d + 2
-        gn = n * U / (1 - n * U)
-        # the sums of c may underflow: 2n ETA more where any term is nonzero
-        err = (2 * gn * gn * absum + np.where(absum > 0, 2 * n * ETA, 0.0)) * (1 + 8 * n * U) + bad_err * (1 + 4 * n * U)
+        for c0 in range(0, V, chunk):
+            u = np.asarray(W[:, c0: c0 + chunk], dtype=np.float64).T  # [m, d]
+            m = u.shape[0]
+            P = np.empty((m, n))
+            P[:, :d] = u * beta
+            P[:, d] = b[c0: c0 + m]
+            e_abs = np.zeros(m)
+            e_sum = np.zeros(m)
+            if not exact_p:
+                p, e, bad = _two_product(u, np.broadcast_to(beta, u.shape))
+                e_sum, e_abs = e.sum(axis=1), np.abs(e).sum(axis=1)
+                if bad.any():  # a product the split cannot make error-free: its whole rounding, bounded
+                    e_abs = e_abs + np.where(bad, U * np.abs(p) + ETA, 0.0).sum(axis=1) / gn
+            M = np.max(np.abs(P), axis=1)
+            _, k = np.frexp(M * (2 * n))  # 2 n M < 2**k
+            sigma = np.ldexp(1.0, k)[:, None]
+            Q = (sigma + P) - sigma
+            R = P - Q
+            s_hi = Q.sum(axis=1)  # exact: multiples of u σ, |partial sums| <= σ
+            tail = R.sum(axis=1) + e_sum
+            good = np.isfinite(sigma[:, 0]) & np.isfinite(s_hi) & np.isfinite(tail) & (M > 0)
+            e_rnd = gn * (np.abs(R).sum(axis=1) + e_abs) * (1 + 4 * n * U) + 2 * n * ETA
+            # rows that cannot be split (σ overflows): the plain dot product and its plain bound
+            plain = P.sum(axis=1) + e_sum
+            e_plain = gn * (np.abs(P).sum(axis=1) + e_abs) * (1 + 4 * n * U) + 2 * n * ETA
+            s_hi, tail = np.where(good, s_hi, plain), np.where(good, tail, 0.0)
+            e_blk = np.where(good, e_rnd, e_plain)
+            h = s_hi + tail  # TwoSum: s_hi + tail = h + l exactly
+            z = h - s_hi
+            l = (s_hi - (h - z)) + (tail - z)
+            hi[c0: c0 + m], lo[c0: c0 + m] = h, l
+            err[c0: c0 + m] = np.where(M > 0, e_blk, 0.0)
     return hi, lo, err
 
 
