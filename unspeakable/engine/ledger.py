@@ -19,7 +19,7 @@ import numpy as np
 from unspeakable.engine.head import VERDICT_CODE, InputError
 from unspeakable.engine.report import TokenReport, to_jsonable
 
-CHECKPOINT_SCHEMA = "unspeakable.checkpoint/2"
+CHECKPOINT_SCHEMA = "unspeakable.checkpoint/3"  # 3: the fold residual in the fingerprint; both bounds' evidence
 
 
 def fingerprint(problem) -> str:
