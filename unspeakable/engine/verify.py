@@ -355,7 +355,9 @@ class Verifier:
         E = E + 4 * U * (np.abs(dbl) + np.abs(M)) + 4 * ETA
         return M, E
 
-    REFINE_MAX = 64  # witnesses per batch re-checked difference-first when the a-priori allowance was too coarse
+    # Witnesses per batch re-checked difference-first when the a-priori allowance was too coarse, and the work
+    # that may cost (V d per witness): a few at GPT-2 size, all of them on small heads.
+    REFINE_MAX, REFINE_WORK = 64, 2e8
 
     def _refine(self, t: int, x: np.ndarray):
         """``(margin, allowance, runner-up)`` of token t at x over all V, difference first:
@@ -402,7 +404,8 @@ class Verifier:
 
     def _conclude(self, pos, ts, Xb, mm, out):
         fails = [k for k in range(len(ts)) if math.isfinite(mm[k][0]) and mm[k][0] > 0 >= mm[k][0] - mm[k][1]]
-        if 0 < len(fails) <= self.REFINE_MAX:
+        fails = fails[: int(min(self.REFINE_MAX, self.REFINE_WORK // max(1, self.V * self.d)))]
+        if fails:
             mm = list(mm)
             for k in fails:
                 mm[k] = self._refine(int(ts[k]), np.asarray(Xb[k], dtype=np.float64))
