@@ -877,7 +877,11 @@ def check_exact_weights(F: Folded, t: int, kind: str, cert: dict) -> fmpq:
     n2 = R * R * sum((v * v for v in r), fmpq(0))
     if not (c0 >= 0 and c0 * c0 >= n2):
         raise Unproven("the exact deficit of weights_exact is negative")
-    return c0 / ws if n2 == 0 else fmpq(0)
+    if n2 == 0:
+        return c0 / ws
+    # δ = c0 − sqrt(n2) is irrational: a float lower bound, inflated generously, never below 0
+    lo = qfloat(c0) * (1 - 1e-12) - math.sqrt(qfloat(n2)) * (1 + 1e-12)
+    return q(max(lo, 0.0)) / ws
 
 
 def _same_raw(head: Head, t: int, j: int) -> bool:
