@@ -928,3 +928,25 @@ def test_18_fold_residual_on_the_large_head_paths(domain):
             ok, msg = exact_dual(inst, int(t), c["competitors"], c.get("weights_exact") or c["weights"], exact,
                                  at_least_zero="weights_exact" in c)
             assert ok, (int(t), msg)
+
+
+def test_18_audit_rejects_tampered_exact_weights():
+    """Exact weights are checked as stated: changed ones that no longer combine the rows into u_t (hull edge) or
+    give a negative exact deficit (zero margin with a bias) fail the audit; the untouched report passes."""
+    import copy
+
+    for W, b, domain in ((np.array([[1, 1, -1, -1, -1], [1, -1, 1, -1, -0.182]], dtype=float), None, "cone"),
+                         (np.array([[1.0, -1.0, 0.0]]), np.array([1.0, -1.0, 0.0]), "box")):
+        head = head_from_arrays(W, b)
+        rep = json.loads(json.dumps(unspeakable.scan_head(head, domain=domain, device="cpu", backend="torch").to_json()))
+        assert unspeakable.audit(rep, head).ok
+        exact = [t for t in rep["tokens"] if "weights_exact" in (t.get("certificate") or {})]
+        assert exact
+        for t in exact:
+            bad = copy.deepcopy(rep)
+            cert = next(x for x in bad["tokens"] if x["id"] == t["id"])["certificate"]
+            n = len(cert["weights_exact"])
+            # several competitors: other proportions break the exact combination; one: scaling changes nothing
+            # (and every other competitor of these tiny heads proves the claim too), so weights of 0
+            cert["weights_exact"] = ["1/7"] * (n - 1) + ["6/7"] if n > 1 else ["0/1"]
+            assert not unspeakable.audit(bad, head).ok, (domain, t["id"], cert)
