@@ -15,6 +15,7 @@ An *instance* is a plain dict ``{"W_U": [d, V], "b_U": [V] | None, "ln_w", "ln_b
   or a cutting-plane LP for the balls; lo is the margin at a feasible point, hi the dual function at the
   LP's multipliers (both valid whatever the LP's accuracy, up to float64 rounding of O(1e-15) relative).
 * :func:`truth` — the oracle's verdict for a token: +1 / -1 / None (not decisive), with the reason.
+* :func:`exact_margin_1d` — the true margin in exact rationals where the hidden state is one-dimensional.
 
 Magnitudes: the LP works on data scaled by a power of two so that the largest logit term is O(1);
 exact checks use the raw floats as rationals, so 1e-300 and 1e300 are handled exactly there.
@@ -167,12 +168,14 @@ def exact_witness(inst, t: int, x, exact=None):
     return False, margin, f"token {j} reaches the logit of {t} (margin {_fl(margin)!r})"
 
 
-def exact_dual(inst, t: int, competitors, weights, exact=None):
-    """(ok, message): the dual certificate's deficit is positive, exactly (no rounding anywhere)."""
+def exact_dual(inst, t: int, competitors, weights, exact=None, at_least_zero: bool = False):
+    """(ok, message): the dual certificate's deficit is positive, exactly (no rounding anywhere). With
+    ``at_least_zero`` (exact weights, given as rationals or "p/q" strings) a deficit of exactly 0 also proves
+    the claim: t can then at best tie, and a tie is not a win."""
     rows, bias = exact if exact is not None else fold_exact(inst, project=False)
     d = len(rows[0])
     comp = [int(j) for j in competitors]
-    lam = [F(float(w)) for w in weights]
+    lam = [F(w) if isinstance(w, str) else F(float(w)) for w in weights]
     if len(comp) != len(lam) or not comp or any(j == t or j < 0 or j >= len(rows) for j in comp):
         return False, "malformed certificate"
     if any(v < 0 for v in lam) or sum(lam) <= 0:
@@ -182,12 +185,14 @@ def exact_dual(inst, t: int, competitors, weights, exact=None):
     dom = inst["domain"]
     if dom == "box":
         deficit = c0 - rho_exact(inst) * sum((abs(v) for v in r), F(0))
-        return deficit > 0, f"deficit {_fl(deficit)!r}"
+        return (deficit >= 0 if at_least_zero else deficit > 0), f"deficit {_fl(deficit)!r}"
     if dom in ("layernorm", "rmsnorm"):
         if dom == "layernorm":
             m = sum(r, F(0)) / d
             r = [v - m for v in r]
         ok = c0 > 0 and c0 * c0 > radius2_exact(inst) * _dot(r, r)
+        if at_least_zero:
+            ok = c0 >= 0 and c0 * c0 >= radius2_exact(inst) * _dot(r, r)
         rr = radius2_exact(inst) * _dot(r, r)
         ratio = _fl(c0 * c0 / rr) if rr else math.inf
         return ok, f"c0 = {_fl(c0)!r}, c0^2 / (R^2 |Pr|^2) = {ratio!r} (needs c0 > 0 and ratio > 1)"
@@ -492,7 +497,9 @@ def audit(inst, rep, tokens=None, tiny_rel: float = 1e-12, bound_rel: float = 1e
             if not ok:
                 out.append(("witness", t, f"witness fails the exact check: {msg}"))
         if r.verdict == "unspeakable" and kind == "dual":
-            ok, msg = exact_dual(inst, t, cert["competitors"], cert["weights"], exact_raw)
+            exact_w = cert.get("weights_exact")
+            ok, msg = exact_dual(inst, t, cert["competitors"], exact_w or cert["weights"], exact_raw,
+                                 at_least_zero=exact_w is not None)
             if not ok:
                 out.append(("certificate", t, f"dual certificate fails the exact check: {msg}"))
         if r.verdict == "unspeakable" and (kind == "tie" or r.reason == "tie"):
@@ -590,3 +597,36 @@ def ball_interval_active_set(inst, t: int, k0: int = 48, rounds: int = 10):
             lo, y = m, yp
     tol = 1e-13 * (1 + abs(hi))
     return lo - tol, hi + tol
+
+
+# ------------------------------------------------------------------------------------------ one-dimensional domains
+def exact_margin_1d(inst, t: int) -> F:
+    """The true margin m_t exactly, for instances whose hidden state is one-dimensional: box / rmsnorm with
+    d = 1 (x in [-a, a]) and layernorm with d = 2 (x = (s, -s), s^2 <= R^2 / 2), from :func:`fold_exact` (the
+    head as given). Every logit is affine in the one coordinate, so ``min_j (l_t - l_j)`` is concave piecewise
+    affine: its maximum is at an end of the interval or where two pieces cross, all rational. The radius
+    must make ``a`` rational (the defaults do: 1 for box and d = 1 balls, s in [-1, 1] for layernorm d = 2)."""
+    rows, bias = fold_exact(inst, project=False)
+    d = inst["W_U"].shape[0]
+    dom = inst["domain"]
+    if dom == "layernorm":
+        assert d == 2, "layernorm: d = 2 only"
+        a2 = radius2_exact(inst) / 2
+        slope = [r[0] - r[1] for r in rows]
+    else:
+        assert d == 1 and dom in ("box", "rmsnorm"), "box / rmsnorm: d = 1 only"
+        a2 = rho_exact(inst) ** 2 if dom == "box" else radius2_exact(inst)
+        slope = [r[0] for r in rows]
+    rn, rd = math.isqrt(a2.numerator), math.isqrt(a2.denominator)
+    assert rn * rn == a2.numerator and rd * rd == a2.denominator, "the interval's end must be rational"
+    a = F(rn, rd)
+    f = [(slope[t] - slope[j], bias[t] - bias[j]) for j in range(len(rows)) if j != t]
+    pts = {-a, a}
+    for i in range(len(f)):
+        for k in range(i + 1, len(f)):
+            (p1, q1), (p2, q2) = f[i], f[k]
+            if p1 != p2:
+                s = (q2 - q1) / (p1 - p2)
+                if -a <= s <= a:
+                    pts.add(s)
+    return max(min(p * s + q for p, q in f) for s in pts)

@@ -208,14 +208,18 @@ def test_witness_outside_the_domain_or_on_a_tie_fails(head, reports):
 
 @pytest.mark.parametrize("domain", ["layernorm", "rmsnorm", "box", "cone"])
 def test_witness_bounds_bracket_the_exact_margin(domain):
-    """Oracle: margins in Fractions from the folded rows. lo <= exact margin <= hi, on both bounds (the cheap
-    Cauchy–Schwarz pass and the precise |A||x| pass), and ok only where the exact margin is > 0."""
+    """Oracle: margins in Fractions of the head as given (its weights, gain and biases, not their rounded fold:
+    issue 18). lo <= exact margin <= hi, on both bounds (the cheap Cauchy–Schwarz pass and the precise |A||x|
+    pass), and ok only where the exact margin is > 0."""
     rng = np.random.default_rng(7)
     V, d = 40, 5
     W = rng.standard_normal((d, V)) * 3 + 1.0
-    h = head_from_arrays(W, rng.standard_normal(V), rng.random(d) + 0.5, rng.standard_normal(d), "layernorm",
-                         source="tiny")
+    bU, g, beta = rng.standard_normal(V), rng.random(d) + 0.5, rng.standard_normal(d)
+    h = head_from_arrays(W, bU, g, beta, "layernorm", source="tiny")
     F = fold64(h, domain, None if domain == "cone" else 2.0, True)
+    rows_q = [[Fraction(W[i, j]) * Fraction(g[i]) for i in range(d)] for j in range(V)]
+    bias_q = [Fraction(0) if domain == "cone" else
+              Fraction(bU[j]) + sum(Fraction(W[i, j]) * Fraction(beta[i]) for i in range(d)) for j in range(V)]
     ts = np.arange(V)
     X = rng.standard_normal((V, d))
     X *= (1.5 / np.linalg.norm(X, axis=1))[:, None] if domain != "box" else 1.0
@@ -227,14 +231,17 @@ def test_witness_bounds_bracket_the_exact_margin(domain):
             if domain == "layernorm":
                 m = sum(z) / d
                 z = [v - m for v in z]
-            logit = [sum(Fraction(F.rows[j, i]) * z[i] for i in range(d)) + Fraction(F.bias[j]) for j in range(V)]
+            logit = [sum(rows_q[j][i] * z[i] for i in range(d)) + bias_q[j] for j in range(V)]
             exact = logit[t] - max(logit[j] for j in range(V) if j != t)
             if domain == "cone":
-                c = [sum(Fraction(F.rows[j, i]) for j in range(V)) / V for i in range(d)]
-                scale = sum((Fraction(F.rows[t, i]) - c[i]) * z[i] for i in range(d))
+                c = [sum(rows_q[j][i] for j in range(V)) / V for i in range(d)]
+                scale = sum((rows_q[t][i] - c[i]) * z[i] for i in range(d))
                 exact = exact / scale if scale > 0 else None
-            if exact is not None:
+            if exact is not None and domain != "cone":
                 assert lo[t] <= exact <= hi[t]
+            elif exact is not None:  # the audit normalises by its float (ũ_t − c)·x: a relative hair either way
+                assert lo[t] <= exact * (1 + 1e-12) + 1e-300 and exact * (1 - 1e-12) <= hi[t] + 1e-300 \
+                    if exact > 0 else lo[t] <= exact * (1 - 1e-12) and exact * (1 + 1e-12) <= hi[t]
             assert ok[t] == (exact is not None and exact > 0)
 
 

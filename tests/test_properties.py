@@ -181,3 +181,91 @@ def test_verdicts_do_not_depend_on_the_input_container(domain):
         got = unspeakable.scan(W, b.copy(), ln_w=g.copy(), norm=norm, domain=domain, device="cpu",
                           backend="torch").verdicts_all
         assert np.array_equal(np.asarray(got), np.asarray(ref))
+
+
+# ------------------------------------------------------------------------------ the fold's rounding (issue 18)
+# One-dimensional domains (box / rmsnorm with d = 1, layernorm with d = 2), where oracles.exact_margin_1d gives
+# the true margin of the head as given in exact rationals.
+@st.composite
+def offset_heads(draw):
+    """A small head plus one large vector C added to every row (C's entries near 2**25, 2**40, ... and random
+    bits), with a non-dyadic gain, maybe ln_b, and a bias of the size of C's ulp: the truth is that of the
+    head without C (DESIGN §1), and the rounded fold loses exactly the digits that decide it."""
+    domain = draw(st.sampled_from(["box", "rmsnorm", "layernorm"]))
+    d = 2 if domain == "layernorm" else 1
+    V = draw(st.integers(2, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    e = draw(st.sampled_from([25, 25, 33, 40, 52]))
+    C = np.ldexp(1.0 + rng.integers(0, 2**20, d) * 2.0**-20, e) * rng.choice([-1.0, 1.0], d)
+    ulp = np.spacing(np.abs(C)).max()
+    small = rng.integers(-8, 9, (d, V)) * ulp
+    W = C[:, None] + small
+    gain = rng.uniform(0.3, 1.7, d)
+    ln_b = rng.standard_normal(d) if draw(st.booleans()) else None
+    b = rng.standard_normal(V) * ulp * 4
+    return domain, W, b, gain, ln_b
+
+
+@st.composite
+def cancelling_heads(draw):
+    """layernorm, d = 2: ln_b = (big, -big (+ a little)) whose terms in u·β cancel, and b_U ≈ -(u·β) so that the
+    exact folded biases are small and close."""
+    V = draw(st.integers(2, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    big = 10.0 ** draw(st.integers(4, 12))
+    ln_b = np.array([big, -big * (1 + rng.uniform(-1e-6, 1e-6))])
+    # tokens 1.. share token 0's slope on the domain (u_j = u_0 + (δ_j, δ_j)): their margins against token 0 are
+    # bias differences δ_j (β0 + β1) + b_j − b_0, set to a few units of the fold's rounding (u·β ~ big)
+    u0 = rng.standard_normal(2)
+    delta = np.round(rng.standard_normal(V) * 64) / 64
+    delta[0] = 0.0
+    W = u0[:, None] + delta[None, :]
+    if draw(st.booleans()):
+        W[:, V // 2:] = rng.standard_normal((2, V - V // 2))  # and some generic tokens
+    b = -(W.T @ ln_b) + rng.integers(-6, 7, V) * 2.0**-52 * big
+    gain = rng.uniform(0.5, 1.5, 2) if draw(st.booleans()) else None
+    return "layernorm", W, b, gain, ln_b
+
+
+def _exact_check(case):
+    import json
+
+    from oracles import exact_margin_1d
+    from unspeakable.engine.head import head_from_arrays
+
+    domain, W, b, gain, ln_b = case
+    Wc, bc, gc = W.copy(), b.copy(), gain.copy() if gain is not None else None
+    head = head_from_arrays(W, b, gain, ln_b, "layernorm" if gain is not None else "none")
+    rep = unspeakable.scan_head(head, domain=domain, device="cpu", backend="torch")
+    assert np.array_equal(W, Wc) and np.array_equal(b, bc) and (gain is None or np.array_equal(gain, gc))
+    inst = instance(W, b, gain, ln_b, domain=domain)
+    wrong = []
+    for t in range(W.shape[1]):
+        m = exact_margin_1d(inst, t)
+        v = int(rep.verdicts_all[t])
+        if v and v != (1 if m > 0 else -1):
+            wrong.append((t, v, float(m)))
+    assert not wrong, f"{domain} W={W.tolist()} b={b.tolist()} gain={gain} ln_b={ln_b}: {wrong}"
+    res = unspeakable.audit(json.loads(json.dumps(rep.to_json())), head)
+    assert res.ok, res.failures[:3]
+    return rep
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(case=offset_heads())
+def test_common_offset_changes_no_verdict(case):
+    """Adding one large vector to every row changes no verdict: each verdict is the exact truth of the head as
+    given (with or without C), the audit holds, and the head without C gets the same decided verdicts."""
+    rep = _exact_check(case)
+    domain, W, b, gain, ln_b = case
+    # less token 0's row (a common shift, as good as C): the entries share C's binade, so W - W[:, :1] is exact
+    base = _exact_check((domain, W - W[:, :1], b, gain, ln_b))
+    both = (np.asarray(rep.verdicts_all) != 0) & (np.asarray(base.verdicts_all) != 0)
+    assert np.array_equal(np.asarray(rep.verdicts_all)[both], np.asarray(base.verdicts_all)[both])
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(case=cancelling_heads())
+def test_bias_cancellation_keeps_the_exact_verdict(case):
+    """A large ln_b whose terms cancel in u·β: verdicts are the exact truth, the audit holds."""
+    _exact_check(case)

@@ -32,17 +32,29 @@ def cluster():
         ray.shutdown()
 
 
-def _same(a, b):
-    """Two reports agree on everything but the timings (JSON, per-token arrays, counts)."""
+def _same(a, b, resumed: bool = False):
+    """Two reports agree on everything but the timings (JSON, per-token arrays, counts). ``resumed``: b was
+    resumed from a checkpoint, whose bounds are re-derived one token at a time (issue 18): a bound may then
+    differ in its last digits from what the batched check proved (both are proven)."""
     ja, jb = a.to_json(), b.to_json()
     for j in (ja, jb):
         j.pop("timings_s")
         for t in j["tokens"]:
             t.pop("time_s")
+            if resumed:
+                lo, hi = t.pop("margin_lower"), t.pop("margin_upper")
+                t["bounds"] = (lo, hi)
+    if resumed:
+        for ta, tb in zip(ja["tokens"], jb["tokens"]):
+            (la, ha), (lb, hb) = ta.pop("bounds"), tb.pop("bounds")
+            for x, y in ((la, lb), (ha, hb)):
+                assert (x is None) == (y is None)
+                if x is not None:
+                    assert abs(x - y) <= 1e-12 * max(1.0, abs(x)), (ta["id"], x, y)
     assert ja == jb
     assert np.array_equal(a.verdicts_all, b.verdicts_all)
     for x, y in ((a.margin_lower_all, b.margin_lower_all), (a.margin_upper_all, b.margin_upper_all)):
-        assert np.array_equal(x, y, equal_nan=True)
+        assert np.allclose(x, y, rtol=1e-12, atol=0, equal_nan=True) if resumed else np.array_equal(x, y, equal_nan=True)
     assert np.array_equal(a.gram_argmax_all, b.gram_argmax_all)
 
 
@@ -139,7 +151,7 @@ def test_an_interrupted_cluster_job_resumes_from_its_checkpoint(cluster, local_r
     local = local_reports(BOX)
     assert 0 < kept < len(local.tokens)
     resumed = es.scan_head(head, domain="box", cluster=cluster, checkpoint=ckpt, resume=True, **LOCAL)
-    _same(local, resumed)
+    _same(local, resumed, resumed=True)
     assert not os.path.exists(ckpt)
 
 

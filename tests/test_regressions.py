@@ -14,8 +14,9 @@ import torch
 
 import unspeakable
 from unspeakable.engine.cli import main as cli_main
-from oracles import (audit, ball_interval_active_set, exact_cone_sign, exact_witness, fold_exact, instance, margin_interval,
-                     truth)
+from oracles import (audit, ball_interval_active_set, exact_cone_sign, exact_margin_1d, exact_witness, fold_exact,
+                     instance, margin_interval, truth)
+from unspeakable.engine.head import head_from_arrays
 
 DOMAINS = ["layernorm", "rmsnorm", "box", "cone"]
 REPROS = pathlib.Path(__file__).parent / "data" / "repros"  # copies of shared/repros (README there)
@@ -590,3 +591,362 @@ def _scan_or_refused(W, b, domain, radius):
     except unspeakable.InputError as e:
         assert str(e)
         return None
+
+
+# ------------------------------------------------------------------------------------------ issue 18
+@pytest.mark.parametrize("tokens, says", [([1.5], "must be integers"), (np.array([0.0, 1.0]), "must be integers"),
+                                          (np.array([True, False, True]), "boolean mask"),
+                                          ([[0, 1]], "1-D"), ([7], "out of range")])
+def test_18_tokens_that_are_not_ids_are_refused(tokens, says):
+    W = np.random.default_rng(0).standard_normal((3, 5))
+    with pytest.raises(unspeakable.InputError, match=says):
+        unspeakable.scan(W, domain="box", tokens=tokens, device="cpu", backend="torch")
+
+
+def test_18_cli_tokens_not_ids_exit_2(tmp_path, capsys):
+    from unspeakable.engine.cli import main
+
+    path = tmp_path / "h.npz"
+    np.savez(path, W_U=np.random.default_rng(0).standard_normal((3, 5)))
+    assert main(["scan", str(path), "--tokens", "1.5", "--out", str(tmp_path / "r.json")]) == 2
+    assert "1.5" in capsys.readouterr().err
+
+
+def _interrupted_checkpoint(head, ckpt, monkeypatch, after: int = 2, **kw):
+    """Scan ``head`` until the ``after``-th persisted batch, then 'crash' (the checkpoint stays)."""
+    from unspeakable.engine.ledger import Ledger
+
+    real, calls = Ledger.record, {"n": 0}
+
+    def record_then_die(self, reports, **k):
+        real(self, reports, **k)
+        if k.get("persist", True) and reports:
+            calls["n"] += 1
+            if calls["n"] == after:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(Ledger, "record", record_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        unspeakable.scan_head(head, checkpoint=str(ckpt), device="cpu", backend="torch", **kw)
+    monkeypatch.setattr(Ledger, "record", real)
+
+
+def _same_report(a, b):
+    """b (resumed) equals a (uninterrupted) but for the last digits of bounds re-proven one token at a time."""
+    ja, jb = a.to_json(), b.to_json()
+    for j in (ja, jb):
+        j.pop("timings_s")
+        j.pop("warnings", None)
+        for t in j["tokens"]:
+            t.pop("time_s")
+    assert len(ja["tokens"]) == len(jb["tokens"])
+    for ta, tb in zip(ja["tokens"], jb["tokens"]):
+        for k in ("margin_lower", "margin_upper"):
+            x, y = ta.pop(k), tb.pop(k)
+            assert (x is None) == (y is None), (ta["id"], k)
+            if x is not None:
+                assert abs(x - y) <= 1e-12 * max(1.0, abs(x)), (ta["id"], k, x, y)
+    assert ja == jb
+    for x, y in ((a.margin_lower_all, b.margin_lower_all), (a.margin_upper_all, b.margin_upper_all)):
+        assert np.allclose(x, y, rtol=1e-12, atol=0, equal_nan=True)
+
+
+def _resume_head():
+    from unspeakable.engine.head import head_from_arrays
+
+    rng = np.random.default_rng(18)
+    W = rng.standard_normal((3, 400))
+    W[:, 200:] *= 0.3  # many interior tokens: certificates as well as witnesses reach the checkpoint
+    return head_from_arrays(W, rng.standard_normal(400) * 0.1)
+
+
+def test_18_resume_rederives_every_number(tmp_path, monkeypatch):
+    """A checkpoint edited to margin_lower = 1e6 (and other stated numbers and texts) resumes to the same report
+    as an uninterrupted scan, and that report audits clean: restored numbers are re-derived, not copied."""
+    head = _resume_head()
+    ckpt = tmp_path / "r.json.partial"
+    clean = unspeakable.scan_head(head, domain="rmsnorm", device="cpu", backend="torch")
+    _interrupted_checkpoint(head, ckpt, monkeypatch, domain="rmsnorm")
+    lines = [json.loads(ln) for ln in ckpt.read_text().splitlines() if ln.strip()]
+    kinds = {r["verdict"] for r in lines[1:]}
+    assert {"speakable", "unspeakable"} <= kinds, kinds
+    for rec in lines[1:]:
+        rec["margin_lower"], rec["margin_upper"] = 1e6, -1e6
+        rec["hard_to_speak"], rec["text"], rec["gram_argmax"] = not rec["hard_to_speak"], "edited", 0
+    ckpt.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    resumed = unspeakable.scan_head(head, domain="rmsnorm", device="cpu", backend="torch", checkpoint=str(ckpt),
+                                    resume=True)
+    _same_report(clean, resumed)
+    res = unspeakable.audit(json.loads(json.dumps(resumed.to_json())), head)
+    assert res.ok, res.failures[:5]
+
+
+@pytest.mark.parametrize("garbage", ["unknown_key", "certificate_string", "competitors_text", "weights_exact_bad",
+                                     "x_short", "id_mismatch", "reason_odd", "not_a_dict"])
+def test_18_resume_garbage_record_is_decided_again(tmp_path, monkeypatch, garbage):
+    head = _resume_head()
+    ckpt = tmp_path / "r.json.partial"
+    clean = unspeakable.scan_head(head, domain="rmsnorm", device="cpu", backend="torch")
+    _interrupted_checkpoint(head, ckpt, monkeypatch, domain="rmsnorm")
+    lines = [json.loads(ln) for ln in ckpt.read_text().splitlines() if ln.strip()]
+    for rec in lines[1:]:
+        cert = rec.get("certificate") or {}
+        if garbage == "unknown_key":
+            rec["surprise"] = 1
+        elif garbage == "certificate_string":
+            rec["certificate"] = "garbage"
+        elif garbage == "competitors_text":
+            cert["competitors"], cert["x"] = "abc", "abc"
+        elif garbage == "weights_exact_bad":
+            cert["weights_exact"] = ["a/b"] * len(cert.get("competitors", [0]))
+        elif garbage == "x_short":
+            cert["x"], cert["lower_x"] = [0.5], [0.5]
+        elif garbage == "id_mismatch":
+            rec["id"] = (rec["id"] + 1) % 400
+        elif garbage == "reason_odd":
+            rec["reason"] = "trust me"
+    text = [json.dumps(lines[0])] + [json.dumps(r if garbage != "not_a_dict" else [r]) for r in lines[1:]]
+    ckpt.write_text("\n".join(text) + "\n")
+    resumed = unspeakable.scan_head(head, domain="rmsnorm", device="cpu", backend="torch", checkpoint=str(ckpt),
+                                    resume=True)
+    assert np.array_equal(resumed.verdicts_all, clean.verdicts_all)
+    assert unspeakable.audit(json.loads(json.dumps(resumed.to_json())), head).ok
+
+
+def test_18_cli_resume_with_a_garbage_checkpoint_exits_0(tmp_path, monkeypatch):
+    head = _resume_head()
+    src = tmp_path / "h.npz"
+    np.savez(src, W_U=np.asarray(head.W_U), b_U=np.asarray(head.b_U))
+    out = tmp_path / "r.json"
+    from unspeakable.engine.loader import load
+
+    _interrupted_checkpoint(load(str(src)), str(out) + ".partial", monkeypatch, domain="rmsnorm")
+    part = pathlib.Path(str(out) + ".partial")
+    lines = part.read_text().splitlines()
+    recs = [json.loads(ln) for ln in lines[1:]]
+    for r in recs:
+        r["certificate"] = {"kind": "dual", "competitors": [1e300], "weights": "x"}
+        r["margin_lower"] = 1e6
+    part.write_text("\n".join([lines[0]] + [json.dumps(r) for r in recs]) + "\n")
+    assert cli_main(["scan", str(src), "--domain", "rmsnorm", "--device", "cpu", "--backend", "torch", "--out", str(out),
+                     "--resume"]) == 0
+    assert cli_main(["audit", str(out), str(src)]) == 0
+
+
+# --- issue 18: the fold's own rounding (truth: exact rationals from the head as given, oracles.exact_margin_1d)
+def _exact_verdicts(W, b, lw, lb, domain, norm="layernorm"):
+    """Scan, audit (must hold) and return (engine verdict codes, exact truth codes, exact margins)."""
+    from unspeakable.engine.head import head_from_arrays
+
+    head = head_from_arrays(W, b, lw, lb, norm)
+    rep = unspeakable.scan_head(head, domain=domain, device="cpu", backend="torch")
+    res = unspeakable.audit(json.loads(json.dumps(rep.to_json())), head)
+    assert res.ok, res.failures[:3]
+    inst = instance(W, b, lw, lb, domain=domain)
+    m = [exact_margin_1d(inst, t) for t in range(np.asarray(W).shape[1])]
+    return np.asarray(rep.verdicts_all), np.array([1 if v > 0 else -1 for v in m]), m
+
+
+@pytest.mark.parametrize("gain", [0.7, 0.5204867619680973, 0.9066351196001362, 1.2956000291856498])
+def test_18_gain_fold_with_a_common_offset_box(gain):
+    """box, d = 1, V = 2: rows C - 5 ulp and C + 1 ulp (C = 2**25) with a gain, and a bias that leaves token 0 a
+    margin of a few 1e-16 at x = -1 (exact): the rounded fold must not decide it either way wrongly; subtracting C
+    from both rows (DESIGN §1: no verdict changes) must give the same verdicts."""
+    from fractions import Fraction
+
+    C = 2.0**25
+    ulp = float(np.spacing(C))
+    W = np.array([[C - 5 * ulp, C + ulp]])
+    for rel in (1 - 1e-6, 1 + 1e-6):  # token 0 wins barely / loses barely
+        b1 = float(Fraction(6) * Fraction(gain) * Fraction(ulp) * Fraction(rel))
+        b = np.array([0.0, b1])
+        got, want, m = _exact_verdicts(W, b, [gain], None, "box")
+        assert np.all((got == want) | (got == 0)) and np.all(got != 0), (got, want, [float(v) for v in m])
+        shifted, _, _ = _exact_verdicts(W - C, b, [gain], None, "box")
+        assert np.array_equal(shifted, want)
+
+
+def _family(kind, rng):
+    if kind == "offset_ln":  # layernorm, d = 2: a large common offset, a gain, ln_b, a bias of the offset's ulp
+        C = float(2.0 ** rng.integers(15, 35))
+        W = np.vstack([C + np.spacing(C) * rng.integers(-8, 8, 3), rng.integers(-8, 8, 3) * np.spacing(C)])
+        return W, rng.standard_normal(3) * np.spacing(C) * 8, rng.uniform(0.3, 1.7, 2), rng.standard_normal(2)
+    if kind == "false_tie":  # 0.7 a and 0.7 nextafter(a) fold to one double; box d = 1
+        a = rng.uniform(1, 2)
+        W = np.array([[a, np.nextafter(a, 3), rng.uniform(-2, 2)]])
+        return W, np.array([0.0, -rng.uniform(0, 2) * np.spacing(a) * 0.7, rng.uniform(-3, -2)]), [0.7], None
+    if kind == "cancel":  # ln_b = (±big): u·β cancels; layernorm d = 2
+        big = 10.0 ** rng.integers(4, 9)
+        W = rng.standard_normal((2, 3))
+        lb = np.array([big, -big])
+        return W, -(W.T @ lb) + rng.standard_normal(3) * 1e-11 * big, None, lb
+    if kind == "f32_big_lnb":  # a float32 head with ln_b ~ 1.2e9: two tokens with equal slopes on the domain,
+        # so their margin is the exact bias difference δ(β0 + β1) + b0 − b1, a few 1e-8, while each u·β ~ 1e9
+        # rounds by ~1e-7 in float64
+        a = np.float32(rng.uniform(0.5, 1.0))
+        bb = np.float32(rng.uniform(-1.0, -0.5))
+        delta = np.float32(2.0**-10)
+        W = np.array([[a, a + delta], [bb, bb + delta]], dtype=np.float32)
+        beta0 = np.float32(1.2e9 * rng.uniform(0.9, 1.1))
+        lb = np.array([beta0, -beta0 + np.float32(128.0)], dtype=np.float32)
+        b0 = np.float32(rng.uniform(0.5, 1.0))
+        b1 = np.float32(b0 + np.float32(0.125) + np.float32(rng.integers(-3, 4)) * np.float32(2.0**-24))
+        return W, np.array([b0, b1], dtype=np.float32), np.ones(2, np.float32), lb
+    raise KeyError(kind)
+
+
+@pytest.mark.parametrize("kind", ["offset_ln", "false_tie", "cancel", "f32_big_lnb"])
+def test_18_fold_rounding_families_match_exact_truth(kind):
+    """The issue's families (common offset in layernorm, rows that fold to one double, ln_b = (1e6, -1e6)-like
+    cancellation, a float32 head with ln_b ~ 1.2e9): every verdict is the exact truth (none undecided on these
+    seeds), no rounded fold is called a tie, and the audit holds."""
+    rng = np.random.default_rng(18)
+    for _ in range(8):
+        W, b, lw, lb = _family(kind, rng)
+        domain = "box" if kind == "false_tie" else "layernorm"
+        got, want, m = _exact_verdicts(W, b, lw, lb, domain)
+        assert np.array_equal(got, want), (kind, got, want, [float(v) for v in m])
+
+
+def test_18_false_tie_is_not_a_tie():
+    a = 1.6369616873214543
+    W = np.array([[a, np.nextafter(a, 3), -0.9208531449445188]])
+    b = np.array([0.0, -1.2737129908718127e-17, -2.9834723644714707])
+    rep = unspeakable.scan(W, b, ln_w=[0.7], norm="layernorm", domain="box", device="cpu", backend="torch")
+    assert all(r.reason != "tie" for r in rep.tokens)
+    got, want, _ = _exact_verdicts(W, b, [0.7], None, "box")
+    assert list(got) == list(want) == [1, 1, -1]
+
+
+# --- issue 18: needless undecided
+@pytest.mark.parametrize("domain", ["box", "rmsnorm"])
+def test_18_zero_margin_with_a_nonconstant_bias(domain):
+    """Rows (1, -1, 0) with bias (1, -1, 0), d = 1: tokens 1 and 2 can at best tie (margin exactly 0 at x = -1),
+    token 0 wins at x = 1: proven with exact certificates, audited."""
+    W, b = np.array([[1.0, -1.0, 0.0]]), np.array([1.0, -1.0, 0.0])
+    got, want, m = _exact_verdicts(W, b, None, None, domain, norm="none")
+    assert m[1] == m[2] == 0 and list(got) == [1, -1, -1]
+
+
+@pytest.mark.parametrize("domain", ["box", "rmsnorm", "layernorm"])
+def test_18_identical_rows_biases_one_ulp_apart(domain):
+    """Pairs of identical rows whose biases are one ulp apart: the lower one's margin is at most minus that
+    ulp (proven exactly: a certificate on its twin has deficit exactly the bias difference)."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((4, 60))
+    W[:, 1::2] = W[:, 0::2]
+    b = rng.standard_normal(60)
+    b[1::2] = np.nextafter(b[0::2], np.inf)
+    rep = unspeakable.scan(W, b, domain=domain, device="cpu", backend="torch")
+    gap = b[1::2] - b[0::2]
+    assert np.all(rep.verdicts_all[0::2] == -1)
+    assert np.all(rep.margin_upper_all[0::2] < 0)  # at most minus the gap (the twin's certificate), or less
+    # the higher twins: decided on the rows without their dominated twins, verified on all (box keeps one
+    # whose margin against the rest is numerically 0); a speakable one's margin is at most the gap
+    assert rep.counts["undecided"] <= (1 if domain == "box" else 0)
+    top = np.arange(1, 60, 2)
+    won = rep.verdicts_all[top] == 1
+    assert np.all(rep.margin_lower_all[top][won] <= gap[won])
+    res = unspeakable.audit(json.loads(json.dumps(rep.to_json())), head_from_arrays(W, b))
+    assert res.ok, res.failures[:3]
+
+
+@pytest.mark.parametrize("domain", ["cone", "box", "rmsnorm"])
+def test_18_point_on_a_hull_edge(domain):
+    """The square's corners plus (-1, -0.182), an exact (non-dyadic) convex combination of two corners: unspeakable
+    (hand geometry), proven with exact weights, audited."""
+    W = np.array([[1, 1, -1, -1, -1], [1, -1, 1, -1, -0.182]], dtype=float)
+    rep = unspeakable.scan(W, domain=domain, device="cpu", backend="torch")
+    assert list(rep.verdicts_all) == [1, 1, 1, 1, -1]
+    assert "weights_exact" in rep.tokens[-1].certificate
+    res = unspeakable.audit(json.loads(json.dumps(rep.to_json())), head_from_arrays(W))
+    assert res.ok, res.failures[:3]
+
+
+def test_18_square_edges_many_points_decided_quickly():
+    """d = 2, the 4 corners and 296 points on the square's edges (cone): every edge point unspeakable, every
+    corner speakable, none undecided. Before the support-restricted exact solve: 48 undecided after 48 s."""
+    rng = np.random.default_rng(0)
+    n = 296
+    side, s = rng.integers(0, 4, n), np.round(rng.uniform(-0.999, 0.999, n), 3)
+    one = np.ones(n)
+    pts = np.select([side[:, None] == k for k in range(4)],
+                    [np.stack(p, 1) for p in ((one, s), (-one, s), (s, one), (s, -one))])
+    W = np.vstack([[[1, 1], [1, -1], [-1, 1], [-1, -1]], pts]).T
+    rep = unspeakable.scan(W, domain="cone", device="cpu", backend="torch")
+    assert rep.counts["undecided"] == 0 and rep.counts["speakable"] == 4
+    assert rep.timings_s["verify"] < 30
+
+
+@pytest.mark.parametrize("domain", ["layernorm"])  # its centred corrections too; rmsnorm passes the same (13 s)
+def test_18_fold_residual_on_the_large_head_paths(domain):
+    """V >= 1024 takes the verifier's symmetric self-direction pass and its float32 competitor bounds; with a
+    float64 head whose fold rounds (a common offset 2**30, a non-dyadic gain, ln_b) every claim checked must hold
+    exactly for the head as given (oracles: fold_exact from the raw floats; the points are the engine's own,
+    the check is not)."""
+    from oracles import exact_dual, exact_witness, fold_exact
+
+    from unspeakable.engine.loader import fold
+    from unspeakable.engine.screen import witness_points
+
+    import unspeakable.engine.verify_sym as verify_sym
+
+    rng = np.random.default_rng(11)
+    V, d = 3000, 32  # about 2000 screen witnesses: the symmetric pass runs (verify_sym.SYM_MIN)
+    W = 2.0**30 + rng.standard_normal((d, V))
+    g, lb, b = rng.uniform(0.5, 1.5, d), rng.standard_normal(d), rng.standard_normal(V) * 1e-3
+    head = head_from_arrays(W, b, g, lb, "layernorm")
+    settled = []
+    real = verify_sym.self_pairs
+
+    def spy(*a, **k):
+        sp = real(*a, **k)
+        settled.append(0 if sp is None else int((sp.col >= 0).sum()))
+        return sp
+
+    verify_sym.self_pairs = spy
+    try:
+        rep = unspeakable.scan_head(head, domain=domain, device="cpu", backend="torch")
+    finally:
+        verify_sym.self_pairs = real
+    assert rep.counts["undecided"] == 0 and settled and settled[0] >= 1024, settled
+    inst = instance(W, b, g, lb, domain=domain)
+    exact = fold_exact(inst, project=False)
+    problem = fold(head, domain=domain)
+    by_id = {r.id: r for r in rep.tokens}
+    for t in rng.choice(V, 24, replace=False):
+        r = by_id.get(int(t))
+        v = int(rep.verdicts_all[t])
+        if v == 1:
+            cert = r.certificate if r is not None else {"x": "self-direction"}
+            x = problem.report_x(witness_points(problem, np.array([t]))[0]) if cert["x"] == "self-direction" \
+                else cert["x"]
+            ok, m, msg = exact_witness(inst, int(t), x, exact)
+            assert ok, (int(t), msg)
+        elif v == -1 and r.certificate.get("kind") == "dual":
+            c = r.certificate
+            ok, msg = exact_dual(inst, int(t), c["competitors"], c.get("weights_exact") or c["weights"], exact,
+                                 at_least_zero="weights_exact" in c)
+            assert ok, (int(t), msg)
+
+
+def test_18_audit_rejects_tampered_exact_weights():
+    """Exact weights are checked as stated: changed ones that no longer combine the rows into u_t (hull edge) or
+    give a negative exact deficit (zero margin with a bias) fail the audit; the untouched report passes."""
+    import copy
+
+    for W, b, domain in ((np.array([[1, 1, -1, -1, -1], [1, -1, 1, -1, -0.182]], dtype=float), None, "cone"),
+                         (np.array([[1.0, -1.0, 0.0]]), np.array([1.0, -1.0, 0.0]), "box")):
+        head = head_from_arrays(W, b)
+        rep = json.loads(json.dumps(unspeakable.scan_head(head, domain=domain, device="cpu", backend="torch").to_json()))
+        assert unspeakable.audit(rep, head).ok
+        exact = [t for t in rep["tokens"] if "weights_exact" in (t.get("certificate") or {})]
+        assert exact
+        for t in exact:
+            bad = copy.deepcopy(rep)
+            cert = next(x for x in bad["tokens"] if x["id"] == t["id"])["certificate"]
+            n = len(cert["weights_exact"])
+            # several competitors: other proportions break the exact combination; one: scaling changes nothing
+            # (and every other competitor of these tiny heads proves the claim too), so weights of 0
+            cert["weights_exact"] = ["1/7"] * (n - 1) + ["6/7"] if n > 1 else ["0/1"]
+            assert not unspeakable.audit(bad, head).ok, (domain, t["id"], cert)

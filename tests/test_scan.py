@@ -75,8 +75,8 @@ def test_resume_after_interruption_gives_the_same_report(head, clean, interrupte
     with open(ckpt + ".x", "wb") as f:
         f.write(xrows + b"\x00" * 5)  # and a torn row
     restored = []
-    real = es._reverify
-    monkeypatch.setattr(es, "_reverify", lambda sc, r: restored.append(r.id) or real(sc, r))
+    real = es._rederive
+    monkeypatch.setattr(es, "_rederive", lambda sc, t, rec: restored.append(t) or real(sc, t, rec))
     resumed = es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt, resume=True)
     assert np.array_equal(clean.verdicts_all, resumed.verdicts_all)
     assert _strip(clean) == _strip(resumed)

@@ -15,9 +15,12 @@ A small checker that trusts nothing of the engine: it depends on numpy and pytho
                               | {"kind": "zero", "competitors", "weights", "mu"}
                               | {"kind": "tie", "tie_with": j} | null, ...}, ...]}
 
-**The head it checks** is its own float64 fold of the weights (DESIGN §1): rows ``ũ_j = γ ⊙ u_j``, bias
-``b̃_j = u_j·β + b_j`` (zero with ``"bias": false`` or in ``cone``). Every claim is a statement about these
-float64 numbers, taken as exact reals.
+**The head it checks** is the head as given (DESIGN §1): rows ``ũ_j = γ ⊙ u_j``, bias ``b̃_j = u_j·β + b_j``
+(zero with ``"bias": false`` or in ``cone``), in exact reals. Its own float64 fold of them is rounded, so
+every float check also allows for the fold's rounding (``γ_i u_ji``: ``u`` of itself unless the weights and
+gain are float32 or narrower, whose products are exact; ``u·β + b``: a dot product's ``γ``); where that is too
+coarse to decide, exact rationals from the weights themselves decide (witness margins against the few
+competitors that bind, dual deficits, Gordan solves, ties).
 
 **What it proves**, per listed token (and per unlisted token: speakable at its screen point, DESIGN §3.3):
 
@@ -26,6 +29,9 @@ float64 numbers, taken as exact reals.
   float64 rounding bound (``γ_n = n u / (1 − n u)``, ``u = 2^-53``, inflated 1% to cover evaluating the bound).
 * dual ``λ`` — the deficit ``δ = c0 − sup_X(−r·x)`` (``r = Σλ_j(ũ_j − ũ_t)``, ``c0 = Σλ_j(b̃_j − b̃_t)``) is
   positive: in float64 with an allowance, else exactly in rationals (ball: ``c0 > 0`` and ``c0² > R²||Pr||²``).
+* exact weights (``"weights_exact"``: rationals ``"p/q"`` over the competitors, on any of dual / cone / zero) —
+  checked as they are, in rationals: ``w >= 0``, ``Σw > 0``, and the deficit ``δ(w) >= 0`` (cone: ``r = 0``;
+  zero: ``r`` a multiple of 1 in layernorm, else 0, with a constant bias): ``t`` can at best tie.
 * cone / zero ``(λ, μ)`` — Gordan, exactly in rationals: with ``κ = |μ|/V`` the weights ``λ_j + κ`` over all
   ``j ≠ t`` nearly cancel ``Σ w_j (ũ_j − ũ_t)``; an exact solve on a basis of ``d`` rows corrects them so the sum
   is exactly 0 (in ``layernorm`` up to a multiple of 1, which ``x ∈ 1⊥`` cannot see) with every weight still
@@ -116,8 +122,33 @@ class Folded:
     A_abs: np.ndarray
     A_l1: np.ndarray
     cs: tuple
+    raw: np.ndarray = None  # [V, d] the weights' rows u_j as float64 (exact)
+    gain: np.ndarray | None = None  # γ as float64 (exact), None without one
+    beta: np.ndarray | None = None  # β (None: no ln_b or no bias)
+    b_U: np.ndarray | None = None  # b_U (None: none or no bias)
+    row_err: np.ndarray | None = None  # per row: ||ũ_j − rows_j||_2 <= row_err_j (the fold's rounding)
+    bias_err: np.ndarray | None = None  # per row: |b̃_j − bias_j| <= bias_err_j
     _colsum: list | None = None  # exact column sums of rows, computed once when a Gordan claim needs them
     _rank: int | None = None
+
+    @property
+    def fold_exact(self) -> bool:
+        return not (np.any(self.row_err) or np.any(self.bias_err))
+
+    def qrow(self, j: int) -> list:
+        """Row j of the head as given, exactly: ``γ_i u_ji``."""
+        u = self.raw[j]
+        if self.gain is None:
+            return [q(v) for v in u.tolist()]
+        return [q(a) * q(g) for a, g in zip(u.tolist(), self.gain.tolist())]
+
+    def qbias(self, j: int) -> fmpq:
+        """Bias j of the head as given, exactly: ``u_j·β + b_j`` (0 without bias)."""
+        out = fmpq(0) if self.b_U is None else q(self.b_U[j])
+        if self.beta is not None:
+            out += sum((q(a) * q(b) for a, b in zip(self.raw[j].tolist(), self.beta.tolist()) if a != 0 and b != 0),
+                       fmpq(0))
+        return out
 
     @property
     def V(self) -> int:
@@ -128,16 +159,38 @@ class Folded:
         return self.rows.shape[1]
 
 
+def _narrow(a) -> bool:
+    """Every value fits a float32 exactly (24-bit mantissas): the product of two such is exact in float64."""
+    a = np.asarray(a)
+    if a.dtype in (np.float16, np.float32):
+        return True
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(a.astype(np.float32).astype(np.float64), a))
+
+
 def fold64(head: Head, domain: str, radius: float | None, bias: bool) -> Folded:
-    """Fold the head into float64 rows and bias on ``domain`` (DESIGN §1), without writing to its arrays."""
-    raw = np.array(head.W_U, dtype=np.float64).T  # a fresh copy: [V, d] rows u_j
-    rows = raw * np.asarray(head.ln_w, dtype=np.float64) if head.ln_w is not None else raw
-    b = np.zeros(raw.shape[0])
+    """Fold the head into float64 rows and bias on ``domain`` (DESIGN §1), without writing to its arrays, with
+    bounds on what that rounding changed (the claims are about the head as given)."""
+    raw = np.ascontiguousarray(np.array(head.W_U, dtype=np.float64).T)  # a fresh copy: [V, d] rows u_j
+    V, d = raw.shape
+    gain = None if head.ln_w is None else np.array(head.ln_w, dtype=np.float64)
+    rows = raw * gain if gain is not None else raw
+    row_err, bias_err = np.zeros(V), np.zeros(V)
+    with np.errstate(all="ignore"):
+        if gain is not None and not (_narrow(head.W_U) and _narrow(head.ln_w)):
+            # one rounding per product: |err| <= u |fl(γ u)| (+ an underflow's 2^-1074)
+            row_err = (U * np.linalg.norm(rows, axis=1) + math.sqrt(d) * 2.0**-1074) * (1 + gamma(d + 2))
+    b, beta, b_U = np.zeros(V), None, None
     if bias and domain != "cone":
         if head.b_U is not None:
-            b = np.array(head.b_U, dtype=np.float64)
+            b_U = np.array(head.b_U, dtype=np.float64)
+            b = b_U.copy()
         if head.ln_b is not None:
-            b = b + raw @ np.asarray(head.ln_b, dtype=np.float64)  # b̃_j = u_j·β + b_j (β before the gain)
+            beta = np.array(head.ln_b, dtype=np.float64)
+            with np.errstate(all="ignore"):
+                b = b + raw @ beta  # b̃_j = u_j·β + b_j (β before the gain)
+                bias_err = gamma(d + 2) * (np.abs(raw) @ np.abs(beta) + np.abs(b_U if b_U is not None else 0.0)) \
+                    + d * ETA
     rows = np.ascontiguousarray(rows)
     with np.errstate(all="ignore"):  # huge weights may overflow here; the checks refuse non-finite numbers
         A = rows - rows.mean(axis=0)
@@ -149,7 +202,11 @@ def fold64(head: Head, domain: str, radius: float | None, bias: bool) -> Folded:
         P = gamma(2 * d + 16) * (np.linalg.norm(A, axis=1) + np.linalg.norm(K, axis=1))
         Q = gamma(2 * d + 16) * A_l1 / d if domain == "layernorm" else np.zeros_like(A_l1)
         R = 8 * U * np.abs(b) + ETA
-    return Folded(rows, b, domain, radius, A, np.ascontiguousarray(K), A_abs, A_l1, (P, Q, R))
+        # the fold's rounding: |(ũ_j − rows_j)·z| <= row_err_j ||x|| (||Px|| <= ||x||), |b̃_j − b_j| <= bias_err_j
+        P = P + row_err * (1 + 4 * U)
+        R = R + bias_err * (1 + 4 * U)
+    return Folded(rows, b, domain, radius, A, np.ascontiguousarray(K), A_abs, A_l1, (P, Q, R), raw=raw, gain=gain,
+                  beta=beta, b_U=b_U, row_err=row_err, bias_err=bias_err)
 
 
 # ------------------------------------------------------------------------------------------ witnesses
@@ -246,16 +303,56 @@ def _witness_precise(F: Folded, ts: np.ndarray, X: np.ndarray):
         M = (gt[None, :] - G) + (bt[None, :] - F.bias[:, None])
         E = gamma(2 * F.d + 8) * (Tt[None, :] + T)
         E += 4 * U * (np.abs(gt)[None, :] + np.abs(G) + np.abs(bt)[None, :] + np.abs(F.bias)[:, None]) + ETA
+        if not F.fold_exact:  # the fold's rounding, both rows of each pair
+            nx = np.linalg.norm(X, axis=1) * (1 + gamma(F.d + 2))
+            fe = F.row_err[:, None] * nx[None, :] + F.bias_err[:, None]
+            E += (fe + fe[ts, cols][None, :]) * (1 + 4 * U)
         finite = np.isfinite(M).all(axis=0) & np.isfinite(E).all(axis=0)
         M[ts, cols], E[ts, cols] = np.inf, 0.0  # t is not its own competitor
         low = M - E
         worst = np.argmin(low, axis=0)
         lo, hi = low[worst, cols], (M + E).min(axis=0)
         ok = finite & (lo > 0)
+        for k in np.nonzero(finite & ~ok)[0]:  # too close for float64 and the fold's rounding: exactly
+            J = np.nonzero(low[:, k] <= 0)[0]
+            if 0 < J.size <= EXACT_COMPETITORS:
+                m, j = _exact_margin(F, int(ts[k]), X[k], J)
+                settled = np.ones(F.V, bool)
+                settled[J] = False
+                settled[ts[k]] = False
+                lo_s = float(low[settled, k].min(initial=np.inf))
+                hi_s = float((M + E)[settled, k].min(initial=np.inf))
+                mf = qfloat(m)
+                ok[k] = m > 0 and lo_s > 0
+                lo[k], hi[k] = min(mf - 4 * U * abs(mf), lo_s), min(mf + 4 * U * abs(mf), hi_s)
+                worst[k] = j
         if F.domain == "cone":  # normalised so that (ũ_t − c)·x = 1
             scale = np.where(gt > 0, gt, np.nan)
             lo, hi = lo / scale, hi / scale
     return ok, lo, hi, worst
+
+
+EXACT_COMPETITORS = 256  # a witness is re-checked in rationals against at most this many unsettled competitors
+
+
+def _exact_margin(F: Folded, t: int, x: np.ndarray, J: np.ndarray):
+    """``(min_j l_t(z) − l_j(z), argmin)`` over ``J`` in exact rationals from the weights themselves (z = x, or
+    ``P x`` in layernorm)."""
+    z = [q(v) for v in x.tolist()]
+    if F.domain == "layernorm":
+        mean = sum(z, fmpq(0)) / F.d
+        z = [v - mean for v in z]
+
+    def logit(j):
+        return sum((a * b for a, b in zip(F.qrow(j), z)), fmpq(0)) + F.qbias(j)
+
+    lt = logit(t)
+    best, arg = None, -1
+    for j in J.tolist():
+        m = lt - logit(j)
+        if best is None or m < best:
+            best, arg = m, j
+    return best, arg
 
 
 # ------------------------------------------------------------------------------------------ exact helpers
@@ -267,6 +364,12 @@ def q(v: float) -> fmpq:
 def qmat(a: np.ndarray) -> fmpq_mat:
     a = np.atleast_2d(a)
     return fmpq_mat(a.shape[0], a.shape[1], [q(v) for v in a.ravel().tolist()])
+
+
+def qrows(F: "Folded", ids) -> fmpq_mat:
+    """Rows ``ids`` of the head as given, exactly (an fmpq_mat)."""
+    ids = [int(j) for j in ids]
+    return fmpq_mat(len(ids), F.d, [v for j in ids for v in F.qrow(j)])
 
 
 def qfloat(v: fmpq) -> float:
@@ -301,6 +404,11 @@ def check_dual(F: Folded, t: int, comp: np.ndarray, lam: np.ndarray):
         db = F.bias[comp] - F.bias[t]
         c0 = float(lam @ db)
         ec = gamma(m + 4) * float(lam @ np.abs(db))
+        if not F.fold_exact:  # the fold's rounding: entrywise for the rows, per token for the bias
+            ls_ = float(lam.sum()) * (1 + gamma(m))
+            if np.any(F.row_err):
+                er = er + (U * (lam @ np.abs(F.rows[comp]) + ls_ * np.abs(F.rows[t])) + ls_ * 2.0**-1073) * (1 + gamma(m + 4))
+            ec += float(lam @ F.bias_err[comp] + ls_ * F.bias_err[t]) * (1 + gamma(m + 4))
         sup, esup = _support(F, r, er)
         spread = ec + esup + 4 * U * (abs(c0) + sup) + ETA
         lo, hi = c0 - sup - spread, c0 - sup + spread
@@ -337,10 +445,10 @@ def dual_exact(F: Folded, t: int, comp: np.ndarray, lam: np.ndarray) -> bool:
     """``δ > 0`` in exact rationals. Ball domains compare squares: ``c0 > 0`` and ``c0² > R²||P r||²``."""
     L = qmat(lam[None, :])
     ls = sum((L[0, k] for k in range(comp.size)), fmpq(0))
-    ut = qmat(F.rows[t][None, :])
-    r = L * qmat(F.rows[comp]) - ut * ls
+    ut = qrows(F, [t])
+    r = L * qrows(F, comp) - ut * ls
     rv = [r[0, i] for i in range(F.d)]
-    c0 = (L * qmat(F.bias[comp][:, None]))[0, 0] - q(F.bias[t]) * ls
+    c0 = (L * fmpq_mat(comp.size, 1, [F.qbias(int(j)) for j in comp]))[0, 0] - F.qbias(t) * ls
     R = q(F.radius)
     if F.domain == "box":
         return c0 - R * sum((abs(v) for v in rv), fmpq(0)) > 0
@@ -364,15 +472,16 @@ def check_gordan(F: Folded, t: int, comp: np.ndarray, lam: np.ndarray, mu: float
     kappa = q(abs(mu)) / V
     lam_q = {int(j): q(w) for j, w in zip(comp, lam)}
     ls = sum(lam_q.values(), fmpq(0))
-    ut = [q(v) for v in F.rows[t]]
-    LS = qmat(lam[None, :]) * qmat(F.rows[comp])
+    ut = F.qrow(t)
+    LS = qmat(lam[None, :]) * qrows(F, comp)
     s = colsum(F)
     e = [LS[0, i] - ls * ut[i] + kappa * (s[i] - V * ut[i]) for i in range(d)]
     B = basis(F, t, comp, lam)
     k = len(B) + project
+    QB = [F.qrow(j) for j in B]
     entries = []
     for i in range(d):
-        entries += [q(F.rows[j, i]) - ut[i] for j in B] + [fmpq(1)] * project + [-e[i]]
+        entries += [QB[n][i] - ut[i] for n in range(len(B))] + [fmpq(1)] * project + [-e[i]]
     R, rank = fmpq_mat(d, k + 1, entries).rref()
     if rank != k or any(R[i, i] != 1 for i in range(k)):
         return False, None, f"the residual is not in the exact span of {len(B)} basis rows"
@@ -405,8 +514,10 @@ def _cone_bound(F: Folded, w: dict, lam_q: dict, kappa: fmpq, total: fmpq) -> fl
 
 
 def colsum(F: Folded) -> list:
+    """Σ_j ũ_ji exactly, per column, for the head as given (``γ_i Σ_j u_ji``)."""
     if F._colsum is None:
-        F._colsum = exact_colsum(F.rows)
+        s = exact_colsum(F.raw)
+        F._colsum = s if F.gain is None else [v * q(g) for v, g in zip(s, F.gain.tolist())]
     return F._colsum
 
 
@@ -623,6 +734,12 @@ def check_claim(F: Folded, head: Head, t: int, entry: dict | None, companion, re
     if kind == "tie":
         lo_max = hi_min = check_tie(F, head, t, cert)
         res.ties += 1
+    elif kind == "dual" and "weights_exact" in cert:  # deficit >= 0 in exact rationals: t can at best tie
+        if "deficit" in cert and not (_number(cert["deficit"]) and cert["deficit"] >= 0):
+            raise Unproven(f"deficit {cert['deficit']!r} is negative")
+        delta = check_exact_weights(F, t, kind, cert)
+        hi_min, lo_max = -qfloat(delta), None
+        res.certificates += 1
     elif kind == "dual":
         if "deficit" in cert and not (_number(cert["deficit"]) and cert["deficit"] > 0):
             raise Unproven(f"deficit {cert['deficit']!r} is not positive")
@@ -668,11 +785,14 @@ def check_gordan_claim(F: Folded, t: int, kind: str, cert: dict) -> tuple[float 
     if kind == "zero":
         if F.domain == "cone":
             raise Unproven("margin exactly 0 needs a bounded domain")
-        if not np.all(F.bias == F.bias[0]):
-            j = int(np.argmax(F.bias != F.bias[0]))
+        j = nonconstant_bias(F)
+        if j is not None:
             raise Unproven(f"margin exactly 0 needs a constant bias; b[{j}] = {F.bias[j]!r} != b[0] = {F.bias[0]!r}")
-    elif "deficit" in cert and not (_number(cert["deficit"]) and cert["deficit"] > 0):
-        raise Unproven(f"deficit {cert['deficit']!r} is not positive")
+    elif "deficit" in cert and not (_number(cert["deficit"]) and cert["deficit"] >= 0):
+        raise Unproven(f"deficit {cert['deficit']!r} is negative")
+    if "weights_exact" in cert:
+        check_exact_weights(F, t, kind, cert)
+        return 0.0 if kind == "zero" else None, 0.0
     ok, bound, msg = check_gordan(F, t, comp, lam, mu)
     if not ok:
         raise Unproven(msg)
@@ -689,9 +809,79 @@ def check_tie(F: Folded, head: Head, t: int, cert: dict) -> float:
     if not np.array_equal(F.rows[t], F.rows[j]):
         i = int(np.argmax(F.rows[t] != F.rows[j]))
         raise Unproven(f"folded rows of {t} and {j} differ at [{i}]: {F.rows[t, i]!r} != {F.rows[j, i]!r}")
-    if F.domain != "cone" and F.bias[t] != F.bias[j] and not _same_raw(head, t, j):
+    if np.any(F.row_err):  # the rounded products agree; the exact ones γ_i u_i agree iff u_i does or γ_i = 0
+        differ = (F.raw[t] != F.raw[j]) & (F.gain != 0)
+        if differ.any():
+            i = int(np.argmax(differ))
+            raise Unproven(f"rows of {t} and {j} differ at [{i}] before the fold rounded them together: "
+                           f"{F.raw[t, i]!r} != {F.raw[j, i]!r}")
+    if F.domain == "cone" or _same_raw(head, t, j):
+        return 0.0
+    if F.fold_exact and F.bias[t] != F.bias[j]:
         raise Unproven(f"biases of {t} and {j} differ: {F.bias[t]!r} != {F.bias[j]!r}")
+    if not F.fold_exact and F.qbias(t) != F.qbias(j):
+        raise Unproven(f"biases of {t} and {j} differ exactly (folded: {F.bias[t]!r}, {F.bias[j]!r})")
     return 0.0
+
+
+def nonconstant_bias(F: Folded) -> int | None:
+    """A token whose exact bias differs from token 0's, or None when the bias is constant (exactly)."""
+    if F.fold_exact or not np.any(F.bias_err):
+        bad = np.nonzero(F.bias != F.bias[0])[0]
+        return int(bad[0]) if bad.size else None
+    with np.errstate(all="ignore"):
+        far = np.abs(F.bias - F.bias[0]) > (F.bias_err + F.bias_err[0]) * (1 + 8 * U) + 4 * U * (np.abs(F.bias) + abs(F.bias[0]))
+    if far.any():
+        return int(np.argmax(far))
+    b0 = F.qbias(0)
+    return next((j for j in range(1, F.V) if F.qbias(j) != b0), None)
+
+
+def check_exact_weights(F: Folded, t: int, kind: str, cert: dict) -> fmpq:
+    """Exact weights ``"p/q"`` on the competitors: ``w >= 0``, ``Σw > 0`` and the deficit ``δ(w) >= 0`` in rationals
+    (cone: ``r = 0``; zero: ``r`` in the span of 1 (layernorm) or 0; dual: box ``c0 − ρ||r||_1 >= 0``, balls
+    ``c0 >= 0`` and ``c0² >= R²||P r||²``). Returns ``δ(w)/Σw`` for box and exact-zero cases (else 0); raises
+    :class:`Unproven` otherwise."""
+    comp = cert.get("competitors")
+    we = cert.get("weights_exact")
+    if not (isinstance(we, list) and isinstance(comp, list) and len(we) == len(comp) and comp):
+        raise Unproven("weights_exact must be a list of rationals \"p/q\", one per competitor")
+    if not all(isinstance(j, int) and not isinstance(j, bool) and 0 <= j < F.V and j != t for j in comp) \
+            or len(set(comp)) != len(comp):
+        raise Unproven(f"competitors must be distinct token ids in 0 … {F.V - 1} other than {t}")
+    try:
+        w = [Fraction(str(v)) for v in we]
+    except (ValueError, ZeroDivisionError) as e:
+        raise Unproven(f"weights_exact: {e}") from None
+    if any(v < 0 for v in w) or not sum(w) > 0:
+        raise Unproven("weights_exact must be >= 0 and not all 0")
+    W = [fmpq(v.numerator, v.denominator) for v in w]
+    ut = F.qrow(t)
+    rows = [F.qrow(j) for j in comp]
+    ws = sum(W, fmpq(0))
+    r = [sum((W[k] * rows[k][i] for k in range(len(comp))), fmpq(0)) - ws * ut[i] for i in range(F.d)]
+    if F.domain == "layernorm":
+        mean = sum(r, fmpq(0)) / F.d
+        r = [v - mean for v in r]
+    if kind in ("cone", "zero"):
+        if any(v != 0 for v in r):
+            raise Unproven("the exact weights do not combine the rows into u_t (the residual is not 0)")
+        return fmpq(0)
+    c0 = sum((W[k] * F.qbias(j) for k, j in enumerate(comp)), fmpq(0)) - ws * F.qbias(t)
+    R = q(F.radius)
+    if F.domain == "box":
+        delta = c0 - R * sum((abs(v) for v in r), fmpq(0))
+        if delta < 0:
+            raise Unproven(f"the exact deficit of weights_exact is negative ({qfloat(delta):.3g})")
+        return delta / ws
+    n2 = R * R * sum((v * v for v in r), fmpq(0))
+    if not (c0 >= 0 and c0 * c0 >= n2):
+        raise Unproven("the exact deficit of weights_exact is negative")
+    if n2 == 0:
+        return c0 / ws
+    # δ = c0 − sqrt(n2) is irrational: a float lower bound, inflated generously, never below 0
+    lo = qfloat(c0) * (1 - 1e-12) - math.sqrt(qfloat(n2)) * (1 + 1e-12)
+    return q(max(lo, 0.0)) / ws
 
 
 def _same_raw(head: Head, t: int, j: int) -> bool:

@@ -85,6 +85,10 @@ class Slim:
     bias: np.ndarray
     domain: object
 
+    # The tasks get the search's keys and bias already (Problem.search_keys / search_bias).
+    search_keys = property(lambda self: self.keys)
+    search_bias = property(lambda self: self.bias)
+
     @property
     def V(self) -> int:
         return int(self.keys.shape[0])
@@ -182,7 +186,7 @@ class Cluster:
         t0 = time.perf_counter()
         ray, V, d = _ray(), problem.V, problem.d
         grows_ref = ray.put(np.ascontiguousarray(grows, dtype=np.float64))
-        slim_ref = ray.put(Slim(problem.keys, problem.bias, problem.domain))
+        slim_ref = ray.put(Slim(problem.search_keys, problem.search_bias, problem.domain))
         fn = self._remote(_screen_task, "screen", V, d, min(self.screen_rows, ids.size))
         blocks = [ids[b0: b0 + self.screen_rows] for b0 in range(0, ids.size, self.screen_rows)]
         # Tasks ask Ray for CPUs only: they screen with the torch backend in IEEE float32 (exact either way)
@@ -359,7 +363,7 @@ class _OpenTokens:
 
     def __init__(self, cluster: Cluster, sc, work, lift):
         self.cl, self.sc, self.lift, self.d = cluster, sc, lift, work.d
-        self.ref = _ray().put(Slim(work.keys, work.bias, work.domain))
+        self.ref = _ray().put(Slim(work.search_keys, work.search_bias, work.domain))
         self.fns = {"search": cluster._remote(search_task, "search", work.V, work.d),
                     "decide": cluster._remote(decide_task, "decide", work.V, work.d)}
         self.passes = [_Pass("search", SEARCH_BATCH)] + [_Pass("decide", DECIDE_BATCH, s) for s in LP_PASSES]

@@ -112,11 +112,11 @@ class Pricer:
 
     def __init__(self, problem):
         self.domain = problem.domain
-        self.keys = np.ascontiguousarray(problem.keys, dtype=np.float64)
+        self.keys = np.ascontiguousarray(problem.search_keys, dtype=np.float64)
         self.V, self.d = self.keys.shape
         if self.V < 2:
             raise ValueError("need at least two tokens")
-        self.bias = np.ascontiguousarray(problem.bias, dtype=np.float64)  # zeros in the cone
+        self.bias = np.ascontiguousarray(problem.search_bias, dtype=np.float64)  # zeros in the cone
         self.keys32 = self.keys.astype(np.float32)
         # |fl32(k32·x32) − k·x| <= (2u(1+u) + γ_d (1+u)²) Σ|k_i||x_i| <= that × ||k|| ||x||, u = 2^-24, for
         # any summation order (Higham 3.1 and the two roundings to float32); doubled for the float64 epilogue.

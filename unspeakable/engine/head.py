@@ -80,6 +80,19 @@ class Problem:
     warnings: list[str] = field(default_factory=list)
     margin_exp: int = 0  # reported margin = internal margin × 2**margin_exp
     x_exp: int = 0  # reported point = internal point × 2**x_exp
+    # The fold's own rounding (engine.loader.fold_parts), in internal units; None: exact. The head as given
+    # has rows ``rows + rows_lo + e_j`` with ``||e_j||_1 <= row_err_j`` and bias ``bias + bias_lo ± bias_err``.
+    rows_lo: np.ndarray | None = None  # [V, d]
+    row_err: np.ndarray | None = None  # [V]
+    bias_lo: np.ndarray | None = None  # [V]
+    bias_err: np.ndarray | None = None  # [V]
+    exact_source: object = None  # the Head folded here: exact rational rows and bias (engine.exact.head_rows)
+    row_exp: int = 0  # internal rows = exact γ ⊙ u × 2**row_exp
+    # The bias the search and decide stages work with (None: ``bias``): ``bias + bias_lo`` less a common
+    # shift, so that a large common part does not drown the differences. Only the verifier proves anything.
+    work_bias: np.ndarray | None = None
+    work_keys: np.ndarray | None = None  # likewise ``keys`` with the rows' residual added (None: ``keys``)
+    bias_exp: int = 0  # internal bias = exact (u·β + b) × 2**bias_exp
 
     @property
     def V(self) -> int:
@@ -114,9 +127,27 @@ class Problem:
         return np.ldexp(np.asarray(x, dtype=np.float64), -self.x_exp) if self.x_exp else np.asarray(x, dtype=np.float64)
 
     @property
+    def search_bias(self) -> np.ndarray:
+        return self.bias if self.work_bias is None else self.work_bias
+
+    @property
+    def search_keys(self) -> np.ndarray:
+        return self.keys if self.work_keys is None else self.work_keys
+
+    @property
     def constant_bias(self) -> bool:
-        """Every token has the same bias: then every logit is equal at x = 0 (DESIGN §2, margin exactly 0)."""
+        """Every token has the same bias (exactly, the fold's residual included): then every logit is equal
+        at x = 0 (DESIGN §2, margin exactly 0)."""
+        if self.bias_err is not None and np.any(self.bias_err):
+            return False
+        if self.bias_lo is not None and not np.all(self.bias_lo == self.bias_lo[0]):
+            return False
         return bool(np.all(self.bias == self.bias[0]))
+
+    @property
+    def fold_exact(self) -> bool:
+        """The float64 rows and bias are the head's exactly (no residual of the fold)."""
+        return all(a is None or not np.any(a) for a in (self.rows_lo, self.row_err, self.bias_lo, self.bias_err))
 
 
 def _ldexp(m: float, e: int) -> float:
@@ -167,6 +198,42 @@ def _check_float(name: str, a: np.ndarray, where: str) -> None:
             f"{where}: {name} has dtype {a.dtype}; expected a float dtype (float16, bfloat16, float32, float64)"
             + ("; integer and bool weights are refused" if a.dtype.kind in "iub" else "")
         )
+
+
+def token_ids(tokens, V: int, where: str = "tokens") -> np.ndarray:
+    """Sorted unique int64 ids of ``tokens`` (a list, numpy array or torch tensor of integer ids).
+
+    Raises:
+        InputError: a boolean mask (pass ``np.nonzero(mask)[0]``), non-integer values (``1.5`` is not read as
+            token 1), a non-1-D shape, or ids outside ``0 … V-1`` — naming what is wrong.
+    """
+    try:
+        arr = as_array(tokens, where, where) if not isinstance(tokens, (int, np.integer)) else np.array([tokens])
+        arr = np.asarray(arr)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{where}: cannot read token ids from {type(tokens).__name__}: {e}") from None
+    if arr.dtype.kind == "b":
+        raise InputError(f"{where}: got a boolean mask of shape {shape_text(arr)}; pass token ids instead "
+                         f"(np.nonzero(mask)[0])")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.ndim != 1:
+        raise InputError(f"{where}: token ids must be a 1-D list of integers; got shape {shape_text(arr)}")
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f":
+            with np.errstate(invalid="ignore"):
+                frac = np.nonzero(~np.isfinite(arr) | (arr != np.round(arr)))[0]
+            shown = ", ".join(repr(float(arr[i])) for i in frac[:MAX_IDS_SHOWN])
+            raise InputError(f"{where}: token ids must be integers; got {arr.dtype} values"
+                             + (f" such as {shown}" if frac.size else "") + " (pass an integer array)")
+        raise InputError(f"{where}: token ids must be integers; got values of dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize >= 8 and arr.size and int(arr.max()) > 2**62:
+        raise InputError(f"{where}: token ids {ids_text(arr[arr > 2**62])} are out of range for V = {V}")
+    ids = np.unique(arr.astype(np.int64))
+    bad = ids[(ids < 0) | (ids >= V)]
+    if bad.size:
+        raise InputError(f"token ids {ids_text(bad)} are out of range for V = {V}")
+    return ids
 
 
 # ----------------------------------------------------------------------------------------- validation

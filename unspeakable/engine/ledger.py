@@ -23,8 +23,9 @@ import numpy as np
 from unspeakable.engine.head import VERDICT_CODE, InputError
 from unspeakable.engine.report import TokenReport, to_jsonable
 
-CHECKPOINT_SCHEMA = "unspeakable.checkpoint/3"
-READABLE_SCHEMAS = ("unspeakable.checkpoint/2", CHECKPOINT_SCHEMA)  # /2: witness points inline as JSON lists
+# 3: the fold residual in the fingerprint, both bounds' evidence; 4: witness points as binary rows (PATH.x)
+CHECKPOINT_SCHEMA = "unspeakable.checkpoint/4"
+READABLE_SCHEMAS = (CHECKPOINT_SCHEMA,)  # a record may still hold its witness inline, as a JSON list
 
 
 def checkpoint_files(path: str) -> tuple[str, str]:
@@ -37,6 +38,8 @@ def fingerprint(problem) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(problem.rows).tobytes())
     h.update(np.ascontiguousarray(problem.bias).tobytes())
+    for a in (problem.rows_lo, problem.row_err, problem.bias_lo, problem.bias_err):  # the fold's residual
+        h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
     h.update(f"{problem.domain.name}|{problem.radius!r}|{problem.bias_used}|{problem.margin_exp}|"
              f"{problem.x_exp}".encode())
     return h.hexdigest()

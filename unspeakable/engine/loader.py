@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from unspeakable.engine.domain import DOMAINS, domain_for
+from unspeakable.engine.domain import ETA, U, DOMAINS, domain_for
 from unspeakable.engine.head import NORMS, Head, InputError, Problem, as_array, head_from_arrays, ids_text, shape_text
 
 __all__ = ["load", "fold", "gram_rows", "problem_from_rows", "head_from_arrays", "minilm_head", "Head", "Problem",
@@ -569,25 +569,138 @@ def fold(head: Head, domain: str | None = None, radius: float | None = None, bia
     with ``bias=False`` and in ``cone`` (an unbounded x makes it irrelevant). Defaults: the head's norm as
     domain (``none`` → ``cone``, with a warning), R = √d_model for the ball domains, ρ = 1 for ``box``.
 
+    The claims are about the head as given, so the fold's own rounding is kept (:func:`fold_parts`):
+    ``Problem.rows_lo`` / ``bias_lo`` hold what rounding ``γ u`` and ``u·β + b`` lost, and ``row_err`` /
+    ``bias_err`` bound what even these miss; the verifier carries all four into its allowances.
+
     Raises:
         InputError: unknown domain, a radius with ``cone``, a radius that is not finite and positive, or
             folded values outside float64's range.
     """
     dom, warnings = domain_for(domain, head.norm, head.d_model, radius)
-    # A copy: the caller's W_U (often E.T of a C-contiguous embedding) is never written to.
-    rows = np.array(np.asarray(head.W_U).T, dtype=np.float64, order="C", copy=True)  # [V, d], u_j
-    V = rows.shape[0]
-    b = np.zeros(V) if head.b_U is None else np.array(head.b_U, dtype=np.float64, copy=True)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if head.ln_b is not None:
-            b = b + rows @ np.asarray(head.ln_b, dtype=np.float64)  # b̃_j = u_j·β + b_j, before the gain
-        if head.ln_w is not None:
-            rows *= np.asarray(head.ln_w, dtype=np.float64)  # in place: rows is this function's own copy
     bias_used = bool(bias) and dom.bounded
-    if not bias_used:
-        b = np.zeros(V)
+    rows, lo, row_err, b, b_lo, b_err = fold_parts(head, bias_used)
     return problem_from_rows(rows, b, dom, source=head.source, texts=head.texts, planted=head.planted,
-                             warnings=list(head.warnings) + warnings, bias_used=bias_used)
+                             warnings=list(head.warnings) + warnings, bias_used=bias_used,
+                             residual=(lo, row_err, b_lo, b_err), exact_source=head)
+
+
+_EXACT_DTYPES = ("float16", "float32")  # 24-bit mantissas at most: the product of two is exact in float64
+_SPLIT = 134217729.0  # 2**27 + 1, Veltkamp's splitter for float64
+_SAFE_BIG, _SAFE_TINY = 2.0**995, 2.0**-969  # Dekker's product is error-free inside these magnitudes
+
+
+def _two_product(a: np.ndarray, b: np.ndarray):
+    """``(p, e, bad)``: ``p = fl(a b)`` and, where ``bad`` is False, ``a b = p + e`` exactly (Dekker with
+    Veltkamp's split). Where a factor is huge or the product near underflow the split is not error-free:
+    there ``e = 0`` and the caller bounds the error by ``u |p| + 2^-1074``."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = a * b
+        ca, cb = _SPLIT * a, _SPLIT * b
+        ah = ca - (ca - a)
+        al = a - ah
+        bh = cb - (cb - b)
+        bl = b - bh
+        e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    ok = (np.abs(a) < _SAFE_BIG) & (np.abs(b) < _SAFE_BIG) & ((np.abs(p) >= _SAFE_TINY) | (a == 0) | (b == 0))
+    ok &= np.isfinite(e)
+    return p, np.where(ok, e, 0.0), ~ok
+
+
+def _exact_products(*arrays) -> bool:
+    return all(a is None or np.asarray(a).dtype.name in _EXACT_DTYPES for a in arrays)
+
+
+def fold_parts(head: Head, bias_used: bool = True, chunk: int = 4096):
+    """``(rows, rows_lo, row_err, bias, bias_lo, bias_err)`` of the fold, float64, fresh arrays (the
+    head's are never written):
+
+    * ``ũ_j = rows_j + rows_lo_j + e_j`` with ``||e_j||_1 <= row_err_j``: ``rows`` is the rounded ``γ ⊙ u``,
+      ``rows_lo`` the exact rounding error of each product (Dekker), ``row_err`` what that misses near
+      underflow or overflow. ``rows_lo`` / ``row_err`` are None when the products are exact (no gain, or
+      float32 / float16 weights and gain: 24 × 24 bits fit in float64's 53).
+    * ``b̃_j = bias_j + bias_lo_j + ε_j`` with ``|ε_j| <= bias_err_j``: ``u·β + b`` as a compensated dot
+      product (Ogita–Rump–Oishi Dot2: as if summed in twice float64's precision), so a large ``β`` whose
+      terms cancel keeps its small exact sum. Both None without ``ln_b``. With ``bias_used`` False the bias
+      is zero (exactly).
+    """
+    W = np.asarray(head.W_U)
+    rows = np.array(W.T, dtype=np.float64, order="C", copy=True)  # [V, d], u_j
+    V, d = rows.shape
+    lo = row_err = None
+    if head.ln_w is not None:
+        g = np.asarray(head.ln_w, dtype=np.float64)
+        if not _exact_products(W, head.ln_w):
+            lo, row_err = np.zeros((V, d)), np.zeros(V)
+        for r0 in range(0, V, chunk):
+            blk = rows[r0: r0 + chunk]
+            if lo is None:
+                blk *= g  # in place: rows is this function's own copy
+                continue
+            p, e, bad = _two_product(blk, np.broadcast_to(g, blk.shape))
+            lo[r0: r0 + chunk] = e
+            if bad.any():
+                row_err[r0: r0 + chunk] = np.where(bad, U * np.abs(p) + ETA, 0.0).sum(axis=1) * (1 + 4 * U * d)
+            blk[...] = p
+        if lo is not None and not lo.any() and not row_err.any():
+            lo = row_err = None
+    if not bias_used:
+        return rows, lo, row_err, np.zeros(V), None, None
+    b = np.zeros(V) if head.b_U is None else np.array(head.b_U, dtype=np.float64, copy=True)
+    if head.ln_b is None:
+        return rows, lo, row_err, b, None, None
+    b_hi, b_lo, b_err = _dot2(W, np.asarray(head.ln_b), b)
+    return rows, lo, row_err, b_hi, b_lo, b_err
+
+
+def _dot2(W: np.ndarray, beta: np.ndarray, b: np.ndarray, chunk: int = 2048):
+    """``u_j·β + b_j`` for every column ``u_j`` of W as ``hi + lo`` with ``|hi + lo − exact| <= err``, vectorised
+    over blocks of tokens. Each product is split error-free (exact for float32 / float16 factors, else Dekker),
+    then Rump's extraction: with ``σ = 2^k >= 2 n max|p|``, ``q = fl(σ + p) − σ`` and ``r = p − q`` are exact,
+    the ``q`` are multiples of ``u σ`` whose sum is exact, and only the small remainders ``r`` (``|r| <= u σ``)
+    and the products' residuals are summed with rounding: ``err = γ_n (Σ|r| + Σ|e|)``, about ``n² u² max|p|``
+    where a plain dot product errs by ``n u Σ|p|`` — so a large ``β`` whose terms cancel keeps its small
+    exact sum. Rows where σ would overflow fall back to that plain bound."""
+    exact_p = _exact_products(W, beta)
+    beta = np.asarray(beta, dtype=np.float64)
+    d, V = W.shape
+    n = d + 1
+    gn = (n + 2) * U / (1 - (n + 2) * U)
+    hi, lo, err = np.empty(V), np.empty(V), np.empty(V)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for c0 in range(0, V, chunk):
+            u = np.asarray(W[:, c0: c0 + chunk], dtype=np.float64).T  # [m, d]
+            m = u.shape[0]
+            P = np.empty((m, n))
+            P[:, :d] = u * beta
+            P[:, d] = b[c0: c0 + m]
+            e_abs = np.zeros(m)
+            e_sum = np.zeros(m)
+            if not exact_p:
+                p, e, bad = _two_product(u, np.broadcast_to(beta, u.shape))
+                e_sum, e_abs = e.sum(axis=1), np.abs(e).sum(axis=1)
+                if bad.any():  # a product the split cannot make error-free: its whole rounding, bounded
+                    e_abs = e_abs + np.where(bad, U * np.abs(p) + ETA, 0.0).sum(axis=1) / gn
+            M = np.max(np.abs(P), axis=1)
+            _, k = np.frexp(M * (2 * n))  # 2 n M < 2**k
+            sigma = np.ldexp(1.0, k)[:, None]
+            Q = (sigma + P) - sigma
+            R = P - Q
+            s_hi = Q.sum(axis=1)  # exact: multiples of u σ, |partial sums| <= σ
+            tail = R.sum(axis=1) + e_sum
+            good = np.isfinite(sigma[:, 0]) & np.isfinite(s_hi) & np.isfinite(tail) & (M > 0)
+            e_rnd = gn * (np.abs(R).sum(axis=1) + e_abs) * (1 + 4 * n * U) + 2 * n * ETA
+            # rows that cannot be split (σ overflows): the plain dot product and its plain bound
+            plain = P.sum(axis=1) + e_sum
+            e_plain = gn * (np.abs(P).sum(axis=1) + e_abs) * (1 + 4 * n * U) + 2 * n * ETA
+            s_hi, tail = np.where(good, s_hi, plain), np.where(good, tail, 0.0)
+            e_blk = np.where(good, e_rnd, e_plain)
+            h = s_hi + tail  # TwoSum: s_hi + tail = h + l exactly
+            z = h - s_hi
+            l = (s_hi - (h - z)) + (tail - z)
+            hi[c0: c0 + m], lo[c0: c0 + m] = h, l
+            err[c0: c0 + m] = np.where(M > 0, e_blk, 0.0)
+    return hi, lo, err
 
 
 # Magnitudes (as binary exponents) that float64 handles with room to spare: squares and products of
@@ -596,7 +709,8 @@ _SAFE_EXPONENT = 200
 
 
 def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source: str = "", texts=None,
-                      planted=None, warnings=None, bias_used: bool | None = None) -> Problem:
+                      planted=None, warnings=None, bias_used: bool | None = None, residual=None,
+                      exact_source: Head | None = None) -> Problem:
     """A :class:`Problem` from folded rows ``[V, d]`` and bias ``[V]`` (None: zeros) on a domain (a Domain,
     or its name with an optional radius: the default is the domain's own). Copies its inputs; the cone
     ignores the bias.
@@ -604,22 +718,52 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
     Rows, bias and radius whose magnitudes leave float64's comfortable range are rescaled exactly (powers of
     two): x by ``2**-e_x`` (radius into [0.5, 1)), then rows and bias together by ``2**-e`` (largest entry
     into [0.5, 1)). A scaling that would round an entry (subnormal results) is refused with InputError.
+
+    ``residual = (rows_lo, row_err, bias_lo, bias_err)`` (from :func:`fold_parts`; None: the rows and bias
+    are exact) and ``exact_source`` (the head they were folded from, for exact rational checks) are kept
+    on the problem, scaled with it.
     """
     rows = np.array(rows, dtype=np.float64, order="C", copy=True)
     if isinstance(domain, str):
         domain = domain_for(domain, domain, rows.shape[1], radius)[0]
     bias = np.zeros(rows.shape[0]) if bias is None or not domain.bounded else np.array(bias, dtype=np.float64)
     _check_folded(rows, bias, source)
+    lo, row_err, b_lo, b_err = residual if residual is not None else (None, None, None, None)
+    if not domain.bounded:
+        b_lo = b_err = None
     e_x, e = _scale_exponents(rows, bias, domain)
     if e_x or e:
         rows, bias = _rescale(rows, bias, e_x, e, source)
         domain = type(domain)(None if domain.radius is None else math.ldexp(domain.radius, -e_x))
+        lo, row_err = _rescale_residual(lo, row_err, e_x - e)
+        b_lo, b_err = _rescale_residual(b_lo, b_err, -e)
     margin_exp, x_exp = domain.units(e, e_x)
     center = rows.mean(axis=0)
+    keys, work_keys, work_bias = domain.keys(rows, center), None, None
+    if lo is not None:  # the search and the LP see the exact rows more closely (the verifier needs no help)
+        work_keys = keys + domain.project(lo)
+    if b_lo is not None:  # and the bias as one double, less a common shift (which changes no verdict)
+        work_bias = np.ascontiguousarray((bias - float(np.median(bias))) + b_lo)
     return Problem(rows=rows, bias=np.ascontiguousarray(bias), domain=domain, center=np.ascontiguousarray(center),
-                   keys=domain.keys(rows, center), bias_used=bool(np.any(bias)) if bias_used is None else bias_used,
+                   keys=keys, work_keys=work_keys, work_bias=work_bias, bias_used=bool(np.any(bias)) if bias_used is None else bias_used,
                    source=source, texts=texts, planted=planted, warnings=list(warnings or []),
-                   margin_exp=margin_exp, x_exp=x_exp)
+                   margin_exp=margin_exp, x_exp=x_exp, rows_lo=lo, row_err=row_err, bias_lo=b_lo, bias_err=b_err,
+                   exact_source=exact_source, row_exp=e_x - e, bias_exp=-e)
+
+
+def _rescale_residual(lo, err, k: int):
+    """A residual and its error bound scaled by ``2**k``; what the scaling rounds away from ``lo`` (subnormal
+    results) moves into the bound (per row: summed over a row's entries)."""
+    if lo is None and err is None:
+        return None, None
+    lo_s = None if lo is None else np.ldexp(lo, k)
+    err_s = np.zeros(lo.shape[0]) if err is None else np.ldexp(err, k) * (1 + 4 * U) + ETA
+    if lo is not None:
+        lost = np.abs(np.ldexp(lo_s, -k) - lo)
+        if lost.any():
+            lost = lost.sum(axis=1) if lost.ndim == 2 else lost
+            err_s = err_s + np.ldexp(lost * (1 + 4 * U * lo.shape[-1]), k) + 2 * ETA
+    return lo_s, err_s
 
 
 def _check_folded(rows: np.ndarray, bias: np.ndarray, source: str) -> None:

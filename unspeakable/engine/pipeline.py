@@ -18,6 +18,8 @@ certificates prove "margin exactly 0".
 """
 from __future__ import annotations
 
+import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ import torch
 from unspeakable.engine.decide import Pricer, decide_many
 from unspeakable.engine.domain import Cone
 from unspeakable.engine.evidence import Candidate, Certificate
-from unspeakable.engine.head import Head, InputError, head_from_arrays
+from unspeakable.engine.head import Head, InputError, head_from_arrays, token_ids
 from unspeakable.engine.ledger import Checkpoint, Ledger, fingerprint
 from unspeakable.engine.loader import fold, gram_rows, load, problem_from_rows
 from unspeakable.engine.report import ScanReport, TokenReport
@@ -166,6 +168,7 @@ def scan_head(head: Head, **options) -> ScanReport:
     still_open = _search_stage(sc, work, lift, todo)
     if still_open:
         _decide_stage(sc, work, lift, still_open)
+    _settle_twins(sc)
     return _assemble(sc, t_start)
 
 
@@ -175,10 +178,7 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
     backend, dev = resolve_backend(opt.backend, opt.device)
     precision = resolve_precision(opt.precision, backend, dev)
     V = problem.V
-    ids = np.arange(V, dtype=np.int64) if opt.tokens is None else np.unique(np.asarray(opt.tokens, dtype=np.int64))
-    if ids.size and (ids.min() < 0 or ids.max() >= V):
-        bad = [int(t) for t in ids if t < 0 or t >= V]
-        raise InputError(f"token ids {', '.join(map(str, bad[:10]))} are out of range for V = {V}")
+    ids = np.arange(V, dtype=np.int64) if opt.tokens is None else token_ids(opt.tokens, V)
     ckpt = Checkpoint(opt.checkpoint, fingerprint(problem), opt.resume, problem.d) if opt.checkpoint else None
     if opt.verify not in ("bounded", "full"):
         raise InputError(f"unknown verify mode {opt.verify!r}; expected bounded or full")
@@ -298,8 +298,10 @@ def _settle_screen_witnesses(sc: _Scan) -> None:
 
 # --------------------------------------------------------------------------------------------- resume
 def _restore(sc: _Scan) -> None:
-    """Tokens settled by an interrupted run, re-verified from their stored proofs (not trusted); a proof
-    that does not verify leaves its token open, to be decided again."""
+    """Tokens settled by an interrupted run, re-derived from their stored evidence (nothing is trusted): the
+    verdict from its proof, every number from the check that backs it, the text and gram fields from this
+    run. A record that does not re-derive (a proof that fails, a malformed or unknown field) leaves its
+    token open, to be decided again."""
     ckpt = sc.ledger.checkpoint
     if ckpt is None or not ckpt.stored:
         return
@@ -309,28 +311,124 @@ def _restore(sc: _Scan) -> None:
             rec = ckpt.stored.get(int(t))
             if rec is None:
                 continue
-            r = TokenReport(**rec)
-            if _reverify(sc, r):
-                good.append(r)
-            else:
+            try:
+                r = _rederive(sc, int(t), rec)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, ZeroDivisionError):
+                r = None
+            if r is None:
                 bad += 1
+            else:
+                good.append(r)
         sc.ledger.record(good, persist=False)
     if bad:
         sc.warnings.append(f"{bad} tokens restored from {ckpt.path} did not re-verify and were decided again")
 
 
-def _reverify(sc: _Scan, r: TokenReport) -> bool:
-    cert, v = r.certificate or {}, sc.verifier
+_RESTORED_KEYS = {"id", "text", "gram_argmax", "hard_to_speak", "verdict", "reason", "margin_lower", "margin_upper",
+                  "time_s", "certificate", "token", "model_check", "model_margin"}
+_REASON = re.compile(r"(witness|certificate) \([a-z][a-z0-9 :_.,'-]{0,80}\)(, exact)?|margin exactly 0(, exact)?|"
+                     r"never wins: exact certificate with deficit 0 \(at best a tie\)")
+
+
+def _rederive(sc: _Scan, t: int, rec: dict) -> TokenReport | None:
+    """The token's report re-derived from a checkpoint record's evidence, or None (decide it again)."""
+    if not isinstance(rec, dict) or set(rec) - _RESTORED_KEYS or rec.get("id") != t:
+        return None
+    cert, v, p = rec.get("certificate"), sc.verifier, sc.problem
+    verdict, reason = rec.get("verdict"), rec.get("reason")
+    if not isinstance(cert, dict) or not isinstance(reason, str) or not _REASON.fullmatch(reason):
+        return None
     kind = cert.get("kind")
-    if r.verdict == "speakable" and kind == "witness" and isinstance(cert.get("x"), list):
-        return v.witness(r.id, sc.problem.internal_x(np.asarray(cert["x"], dtype=np.float64))).ok
-    if r.verdict == "unspeakable" and kind in ("dual", "cone", "zero"):
-        c = Certificate(np.asarray(cert["competitors"], dtype=np.int64), np.asarray(cert["weights"], dtype=np.float64),
-                        cert.get("mu"), zero=kind == "zero")
-        return v.certificate(r.id, c).ok
-    if r.verdict == "unspeakable" and kind == "tie":
-        return v.tie(r.id, int(cert.get("tie_with", -1)))
-    return False  # undecided tokens carry no proof: decide them again
+    r = sc.base(t)
+    r.verdict, r.reason, r.time_s = verdict, reason, _time(rec.get("time_s"))
+    if verdict == "speakable" and kind == "witness" and isinstance(cert.get("x"), list):
+        x = _point(cert["x"], p)
+        wc = v.witness(t, p.internal_x(x))
+        if not wc.ok:
+            return None
+        cj = {"kind": "witness", "x": p.internal_x(x), "runner_up": wc.runner_up, "allowance": wc.allowance}
+        lower, upper = wc.margin, None
+        if "upper" in cert:
+            c = _stored_certificate(cert["upper"], zero=False)
+            cc = v.certificate(t, c)
+            if cc.margin_upper is not None:
+                upper, cj["upper"] = cc.margin_upper, c.to_json()
+        res = Verified("speakable", reason, lower, upper, cj)
+    elif verdict == "unspeakable" and kind == "tie":
+        j = cert.get("tie_with")
+        if not isinstance(j, int) or isinstance(j, bool) or not v.tie(t, j):
+            return None
+        r.margin_upper, r.certificate = 0.0, {"kind": "tie", "tie_with": j}
+        return r
+    elif verdict == "unspeakable" and kind in ("dual", "cone", "zero"):
+        c = _stored_certificate(cert, zero=kind == "zero")
+        cc = v.certificate(t, c) if "weights_exact" not in cert else v.exact_weights(t, c, _rationals(cert))
+        if not cc.ok or (kind == "zero") != c.zero or (kind == "cone") == p.domain.bounded:
+            return None
+        cj = c.to_json()
+        cj["kind"], cj["deficit"] = kind, float(cc.deficit)
+        if cc.exact is not None:
+            cj["weights_exact"] = [f"{w.numerator}/{w.denominator}" for w in cc.exact[1]]
+        lower = 0.0 if kind == "zero" else None
+        if "lower_x" in cert and kind != "zero":
+            x = _point(cert["lower_x"], p)
+            wc = v.witness(t, p.internal_x(x))
+            if math.isfinite(wc.margin):
+                lower, cj["lower_x"] = wc.margin, p.internal_x(x)
+        res = Verified("unspeakable", reason, lower, cc.margin_upper, cj)
+    else:
+        return None  # undecided tokens carry no proof: decide them again
+    out = _token_report(sc, t, res, r.time_s)
+    # A stored bound is kept only where the re-derived one proves it (a lower bound at most the re-checked
+    # one, an upper bound at least it): then a resumed report equals the uninterrupted one, whose batched
+    # checks may round a last digit differently, and an edited number never survives.
+    lo_s, hi_s = rec.get("margin_lower"), rec.get("margin_upper")
+    if _num(lo_s) and out.margin_lower is not None and lo_s <= out.margin_lower:
+        out.margin_lower = float(lo_s)
+    if _num(hi_s) and out.margin_upper is not None and hi_s >= out.margin_upper:
+        out.margin_upper = float(hi_s)
+    if out.certificate.get("kind") == "witness":  # informative fields of the witness (not claims)
+        if _num(cert.get("allowance")) and cert["allowance"] >= 0:
+            out.certificate["allowance"] = float(cert["allowance"])
+        if isinstance(cert.get("runner_up"), int) and 0 <= cert["runner_up"] < p.V:
+            out.certificate["runner_up"] = cert["runner_up"]
+    return out
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _time(v) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 else 0.0
+
+
+def _point(x, p) -> np.ndarray:
+    """A stored point (caller's units) as a float64 vector of the problem's dimension, or ValueError."""
+    if not isinstance(x, list) or len(x) != p.d or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                           for v in x):
+        raise ValueError("not a point")
+    return np.asarray(x, dtype=np.float64)
+
+
+def _stored_certificate(cert: dict, zero: bool) -> Certificate:
+    comp, lam, mu = cert["competitors"], cert["weights"], cert.get("mu")
+    if not (isinstance(comp, list) and isinstance(lam, list)) or not all(
+            isinstance(j, int) and not isinstance(j, bool) for j in comp) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) for w in lam):
+        raise ValueError("not a certificate")
+    if mu is not None and (isinstance(mu, bool) or not isinstance(mu, (int, float))):
+        raise ValueError("not a multiplier")
+    return Certificate(np.asarray(comp, dtype=np.int64), np.asarray(lam, dtype=np.float64), mu, zero=zero)
+
+
+def _rationals(cert: dict) -> list:
+    from fractions import Fraction
+
+    w = cert["weights_exact"]
+    if not isinstance(w, list) or not all(isinstance(v, str) for v in w):
+        raise ValueError("weights_exact must be rationals")
+    return [Fraction(v) for v in w]
 
 
 # --------------------------------------------------------------------------------------------- search, decide
@@ -359,7 +457,7 @@ def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple[Candida
     their verified (undecided) result."""
     still_open: list[tuple] = []
     with sc.timed("search"):
-        keys32 = torch.from_numpy(work.keys).to(torch.float32)
+        keys32 = torch.from_numpy(work.search_keys).to(torch.float32)
     with _Bar(sc, "search", todo.size) as bar:
         for b0 in range(0, todo.size, SEARCH_CHUNK):
             _search_chunk(sc, work, lift, todo[b0: b0 + SEARCH_CHUNK], keys32, still_open)
@@ -465,6 +563,54 @@ def _merge(old: Verified, new: Verified) -> Verified:
     return Verified("undecided", new.reason, lo, hi, None)
 
 
+def _settle_twins(sc: _Scan) -> None:
+    """Undecided tokens whose row has exact twins (identical rows) with a strictly lower bias: a twin loses to
+    the token everywhere by the bias gap, which may be one ulp, so the search and the LP (tolerances far above
+    an ulp) cannot find a point where the token beats it and everyone else. Search again on the rows without
+    the dominated twins (they can never be the argmax), and verify what is found on the full head: there the
+    margin is the smaller of the bias gap and the margin against the rest."""
+    led, p = sc.ledger, sc.problem
+    und = [int(t) for t in led.ids if led.verdict[led.pos[int(t)]] == 0]
+    if not und or not p.domain.bounded or not p.fold_exact:
+        return
+    with sc.timed("decide"):
+        _, group = np.unique(p.rows, axis=0, return_inverse=True)
+        group = group.ravel()
+        top = {}
+        for j in range(p.V):  # per group the highest bias; several at it: none dominates the others
+            g = int(group[j])
+            if g not in top or p.bias[j] > p.bias[top[g][0]]:
+                top[g] = [j]
+            elif p.bias[j] == p.bias[top[g][0]]:
+                top[g].append(j)
+        dominated = np.array([p.bias[j] < p.bias[top[int(group[j])][0]] for j in range(p.V)])
+        todo = [t for t in und if not dominated[t] and np.any(dominated & (group == group[t]))]
+        if not todo or dominated.all():
+            return
+        keep = np.nonzero(~dominated)[0]
+        R = problem_from_rows(p.rows[keep], p.bias[keep], p.domain, source=p.source, bias_used=p.bias_used)
+        pos = {int(j): i for i, j in enumerate(keep)}
+        ids = np.array([pos[t] for t in todo], dtype=np.int64)
+        cands = search(R, ids)
+        lp = decide_many(R, [int(i) for i in ids], **decide_pass_options(False, sc.opt.decide_time_limit))
+    found = []
+    for c_s, c_l, t in zip(cands, lp, todo):
+        for c in (c_s, c_l):
+            if c.witness is not None:
+                found.append((t, R.report_x(c.witness), c.reason))
+    if not found:
+        return
+    with sc.timed("verify"):
+        checks = sc.verifier.witnesses(np.array([f[0] for f in found]), np.stack([f[1] for f in found]))
+    done = {}
+    for (t, x, why), wc in zip(found, checks):
+        if wc.ok and t not in done:
+            cj = {"kind": "witness", "x": x, "runner_up": wc.runner_up, "allowance": wc.allowance}
+            done[t] = _token_report(sc, t, Verified("speakable", f"witness ({why}, dominated twins set aside)",
+                                                    wc.margin, None, cj), 0.0)
+    sc.ledger.record(list(done.values()))
+
+
 # --------------------------------------------------------------------------------------------- verdicts
 def verify_candidates(sc: _Scan, cands: list[Candidate]) -> list[Verified]:
     """Verify candidates (witnesses in one batched pass); each one's :class:`Verified` result (also the Ray
@@ -491,15 +637,31 @@ def _verdict(sc: _Scan, cand: Candidate, wc) -> Verified:
         sc.warnings.append(msg)
         return Verified("undecided", msg, lower, upper, None)
     if wc is not None and wc.ok:
-        return Verified("speakable", f"witness ({cand.reason})", lower, upper,
-                {"kind": "witness", "x": np.asarray(cand.witness, dtype=np.float64), "runner_up": wc.runner_up,
-                        "allowance": wc.allowance})
+        cj = {"kind": "witness", "x": np.asarray(cand.witness, dtype=np.float64), "runner_up": wc.runner_up,
+              "allowance": wc.allowance}
+        if upper is not None:  # the evidence of margin_upper, so that a resumed scan re-derives it
+            cj["upper"] = cand.certificate.to_json()
+        return Verified("speakable", f"witness ({cand.reason})", lower, upper, cj)
     if cc is not None and cc.ok:
         cj = cand.certificate.to_json()
         cj["kind"] = "zero" if zero else "dual" if sc.problem.domain.bounded else "cone"
         cj["deficit"] = float(cc.deficit)
-        return Verified("unspeakable", "margin exactly 0" if zero else f"certificate ({cand.reason})", lower, upper,
-                        cj)
+        if "mu" in cj:
+            cj["mu"] = min(cj["mu"], 0.0)  # as the verifier read it: mu only guides the weights
+        reason = "margin exactly 0" if zero else f"certificate ({cand.reason})"
+        if cc.exact is not None:  # an exact proof's own weights (engine.exact): what the audit re-checks
+            comp, w = cc.exact
+            cj.update(competitors=[int(j) for j in comp], weights=[float(v) for v in w],
+                      weights_exact=[f"{v.numerator}/{v.denominator}" for v in w])
+            if cj["kind"] == "cone":
+                cj["mu"] = 0.0
+            if cj["kind"] == "dual" and cc.deficit == 0:
+                reason = "never wins: exact certificate with deficit 0 (at best a tie)"
+            else:
+                reason += ", exact"
+        if lower is not None and not zero:  # the evidence of margin_lower (a checked point), for --resume
+            cj["lower_x"] = np.asarray(cand.witness, dtype=np.float64)
+        return Verified("unspeakable", reason, lower, upper, cj)
     return Verified("undecided", cand.reason or "no proof", lower, upper, None)
 
 
@@ -516,6 +678,8 @@ def _token_report(sc: _Scan, t: int, res: Verified, time_s: float) -> TokenRepor
             cj["allowance"] = p.report_margin(cj["allowance"])
         elif cj.get("kind") == "dual":
             cj["deficit"] = p.report_margin(cj["deficit"])
+        if "lower_x" in cj:
+            cj["lower_x"] = [float(v) for v in p.report_x(cj["lower_x"])]
     r.certificate = cj
     return r
 

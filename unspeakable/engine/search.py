@@ -108,16 +108,16 @@ def search(problem, tokens: np.ndarray, *, keys32: torch.Tensor | None = None,
 
 def _setup(problem, keys32, opt: SearchOptions) -> _Setup:
     dom = problem.domain.search_domain()
-    keys64 = torch.from_numpy(problem.keys)
+    keys64 = torch.from_numpy(problem.search_keys)
     keys32 = keys64.to(torch.float32) if keys32 is None else keys32
-    bias64 = torch.from_numpy(problem.bias)  # zeros in the cone
+    bias64 = torch.from_numpy(problem.search_bias)  # zeros in the cone
     # in row chunks: a projection of all V keys at once would be a transient V × d float64 copy
-    reach = np.concatenate([dom.support(problem.keys[r0: r0 + 8192]) for r0 in range(0, problem.V, 8192)])
+    reach = np.concatenate([dom.support(problem.search_keys[r0: r0 + 8192]) for r0 in range(0, problem.V, 8192)])
     size = float(np.abs(reach).max()) + float(bias64.abs().max()) + 1e-300
     K = min(opt.active, problem.V - 1)
     h = max(0, min(opt.hubs, K // 4))
     with np.errstate(invalid="ignore"):
-        hubs = np.argsort(-(reach + problem.bias), kind="stable")[: h + 1] if h else np.zeros(0, dtype=np.int64)
+        hubs = np.argsort(-(reach + problem.search_bias), kind="stable")[: h + 1] if h else np.zeros(0, dtype=np.int64)
     return _Setup(dom, problem.domain.bounded, keys64, keys32, bias64, bias64.to(torch.float32), K,
                   min(opt.add, K), opt.rel_tol * size, torch.get_num_threads(), torch.from_numpy(hubs))
 

@@ -24,12 +24,23 @@ plus an absolute ``ETA = 2^-1074`` per operation that may underflow). Any non-fi
   exactly, so a nonnegative nonzero combination of ``u_j - u_t`` is exactly 0 (or exactly in the span of
   the domain's null directions): ``t`` can never win strictly. Coordinates on which all rows agree carry
   no information and are dropped first, so rows that do not span R^d are handled in their span.
-* tie → an identical folded row and bias, compared by value (``0.0 == -0.0``).
+* tie → an identical folded row and bias, compared by value (``0.0 == -0.0``); where the fold rounds, the
+  head's own rows and biases in rationals decide (two different rows may round to one double).
+* the head as given (issue 18) → the float64 fold is not the head: ``problem.rows_lo`` (the exact residual of
+  each gain product) and ``bias_lo`` (a compensated ``u·β + b``) enter every margin, certificate residual and
+  Gordan sum, and ``row_err`` / ``bias_err`` (what even they miss) every allowance. Bias differences are taken
+  exactly (TwoSum), so a large common part cancels. A witness the a-priori allowance cannot settle is
+  re-checked difference first (:meth:`Verifier._refine`). A certificate the float check cannot settle is
+  tried in exact rationals from the head (``engine.exact``): the weights as given (deficit > 0, or exactly 0:
+  t can at best tie), else exact weights on the certificate's support (the LP's active set first, then a
+  support of at most d' + 1 rows found by a float LP), within ``EXACT_TIME_S``; past it, no proof.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import NamedTuple
 
 import numpy as np
@@ -72,6 +83,11 @@ class CertificateCheck:
     deficit: float  # verified lower bound on the deficit (bounded domains) / slack (Gordan)
     margin_upper: float | None  # upper bound on the margin implied by the certificate, when proven
     message: str = ""
+    allowance: float = math.inf  # the float check's rounding allowance (how far from deciding it was)
+    # An exact proof's own certificate (engine.exact): competitors and rational weights w >= 0, sum 1, with
+    # deficit >= 0 exactly (r = Σ w_j (ũ_j − ũ_t) is 0 up to null directions, or the λ as given). None: the
+    # certificate as given was proven.
+    exact: tuple | None = None
 
 
 def _fail(msg: str) -> CertificateCheck:
@@ -114,17 +130,38 @@ class Verifier:
         self.A = ShiftedRows(self.rows, self.c)
         self.bias = np.asarray(problem.bias, dtype=np.float64)
         self.V, self.d = self.A.shape
+        # The fold's residual (module docstring, "the head as given"): the exact rows are A + lo (+ e_j with
+        # ||e_j||_1 <= rerr_j), the exact bias bias + blo (± berr). Zeros where the fold is exact.
+        z = np.zeros(self.V)
+        self.lo = problem.rows_lo if problem.rows_lo is not None and np.any(problem.rows_lo) else None
+        self.rerr = z if problem.row_err is None else np.asarray(problem.row_err, dtype=np.float64)
+        self.blo = z if problem.bias_lo is None else np.asarray(problem.bias_lo, dtype=np.float64)
+        self.berr = z if problem.bias_err is None else np.asarray(problem.bias_err, dtype=np.float64)
+        self.Ln = z if self.lo is None else np.linalg.norm(self.lo, axis=1) * (1 + gamma(self.d + 2)) + self.d * ETA
         self.An = np.empty(self.V)
         if self.dom.centred:
             self.row_sums, self.row_sums_err = np.empty(self.V), np.empty(self.V)
         for r0, a in self.A.chunks():
             self.An[r0: r0 + a.shape[0]] = np.linalg.norm(a, axis=1)
             if self.dom.centred:
+                if self.lo is not None:  # the sums of the exact rows A + lo
+                    a = np.concatenate([a, self.lo[r0: r0 + a.shape[0]]], axis=1)
                 self.row_sums[r0: r0 + a.shape[0]] = a.sum(axis=1)
-                self.row_sums_err[r0: r0 + a.shape[0]] = gamma(self.d) * np.abs(a).sum(axis=1) + self.d * ETA
+                self.row_sums_err[r0: r0 + a.shape[0]] = gamma(a.shape[1]) * np.abs(a).sum(axis=1) + a.shape[1] * ETA
         # |fl(u - c) - (u - c)| <= u |fl(u - c)| elementwise (one rounding), so a shifted-row dot carries an
-        # extra relative u of ||a|| ||x|| on top of the dot product's own gamma_d.
-        self.norms = self.An * (1.0 + gamma(self.d + 2)) + (self.d + 2) * ETA
+        # extra relative u of ||a|| ||x|| on top of the dot product's own gamma_d. ``norms`` bounds the exact
+        # rows' norms (the residual included); ``fold_err`` the part of a logit's error at ||x|| = 1 and
+        # ``bias_size`` the exact bias's size.
+        self.norms = (self.An + self.Ln + self.rerr) * (1.0 + gamma(self.d + 2)) + (self.d + 2) * ETA
+        self.fold_err = (gamma(self.d + 2) * self.Ln + self.rerr) * (1 + 4 * U)
+        self.bias_size = (np.abs(self.bias) + np.abs(self.blo) + self.berr) * (1 + 4 * U)
+        # The float32 competitor passes see the bias less a common shift (which changes no comparison), so that
+        # a large common part (a common offset folded through ln_b) does not drown their error bounds; the
+        # shift's own rounding is bias_c_err per logit.
+        ref = float(np.median(self.bias)) if self.V else 0.0
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.bias_c = self.bias - ref
+            self.bias_c_err = float(U * np.max(np.abs(self.bias_c), initial=0.0)) * (1 + 4 * U)
 
     # ------------------------------------------------------------------ witnesses
     def witnesses(self, tokens: np.ndarray, X: np.ndarray, batch: int = 192) -> list[WitnessCheck]:
@@ -161,7 +198,8 @@ class Verifier:
         tokens = np.asarray(tokens, dtype=np.int64)
         sp = None
         if not self.full and self.V >= PAIRWISE_MIN_V and np.unique(tokens).size == tokens.size:
-            sp = verify_sym.self_pairs(self.A, self.bias, self.dom.centred, tokens, points, chunk)
+            sp = verify_sym.self_pairs(self.A, self.bias_c, self.dom.centred, tokens, points, chunk,
+                                       fold_extra=lambda xn: self._fold_extra(xn) + self.bias_c_err)
         out: list[WitnessCheck] = []
         for c0 in range(0, tokens.size, chunk):
             ids = tokens[c0: c0 + chunk]
@@ -193,7 +231,8 @@ class Verifier:
         """Rigorous upper bound of every row's logit at any point of norm <= xmax (Cauchy–Schwarz)."""
         g_d = gamma(self.d + 2) + 2 * U
         with np.errstate(over="ignore", invalid="ignore"):
-            r = self.norms * xmax * (1 + g_d + 4 * U) + self.bias + 4 * U * np.abs(self.bias) + 4 * ETA
+            r = self.norms * xmax * (1 + g_d + 4 * U) + self.bias + self.blo + self.berr \
+                + 4 * U * self.bias_size + 4 * ETA
         return np.where(np.isfinite(r), r, np.inf)
 
     def _witness_batch(self, pos, ts, Xb, xn, own, out):
@@ -239,7 +278,7 @@ class Verifier:
             with np.errstate(over="ignore"):
                 for r0, a in self.A.chunks():
                     A32[r0: r0 + a.shape[0]] = torch.from_numpy(a.astype(np.float32))
-                b32 = torch.from_numpy(self.bias.astype(np.float32))
+                b32 = torch.from_numpy(self.bias_c.astype(np.float32))
             finite = bool(torch.isfinite(A32).all()) and bool(torch.isfinite(b32).all())
             self.A32 = (A32, b32) if finite else False
         if self.A32 is False:
@@ -263,13 +302,23 @@ class Verifier:
     def _column_error(self, Xb, xn) -> np.ndarray:
         """``E_k`` >= |fl32(A32 x32 + b32)_jk − A_j·z_k − b_j| for every j (float64, rounded up generously)."""
         u, d = 2.0**-24, self.d
-        an, bn = float(self.An.max()), float(np.abs(self.bias).max())
+        an, bn = float(self.An.max()), float(np.abs(self.bias_c).max())
         size = an * xn + bn  # >= |logit| and |float32 logit| up to the bound itself
         E = verify_sym.dot_error32(d) * an * xn + 4 * u * (size + bn) + 2.0**-148 * (math.sqrt(d) * (an + xn) + d + 2)
+        E += self._fold_extra(xn) + self.bias_c_err  # the fold's residual and the shift's rounding
         if self.dom.centred:
             sig = np.abs(Xb.sum(axis=1)) + gamma(d) * np.abs(Xb).sum(axis=1) + d * ETA
             E += float(np.max(np.abs(self.row_sums) + self.row_sums_err)) * sig / d * (1 + 8 * U)
         return E * (1 + 2.0**-20) + 2.0**-140
+
+    def _fold_extra(self, xn):
+        """``>= |(lo_j + e_j)·z| + |blo_j| + berr_j`` for every j at points of norm ``xn``: what a pass over the
+        rounded rows and bias misses of the exact logits (0 when the fold is exact)."""
+        if self.lo is None and not self.rerr.any() and not self.blo.any() and not self.berr.any():
+            return 0.0 * xn
+        lm = float(np.max(self.Ln + self.rerr))
+        bm = float(np.max(np.abs(self.blo) + self.berr))
+        return (lm * xn + bm) * (1 + 8 * U) + 4 * ETA
 
     def _centred_terms(self, rows, sig, sig_err):
         """layernorm: ``A_j·P x = A_j·x - s_j sum(x) / d`` — per pair, the correction ``s_j sum(x) / d`` for
@@ -289,9 +338,15 @@ class Verifier:
         Gt = np.einsum("ij,ij->i", self.A[ts], Xb)[K]
         Bt, bc = self.bias[ts][K], self.bias[J]
         with np.errstate(over="ignore", invalid="ignore"):
-            M = (Gt - G) + (Bt - bc)
+            db, db_err = _two_diff(Bt, bc)  # the bias difference exactly (large equal biases cancel)
+            M = ((Gt - G) + db_err) + db
             E = g_d * (self.norms[J] + self.norms[ts][K]) * xn[K]
-            E += 4 * U * (np.abs(G) + np.abs(Gt) + np.abs(bc) + np.abs(Bt)) + (2 * d + 16) * ETA
+            E += 4 * U * (np.abs(G) + np.abs(Gt) + np.abs(db) + np.abs(M)) + (2 * d + 16) * ETA
+            if self.lo is not None:  # the exact rows' residual, in the margin (its own rounding is in fold_err)
+                gl = np.concatenate([np.einsum("ij,ij->i", self.lo[J[c: c + chunk]], Xb[K[c: c + chunk]])
+                                     for c in range(0, J.size, chunk)] or [np.zeros(0)])
+                M += np.einsum("ij,ij->i", self.lo[ts], Xb)[K] - gl
+            M, E = self._fold_terms(M, E, ts[K], J, xn[K])
             if self.dom.centred:
                 sig = Xb.sum(axis=1)
                 sig_err = gamma(d) * np.abs(Xb).sum(axis=1) + d * ETA
@@ -304,7 +359,71 @@ class Verifier:
         M[bad], E[bad] = -np.inf, np.inf  # an overflowing comparison proves nothing
         return M, E
 
+    def _fold_terms(self, M, E, t, j, xn):
+        """Margins and allowances of pairs (t, j) (broadcast) with the fold's bias residual added and its
+        remaining error allowed for (``fold_err``, ``berr``); unchanged when the fold is exact."""
+        if self.lo is None and not (self.rerr.any() or self.blo.any() or self.berr.any()):
+            return M, E
+        dbl = self.blo[t] - self.blo[j]
+        M = M + dbl
+        E = E + (self.fold_err[t] + self.fold_err[j]) * xn + self.berr[t] + self.berr[j]
+        E = E + 4 * U * (np.abs(dbl) + np.abs(M)) + 4 * ETA
+        return M, E
+
+    # Witnesses per batch re-checked difference-first when the a-priori allowance was too coarse, and the work
+    # that may cost (V d per witness): a few at GPT-2 size, all of them on small heads.
+    REFINE_MAX, REFINE_WORK = 64, 2e8
+
+    def _refine(self, t: int, x: np.ndarray):
+        """The :class:`Closest` competitor of token t at x over all V, difference first:
+        ``l_t − l_j = (A_t − A_j)·z + (lo_t − lo_j)·z + (b_t − b_j)``, so the allowance scales with
+        ``|A_t − A_j|`` (0 for equal rounded rows) rather than with ``|A_t| + |A_j|``: near-duplicate rows and
+        rows that the fold rounded together are told apart. O(V d) per witness."""
+        d, best = self.d, Closest(math.inf, 0.0, -1)
+        absx, xn = np.abs(x), float(self._xnorm(x[None, :])[0])
+        sig = float(x.sum())
+        sig_err = gamma(d) * float(absx.sum()) + d * ETA
+        for r0, a in self.A.chunks():
+            with np.errstate(over="ignore", invalid="ignore"):
+                D = self.A[t] - a  # one rounding per entry: |err| <= u |D|
+                ids = np.arange(r0, r0 + a.shape[0])
+                if self.lo is not None:
+                    L = self.lo[t] - self.lo[ids]
+                    D2 = D + L  # the exact row difference, rounded once more
+                    err_rows = U * (np.abs(D) + np.abs(D2)) + U * np.abs(L)
+                    D = D2
+                else:
+                    err_rows = U * np.abs(D)
+                aD = np.abs(D) + err_rows
+                M = D @ x
+                E = gamma(d + 2) * (aD @ absx) + (err_rows @ absx) + (d + 4) * ETA
+                if self.dom.centred:  # z = P x: subtract (sum D)(sum x) / d
+                    sD = D.sum(axis=1)
+                    sD_err = gamma(d) * aD.sum(axis=1) + err_rows.sum(axis=1) + d * ETA
+                    corr = sD * sig / d
+                    M = M - corr
+                    E += ((np.abs(sD) + sD_err) * (abs(sig) + sig_err) - np.abs(sD) * abs(sig)) / d \
+                        + 4 * U * np.abs(corr) + 4 * ETA
+                db, de = _two_diff(self.bias[t], self.bias[ids])
+                M = (M + de) + db
+                E += 4 * U * (np.abs(M) + np.abs(db)) + 4 * ETA
+                M, E = self._fold_terms(M, E, t, ids, xn)
+            bad = ~(np.isfinite(M) & np.isfinite(E))
+            M[bad], E[bad] = -math.inf, math.inf  # an overflowing comparison proves nothing
+            if r0 <= t < r0 + a.shape[0]:
+                M[t - r0], E[t - r0] = math.inf, 0.0  # t is not its own competitor
+            i = int(np.argmin(M - E))
+            if M[i] - E[i] < best.proven:
+                best = Closest(float(M[i]), float(E[i]), r0 + i)
+        return best
+
     def _conclude(self, pos, ts, Xb, mm, out):
+        fails = [k for k in range(len(ts)) if math.isfinite(mm[k].margin) and mm[k].margin > 0 >= mm[k].proven]
+        fails = fails[: int(min(self.REFINE_MAX, self.REFINE_WORK // max(1, self.V * self.d)))]
+        if fails:
+            mm = list(mm)
+            for k in fails:
+                mm[k] = self._refine(int(ts[k]), np.asarray(Xb[k], dtype=np.float64))
         for k in range(len(ts)):
             m_k, e_k, w = mm[k].margin, mm[k].allowance, mm[k].runner_up
             if not (math.isfinite(m_k) and math.isfinite(e_k)):
@@ -363,10 +482,14 @@ class Verifier:
         Gt = np.einsum("ij,ij->i", self.A[ts], Xb)
         Bt, bc = self.bias[ts], self.bias[cand]
         with np.errstate(over="ignore", invalid="ignore"):
-            M = (Gt[None, :] - G) + (Bt[None, :] - bc[:, None])
+            db, db_err = _two_diff(Bt[None, :], bc[:, None])  # the bias difference exactly
+            M = ((Gt[None, :] - G) + db_err) + db
             E = g_d * (self.norms[cand][:, None] + self.norms[ts][None, :]) * xn[None, :]
-            E += 4 * U * (np.abs(G) + np.abs(Gt)[None, :] + np.abs(bc)[:, None] + np.abs(Bt)[None, :])
+            E += 4 * U * (np.abs(G) + np.abs(Gt)[None, :] + np.abs(db) + np.abs(M))
             E += (2 * d + 16) * ETA  # products and sums that underflow
+            if self.lo is not None:  # the exact rows' residual, in the margin (its own rounding is in fold_err)
+                M += np.einsum("ij,ij->i", self.lo[ts], Xb)[None, :] - self.lo[cand] @ Xb.T
+            M, E = self._fold_terms(M, E, ts[None, :], cand[:, None], xn[None, :])
             if self.dom.centred:
                 self._centred_correction(M, E, cand, ts, Xb)
         if self_in:
@@ -413,10 +536,77 @@ class Verifier:
             if not self.dom.bounded or not self.p.constant_bias:
                 return _fail("margin exactly 0 needs a bounded domain and a constant bias")
             chk = self._gordan(t, comp, lam, cert.mu, self.dom.null_directions(self.d))
-            return CertificateCheck(chk.ok, chk.deficit, 0.0 if chk.ok else None, chk.message)
+            return CertificateCheck(chk.ok, chk.deficit, 0.0 if chk.ok else None, chk.message, exact=chk.exact)
         if not self.dom.bounded:
             return self._gordan(t, comp, lam, cert.mu, np.zeros((self.d, 0)))
-        return self._dual_certificate(t, comp, lam)
+        chk = self._dual_certificate(t, comp, lam)
+        if chk.ok or not (chk.deficit + 2 * chk.allowance >= 0):  # proven, or clearly negative: exact cannot help
+            return chk
+        return self._dual_exact(t, comp, lam, chk)
+
+    def exact_weights(self, t: int, cert: Certificate, w: list) -> CertificateCheck:
+        """A certificate with exact rational weights ``w`` (one per competitor), checked as stated in rationals
+        from the head as given: deficit ``>= 0`` (cone: ``r = 0``; ``cert.zero``: a constant bias and ``r`` in
+        the span of the null directions)."""
+        comp = np.asarray(cert.competitors, dtype=np.int64)
+        if comp.ndim != 1 or comp.size == 0 or len(w) != comp.size or np.any(comp < 0) or np.any(comp >= self.V) \
+                or np.any(comp == t) or np.unique(comp).size != comp.size:
+            return _fail("exact weights need distinct valid competitors, one weight each")
+        w = [Fraction(v) for v in w]
+        if any(v < 0 for v in w) or not sum(w) > 0 or comp.size * self.d > exact.MAX_ENTRIES:
+            return _fail("exact weights must be >= 0, not all 0, and of a checkable size")
+        r, c0 = exact.combination(self.p, t, comp, w)
+        ws = sum(w, Fraction(0))
+        if cert.zero or not self.dom.bounded:
+            if cert.zero and not (self.dom.bounded and self.p.constant_bias):
+                return _fail("margin exactly 0 needs a bounded domain and a constant bias")
+            F = self.dom.null_directions(self.d)
+            ok = all(v == 0 for v in r) or (F.shape[1] == 1 and len(set(r)) == 1)
+            return CertificateCheck(ok, 0.0, 0.0 if ok else None, "" if ok else "the exact residual is not 0",
+                                    exact=(comp, [v / ws for v in w]) if ok else None)
+        sign, lo = exact.deficit_sign(self.p, r, c0)
+        if sign < 0:
+            return _fail("the exact deficit is negative")
+        dl = exact._down(Fraction(lo) / ws) if lo > 0 else 0.0
+        return CertificateCheck(True, dl, -dl, "proven in exact rational arithmetic", exact=(comp, [v / ws for v in w]))
+
+    # Exact proofs are tried for certificates within their float allowance of deciding, at these sizes and
+    # within this much time per certificate (past it: no proof, never a verdict).
+    EXACT_TIME_S = 5.0
+
+    def _dual_exact(self, t, comp, lam, chk) -> CertificateCheck:
+        """A dual certificate the float check could not settle, in exact rationals from the head as given:
+        first the weights as given (``δ > 0``), then the support-restricted exact solve for weights ``w`` with
+        ``Σ w_j (ũ_j − ũ_t) = 0`` (up to null directions) and ``Σ w_j (b̃_j − b̃_t) >= 0``: deficit >= 0, so t
+        can at best tie (margin exactly 0 when equality holds)."""
+        if comp.size * self.d > exact.MAX_ENTRIES:
+            return chk
+        deadline = time.monotonic() + self.EXACT_TIME_S
+        w = [Fraction(float(v)) for v in lam]
+        r, c0 = exact.combination(self.p, t, comp, w)
+        sign, lo = exact.deficit_sign(self.p, r, c0)
+        ls = sum(w, Fraction(0))
+        if sign > 0:
+            dl = exact._down(Fraction(lo) / ls) if lo > 0 else 0.0
+            return CertificateCheck(True, dl, -dl, "proven in exact rational arithmetic")
+        if sign == 0:  # deficit exactly 0: t can at best tie; the weights as given are the exact proof
+            return CertificateCheck(True, 0.0, 0.0, "proven in exact rational arithmetic (deficit exactly 0)",
+                                    exact=(comp, [v / ls for v in w]))
+        F = self.dom.null_directions(self.d)
+        for attempt in range(2):
+            found = exact.null_weights(self.p, t, comp, lam, F, deadline) if attempt == 0 else \
+                self._sparse_null(t, F, deadline, bias=True)
+            if found is None:
+                continue
+            S, w = found
+            _, c0 = exact.combination(self.p, t, S, w)
+            if c0 >= 0:
+                break
+        else:
+            return chk
+        dl = exact._down(c0)
+        return CertificateCheck(True, dl, -dl, "proven in exact rational arithmetic (deficit >= 0: t can at most tie)",
+                                exact=(S, w))
 
     def _dual_certificate(self, t, comp, lam) -> CertificateCheck:
         m = comp.size
@@ -428,11 +618,25 @@ class Verifier:
             r = lam @ As - lam_sum * self.A[t]
             absum = lam @ np.abs(As) + lam_sum_hi * np.abs(self.A[t])
             er = (gamma(m + 2) + 2 * U) * absum * (1 + 4 * U) + (m + 2) * ETA
-            c0 = float(lam @ self.bias[comp] - lam_sum * self.bias[t])
-            c0_err = gamma(m + 2) * float(lam @ np.abs(self.bias[comp]) + lam_sum_hi * abs(self.bias[t])) \
-                * (1 + 4 * U) + (m + 2) * ETA
+            if self.lo is not None:  # the exact rows' residual in r, and the rounding of adding it
+                rl = lam @ self.lo[comp] - lam_sum * self.lo[t]
+                er = er + gamma(m + 2) * (lam @ np.abs(self.lo[comp]) + lam_sum_hi * np.abs(self.lo[t])) * (1 + 4 * U)
+                r = r + rl
+                er = er + U * np.abs(r) + ETA
+            db, de = _two_diff(self.bias[comp], self.bias[t])  # b_j - b_t exactly: large equal biases cancel
+            c0 = float(lam @ db + lam @ de)
+            c0_err = gamma(m + 2) * float(lam @ (np.abs(db) + np.abs(de))) * (1 + 4 * U) + (m + 2) * ETA
+            if self.blo.any() or self.berr.any() or self.rerr.any():  # the bias residual; what it misses
+                cl = float(lam @ self.blo[comp] - lam_sum * self.blo[t])
+                c0_err += gamma(m + 2) * float(lam @ np.abs(self.blo[comp]) + lam_sum_hi * abs(self.blo[t])) \
+                    + float(lam @ self.berr[comp] + lam_sum_hi * self.berr[t]) + U * abs(c0 + cl) + ETA
+                c0 = c0 + cl
+                # rows' residual e_j (||e_j||_1 <= rerr_j): sup_X |e·x| <= ||e||_1 max|x_i| <= ||e||_1 radius
+                c0_err += float(lam @ self.rerr[comp] + lam_sum_hi * self.rerr[t]) * self.dom.radius
+                c0_err *= 1 + 8 * U
             sup = self.dom.support_upper(r, er)
             deficit_lo = (c0 - c0_err) - sup
+            slack = c0_err + 4 * U * (abs(c0) + sup) + 4 * ETA
             deficit_lo -= 4 * U * (abs(c0) + sup) + 4 * ETA
         if not _finite(r, er, c0, c0_err, sup, deficit_lo):
             return _fail("non-finite intermediate in the deficit: no proof")
@@ -441,32 +645,60 @@ class Verifier:
         # bound otherwise, so the reported margin_upper is an upper bound either way.
         lam_sum_lo = lam_sum * (1 - gamma(m))
         deficit = deficit_lo / lam_sum_hi if ok else deficit_lo / lam_sum_lo
+        allowance = (slack + self.dom.radius * float(np.sum(er))) / lam_sum_lo
         return CertificateCheck(bool(ok), float(deficit), float(-deficit),
-                                "" if ok else f"deficit {deficit_lo:.6g} is not positive")
+                                "" if ok else f"deficit {deficit_lo:.6g} is not positive", allowance=float(allowance))
 
     def _gordan(self, t, comp, lam, mu, F) -> CertificateCheck:
-        if mu is None or not np.isfinite(mu) or mu > 0:
+        if mu is None or not np.isfinite(mu):
             return _fail("a Gordan certificate needs a finite normalisation multiplier mu <= 0")
+        mu = min(float(mu), 0.0)  # mu only guides the weights; a rounding-noise mu > 0 means 0
         chk = self._gordan_float(t, comp, lam, mu, F)
         if chk.ok:
             return chk
-        # Degenerate supports (an edge midpoint, rows equal after projection) defeat the float64 solve:
-        # settle them exactly in rationals (the proven bound is then 0, not mu).
-        # With mu < 0 the proof combines lambda with |mu|/V on every other row (dense weights); small heads
-        # can afford that exactly, larger ones try the certificate's own support.
-        dense = np.full(self.V, abs(mu) / self.V)
-        dense[comp] += lam
-        dense[t] = 0.0
-        others = np.nonzero(dense > 0)[0]
-        if others.size * self.d <= exact.MAX_ENTRIES and exact.gordan(self.rows, t, others, dense[others], F):
-            return CertificateCheck(True, 0.0, 0.0, "proven in exact rational arithmetic")
+        # Degenerate supports (an edge point, rows equal after projection) defeat the float64 solve: settle
+        # them exactly in rationals on the certificate's own support (the LP's active set first, more of
+        # its rows only if needed; never all V: that grows cubically), within a time bound. The proven
+        # bound is then 0, not mu.
         pos = lam > 0
-        if exact.gordan(self.rows, t, comp[pos], lam[pos], F):
-            return CertificateCheck(True, 0.0, 0.0, "proven in exact rational arithmetic")
+        deadline = time.monotonic() + self.EXACT_TIME_S
+        found = exact.null_weights(self.p, t, comp[pos], lam[pos], F, deadline)
+        if found is None:  # mu < 0 spreads the proof over other rows: find a small support by a float LP
+            found = self._sparse_null(t, F, deadline, bias=False)
+        if found is not None:
+            return CertificateCheck(True, 0.0, 0.0, "proven in exact rational arithmetic", exact=found)
         return chk
+
+    SPARSE_LP_ENTRIES = 4_000_000  # the support-finding LP's size limit (rows × d)
+
+    def _sparse_null(self, t, F, deadline, bias: bool):
+        """A support of at most ``d' + 1`` rows whose convex combination meets ``ũ_t`` (up to F; with ``bias``
+        also ``Σ w_j (b̃_j − b̃_t) >= 0``), from a float feasibility LP over all rows (a vertex of it has
+        that few nonzeros), then the exact solve on it. None: no proof."""
+        from unspeakable.engine.highs import solve_lp
+
+        if self.V * self.d > self.SPARSE_LP_ENTRIES or time.monotonic() > deadline:
+            return None
+        pool = np.setdiff1d(np.arange(self.V), [t])
+        K = self.p.keys  # P(rows − c): a combination meeting u_t up to F is one meeting P u_t
+        D = (K[pool] - K[t]).T  # [d, n]
+        A = np.vstack([D, np.ones((1, pool.size))] + ([(self.bias[pool] - self.bias[t])[None, :]] if bias else []))
+        lo_r = np.concatenate([np.zeros(self.d), [1.0]] + ([[0.0]] if bias else []))
+        hi_r = np.concatenate([np.zeros(self.d), [1.0]] + ([[np.inf]] if bias else []))
+        res = solve_lp(np.zeros(pool.size), A, lo_r, hi_r, np.zeros(pool.size), np.full(pool.size, np.inf),
+                       sense="min", time_limit=max(0.1, deadline - time.monotonic()))
+        if not res.success or res.x is None:
+            return None
+        w = np.asarray(res.x)
+        sup = np.nonzero(w > 1e-12 * float(w.max(initial=0.0)))[0]
+        if sup.size == 0:
+            return None
+        return exact.null_weights(self.p, t, pool[sup], w[sup], F, deadline)
 
     def _gordan_float(self, t, comp, lam, mu, F) -> CertificateCheck:
         keep = np.nonzero(np.ptp(self.rows, axis=0) != 0)[0]  # coordinates where the rows differ at all
+        if self.lo is not None or self.rerr.any():
+            keep = np.arange(self.d)  # the exact rows may differ where the rounded ones agree
         A, F = self.A[:, keep], F[keep]
         w = np.full(self.V, abs(mu) / self.V)  # dense weights over all j != t (module docstring)
         w[comp] += lam
@@ -474,6 +706,13 @@ class Verifier:
         W = float(w.sum())
         e = w @ A - W * A[t]
         e_err = (gamma(self.V + 2) + 2 * U) * (w @ np.abs(A) + W * (1 + gamma(self.V)) * np.abs(A[t])) * (1 + 4 * U)
+        if self.lo is not None:  # the exact rows' residual: in e, with its rounding
+            L = self.lo[:, keep]
+            e = e + (w @ L - W * L[t])
+            e_err = e_err + (gamma(self.V + 2) + 2 * U) * (w @ np.abs(L) + W * np.abs(L[t])) * (1 + 4 * U) \
+                + U * np.abs(e) + ETA
+        if self.rerr.any():  # ||e_j||_1 <= rerr_j bounds every entry of e_j
+            e_err = e_err + float(w @ self.rerr + W * self.rerr[t]) * (1 + 4 * U)
         if F.shape[1]:
             # The part of e along the null directions costs nothing (theta is free): take it out first, so
             # the bound below is on what the weights must correct, not on theta.
@@ -491,6 +730,13 @@ class Verifier:
         M = np.concatenate([(A[basis] - A[t]).T, F], axis=1)  # square, columns u_j - u_t, then F
         M_err = np.concatenate([U * (np.abs(A[basis]) + np.abs(A[t])).T * (1 + 4 * U), np.zeros_like(F)], axis=1)
         M_err += U * np.abs(M) + ETA
+        if self.lo is not None or self.rerr.any():  # the exact rows differ from A by the fold's residual
+            n_b = basis.size
+            R = np.zeros_like(M_err)
+            if self.lo is not None:
+                R[:, :n_b] += (np.abs(self.lo[basis][:, keep]) + np.abs(self.lo[t][keep])).T
+            R[:, :n_b] += (self.rerr[basis] + self.rerr[t])[None, :]
+            M_err += R * (1 + 4 * U)
         bound = _solve_bound(M, M_err, e_inf)
         if bound is None:
             return _fail("verified solve failed: the basis matrix is singular or too ill-conditioned")
@@ -520,11 +766,32 @@ class Verifier:
     def tie(self, t: int, j: int) -> bool:
         """Identical folded rows and bias, by value (0.0 == -0.0), up to the domain's null directions; the
         cone's bias is zero."""
-        if j == t or not (0 <= j < self.V) or self.bias[t] != self.bias[j]:
+        if j == t or not (0 <= j < self.V):
             return False
-        # Rows that differ along a null direction (layernorm: by a multiple of the all-ones vector) give
-        # equal logits at every point of the domain: exact check in rationals.
-        return exact.differ_by(self.rows[t], self.rows[j], self.dom.null_directions(self.d))
+        if self.p.fold_exact:
+            if self.bias[t] != self.bias[j]:
+                return False
+            # Rows that differ along a null direction (layernorm: by a multiple of the all-ones vector) give
+            # equal logits at every point of the domain: exact check in rationals.
+            return exact.differ_by(self.rows[t], self.rows[j], self.dom.null_directions(self.d))
+        # The rounded fold may make different tokens equal (or equal ones different): the head as given decides.
+        if not np.array_equal(self.rows[t], self.rows[j]) and not self.dom.null_directions(self.d).shape[1]:
+            return False
+        rt, rj = exact.problem_rows(self.p, [t, j])
+        diff = {a - b for a, b in zip(rt, rj)}
+        if not (diff == {0} or (self.dom.null_directions(self.d).shape[1] and len(diff) == 1)):
+            return False
+        bt, bj = exact.problem_bias(self.p, [t, j])
+        return bt == bj
+
+
+def _two_diff(a, b):
+    """``(s, e)`` with ``a − b = s + e`` exactly (Knuth's TwoSum; exact also under underflow). Non-finite
+    inputs give non-finite outputs, which the callers refuse."""
+    s = a - b
+    z = s - a
+    e = (a - (s - z)) - (b + z)
+    return s, e
 
 
 def _independent(D: np.ndarray, cols: list[int], n_fixed: int, need: int) -> list[int]:

@@ -170,19 +170,23 @@ def _fast_pass(B32, s32, b32, ns: int, block: int = 1024):
     return vals, idx
 
 
-def self_pairs(A, bias, centred: bool, tokens: np.ndarray, points, chunk: int = 4096) -> SelfPairs | None:
+def self_pairs(A, bias, centred: bool, tokens: np.ndarray, points, chunk: int = 4096,
+               fold_extra=None) -> SelfPairs | None:
     """Candidates for the witnesses ``points(tokens[c0:c1])`` that are multiples of their rows (module
-    docstring); None when fewer than ``SYM_MIN`` are, or the inputs are out of the bound's range."""
+    docstring); None when fewer than ``SYM_MIN`` are, or the inputs are out of the bound's range.
+    ``fold_extra(xn)``: what the rounded rows and bias miss of the exact logits at points of norm ``xn`` (the
+    fold's residual, ``Verifier._fold_extra``), added to every ``E_t``."""
     if torch.get_float32_matmul_precision() != "highest":
         return None  # float32 GEMMs may then run in reduced precision: the bound assumes IEEE float32
     V, d = A.shape
-    sig, rn = np.zeros(tokens.size), np.full(tokens.size, np.inf)
+    sig, rn, xns = np.zeros(tokens.size), np.full(tokens.size, np.inf), np.zeros(tokens.size)
     for c0 in range(0, tokens.size, chunk):
         ids = tokens[c0: c0 + chunk]
         _, dl, B64t = _bounds64(A[ids], centred)
         s, r, xn = _split(B64t, np.asarray(points(ids), dtype=np.float64), dl)
         usable = np.isfinite(s) & (np.abs(s) >= 2.0**-100) & (np.abs(s) <= 2.0**100) & (r <= RESIDUAL_REL * xn)
         sig[c0: c0 + chunk], rn[c0: c0 + chunk] = np.where(usable, s, 0.0), np.where(usable, r, np.inf)
+        xns[c0: c0 + chunk] = xn
     sel = np.nonzero(np.isfinite(rn))[0]
     if sel.size < SYM_MIN:
         return None
@@ -192,6 +196,9 @@ def self_pairs(A, bias, centred: bool, tokens: np.ndarray, points, chunk: int = 
     if not (Bm <= 2.0**50 and bm <= RANGE and np.abs(sig).max() * Bm * Bm <= RANGE):
         return None
     E = _column_bound(sig[sel], rn[sel], nB[: sel.size], delta[: sel.size], Bm, dm, bm, d)
+    if fold_extra is not None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            E = E + fold_extra(xns[sel] * (1 + gamma(d + 2)) + d * ETA)
     vals, idx = _fast_pass(B32, torch.from_numpy(sig[sel]).float(), torch.from_numpy(bias[perm]).float(), sel.size)
     del B32
     return _candidates(vals, idx, E, perm, sel, sig, rn)
