@@ -130,7 +130,7 @@ def null_weights(problem, t: int, support, lam, F: np.ndarray, deadline: float |
 def _pick_nonnegative(basis: list[list[Fraction]], lam: np.ndarray, deadline) -> list[Fraction] | None:
     """A combination ``w`` of the null-space basis columns with ``w >= 0`` and ``w != 0``: the unique one (up to
     scale) when the null space is a line, else the least-squares match of ``lam``, rounded to rationals."""
-    n, k = len(basis), len(basis[0]) if basis else 0
+    k = len(basis[0]) if basis else 0
     if k == 0:
         return None
     if k == 1:
