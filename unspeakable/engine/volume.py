@@ -64,6 +64,7 @@ from unspeakable.engine.domain import U, gamma
 from unspeakable.engine.head import Head, InputError, ids_text
 
 SCHEMA = "unspeakable.volume/1"
+_DEBUG = bool(__import__("os").environ.get("UNSPEAKABLE_VOLUME_DEBUG"))
 FIELDS = ("id", "text", "log10_share", "log10_share_ci", "log10_share_lower_bound", "cap_angle_deg", "method",
           "samples", "seconds")
 
@@ -211,10 +212,26 @@ class _Measure:
         size = (math.sqrt(self.d) if self.box else 1.0) * self.R * float(norms.max()) + float(np.abs(problem.bias).max())
         self.tol = 4 * (1 + math.sqrt(self.d)) * 2.0**-24 * size
 
-    def logits64(self, x):
-        """float64 logits of all V rows at points x (torch) → numpy [B, V]."""
+    def argmax64(self, x, L32, t: int | None = None, exclude=()):
+        """Near ties re-decided in float64: per point, the argmax over the columns whose float32 logit is
+        within 2·tol of the float32 maximum (the only ones that can be the true maximum), excluding
+        ``exclude``; with ``t`` also the float64 margin ``l_t − max``. Returns (argmax, margin or None)."""
+        import torch
+
         x64 = x.double().numpy()
-        return x64 @ self.keys64.T + self.bias64
+        top = L32.max(dim=1, keepdim=True).values
+        arg = np.empty(len(x64), dtype=np.int64)
+        marg = np.empty(len(x64)) if t is not None else None
+        cand_mask = (L32 >= top - 2 * self.tol).numpy()
+        for i in range(len(x64)):
+            cols = np.nonzero(cand_mask[i])[0]
+            l64 = self.keys64[cols] @ x64[i] + self.bias64[cols]
+            k = int(np.argmax(l64))  # cols ascending: the first maximum, like torch
+            arg[i] = cols[k]
+            if t is not None:
+                lt = float(self.keys64[t] @ x64[i] + self.bias64[t])
+                marg[i] = lt - float(l64[k])
+        return torch.from_numpy(arg), marg
 
     def points(self, z):
         """Points x (torch float32) of Gaussians z [..., d]."""
@@ -229,15 +246,26 @@ class _Measure:
 
 # ------------------------------------------------------------------------------------------------ ties
 def _tie_groups(problem) -> dict[int, list[int]]:
-    """token -> sorted members of its group of identical (key, bias) rows, for groups of two or more."""
+    """token -> sorted members of its group of identical (key, bias) rows, for groups of two or more.
+
+    Candidates share a random projection's value (equal rows always do); each candidate group is then
+    split by exact comparison, so a collision never joins different rows."""
     M = np.hstack([problem.keys, problem.bias[:, None]]) + 0.0
-    _, inv, cnt = np.unique(M, axis=0, return_inverse=True, return_counts=True)
-    inv = inv.ravel()
+    h = M @ np.random.default_rng(12345).standard_normal(M.shape[1])
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    starts = np.nonzero(np.r_[True, hs[1:] != hs[:-1]])[0]
+    sizes = np.diff(np.r_[starts, len(hs)])
     groups: dict[int, list[int]] = {}
-    for g in np.nonzero(cnt > 1)[0]:
-        members = np.nonzero(inv == g)[0].tolist()
-        for t in members:
-            groups[t] = members
+    for s0, n in zip(starts[sizes > 1], sizes[sizes > 1]):
+        cand = sorted(order[s0:s0 + n].tolist())
+        while cand:
+            first = cand[0]
+            same = [j for j in cand if np.array_equal(M[j], M[first])]
+            if len(same) > 1:
+                for t in same:
+                    groups[t] = same
+            cand = [j for j in cand if j not in same]
     return groups
 
 
@@ -260,8 +288,9 @@ def _plain_pass(meas: _Measure, samples: int, seed: int, chunk: int = 4096):
         top = torch.topk(torch.addmm(meas.bias, x, keysT), 2, dim=1)
         w = top.indices[:, 0].clone()
         near = torch.nonzero(top.values[:, 0] - top.values[:, 1] < meas.tol).ravel()
-        if len(near):  # near ties: decided in float64 (np.argmax keeps the first maximum, like torch)
-            w[near] = torch.from_numpy(np.argmax(meas.logits64(x[near]), axis=1))
+        if len(near):  # near ties: decided in float64
+            L = torch.addmm(meas.bias, x[near], keysT)
+            w[near] = meas.argmax64(x[near], L)[0]
         counts += torch.bincount(w, minlength=V)
         sums.index_add_(0, w, x.double())
         done += b
@@ -280,13 +309,14 @@ def _clopper_pearson(k: int, n: int, conf: float) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------ splitting
 @dataclass
 class SplitOptions:
-    particles: int = 256  # N per replicate
+    particles: int = 128  # N per replicate
     replicates: int = 8  # R independent runs
     keep: float = 0.5  # p0: the fraction of particles kept at each level
-    moves: int = 6  # pCN steps per level
-    competitors: int = 512  # initial size of the restricted set J
+    moves: int = 5  # pCN steps per level
+    competitors: int = 256  # initial size of the restricted set J
     check: int = 64  # final particles per replicate re-scored against all V rows
     rounds: int = 3  # constraint-generation rounds (grow J with the competitors that beat t at the end)
+    rerun_below: float = 0.7  # another round when fewer than this share of the checked final particles win
     max_levels: int = 2000
     floor_log10: float = -200.0  # replicates whose estimate falls below 10**floor stop: "not reached"
     batch: int = 32  # tokens per batched run
@@ -313,15 +343,11 @@ def _full_margins(meas: _Measure, t: int, x, exclude):
     best, arg = L.max(dim=1)
     m = lt - best
     near = torch.nonzero(m.abs() < meas.tol).ravel()
-    if len(near):  # near ties: re-decided in float64
-        L64 = meas.logits64(x[near])
-        lt64 = L64[:, t].copy()
-        L64[:, exclude] = -np.inf
-        m[near] = torch.from_numpy(lt64 - L64.max(axis=1)).float()
-        # a float64 margin that rounds to 0 in float32 keeps its sign
-        m[near] = torch.where(torch.from_numpy(lt64 - L64.max(axis=1) > 0), m[near].abs().clamp_min(1e-30),
-                              -m[near].abs())
-        arg[near] = torch.from_numpy(np.argmax(L64, axis=1))
+    if len(near):  # near ties: re-decided in float64 (t itself is excluded from L: its value is -inf)
+        a64, m64 = meas.argmax64(x[near], L[near], t)
+        arg[near] = a64
+        # the float64 margin's sign is what counts; its size need not survive rounding to float32
+        m[near] = torch.from_numpy(np.where(m64 > 0, np.maximum(np.abs(m64), 1e-30), -np.abs(m64))).float()
     return m, arg, L
 
 
@@ -344,43 +370,133 @@ def _competitor_sets(meas: _Measure, ts: list[int], excl: dict[int, list[int]], 
 
 
 class _Batch:
-    """The restricted margin of a batch of tokens: ``min_{j∈J_t} (a_tj·x + β_tj)``, ``a = k_t − k_j``."""
+    """The restricted margin ``min_{j∈J_t} (a_tj·x + β_tj)`` (``a = k_t − k_j``) of a batch of tokens, and
+    the pCN chain that samples x.
+
+    Spheres: the margin depends on the Gaussian z only through its coordinates ``u = Qᵀz`` in an orthonormal
+    basis Q of span{a_j} (K' ≤ |J| numbers) and the squared norm ``r²`` of the rest (in the domain's
+    subspace of dimension n): ``a_j·x = R (Qᵀa_j)·u / sqrt(‖u‖² + r²)``. A pCN step ``z' = ρz + sξ`` moves u
+    the same way and r exactly as ``r'² = (ρr + sω)² + s²χ²_{n−K'−1}`` (ω ~ N(0, 1)), so the chain runs in
+    K' + 1 dimensions; a point is rebuilt at the end with the rest's direction uniform, as it is given
+    everything else. The cube keeps z in full (its map ``ρ·erf(z/√2)`` works coordinate by coordinate).
+    """
 
     def __init__(self, meas: _Measure, ts: list[int], J: list[np.ndarray]):
         import torch
 
+        self.meas, self.T = meas, len(ts)
         K = max(len(j) for j in J)
-        T = len(ts)
-        A = torch.zeros(T, meas.d, K)
-        B = torch.full((T, K), torch.inf)
-        for i, (t, j) in enumerate(zip(ts, J)):
+        diffs = []
+        for t, j in zip(ts, J):
             j = np.asarray(j, dtype=np.int64)
-            # differences in float64, then rounded: near-identical rows keep their (small) difference exactly
-            A[i, :, :len(j)] = torch.from_numpy((meas.keys64[t][None, :] - meas.keys64[j]).T.astype(np.float32))
-            B[i, :len(j)] = torch.from_numpy((meas.bias64[t] - meas.bias64[j]).astype(np.float32))
-        self.A, self.B, self.meas = A, B, meas
+            # differences in float64, then rounded: near-identical rows keep their small difference exactly
+            a = (meas.keys64[t][None, :] - meas.keys64[j]).T  # [d, K_t]
+            if meas.centred:
+                a = a - a.mean(axis=0, keepdims=True)
+            diffs.append((a, meas.bias64[t] - meas.bias64[j]))
+        self.B = torch.full((self.T, K), torch.inf)
+        for i, (_, b) in enumerate(diffs):
+            self.B[i, :len(b)] = torch.from_numpy(b.astype(np.float32))
+        if meas.box:
+            self.A = torch.zeros(self.T, meas.d, K)
+            for i, (a, _) in enumerate(diffs):
+                self.A[i, :, :a.shape[1]] = torch.from_numpy(a.astype(np.float32))
+            self.dim = meas.d
+            return
+        self.Q = []
+        ranks = []
+        for a, _ in diffs:
+            q, r = np.linalg.qr(a)
+            dg = np.abs(np.diag(r))
+            keep = dg > 1e-12 * max(float(dg.max(initial=0.0)), 1e-300)
+            self.Q.append(q[:, keep])
+            ranks.append(int(keep.sum()))
+        self.dim = max(ranks)
+        self.A = torch.zeros(self.T, self.dim, K)
+        self.mask = torch.zeros(self.T, self.dim)
+        for i, ((a, _), q) in enumerate(zip(diffs, self.Q)):
+            self.A[i, :q.shape[1], :a.shape[1]] = torch.from_numpy((q.T @ a).astype(np.float32))
+            self.mask[i, :q.shape[1]] = 1.0
+        self.rest = torch.tensor([meas.n - k for k in ranks], dtype=torch.float64)  # dimension of the rest
 
-    def margins(self, sel, z):
-        """sel: token rows [S]; z [S, M, d] → restricted margins [S, M]."""
+    # ---- the chain's state: (u [T', M, dim], r² [T', M] or None)
+    def initial(self, M: int, gen, npgen):
         import torch
 
-        x = self.meas.points(z)
-        return (torch.bmm(x, self.A[sel]) + self.B[sel][:, None, :]).amin(dim=2)
+        u = torch.randn(self.T, M, self.dim, generator=gen)
+        if self.meas.box:
+            return u, None
+        u *= self.mask[:, None, :]
+        r2 = torch.from_numpy(_chi2(npgen, self.rest[:, None].expand(self.T, M).numpy())).float()
+        return u, r2
+
+    def propose(self, sel, u, r2, rho, st, gen, npgen):
+        """One pCN proposal for every particle; rho, st broadcast against [S, M]."""
+        import torch
+
+        xi = torch.randn(u.shape, generator=gen)
+        if not self.meas.box:
+            xi *= self.mask[sel][:, None, :]
+        u2 = xi.mul_(st[..., None]).add_(rho[..., None] * u)
+        if r2 is None:
+            return u2, None
+        w = torch.randn(r2.shape, generator=gen)
+        df = (self.rest[sel] - 1).clamp_min(0)[:, None].expand(r2.shape).numpy()
+        chi = torch.from_numpy(_chi2(npgen, df)).float()
+        r2n = (rho * r2.sqrt() + st * w) ** 2 + st * st * chi
+        return u2, torch.where(self.rest[sel][:, None] > 0, r2n, torch.zeros_like(r2n))
+
+    def margins(self, sel, u, r2):
+        """Restricted margins [S, M] of the states of tokens ``sel``."""
+        import torch
+
+        if self.meas.box:
+            return (torch.bmm(self.meas.points(u), self.A[sel]) + self.B[sel][:, None, :]).amin(dim=2)
+        scale = self.meas.R / ((u * u).sum(-1) + r2).clamp_min(1e-30).sqrt()
+        return torch.bmm(u, self.A[sel]).mul_(scale[..., None]).add_(self.B[sel][:, None, :]).amin(dim=2)
+
+    def points(self, i: int, u, r2, gen):
+        """Points x [M, d] (float32) of token i's states: the rest's direction drawn uniformly."""
+        import torch
+
+        if self.meas.box:
+            return self.meas.points(u)
+        q = self.Q[i]
+        k = q.shape[1]
+        z = u[:, :k].double().numpy() @ q.T
+        w = torch.randn(u.shape[0], self.meas.d, generator=gen, dtype=torch.float64).numpy()
+        if self.meas.centred:
+            w = w - w.mean(axis=1, keepdims=True)
+        w = w - (w @ q) @ q.T
+        nw = np.linalg.norm(w, axis=1, keepdims=True)
+        z = z + w * (np.sqrt(r2.double().numpy())[:, None] / np.maximum(nw, 1e-300))
+        return self.meas.points(torch.from_numpy(z).float())
 
 
-def _split_batch(meas: _Measure, ts: list[int], J: list[np.ndarray], opt: SplitOptions, gen):
+def _chi2(npgen, df: np.ndarray) -> np.ndarray:
+    """χ² draws with degrees of freedom ``df`` (0 where df = 0)."""
+    df = np.asarray(df, dtype=np.float64)
+    out = np.zeros(df.shape)
+    pos = df > 0
+    out[pos] = npgen.chisquare(df[pos])
+    return out
+
+
+def _split_batch(meas: _Measure, ts: list[int], J: list[np.ndarray], opt: SplitOptions, gen, npgen):
     """Adaptive multilevel splitting for a batch of tokens against their restricted sets.
 
-    Returns per token: log p_J per replicate [R] (natural log), levels per replicate, and the final
-    particles z [R, N, d] with their restricted margins [R, N]."""
+    Returns the batch, per token and replicate: log p_J (natural log; -inf: not reached), levels, and the
+    final states (u [T, R, N, dim], r² [T, R, N] or None) with their restricted margins [T, R, N]."""
     import torch
 
-    T, R, N, d = len(ts), opt.replicates, opt.particles, meas.d
+    T, R, N = len(ts), opt.replicates, opt.particles
     batch = _Batch(meas, ts, J)
-    z = torch.randn(T, R * N, d, generator=gen)
+    D = batch.dim
     all_rows = torch.arange(T)
-    m = batch.margins(all_rows, z).view(T, R, N)
-    z = z.view(T, R, N, d)
+    u, r2 = batch.initial(R * N, gen, npgen)
+    m = batch.margins(all_rows, u, r2 if r2 is not None else None).view(T, R, N)
+    u = u.view(T, R, N, D)
+    r2 = None if r2 is None else r2.view(T, R, N)
     logp = torch.zeros(T, R, dtype=torch.float64)
     levels = torch.zeros(T, R, dtype=torch.int64)
     active = torch.ones(T, R, dtype=torch.bool)
@@ -388,10 +504,9 @@ def _split_batch(meas: _Measure, ts: list[int], J: list[np.ndarray], opt: SplitO
     n_keep = min(N - 1, max(1, int(round(opt.keep * N))))
     floor = opt.floor_log10 * math.log(10)
     for _ in range(opt.max_levels):
-        # replicates whose level reached 0: finish with the fraction above 0
         srt = torch.sort(m, dim=2).values
         tau = srt[:, :, N - n_keep - 1]  # the largest killed value
-        finish = active & (tau >= 0)
+        finish = active & (tau >= 0)  # the next level would pass 0: end with the fraction above 0
         if finish.any():
             frac = (m > 0).double().mean(dim=2)
             logp = torch.where(finish, logp + torch.log(frac), logp)
@@ -404,37 +519,47 @@ def _split_batch(meas: _Measure, ts: list[int], J: list[np.ndarray], opt: SplitO
         if not active.any():
             break
         sel = torch.nonzero(active.any(dim=1)).ravel()
+        S = len(sel)
         act = active[sel]  # [S, R]
-        ms, zs, taus = m[sel], z[sel], tau[sel]
+        ms, us, taus = m[sel], u[sel], tau[sel]
+        rs = None if r2 is None else r2[sel]
         alive = ms > taus[..., None]  # [S, R, N]
         n_alive = alive.sum(dim=2)
         logp[sel] = torch.where(act, logp[sel] + torch.log(n_alive.double() / N), logp[sel])
         levels[sel] += act.long()
-        # resample the killed from the survivors, uniformly
+        # the killed are replaced by clones of survivors drawn uniformly
         w = alive.float().view(-1, N)
-        w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))  # finished replicates: any        src = torch.multinomial(w, N, replacement=True, generator=gen).view(len(sel), R, N)
-        keep_idx = torch.arange(N).expand_as(src)
-        src = torch.where(alive, keep_idx, src)
-        zs = torch.gather(zs, 2, src[..., None].expand(-1, -1, -1, d))
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+        src = torch.multinomial(w, N, replacement=True, generator=gen).view(S, R, N)
+        src = torch.where(alive, torch.arange(N).expand_as(src), src)
+        us = torch.gather(us, 2, src[..., None].expand(-1, -1, -1, D))
         ms = torch.gather(ms, 2, src)
-        # pCN moves, rejected when they leave the level set
-        acc = torch.zeros(len(sel), R)
+        if rs is not None:
+            rs = torch.gather(rs, 2, src)
+        # pCN moves of every particle, rejected when they leave the level set
+        acc = torch.zeros(S, R)
         st = step[sel]
         rho = torch.sqrt((1 - st * st).clamp_min(0))
+        stN, rhoN = st[..., None].expand(S, R, N).reshape(S, R * N), rho[..., None].expand(S, R, N).reshape(S, R * N)
         for _ in range(opt.moves):
-            prop = rho[..., None, None] * zs + st[..., None, None] * torch.randn(zs.shape, generator=gen)
-            mp = batch.margins(sel, prop.view(len(sel), R * N, d)).view(len(sel), R, N)
+            pu, pr = batch.propose(sel, us.view(S, R * N, D), None if rs is None else rs.view(S, R * N),
+                                   rhoN, stN, gen, npgen)
+            mp = batch.margins(sel, pu, pr).view(S, R, N)
             ok = (mp > taus[..., None]) & act[..., None]
-            zs = torch.where(ok[..., None], prop, zs)
+            us = torch.where(ok[..., None], pu.view(S, R, N, D), us)
+            if rs is not None:
+                rs = torch.where(ok, pr.view(S, R, N), rs)
             ms = torch.where(ok, mp, ms)
             acc += ok.float().mean(dim=2)
         acc /= opt.moves
         step[sel] = torch.where(act, (st * torch.exp(2.0 * (acc - 0.3))).clamp(0.02, 1.0), st)
-        z[sel] = torch.where(act[..., None, None], zs, z[sel])
+        u[sel] = torch.where(act[..., None, None], us, u[sel])
+        if rs is not None:
+            r2[sel] = torch.where(act[..., None], rs, r2[sel])
         m[sel] = torch.where(act[..., None], ms, m[sel])
     else:
         logp = torch.where(active, torch.full_like(logp, -math.inf), logp)
-    return logp, levels, z, m
+    return batch, logp, levels, u, r2, m
 
 
 def _split_tokens(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt: SplitOptions, gen):
@@ -444,16 +569,17 @@ def _split_tokens(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt
     import torch
 
     J = _competitor_sets(meas, ts, excl, opt.competitors)
+    npgen = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
     todo = list(range(len(ts)))
     res: dict[int, tuple] = {}
     for rnd in range(opt.rounds):
         sub = [ts[i] for i in todo]
-        logp, levels, z, m = _split_batch(meas, sub, [J[i] for i in todo], opt, gen)
+        batch, logp, levels, u, r2, m = _split_batch(meas, sub, [J[i] for i in todo], opt, gen, npgen)
         again = []
         for k, i in enumerate(todo):
             t = ts[i]
             est = np.zeros(opt.replicates)
-            inside, violators = [], set()
+            inside, violators, n_checked, n_good = [], set(), 0, 0
             for r in range(opt.replicates):
                 lp = float(logp[k, r])
                 if not math.isfinite(lp):
@@ -461,21 +587,26 @@ def _split_tokens(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt
                 pos = torch.nonzero(m[k, r] > 0).ravel()[:opt.check]
                 if len(pos) == 0:
                     continue
-                x = meas.points(z[k, r, pos])
+                x = batch.points(k, u[k, r, pos], None if r2 is None else r2[k, r, pos], gen)
                 mt, arg, L = _full_margins(meas, t, x, excl[t])
                 good = mt > 0
                 est[r] = math.exp(lp) * float(good.double().mean())
+                n_checked += len(good)
+                n_good += int(good.sum())
                 inside.append(x[good])
                 bad = ~good
                 if bad.any():
                     Lb = L[bad]
-                    top = torch.topk(Lb, min(4, Lb.shape[1]), dim=1).indices.ravel().tolist()
+                    top = torch.topk(Lb, min(16, Lb.shape[1]), dim=1).indices.ravel().tolist()
                     violators.update(top)
             violators -= set(J[i].tolist())
             violators.discard(t)
             centre = torch.cat(inside).double().sum(0).numpy() if inside else None
+            if _DEBUG:
+                print(f"  token {t} round {rnd}: levels {levels[k].tolist()} est {np.log10(np.maximum(est, 1e-320)).round(2).tolist()} "
+                      f"violators {len(violators)} |J| {len(J[i])} q {n_good}/{n_checked}")
             res[i] = (est, int(levels[k].max()), centre)
-            if violators and rnd + 1 < opt.rounds:
+            if violators and rnd + 1 < opt.rounds and n_good < opt.rerun_below * n_checked:
                 J[i] = np.concatenate([J[i], np.array(sorted(violators), dtype=np.int64)])
                 again.append(i)
         todo = again
