@@ -668,6 +668,25 @@ def _cox_interval(est: np.ndarray, conf: float, var_floor: float = 0.0) -> tuple
 
 
 # ------------------------------------------------------------------------------------------------ the cap
+def _binding(meas: _Measure, t: int, c: np.ndarray, exclude, k: int) -> np.ndarray:
+    """The k competitors whose half-spaces come closest to the direction c (smallest angular slack
+    ``α_j − angle(c, â_j)``), from all V rows in float32: the ones the centre search must respect."""
+    import torch
+
+    c = np.asarray(c, dtype=np.float64)
+    if meas.centred:
+        c = c - c.mean()
+    c = c / max(np.linalg.norm(c), 1e-300)
+    kt = meas.keys[t]
+    A = kt[None, :] - meas.keys
+    na = torch.linalg.vector_norm(A, dim=1).double().clamp_min(1e-300)
+    p = (A @ torch.from_numpy(c).float()).double()
+    beta = (meas.bias[t] - meas.bias).double()
+    slack = torch.arccos((-beta / (meas.R * na)).clamp(-1, 1)) - torch.arccos((p / na).clamp(-1, 1))
+    slack[list(exclude)] = torch.inf
+    return torch.topk(slack, min(k, int(torch.isfinite(slack).sum())), largest=False).indices.numpy()
+
+
 def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None, iters: int = 400) -> np.ndarray:
     """A centre c for t's cap: ascent of a smoothed ``min_j (α_j − angle(c, â_j))`` on the unit sphere over
     the competitors ``comps`` (their half-spaces ``â_j·x ≥ cos α_j``), from c0 (else t's own direction),
@@ -965,8 +984,12 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
             centre, J = (sums[members].sum(0) if members else sums[t]), None
         if listed and lower_bound and not meas.box:
             tc = time.perf_counter()
-            comps = J if J is not None else _competitor_sets(meas, [rep_t], excl, split.competitors)[0]
+            start = centre if centre is not None and np.linalg.norm(centre) > 0 else meas.keys64[rep_t]
+            comps = _binding(meas, rep_t, start, excl[t], 512)
             c = _cap_centre(meas, rep_t, comps, centre)
+            # a second pass: the competitors binding at the centre found (the first set was seen from the start)
+            comps2 = np.union1d(comps, _binding(meas, rep_t, c, excl[t], 512))
+            c = _cap_centre(meas, rep_t, comps2, c)
             th = verify_cap(problem.rows, problem.bias, rep_t, c, meas.R, meas.centred, exclude=excl[t],
                             bias_err=bias_err, rows_err=rows_err)
             if th > 0:
