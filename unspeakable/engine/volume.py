@@ -318,6 +318,7 @@ class SplitOptions:
     check: int = 64  # final particles per replicate re-scored against all V rows
     rounds: int = 3  # constraint-generation rounds (grow J with the competitors that beat t at the end)
     rerun_below: float = 0.7  # another round when fewer than this share of the checked final particles win
+    max_competitors: int = 1024  # J never grows past this (the most frequent violators first): the cost per move
     max_levels: int = 2000
     floor_log10: float = -200.0  # replicates whose estimate falls below 10**floor stop: "not reached"
     batch: int = 32  # tokens per batched run
@@ -605,7 +606,7 @@ def _split_tokens(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt
         for k, i in enumerate(todo):
             t = ts[i]
             est = np.zeros(opt.replicates)
-            inside, violators, n_checked, n_good = [], set(), 0, 0
+            inside, violators, n_checked, n_good = [], {}, 0, 0
             for r in range(opt.replicates):
                 lp = float(logp[k, r])
                 if not math.isfinite(lp):
@@ -624,9 +625,12 @@ def _split_tokens(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt
                 if bad.any():
                     Lb = L[bad]
                     top = torch.topk(Lb, min(16, Lb.shape[1]), dim=1).indices.ravel().tolist()
-                    violators.update(top)
-            violators -= set(J[i].tolist())
-            violators.discard(t)
+                    for j in top:
+                        violators[j] = violators.get(j, 0) + 1
+            for j in set(J[i].tolist()) | {t}:
+                violators.pop(j, None)
+            room = max(0, opt.max_competitors - len(J[i]))
+            violators = sorted(violators, key=lambda j: (-violators[j], j))[:room]
             centre = torch.cat(inside).double().sum(0).numpy() if inside else None
             if _DEBUG:
                 print(f"  token {t} round {rnd}: levels {levels[k].tolist()} est {np.log10(np.maximum(est, 1e-320)).round(2).tolist()} "
@@ -1013,13 +1017,29 @@ def _upper_from_plain(hits: int, samples: int, conf: float, k: int) -> float | N
     return _log10(_clopper_pearson(hits, samples, conf)[1] / k)
 
 
+def _row_norms(problem) -> np.ndarray:
+    """‖P ũ_j‖ per row (cached on the problem object for the zero-share filter)."""
+    cached = getattr(problem, "_volume_row_norms", None)
+    if cached is None:
+        rows = problem.rows
+        cached = np.linalg.norm(problem.domain.project(rows), axis=1)
+        problem._volume_row_norms = cached
+    return cached
+
+
 def _zero_share(problem, t: int, exclude, R: float, centred: bool, bias_err) -> bool:
     """A proof that t's share is 0: some competitor j with ``β + R‖a‖ < 0`` (allowances included), i.e.
     ``l_j > l_t`` on the whole sphere."""
     rows, bias = problem.rows, problem.bias
     d = rows.shape[1]
-    mask = np.ones(rows.shape[0], dtype=bool)
+    if problem.constant_bias:  # every logit equal at the sphere's centre: no half-space misses the sphere
+        return False
+    # necessary: b_j − b_t > R ‖a‖ ≥ R |‖ũ_t‖ − ‖ũ_j‖| (up to rounding): a cheap O(V) filter before the exact test
+    norms = _row_norms(problem)
+    mask = (bias - bias[t]) * (1 + 1e-6) + 1e-300 > R * np.abs(norms - norms[t]) * (1 - 1e-6)
     mask[list(exclude)] = False
+    if not mask.any():
+        return False
     A = rows[t][None, :] - rows[mask]
     if centred:
         A = A - A.mean(axis=1, keepdims=True)
