@@ -89,7 +89,8 @@ def tokens(args) -> dict:
     head = unspeakable.load(args.source)
     ids = np.sort(np.random.default_rng(args.seed).choice(head.d_vocab, args.n, replace=False))
     t0 = time.perf_counter()
-    rep = vol.volume(head, tokens=ids, samples=args.samples, seed=args.seed)
+    opt = vol.SplitOptions(particles=32, replicates=8, moves=15, max_competitors=512) if args.fast else None
+    rep = vol.volume(head, tokens=ids, samples=args.samples, seed=args.seed, split=opt)
     dt = time.perf_counter() - t0
     shares = [tv.log10_share for tv in rep.tokens if tv.log10_share is not None]
     widths = [tv.log10_share_ci[1] - tv.log10_share_ci[0] for tv in rep.tokens
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
     c.add_argument("--n", type=int, default=32)
     c.add_argument("--samples", type=int, default=0)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--fast", action="store_true", help="8 replicates x 32 particles, 15 moves, J <= 512")
     h = sub.add_parser("hardest")
     h.add_argument("scan")
     h.add_argument("source")

@@ -324,3 +324,13 @@ def test_api_errors_and_export():
         vol.volume(head, tokens=[99])
     with pytest.raises(InputError, match="confidence"):
         vol.volume(head, tokens=[0], confidence=1.0)
+
+
+def test_cone_orthant_unit_sphere():
+    """No final norm: the cone (the unit sphere, bias ignored); the orthant's share and inscribed cap hold there."""
+    head, t0, tj = orthant_head(16, 12, norm="none")
+    rep = vol.volume(head, tokens=[0, 1], samples=0, seed=0, confidence=0.99, split=FAST)
+    a, b = rep.tokens
+    assert rep.domain == "cone" and rep.dimension == 16
+    assert contains(a, t0) and contains(b, tj) and below(a, t0) and below(b, tj)
+    assert abs(a.cap_angle_deg - math.degrees(math.asin(1 / math.sqrt(12)))) < 1e-3
