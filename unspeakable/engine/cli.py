@@ -587,12 +587,20 @@ class Volume:
 
         vol = importlib.import_module("unspeakable.engine.volume")  # the module: the package re-exports the function
 
+        if self.tokens is None and self.samples == 0:
+            raise InputError("--samples 0 needs --tokens: without a token list the plain pass is the only estimate")
         head, _ = _load(self.source, self.vocab)
         ids = None if self.tokens is None else self.tokens.ids(head.d_vocab)
         say = (lambda m: print(f"unspeakable: {m}", file=sys.stderr)) if sys.stderr.isatty() else None
         report = vol.volume(head, ids, domain=self.domain, radius=self.radius, bias=self.bias, samples=self.samples,
                             seed=self.seed, confidence=self.confidence, progress=say,
                             split=vol.SplitOptions(particles=self.particles, replicates=self.replicates))
+        if self.tokens is None:
+            few = sum(1 for t in report.tokens if (t.hits or 0) < 100)
+            if few:
+                report.warnings.append(f"{few} of {report.V} tokens had fewer than 100 of the {self.samples} plain "
+                                       f"samples: their interval is the binomial one (open below with no hit); list "
+                                       f"them with --tokens for splitting estimates and the proven cap bound")
         _warn(report.warnings)
         print(vol.format_table(report))
         sys.stdout.flush()

@@ -1097,9 +1097,9 @@ def format_table(report: VolumeReport, max_rows: int = 40) -> str:
 
 
 def _rarity(t: TokenVolume):
+    """Rarest first: tokens without an estimate (share 0 proven, or no hit) lead, then by estimate."""
     v = _f(t.log10_share)
-    hi = _f(t.log10_share_ci[1])
-    return (v if v is not None else (hi if hi is not None else -math.inf) - 1e-9, t.id)
+    return (0, 0.0, t.id) if v is None else (1, v, t.id)
 
 
 def histogram_png(report: VolumeReport) -> bytes:
@@ -1110,7 +1110,8 @@ def histogram_png(report: VolumeReport) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
-    est = np.array([v for v in (_f(t.log10_share) for t in report.tokens) if v is not None])
+    listed = any(t.method in ("splitting", "zero") or t.log10_share_lower_bound is not None for t in report.tokens)
+    est = np.array([v for v in (_f(t.log10_share) for t in report.tokens) if v is not None]) if listed else np.array([])
     allv = report.log10_share_sampled_all
     if allv is not None and report.samples:
         allv = np.asarray(allv)
