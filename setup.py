@@ -28,6 +28,9 @@ setup(
         "gguf>=0.10",
         # The console table (escaped token text, verdict colours) and the spinners on long stages.
         "rich>=13",
+        # volume: the share of a spherical cap (regularised incomplete beta) at shares far below float64's
+        # range (10^-616 at d = 768), in arbitrary precision. Already installed with torch (via sympy).
+        "mpmath>=1.3",
     ],
     extras_require={
         # scipy: independent oracles in tests (qhull ConvexHull, linprog) and NNLS in the decide stage.

@@ -4,6 +4,7 @@
     report = unspeakable.scan(W_U, b_U, ln_w=ln_w, ln_b=ln_b)   # numpy arrays or torch tensors, any device
     report = unspeakable.scan_head(unspeakable.load("synthetic:V=5000,d=64,seed=0"))
     result = unspeakable.audit("report.json", "weights.npz")     # re-derive a saved report's claims
+    shares = unspeakable.volume(head, tokens=[5, 17])            # the share of hidden states each token wins
     head = unspeakable.load("model.gguf")     # or a checkpoint directory, a cached model name, a transformers /
     head = unspeakable.load(model)            # TransformerLens model object; vocab="tokenizer.json" for texts
 
@@ -17,7 +18,7 @@ Two halves, one namespace:
 The names below are the API people embed; everything else is reached through its module.
 """
 from unspeakable.engine import (Head, InputError, Problem, ScanReport, TokenReport, audit, bench_head, check, fold,
-                                gram_head, load, scan, scan_head)
+                                gram_head, load, scan, scan_head, volume, VolumeReport)
 
 __all__ = ["audit", "scan", "scan_head", "gram_head", "check", "bench_head", "load", "fold", "Head", "Problem",
-           "ScanReport", "TokenReport", "InputError"]
+           "ScanReport", "TokenReport", "InputError", "volume", "VolumeReport"]

@@ -9,6 +9,7 @@ from unspeakable.engine.head import Head, InputError, Problem
 from unspeakable.engine.loader import fold, load
 from unspeakable.engine.pipeline import bench_head, check, gram_head, scan, scan_head
 from unspeakable.engine.report import ScanReport, TokenReport
+from unspeakable.engine.volume import VolumeReport, volume
 
 __all__ = ["audit", "scan", "scan_head", "gram_head", "check", "bench_head", "load", "fold", "Head", "Problem",
-           "ScanReport", "TokenReport", "InputError"]
+           "ScanReport", "TokenReport", "InputError", "volume", "VolumeReport"]

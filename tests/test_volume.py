@@ -1,0 +1,336 @@
+"""engine.volume: the share of the norm's output set each token wins, against truths the engine never computes.
+
+Truths: arc lengths on the circle (a fine deterministic grid), spherical polygon areas by Girard's theorem
+(scipy's SphericalVoronoi for the vertices, the angle sum here), heads built in d >= 64 whose regions have closed
+forms (an orthant: 2^-k by sign symmetry; a cap: the regularised incomplete beta from scipy), and brute force in
+float64 numpy. Every interval must contain the truth; every rigorous bound must stay below it; coverage over seeds
+must reach the stated rate.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy.special import betainc
+
+from unspeakable.engine.cli import main
+from unspeakable.engine.head import InputError, head_from_arrays
+
+vol = importlib.import_module("unspeakable.engine.volume")  # the module (the package re-exports the function)
+
+FAST = vol.SplitOptions(particles=64, replicates=16, moves=30)
+
+
+def contains(tv, log10_true: float, slack: float = 0.0) -> bool:
+    lo, hi = tv.log10_share_ci
+    lo = -math.inf if lo is None else lo
+    hi = math.inf if hi is None else hi
+    return lo - slack <= log10_true <= hi + slack
+
+
+def below(tv, log10_true: float) -> bool:
+    return tv.log10_share_lower_bound is None or tv.log10_share_lower_bound <= log10_true
+
+
+# ------------------------------------------------------------------------------------------ constructed heads
+def orthant_head(d: int, k: int, seed: int = 0, rotate: bool = True, norm: str = "rmsnorm"):
+    """Token 0 (row 0) wins iff x_1..x_k > 0 (competitor j has row -3 e_j): share 2^-k on the sphere and in the
+    cube, by sign symmetry; token j wins iff x_j is the smallest of x_1..x_k and negative: (1 - 2^-k)/k. A
+    random rotation (spheres only) hides the axes."""
+    rows = np.zeros((k + 1, d))
+    rows[1:, :k] = -3.0 * np.eye(k)
+    if rotate:
+        Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+        rows = rows @ Q.T
+    return head_from_arrays(rows.T, norm=norm), -k * math.log10(2), math.log10((1 - 2.0**-k) / k)
+
+
+def cap_head(d: int, log10_share: float, seed: int = 0):
+    """layernorm head (sphere of radius sqrt(d) in the centred subspace, n = d - 1) where token 0 wins exactly on
+    the cap {x : c·x >= R cos θ}: token 1 (row 0, bias b1) beats it off the cap, the others (rows -c + w_j,
+    w_j ⊥ c, low bias) never reach it. θ from scipy's betainc for the wanted share."""
+    rng = np.random.default_rng(seed)
+    n, R = d - 1, math.sqrt(d)
+    P = np.eye(d) - 1.0 / d
+    c = P @ rng.standard_normal(d)
+    c /= np.linalg.norm(c)
+    lo, hi = 1e-6, math.pi / 2
+    for _ in range(200):  # share(θ) = ½ I_{sin²θ}((n-1)/2, ½) is increasing in θ
+        mid = 0.5 * (lo + hi)
+        if math.log10(0.5 * betainc((n - 1) / 2, 0.5, math.sin(mid) ** 2)) < log10_share:
+            lo = mid
+        else:
+            hi = mid
+    theta = 0.5 * (lo + hi)
+    truth = math.log10(0.5 * betainc((n - 1) / 2, 0.5, math.sin(theta) ** 2))
+    s, b1 = 2.0, 1.0
+    rows = [s * c, np.zeros(d)]
+    bias = [b1 - s * R * math.cos(theta), b1]
+    for _ in range(30):
+        w = P @ rng.standard_normal(d)
+        w -= (w @ c) * c
+        w /= np.linalg.norm(w)
+        rows.append(-c + w)
+        bias.append(b1 + R * (math.cos(theta) - 1) - 1.0)
+    rows = np.array(rows)
+    # a LayerNorm head with unit gain and zero beta: the folded rows are the rows, the bias b_U
+    return head_from_arrays(rows.T, np.array(bias), np.ones(d), np.zeros(d), "layernorm"), truth, theta
+
+
+# ------------------------------------------------------------------------------------------ closed form
+def test_cap_closed_form_matches_scipy_and_rounds_down():
+    for n, theta in ((2, 0.3), (3, 1.0), (64, 0.4), (768, 1.2), (768, 2.5)):
+        s = 0.5 * betainc((n - 1) / 2, 0.5, math.sin(theta) ** 2)
+        if theta > math.pi / 2:
+            s = 1 - s
+        got = vol.cap_log10_share(theta, n)
+        assert got <= math.log10(s) + 1e-13 and got > math.log10(s) - 1e-9
+    assert abs(vol.cap_log10_share(0.3, 2) - math.log10(0.3 / math.pi)) < 1e-9  # the circle: θ/π
+    assert vol.cap_log10_share(0.01, 768) < -1000  # no underflow
+
+
+# ------------------------------------------------------------------------------------------ d = 2: arcs
+def test_circle_arcs_with_bias_fine_grid():
+    rng = np.random.default_rng(3)
+    V = 9
+    phi = np.sort(rng.uniform(0, 2 * np.pi, V))
+    phi[4] = phi[3] + 1e-7  # two nearly identical rows: a tiny arc each side of their bisector
+    norms = rng.uniform(0.5, 1.5, V)
+    rows = norms[:, None] * np.stack([np.cos(phi), np.sin(phi)], axis=1)
+    bias = rng.normal(0, 0.2, V)
+    head = head_from_arrays(rows.T, bias, norm="rmsnorm")
+    R = math.sqrt(2)
+    ang = (np.arange(2_000_000) + 0.5) * (2 * np.pi / 2_000_000)
+    X = R * np.stack([np.cos(ang), np.sin(ang)], axis=1)
+    truth = np.bincount(np.argmax(X @ rows.T + bias, axis=1), minlength=V) / len(ang)
+    rep = vol.volume(head, tokens=range(V), samples=200_000, seed=1, confidence=0.999, split=FAST)
+    assert rep.dimension == 2
+    for tv in rep.tokens:
+        t = tv.id
+        if truth[t] == 0:
+            assert tv.log10_share is None or tv.log10_share < -5
+            continue
+        lt = math.log10(truth[t])
+        assert contains(tv, lt, slack=2e-6 / truth[t]), (t, lt, tv)
+        assert below(tv, lt + 1e-6 / truth[t]), (t, lt, tv.log10_share_lower_bound)
+    # where the arc is wide the cap is the whole arc: the bound is tight
+    t = int(np.argmax(truth))
+    assert rep.tokens[t].log10_share_lower_bound > math.log10(truth[t]) - 0.01
+
+
+# ------------------------------------------------------------------------------------------ d = 3: Girard
+def girard_areas(points: np.ndarray) -> np.ndarray:
+    """Share of each Voronoi cell of unit points on S²: scipy's vertices, the area from the angle sum."""
+    from scipy.spatial import SphericalVoronoi
+
+    sv = SphericalVoronoi(points)
+    sv.sort_vertices_of_regions()
+    shares = []
+    for region in sv.regions:
+        v = sv.vertices[region]
+        m = len(v)
+        total = 0.0
+        for i in range(m):
+            a, b, c = v[i - 1], v[i], v[(i + 1) % m]
+            t1 = a - (a @ b) * b
+            t2 = c - (c @ b) * b
+            total += math.acos(np.clip(t1 @ t2 / (np.linalg.norm(t1) * np.linalg.norm(t2)), -1, 1))
+        shares.append((total - (m - 2) * math.pi) / (4 * math.pi))
+    return np.array(shares)
+
+
+def test_sphere_polygons_girard_small_cells():
+    rng = np.random.default_rng(5)
+    pts = rng.standard_normal((40, 3))
+    pts /= np.linalg.norm(pts, axis=1, keepdims=True)
+    # a tight ring of 6 points around pts[0]: its cell becomes a tiny hexagon (share ~1e-6)
+    c = pts[0]
+    e1 = np.cross(c, [1.0, 0, 0])
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(c, e1)
+    ring = [math.cos(0.004) * c + math.sin(0.004) * (math.cos(a) * e1 + math.sin(a) * e2)
+            for a in np.linspace(0, 2 * np.pi, 6, endpoint=False) + 0.3]
+    pts = np.vstack([pts, ring])
+    truth = girard_areas(pts)
+    assert abs(truth.sum() - 1) < 1e-9
+    head = head_from_arrays(pts.T, norm="rmsnorm")
+    ids = [0, 1, 2, 40, 41]
+    rep = vol.volume(head, tokens=ids, samples=50_000, seed=2, confidence=0.999, split=FAST)
+    assert rep.tokens[0].method == "splitting" and truth[0] < 1e-5
+    for tv in rep.tokens:
+        lt = math.log10(truth[tv.id])
+        assert contains(tv, lt), (tv.id, lt, tv)
+        assert below(tv, lt), (tv.id, lt, tv.log10_share_lower_bound)
+        assert tv.cap_angle_deg is not None and tv.cap_angle_deg > 0
+
+
+# ------------------------------------------------------------------------------------------ high dimension
+@pytest.mark.parametrize("d,k", [(64, 40), (96, 30)])
+def test_orthant_closed_form_high_dim(d, k):
+    head, t0, tj = orthant_head(d, k, seed=d)
+    rep = vol.volume(head, tokens=[0, 1, 7], samples=0, seed=0, confidence=0.99, split=FAST)
+    a, b, c = rep.tokens
+    assert a.method == "splitting"
+    assert contains(a, t0) and contains(b, tj) and contains(c, tj), (t0, tj, a, b, c)
+    assert abs(a.log10_share - t0) < math.log10(2)  # a factor-2 estimate at 1e-12
+    for tv, lt in ((a, t0), (b, tj), (c, tj)):
+        assert below(tv, lt) and tv.log10_share_lower_bound is not None
+    # the inscribed cap of the orthant is the angle arcsin(1/sqrt(k)) around (1, ..., 1)
+    assert abs(a.cap_angle_deg - math.degrees(math.asin(1 / math.sqrt(k)))) < 1e-3
+
+
+def test_cap_region_layernorm_1e12_and_tight_bound():
+    head, truth, theta = cap_head(96, -12.0, seed=1)
+    rep = vol.volume(head, tokens=[0], samples=0, seed=3, confidence=0.99, split=FAST)
+    (a,) = rep.tokens
+    assert rep.dimension == 95 and rep.domain == "layernorm"
+    assert contains(a, truth), (truth, a)
+    assert abs(a.log10_share - truth) < math.log10(2)
+    # the region is the cap itself: the proven cap is the region, up to the verifier's shrinking
+    assert a.log10_share_lower_bound <= truth
+    assert a.log10_share_lower_bound > truth - 1e-3
+    assert abs(a.cap_angle_deg - math.degrees(theta)) < 1e-4
+
+
+def test_orthant_in_the_cube():
+    head, t0, tj = orthant_head(24, 20, rotate=False, norm="none")
+    rep = vol.volume(head, tokens=[0, 3], domain="box", samples=0, seed=4, confidence=0.99, split=FAST)
+    a, b = rep.tokens
+    assert contains(a, t0) and contains(b, tj), (t0, a, tj, b)
+    assert a.log10_share_lower_bound is None  # no cap bound in the cube
+
+
+def test_coverage_over_seeds():
+    """The 95% interval contains 2^-20 (d = 64) on at least 26 of 30 seeds (at a true rate of 95% that fails
+    with probability below 2%)."""
+    head, t0, _ = orthant_head(64, 20, seed=11)
+    hits = 0
+    for s in range(30):
+        rep = vol.volume(head, tokens=[0], samples=0, seed=1000 + s, confidence=0.95, lower_bound=False, split=FAST)
+        hits += contains(rep.tokens[0], t0)
+    assert hits >= 26, hits
+
+
+# ------------------------------------------------------------------------------------------ brute force
+def test_brute_force_small_head_every_token_and_sum():
+    rng = np.random.default_rng(7)
+    V, d = 40, 6
+    rows = rng.standard_normal((V, d)) * rng.uniform(0.5, 1.5, (V, 1))
+    bias = rng.normal(0, 0.5, V)
+    head = head_from_arrays(rows.T, bias, norm="rmsnorm")
+    z = np.random.default_rng(99).standard_normal((1_000_000, d))
+    X = math.sqrt(d) * z / np.linalg.norm(z, axis=1, keepdims=True)
+    counts = np.bincount(np.argmax(X @ rows.T + bias, axis=1), minlength=V)
+    rep = vol.volume(head, tokens=range(V), samples=100_000, seed=0, confidence=0.999, split=FAST)
+    for tv in rep.tokens:
+        k = counts[tv.id]
+        if k < 20:  # brute force itself is imprecise here: only a loose check
+            if tv.log10_share is not None:
+                assert tv.log10_share < math.log10(100 / 1e6)
+            continue
+        p = k / 1e6
+        bf = 4 * math.sqrt(p * (1 - p) / 1e6) / p / math.log(10)  # brute force's own error, in log10
+        assert contains(tv, math.log10(p), slack=bf), (tv.id, p, tv)
+        assert below(tv, math.log10(p) + bf)
+    # the plain pass alone: shares over all V sum to one
+    allrep = vol.volume(head, samples=50_000, seed=0)
+    total = sum(10 ** t.log10_share for t in allrep.tokens if t.log10_share is not None)
+    assert abs(total - 1) < 1e-9
+    assert all(t.log10_share_lower_bound is None for t in allrep.tokens)  # not listed: no bound
+
+
+# ------------------------------------------------------------------------------------------ ties and zero
+def test_identical_rows_share_their_cell_equally():
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((12, 5))
+    rows[7] = rows[3]
+    rows[9] = rows[3]
+    head = head_from_arrays(rows.T, norm="rmsnorm")
+    rep = vol.volume(head, tokens=range(12), samples=100_000, seed=0)
+    by = {t.id: t for t in rep.tokens}
+    assert by[3].method == by[7].method == by[9].method == "tie"
+    assert by[3].log10_share == by[7].log10_share == by[9].log10_share
+    assert sorted(by[7].tie_with) == [3, 9]
+    plain = vol.volume(head, samples=100_000, seed=0)  # every token from the plain pass: the shares sum to 1
+    total = sum(10 ** t.log10_share for t in plain.tokens if t.log10_share is not None)
+    assert abs(total - 1) < 1e-9
+    assert plain.tokens[3].log10_share == plain.tokens[7].log10_share == plain.tokens[9].log10_share
+    # brute force of the merged cell, split three ways
+    z = np.random.default_rng(5).standard_normal((400_000, 5))
+    w = np.argmax(z @ np.delete(rows, [7, 9], axis=0).T, axis=1)
+    p = np.mean(w == 3) / 3
+    assert contains(by[7], math.log10(p), slack=0.02)
+
+
+def test_zero_share_is_proven():
+    """Token 2's row equals token 0's and its bias is lower by more than the sphere's reach: share 0."""
+    rows = np.array([[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0], [0, 0, 1.0]])
+    bias = np.array([0.0, 0.0, -0.5, 0.0])
+    head = head_from_arrays(rows.T, bias, norm="rmsnorm")
+    rep = vol.volume(head, tokens=[2], samples=10_000, seed=0)
+    (tv,) = rep.tokens
+    assert tv.method == "zero" and tv.log10_share is None and tv.log10_share_ci == (None, None)
+
+
+def test_verify_cap_rejects_a_cap_that_crosses_a_competitor():
+    rows = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    bias = np.zeros(3)
+    th = vol.verify_cap(rows, bias, 0, np.array([1.0, 0.0]), 1.0, False)
+    assert abs(th - math.pi / 4) < 1e-8 and th <= math.pi / 4  # the bisector with token 1 at 45°
+    th_off = vol.verify_cap(rows, bias, 0, np.array([0.0, 1.0]), 1.0, False)
+    assert th_off == 0.0  # a centre outside the region proves nothing
+
+
+# ------------------------------------------------------------------------------------------ API and CLI
+def test_json_schema_and_fields(tmp_path, capsys):
+    out, csvp, html = tmp_path / "v.json", tmp_path / "v.csv", tmp_path / "v.html"
+    rc = main(["volume", "synthetic:V=300,d=8,seed=1", "--tokens", "0-3", "--samples", "20000", "--out", str(out),
+               "--csv", str(csvp), "--html", str(html)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["schema"] == "unspeakable.volume/1"
+    assert [t["id"] for t in data["tokens"]] == [0, 1, 2, 3]
+    for t in data["tokens"]:
+        assert list(t)[:9] == list(vol.FIELDS)
+        assert len(t["log10_share_ci"]) == 2
+    assert csvp.read_text().splitlines()[0].startswith("id,text,log10_share")
+    page = html.read_text()
+    assert "data:image/png;base64," in page and "How precisely must the model point?" in page
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--tokens", "5-400"], "out of range"),
+    (["--confidence", "1.5"], "between 0 and 1"),
+    (["--samples", "-3"], "non-negative"),
+    (["--replicates", "1"], "at least 2"),
+])
+def test_bad_input_exit_2_nothing_written(tmp_path, capsys, args, msg):
+    out = tmp_path / "v.json"
+    rc = main(["volume", "synthetic:V=300,d=8,seed=1", "--out", str(out)] + args)
+    assert rc == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_api_errors_and_export():
+    import unspeakable
+
+    assert unspeakable.volume is vol.volume
+    head, _, _ = orthant_head(8, 3, rotate=False)
+    with pytest.raises(InputError, match="out of range"):
+        vol.volume(head, tokens=[99])
+    with pytest.raises(InputError, match="confidence"):
+        vol.volume(head, tokens=[0], confidence=1.0)
+
+
+def test_cone_orthant_unit_sphere():
+    """No final norm: the cone (the unit sphere, bias ignored); the orthant's share and inscribed cap hold there."""
+    head, t0, tj = orthant_head(16, 12, norm="none")
+    rep = vol.volume(head, tokens=[0, 1], samples=0, seed=0, confidence=0.99, split=FAST)
+    a, b = rep.tokens
+    assert rep.domain == "cone" and rep.dimension == 16
+    assert contains(a, t0) and contains(b, tj) and below(a, t0) and below(b, tj)
+    assert abs(a.cap_angle_deg - math.degrees(math.asin(1 / math.sqrt(12)))) < 1e-3

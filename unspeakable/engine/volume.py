@@ -1,0 +1,1170 @@
+"""How precisely must the model point? The share of the norm's output set on which each token wins.
+
+**The measure.** For token t, ``share(t)`` is the probability that t is the *strict* argmax of the folded
+logits ``l_j(x) = ũ_j·x + b̃_j`` (DESIGN §1) when x is drawn uniformly from the final norm's output set:
+
+==============  =================================================================  ===================
+domain          x is uniform on                                                    dimension n
+==============  =================================================================  ===================
+``layernorm``   the sphere ``‖x‖ = R`` in the centred subspace ``sum(x) = 0``       d − 1
+``rmsnorm``     the sphere ``‖x‖ = R``                                             d
+``cone``        the unit sphere, no bias (every radius gives the same shares)       d
+``box``         the cube ``‖x‖∞ ≤ ρ`` (its volume)                                  d
+==============  =================================================================  ===================
+
+The gain and bias are folded exactly as the scan folds them (``loader.fold``). Ties between different rows
+have measure zero. *Identical* folded rows (same row and bias; layernorm: same centred row and bias) never
+win strictly — the scan calls them unspeakable, reason ``tie`` — yet own a cell together: each member of
+such a group is given an equal part of the group's cell, so that the shares of all V tokens sum to 1 (the
+entry says ``tie_with``). Note that the share lives on the sphere while the scan's verdicts live on the
+ball: a token that wins only inside the ball (a large bias, a short row) is speakable with share 0.
+
+**Three numbers per token.**
+
+* ``log10_share_lower_bound`` — rigorous: a spherical cap ``{x : angle(x, c) ≤ θ}`` that lies inside t's
+  region, checked against every one of the V − 1 competitors in float64 with explicit rounding
+  allowances (:func:`verify_cap`), its share in closed form, ``½ I_{sin²θ}((n−1)/2, ½)`` (regularised
+  incomplete beta, evaluated with mpmath and rounded down). ``cap_angle_deg`` is θ: "the model must point
+  within θ of c". The centre c comes from the estimator's particles and a smooth max–min ascent on the
+  angular slacks; only the final check is trusted. (box: null — no cap bound is computed there.)
+* ``log10_share`` and ``log10_share_ci`` — an estimate with a confidence interval at ``confidence``:
+  - ``sampling``: one batched pass of ``samples`` uniform points (a GEMM against all V rows and an argmax)
+    serves every token at once; a token with at least ``min_hits`` hits is reported from its count with
+    the exact (Clopper–Pearson) binomial interval.
+  - ``splitting``: rarer tokens get adaptive multilevel splitting on the margin
+    ``m_t(x) = l_t(x) − max_{j≠t} l_j(x)``: ``R`` independent replicates of ``N`` particles each; at every
+    level the particles at or below the ``(1 − p0)`` quantile are killed and replaced by clones of the
+    survivors, then every particle takes preconditioned Crank–Nicolson steps on the Gaussian behind x
+    (x = R·Pz/‖Pz‖ on spheres, ``ρ·erf(z/√2)`` on the cube), which leave the conditional law invariant.
+    The estimator of each replicate is ``Π (1 − killed/N) · (final fraction)``, unbiased whatever the
+    mixing. Particles meet a *restricted* set J of competitors (the strongest at t's own direction, grown by
+    constraint generation); the final particles are re-scored against all V rows and the fraction that
+    truly wins multiplies the estimate, so the estimate is of the head as given. The interval comes from
+    the spread of the independent replicates (Cox's interval for a log-normal mean), so MCMC correlation
+    widens it instead of making it dishonest.
+  - ``tie`` members share their group's estimate; ``zero`` is a proof that the share is 0 (one competitor's
+    half-space misses the sphere), with interval ``[null, null]`` and the estimate null.
+* ``samples`` — plain samples (sampling) or replicates × particles (splitting); ``seconds`` — the wall time
+  attributed to the token (its share of the batched pass or of its splitting batch).
+
+Floating point: sampling and splitting use float32 logits (an estimate; points within float32 rounding of
+a cell's boundary are a negligible set), the lower bound uses float64 with rounding allowances.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from unspeakable.engine.domain import U, gamma
+from unspeakable.engine.head import Head, InputError, ids_text
+
+SCHEMA = "unspeakable.volume/1"
+_DEBUG = bool(__import__("os").environ.get("UNSPEAKABLE_VOLUME_DEBUG"))
+FIELDS = ("id", "text", "log10_share", "log10_share_ci", "log10_share_lower_bound", "cap_angle_deg", "method",
+          "samples", "seconds")
+
+
+# ------------------------------------------------------------------------------------------------ results
+@dataclass
+class TokenVolume:
+    id: int
+    text: str | None
+    log10_share: float | None  # None: no estimate (share 0 proven, or not reached)
+    log10_share_ci: tuple  # (lo, hi); None for -inf
+    log10_share_lower_bound: float | None  # rigorous; None where no cap was proven
+    cap_angle_deg: float | None
+    method: str  # "sampling" | "splitting" | "zero" | "tie"
+    samples: int
+    seconds: float
+    hits: int | None = None  # plain samples on which t won (sampling)
+    levels: int | None = None  # splitting levels (the largest over replicates)
+    tie_with: list[int] | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict:
+        out = {"id": int(self.id), "text": None if self.text is None else str(self.text),
+               "log10_share": _f(self.log10_share),
+               "log10_share_ci": [_f(self.log10_share_ci[0]), _f(self.log10_share_ci[1])],
+               "log10_share_lower_bound": _f(self.log10_share_lower_bound),
+               "cap_angle_deg": _f(self.cap_angle_deg), "method": self.method, "samples": int(self.samples),
+               "seconds": _f(self.seconds)}
+        for k in ("hits", "levels", "tie_with", "note"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out
+
+
+@dataclass
+class VolumeReport:
+    source: str
+    V: int
+    d: int
+    domain: str
+    radius: float | None
+    bias: bool
+    dimension: int  # n: the sphere is S^(n-1) (or the cube [-ρ, ρ]^n)
+    confidence: float
+    samples: int
+    seed: int
+    tokens: list[TokenVolume]
+    timings_s: dict
+    warnings: list[str] = field(default_factory=list)
+    log10_share_sampled_all: object = None  # numpy [V]: log10 of the plain pass's share estimate (-inf: no hit)
+
+    def to_json(self) -> dict:
+        out = {"schema": SCHEMA, "source": str(self.source), "V": int(self.V), "d": int(self.d),
+               "domain": self.domain, "radius": _f(self.radius), "bias": bool(self.bias),
+               "dimension": int(self.dimension), "confidence": float(self.confidence),
+               "samples": int(self.samples), "seed": int(self.seed),
+               "timings_s": {k: _f(v) for k, v in self.timings_s.items()},
+               "tokens": [t.to_json() for t in self.tokens]}
+        if self.warnings:
+            out["warnings"] = [str(w) for w in self.warnings]
+        return out
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(("id", "text", "log10_share", "log10_share_ci_lo", "log10_share_ci_hi",
+                    "log10_share_lower_bound", "cap_angle_deg", "method", "samples", "seconds"))
+        for t in self.tokens:
+            w.writerow([t.id, "" if t.text is None else t.text, _c(t.log10_share), _c(t.log10_share_ci[0]),
+                        _c(t.log10_share_ci[1]), _c(t.log10_share_lower_bound), _c(t.cap_angle_deg), t.method,
+                        t.samples, _c(t.seconds)])
+        return buf.getvalue()
+
+
+def _f(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _c(x) -> str:
+    x = _f(x)
+    return "" if x is None else repr(x)
+
+
+# ------------------------------------------------------------------------------------------------ closed forms
+def cap_log10_share(theta: float, n: int) -> float:
+    """log10 of the share of the sphere S^(n-1) ⊂ R^n inside a cap of angular radius θ, rounded down.
+
+    ``½ I_{sin²θ}((n−1)/2, ½)`` for θ ≤ π/2 and one minus the complement's beyond; n = 1 (two points): the
+    cap holds one point for θ < π. Evaluated with mpmath at 40 digits (no underflow at any n), then lowered
+    by a relative 1e-12 so the bound is never above the exact value.
+    """
+    import mpmath
+
+    if not theta > 0:
+        return -math.inf
+    if theta >= math.pi:
+        return 0.0
+    if n == 1:
+        return math.log10(0.5)
+    with mpmath.workdps(40):
+        th = mpmath.mpf(theta)
+        a, b = mpmath.mpf(n - 1) / 2, mpmath.mpf(1) / 2
+        if th <= mpmath.pi / 2:
+            s = mpmath.betainc(a, b, 0, mpmath.sin(th) ** 2, regularized=True) / 2
+        else:
+            s = 1 - mpmath.betainc(a, b, 0, mpmath.sin(th) ** 2, regularized=True) / 2
+        v = float(mpmath.log10(s))
+    return v - 1e-12 * max(1.0, abs(v)) - 1e-15
+
+
+def _check_angle(c_theta: float, s_theta: float) -> None:
+    if not (0 <= s_theta <= 1 and -1 <= c_theta <= 1):
+        raise ValueError("cos/sin out of range")
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+class _Measure:
+    """The uniform law on the norm's output set as a map of a standard Gaussian z ∈ R^d, and the logits.
+
+    Spheres: ``x = R·Pz/‖Pz‖`` (P the domain's projection); the cube: ``x = ρ·erf(z/√2)``. A pCN step on z
+    leaves N(0, I) invariant, hence the uniform law on the output set, hence its restriction to any level
+    set when moves that leave the set are rejected."""
+
+    def __init__(self, problem, keys: np.ndarray):
+        import torch
+
+        self.problem = problem
+        dom = problem.domain
+        self.box = dom.solver == "lp"
+        self.centred = bool(dom.centred)
+        self.d = problem.d
+        self.n = self.d - 1 if self.centred else self.d
+        self.R = 1.0 if dom.radius is None else float(dom.radius)
+        self.keys64 = keys  # [V, d] float64: P(rows - c); logits up to a constant in j
+        self.bias64 = problem.bias
+        self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))
+        self.bias = torch.from_numpy(problem.bias.astype(np.float32))
+        # float32 logit differences closer than this are re-decided in float64 (the keys' rounding to
+        # float32 plus a typical float32 dot-product error, both sides): near-identical rows stay apart
+        norms = np.linalg.norm(keys, axis=1)
+        size = (math.sqrt(self.d) if self.box else 1.0) * self.R * float(norms.max()) + float(np.abs(problem.bias).max())
+        self.tol = 4 * (1 + math.sqrt(self.d)) * 2.0**-24 * size
+
+    def argmax64(self, x, L32, t: int | None = None, exclude=()):
+        """Near ties re-decided in float64: per point, the argmax over the columns whose float32 logit is
+        within 2·tol of the float32 maximum (the only ones that can be the true maximum), excluding
+        ``exclude``; with ``t`` also the float64 margin ``l_t − max``. Returns (argmax, margin or None)."""
+        import torch
+
+        x64 = x.double().numpy()
+        top = L32.max(dim=1, keepdim=True).values
+        arg = np.empty(len(x64), dtype=np.int64)
+        marg = np.empty(len(x64)) if t is not None else None
+        cand_mask = (L32 >= top - 2 * self.tol).numpy()
+        for i in range(len(x64)):
+            cols = np.nonzero(cand_mask[i])[0]
+            l64 = self.keys64[cols] @ x64[i] + self.bias64[cols]
+            k = int(np.argmax(l64))  # cols ascending: the first maximum, like torch
+            arg[i] = cols[k]
+            if t is not None:
+                lt = float(self.keys64[t] @ x64[i] + self.bias64[t])
+                marg[i] = lt - float(l64[k])
+        return torch.from_numpy(arg), marg
+
+    def points(self, z):
+        """Points x (torch float32) of Gaussians z [..., d]."""
+        import torch
+
+        if self.box:
+            return self.R * torch.erf(z * (1.0 / math.sqrt(2.0)))
+        if self.centred:
+            z = z - z.mean(-1, keepdim=True)
+        return z * (self.R / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------------ ties
+def _tie_groups(problem) -> dict[int, list[int]]:
+    """token -> sorted members of its group of identical (key, bias) rows, for groups of two or more.
+
+    Candidates share a random projection's value (equal rows always do); each candidate group is then
+    split by exact comparison, so a collision never joins different rows."""
+    M = np.hstack([problem.keys, problem.bias[:, None]]) + 0.0
+    h = M @ np.random.default_rng(12345).standard_normal(M.shape[1])
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    starts = np.nonzero(np.r_[True, hs[1:] != hs[:-1]])[0]
+    sizes = np.diff(np.r_[starts, len(hs)])
+    groups: dict[int, list[int]] = {}
+    for s0, n in zip(starts[sizes > 1], sizes[sizes > 1]):
+        cand = sorted(order[s0:s0 + n].tolist())
+        while cand:
+            first = cand[0]
+            same = [j for j in cand if np.array_equal(M[j], M[first])]
+            if len(same) > 1:
+                for t in same:
+                    groups[t] = same
+            cand = [j for j in cand if j not in same]
+    return groups
+
+
+# ------------------------------------------------------------------------------------------------ plain pass
+def _plain_pass(meas: _Measure, samples: int, seed: int, chunk: int = 4096):
+    """Hit counts of every token over ``samples`` uniform points, and the sum of each token's hit points
+    (a direction into its cell, for the cap). Ties go to the lowest id (torch's argmax); the caller splits
+    tie groups' counts."""
+    import torch
+
+    gen = torch.Generator().manual_seed(int(seed))
+    V = meas.keys.shape[0]
+    counts = torch.zeros(V, dtype=torch.int64)
+    sums = torch.zeros(V, meas.d, dtype=torch.float64)
+    keysT = meas.keys.T.contiguous()
+    done = 0
+    while done < samples:
+        b = min(chunk, samples - done)
+        x = meas.points(torch.randn(b, meas.d, generator=gen))
+        top = torch.topk(torch.addmm(meas.bias, x, keysT), 2, dim=1)
+        w = top.indices[:, 0].clone()
+        near = torch.nonzero(top.values[:, 0] - top.values[:, 1] < meas.tol).ravel()
+        if len(near):  # near ties: decided in float64
+            L = torch.addmm(meas.bias, x[near], keysT)
+            w[near] = meas.argmax64(x[near], L)[0]
+        counts += torch.bincount(w, minlength=V)
+        sums.index_add_(0, w, x.double())
+        done += b
+    return counts.numpy(), sums.numpy()
+
+
+def _clopper_pearson(k: int, n: int, conf: float) -> tuple[float, float]:
+    from scipy.stats import beta
+
+    a = 1 - conf
+    lo = 0.0 if k == 0 else float(beta.ppf(a / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a / 2, k + 1, n - k))
+    return lo, hi
+
+
+# ------------------------------------------------------------------------------------------------ splitting
+@dataclass
+class SplitOptions:
+    particles: int = 64  # N per replicate
+    replicates: int = 16  # R independent runs
+    keep: float = 0.5  # p0: the fraction of particles kept at each level
+    moves: int = 30  # pCN steps per level (fewer mix too little: heavy-tailed replicates, see RESULTS)
+    competitors: int = 256  # initial size of the restricted set J
+    check: int = 64  # final particles per replicate re-scored against all V rows
+    rounds: int = 3  # constraint-generation rounds (grow J with the competitors that beat t at the end)
+    rerun_below: float = 0.7  # another round when fewer than this share of the checked final particles win
+    max_competitors: int = 1024  # J never grows past this (the most frequent violators first): the cost per move
+    max_levels: int = 2000
+    floor_log10: float = -200.0  # replicates whose estimate falls below 10**floor stop: "not reached"
+    batch: int = 32  # tokens per batched run
+
+
+def _log10(x: float) -> float:
+    return math.log10(x) if x > 0 else -math.inf
+
+
+def _logits_at(meas: _Measure, x, ids=None):
+    """Logits of all V rows (or ``ids``) at points x [B, d] (float32)."""
+    if ids is None:
+        return x @ meas.keys.T + meas.bias
+    return x @ meas.keys[ids].T + meas.bias[ids]
+
+
+def _full_margins(meas: _Measure, t: int, x, exclude):
+    """True margins of t at points x [B, d] against all V rows but t and its twins; the best competitor."""
+    import torch
+
+    L = _logits_at(meas, x)
+    lt = L[:, t].clone()
+    L[:, exclude] = -torch.inf
+    best, arg = L.max(dim=1)
+    m = lt - best
+    near = torch.nonzero(m.abs() < meas.tol).ravel()
+    if len(near):  # near ties: re-decided in float64 (t itself is excluded from L: its value is -inf)
+        a64, m64 = meas.argmax64(x[near], L[near], t)
+        arg[near] = a64
+        # the float64 margin's sign is what counts; its size need not survive rounding to float32
+        m[near] = torch.from_numpy(np.where(m64 > 0, np.maximum(np.abs(m64), 1e-30), -np.abs(m64))).float()
+    return m, arg, L
+
+
+def _competitor_sets(meas: _Measure, ts: list[int], excl: dict[int, list[int]], K: int) -> list[np.ndarray]:
+    """J_t: the K strongest competitors at t's own screen point (the self-direction scaled into the domain)."""
+    import torch
+
+    kt = meas.keys[ts].double()
+    if meas.box:
+        x = meas.R * torch.sign(kt)
+    else:
+        x = meas.R * kt / torch.linalg.vector_norm(kt, dim=1, keepdim=True).clamp_min(1e-30)
+    L = _logits_at(meas, x.float())
+    out = []
+    for i, t in enumerate(ts):
+        L[i, excl[t]] = -torch.inf
+        k = min(K, int(torch.isfinite(L[i]).sum()))
+        out.append(torch.topk(L[i], k).indices.numpy())
+    return out
+
+
+class _Batch:
+    """The restricted margin ``min_{j∈J_t} (a_tj·x + β_tj)`` (``a = k_t − k_j``) of a batch of tokens, and
+    the pCN chain that samples x.
+
+    Spheres: the margin depends on the Gaussian z only through its coordinates ``u = Qᵀz`` in an orthonormal
+    basis Q of span{a_j} (K' ≤ |J| numbers) and the squared norm ``r²`` of the rest (in the domain's
+    subspace of dimension n): ``a_j·x = R (Qᵀa_j)·u / sqrt(‖u‖² + r²)``. A pCN step ``z' = ρz + sξ`` moves u
+    the same way and r exactly as ``r'² = (ρr + sω)² + s²χ²_{n−K'−1}`` (ω ~ N(0, 1)), so the chain runs in
+    K' + 1 dimensions; a point is rebuilt at the end with the rest's direction uniform, as it is given
+    everything else. The cube keeps z in full (its map ``ρ·erf(z/√2)`` works coordinate by coordinate).
+    """
+
+    def __init__(self, meas: _Measure, ts: list[int], J: list[np.ndarray]):
+        import torch
+
+        self.meas, self.T = meas, len(ts)
+        K = max(len(j) for j in J)
+        diffs = []
+        for t, j in zip(ts, J):
+            j = np.asarray(j, dtype=np.int64)
+            # differences in float64, then rounded: near-identical rows keep their small difference exactly
+            a = (meas.keys64[t][None, :] - meas.keys64[j]).T  # [d, K_t]
+            if meas.centred:
+                a = a - a.mean(axis=0, keepdims=True)
+            diffs.append((a, meas.bias64[t] - meas.bias64[j]))
+        self.B = torch.full((self.T, K), torch.inf)
+        for i, (_, b) in enumerate(diffs):
+            self.B[i, :len(b)] = torch.from_numpy(b.astype(np.float32))
+        if meas.box:
+            self.A = torch.zeros(self.T, meas.d, K)
+            for i, (a, _) in enumerate(diffs):
+                self.A[i, :, :a.shape[1]] = torch.from_numpy(a.astype(np.float32))
+            self.dim = meas.d
+            return
+        self.Q = []
+        ranks = []
+        for a, _ in diffs:
+            q, r = np.linalg.qr(a)
+            dg = np.abs(np.diag(r))
+            keep = dg > 1e-12 * max(float(dg.max(initial=0.0)), 1e-300)
+            self.Q.append(q[:, keep])
+            ranks.append(int(keep.sum()))
+        self.dim = max(ranks)
+        self.A = torch.zeros(self.T, self.dim, K)
+        self.mask = torch.zeros(self.T, self.dim)
+        for i, ((a, _), q) in enumerate(zip(diffs, self.Q)):
+            self.A[i, :q.shape[1], :a.shape[1]] = torch.from_numpy((q.T @ a).astype(np.float32))
+            self.mask[i, :q.shape[1]] = 1.0
+        self.rest = torch.tensor([meas.n - k for k in ranks], dtype=torch.float64)  # dimension of the rest
+
+    # ---- the chain's state: (u [T', M, dim], r² [T', M] or None)
+    def initial(self, M: int, gen, npgen):
+        import torch
+
+        u = torch.randn(self.T, M, self.dim, generator=gen)
+        if self.meas.box:
+            return u, None
+        u *= self.mask[:, None, :]
+        r2 = torch.from_numpy(_chi2(npgen, self.rest[:, None].expand(self.T, M).numpy())).float()
+        return u, r2
+
+    def propose(self, sel, u, r2, rho, st, gen, npgen):
+        """One pCN proposal for every particle; rho, st broadcast against [S, M]."""
+        import torch
+
+        xi = torch.randn(u.shape, generator=gen)
+        if not self.meas.box:
+            xi *= self.mask[sel][:, None, :]
+        u2 = xi.mul_(st[..., None]).add_(rho[..., None] * u)
+        if r2 is None:
+            return u2, None
+        w = torch.randn(r2.shape, generator=gen)
+        df = (self.rest[sel] - 1).clamp_min(0)[:, None].expand(r2.shape).numpy()
+        chi = torch.from_numpy(_chi2(npgen, df)).float()
+        r2n = (rho * r2.sqrt() + st * w) ** 2 + st * st * chi
+        return u2, torch.where(self.rest[sel][:, None] > 0, r2n, torch.zeros_like(r2n))
+
+    def margins(self, sel, u, r2):
+        """Restricted margins [S, M] of the states of tokens ``sel``."""
+        import torch
+
+        if self.meas.box:
+            return (torch.bmm(self.meas.points(u), self.A[sel]) + self.B[sel][:, None, :]).amin(dim=2)
+        scale = self.meas.R / ((u * u).sum(-1) + r2).clamp_min(1e-30).sqrt()
+        return torch.bmm(u, self.A[sel]).mul_(scale[..., None]).add_(self.B[sel][:, None, :]).amin(dim=2)
+
+    def points(self, i: int, u, r2, gen):
+        """Points x [M, d] (float32) of token i's states: the rest's direction drawn uniformly."""
+        import torch
+
+        if self.meas.box:
+            return self.meas.points(u)
+        q = self.Q[i]
+        k = q.shape[1]
+        z = u[:, :k].double().numpy() @ q.T
+        w = torch.randn(u.shape[0], self.meas.d, generator=gen, dtype=torch.float64).numpy()
+        if self.meas.centred:
+            w = w - w.mean(axis=1, keepdims=True)
+        w = w - (w @ q) @ q.T
+        nw = np.linalg.norm(w, axis=1, keepdims=True)
+        z = z + w * (np.sqrt(r2.double().numpy())[:, None] / np.maximum(nw, 1e-300))
+        return self.meas.points(torch.from_numpy(z).float())
+
+
+def _chi2(npgen, df: np.ndarray) -> np.ndarray:
+    """χ² draws with degrees of freedom ``df`` (0 where df = 0)."""
+    df = np.asarray(df, dtype=np.float64)
+    out = np.zeros(df.shape)
+    pos = df > 0
+    out[pos] = npgen.chisquare(df[pos])
+    return out
+
+
+def _split_batch(meas: _Measure, ts: list[int], J: list[np.ndarray], opt: SplitOptions, gen, npgen):
+    """Adaptive multilevel splitting for a batch of tokens against their restricted sets.
+
+    Returns the batch, per token and replicate: log p_J (natural log; -inf: not reached), levels, and the
+    final states (u [T, R, N, dim], r² [T, R, N] or None) with their restricted margins [T, R, N]."""
+    import torch
+
+    T, R, N = len(ts), opt.replicates, opt.particles
+    batch = _Batch(meas, ts, J)
+    D = batch.dim
+    with _threads(1 if T * R * N * D * batch.B.shape[1] < 2e8 else None):
+        return _run_levels(batch, T, R, N, D, opt, gen, npgen)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's intra-op threads set to n inside the block (None: unchanged). The splitting's per-move
+    tensors are small: one thread avoids the spin-waits that cost more than they save, above all on a
+    busy machine (measured: 4.7 s against 23 s for one GPT-2-shaped token with another job running)."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _run_levels(batch, T, R, N, D, opt, gen, npgen):
+    import torch
+
+    all_rows = torch.arange(T)
+    u, r2 = batch.initial(R * N, gen, npgen)
+    m = batch.margins(all_rows, u, r2 if r2 is not None else None).view(T, R, N)
+    u = u.view(T, R, N, D)
+    r2 = None if r2 is None else r2.view(T, R, N)
+    logp = torch.zeros(T, R, dtype=torch.float64)
+    levels = torch.zeros(T, R, dtype=torch.int64)
+    active = torch.ones(T, R, dtype=torch.bool)
+    step = torch.ones(T, R)  # pCN step sqrt(1 - rho^2); 1 = independent proposals
+    n_keep = min(N - 1, max(1, int(round(opt.keep * N))))
+    floor = opt.floor_log10 * math.log(10)
+    for _ in range(opt.max_levels):
+        srt = torch.sort(m, dim=2).values
+        tau = srt[:, :, N - n_keep - 1]  # the largest killed value
+        finish = active & (tau >= 0)  # the next level would pass 0: end with the fraction above 0
+        if finish.any():
+            frac = (m > 0).double().mean(dim=2)
+            logp = torch.where(finish, logp + torch.log(frac), logp)
+            active &= ~finish
+        # every particle at one value (no progress possible), or below the floor: not reached
+        stalled = active & ((srt[:, :, -1] <= tau) | (logp < floor))
+        if stalled.any():
+            logp = torch.where(stalled, torch.full_like(logp, -math.inf), logp)
+            active &= ~stalled
+        if not active.any():
+            break
+        sel = torch.nonzero(active.any(dim=1)).ravel()
+        S = len(sel)
+        act = active[sel]  # [S, R]
+        ms, us, taus = m[sel], u[sel], tau[sel]
+        rs = None if r2 is None else r2[sel]
+        alive = ms > taus[..., None]  # [S, R, N]
+        n_alive = alive.sum(dim=2)
+        logp[sel] = torch.where(act, logp[sel] + torch.log(n_alive.double() / N), logp[sel])
+        levels[sel] += act.long()
+        # the killed are replaced by clones of survivors drawn uniformly
+        w = alive.float().view(-1, N)
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+        src = torch.multinomial(w, N, replacement=True, generator=gen).view(S, R, N)
+        src = torch.where(alive, torch.arange(N).expand_as(src), src)
+        us = torch.gather(us, 2, src[..., None].expand(-1, -1, -1, D))
+        ms = torch.gather(ms, 2, src)
+        if rs is not None:
+            rs = torch.gather(rs, 2, src)
+        # pCN moves of every particle, rejected when they leave the level set
+        acc = torch.zeros(S, R)
+        st = step[sel]
+        rho = torch.sqrt((1 - st * st).clamp_min(0))
+        stN, rhoN = st[..., None].expand(S, R, N).reshape(S, R * N), rho[..., None].expand(S, R, N).reshape(S, R * N)
+        for _ in range(opt.moves):
+            pu, pr = batch.propose(sel, us.view(S, R * N, D), None if rs is None else rs.view(S, R * N),
+                                   rhoN, stN, gen, npgen)
+            mp = batch.margins(sel, pu, pr).view(S, R, N)
+            ok = (mp > taus[..., None]) & act[..., None]
+            us = torch.where(ok[..., None], pu.view(S, R, N, D), us)
+            if rs is not None:
+                rs = torch.where(ok, pr.view(S, R, N), rs)
+            ms = torch.where(ok, mp, ms)
+            acc += ok.float().mean(dim=2)
+        acc /= opt.moves
+        step[sel] = torch.where(act, (st * torch.exp(2.0 * (acc - 0.3))).clamp(0.02, 1.0), st)
+        u[sel] = torch.where(act[..., None, None], us, u[sel])
+        if rs is not None:
+            r2[sel] = torch.where(act[..., None], rs, r2[sel])
+        m[sel] = torch.where(act[..., None], ms, m[sel])
+    else:
+        logp = torch.where(active, torch.full_like(logp, -math.inf), logp)
+    return batch, logp, levels, u, r2, m
+
+
+def _split_tokens(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt: SplitOptions, gen):
+    """Splitting with constraint generation and the final all-V correction, for a batch of tokens.
+
+    Returns per token: (replicate estimates p̂_r [R] (linear, may be 0), levels, centre direction or None)."""
+    import torch
+
+    J = _competitor_sets(meas, ts, excl, opt.competitors)
+    npgen = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    todo = list(range(len(ts)))
+    res: dict[int, tuple] = {}
+    for rnd in range(opt.rounds):
+        sub = [ts[i] for i in todo]
+        batch, logp, levels, u, r2, m = _split_batch(meas, sub, [J[i] for i in todo], opt, gen, npgen)
+        again = []
+        for k, i in enumerate(todo):
+            t = ts[i]
+            est = np.zeros(opt.replicates)
+            inside, violators, n_checked, n_good = [], {}, 0, 0
+            for r in range(opt.replicates):
+                lp = float(logp[k, r])
+                if not math.isfinite(lp):
+                    continue
+                pos = torch.nonzero(m[k, r] > 0).ravel()[:opt.check]
+                if len(pos) == 0:
+                    continue
+                x = batch.points(k, u[k, r, pos], None if r2 is None else r2[k, r, pos], gen)
+                mt, arg, L = _full_margins(meas, t, x, excl[t])
+                good = mt > 0
+                est[r] = math.exp(lp) * float(good.double().mean())
+                n_checked += len(good)
+                n_good += int(good.sum())
+                inside.append(x[good])
+                bad = ~good
+                if bad.any():
+                    Lb = L[bad]
+                    top = torch.topk(Lb, min(16, Lb.shape[1]), dim=1).indices.ravel().tolist()
+                    for j in top:
+                        violators[j] = violators.get(j, 0) + 1
+            for j in set(J[i].tolist()) | {t}:
+                violators.pop(j, None)
+            room = max(0, opt.max_competitors - len(J[i]))
+            violators = sorted(violators, key=lambda j: (-violators[j], j))[:room]
+            centre = torch.cat(inside).double().sum(0).numpy() if inside else None
+            if _DEBUG:
+                print(f"  token {t} round {rnd}: levels {levels[k].tolist()} est {np.log10(np.maximum(est, 1e-320)).round(2).tolist()} "
+                      f"violators {len(violators)} |J| {len(J[i])} q {n_good}/{n_checked}")
+            res[i] = (est, int(levels[k].max()), centre)
+            if violators and rnd + 1 < opt.rounds and n_good < opt.rerun_below * n_checked:
+                J[i] = np.concatenate([J[i], np.array(sorted(violators), dtype=np.int64)])
+                again.append(i)
+        todo = again
+        if not todo:
+            break
+    return [res[i] + (J[i],) for i in range(len(ts))]
+
+
+def _cox_interval(est: np.ndarray, conf: float, var_floor: float = 0.0) -> tuple[float, float, float]:
+    """(log10 mean, lo, hi) from independent unbiased replicate estimates: Cox's interval for the mean of
+    a log-normal on their logs; with zeros among them, a t interval on the raw values.
+
+    ``var_floor``: a lower limit for the variance of one replicate's log estimate — that of splitting with
+    perfectly mixed particles, ``(levels + 1)/N``. The truth is never below it, and with few replicates
+    the sample variance can be (heavy right tails hide in small samples), so the larger one is used."""
+    from scipy.stats import t as student
+
+    R = len(est)
+    mean = float(np.mean(est))
+    q = float(student.ppf(0.5 + conf / 2, R - 1))
+    if mean <= 0:
+        return -math.inf, -math.inf, -math.inf
+    if np.all(est > 0):
+        y = np.log(est)
+        s2 = max(float(np.var(y, ddof=1)), var_floor)
+        centre = float(np.mean(y)) + s2 / 2
+        half = q * math.sqrt(s2 / R + s2 * s2 / (2 * (R - 1)))
+        ln10 = math.log(10)
+        return math.log10(mean), (centre - half) / ln10, (centre + half) / ln10
+    se = float(np.std(est, ddof=1)) / math.sqrt(R)
+    lo = mean - q * se
+    return math.log10(mean), (math.log10(lo) if lo > 0 else -math.inf), math.log10(mean + q * se)
+
+
+# ------------------------------------------------------------------------------------------------ the cap
+def _binding(meas: _Measure, t: int, c: np.ndarray, exclude, k: int) -> np.ndarray:
+    """The k competitors whose half-spaces come closest to the direction c (smallest angular slack
+    ``α_j − angle(c, â_j)``), from all V rows in float32: the ones the centre search must respect."""
+    import torch
+
+    c = np.asarray(c, dtype=np.float64)
+    if meas.centred:
+        c = c - c.mean()
+    c = c / max(np.linalg.norm(c), 1e-300)
+    kt = meas.keys[t]
+    A = kt[None, :] - meas.keys
+    na = torch.linalg.vector_norm(A, dim=1).double().clamp_min(1e-300)
+    p = (A @ torch.from_numpy(c).float()).double()
+    beta = (meas.bias[t] - meas.bias).double()
+    slack = torch.arccos((-beta / (meas.R * na)).clamp(-1, 1)) - torch.arccos((p / na).clamp(-1, 1))
+    slack[list(exclude)] = torch.inf
+    return torch.topk(slack, min(k, int(torch.isfinite(slack).sum())), largest=False).indices.numpy()
+
+
+def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None, iters: int = 400) -> np.ndarray:
+    """A centre c for t's cap: ascent of a smoothed ``min_j (α_j − angle(c, â_j))`` on the unit sphere over
+    the competitors ``comps`` (their half-spaces ``â_j·x ≥ cos α_j``), from c0 (else t's own direction),
+    with a step that grows on success and halves on failure. Only a heuristic: :func:`verify_cap` checks
+    the result against all V rows."""
+    rows = meas.problem.rows
+    A = rows[t][None, :] - rows[comps]
+    beta = meas.bias64[t] - meas.bias64[comps]
+    if meas.centred:
+        A = A - A.mean(axis=1, keepdims=True)
+    na = np.linalg.norm(A, axis=1)
+    ok = na > 0
+    A, beta, na = A[ok], beta[ok], na[ok]
+    if not len(A):
+        return meas.keys64[t]
+    Ah = A / na[:, None]
+    alpha = np.arccos(np.clip(-beta / (meas.R * na), -1.0, 1.0))
+
+    def unit(v):
+        v = np.asarray(v, dtype=np.float64)
+        if meas.centred:
+            v = v - v.mean()
+        n = np.linalg.norm(v)
+        return v / n if n > 0 else None
+
+    def score(c, temp):
+        cosv = np.clip(Ah @ c, -1.0, 1.0)
+        g = alpha - np.arccos(cosv)
+        lo = g.min()
+        w = np.exp(-(g - lo) / temp)
+        w /= w.sum()
+        soft = lo - temp * math.log(float(np.exp(-(g - lo) / temp).sum()))
+        grad = (w / np.sqrt(np.maximum(1 - cosv * cosv, 1e-300))) @ Ah
+        return lo, soft, grad
+
+    starts = [c for c in (unit(c0) if c0 is not None else None, unit(meas.keys64[t])) if c is not None]
+    best, best_c = -math.inf, starts[0] if starts else None
+    for c in starts:
+        eta = 0.05
+        for i in range(iters):
+            temp = 0.05 * (0.01 ** (i / iters))
+            lo, soft, grad = score(c, temp)
+            if lo > best:
+                best, best_c = lo, c
+            gt = grad - (grad @ c) * c
+            ng = np.linalg.norm(gt)
+            if not ng > 0:
+                break
+            for _ in range(30):
+                cn = unit(c + eta * gt / ng)
+                if cn is not None and score(cn, temp)[1] > soft:
+                    c, eta = cn, min(eta * 1.5, 1.0)
+                    break
+                eta *= 0.5
+            else:
+                break
+        lo = score(c, 1e-3)[0]
+        if lo > best:
+            best, best_c = lo, c
+    return best_c
+
+
+def verify_cap(rows: np.ndarray, bias: np.ndarray, t: int, c: np.ndarray, R: float, centred: bool,
+               exclude=(), bias_err: np.ndarray | None = None, rows_err: bool = True) -> float:
+    """The largest θ (radians, rounded down) for which the cap ``{x : ‖x‖ = R, angle(x, c) ≤ θ}`` (in the
+    centred subspace when ``centred``) lies inside ``{x : l_t(x) > l_j(x)}`` for every j ≠ t outside
+    ``exclude``; 0 when none is proven. Independent of how c was found; float64 with rounding allowances.
+
+    For competitor j let ``a = P(ũ_t − ũ_j)``, ``β = b̃_t − b̃_j``, ``p = a·c``, ``q = ‖a − p c‖`` (c unit in
+    the subspace). On the cap, x = R(cos φ c + sin φ v) with v ⊥ c unit and φ ≤ θ, and
+    ``min a·x = R·min_{φ≤θ}(p cos φ − q sin φ)``, which is ``R(p cos θ − q sin θ)`` while
+    ``p sin θ + q cos θ ≥ 0`` and ``−R‖a‖`` beyond. So θ_j solves ``R(p cos θ − q sin θ) + β = 0``:
+    ``θ_j = arccos(−β / (R‖a‖)) − atan2(q, p)``. The claimed θ = min_j θ_j shrunk by a relative 1e-9; it is
+    then *checked* at that θ for every j with explicit allowances: the float64 dot products (γ_n terms),
+    the projection, the fold's rounding of the rows (``rows_err``: False when ``γ ⊙ u`` was exact) and of
+    the bias (``bias_err``), and cos/sin; a failed check retries with θ shrunk by 1e-6 … 0.5.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    V, d = rows.shape
+    c = np.array(c, dtype=np.float64)
+    if centred:
+        c = c - c.mean()
+    nc = np.linalg.norm(c)
+    if not nc > 0:
+        return 0.0
+    c = c / nc
+    mask = np.ones(V, dtype=bool)
+    mask[t] = False
+    mask[list(exclude)] = False
+    idx = np.nonzero(mask)[0]
+    g = gamma(d + 8)
+    cerr = g * (1 + 2 * d * U)  # c's norm differs from 1 by at most this relative amount
+    berr = np.zeros(V) if bias_err is None else np.asarray(bias_err, dtype=np.float64)
+    parts = {k: [] for k in ("p", "q", "na", "perr", "qerr", "nerr", "beta", "berr")}
+    for s in range(0, len(idx), 4096):
+        jj = idx[s:s + 4096]
+        A = rows[t][None, :] - rows[jj]
+        aerr = U * np.abs(A)  # the subtraction's rounding, per entry
+        if rows_err:  # the fold's rounding of ũ = γ ⊙ u, one product per entry
+            aerr = aerr + 2 * U * (np.abs(rows[t])[None, :] + np.abs(rows[jj]))
+        if centred:
+            aerr = aerr + U * np.abs(A) + g * np.abs(A).mean(axis=1, keepdims=True)
+            A = A - A.mean(axis=1, keepdims=True)
+        p = A @ c
+        nerr = np.linalg.norm(aerr, axis=1)
+        na = np.linalg.norm(A, axis=1)
+        perr = g * (np.abs(A) @ np.abs(c)) + nerr + cerr * na
+        parts["p"].append(p)
+        parts["q"].append(np.linalg.norm(A - p[:, None] * c[None, :], axis=1))
+        parts["na"].append(na)
+        parts["perr"].append(perr)
+        parts["qerr"].append(3 * g * (na + np.abs(p)) + nerr + 2 * perr + cerr * na)
+        parts["nerr"].append(nerr)
+        beta = bias[t] - bias[jj]
+        parts["beta"].append(beta)
+        parts["berr"].append(U * np.abs(beta) + berr[t] + berr[jj])
+    if not len(idx):
+        return math.pi * (1 - 1e-9)
+    p, q, na, perr, qerr, nerr, beta, berr_j = (np.concatenate(parts[k]) for k in parts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(na > 0, -beta / (R * na), np.where(beta > 0, -np.inf, np.inf))
+    th_j = np.where(ratio <= -1.0, np.pi, np.arccos(np.clip(ratio, -1.0, 1.0)) - np.arctan2(q, p))
+    th = float(min(np.min(th_j), math.pi))
+    if not th > 0:
+        return 0.0
+    # the whole sphere on t's side of j (then any cap passes for j)
+    whole = beta - R * (na + nerr) * (1 + 4 * U) - berr_j - 4 * U * np.abs(beta) > 0
+    for shrink in (1e-9, 1e-6, 1e-4, 1e-2, 0.1, 0.5):
+        th_claim = th * (1 - shrink)
+        ct, st = math.cos(th_claim), math.sin(th_claim)
+        decreasing = p * st + q * ct - (perr * st + qerr * ct) > 0
+        val = R * (p * ct - q * st) + beta
+        err = (R * (perr * ct + qerr * st + 4 * U * (np.abs(p) + q)) + berr_j
+               + 4 * U * (np.abs(val) + np.abs(beta)))
+        if np.all((decreasing & (val - err > 0)) | whole):
+            return th_claim
+    return 0.0
+
+
+def _rows_rounded(head: Head) -> bool:
+    """Whether the fold's ``γ ⊙ u`` may have rounded: not when there is no gain, nor when both factors have
+    at most 24-bit significands (float32, float16, bfloat16: their product is exact in float64)."""
+    if head.ln_w is None:
+        return False
+    short = ("float32", "float16", "bfloat16")
+    return not (np.asarray(head.W_U).dtype.name in short and np.asarray(head.ln_w).dtype.name in short)
+
+
+def _bias_error(head: Head, problem, bias_on: bool) -> np.ndarray | None:
+    """Per token, a bound on the fold's rounding of ``b̃_j = u_j·β + b_j`` (γ_d Σ|u_j β| plus one addition)."""
+    if not bias_on or head.ln_b is None:
+        return None if not bias_on else U * np.abs(problem.bias) * 2
+    W = np.abs(np.asarray(head.W_U, dtype=np.float64))
+    e = gamma(head.d_model + 2) * (np.abs(np.asarray(head.ln_b, dtype=np.float64)) @ W) + 2 * U * np.abs(problem.bias)
+    scale = math.ldexp(1.0, -problem.margin_exp) if problem.margin_exp else 1.0
+    return e * scale
+
+
+# ------------------------------------------------------------------------------------------------ entry
+def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: float | None = None, bias: bool = True,
+           samples: int = 65536, seed: int = 0, confidence: float = 0.95, min_hits: int = 100,
+           split: SplitOptions | None = None, lower_bound: bool = True, progress=None) -> VolumeReport:
+    """The share of the norm's output set on which each token is the strict argmax (module docstring).
+
+    Args:
+        source_or_head: a :class:`Head` or anything :func:`engine.loader.load` accepts.
+        tokens: ids to report. Every listed token gets an estimate, an interval and the cap bound; the
+            plain pass always covers all V (its hits decide which tokens need splitting). None: all V
+            from the plain pass alone — tokens with fewer than ``min_hits`` hits keep the binomial interval
+            (``[null, hi]`` with no hit) and no token gets the cap bound (list ids for those: the
+            splitting costs about a second per rare token, the bound a fraction of one).
+        domain, radius, bias: as for ``scan`` (the fold).
+        samples: plain uniform samples (0: skip the pass; every listed token is then split).
+        seed: the random seed (results are reproducible for a seed and thread count).
+        confidence: of the intervals, in (0, 1).
+        min_hits: tokens with fewer plain hits than this are estimated by splitting.
+        split: the splitting's knobs (:class:`SplitOptions`).
+        lower_bound: compute the rigorous cap bound (sphere domains).
+        progress: a callable taking a message string, or None.
+
+    Raises:
+        InputError: bad token ids, confidence or sample counts.
+    """
+    import torch
+
+    from unspeakable.engine.loader import fold, load
+
+    t_start = time.perf_counter()
+    head = load(source_or_head) if not isinstance(source_or_head, Head) else source_or_head
+    if not (isinstance(confidence, float | int) and 0 < confidence < 1):
+        raise InputError(f"confidence must be in (0, 1); got {confidence!r}")
+    if samples < 0:
+        raise InputError(f"samples must be >= 0; got {samples}")
+    split = split or SplitOptions()
+    if split.replicates < 2 or split.particles < 2:
+        raise InputError("splitting needs at least 2 replicates of at least 2 particles")
+    problem = fold(head, domain=domain, radius=radius, bias=bias)
+    V = problem.V
+    listed = tokens is not None
+    if not listed:
+        ids = np.arange(V)
+    else:
+        ids = np.unique(np.asarray(tokens, dtype=np.int64).ravel())
+        bad = ids[(ids < 0) | (ids >= V)]
+        if bad.size:
+            raise InputError(f"token ids {ids_text(bad)} are out of range for V = {V}")
+    say = progress or (lambda msg: None)
+    timings = {"load_fold": time.perf_counter() - t_start}
+    meas = _Measure(problem, problem.keys)
+    groups = _tie_groups(problem)
+    excl = {int(t): sorted(set(groups.get(int(t), [])) | {int(t)}) for t in ids}
+    texts = head.texts
+
+    # ---- the plain pass over all V
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(int(seed))
+    if samples:
+        say(f"plain pass: {samples} samples x {V} tokens")
+        counts, sums = _plain_pass(meas, samples, int(torch.randint(0, 2**62, (1,), generator=gen)))
+    else:
+        counts, sums = np.zeros(V, dtype=np.int64), np.zeros((V, problem.d))
+    group_counts = counts.astype(np.float64).copy()
+    seen = set()
+    for t, members in groups.items():
+        if t in seen:
+            continue
+        tot = counts[members].sum()
+        group_counts[members] = tot / len(members)
+        seen.update(members)
+    timings["sampling"] = time.perf_counter() - t0
+    with np.errstate(divide="ignore"):
+        sampled_all = np.log10(group_counts / samples) if samples else np.full(V, -np.inf)
+    per_plain = timings["sampling"] / V
+
+    results: dict[int, TokenVolume] = {}
+    bias_err = _bias_error(head, problem, problem.bias_used) if lower_bound else None
+    rows_err = _rows_rounded(head)
+
+    # ---- proofs of share 0: one competitor's half-space misses the sphere (sphere domains)
+    zero = set()
+    if listed and not meas.box:
+        for t in ids:
+            t = int(t)
+            if counts[t] or t in groups and any(counts[m] for m in groups[t]):
+                continue
+            if _zero_share(problem, t, excl[t], meas.R, meas.centred, bias_err):
+                zero.add(t)
+
+    # ---- sampling and splitting
+    def rep(t):
+        return groups[t][0] if t in groups else t
+
+    rare = sorted({rep(int(t)) for t in ids if int(t) not in zero
+                   and counts[groups.get(int(t), [int(t)])].sum() < min_hits}) if listed else []
+    t0 = time.perf_counter()
+    split_res: dict[int, tuple] = {}
+    for s in range(0, len(rare), split.batch):
+        chunk = rare[s:s + split.batch]
+        say(f"splitting: tokens {s + 1}-{s + len(chunk)} of {len(rare)}")
+        tc = time.perf_counter()
+        out = _split_tokens(meas, chunk, excl, split, gen)
+        per = (time.perf_counter() - tc) / len(chunk)
+        for t, r in zip(chunk, out):
+            split_res[t] = r + (per,)
+    timings["splitting"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cap_time = 0.0
+    for t in ids:
+        t = int(t)
+        text = None if texts is None else texts[t]
+        members = groups.get(t)
+        rep_t = members[0] if members else t
+        k = len(members) if members else 1
+        tie_with = [m for m in members if m != t] if members else None
+        if t in zero:
+            results[t] = TokenVolume(t, text, None, (None, None), None, None, "zero", 0, per_plain,
+                                     tie_with=tie_with, note="a competitor's half-space misses the sphere: share 0")
+            continue
+        lb = angle = None
+        if rep_t in split_res:
+            est, levels, centre, J, per = split_res[rep_t]
+            mean, lo, hi = _cox_interval(est / k, confidence, (levels + 1) / split.particles)
+            tv = TokenVolume(t, text, mean, (lo, hi), None, None, "splitting" if k == 1 else "tie",
+                             split.replicates * split.particles, per, levels=levels, tie_with=tie_with)
+            if not math.isfinite(mean):
+                tv.log10_share = None
+                tv.note = "no replicate reached t's cell: the share may be 0 (or below what this run resolves)"
+                tv.log10_share_ci = (None, _upper_from_plain(int(group_counts[t] * k), samples, confidence, k))
+        else:
+            hits = int(round(group_counts[t] * k))
+            lo, hi = _clopper_pearson(hits, samples, confidence)
+            tv = TokenVolume(t, text, _log10(hits / samples / k), (_log10(lo / k), _log10(hi / k)), None, None,
+                             "sampling" if k == 1 else "tie", samples, per_plain, hits=hits, tie_with=tie_with)
+            centre, J = (sums[members].sum(0) if members else sums[t]), None
+        if listed and lower_bound and not meas.box:
+            tc = time.perf_counter()
+            start = centre if centre is not None and np.linalg.norm(centre) > 0 else meas.keys64[rep_t]
+            comps = _binding(meas, rep_t, start, excl[t], 512)
+            c = _cap_centre(meas, rep_t, comps, centre)
+            # a second pass: the competitors binding at the centre found (the first set was seen from the start)
+            comps2 = np.union1d(comps, _binding(meas, rep_t, c, excl[t], 512))
+            c = _cap_centre(meas, rep_t, comps2, c)
+            th = verify_cap(problem.rows, problem.bias, rep_t, c, meas.R, meas.centred, exclude=excl[t],
+                            bias_err=bias_err, rows_err=rows_err)
+            if th > 0:
+                angle = math.degrees(th) * (1 - 1e-12)
+                lb = cap_log10_share(th, meas.n) - math.log10(k)
+            cap_time += time.perf_counter() - tc
+        tv.log10_share_lower_bound, tv.cap_angle_deg = lb, angle
+        results[t] = tv
+    timings["lower_bound"] = cap_time
+    timings["total"] = time.perf_counter() - t_start
+    dom = problem.domain
+    return VolumeReport(source=head.source, V=V, d=problem.d, domain=dom.name, radius=problem.radius_reported,
+                        bias=problem.bias_used, dimension=meas.n, confidence=float(confidence), samples=int(samples),
+                        seed=int(seed), tokens=[results[int(t)] for t in ids], timings_s=timings,
+                        warnings=list(problem.warnings), log10_share_sampled_all=sampled_all)
+
+
+def _upper_from_plain(hits: int, samples: int, conf: float, k: int) -> float | None:
+    if not samples:
+        return None
+    return _log10(_clopper_pearson(hits, samples, conf)[1] / k)
+
+
+def _row_norms(problem) -> np.ndarray:
+    """‖P ũ_j‖ per row (cached on the problem object for the zero-share filter)."""
+    cached = getattr(problem, "_volume_row_norms", None)
+    if cached is None:
+        rows = problem.rows
+        cached = np.linalg.norm(problem.domain.project(rows), axis=1)
+        problem._volume_row_norms = cached
+    return cached
+
+
+def _zero_share(problem, t: int, exclude, R: float, centred: bool, bias_err) -> bool:
+    """A proof that t's share is 0: some competitor j with ``β + R‖a‖ < 0`` (allowances included), i.e.
+    ``l_j > l_t`` on the whole sphere."""
+    rows, bias = problem.rows, problem.bias
+    d = rows.shape[1]
+    if problem.constant_bias:  # every logit equal at the sphere's centre: no half-space misses the sphere
+        return False
+    # necessary: b_j − b_t > R ‖a‖ ≥ R |‖ũ_t‖ − ‖ũ_j‖| (up to rounding): a cheap O(V) filter before the exact test
+    norms = _row_norms(problem)
+    mask = (bias - bias[t]) * (1 + 1e-6) + 1e-300 > R * np.abs(norms - norms[t]) * (1 - 1e-6)
+    mask[list(exclude)] = False
+    if not mask.any():
+        return False
+    A = rows[t][None, :] - rows[mask]
+    if centred:
+        A = A - A.mean(axis=1, keepdims=True)
+    na = (np.linalg.norm(A, axis=1) * (1 + gamma(d + 8)) + gamma(d + 8) * np.abs(A).sum(axis=1)
+          + 4 * U * (np.linalg.norm(rows[t]) + np.linalg.norm(rows[mask], axis=1)))
+    beta = bias[t] - bias[mask]
+    be = np.zeros_like(beta) if bias_err is None else bias_err[t] + bias_err[mask]
+    val = beta + R * na * (1 + 4 * U) + be + 4 * U * np.abs(beta)
+    return bool(np.any(val < 0))
+
+
+# ------------------------------------------------------------------------------------------------ output
+def write_json(report: VolumeReport, path) -> None:
+    """``report.to_json()`` written atomically (nothing half-written); NaN and inf are refused."""
+    import json
+
+    from unspeakable.engine.report import _atomic
+
+    data = report.to_json()
+    with _atomic(path) as f:
+        json.dump(data, f, indent=1, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
+
+
+def write_csv(report: VolumeReport, path) -> None:
+    from unspeakable.engine.report import _atomic
+
+    text = report.to_csv()
+    with _atomic(path) as f:
+        f.write(text)
+
+
+def _fmt(x, nd: int = 2) -> str:
+    x = _f(x)
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def format_table(report: VolumeReport, max_rows: int = 40) -> str:
+    """The console summary: the listed tokens, rarest first."""
+    from unspeakable.engine.report import _text
+
+    toks = sorted(report.tokens, key=_rarity)
+    head = (f"unspeakable volume: {report.source}  V={report.V}  d={report.d}  domain={report.domain} "
+            f"(sphere S^{report.dimension - 1})" if report.domain != "box" else
+            f"unspeakable volume: {report.source}  V={report.V}  d={report.d}  domain=box")
+    lines = [head, f"{'id':>7}  {'text':<18} {'log10 share':>11} {'CI ' + format(report.confidence, '.0%'):>17} "
+                   f"{'rigorous ≥':>10} {'cap°':>7}  method"]
+    for t in toks[:max_rows]:
+        ci = f"[{_fmt(t.log10_share_ci[0])}, {_fmt(t.log10_share_ci[1])}]"
+        lines.append(f"{t.id:>7}  {_text(t.text):<18} {_fmt(t.log10_share):>11} {ci:>17} "
+                     f"{_fmt(t.log10_share_lower_bound):>10} {_fmt(t.cap_angle_deg):>7}  {t.method}")
+    if len(toks) > max_rows:
+        lines.append(f"... {len(toks) - max_rows} more (--out / --csv / --html list all)")
+    return "\n".join(lines)
+
+
+def _rarity(t: TokenVolume):
+    """Rarest first: tokens without an estimate (share 0 proven, or no hit) lead, then by estimate."""
+    v = _f(t.log10_share)
+    return (0, 0.0, t.id) if v is None else (1, v, t.id)
+
+
+def histogram_png(report: VolumeReport) -> bytes:
+    """A histogram of log10 share: the listed tokens' estimates, and the plain pass over all V."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
+    listed = any(t.method in ("splitting", "zero") or t.log10_share_lower_bound is not None for t in report.tokens)
+    est = np.array([v for v in (_f(t.log10_share) for t in report.tokens) if v is not None]) if listed else np.array([])
+    allv = report.log10_share_sampled_all
+    if allv is not None and report.samples:
+        allv = np.asarray(allv)
+        fin = allv[np.isfinite(allv)]
+        zero = int((~np.isfinite(allv)).sum())
+        if fin.size:
+            ax.hist(fin, bins=60, color="#9bb7d4", label=f"plain pass, all V ({zero} tokens with no hit "
+                                                                 f"in {report.samples} samples)")
+    if est.size:
+        ax.hist(est, bins=60, color="#c0504d", alpha=0.75, label="listed tokens' estimates")
+    ax.set_xlabel("log10 share of the norm's output set on which the token wins")
+    ax.set_ylabel("tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_html(report: VolumeReport, path) -> None:
+    """One self-contained page: the summary, the histogram (base64 PNG) and the token table, rarest first."""
+    import base64
+    import html as H
+
+    from unspeakable.engine.report import _atomic
+
+    png = base64.b64encode(histogram_png(report)).decode("ascii")
+    rows = []
+    for t in sorted(report.tokens, key=_rarity):
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in (
+            t.id, H.escape(repr(t.text)) if t.text is not None else "", _fmt(t.log10_share),
+            f"[{_fmt(t.log10_share_ci[0])}, {_fmt(t.log10_share_ci[1])}]", _fmt(t.log10_share_lower_bound),
+            _fmt(t.cap_angle_deg), H.escape(t.method), t.samples, _fmt(t.seconds, 3))) + "</tr>")
+    cols = ("id", "text", "log10 share", f"CI {report.confidence:.0%}", "rigorous lower bound", "cap angle °",
+            "method", "samples", "s")
+    where = ("the cube ‖x‖∞ ≤ ρ" if report.domain == "box" else
+             f"the sphere of radius {_fmt(report.radius, 4)} in R^{report.dimension}"
+             + (" (the centred subspace)" if report.domain == "layernorm" else ""))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>unspeakable volume: {H.escape(report.source)}</title>
+<style>body{{font:14px/1.4 system-ui,sans-serif;margin:1.5em}}table{{border-collapse:collapse}}
+td,th{{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}}th{{background:#f3f3f3}}
+td:nth-child(2){{text-align:left;font-family:monospace}}img{{max-width:100%}}</style></head><body>
+<h1>How precisely must the model point?</h1>
+<p>{H.escape(report.source)}: V = {report.V}, d = {report.d}, domain {report.domain}, bias {report.bias}.
+The share of a token is the probability that it is the strict argmax when the hidden state is uniform on
+{H.escape(where)}. Intervals at {report.confidence:.0%}; the lower bound is a proven cap inside the token's region
+("the model must point within θ of its centre"). Seed {report.seed}, {report.samples} plain samples.</p>
+{''.join(f'<p style="color:#8a4b00">warning: {H.escape(w)}</p>' for w in report.warnings)}
+<img alt="histogram of log10 share" src="data:image/png;base64,{png}">
+<table><thead><tr>{''.join(f'<th>{H.escape(c)}</th>' for c in cols)}</tr></thead><tbody>
+{chr(10).join(rows)}
+</tbody></table></body></html>
+"""
+    with _atomic(path) as f:
+        f.write(page)
