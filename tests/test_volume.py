@@ -334,3 +334,13 @@ def test_cone_orthant_unit_sphere():
     assert rep.domain == "cone" and rep.dimension == 16
     assert contains(a, t0) and contains(b, tj) and below(a, t0) and below(b, tj)
     assert abs(a.cap_angle_deg - math.degrees(math.asin(1 / math.sqrt(12)))) < 1e-3
+
+
+def test_volume_refuses_fractional_ids_and_masks():
+    """The scan's rule for token ids: 1.5 is not token 1, and a boolean mask is not a list of ids."""
+    import unspeakable
+
+    head = unspeakable.load("synthetic:V=300,d=8,seed=1")
+    for bad, needle in (([1.5], "integers"), (np.ones(300, dtype=bool), "boolean mask"), ([300], "out of range")):
+        with pytest.raises(InputError, match=needle):
+            unspeakable.volume(head, tokens=bad)

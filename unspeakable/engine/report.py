@@ -434,7 +434,7 @@ def _fmt(x) -> str:
     return f"{x:.4g}"
 
 
-def _text(s: str | None, width: int = 18) -> str:
+def short_repr(s: str | None, width: int = 18) -> str:
     if s is None:
         return "—"
     r = repr(s)
@@ -450,7 +450,7 @@ def format_tokens(tokens: list[TokenReport], max_rows: int = 40, gram: bool = Fa
                f"{'[margin_lower, margin_upper]':<28}  reason")
     lines = [hdr, "-" * len(hdr)]
     for t in tokens[:max_rows]:
-        row = f"{t.id:>7}  {_text(t.text):<18}  {t.gram_argmax:>11}"
+        row = f"{t.id:>7}  {short_repr(t.text):<18}  {t.gram_argmax:>11}"
         if not gram:
             iv = f"[{_fmt(t.margin_lower)}, {_fmt(t.margin_upper)}]"
             row += f"  {'yes' if t.hard_to_speak else 'no':>4}  {t.verdict or '—':<11}  {iv:<28}  {t.reason or ''}"

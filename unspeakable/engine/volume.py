@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from unspeakable.engine.domain import U, gamma
-from unspeakable.engine.head import Head, InputError, ids_text
+from unspeakable.engine.head import Head, InputError, token_ids
 
 SCHEMA = "unspeakable.volume/1"
 _DEBUG = bool(__import__("os").environ.get("UNSPEAKABLE_VOLUME_DEBUG"))
@@ -489,8 +489,6 @@ def _split_batch(meas: _Measure, ts: list[int], J: list[np.ndarray], opt: SplitO
 
     Returns the batch, per token and replicate: log p_J (natural log; -inf: not reached), levels, and the
     final states (u [T, R, N, dim], r² [T, R, N] or None) with their restricted margins [T, R, N]."""
-    import torch
-
     T, R, N = len(ts), opt.replicates, opt.particles
     batch = _Batch(meas, ts, J)
     D = batch.dim
@@ -893,10 +891,7 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
     if not listed:
         ids = np.arange(V)
     else:
-        ids = np.unique(np.asarray(tokens, dtype=np.int64).ravel())
-        bad = ids[(ids < 0) | (ids >= V)]
-        if bad.size:
-            raise InputError(f"token ids {ids_text(bad)} are out of range for V = {V}")
+        ids = token_ids(tokens, V)  # the scan's own rule: no 1.5 read as token 1, no boolean masks
     say = progress or (lambda msg: None)
     timings = {"load_fold": time.perf_counter() - t_start}
     meas = _Measure(problem, problem.keys)
@@ -985,7 +980,7 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
             lo, hi = _clopper_pearson(hits, samples, confidence)
             tv = TokenVolume(t, text, _log10(hits / samples / k), (_log10(lo / k), _log10(hi / k)), None, None,
                              "sampling" if k == 1 else "tie", samples, per_plain, hits=hits, tie_with=tie_with)
-            centre, J = (sums[members].sum(0) if members else sums[t]), None
+            centre = sums[members].sum(0) if members else sums[t]
         if listed and lower_bound and not meas.box:
             tc = time.perf_counter()
             start = centre if centre is not None and np.linalg.norm(centre) > 0 else meas.keys64[rep_t]
@@ -1056,19 +1051,19 @@ def write_json(report: VolumeReport, path) -> None:
     """``report.to_json()`` written atomically (nothing half-written); NaN and inf are refused."""
     import json
 
-    from unspeakable.engine.report import _atomic
+    from unspeakable.engine.report import atomic_write
 
     data = report.to_json()
-    with _atomic(path) as f:
+    with atomic_write(path) as f:
         json.dump(data, f, indent=1, ensure_ascii=False, allow_nan=False)
         f.write("\n")
 
 
 def write_csv(report: VolumeReport, path) -> None:
-    from unspeakable.engine.report import _atomic
+    from unspeakable.engine.report import atomic_write
 
     text = report.to_csv()
-    with _atomic(path) as f:
+    with atomic_write(path) as f:
         f.write(text)
 
 
@@ -1079,7 +1074,7 @@ def _fmt(x, nd: int = 2) -> str:
 
 def format_table(report: VolumeReport, max_rows: int = 40) -> str:
     """The console summary: the listed tokens, rarest first."""
-    from unspeakable.engine.report import _text
+    from unspeakable.engine.report import short_repr
 
     toks = sorted(report.tokens, key=_rarity)
     head = (f"unspeakable volume: {report.source}  V={report.V}  d={report.d}  domain={report.domain} "
@@ -1089,7 +1084,7 @@ def format_table(report: VolumeReport, max_rows: int = 40) -> str:
                    f"{'rigorous ≥':>10} {'cap°':>7}  method"]
     for t in toks[:max_rows]:
         ci = f"[{_fmt(t.log10_share_ci[0])}, {_fmt(t.log10_share_ci[1])}]"
-        lines.append(f"{t.id:>7}  {_text(t.text):<18} {_fmt(t.log10_share):>11} {ci:>17} "
+        lines.append(f"{t.id:>7}  {short_repr(t.text):<18} {_fmt(t.log10_share):>11} {ci:>17} "
                      f"{_fmt(t.log10_share_lower_bound):>10} {_fmt(t.cap_angle_deg):>7}  {t.method}")
     if len(toks) > max_rows:
         lines.append(f"... {len(toks) - max_rows} more (--out / --csv / --html list all)")
@@ -1137,7 +1132,7 @@ def write_html(report: VolumeReport, path) -> None:
     import base64
     import html as H
 
-    from unspeakable.engine.report import _atomic
+    from unspeakable.engine.report import atomic_write
 
     png = base64.b64encode(histogram_png(report)).decode("ascii")
     rows = []
@@ -1166,5 +1161,5 @@ The share of a token is the probability that it is the strict argmax when the hi
 {chr(10).join(rows)}
 </tbody></table></body></html>
 """
-    with _atomic(path) as f:
+    with atomic_write(path) as f:
         f.write(page)
