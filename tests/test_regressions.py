@@ -614,18 +614,11 @@ def test_18_cli_tokens_not_ids_exit_2(tmp_path, capsys):
 
 def _interrupted_checkpoint(head, ckpt, monkeypatch, after: int = 2, **kw):
     """Scan ``head`` until the ``after``-th persisted batch, then 'crash' (the checkpoint stays)."""
+    from interrupt import crash_after
+
     from unspeakable.engine.ledger import Ledger
 
-    real, calls = Ledger.record, {"n": 0}
-
-    def record_then_die(self, reports, **k):
-        real(self, reports, **k)
-        if k.get("persist", True) and reports:
-            calls["n"] += 1
-            if calls["n"] == after:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(Ledger, "record", record_then_die)
+    real = crash_after(monkeypatch, after)
     with pytest.raises(KeyboardInterrupt):
         unspeakable.scan_head(head, checkpoint=str(ckpt), device="cpu", backend="torch", **kw)
     monkeypatch.setattr(Ledger, "record", real)

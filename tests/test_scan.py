@@ -15,6 +15,7 @@ import unspeakable.engine.pipeline as es
 from unspeakable.engine.head import InputError
 from unspeakable.engine.ledger import CHECKPOINT_SCHEMA, Ledger
 from unspeakable.engine.loader import load
+from interrupt import crash_after
 
 SOURCE = "synthetic:V=800,d=12,seed=9"
 
@@ -22,17 +23,7 @@ SOURCE = "synthetic:V=800,d=12,seed=9"
 def _interrupted_scan(head, ckpt, monkeypatch, after: int = 2) -> tuple[str, bytes]:
     """Run a scan that dies (KeyboardInterrupt) after its ``after``-th persisted ledger record; return the
     checkpoint it leaves: the JSON lines as text and the witness rows (``.x``) as bytes."""
-    calls = {"n": 0}
-    real = Ledger.record
-
-    def record_then_die(self, reports, **k):
-        real(self, reports, **k)
-        if k.get("persist", True) and reports:
-            calls["n"] += 1
-            if calls["n"] == after:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(Ledger, "record", record_then_die)
+    real = crash_after(monkeypatch, after)
     with pytest.raises(KeyboardInterrupt):
         es.scan_head(head, domain="box", device="cpu", backend="torch", checkpoint=ckpt)
     monkeypatch.setattr(Ledger, "record", real)

@@ -63,6 +63,7 @@ import numpy as np
 
 from unspeakable.engine.domain import U, gamma
 from unspeakable.engine.head import Head, InputError, token_ids
+from unspeakable.kernels import torch_threads
 
 SCHEMA = "unspeakable.volume/1"
 _DEBUG = bool(__import__("os").environ.get("UNSPEAKABLE_VOLUME_DEBUG"))
@@ -492,26 +493,12 @@ def _split_batch(meas: _Measure, ts: list[int], J: list[np.ndarray], opt: SplitO
     T, R, N = len(ts), opt.replicates, opt.particles
     batch = _Batch(meas, ts, J)
     D = batch.dim
-    with _threads(1 if T * R * N * D * batch.B.shape[1] < 2e8 else None):
+    # The splitting's per-move tensors are small: one thread avoids the spin-waits that cost more than they
+    # save, above all on a busy machine (measured: 4.7 s against 23 s for one GPT-2-shaped token with another
+    # job running); large batches keep the caller's threads.
+    small = T * R * N * D * batch.B.shape[1] < 2e8
+    with torch_threads(1) if small else contextlib.nullcontext():
         return _run_levels(batch, T, R, N, D, opt, gen, npgen)
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """torch's intra-op threads set to n inside the block (None: unchanged). The splitting's per-move
-    tensors are small: one thread avoids the spin-waits that cost more than they save, above all on a
-    busy machine (measured: 4.7 s against 23 s for one GPT-2-shaped token with another job running)."""
-    import torch
-
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _run_levels(batch, T, R, N, D, opt, gen, npgen):
