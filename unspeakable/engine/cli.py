@@ -182,20 +182,12 @@ def time_line(timings: dict, enrich_s: float, write_s: float) -> str:
     """Where a scan command's time went, every part timed on its own: the engine's stages (which add up
     to its total, the checkpoint's appends included), the enrichment after it (raw tokens, the other gram
     count, the model check) and the console table plus the files written."""
+    from unspeakable.engine.report import peak_rss_bytes
+
     stages = ", ".join(f"{k} {timings.get(k, 0.0):.1f} s" for k in ("load", "screen", "search", "decide", "verify"))
     total = timings.get("total", 0.0)
     return (f"time: {stages} (engine {total:.1f} s); enrich {enrich_s:.1f} s; table and files {write_s:.1f} s; "
             f"{total + enrich_s + write_s:.1f} s in all; peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set so far (``getrusage``; 0 where the platform has none)."""
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
 def _print(report) -> None:

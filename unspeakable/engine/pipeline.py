@@ -34,7 +34,7 @@ from unspeakable.engine.evidence import Candidate, Certificate
 from unspeakable.engine.head import Head, InputError, head_from_arrays, token_ids
 from unspeakable.engine.ledger import Checkpoint, Ledger, fingerprint
 from unspeakable.engine.loader import fold, gram_rows, load, problem_from_rows
-from unspeakable.engine.report import ScanReport, TokenReport
+from unspeakable.engine.report import ScanReport, TokenReport, peak_rss_bytes
 from unspeakable.engine.screen import gram_screen, screens, witness_points
 from unspeakable.engine.search import search
 from unspeakable.engine.verify import Verifier
@@ -753,12 +753,6 @@ def _finite(x) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def _peak_rss() -> int:
-    from unspeakable.engine.cli import peak_rss_bytes
-
-    return peak_rss_bytes()
-
-
 def bench_head(head: Head, *, tokens=None, device: str = "auto", backend: str = "auto", domain=None) -> dict:
     """Per-stage wall time and throughput of one scan on this head."""
     rep = scan_head(head, tokens=tokens, device=device, backend=backend, domain=domain)
@@ -770,7 +764,7 @@ def bench_head(head: Head, *, tokens=None, device: str = "auto", backend: str = 
         "screen_tokens_per_s": n / ts["screen"] if ts["screen"] > 0 else None,
         "screen_pairs_per_s": n * rep.V / ts["screen"] if ts["screen"] > 0 else None,
         "screen_pass": {k: v for k, v in rep.screen_stats.items() if not isinstance(v, dict)},
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "open_tokens": len(times),
         "open_token_time_s": {
             "median": float(np.median(times)) if times else None,

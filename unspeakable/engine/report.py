@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -48,15 +49,15 @@ class TokenReport:
             return out
         out["verdict"] = self.verdict
         out["reason"] = self.reason
-        out["margin_lower"] = _float_or_none(self.margin_lower)
-        out["margin_upper"] = _float_or_none(self.margin_upper)
-        out["time_s"] = _float_or_none(self.time_s)
+        out["margin_lower"] = float_or_none(self.margin_lower)
+        out["margin_upper"] = float_or_none(self.margin_upper)
+        out["time_s"] = float_or_none(self.time_s)
         out["certificate"] = to_jsonable(self.certificate)
         if self.token is not None:
             out["token"] = str(self.token)
         if self.model_check is not None:
             out["model_check"] = self.model_check
-            out["model_margin"] = _float_or_none(self.model_margin)
+            out["model_margin"] = float_or_none(self.model_margin)
         return out
 
 
@@ -106,7 +107,7 @@ class ScanReport:
             "V": int(self.V),
             "d": int(self.d),
             "domain": None if gram else self.domain,
-            "radius": None if gram else _float_or_none(self.radius),
+            "radius": None if gram else float_or_none(self.radius),
             "bias": bool(self.bias),
             "backend": str(self.backend),
             "device": str(self.device),
@@ -133,9 +134,9 @@ class ScanReport:
                 "true" if t.hard_to_speak else "false",
                 t.verdict or "",
                 t.reason or "",
-                _csv_float(t.margin_lower),
-                _csv_float(t.margin_upper),
-                _csv_float(t.time_s),
+                csv_float(t.margin_lower),
+                csv_float(t.margin_upper),
+                csv_float(t.time_s),
             ])
         return buf.getvalue()
 
@@ -155,22 +156,32 @@ _GRAM_TOKEN_KEYS = ("id", "text", "gram_argmax", "hard_to_speak")
 
 
 # --------------------------------------------------------------------------------------------- values
-def _float_or_none(x) -> float | None:
+def float_or_none(x) -> float | None:
     if x is None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
 
 
-def _csv_float(x) -> str:
-    x = _float_or_none(x)
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far (``getrusage``; 0 where the platform has none)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def csv_float(x) -> str:
+    x = float_or_none(x)
     return "" if x is None else repr(x)
 
 
 def _timings_json(timings: dict, gram: bool) -> dict:
     if gram:  # the stages a gram run has: those of the contract's keys that exist, in the contract's order
-        return {k: _float_or_none(timings[k]) for k in _TIMING_KEYS if k in timings}
-    return {k: _float_or_none(timings.get(k)) for k in _TIMING_KEYS}
+        return {k: float_or_none(timings[k]) for k in _TIMING_KEYS if k in timings}
+    return {k: float_or_none(timings.get(k)) for k in _TIMING_KEYS}
 
 
 def to_jsonable(obj):
@@ -182,7 +193,7 @@ def to_jsonable(obj):
     if isinstance(obj, (int, np.integer)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
-        return _float_or_none(obj)
+        return float_or_none(obj)
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, np.ndarray):
@@ -406,7 +417,7 @@ def _margin_histogram(ax, report: ScanReport) -> None:
 def _margin_intervals(ax, report: ScanReport, max_intervals: int) -> None:
     shown = report.tokens[:max_intervals]
     for y, t in enumerate(shown):
-        lo, hi = _float_or_none(t.margin_lower), _float_or_none(t.margin_upper)
+        lo, hi = float_or_none(t.margin_lower), float_or_none(t.margin_upper)
         col = _COLOURS.get(t.verdict, "tab:gray")
         if lo is not None and hi is not None:
             ax.plot([lo, hi], [y, y], color=col, lw=1.5)
@@ -593,7 +604,7 @@ def ordered_tokens(tokens: list[TokenReport]) -> list[TokenReport]:
     def key(t: TokenReport):
         group = _ORDER.get(t.verdict, 2)
         m = t.margin_upper if group == 0 else t.margin_lower
-        m = _float_or_none(m)
+        m = float_or_none(m)
         return (group, math.inf if m is None else m, t.id)
 
     return sorted(tokens, key=key)

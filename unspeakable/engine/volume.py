@@ -63,6 +63,7 @@ import numpy as np
 
 from unspeakable.engine.domain import U, gamma
 from unspeakable.engine.head import Head, InputError, token_ids
+from unspeakable.engine.report import csv_float, float_or_none
 from unspeakable.kernels import torch_threads
 
 SCHEMA = "unspeakable.volume/1"
@@ -90,11 +91,11 @@ class TokenVolume:
 
     def to_json(self) -> dict:
         out = {"id": int(self.id), "text": None if self.text is None else str(self.text),
-               "log10_share": _f(self.log10_share),
-               "log10_share_ci": [_f(self.log10_share_ci[0]), _f(self.log10_share_ci[1])],
-               "log10_share_lower_bound": _f(self.log10_share_lower_bound),
-               "cap_angle_deg": _f(self.cap_angle_deg), "method": self.method, "samples": int(self.samples),
-               "seconds": _f(self.seconds)}
+               "log10_share": float_or_none(self.log10_share),
+               "log10_share_ci": [float_or_none(self.log10_share_ci[0]), float_or_none(self.log10_share_ci[1])],
+               "log10_share_lower_bound": float_or_none(self.log10_share_lower_bound),
+               "cap_angle_deg": float_or_none(self.cap_angle_deg), "method": self.method, "samples": int(self.samples),
+               "seconds": float_or_none(self.seconds)}
         for k in ("hits", "levels", "tie_with", "note"):
             v = getattr(self, k)
             if v is not None:
@@ -121,10 +122,10 @@ class VolumeReport:
 
     def to_json(self) -> dict:
         out = {"schema": SCHEMA, "source": str(self.source), "V": int(self.V), "d": int(self.d),
-               "domain": self.domain, "radius": _f(self.radius), "bias": bool(self.bias),
+               "domain": self.domain, "radius": float_or_none(self.radius), "bias": bool(self.bias),
                "dimension": int(self.dimension), "confidence": float(self.confidence),
                "samples": int(self.samples), "seed": int(self.seed),
-               "timings_s": {k: _f(v) for k, v in self.timings_s.items()},
+               "timings_s": {k: float_or_none(v) for k, v in self.timings_s.items()},
                "tokens": [t.to_json() for t in self.tokens]}
         if self.warnings:
             out["warnings"] = [str(w) for w in self.warnings]
@@ -136,22 +137,10 @@ class VolumeReport:
         w.writerow(("id", "text", "log10_share", "log10_share_ci_lo", "log10_share_ci_hi",
                     "log10_share_lower_bound", "cap_angle_deg", "method", "samples", "seconds"))
         for t in self.tokens:
-            w.writerow([t.id, "" if t.text is None else t.text, _c(t.log10_share), _c(t.log10_share_ci[0]),
-                        _c(t.log10_share_ci[1]), _c(t.log10_share_lower_bound), _c(t.cap_angle_deg), t.method,
-                        t.samples, _c(t.seconds)])
+            w.writerow([t.id, "" if t.text is None else t.text, csv_float(t.log10_share), csv_float(t.log10_share_ci[0]),
+                        csv_float(t.log10_share_ci[1]), csv_float(t.log10_share_lower_bound), csv_float(t.cap_angle_deg), t.method,
+                        t.samples, csv_float(t.seconds)])
         return buf.getvalue()
-
-
-def _f(x):
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _c(x) -> str:
-    x = _f(x)
-    return "" if x is None else repr(x)
 
 
 # ------------------------------------------------------------------------------------------------ closed forms
@@ -1055,7 +1044,7 @@ def write_csv(report: VolumeReport, path) -> None:
 
 
 def _fmt(x, nd: int = 2) -> str:
-    x = _f(x)
+    x = float_or_none(x)
     return "—" if x is None else f"{x:.{nd}f}"
 
 
@@ -1080,7 +1069,7 @@ def format_table(report: VolumeReport, max_rows: int = 40) -> str:
 
 def _rarity(t: TokenVolume):
     """Rarest first: tokens without an estimate (share 0 proven, or no hit) lead, then by estimate."""
-    v = _f(t.log10_share)
+    v = float_or_none(t.log10_share)
     return (0, 0.0, t.id) if v is None else (1, v, t.id)
 
 
@@ -1093,7 +1082,7 @@ def histogram_png(report: VolumeReport) -> bytes:
 
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
     listed = any(t.method in ("splitting", "zero") or t.log10_share_lower_bound is not None for t in report.tokens)
-    est = np.array([v for v in (_f(t.log10_share) for t in report.tokens) if v is not None]) if listed else np.array([])
+    est = np.array([v for v in (float_or_none(t.log10_share) for t in report.tokens) if v is not None]) if listed else np.array([])
     allv = report.log10_share_sampled_all
     if allv is not None and report.samples:
         allv = np.asarray(allv)
