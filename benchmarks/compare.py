@@ -196,8 +196,8 @@ def spawn_worker(provider: str, data: str, tmp: str, args, extra=(), timeout=Non
 
 
 # ------------------------------------------------------------------------------------------- the head
-# Shapes of RMSNorm models: their synthetic stand-in is scanned on the rmsnorm domain (--domain rmsnorm),
-# as the real head would be.
+# Shapes of RMSNorm models: their synthetic stand-in is an RMSNorm head with a gain and no biases, as the real
+# heads are (source_of: synthetic:...,norm=rmsnorm).
 SHAPE_DOMAINS = {"smollm2-135m": "rmsnorm", "gemma3-270m": "rmsnorm", "llama3-8b": "rmsnorm"}
 
 
@@ -587,7 +587,9 @@ def source_of(args) -> tuple[str, str]:
         V = args.V if args.V else (4096 if args.quick else 50257)
         d = args.d if args.V or not args.quick else 256
         name, V, d = shape_of(V, d)
-    return f"synthetic:V={V},d={d},seed={args.seed}", name
+    # an RMSNorm model's shape is scanned as such a head: gain only, no biases (make_synthetic's norm=rmsnorm)
+    norm = ",norm=rmsnorm" if SHAPE_DOMAINS.get(name) == "rmsnorm" else ""
+    return f"synthetic:V={V},d={d},seed={args.seed}{norm}", name
 
 
 def main(argv=None) -> int:
@@ -601,10 +603,7 @@ def main(argv=None) -> int:
     source, name = source_of(args)
     print(f"compare: {source} — providers {','.join(args.providers)}", flush=True)
     t0 = time.perf_counter()
-    domain = None if args.source else SHAPE_DOMAINS.get(name)
-    if domain and "--domain" not in args.scan_args.split():
-        args.scan_args = f"{args.scan_args} --domain {domain}".strip()
-    bp, centred = load_head(source, name, args.seed, domain)
+    bp, centred = load_head(source, name, args.seed)
     print(f"  head loaded and folded in {time.perf_counter() - t0:.1f} s", flush=True)
     tmp = tempfile.mkdtemp(prefix="compare-")
     try:

@@ -150,9 +150,10 @@ def test_scan_plumbing(fake, capsys, tmp_path):
     out, tab, fig = tmp_path / "r.json", tmp_path / "t.csv", tmp_path / "f.png"
     rc, so, se = run_cli(capsys, "scan", "src.npz", "--domain", "box", "--radius", "100", "--no-bias",
                          "--tokens", "5,1-3", "--workers", "2", "--device", "cpu", "--backend", "torch",
-                         "--out", out, "--csv", tab, "--plot", fig)
+                         "--memory", "2.5", "--out", out, "--csv", tab, "--plot", fig)
     assert rc == 0, se
     kw = fake["scan_head"]
+    assert kw["memory"] == 2.5
     assert kw["domain"] == "box" and kw["radius"] == 100.0 and kw["bias"] is False
     assert kw["tokens"].tolist() == [1, 2, 3, 5]
     assert kw["workers"] == 2 and kw["device"] == "cpu" and kw["backend"] == "torch"
@@ -288,6 +289,10 @@ def test_cuda_device_without_cuda(capsys, tmp_path):
     (["--radius", "-1"], "positive"),
     (["--radius", "inf"], "positive finite"),
     (["--workers", "0"], "positive integer"),
+    (["--memory", "0"], "positive number of gigabytes"),
+    (["--memory", "-2"], "positive number of gigabytes"),
+    (["--memory", "nan"], "positive number of gigabytes"),
+    (["--memory", "lots"], "not a number of gigabytes"),
     (["--domain", "sphere"], "invalid choice: 'sphere'"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
 ])
@@ -353,8 +358,11 @@ def test_scan_end_to_end(capsys, tmp_path):
                          "--csv", tab, "--plot", fig)
     assert rc == 0, se
     data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
-    assert list(data) == TOP_KEYS + ["gram"] and data["schema"] == SCHEMA
+    assert list(data) == TOP_KEYS + ["gram", "memory"] and data["schema"] == SCHEMA
     assert data["V"] == 300 and data["d"] == 8 and data["domain"] == "layernorm"
+    mem = data["memory"]  # the budget, the batches sized from it and the peak (engine.memory)
+    assert 0 < mem["resident_bytes"] and 0 < mem["working_bytes"] and mem["peak_rss_bytes"] > mem["resident_bytes"]
+    assert 1 <= mem["search_batch"] <= 256 and 1 <= mem["witness_batch"] <= 192
     assert math.isclose(data["radius"], math.sqrt(8))
     c = data["counts"]
     assert c["tokens"] == 300 and c["speakable"] + c["unspeakable"] + c["undecided"] == 300

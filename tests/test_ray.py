@@ -39,6 +39,7 @@ def _same(a, b, resumed: bool = False):
     ja, jb = a.to_json(), b.to_json()
     for j in (ja, jb):
         j.pop("timings_s")
+        j.pop("memory", None)  # the budget and the process's peak RSS
         for t in j["tokens"]:
             t.pop("time_s")
             if resumed:

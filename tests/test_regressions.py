@@ -629,6 +629,7 @@ def _same_report(a, b):
     ja, jb = a.to_json(), b.to_json()
     for j in (ja, jb):
         j.pop("timings_s")
+        j.pop("memory", None)  # the budget and the process's peak RSS
         j.pop("warnings", None)
         for t in j["tokens"]:
             t.pop("time_s")

@@ -94,6 +94,15 @@ def _positive_float(s: str) -> float:
     return x
 
 
+def _gigabytes(s: str) -> float:
+    from unspeakable.engine.memory import GB, parse_gb
+
+    try:
+        return parse_gb(s, "--memory") / GB
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _positive_int(s: str) -> int:
     try:
         n = int(s)
@@ -230,6 +239,7 @@ class Scan:
     precision: str = "auto"
     verify: str = "bounded"
     workers: int = 1
+    memory: float | None = None  # GB
     out: str | None = None
     csv: str | None = None
     plot: str | None = None
@@ -256,6 +266,10 @@ class Scan:
                        help="bounded: competitors the verifier's own float32 bound cannot exclude are re-scored in "
                             "float64; full: all of them, for audits")
         p.add_argument("--workers", type=_positive_int, default=1, help="parallel LP workers (default 1)")
+        p.add_argument("--memory", type=_gigabytes, metavar="GB",
+                       help="memory budget in GB (10^9 bytes): the batches that grow with V are sized to fit what the "
+                            "scan holds throughout plus this working set (default: what the machine has available, at "
+                            "most 4 GB; the report's \"memory\" key shows the sizes and the peak)")
         _report_args(p)
         p.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT.partial "
                                                              "(with --out-dir: skip the models already reported)")
@@ -306,7 +320,7 @@ class Scan:
         try:
             report = scan_head(head, domain=self.domain, radius=self.radius, bias=self.bias, tokens=ids,
                                device=self.device, backend=self.backend, precision=self.precision,
-                               verify=self.verify, workers=self.workers,
+                               verify=self.verify, workers=self.workers, memory=self.memory,
                                checkpoint=checkpoint, resume=self.resume, progress=sys.stderr.isatty(),
                                load_time=load_time, keep_checkpoint=True, cluster=cluster)
         except KeyboardInterrupt:

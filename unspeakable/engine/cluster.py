@@ -308,17 +308,17 @@ def clean_candidate(raw, token: int, d: int) -> Candidate | None:
                      iterations=int(raw.iterations))
 
 
-def search_task(slim: Slim, tokens: np.ndarray, runner_up: np.ndarray) -> list[Candidate]:
+def search_task(slim: Slim, tokens: np.ndarray, runner_up: np.ndarray, batch: int = SEARCH_BATCH) -> list[Candidate]:
     """Search one or more whole chunks of open tokens (runs on a worker), each from the near point of its
-    witness-screen runner-up, as the pipeline's search does."""
-    from unspeakable.engine.search import search
+    witness-screen runner-up, as the pipeline's search does (``batch``: the driver's budget's search batch)."""
+    from unspeakable.engine.search import SearchOptions, search
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         keys32 = torch.from_numpy(slim.keys).to(torch.float32)
         return [c for b0 in range(0, tokens.size, SEARCH_BATCH)
                 for c in search(slim, tokens[b0: b0 + SEARCH_BATCH], keys32=keys32,
-                                runner_up=runner_up[b0: b0 + SEARCH_BATCH])]
+                                runner_up=runner_up[b0: b0 + SEARCH_BATCH], options=SearchOptions(batch=batch))]
 
 
 def decide_task(slim: Slim, tokens: list, comps: dict, options: dict) -> list[Candidate]:
@@ -364,7 +364,9 @@ class _OpenTokens:
     def __init__(self, cluster: Cluster, sc, work, lift):
         self.cl, self.sc, self.lift, self.d = cluster, sc, lift, work.d
         self.ref = _ray().put(Slim(work.search_keys, work.search_bias, work.domain))
-        self.fns = {"search": cluster._remote(search_task, "search", work.V, work.d),
+        # a search task holds its own float32 keys and one search batch's [n, V] working set (the budget's)
+        self.batch = sc.budget.search_batch
+        self.fns = {"search": cluster._remote(search_task, "search", work.V, work.d, self.batch),
                     "decide": cluster._remote(decide_task, "decide", work.V, work.d)}
         self.passes = [_Pass("search", SEARCH_BATCH)] + [_Pass("decide", DECIDE_BATCH, s) for s in LP_PASSES]
         self.st = DecideState(None)
@@ -402,7 +404,8 @@ class _OpenTokens:
     def _submit(self, job):
         p, _, toks = job
         if p.kind == "search":
-            return self.fns["search"].remote(self.ref, np.asarray(toks, dtype=np.int64), runner_ups(self.sc, toks))
+            return self.fns["search"].remote(self.ref, np.asarray(toks, dtype=np.int64), runner_ups(self.sc, toks),
+                                             self.batch)
         comps = {t: self.st.comps.get(t) for t in toks}
         return self.fns["decide"].remote(self.ref, list(toks), comps,
                                          decide_pass_options(p.stop_at_sign, self.sc.opt.decide_time_limit))

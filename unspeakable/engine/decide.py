@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from unspeakable.engine.memory import row_norms
 from unspeakable.engine.evidence import Candidate, Certificate
 from unspeakable.engine.restricted import SOLVERS
 
@@ -117,11 +118,12 @@ class Pricer:
         if self.V < 2:
             raise ValueError("need at least two tokens")
         self.bias = np.ascontiguousarray(problem.search_bias, dtype=np.float64)  # zeros in the cone
-        self.keys32 = self.keys.astype(np.float32)
+        shared = getattr(problem, "search_keys32", None)  # the problem's one float32 copy, where it has one
+        self.keys32 = shared() if shared is not None else self.keys.astype(np.float32)
         # |fl32(k32·x32) − k·x| <= (2u(1+u) + γ_d (1+u)²) Σ|k_i||x_i| <= that × ||k|| ||x||, u = 2^-24, for
         # any summation order (Higham 3.1 and the two roundings to float32); doubled for the float64 epilogue.
         g = (self.d + 2) * U32 / (1.0 - (self.d + 2) * U32)
-        self.row_err = 2.0 * (2 * U32 * (1 + U32) + g * (1 + U32) ** 2) * np.linalg.norm(self.keys, axis=1)
+        self.row_err = 2.0 * (2 * U32 * (1 + U32) + g * (1 + U32) ** 2) * row_norms(self.keys)
 
     def price(self, x: np.ndarray, t: int, floor_offset: float = -math.inf, n_top: int = 2) -> Pricing:
         """Logits at x: exact (float64) for the ``n_top`` largest j != t and for every j != t with

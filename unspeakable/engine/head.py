@@ -93,6 +93,9 @@ class Problem:
     work_bias: np.ndarray | None = None
     work_keys: np.ndarray | None = None  # likewise ``keys`` with the rows' residual added (None: ``keys``)
     bias_exp: int = 0  # internal bias = exact (u·β + b) × 2**bias_exp
+    # Arrays derived once and shared by the stages (``search_keys32``); a working problem that shares this
+    # problem's keys shares this dict too. Never part of a comparison or a fingerprint.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def V(self) -> int:
@@ -133,6 +136,21 @@ class Problem:
     @property
     def search_keys(self) -> np.ndarray:
         return self.keys if self.work_keys is None else self.work_keys
+
+    def search_keys32(self) -> np.ndarray:
+        """A float32 copy of ``search_keys``, built once in row chunks (no float64 transient) and shared by the
+        search's pricing, the LP's pricing and, where the keys are the verifier's shifted rows, its competitor
+        bounds: one ``V × d`` float32 array for the whole scan. Nobody writes to it. Entries beyond float32's
+        range are inf (each user checks finiteness, as it did with its own copy)."""
+        a = self.derived.get("search_keys32")
+        if a is None:
+            k = self.search_keys
+            a = np.empty(k.shape, dtype=np.float32)
+            with np.errstate(over="ignore"):
+                for r0 in range(0, k.shape[0], 8192):
+                    a[r0: r0 + 8192] = k[r0: r0 + 8192]
+            self.derived["search_keys32"] = a
+        return a
 
     @property
     def constant_bias(self) -> bool:

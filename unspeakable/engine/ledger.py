@@ -36,10 +36,11 @@ def checkpoint_files(path: str) -> tuple[str, str]:
 def fingerprint(problem) -> str:
     """What a checkpoint belongs to: the folded rows, bias, domain and radius."""
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(problem.rows).tobytes())
-    h.update(np.ascontiguousarray(problem.bias).tobytes())
+    # the arrays' own buffers: .tobytes() would be a transient copy of the V × d rows
+    h.update(np.ascontiguousarray(problem.rows).data)
+    h.update(np.ascontiguousarray(problem.bias).data)
     for a in (problem.rows_lo, problem.row_err, problem.bias_lo, problem.bias_err):  # the fold's residual
-        h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes())
+        h.update(b"-" if a is None else np.ascontiguousarray(a).data)
     h.update(f"{problem.domain.name}|{problem.radius!r}|{problem.bias_used}|{problem.margin_exp}|"
              f"{problem.x_exp}".encode())
     return h.hexdigest()

@@ -104,7 +104,7 @@ def _load_source(source: str) -> Head:
 
 def _parse_synthetic(spec: str) -> dict:
     params = dict(SYNTHETIC_DEFAULTS)
-    aliases = {"v": "V", "d": "d", "seed": "seed"}
+    aliases = {"v": "V", "d": "d", "seed": "seed", "norm": "norm"}
     body = spec[len("synthetic"):].lstrip(":")
     for part in body.split(","):
         part = part.strip()
@@ -114,7 +114,12 @@ def _parse_synthetic(spec: str) -> dict:
         key = aliases.get(key.strip().lower())
         if not eq or key is None:
             raise InputError(f"{spec}: cannot parse {part!r}; expected synthetic:V=50257,d=768,seed=0 "
-                             f"(keys V, d, seed)")
+                             f"(keys V, d, seed, norm)")
+        if key == "norm":
+            params[key] = value.strip().lower()
+            if params[key] not in ("layernorm", "rmsnorm"):
+                raise InputError(f"{spec}: norm = {value.strip()!r}; expected layernorm (the default) or rmsnorm")
+            continue
         try:
             params[key] = int(value.strip())
         except ValueError:
@@ -582,7 +587,7 @@ def fold(head: Head, domain: str | None = None, radius: float | None = None, bia
     rows, lo, row_err, b, b_lo, b_err = fold_parts(head, bias_used)
     return problem_from_rows(rows, b, dom, source=head.source, texts=head.texts, planted=head.planted,
                              warnings=list(head.warnings) + warnings, bias_used=bias_used,
-                             residual=(lo, row_err, b_lo, b_err), exact_source=head)
+                             residual=(lo, row_err, b_lo, b_err), exact_source=head, copy=False)
 
 
 _EXACT_DTYPES = ("float16", "float32")  # 24-bit mantissas at most: the product of two is exact in float64
@@ -710,7 +715,7 @@ _SAFE_EXPONENT = 200
 
 def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source: str = "", texts=None,
                       planted=None, warnings=None, bias_used: bool | None = None, residual=None,
-                      exact_source: Head | None = None) -> Problem:
+                      exact_source: Head | None = None, copy: bool = True) -> Problem:
     """A :class:`Problem` from folded rows ``[V, d]`` and bias ``[V]`` (None: zeros) on a domain (a Domain,
     or its name with an optional radius: the default is the domain's own). Copies its inputs; the cone
     ignores the bias.
@@ -721,9 +726,10 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
 
     ``residual = (rows_lo, row_err, bias_lo, bias_err)`` (from :func:`fold_parts`; None: the rows and bias
     are exact) and ``exact_source`` (the head they were folded from, for exact rational checks) are kept
-    on the problem, scaled with it.
+    on the problem, scaled with it. ``copy=False``: ``rows`` is the caller's fresh float64 array, handed over
+    (the fold's own; saves a transient ``V × d`` copy).
     """
-    rows = np.array(rows, dtype=np.float64, order="C", copy=True)
+    rows = np.array(rows, dtype=np.float64, order="C", copy=copy)
     if isinstance(domain, str):
         domain = domain_for(domain, domain, rows.shape[1], radius)[0]
     bias = np.zeros(rows.shape[0]) if bias is None or not domain.bounded else np.array(bias, dtype=np.float64)
@@ -731,7 +737,7 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
     lo, row_err, b_lo, b_err = residual if residual is not None else (None, None, None, None)
     if not domain.bounded:
         b_lo = b_err = None
-    e_x, e = _scale_exponents(rows, bias, domain)
+    e_x, e = scale_exponents(rows, bias, domain)
     if e_x or e:
         rows, bias = _rescale(rows, bias, e_x, e, source)
         domain = type(domain)(None if domain.radius is None else math.ldexp(domain.radius, -e_x))
@@ -739,7 +745,7 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
         b_lo, b_err = _rescale_residual(b_lo, b_err, -e)
     margin_exp, x_exp = domain.units(e, e_x)
     center = rows.mean(axis=0)
-    keys, work_keys, work_bias = domain.keys(rows, center), None, None
+    keys, work_keys, work_bias = _keys(domain, rows, center), None, None
     if lo is not None:  # the search and the LP see the exact rows more closely (the verifier needs no help)
         work_keys = keys + domain.project(lo)
     if b_lo is not None:  # and the bias as one double, less a common shift (which changes no verdict)
@@ -749,6 +755,15 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
                    source=source, texts=texts, planted=planted, warnings=list(warnings or []),
                    margin_exp=margin_exp, x_exp=x_exp, rows_lo=lo, row_err=row_err, bias_lo=b_lo, bias_err=b_err,
                    exact_source=exact_source, row_exp=e_x - e, bias_exp=-e)
+
+
+def _keys(domain, rows: np.ndarray, center: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """``domain.keys`` row chunk by row chunk (the same values: every entry depends on its own row only),
+    without the whole-array transients of ``rows − center`` and the projection."""
+    keys = np.empty_like(rows)
+    for r0 in range(0, rows.shape[0], chunk):
+        keys[r0: r0 + chunk] = domain.keys(rows[r0: r0 + chunk], center)
+    return keys
 
 
 def _rescale_residual(lo, err, k: int):
@@ -776,7 +791,7 @@ def _check_folded(rows: np.ndarray, bias: np.ndarray, source: str) -> None:
                          f"{ids_text(bad)}: the folded rows or bias are not finite")
 
 
-def _scale_exponents(rows, bias, domain) -> tuple[int, int]:
+def scale_exponents(rows, bias, domain) -> tuple[int, int]:
     """``(e_x, e)``: 0, 0 when the radius and the largest logit terms are of comfortable size, else the
     binary exponents of the radius and of the largest entry of ``rows·2^e_x`` and ``bias``. (A wide range
     inside the rows cannot be scaled away; the verifier's underflow allowances cover it.)"""

@@ -29,14 +29,15 @@ import numpy as np
 import torch
 
 from unspeakable.engine.decide import Pricer, decide_many
-from unspeakable.engine.domain import Cone
+from unspeakable.engine.domain import Cone, Domain
 from unspeakable.engine.evidence import Candidate, Certificate
-from unspeakable.engine.head import Head, InputError, head_from_arrays, token_ids
+from unspeakable.engine.head import Head, InputError, Problem, head_from_arrays, token_ids
 from unspeakable.engine.ledger import Checkpoint, Ledger, fingerprint
-from unspeakable.engine.loader import fold, gram_rows, load, problem_from_rows
+from unspeakable.engine.loader import fold, gram_rows, load, problem_from_rows, scale_exponents
 from unspeakable.engine.report import ScanReport, TokenReport, peak_rss_bytes
 from unspeakable.engine.screen import gram_screen, screens, witness_points
-from unspeakable.engine.search import search
+from unspeakable.engine.memory import GB, Budget, abs_max, parse_gb
+from unspeakable.engine.search import SearchOptions, search
 from unspeakable.engine.verify import Verifier
 from unspeakable.kernels import resolve_backend, resolve_precision
 
@@ -80,6 +81,7 @@ class ScanOptions:
     load_time: float = 0.0
     keep_checkpoint: bool = False  # the CLI removes it only once the report is safely written
     cluster: object = None  # an engine.cluster.Cluster: screens and open tokens as Ray tasks, verified here
+    memory: float | None = None  # the budget in GB (engine.memory); None: what the machine has, at most 4 GB
 
 
 @dataclass
@@ -93,6 +95,7 @@ class _Scan:
     device: torch.device
     precision: str
     ledger: Ledger
+    budget: Budget
     verifier: Verifier
     timings: dict = field(default_factory=dict)
     gram: object = None
@@ -182,17 +185,33 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
     ckpt = Checkpoint(opt.checkpoint, fingerprint(problem), opt.resume, problem.d) if opt.checkpoint else None
     if opt.verify not in ("bounded", "full"):
         raise InputError(f"unknown verify mode {opt.verify!r}; expected bounded or full")
-    sc = _Scan(head, problem, opt, backend, dev, precision, Ledger(ids, ckpt), Verifier(problem, full=opt.verify == "full"),
-               {"load": opt.load_time + time.perf_counter() - t0})
+    budget = scan_budget(head, problem, opt.memory)
+    sc = _Scan(head, problem, opt, backend, dev, precision, Ledger(ids, ckpt), budget,
+               Verifier(problem, full=opt.verify == "full"), {"load": opt.load_time + time.perf_counter() - t0})
+    sc.verifier.batch = budget.witness_batch
     sc.warnings = list(problem.warnings)
+    if not budget.met:
+        sc.warnings.append(f"memory budget {budget.total / GB:.2f} GB is below what a {problem.V} x {problem.d} "
+                           f"scan holds throughout (about {budget.resident / GB:.2f} GB, engine.memory): running "
+                           f"with the smallest batches")
     return sc
+
+
+def scan_budget(head: Head, problem, memory_gb=None) -> Budget:
+    """The scan's :class:`~unspeakable.engine.memory.Budget` (``memory_gb``: ``ScanOptions.memory``)."""
+    try:
+        total = parse_gb(memory_gb)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    head_bytes = sum(int(np.asarray(a).nbytes) for a in (head.W_U, head.b_U, head.ln_w, head.ln_b) if a is not None)
+    return Budget.for_problem(problem, head_bytes, total)
 
 
 def _screens(sc: _Scan) -> None:
     with sc.timed("screen"):
         centred = sc.head.gram_center if sc.opt.gram_center is None else sc.opt.gram_center
-        grows = _shared_rows(gram_rows(sc.head, centred), sc.problem)
-        run, extra = screens, {"other_rows": lambda: _shared_rows(gram_rows(sc.head, not centred), sc.problem)}
+        grows = shared_gram_rows(sc.head, centred, sc.problem)
+        run, extra = screens, {"other_rows": lambda: shared_gram_rows(sc.head, not centred, sc.problem)}
         if sc.opt.cluster is not None:  # the Ray screens count no other convention (enrich does, after)
             run, extra = sc.opt.cluster.screens, {}
         sc.gram, sc.witness, sc.screen_stats = run(grows, centred, sc.head.norm, sc.problem, sc.ledger.ids,
@@ -200,6 +219,36 @@ def _screens(sc: _Scan) -> None:
                                                    **extra)
         del grows
     _log(sc, f"screens: {sc.timings['screen']:.1f}s, {int(sc.gram.hard_to_speak.sum())} hard-to-speak")
+
+
+def shared_gram_rows(head: Head, centred: bool, problem) -> np.ndarray:
+    """``gram_rows(head, centred)``, or the problem's own array where the two are equal entry for entry. The
+    uncentred gram rows are ``W_U.T ⊙ γ`` as the fold computes its rows; when they equal ``problem.rows``
+    (checked row chunk by row chunk, so no ``V × d`` copy is built to find out), the centred ones of a head
+    without a LayerNorm are ``rows − rows.mean(axis=0)``: the keys of a domain that does not project. Otherwise
+    the gram rows are built and compared (:func:`_shared_rows`)."""
+    if not (problem.margin_exp or problem.x_exp) and _uncentred_are_rows(head, problem.rows):
+        if not centred:
+            return problem.rows
+        dom = problem.domain
+        if (head.norm != "layernorm" and not dom.centred and type(dom).keys is Domain.keys
+                and type(dom).project is Domain.project and problem.work_keys is None):
+            return problem.keys
+    return _shared_rows(gram_rows(head, centred), problem)
+
+
+def _uncentred_are_rows(head: Head, rows: np.ndarray, chunk: int = 4096) -> bool:
+    W = np.asarray(head.W_U)
+    g = None if head.ln_w is None else np.asarray(head.ln_w, dtype=np.float64)
+    if rows.shape != (W.shape[1], W.shape[0]):
+        return False
+    for r0 in range(0, rows.shape[0], chunk):
+        blk = np.array(W[:, r0: r0 + chunk].T, dtype=np.float64, order="C")
+        if g is not None:
+            blk *= g  # as gram_rows and the fold compute it
+        if not np.array_equal(blk, rows[r0: r0 + chunk]):
+            return False
+    return True
 
 
 def _shared_rows(rows: np.ndarray, problem) -> np.ndarray:
@@ -222,7 +271,7 @@ def find_ties(problem) -> dict[int, list[int]]:
     rejected check, never a verdict). Rows are fingerprinted in chunks: O(V) memory."""
     keys = [lambda r0, r1: np.hstack([problem.rows[r0:r1], problem.bias[r0:r1, None]]) + 0.0]
     if problem.domain.null_directions(problem.d).shape[1]:
-        g = 1e-9 * (float(np.max(np.abs(problem.keys))) + 1e-300)
+        g = 1e-9 * (abs_max(problem.keys) + 1e-300)
         for off in (0.0, 0.5):
             keys.append(lambda r0, r1, off=off: np.floor(np.hstack([problem.keys[r0:r1], problem.bias[r0:r1, None]])
                                                          / g + off) + 0.0)
@@ -440,7 +489,7 @@ def working_problem(p):
     (its keys); a cone witness is scaled onto the domain, a Gordan certificate proves margin exactly 0."""
     if not (p.domain.bounded and p.constant_bias):
         return p, lambda c: c
-    cone = problem_from_rows(p.keys, np.zeros(p.V), Cone(), source=p.source, bias_used=False)
+    cone = _cone_of_keys(p)
 
     def lift(c: Candidate) -> Candidate:
         if c.witness is not None:
@@ -452,12 +501,26 @@ def working_problem(p):
     return cone, lift
 
 
+def _cone_of_keys(p) -> Problem:
+    """The cone of ``p``'s keys, sharing ``p``'s arrays: its rows and keys are ``p.keys`` itself (centred on
+    the zero vector: a common shift of every row changes no verdict in the cone, and the keys are centred
+    already) and its float32 copy is ``p``'s. Copying them would cost two more ``V × d`` float64 arrays. Keys
+    too large or too small for float64's comfortable range take the copying path, which rescales them."""
+    z, dom = np.zeros(p.V), Cone()
+    if scale_exponents(p.keys, z, dom) != (0, 0):
+        return problem_from_rows(p.keys, z, dom, source=p.source, bias_used=False)
+    margin_exp, x_exp = dom.units(0, 0)
+    return Problem(rows=p.keys, bias=z, domain=dom, center=np.zeros(p.d), keys=p.keys, bias_used=False,
+                   source=p.source, margin_exp=margin_exp, x_exp=x_exp,
+                   derived=p.derived if p.work_keys is None else {})
+
+
 def _search_stage(sc: _Scan, work, lift, todo: np.ndarray) -> list[tuple[Candidate, Verified]]:
     """Batched search over the open tokens; settled ones are recorded, the rest returned for the LP with
     their verified (undecided) result."""
     still_open: list[tuple] = []
     with sc.timed("search"):
-        keys32 = torch.from_numpy(work.search_keys).to(torch.float32)
+        keys32 = torch.from_numpy(work.search_keys32())
     with _Bar(sc, "search", todo.size) as bar:
         for b0 in range(0, todo.size, SEARCH_CHUNK):
             _search_chunk(sc, work, lift, todo[b0: b0 + SEARCH_CHUNK], keys32, still_open)
@@ -473,7 +536,8 @@ def runner_ups(sc: _Scan, tokens) -> np.ndarray:
 
 def _search_chunk(sc: _Scan, work, lift, chunk: np.ndarray, keys32, still_open: list) -> None:
     with sc.timed("search"):
-        cands = [lift(c) for c in search(work, chunk, keys32=keys32, runner_up=runner_ups(sc, chunk))]
+        cands = [lift(c) for c in search(work, chunk, keys32=keys32, runner_up=runner_ups(sc, chunk),
+                                         options=SearchOptions(batch=sc.budget.search_batch))]
     results = verify_candidates(sc, cands)  # timed as verification
     with sc.timed("search"):  # recording, the checkpoint's append included
         still_open.extend(record_search(sc, cands, results))
@@ -694,7 +758,8 @@ def _assemble(sc: _Scan, t_start: float) -> ScanReport:
                      radius=p.radius_reported, bias=bool(p.bias_used), backend=sc.backend, device=str(sc.device),
                      counts=counts, timings_s=sc.timings, tokens=[led.listed[t] for t in sorted(led.listed)],
                      planted=p.planted, warnings=list(sc.warnings), screen_stats=sc.screen_stats,
-                     gram_other=sc.screen_stats.get("other_gram"))
+                     gram_other=sc.screen_stats.get("other_gram"),
+                     memory={**sc.budget.to_json(), "peak_rss_bytes": peak_rss_bytes()})
     full, lo_all, hi_all = np.zeros(V, dtype=np.int8), np.full(V, np.nan), np.full(V, np.nan)
     full[led.ids], lo_all[led.ids], hi_all[led.ids] = led.verdict, led.lower, led.upper
     ga = np.full(V, -1, dtype=np.int64)

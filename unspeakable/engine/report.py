@@ -90,6 +90,9 @@ class ScanReport:
     # hard-to-speak count with centred and with uncentred rows (engine.report.gram_summary).
     gram: dict | None = None
     text_scheme: str | None = None  # how the raw tokens decode (engine.text), for the displays
+    # Extra top-level JSON key "memory" (scan reports): the budget and the batches sized from it
+    # (engine.memory.Budget.to_json) and the process's peak RSS when the engine finished.
+    memory: dict | None = None
 
     # ------------------------------------------------------------------------------------------- contract
     def to_json(self) -> dict:
@@ -119,6 +122,8 @@ class ScanReport:
             out["gram"] = to_jsonable(self.gram)
         if self.warnings:  # e.g. "weights dequantized from Q8_0 ...: verdicts describe the quantized head"
             out["warnings"] = [str(w) for w in self.warnings]
+        if self.memory is not None:
+            out["memory"] = to_jsonable(self.memory)
         return out
 
     def to_csv(self) -> str:
@@ -311,7 +316,7 @@ def read_json(path) -> ScanReport:
         source=data["source"], V=data["V"], d=data["d"], domain=data["domain"], radius=data["radius"],
         bias=data["bias"], backend=data["backend"], device=data["device"], counts=dict(data["counts"]),
         timings_s=dict(data["timings_s"]), tokens=tokens, kind="gram" if gram else "scan", gram=data.get("gram"),
-        warnings=list(data.get("warnings") or []),
+        warnings=list(data.get("warnings") or []), memory=data.get("memory"),
     )
 
 

@@ -109,7 +109,9 @@ def search(problem, tokens: np.ndarray, *, keys32: torch.Tensor | None = None,
 def _setup(problem, keys32, opt: SearchOptions) -> _Setup:
     dom = problem.domain.search_domain()
     keys64 = torch.from_numpy(problem.search_keys)
-    keys32 = keys64.to(torch.float32) if keys32 is None else keys32
+    if keys32 is None:  # the problem's shared copy where it has one (a Ray task's slim problem has not)
+        shared = getattr(problem, "search_keys32", None)
+        keys32 = torch.from_numpy(shared()) if shared is not None else keys64.to(torch.float32)
     bias64 = torch.from_numpy(problem.search_bias)  # zeros in the cone
     # in row chunks: a projection of all V keys at once would be a transient V × d float64 copy
     reach = np.concatenate([dom.support(problem.search_keys[r0: r0 + 8192]) for r0 in range(0, problem.V, 8192)])

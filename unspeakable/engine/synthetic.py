@@ -72,9 +72,17 @@ class Synthetic:
     recipe: Recipe
 
 
-def make_synthetic(V: int = 50257, d: int = 768, seed: int = 0) -> Head:
-    """The synthetic head ``synthetic:V=..,d=..,seed=..`` (deterministic in ``(V, d, seed)``)."""
-    return synthesize(V, d, seed).head
+def make_synthetic(V: int = 50257, d: int = 768, seed: int = 0, norm: str = "layernorm") -> Head:
+    """The synthetic head ``synthetic:V=..,d=..,seed=..`` (deterministic in ``(V, d, seed)``).
+
+    ``norm=rmsnorm``: the same cloud and gain under an RMSNorm, with no norm bias and no unembedding bias,
+    as in Llama, Gemma or SmolLM2 heads (``synthetic:...,norm=rmsnorm``). Nothing is claimed planted there:
+    the planted recipe relies on the biases."""
+    h = synthesize(V, d, seed).head
+    if norm == "layernorm":
+        return h
+    return head_from_arrays(h.W_U, None, h.ln_w, None, "rmsnorm", source=f"{h.source},norm=rmsnorm", texts=h.texts,
+                            gram_center=False)
 
 
 def _n_planted(V: int) -> int:

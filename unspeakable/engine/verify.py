@@ -47,8 +47,9 @@ import numpy as np
 import torch
 
 from unspeakable.engine import exact, verify_sym
-from unspeakable.engine.domain import ETA, U, gamma
+from unspeakable.engine.domain import ETA, Domain, U, gamma
 from unspeakable.engine.evidence import Certificate
+from unspeakable.engine.memory import WITNESS_BATCH_MAX
 
 
 PAIRWISE_MIN_V = 1024  # below this the exhaustive float64 check costs little
@@ -124,6 +125,7 @@ class Verifier:
         self.p = problem
         self.full = full  # True: re-score every competitor of every witness in float64 (audits)
         self.A32 = None  # float32 copy of the rows for the competitor bounds, built on first use
+        self.batch = WITNESS_BATCH_MAX  # witnesses per competitor pass (engine.memory.Budget.witness_batch)
         self.dom = problem.domain
         self.rows = np.ascontiguousarray(problem.rows, dtype=np.float64)
         self.c = np.asarray(problem.center, dtype=np.float64)
@@ -164,8 +166,10 @@ class Verifier:
             self.bias_c_err = float(U * np.max(np.abs(self.bias_c), initial=0.0)) * (1 + 4 * U)
 
     # ------------------------------------------------------------------ witnesses
-    def witnesses(self, tokens: np.ndarray, X: np.ndarray, batch: int = 192) -> list[WitnessCheck]:
-        """Verify witnesses ``X[i]`` for tokens ``tokens[i]`` over all V logits (batched, pruned)."""
+    def witnesses(self, tokens: np.ndarray, X: np.ndarray, batch: int | None = None) -> list[WitnessCheck]:
+        """Verify witnesses ``X[i]`` for tokens ``tokens[i]`` over all V logits (batched, pruned; ``batch``
+        witnesses per float32 competitor pass, default ``self.batch``: the scan sizes it from its budget)."""
+        batch = self.batch if batch is None else int(batch)
         tokens = np.asarray(tokens, dtype=np.int64)
         X = np.asarray(X, dtype=np.float64).reshape(len(tokens), self.d)
         out: list[WitnessCheck | None] = [None] * len(tokens)
@@ -265,6 +269,15 @@ class Verifier:
             return None
         return [Closest(float(M[i]), float(E[i]), int(J[i])) for i in first]
 
+    def _keys_are_shifted_rows(self) -> bool:
+        """The problem's search keys are ``rows − center`` computed as :class:`ShiftedRows` computes ``A``
+        (no projection, no residual added), so their float32 copy is ``A``'s."""
+        p = self.p
+        if (self.dom.centred or type(self.dom).keys is not Domain.keys or type(self.dom).project is not Domain.project
+                or not hasattr(p, "search_keys32")):
+            return False
+        return p.work_keys is None and p.keys.shape == self.A.shape and np.array_equal(p.center, self.c)
+
     def _candidates(self, ts, Xb, xn):
         """Pairs (j, k) whose logit may be the largest competitor of token ``ts[k]`` at ``z_k`` (z = x; layernorm
         z = P x). One fused float32 pass ``A32 x32 + b32`` over [V, B]; every logit is within ``E_k`` of its
@@ -274,10 +287,13 @@ class Verifier:
         if torch.get_float32_matmul_precision() != "highest":
             return None  # float32 GEMMs may then run in reduced precision: the bound assumes IEEE float32
         if self.A32 is None:
-            A32 = torch.empty((self.V, self.d), dtype=torch.float32)
             with np.errstate(over="ignore"):
-                for r0, a in self.A.chunks():
-                    A32[r0: r0 + a.shape[0]] = torch.from_numpy(a.astype(np.float32))
+                if self._keys_are_shifted_rows():  # the same float32 values: share the problem's copy
+                    A32 = torch.from_numpy(self.p.search_keys32())
+                else:
+                    A32 = torch.empty((self.V, self.d), dtype=torch.float32)
+                    for r0, a in self.A.chunks():
+                        A32[r0: r0 + a.shape[0]] = torch.from_numpy(a.astype(np.float32))
                 b32 = torch.from_numpy(self.bias_c.astype(np.float32))
             finite = bool(torch.isfinite(A32).all()) and bool(torch.isfinite(b32).all())
             self.A32 = (A32, b32) if finite else False

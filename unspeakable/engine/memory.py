@@ -1,0 +1,119 @@
+"""A scan's memory: what it holds for the whole run, and the working set its batches are sized from.
+
+The peak of a scan is the head as loaded plus what the fold and the stages hold for the whole run, plus a
+working set that the stages share one after another (DESIGN §7, issue "memory is a budget")::
+
+    resident = W_U as loaded (V·d at its dtype)
+             + rows and keys, float64 (2 · 8 · V·d; the fold's residual 8 · V·d more where it has one)
+             + one float32 copy of the keys (4 · V·d), shared by the search, the LP's pricing and (where the
+               keys are the verifier's shifted rows) the verifier
+    working  = budget − resident, at least MIN_WORKING
+
+The batches that grow with V are sized from ``working``: the search's tokens per pricing GEMM (an ``[n, V]``
+float32 logit matrix and its top-k workspace) and the verifier's witnesses per competitor pass (an ``[V, n]``
+float32 pass, its mask and its float64 re-scores). The screens' tiles and the LP's per-token vectors are of
+fixed size. The budget is ``--memory GB`` (``ScanOptions.memory``), by default what the machine has
+available, at most DEFAULT_CAP. A budget below ``resident`` cannot be met: the scan then runs with the
+smallest batches and says so in its warnings.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+GB = 10**9
+DEFAULT_CAP = 4 * GB  # the default budget never asks for more than this
+MIN_WORKING = 64 * 2**20  # the working set never shrinks below this (the smallest batches fit in it)
+SEARCH_BATCH_MAX = 256  # tokens per search batch when memory allows (engine.search.SearchOptions.batch)
+WITNESS_BATCH_MAX = 192  # witnesses per verifier pass (engine.verify.Verifier.witnesses)
+
+
+def available_bytes() -> int | None:
+    """``MemAvailable`` of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def default_budget() -> int:
+    """What the machine has available now, at most DEFAULT_CAP (DEFAULT_CAP where it cannot be read)."""
+    avail = available_bytes()
+    return DEFAULT_CAP if avail is None else int(min(DEFAULT_CAP, avail))
+
+
+def parse_gb(value, where: str = "memory") -> int | None:
+    """``--memory GB`` as bytes (None: the default). A positive finite number of gigabytes (10^9 bytes)."""
+    if value is None:
+        return None
+    try:
+        gb = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} = {value!r} is not a number of gigabytes") from None
+    if not np.isfinite(gb) or gb <= 0:
+        raise ValueError(f"{where} = {value!r}; expected a positive number of gigabytes, e.g. 2 or 0.5")
+    return int(gb * GB)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The budget in bytes and the sizes derived from it for a ``V × d`` problem."""
+
+    total: int
+    resident: int
+    V: int
+    d: int
+
+    @classmethod
+    def for_problem(cls, problem, head_bytes: int, total: int | None = None) -> "Budget":
+        V, d = problem.V, problem.d
+        held = 2 * 8 * V * d + 4 * V * d  # rows and keys float64, the shared float32 keys
+        held += sum(8 * V * d for a in (problem.rows_lo, problem.work_keys) if a is not None)
+        return cls(default_budget() if total is None else int(total), int(head_bytes) + held, V, d)
+
+    @property
+    def working(self) -> int:
+        return max(MIN_WORKING, self.total - self.resident)
+
+    @property
+    def met(self) -> bool:
+        """The resident part alone fits in the budget."""
+        return self.resident + MIN_WORKING <= self.total
+
+    def per_row(self, bytes_per_row: int, cap: int, floor: int = 8) -> int:
+        """How many batch rows of ``bytes_per_row`` each fit in the working set (between floor and cap)."""
+        return int(max(floor, min(cap, self.working // max(1, bytes_per_row))))
+
+    @property
+    def search_batch(self) -> int:
+        # the [n, V] float32 logits, topk's workspace and the float64 re-scores of the threats: ~3 float32 rows
+        return self.per_row(3 * 4 * self.V, SEARCH_BATCH_MAX)
+
+    @property
+    def witness_batch(self) -> int:
+        # the [V, n] float32 pass, its comparison mask and index lists: ~2 float32 columns
+        return self.per_row(2 * 4 * self.V, WITNESS_BATCH_MAX)
+
+    def to_json(self) -> dict:
+        return {"budget_bytes": self.total, "resident_bytes": self.resident, "working_bytes": self.working,
+                "search_batch": self.search_batch, "witness_batch": self.witness_batch}
+
+
+def row_norms(a: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """``np.linalg.norm(a, axis=1)`` row chunk by row chunk (the same values) without its ``V × d`` square."""
+    out = np.empty(a.shape[0])
+    for r0 in range(0, a.shape[0], chunk):
+        out[r0: r0 + chunk] = np.linalg.norm(a[r0: r0 + chunk], axis=1)
+    return out
+
+
+def abs_max(a: np.ndarray, chunk: int = 8192) -> float:
+    """``max |a|`` without an ``|a|`` copy (0.0 for an empty array)."""
+    return max((float(np.max(np.abs(a[r0: r0 + chunk]), initial=0.0)) for r0 in range(0, a.shape[0], chunk)),
+               default=0.0)
