@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from unspeakable.engine.head import InputError
+from unspeakable.engine.memory import row_norms
 
 U = 2.0**-53  # float64 unit roundoff
 ETA = 2.0**-1074  # smallest subnormal: the absolute error of one underflowing operation
@@ -100,7 +101,7 @@ class Domain:
     def screen_queries(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The witness screen's points as ``x_t = scale_t * query_t`` (scale None: 1): the best response
         to the token's own centred row (DESIGN §3 step 3)."""
-        n = np.linalg.norm(keys, axis=1)
+        n = row_norms(keys)  # in row chunks: no V × d square
         with np.errstate(divide="ignore", invalid="ignore"):
             return keys, np.where(n > 0, self.radius / n, 0.0)
 
@@ -300,7 +301,7 @@ class Cone(Domain):
         super().__init__(None)
 
     def screen_queries(self, keys):
-        n = np.linalg.norm(keys, axis=1)
+        n = row_norms(keys)
         with np.errstate(divide="ignore", invalid="ignore"):
             return keys, np.where(n > 0, 1.0 / (n * n), 0.0)  # k_t·x_t = 1
 

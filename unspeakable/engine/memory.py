@@ -13,8 +13,8 @@ The batches that grow with V are sized from ``working``: the search's tokens per
 float32 logit matrix and its top-k workspace) and the verifier's witnesses per competitor pass (an ``[V, n]``
 float32 pass, its mask and its float64 re-scores). The screens' tiles and the LP's per-token vectors are of
 fixed size. The budget is ``--memory GB`` (``ScanOptions.memory``), by default what the machine has
-available, at most DEFAULT_CAP. A budget below ``resident`` cannot be met: the scan then runs with the
-smallest batches and says so in its warnings.
+available, at most DEFAULT_CAP. A budget below ``resident + MIN_WORKING`` cannot be met: the scan then runs
+with the working set MIN_WORKING (batches no smaller than needed for it) and says so in its warnings.
 """
 from __future__ import annotations
 

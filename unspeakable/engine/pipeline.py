@@ -193,7 +193,7 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
     if not budget.met:
         sc.warnings.append(f"memory budget {budget.total / GB:.2f} GB is below what a {problem.V} x {problem.d} "
                            f"scan holds throughout (about {budget.resident / GB:.2f} GB, engine.memory): running "
-                           f"with the smallest batches")
+                           f"with the smallest working set")
     return sc
 
 

@@ -1,0 +1,169 @@
+"""engine.memory and the arrays a scan holds (issue 17): one float32 copy of the keys shared by the stages, the
+cone of a constant-bias head sharing the keys, the gram rows recognised as the problem's own without a copy,
+the budget's batch sizes, and the same verdicts under the smallest budget.
+
+The structural checks use identity (``is`` / ``np.shares_memory``) and tracemalloc's count of numpy's
+allocations, not timings or RSS: they fail when a stage builds a V × d copy again.
+"""
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+from unspeakable.engine.head import head_from_arrays
+from unspeakable.engine.loader import fold, gram_rows, problem_from_rows
+from unspeakable.engine.memory import GB, MIN_WORKING, Budget, abs_max, parse_gb, row_norms
+from unspeakable.engine.pipeline import scan_head, shared_gram_rows, working_problem
+from unspeakable.engine.verify import Verifier
+
+
+def _head(V=600, d=24, seed=0, norm="rmsnorm", gain=True, bias=False, dtype=np.float32, scale=1.0):
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((d, V)) * np.exp(0.3 * rng.standard_normal(V)) + 0.7 * rng.standard_normal((d, 1)))
+    W = (W * scale).astype(dtype)
+    g = np.exp(0.2 * rng.standard_normal(d)).astype(dtype) if gain else None
+    b = rng.standard_normal(V).astype(dtype) if bias else None
+    lb = (0.1 * rng.standard_normal(d)).astype(dtype) if bias and norm == "layernorm" else None
+    return head_from_arrays(W, b, g, lb, norm, f"mem-{norm}-{seed}")
+
+
+# ------------------------------------------------------------------------------------------------ budget
+def test_parse_gb():
+    assert parse_gb(None) is None and parse_gb("2") == 2 * GB and parse_gb(0.5) == GB // 2
+    for bad in ("0", "-1", "nan", "inf", "lots", ""):
+        with pytest.raises(ValueError):
+            parse_gb(bad)
+
+
+def test_budget_batches_shrink_with_the_budget_and_never_below_the_floor():
+    V, d = 262144, 640
+    resident = 3 * GB
+    sizes = [Budget(int(gb * GB), resident, V, d) for gb in (1, 3.05, 3.1, 3.3, 4, 8)]
+    s = [b.search_batch for b in sizes]
+    w = [b.witness_batch for b in sizes]
+    assert s == sorted(s) and w == sorted(w) and s[0] < s[-1] and w[0] < w[-1]  # monotone in the budget
+    assert s[-1] == 256 and w[-1] == 192  # a comfortable budget: the usual batches
+    assert not sizes[0].met and sizes[-1].met and sizes[0].working == MIN_WORKING  # the floor of the working set
+    for b in sizes:  # what the batches need fits in the working set (or they are at their floor of 8)
+        assert b.search_batch == 8 or b.search_batch * 3 * 4 * V <= b.working
+        assert b.witness_batch == 8 or b.witness_batch * 2 * 4 * V <= b.working
+    # the resident part counts the head, rows and keys (float64) and the shared float32 keys
+    p = fold(_head(V=400, d=8))
+    b = Budget.for_problem(p, 123, GB)
+    assert b.resident == 123 + (8 + 8 + 4) * p.V * p.d and b.to_json()["resident_bytes"] == b.resident
+
+
+def test_row_norms_and_abs_max_equal_numpy():
+    a = np.random.default_rng(1).standard_normal((20001, 7)) * 1e3
+    assert np.array_equal(row_norms(a, chunk=999), np.linalg.norm(a, axis=1))
+    assert abs_max(a, chunk=1000) == float(np.max(np.abs(a)))
+    assert abs_max(np.zeros((0, 3))) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ shared arrays
+@pytest.mark.parametrize("norm, kw", [
+    ("rmsnorm", {}), ("layernorm", {}), ("rmsnorm", {"gain": False}), ("layernorm", {"bias": True}),
+    ("rmsnorm", {"dtype": np.float64}),  # inexact products: the fold keeps a residual
+    ("rmsnorm", {"scale": 2.0**300, "dtype": np.float64}),  # rescaled at fold time
+])
+def test_shared_gram_rows_equal_gram_rows(norm, kw):
+    head = _head(norm=norm, **kw)
+    for domain in (None, "cone", "box"):
+        p = fold(head, domain=domain)
+        for centred in (False, True):
+            got = shared_gram_rows(head, centred, p)
+            assert np.array_equal(got, gram_rows(head, centred)), (norm, kw, domain, centred)
+
+
+def test_shared_gram_rows_are_the_problems_own_arrays():
+    head = _head(norm="rmsnorm")
+    p = fold(head)
+    assert shared_gram_rows(head, False, p) is p.rows
+    assert shared_gram_rows(head, True, p) is p.keys
+
+
+def test_cone_of_a_constant_bias_head_shares_the_keys():
+    p = fold(_head(norm="rmsnorm"))  # no bias: every logit equal at x = 0
+    cone, _ = working_problem(p)
+    assert cone.domain.name == "cone"
+    assert cone.rows is p.keys and cone.keys is p.keys and not np.any(cone.center)
+    assert cone.search_keys32() is p.search_keys32()
+    assert np.array_equal(p.search_keys32(), p.keys.astype(np.float32))
+
+
+def test_verifier_shares_the_float32_keys_where_they_are_its_rows():
+    rng = np.random.default_rng(3)
+    for norm, shared in (("rmsnorm", True), ("layernorm", False)):
+        p = fold(_head(norm=norm, bias=True))
+        v = Verifier(p)
+        X = rng.standard_normal((5, p.d))
+        X = X / np.linalg.norm(X, axis=1, keepdims=True) * 0.5 * p.radius
+        if norm == "layernorm":
+            X -= X.mean(axis=1, keepdims=True)
+        t = np.arange(5)
+        checks = v.witnesses(t, X)
+        assert v._candidates(t, X, v._xnorm(X)) is not None  # builds the float32 pass's operand
+        A32 = v.A32[0].numpy()
+        assert np.shares_memory(A32, p.search_keys32()) == shared
+        ref = np.vstack([a.astype(np.float32) for _, a in v.A.chunks()])
+        assert np.array_equal(A32, ref)  # the same float32 values either way
+        # and the checks agree with a float64 evaluation over all V
+        for i, c in enumerate(checks):
+            L = (p.rows - p.center) @ X[i] + p.bias
+            m = L[t[i]] - np.max(np.delete(L, t[i]))
+            assert c.ok == (m > c.allowance) or abs(m) <= 2 * c.allowance
+
+
+# --------------------------------------------------------------------------------------- what a scan holds
+def test_scan_holds_two_float64_copies_of_the_rows_not_four():
+    """numpy's allocations during a scan of a constant-bias RMSNorm head (the cone path): rows and keys
+    (2 × 8·V·d), the shared float32 keys (0.5) and per-chunk transients. Before, the cone copied rows and
+    keys again and the fold copied its rows once more: a peak above 5.5 × 8·V·d at this size."""
+    V, d = 12288, 384
+    head = _head(V=V, d=d, seed=5)
+    tracemalloc.start()
+    try:
+        rep = scan_head(head, domain="rmsnorm")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rep.counts["undecided"] == 0
+    assert peak <= 4.8 * 8 * V * d, peak / (8 * V * d)
+
+
+def test_smallest_budget_same_verdicts(monkeypatch):
+    """A budget below what the scan holds (and no floor under the working set): the smallest batches, a
+    warning, and the same verdicts."""
+    import unspeakable.engine.memory as memory
+
+    head = _head(V=700, d=24, seed=7, norm="layernorm", bias=True)
+    a = scan_head(head)
+    monkeypatch.setattr(memory, "MIN_WORKING", 0)
+    b = scan_head(head, memory=0.0001)
+    assert b.memory["search_batch"] == 8 and b.memory["witness_batch"] == 8
+    assert any("memory budget" in w for w in b.warnings) and not any("memory budget" in w for w in a.warnings)
+    assert np.array_equal(a.verdicts_all, b.verdicts_all)
+    assert a.counts == b.counts and a.counts["undecided"] == 0
+    for x, y in zip(a.tokens, b.tokens):
+        assert x.id == y.id and x.verdict == y.verdict
+
+
+def test_bad_memory_option():
+    from unspeakable.engine.head import InputError
+
+    with pytest.raises(InputError, match="positive number of gigabytes"):
+        scan_head(_head(V=50, d=4), memory=-1)
+
+
+def test_problem_from_rows_copies_by_default():
+    rows = np.random.default_rng(0).standard_normal((40, 5))
+    keep = rows.copy()
+    p = problem_from_rows(rows, None, "rmsnorm")
+    assert not np.shares_memory(p.rows, rows)
+    p.rows[0, 0] = 99.0
+    assert np.array_equal(rows, keep)
