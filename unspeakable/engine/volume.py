@@ -1230,6 +1230,8 @@ def histogram_png(report: VolumeReport) -> bytes:
                                                                  f"in {report.samples} samples)")
     if est.size:
         ax.hist(est, bins=60, color="#c0504d", alpha=0.75, label="listed tokens' estimates")
+    if est.size or (allv is not None and report.samples and np.isfinite(allv).any()):
+        ax.set_yscale("log")  # a few listed tokens beside thousands of sampled ones stay visible
     ax.set_xlabel("log10 share of the norm's output set on which the token wins")
     ax.set_ylabel("tokens")
     ax.legend(fontsize=8)
