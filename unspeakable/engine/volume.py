@@ -1043,7 +1043,7 @@ class VolumeOptions:
     strict): share 0, method ``unspeakable``, no estimate (members of a ``tie`` split their group's cell, as in
     :func:`volume`). The others get the plain pass's estimate and binomial interval (one GEMM pass over all V);
     ``tokens`` — by default the ``hardest`` listed speakable tokens, smallest proven margin first — also get
-    splitting and the rigorous cap bound (about 10 s per rare token on two cores). The margin only guides
+    splitting and the rigorous cap bound (10–35 s per rare token on a 2-core CPU). The margin only guides
     this choice: it does not order the shares.
     """
 
