@@ -682,10 +682,29 @@ def audit(report, head, *, sample: int | None = None, seed: int = 0, base_dir: s
         if x is not None:
             pending.append((t, x, entry))
     check_pending(F, pending, res)
+    check_volume(entries, res)
     undecided = sum(1 for e in entries.values() if e["verdict"] == "undecided")
     if undecided:
         res.notes.append(f"{undecided} undecided tokens claim no verdict; their stated bounds carry no evidence")
     return res
+
+
+def check_volume(entries: dict, res: AuditResult) -> None:
+    """``scan --volume`` entries are statistical estimates, not proofs: they are not re-derived (nor is the cap
+    bound, whose centre the report does not carry). Only their consistency with the verdicts is checked: a
+    token proven unspeakable (other than a tie, whose members split their cell) wins nowhere, so its entry must
+    claim no share."""
+    vols = {t: e["volume"] for t, e in entries.items() if isinstance(e.get("volume"), dict)}
+    if not vols:
+        return
+    res.notes.append(f"{len(vols)} tokens carry volume estimates (scan --volume): statistics, not audited; "
+                     f"checked only against the verdicts")
+    for t, v in vols.items():
+        e = entries[t]
+        tie = (e.get("certificate") or {}).get("kind") == "tie"
+        if e["verdict"] == "unspeakable" and not tie and (v.get("log10_share") is not None
+                                                         or v.get("log10_share_lower_bound") is not None):
+            res.fail(t, "volume", "a token proven unspeakable wins nowhere, but its volume entry claims a share")
 
 
 def check_counts(counts: dict, entries: dict, V: int, res: AuditResult) -> np.ndarray:

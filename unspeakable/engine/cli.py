@@ -193,7 +193,8 @@ def time_line(timings: dict, enrich_s: float, write_s: float) -> str:
     count, the model check) and the console table plus the files written."""
     from unspeakable.engine.report import peak_rss_bytes
 
-    stages = ", ".join(f"{k} {timings.get(k, 0.0):.1f} s" for k in ("load", "screen", "search", "decide", "verify"))
+    keys = ("load", "screen", "search", "decide", "verify") + (("volume",) if "volume" in timings else ())
+    stages = ", ".join(f"{k} {timings.get(k, 0.0):.1f} s" for k in keys)
     total = timings.get("total", 0.0)
     return (f"time: {stages} (engine {total:.1f} s); enrich {enrich_s:.1f} s; table and files {write_s:.1f} s; "
             f"{total + enrich_s + write_s:.1f} s in all; peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
@@ -251,6 +252,11 @@ class Scan:
     ray_cpus: int | None = None
     object_store_memory: int | None = None
     out_dir: str | None = None
+    volume: bool = False
+    volume_tokens: TokenSpec | None = None
+    volume_hardest: int | None = None
+    volume_samples: int | None = None
+    volume_seed: int | None = None
 
     @staticmethod
     def add_args(p: argparse.ArgumentParser) -> None:
@@ -276,6 +282,7 @@ class Scan:
         _vocab_arg(p)
         p.add_argument("--out-dir", metavar="DIR", help="several sources (with or without --ray): write "
                                                          "DIR/<name>.json per model and DIR/summary.json")
+        _volume_args(p)
         _ray_args(p)
 
     def run(self) -> int:
@@ -299,6 +306,21 @@ class Scan:
             raise InputError(f"{', '.join(given)} size a local Ray; the cluster at {self.ray} has its own")
         if self.ray is None and (given or self.max_in_flight is not None):
             raise InputError("--max-in-flight, --ray-cpus and --object-store-memory need --ray")
+        vol = {"--volume-tokens": self.volume_tokens, "--volume-hardest": self.volume_hardest,
+               "--volume-samples": self.volume_samples, "--volume-seed": self.volume_seed}
+        given = [k for k, v in vol.items() if v is not None]
+        if given and not self.volume:
+            raise InputError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --volume")
+
+    def _volume_options(self, V: int):
+        """The volume options for a head of V tokens (ids checked here, before the scan), or None."""
+        if not self.volume:
+            return None
+        from unspeakable.engine.volume import VolumeOptions
+
+        given = {"tokens": None if self.volume_tokens is None else self.volume_tokens.ids(V),
+                 "hardest": self.volume_hardest, "samples": self.volume_samples, "seed": self.volume_seed}
+        return VolumeOptions.resolve({k: v for k, v in given.items() if v is not None}, V)
 
     def _cluster(self):
         """The Ray cluster for ``--ray`` (started or joined here, before any work), else nothing."""
@@ -316,13 +338,14 @@ class Scan:
 
         head, load_time = _load(source, self.vocab)
         ids = None if self.tokens is None else self.tokens.ids(head.d_vocab)
+        volume = self._volume_options(head.d_vocab)
         checkpoint = None if not out else out + ".partial"
         try:
             report = scan_head(head, domain=self.domain, radius=self.radius, bias=self.bias, tokens=ids,
                                device=self.device, backend=self.backend, precision=self.precision,
                                verify=self.verify, workers=self.workers, memory=self.memory,
                                checkpoint=checkpoint, resume=self.resume, progress=sys.stderr.isatty(),
-                               load_time=load_time, keep_checkpoint=True, cluster=cluster)
+                               load_time=load_time, keep_checkpoint=True, cluster=cluster, volume=volume)
         except KeyboardInterrupt:
             if checkpoint and os.path.exists(checkpoint):
                 print(f"unspeakable: interrupted; decided tokens are kept in {checkpoint}: "
@@ -684,6 +707,25 @@ def _bytes_arg(s: str) -> int:
     if not m or float(m.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"expected a size in bytes like 2000000000, 2G or 512M, got {s!r}")
     return int(float(m.group(1)) * 1024 ** "_KMGT".index((m.group(2) or "_").upper()))
+
+
+def _volume_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "volume (how precisely must the model point? the share of the norm's output set each token wins)",
+        "--volume adds a log10_share column to the report, the CSV, the console table and the page (with a histogram "
+        "of log10 share). Every listed token gets an entry: a token proven unspeakable owns share 0 (method "
+        "'unspeakable', no estimate; identical rows split their cell, method 'tie'); the others get the estimate and "
+        "binomial interval of one plain sampling pass over all V (one GEMM pass); the tokens split — by default the "
+        "--volume-hardest listed speakable tokens with the smallest margin_lower — also get multilevel splitting and "
+        "a proven cap bound (10-35 s per rare token on a 2-core CPU). `unspeakable volume` has more knobs.")
+    g.add_argument("--volume", action="store_true", help="add each listed token's share (runs after the verdicts)")
+    g.add_argument("--volume-tokens", type=_token_spec_arg, metavar="SPEC",
+                   help="split and cap-bound these ids (listed by the scan) instead of the hardest, e.g. 5,100-110")
+    g.add_argument("--volume-hardest", type=_nonnegative_int, metavar="N",
+                   help="split and cap-bound the N listed speakable tokens with the smallest margin_lower (default 10)")
+    g.add_argument("--volume-samples", type=_positive_int, metavar="N",
+                   help="plain uniform samples over all V (default 65536)")
+    g.add_argument("--volume-seed", type=_nonnegative_int, metavar="S", help="random seed of the volume pass (default 0)")
 
 
 def _ray_args(p: argparse.ArgumentParser) -> None:

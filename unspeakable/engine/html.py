@@ -19,12 +19,13 @@ import io
 import json
 import math
 
-from unspeakable.engine.report import (ScanReport, atomic_write, display_text, make_figure, ordered_tokens, summary_lines,
-                                       to_jsonable)
+from unspeakable.engine.report import (ScanReport, atomic_write, display_text, float_or_none, make_figure, ordered_tokens,
+                                       summary_lines, to_jsonable)
 
 COLUMNS = ("id", "text", "token", "verdict", "hard_to_speak", "margin_lower", "margin_upper", "reason", "gram_argmax",
            "model_check")
-_NUMERIC = {"id", "margin_lower", "margin_upper", "gram_argmax"}
+VOLUME_COLUMNS = ("log10_share", "log10_share_ci", "log10_share_lower_bound", "volume_method")  # scan --volume
+_NUMERIC = {"id", "margin_lower", "margin_upper", "gram_argmax", "log10_share", "log10_share_lower_bound"}
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -99,8 +100,35 @@ def _rows(report: ScanReport) -> list[dict]:
         rows.append({"id": t.id, "display": display_text(t, report.text_scheme), "text": t.text, "token": t.token,
                      "verdict": t.verdict, "hard_to_speak": t.hard_to_speak, "margin_lower": t.margin_lower,
                      "margin_upper": t.margin_upper, "reason": t.reason, "gram_argmax": t.gram_argmax,
-                     "model_check": t.model_check})
+                     "model_check": t.model_check, **_volume_cells(t.volume)})
     return rows
+
+
+def _volume_cells(v: dict | None) -> dict:
+    if v is None:
+        return {}
+    ci = [float_or_none(x) for x in (v.get("log10_share_ci") or (None, None))]
+    return {"log10_share": float_or_none(v.get("log10_share")),
+            "log10_share_ci": "[" + ", ".join("—" if x is None else f"{x:.2f}" for x in ci) + "]",
+            "log10_share_lower_bound": float_or_none(v.get("log10_share_lower_bound")), "volume_method": v.get("method")}
+
+
+def _volume_section(report: ScanReport) -> str:
+    """The histogram of log10 share (engine.volume's own figure) and what the volume columns mean."""
+    import importlib
+
+    vol = importlib.import_module("unspeakable.engine.volume")  # the module: the package re-exports the function
+    v = report.volume or {}
+    img = ""
+    if report.volume_report is not None:
+        png = base64.b64encode(vol.histogram_png(report.volume_report)).decode("ascii")
+        img = f'<img alt="histogram of log10 share" src="data:image/png;base64,{png}">'
+    return (f'<h2>Share of the output set (--volume)</h2>{img}<p class="note">log10_share: the share of the '
+            f'{html.escape(str(v.get("domain")))} output set on which the token is the strict argmax, with its '
+            f'{html.escape(str(v.get("confidence")))} interval, from {html.escape(str(v.get("samples")))} plain samples '
+            f'over all V; splitting and a proven cap (log10_share_lower_bound) for {len(v.get("split") or ())} tokens '
+            f'({html.escape(str(v.get("selection")))}). Tokens proven unspeakable own share 0 (method unspeakable); '
+            f'identical rows split their cell (tie).</p>')
 
 
 def _figure_png(report: ScanReport) -> str:
@@ -127,6 +155,9 @@ def render_html(report: ScanReport, figure: bool = True) -> str:
         cols.remove("token")
     if "model_check" in cols and not any(t.model_check is not None for t in report.tokens):
         cols.remove("model_check")
+    volume = not gram and any(t.volume is not None for t in report.tokens)
+    if volume:
+        cols += VOLUME_COLUMNS
     esc = html.escape
     lines = summary_lines(report)
     parts = [
@@ -145,6 +176,8 @@ def render_html(report: ScanReport, figure: bool = True) -> str:
     parts += [f'<p class="warn">warning: {esc(w)}</p>' for w in report.warnings]
     if figure:
         parts.append(f'<h2>Figure</h2><img alt="margins figure" src="data:image/png;base64,{_figure_png(report)}">')
+    if volume:
+        parts.append(_volume_section(report))
     parts += [
         "<h2>Listed tokens</h2>",
         '<p class="note">Text is escaped: \\n \\t \\xNN control bytes, \\uXXXX invisible characters, ␣ a leading or '

@@ -39,6 +39,7 @@ from unspeakable.engine.screen import gram_screen, screens, witness_points
 from unspeakable.engine.memory import GB, Budget, abs_max, parse_gb
 from unspeakable.engine.search import SearchOptions, search
 from unspeakable.engine.verify import Verifier
+from unspeakable.engine.volume import VolumeOptions, entry_json, for_scan
 from unspeakable.kernels import resolve_backend, resolve_precision
 
 
@@ -82,6 +83,9 @@ class ScanOptions:
     keep_checkpoint: bool = False  # the CLI removes it only once the report is safely written
     cluster: object = None  # an engine.cluster.Cluster: screens and open tokens as Ray tasks, verified here
     memory: float | None = None  # the budget in GB (engine.memory); None: what the machine has, at most 4 GB
+    # After the verdicts, each listed token's share of the norm's output set (engine.volume.VolumeOptions):
+    # None/False: none; True: the defaults; a dict of VolumeOptions' fields, or a VolumeOptions.
+    volume: object = None
 
 
 @dataclass
@@ -102,6 +106,7 @@ class _Scan:
     witness: object = None
     screen_stats: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    volume: tuple | None = None  # (VolumeReport, split ids, options) once the volume stage has run
 
     def base(self, t: int) -> TokenReport:
         i = self.ledger.pos[int(t)]
@@ -172,6 +177,8 @@ def scan_head(head: Head, **options) -> ScanReport:
     if still_open:
         _decide_stage(sc, work, lift, still_open)
     _settle_twins(sc)
+    if sc.opt.volume is not None:
+        _volume_stage(sc)
     return _assemble(sc, t_start)
 
 
@@ -182,6 +189,7 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
     precision = resolve_precision(opt.precision, backend, dev)
     V = problem.V
     ids = np.arange(V, dtype=np.int64) if opt.tokens is None else token_ids(opt.tokens, V)
+    opt.volume = VolumeOptions.resolve(opt.volume, V)  # bad volume options are refused before any work or file
     ckpt = Checkpoint(opt.checkpoint, fingerprint(problem), opt.resume, problem.d) if opt.checkpoint else None
     if opt.verify not in ("bounded", "full"):
         raise InputError(f"unknown verify mode {opt.verify!r}; expected bounded or full")
@@ -675,6 +683,23 @@ def _settle_twins(sc: _Scan) -> None:
     sc.ledger.record(list(done.values()))
 
 
+# --------------------------------------------------------------------------------------------- volume
+def _volume_stage(sc: _Scan) -> None:
+    """Each listed token's share of the norm's output set, once every verdict is final (engine.volume:
+    share 0 for the proven unspeakable, the plain pass for all, splitting and the cap for the hardest). It
+    runs before the checkpoint is dropped, so an interrupted volume pass resumes from the verdicts."""
+    led, opt = sc.ledger, sc.opt
+    listed = [led.listed[t] for t in sorted(led.listed)]
+    with sc.timed("volume"):
+        rep, split_ids, warnings = for_scan(sc.head, listed, opt.volume, domain=opt.domain, radius=opt.radius,
+                                                bias=opt.bias, progress=(lambda m: _log(sc, f"volume: {m}")))
+        for r, tv in zip(listed, rep.tokens):
+            r.volume = entry_json(tv)
+    sc.warnings.extend(warnings)
+    sc.volume = (rep, split_ids, opt.volume)
+    _log(sc, f"volume: {sc.timings['volume']:.1f}s, {len(split_ids)} tokens split")
+
+
 # --------------------------------------------------------------------------------------------- verdicts
 def verify_candidates(sc: _Scan, cands: list[Candidate]) -> list[Verified]:
     """Verify candidates (witnesses in one batched pass); each one's :class:`Verified` result (also the Ray
@@ -760,6 +785,11 @@ def _assemble(sc: _Scan, t_start: float) -> ScanReport:
                      planted=p.planted, warnings=list(sc.warnings), screen_stats=sc.screen_stats,
                      gram_other=sc.screen_stats.get("other_gram"),
                      memory={**sc.budget.to_json(), "peak_rss_bytes": peak_rss_bytes()})
+    if sc.volume is not None:
+        from unspeakable.engine.volume import scan_summary
+
+        rep.volume_report = sc.volume[0]
+        rep.volume = scan_summary(*sc.volume)
     full, lo_all, hi_all = np.zeros(V, dtype=np.int8), np.full(V, np.nan), np.full(V, np.nan)
     full[led.ids], lo_all[led.ids], hi_all[led.ids] = led.verdict, led.lower, led.upper
     ga = np.full(V, -1, dtype=np.int64)

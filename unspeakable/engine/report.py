@@ -38,6 +38,9 @@ class TokenReport:
     token: str | None = None
     model_check: str | None = None  # "ok" | "fragile" (engine.modelcheck)
     model_margin: float | None = None
+    # scan --volume: the token's share of the norm's output set, engine.volume's entry without id and text
+    # ("log10_share", "log10_share_ci", "log10_share_lower_bound", "cap_angle_deg", "method", ...)
+    volume: dict | None = None
 
     def to_json(self, gram: bool = False) -> dict:
         """This token's entry in the report's ``tokens`` list; ``gram=True`` keeps only the gram fields."""
@@ -58,6 +61,8 @@ class TokenReport:
         if self.model_check is not None:
             out["model_check"] = self.model_check
             out["model_margin"] = float_or_none(self.model_margin)
+        if self.volume is not None:
+            out["volume"] = to_jsonable(self.volume)
         return out
 
 
@@ -93,6 +98,10 @@ class ScanReport:
     # Extra top-level JSON key "memory" (scan reports): the budget and the batches sized from it
     # (engine.memory.Budget.to_json) and the process's peak RSS when the engine finished.
     memory: dict | None = None
+    # scan --volume: extra top-level JSON key "volume" (engine.volume.scan_summary: settings, the split tokens,
+    # the plain pass's histogram over all V); the VolumeReport itself (not serialised) draws the page's histogram.
+    volume: dict | None = None
+    volume_report: object = None
 
     # ------------------------------------------------------------------------------------------- contract
     def to_json(self) -> dict:
@@ -122,15 +131,19 @@ class ScanReport:
             out["gram"] = to_jsonable(self.gram)
         if self.warnings:  # e.g. "weights dequantized from Q8_0 ...: verdicts describe the quantized head"
             out["warnings"] = [str(w) for w in self.warnings]
+        if self.volume is not None:
+            out["volume"] = to_jsonable(self.volume)
         if self.memory is not None:
             out["memory"] = to_jsonable(self.memory)
         return out
 
     def to_csv(self) -> str:
-        """One row per listed token: ``id,text,gram_argmax,hard_to_speak,verdict,reason,margin_lower,...``."""
+        """One row per listed token: ``id,text,gram_argmax,hard_to_speak,verdict,reason,margin_lower,...``;
+        with volume entries also ``log10_share,log10_share_ci_lo,...`` (:data:`CSV_VOLUME_FIELDS`)."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(CSV_FIELDS)
+        vol = any(t.volume is not None for t in self.tokens)
+        w.writerow(CSV_FIELDS + (CSV_VOLUME_FIELDS if vol else ()))
         for t in self.tokens:
             w.writerow([
                 int(t.id),
@@ -142,12 +155,24 @@ class ScanReport:
                 csv_float(t.margin_lower),
                 csv_float(t.margin_upper),
                 csv_float(t.time_s),
-            ])
+            ] + (_csv_volume(t.volume) if vol else []))
         return buf.getvalue()
 
 
 CSV_FIELDS = ("id", "text", "gram_argmax", "hard_to_speak", "verdict", "reason", "margin_lower", "margin_upper",
               "time_s")
+CSV_VOLUME_FIELDS = ("log10_share", "log10_share_ci_lo", "log10_share_ci_hi", "log10_share_lower_bound",
+                     "cap_angle_deg", "volume_method")
+
+
+def _csv_volume(v: dict | None) -> list:
+    if v is None:
+        return [""] * len(CSV_VOLUME_FIELDS)
+    ci = v.get("log10_share_ci") or (None, None)
+    return [csv_float(v.get("log10_share")), csv_float(ci[0]), csv_float(ci[1]),
+            csv_float(v.get("log10_share_lower_bound")), csv_float(v.get("cap_angle_deg")), v.get("method") or ""]
+
+
 _TOP_KEYS = ("schema", "source", "V", "d", "domain", "radius", "bias", "backend", "device", "counts", "timings_s",
              "tokens")
 _COUNT_KEYS = ("tokens", "hard_to_speak", "speakable", "unspeakable", "undecided")
@@ -186,7 +211,10 @@ def csv_float(x) -> str:
 def _timings_json(timings: dict, gram: bool) -> dict:
     if gram:  # the stages a gram run has: those of the contract's keys that exist, in the contract's order
         return {k: float_or_none(timings[k]) for k in _TIMING_KEYS if k in timings}
-    return {k: float_or_none(timings.get(k)) for k in _TIMING_KEYS}
+    out = {k: float_or_none(timings.get(k)) for k in _TIMING_KEYS}
+    if "volume" in timings:  # scan --volume: its stage, after the contract's keys (total includes it)
+        out["volume"] = float_or_none(timings["volume"])
+    return out
 
 
 def to_jsonable(obj):
@@ -308,7 +336,7 @@ def read_json(path) -> ScanReport:
         lost = [k for k in want if k not in t]
         if lost:
             raise InputError(f"{path}: tokens[{i}] is missing keys {', '.join(lost)}")
-        extra = {k: t[k] for k in ("token", "model_check", "model_margin") if k in t}
+        extra = {k: t[k] for k in ("token", "model_check", "model_margin", "volume") if k in t}
         tokens.append(TokenReport(**{k: t[k] for k in want if k in t}, **extra))
         if tokens[-1].time_s is None:
             tokens[-1].time_s = 0.0
@@ -317,6 +345,7 @@ def read_json(path) -> ScanReport:
         bias=data["bias"], backend=data["backend"], device=data["device"], counts=dict(data["counts"]),
         timings_s=dict(data["timings_s"]), tokens=tokens, kind="gram" if gram else "scan", gram=data.get("gram"),
         warnings=list(data.get("warnings") or []), memory=data.get("memory"),
+        volume=data.get("volume"),
     )
 
 
@@ -639,7 +668,27 @@ def summary_lines(report: ScanReport) -> list[str]:
         lines.append(f"         criterion: {g.get('criterion')}")
     if report.timings_s:
         lines.append("timings: " + "  ".join(f"{k}={_fmt(v)}s" for k, v in report.timings_s.items()))
+    v = report.volume
+    if v:
+        lines.append(f"volume:  share of the {v.get('domain')} output set (dimension {v.get('dimension')}); "
+                     f"{v.get('samples')} plain samples over all V ({v.get('histogram', {}).get('no_hit')} tokens won "
+                     f"none); split and cap-bounded: {len(v.get('split') or ())} ({v.get('selection')}); "
+                     f"intervals at {v.get('confidence')}")
     return lines
+
+
+def volume_cell(v: dict | None) -> str:
+    """A token's volume in one short cell: the log10 share estimate, "< hi" when only the interval's top is
+    known (no plain hit), "share 0" for a proven unspeakable token, "—" without an entry."""
+    if not v:
+        return "—"
+    if v.get("method") == "unspeakable":
+        return "share 0"
+    est = float_or_none(v.get("log10_share"))
+    if est is not None:
+        return f"{est:.2f}"
+    hi = float_or_none((v.get("log10_share_ci") or (None, None))[1])
+    return "—" if hi is None else f"< {hi:.2f}"
 
 
 def print_console(report: ScanReport, file=None, max_rows: int = 40) -> None:
@@ -674,6 +723,7 @@ def _rich_table(report: ScanReport, tokens: list[TokenReport], Table, Text):
     gram = report.kind == "gram"
     raw = any(t.token is not None for t in tokens)
     checked = any(t.model_check is not None for t in tokens)
+    vol = any(t.volume is not None for t in tokens)
     table = Table(show_lines=False, header_style="bold")
     table.add_column("id", justify="right")
     table.add_column("text", overflow="fold", max_width=24)
@@ -685,6 +735,8 @@ def _rich_table(report: ScanReport, tokens: list[TokenReport], Table, Text):
             table.add_column(name, justify="right" if name.startswith("margin") else "left")
         if checked:
             table.add_column("model_check")
+        if vol:
+            table.add_column("log10_share", justify="right")
     for t in tokens:
         cells = [Text(str(t.id)), Text(display_text(t, report.text_scheme))]
         if raw:
@@ -695,5 +747,7 @@ def _rich_table(report: ScanReport, tokens: list[TokenReport], Table, Text):
                       Text(_fmt(t.margin_lower)), Text(_fmt(t.margin_upper)), Text(t.reason or "")]
             if checked:
                 cells.append(Text(t.model_check or "—", style="red" if t.model_check == "fragile" else ""))
+            if vol:
+                cells.append(Text(volume_cell(t.volume)))
         table.add_row(*cells)
     return table

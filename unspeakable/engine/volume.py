@@ -67,6 +67,7 @@ from unspeakable.engine.report import csv_float, float_or_none
 from unspeakable.kernels import torch_threads
 
 SCHEMA = "unspeakable.volume/1"
+MIN_HITS = 100  # plain hits below which a listed token is estimated by splitting
 _DEBUG = bool(__import__("os").environ.get("UNSPEAKABLE_VOLUME_DEBUG"))
 FIELDS = ("id", "text", "log10_share", "log10_share_ci", "log10_share_lower_bound", "cap_angle_deg", "method",
           "samples", "seconds")
@@ -825,8 +826,8 @@ def _bias_error(head: Head, problem, bias_on: bool) -> np.ndarray | None:
 
 # ------------------------------------------------------------------------------------------------ entry
 def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: float | None = None, bias: bool = True,
-           samples: int = 65536, seed: int = 0, confidence: float = 0.95, min_hits: int = 100,
-           split: SplitOptions | None = None, lower_bound: bool = True, progress=None) -> VolumeReport:
+           samples: int = 65536, seed: int = 0, confidence: float = 0.95, min_hits: int = MIN_HITS,
+           split: SplitOptions | None = None, lower_bound: bool = True, detailed=None, progress=None) -> VolumeReport:
     """The share of the norm's output set on which each token is the strict argmax (module docstring).
 
     Args:
@@ -843,6 +844,9 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
         min_hits: tokens with fewer plain hits than this are estimated by splitting.
         split: the splitting's knobs (:class:`SplitOptions`).
         lower_bound: compute the rigorous cap bound (sphere domains).
+        detailed: ids among ``tokens`` that get splitting (when rare) and the cap bound; the others keep the
+            plain pass's estimate and binomial interval (a proof of share 0 still applies to them). None:
+            all of ``tokens``. ``scan --volume`` uses it to split only the hardest of its listed tokens.
         progress: a callable taking a message string, or None.
 
     Raises:
@@ -868,6 +872,14 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
         ids = np.arange(V)
     else:
         ids = token_ids(tokens, V)  # the scan's own rule: no 1.5 read as token 1, no boolean masks
+    if detailed is None:
+        detail = {int(t) for t in ids}
+    else:
+        detail = {int(t) for t in token_ids(detailed, V, "detailed")}
+        if not listed or not detail <= {int(t) for t in ids}:
+            raise InputError("detailed: ids must be among the listed tokens")
+        if not samples and len(detail) < len(ids):
+            raise InputError("samples 0 leaves the tokens outside detailed with no estimate; sample, or detail all")
     say = progress or (lambda msg: None)
     timings = {"load_fold": time.perf_counter() - t_start}
     meas = _Measure(problem, problem.keys)
@@ -914,7 +926,7 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
     def rep(t):
         return groups[t][0] if t in groups else t
 
-    rare = sorted({rep(int(t)) for t in ids if int(t) not in zero
+    rare = sorted({rep(int(t)) for t in ids if int(t) not in zero and int(t) in detail
                    and counts[groups.get(int(t), [int(t)])].sum() < min_hits}) if listed else []
     t0 = time.perf_counter()
     split_res: dict[int, tuple] = {}
@@ -957,7 +969,7 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
             tv = TokenVolume(t, text, _log10(hits / samples / k), (_log10(lo / k), _log10(hi / k)), None, None,
                              "sampling" if k == 1 else "tie", samples, per_plain, hits=hits, tie_with=tie_with)
             centre = sums[members].sum(0) if members else sums[t]
-        if listed and lower_bound and not meas.box:
+        if listed and lower_bound and not meas.box and t in detail:
             tc = time.perf_counter()
             start = centre if centre is not None and np.linalg.norm(centre) > 0 else meas.keys64[rep_t]
             comps = _binding(meas, rep_t, start, excl[t], 512)
@@ -1020,6 +1032,131 @@ def _zero_share(problem, t: int, exclude, R: float, centred: bool, bias_err) -> 
     be = np.zeros_like(beta) if bias_err is None else bias_err[t] + bias_err[mask]
     val = beta + R * na * (1 + 4 * U) + be + 4 * U * np.abs(beta)
     return bool(np.any(val < 0))
+
+
+# ------------------------------------------------------------------------------------------------ scan --volume
+@dataclass
+class VolumeOptions:
+    """What ``scan --volume`` adds to a scan (``scan(..., volume=True | {...} | VolumeOptions(...))``).
+
+    Every token the scan lists gets an entry. A token the scan proved unspeakable wins nowhere (the argmax is
+    strict): share 0, method ``unspeakable``, no estimate (members of a ``tie`` split their group's cell, as in
+    :func:`volume`). The others get the plain pass's estimate and binomial interval (one GEMM pass over all V);
+    ``tokens`` — by default the ``hardest`` listed speakable tokens, smallest proven margin first — also get
+    splitting and the rigorous cap bound (10–35 s per rare token on a 2-core CPU). The margin only guides
+    this choice: it does not order the shares.
+    """
+
+    tokens: object = None  # ids to split and bound; None: the `hardest` listed speakable tokens
+    hardest: int = 10
+    samples: int = 65536  # plain samples over all V
+    seed: int = 0
+    confidence: float = 0.95
+    split: SplitOptions = field(default_factory=lambda: SplitOptions(particles=128, replicates=8))  # as `volume`'s CLI
+
+    @classmethod
+    def resolve(cls, value, V: int) -> VolumeOptions | None:
+        """None or False: no volume; True: the defaults; else a :class:`VolumeOptions` or a dict of its fields.
+        Checked against V here, so that a scan refuses bad options before any work (:class:`InputError`)."""
+        import dataclasses
+
+        if value is None or value is False:
+            return None
+        if value is True:
+            opt = cls()
+        elif isinstance(value, cls):
+            opt = dataclasses.replace(value)  # the caller's object is left as it is
+        elif isinstance(value, dict):
+            known = [f.name for f in dataclasses.fields(cls)]
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise InputError(f"volume: unknown options {', '.join(map(str, unknown))}; expected {', '.join(known)}")
+            opt = cls(**value)
+        else:
+            raise InputError(f"volume: expected True, a dict or VolumeOptions; got {type(value).__name__}")
+        for name, least in (("samples", 1), ("hardest", 0), ("seed", 0)):
+            v = getattr(opt, name)
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < least:
+                raise InputError(f"volume {name} must be an integer >= {least}; got {v!r}")
+        if isinstance(opt.confidence, bool) or not (isinstance(opt.confidence, float | int) and 0 < opt.confidence < 1):
+            raise InputError(f"volume confidence must be in (0, 1); got {opt.confidence!r}")
+        if not isinstance(opt.split, SplitOptions) or opt.split.replicates < 2 or opt.split.particles < 2:
+            raise InputError("volume split: a SplitOptions with at least 2 replicates of at least 2 particles")
+        if opt.tokens is not None:
+            opt.tokens = token_ids(opt.tokens, V, "volume tokens")
+        return opt
+
+
+def _hardness(t) -> tuple:
+    m = float_or_none(t.margin_lower)
+    return (math.inf if m is None else m, t.id)
+
+
+def for_scan(head, listed: list, opt: VolumeOptions, *, domain=None, radius=None, bias: bool = True,
+             progress=None) -> tuple[VolumeReport, list[int], list[str]]:
+    """Volume entries for a scan's listed tokens (``TokenReport`` objects with their final verdicts).
+
+    Returns the :class:`VolumeReport` over the listed tokens in their order (its plain pass covers all V),
+    the ids that were split and bounded, and warnings: ``opt.tokens`` the scan does not list, and any token
+    proven unspeakable that the plain pass saw win (two independent methods disagreeing)."""
+    zero = {t.id for t in listed if t.verdict == "unspeakable" and (t.certificate or {}).get("kind") != "tie"}
+    rest = [t.id for t in listed if t.id not in zero]
+    warnings = []
+    if opt.tokens is None:
+        chosen = [t.id for t in sorted((t for t in listed if t.verdict == "speakable"), key=_hardness)[:opt.hardest]]
+    else:
+        named = {int(t) for t in opt.tokens}
+        chosen = sorted(named & set(rest))
+        absent = sorted(named - {t.id for t in listed})
+        if absent:
+            warnings.append(f"volume: tokens {', '.join(map(str, absent[:10]))}{' …' if len(absent) > 10 else ''} are "
+                            f"not listed by this scan (settled by the witness screen and not hard-to-speak, or not "
+                            f"scanned): `unspeakable volume SOURCE --tokens ...` estimates them")
+    rep = volume(head, rest, domain=domain, radius=radius, bias=bias, samples=opt.samples, seed=opt.seed,
+                 confidence=opt.confidence, split=opt.split, detailed=chosen, progress=progress)
+    by_id = {tv.id: tv for tv in rep.tokens}
+    split_set = set(chosen)
+    for t in listed:
+        if t.id in zero:
+            by_id[t.id] = TokenVolume(t.id, t.text, None, (None, None), None, None, "unspeakable", 0, 0.0,
+                                      note=f"share 0: the scan proved it never wins ({t.reason})")
+        elif t.id not in split_set and by_id[t.id].hits is not None and by_id[t.id].hits < MIN_HITS:
+            by_id[t.id].note = (f"plain pass only ({by_id[t.id].hits} hits in {opt.samples} samples); "
+                                f"--volume-tokens {t.id} splits it and proves a cap")
+    seen = [t for t in sorted(zero) if np.isfinite(rep.log10_share_sampled_all[t])]
+    if seen:
+        warnings.append(f"volume: tokens {', '.join(map(str, seen[:10]))} are proven unspeakable yet won plain samples: "
+                        f"please report this inconsistency")
+    rep.tokens = [by_id[t.id] for t in listed]
+    rep.warnings.extend(warnings)
+    return rep, chosen, warnings
+
+
+def scan_summary(rep: VolumeReport, split_ids: list[int], opt: VolumeOptions) -> dict:
+    """The top-level ``"volume"`` of a scan report: the measure, the run's settings, which tokens were split
+    and why, and the plain pass's histogram of log10 share over all V (bins of 0.25; ``no_hit`` tokens
+    were never sampled as the winner)."""
+    allv = np.asarray(rep.log10_share_sampled_all, dtype=np.float64)
+    fin = allv[np.isfinite(allv)]
+    if fin.size:
+        lo, hi = math.floor(fin.min() * 4) / 4, math.ceil(fin.max() * 4) / 4 + 0.25
+        counts, edges = np.histogram(fin, bins=np.arange(lo, hi + 1e-9, 0.25))
+    else:
+        counts, edges = np.zeros(0, dtype=np.int64), np.zeros(0)
+    return {"measure": "share of the norm's output set on which the token is the strict argmax (engine.volume)",
+            "domain": rep.domain, "dimension": int(rep.dimension), "confidence": float(rep.confidence),
+            "samples": int(rep.samples), "seed": int(rep.seed),
+            "split": [int(t) for t in split_ids],
+            "selection": (f"the {opt.hardest} listed speakable tokens with the smallest margin_lower"
+                          if opt.tokens is None else "--volume-tokens"),
+            "timings_s": {k: float_or_none(v) for k, v in rep.timings_s.items()},
+            "histogram": {"log10_share_edges": [float(e) for e in edges], "tokens": [int(c) for c in counts],
+                          "no_hit": int(allv.size - fin.size)}}
+
+
+def entry_json(tv: TokenVolume) -> dict:
+    """A token's ``"volume"`` in a scan report: its :meth:`TokenVolume.to_json` without id and text."""
+    return {k: v for k, v in tv.to_json().items() if k not in ("id", "text")}
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -1093,6 +1230,8 @@ def histogram_png(report: VolumeReport) -> bytes:
                                                                  f"in {report.samples} samples)")
     if est.size:
         ax.hist(est, bins=60, color="#c0504d", alpha=0.75, label="listed tokens' estimates")
+    if est.size or (allv is not None and report.samples and np.isfinite(allv).any()):
+        ax.set_yscale("log")  # a few listed tokens beside thousands of sampled ones stay visible
     ax.set_xlabel("log10 share of the norm's output set on which the token wins")
     ax.set_ylabel("tokens")
     ax.legend(fontsize=8)
