@@ -88,8 +88,10 @@ def test_unknown_provider_is_refused():
 
 
 def test_sources_of_shapes_and_sizes():
-    assert compare.source_of(compare.parse_args(["--shape", "gemma3-270m"]))[0] == "synthetic:V=262144,d=640,seed=0"
-    assert compare.source_of(compare.parse_args(["--shape", "smollm2-135m"])) == ("synthetic:V=49152,d=576,seed=0",
+    # an RMSNorm model's shape is scanned as an RMSNorm head (gain, no biases), not a LayerNorm one forced
+    assert compare.source_of(compare.parse_args(["--shape", "gemma3-270m"]))[0] == \
+        "synthetic:V=262144,d=640,seed=0,norm=rmsnorm"
+    assert compare.source_of(compare.parse_args(["--shape", "smollm2-135m"])) == ("synthetic:V=49152,d=576,seed=0,norm=rmsnorm",
                                                                                   "smollm2-135m")
     assert compare.source_of(compare.parse_args(["--quick"]))[0] == "synthetic:V=4096,d=256,seed=0"
     assert compare.source_of(compare.parse_args([]))[0] == "synthetic:V=50257,d=768,seed=0"

@@ -315,6 +315,15 @@ def test_synthetic_spec():
             _parse_synthetic(bad)
     head = load("synthetic:V=300,d=24,seed=2")
     assert head.W_U.shape == (24, 300) and head.source == "synthetic:V=300,d=24,seed=2"
+    # norm=rmsnorm: the same cloud and gain as an RMSNorm head without biases, nothing claimed planted
+    assert _parse_synthetic("synthetic:V=100,norm=RMSNorm") == {"V": 100, "d": 768, "seed": 0, "norm": "rmsnorm"}
+    with pytest.raises(InputError, match="norm = 'sphere'"):
+        _parse_synthetic("synthetic:norm=sphere")
+    rms = load("synthetic:V=300,d=24,seed=2,norm=rmsnorm")
+    assert rms.norm == "rmsnorm" and rms.b_U is None and rms.ln_b is None and not rms.planted
+    assert np.array_equal(rms.W_U, head.W_U) and np.array_equal(rms.ln_w, head.ln_w)
+    assert rms.source == "synthetic:V=300,d=24,seed=2,norm=rmsnorm"
+    assert fold(rms).domain.name == "rmsnorm"
 
 
 # ------------------------------------------------------------------------------------------------ fold
