@@ -153,11 +153,14 @@ def test_smallest_budget_same_verdicts(monkeypatch):
         assert x.id == y.id and x.verdict == y.verdict
 
 
-def test_bad_memory_option():
+def test_bad_memory_option(tmp_path):
     from unspeakable.engine.head import InputError
 
-    with pytest.raises(InputError, match="positive number of gigabytes"):
-        scan_head(_head(V=50, d=4), memory=-1)
+    ck = tmp_path / "r.json.partial"
+    for bad in (-1, 0, float("nan"), "lots"):
+        with pytest.raises(InputError, match="gigabytes"):
+            scan_head(_head(V=50, d=4), memory=bad, checkpoint=str(ck))
+        assert not ck.exists() and not list(tmp_path.iterdir())  # refused before any work or file
 
 
 def test_problem_from_rows_copies_by_default():

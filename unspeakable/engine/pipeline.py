@@ -184,6 +184,7 @@ def scan_head(head: Head, **options) -> ScanReport:
 
 def _prepare(head: Head, opt: ScanOptions) -> _Scan:
     t0 = time.perf_counter()
+    memory = _memory_bytes(opt.memory)  # bad options are refused before any work or file
     problem = fold(head, domain=opt.domain, radius=opt.radius, bias=opt.bias)
     backend, dev = resolve_backend(opt.backend, opt.device)
     precision = resolve_precision(opt.precision, backend, dev)
@@ -193,7 +194,7 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
     ckpt = Checkpoint(opt.checkpoint, fingerprint(problem), opt.resume, problem.d) if opt.checkpoint else None
     if opt.verify not in ("bounded", "full"):
         raise InputError(f"unknown verify mode {opt.verify!r}; expected bounded or full")
-    budget = scan_budget(head, problem, opt.memory)
+    budget = scan_budget(head, problem, memory)
     sc = _Scan(head, problem, opt, backend, dev, precision, Ledger(ids, ckpt), budget,
                Verifier(problem, full=opt.verify == "full"), {"load": opt.load_time + time.perf_counter() - t0})
     sc.verifier.batch = budget.witness_batch
@@ -205,12 +206,15 @@ def _prepare(head: Head, opt: ScanOptions) -> _Scan:
     return sc
 
 
-def scan_budget(head: Head, problem, memory_gb=None) -> Budget:
-    """The scan's :class:`~unspeakable.engine.memory.Budget` (``memory_gb``: ``ScanOptions.memory``)."""
+def _memory_bytes(memory_gb) -> int | None:
     try:
-        total = parse_gb(memory_gb)
+        return parse_gb(memory_gb)
     except ValueError as e:
         raise InputError(str(e)) from None
+
+
+def scan_budget(head: Head, problem, total: int | None = None) -> Budget:
+    """The scan's :class:`~unspeakable.engine.memory.Budget` (``total`` bytes; None: the default)."""
     head_bytes = sum(int(np.asarray(a).nbytes) for a in (head.W_U, head.b_U, head.ln_w, head.ln_b) if a is not None)
     return Budget.for_problem(problem, head_bytes, total)
 
