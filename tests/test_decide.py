@@ -478,7 +478,7 @@ def test_unseen_head_family_lp_tokens_match_the_full_lp_oracle(monkeypatch):
     lp = [t for t in reps[1].tokens if t.reason.endswith("(lp)")]
     assert len(lp) >= 3
     inst = instance(a["W_U"], a["b_U"], a["ln_w"], a["ln_b"], domain="layernorm")
-    for t in lp:
+    for t in lp[:3]:  # the oracle's cutting-plane LP takes seconds a token
         sign, why, lo, hi = truth(inst, t.id)
         assert sign is not None, (t.id, why, lo, hi)
         assert sign == (1 if t.verdict == "speakable" else -1), (t.id, t.verdict, lo, hi)

@@ -14,8 +14,10 @@ certificates it found (weights on S); a solver limit comes back as a status stri
   runs on coordinates z of an orthonormal basis Q of that span (``x = Q z``, grown by Gram–Schmidt). The
   ball is not polyhedral and Kelley's tangent cuts do not converge at GPT-2 shape, so the restricted
   optimum is computed exactly by :func:`ball_optimum` (2–4 least-distance problems, one NNLS each), which
-  yields the certificate and the witness. ``use_lp`` also solves the LP over S with a tangent cut at the
-  oracle's optimum and offers its duals (a cross-check).
+  yields the certificate and the witness. From ``WARM_MIN_ROWS`` rows on, each NNLS starts from the last
+  one's passive set on the rows' Gram (:class:`_Warm`): a hard token's restricted problems grow to ~1000
+  rows, where an NNLS from scratch per LDP was most of its time. ``use_lp`` also solves the LP over S with
+  a tangent cut at the oracle's optimum and offers its duals (a cross-check).
 * :class:`ConeSolver` — bias ignored, normalisation ``k_t·x = 1`` and cap ``s <= 1``, on the span of
   ``k_t`` and S. At GPT-2 shape nearly every token is a hull vertex and the LP needs S beyond d rows before
   the cap stops binding, so by default it first seeks a witness with the ball oracle on the unit ball
