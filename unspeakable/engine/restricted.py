@@ -36,6 +36,7 @@ from scipy.optimize import nnls
 from unspeakable.engine.highs import LP, LPResult, Status
 
 WARM_MIN_ROWS = 256  # restricted problems of this many rows keep their Gram for warm-started LDPs (_Warm)
+WARM_MAX_ROWS = 4096  # ... up to this many (the Gram is 8·m² bytes: 134 MB here); past it, NNLS from scratch
 
 
 @dataclass
@@ -158,16 +159,19 @@ class _SpanLP(Restricted):
             rows = self.lp.add_rows(A, -math.inf, beta)  # s + (k_j − k_t)·Q z <= b_t − b_j
             self.comp_rows.extend(int(r) for r in rows)
         if self.warm is not None and self.warm.gram is not None:
-            cross = self.C @ Cn.T  # the old rows are zero on the columns _grow added
-            g = self.warm.gram
-            self.warm.gram = np.block([[g, cross], [cross.T, Cn @ Cn.T]])
+            if self.C.shape[0] + Cn.shape[0] > WARM_MAX_ROWS:
+                self.warm = None
+            else:
+                cross = self.C @ Cn.T  # the old rows are zero on the columns _grow added
+                g = self.warm.gram
+                self.warm.gram = np.block([[g, cross], [cross.T, Cn @ Cn.T]])
         self.C = np.concatenate([self.C, Cn], axis=0)
         self.beta = np.concatenate([self.beta, beta])
         self.ids.extend(int(j) for j in J)
 
     def oracle(self, R: float, z_hint: np.ndarray, tol: float):
         G = -self.C
-        if self.warm is not None and self.warm.gram is None and G.shape[0] >= WARM_MIN_ROWS:
+        if self.warm is not None and self.warm.gram is None and WARM_MIN_ROWS <= G.shape[0] <= WARM_MAX_ROWS:
             self.warm.gram = self.C @ self.C.T
         bo = ball_optimum(G, self.beta, R, float(np.min(G @ z_hint + self.beta)), tol, warm=self.warm)
         if bo is not None:
