@@ -3,6 +3,7 @@
     python -m pytest benchmarks/bench_decide.py -o python_files='bench_*.py' --benchmark-only
     python benchmarks/bench_decide.py --V 50257 --d 768 --tokens 20      # GPT-2 small shape
     python benchmarks/bench_decide.py --source SmolLM2-135M-Instruct.Q4_1.gguf --tokens 40   # a real head
+    python benchmarks/bench_decide.py --family quant --seed 1 --scan 2048 --tokens 40   # benchmarks/unseen.py
 
 The tokens are drawn the way a real scan draws them: among the first ``--scan`` ids, those the witness
 screen leaves open (self-direction margin ≤ 0; ``witness_screen(problem, ids)``: |ids|·V·d work, not V²·d),
@@ -186,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", help="a registry name from benchmarks/shapes.py (overrides --V/--d)")
     ap.add_argument("--source", help="a head the CLI reads (a .gguf / .npz / .safetensors file, minilm, ...), "
                     "on its default domain (overrides --shape / --V / --d / --domain)")
+    ap.add_argument("--family", help="a GPT-2-shaped head of another kind, benchmarks/unseen.py's KINDS "
+                    "(stress, bpe, quant, mix), with --seed; written once to $UNSEEN_DIR (overrides --shape / --V / --d)")
     ap.add_argument("--V", type=int, default=CI_V)
     ap.add_argument("--d", type=int, default=CI_D)
     ap.add_argument("--seed", type=int, default=0)
@@ -194,6 +197,10 @@ def main(argv=None) -> int:
     ap.add_argument("--scan", type=int, default=8192, help="token ids screened to find open ones")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.family and not args.source:
+        from unseen import family_source
+
+        args.source = family_source(args.family, args.seed)
     if args.source:
         from compare import load_head
 

@@ -53,6 +53,8 @@ class DecideOptions:
             its duals as a certificate (a cross-check; slower than the oracle).
         max_cuts: balls, ``use_lp``: cap on tangent cuts.
         cone_oracle: cone only: seek a witness with the ball oracle first (see ``engine.restricted``).
+        warm_ldp: balls and the cone's ball oracle: solve each least-distance problem from the last one's
+            passive set on the rows' Gram (falls back to a Lawson–Hanson NNLS from scratch where it fails).
     """
 
     time_limit: float = 20.0
@@ -65,6 +67,7 @@ class DecideOptions:
     use_lp: bool = False
     max_cuts: int = 200
     cone_oracle: bool = True
+    warm_ldp: bool = True
 
     @classmethod
     def from_kwargs(cls, options: "DecideOptions | None" = None, **kw) -> "DecideOptions":

@@ -14,8 +14,10 @@ certificates it found (weights on S); a solver limit comes back as a status stri
   runs on coordinates z of an orthonormal basis Q of that span (``x = Q z``, grown by Gram–Schmidt). The
   ball is not polyhedral and Kelley's tangent cuts do not converge at GPT-2 shape, so the restricted
   optimum is computed exactly by :func:`ball_optimum` (2–4 least-distance problems, one NNLS each), which
-  yields the certificate and the witness. ``use_lp`` also solves the LP over S with a tangent cut at the
-  oracle's optimum and offers its duals (a cross-check).
+  yields the certificate and the witness. From ``WARM_MIN_ROWS`` rows on, each NNLS starts from the last
+  one's passive set on the rows' Gram (:class:`_Warm`): a hard token's restricted problems grow to ~1000
+  rows, where an NNLS from scratch per LDP was most of its time. ``use_lp`` also solves the LP over S with
+  a tangent cut at the oracle's optimum and offers its duals (a cross-check).
 * :class:`ConeSolver` — bias ignored, normalisation ``k_t·x = 1`` and cap ``s <= 1``, on the span of
   ``k_t`` and S. At GPT-2 shape nearly every token is a hull vertex and the LP needs S beyond d rows before
   the cap stops binding, so by default it first seeks a witness with the ball oracle on the unit ball
@@ -32,6 +34,9 @@ import scipy.linalg as sla
 from scipy.optimize import nnls
 
 from unspeakable.engine.highs import LP, LPResult, Status
+
+WARM_MIN_ROWS = 256  # restricted problems of this many rows keep their Gram for warm-started LDPs (_Warm)
+WARM_MAX_ROWS = 4096  # ... up to this many (the Gram is 8·m² bytes: 134 MB here); past it, NNLS from scratch
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Restricted:
         self.p, self.t = pricer, t
         self.kt = pricer.keys[t]
         self.bt = float(pricer.bias[t])
+        self.lp: LP | None = None
         self.ids: list[int] = []
         self.comp_rows: list[int] = []
         self.cuts = 0
@@ -107,12 +113,16 @@ class _SpanLP(Restricted):
     """x = Q z on the span of the rows seen so far. Keeps the rows' coefficients ``C`` [|S|, k]
     (``(k_j − k_t)·Q z``) and ``β`` so that margins over S cost |S| k flops."""
 
-    def __init__(self, pricer, t, bound: float):
+    def __init__(self, pricer, t, bound: float, warm: bool = True):
         super().__init__(pricer, t)
         self.bound = bound  # |z_i| <= bound (R contains the ball; inf for the cone)
         self.Q = np.zeros((pricer.d, 0))
         self.C = np.zeros((0, 0))
         self.beta = np.zeros(0)
+        # C C^T, grown with the rows once there are WARM_MIN_ROWS: the oracle's LDPs then solve their normal
+        # equations from the last passive set (a few Cholesky solves) instead of a Lawson–Hanson NNLS from
+        # scratch each. Below that, scipy's NNLS (compiled) is faster than the Python-level steps.
+        self.warm = _Warm(None, np.zeros(0, dtype=bool)) if warm else None
 
     def _grow(self, W: np.ndarray):
         """Extend Q by the part of span(rows of W) it misses: project out Q twice (classical Gram–Schmidt
@@ -134,25 +144,36 @@ class _SpanLP(Restricted):
         Qn, _ = np.linalg.qr(Qn)
         self.Q = np.concatenate([self.Q, Qn], axis=1)
         self.C = np.concatenate([self.C, np.zeros((self.C.shape[0], r))], axis=1)
-        self.lp.add_cols(np.zeros(r), -self.bound, self.bound)
+        if self.lp is not None:
+            self.lp.add_cols(np.zeros(r), -self.bound, self.bound)
 
     def add(self, J):
         W = self.p.keys[J] - self.kt  # k_j − k_t
         self._grow(W)
         Cn = W @ self.Q
         beta = self.bt - self.p.bias[J]  # zeros in the cone
-        A = np.empty((J.size, self.Q.shape[1] + 1))
-        A[:, 0] = 1.0
-        A[:, 1:] = Cn
-        rows = self.lp.add_rows(A, -math.inf, beta)  # s + (k_j − k_t)·Q z <= b_t − b_j
+        if self.lp is not None:
+            A = np.empty((J.size, self.Q.shape[1] + 1))
+            A[:, 0] = 1.0
+            A[:, 1:] = Cn
+            rows = self.lp.add_rows(A, -math.inf, beta)  # s + (k_j − k_t)·Q z <= b_t − b_j
+            self.comp_rows.extend(int(r) for r in rows)
+        if self.warm is not None and self.warm.gram is not None:
+            if self.C.shape[0] + Cn.shape[0] > WARM_MAX_ROWS:
+                self.warm = None
+            else:
+                cross = self.C @ Cn.T  # the old rows are zero on the columns _grow added
+                g = self.warm.gram
+                self.warm.gram = np.block([[g, cross], [cross.T, Cn @ Cn.T]])
         self.C = np.concatenate([self.C, Cn], axis=0)
         self.beta = np.concatenate([self.beta, beta])
         self.ids.extend(int(j) for j in J)
-        self.comp_rows.extend(int(r) for r in rows)
 
     def oracle(self, R: float, z_hint: np.ndarray, tol: float):
         G = -self.C
-        bo = ball_optimum(G, self.beta, R, float(np.min(G @ z_hint + self.beta)), tol)
+        if self.warm is not None and self.warm.gram is None and WARM_MIN_ROWS <= G.shape[0] <= WARM_MAX_ROWS:
+            self.warm.gram = self.C @ self.C.T
+        bo = ball_optimum(G, self.beta, R, float(np.min(G @ z_hint + self.beta)), tol, warm=self.warm)
         if bo is not None:
             self.oracle_solves += bo.solves
         return bo
@@ -160,9 +181,10 @@ class _SpanLP(Restricted):
 
 class BallSolver(_SpanLP):
     def __init__(self, pricer, t, options):
-        super().__init__(pricer, t, pricer.domain.radius)
+        super().__init__(pricer, t, pricer.domain.radius, options.warm_ldp)
         self.use_lp, self.max_cuts = options.use_lp, options.max_cuts
-        self.lp = LP(np.array([1.0]), [-math.inf], [math.inf], sense="max")
+        # The oracle needs no LP; HiGHS holds the restricted problem only for use_lp's cross-check.
+        self.lp = LP(np.array([1.0]), [-math.inf], [math.inf], sense="max") if self.use_lp else None
 
     def step(self, remaining, tol, best_x):
         R = self.p.domain.radius
@@ -195,7 +217,7 @@ class BallSolver(_SpanLP):
 
 class ConeSolver(_SpanLP):
     def __init__(self, pricer, t, options):
-        super().__init__(pricer, t, math.inf)
+        super().__init__(pricer, t, math.inf, options.warm_ldp)
         nt = float(np.linalg.norm(self.kt))
         self.by_ball = options.cone_oracle
         self.lp = LP(np.array([1.0]), [-math.inf], [1.0], sense="max")  # the cap s <= 1
@@ -239,28 +261,131 @@ class BallOptimum:
     solves: int
 
 
-def _ldp(G: np.ndarray, h: np.ndarray):
+def _ldp(G: np.ndarray, h: np.ndarray, warm: "_Warm | None" = None):
     """Least distance programming (Lawson & Hanson, ch. 23): ``min ||z|| s.t. G z >= h`` by one NNLS of
     ``[G^T; h^T] u ≈ e_last``. Returns ``(z, u)`` with ``z = G^T u / (1 − h·u)``; when the constraints are
-    infeasible ``z`` is None and ``u`` a Farkas certificate (``G^T u = 0``, ``h·u = 1``)."""
+    infeasible ``z`` is None and ``u`` a Farkas certificate (``G^T u = 0``, ``h·u = 1``).
+
+    With ``warm`` (the rows' Gram ``G G^T`` and the passive set of the last solve), the NNLS is first tried
+    by an active-set method on its normal equations from that passive set (:func:`_nnls_warm`), and by
+    scipy's Lawson–Hanson from scratch only when that fails. Either way the result is only a candidate:
+    the ball oracle evaluates its point and weights itself, and ``engine.verify`` re-checks every claim."""
     m, k = G.shape
-    E = np.empty((k + 1, m))
-    E[:k] = G.T
-    E[k] = h
-    f = np.zeros(k + 1)
-    f[k] = 1.0
-    u, _ = nnls(E, f, maxiter=max(100, 10 * m))
+    if not np.any(h > 0):  # z = 0 is feasible, hence optimal: u = 0 (what the NNLS returns, for free)
+        return np.zeros(k), np.zeros(m)
+    u = None
+    if warm is not None and warm.gram is not None:
+        u = _nnls_warm(warm.gram + np.outer(h, h), h, warm.passive)
+        if u is not None:
+            warm.fast += 1
+        else:
+            warm.slow += 1
+    if u is None:
+        E = np.empty((k + 1, m))
+        E[:k] = G.T
+        E[k] = h
+        f = np.zeros(k + 1)
+        f[k] = 1.0
+        u, _ = nnls(E, f, maxiter=max(100, 10 * m))
+    if warm is not None and np.any(u > 0):
+        warm.passive = u > 0
     den = 1.0 - float(h @ u)
     if not den > 1e-12:
         return None, u
     return (G.T @ u) / den, u
 
 
-def _min_norm_slope(GP: np.ndarray) -> np.ndarray:
-    """The min-norm dz with ``G_P dz = 1`` (how the LDP point moves with the level on one active set)."""
+@dataclass
+class _Warm:
+    """What makes the next LDP of one restricted problem cheap: the Gram ``G G^T`` of its rows (kept by the
+    solver as rows are added) and the passive set of the last NNLS (rows added since: not passive)."""
+
+    gram: np.ndarray | None  # None: not kept (yet); the LDPs run from scratch
+    passive: np.ndarray
+    fast: int = 0  # LDPs solved warm (_nnls_warm)
+    slow: int = 0  # ... that fell back to Lawson–Hanson
+
+
+def _nnls_warm(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_solves: int = 400) -> np.ndarray | None:
+    """``min ||E u − e||, u >= 0`` from its normal equations ``A = E^T E``, ``b = E^T e``: Lawson–Hanson's
+    active-set method (as in Bro & de Jong's FNNLS) started from the passive set ``passive`` (a bool mask,
+    any length: rows past it start out of it) and letting every row with a negative gradient in at once.
+    Each outer step solves the enlarged passive block, then walks back towards the last feasible point
+    until no weight is negative (removing those that reach zero), so the objective never increases; where a
+    block step makes no progress, only the steepest row enters (the classical rule, which does).
+    One Cholesky solve per step; warm started, a handful. Returns None where it cannot finish (a singular
+    passive block, too many steps): the caller then solves from scratch. The residual ``E u − e`` has norm
+    <= 1 at every iterate (u = 0 gives exactly 1, and the objective never increases), so
+    ``|(A u − b)_i| <= ||E_i||`` sets the scale of "a negative gradient"."""
+    m = b.size
+    F = np.zeros(m, dtype=bool)
+    F[: min(passive.size, m)] = passive[:m]
+    tol = 1e-11 * np.sqrt(np.maximum(np.diag(A), 0.0)) + 1e-300
+    x = np.zeros(m)
+    solves = 0
+    single = False
+
+    def solve(F):
+        z = np.zeros(m)
+        idx = np.nonzero(F)[0]
+        if idx.size:
+            c = sla.cho_factor(A[np.ix_(idx, idx)], check_finite=False)
+            z[idx] = sla.cho_solve(c, b[idx], check_finite=False)
+        return z
+
+    F_before = None
+    while solves < max_solves:
+        try:
+            z = solve(F)
+        except (np.linalg.LinAlgError, ValueError):
+            # A block of rows that entered together may be dependent (near-twin rows): only the steepest
+            # one enters (a row with a negative gradient at a least-squares point is never dependent on
+            # the passive ones, so the classical rule keeps the block nonsingular).
+            if F_before is None or single:
+                return None
+            F, single = F_before, True
+            continue
+        solves += 1
+        try:
+            moved = False
+            while np.any(F & (z <= 0)):  # walk back from x (feasible) towards z until the first weight hits 0
+                q = np.nonzero(F & (z <= 0))[0]
+                ratio = x[q] / (x[q] - z[q])
+                alpha = float(np.min(ratio))
+                moved |= alpha > 0
+                x = x + alpha * (z - x)
+                F[q[(ratio <= alpha) | (x[q] <= 0)]] = False  # the weights that reached zero leave
+                x[~F] = 0.0
+                if solves >= max_solves:
+                    return None
+                z = solve(F)
+                solves += 1
+            if not np.all(np.isfinite(z)):
+                return None
+            moved |= bool(np.any(z != x))
+            x = z
+            y = A @ x - b
+            enter = ~F & (y < -tol)
+            if not enter.any():
+                return np.maximum(x, 0.0)
+            if single or not moved:
+                j = int(np.argmin(np.where(enter, y / tol, np.inf)))
+                enter = np.zeros(m, dtype=bool)
+                enter[j] = True
+            single = not moved
+            F_before = F.copy()
+            F |= enter
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+    return None
+
+
+def _min_norm_slope(GP: np.ndarray, gram_P: np.ndarray | None = None) -> np.ndarray:
+    """The min-norm dz with ``G_P dz = 1`` (how the LDP point moves with the level on one active set);
+    ``gram_P``: ``G_P G_P^T`` when the caller keeps it."""
     ones = np.ones(GP.shape[0])
     try:
-        c = sla.cho_factor(GP @ GP.T)
+        c = sla.cho_factor(GP @ GP.T if gram_P is None else gram_P)
         dz = GP.T @ sla.cho_solve(c, ones)
         if np.all(np.isfinite(dz)) and np.allclose(GP @ dz, ones, rtol=0, atol=1e-8):
             return dz
@@ -282,10 +407,10 @@ class _Bracket:
     tried_below: float = math.nan
 
 
-def _level(G, beta, R, s: float, br: _Bracket) -> float | None:
+def _level(G, beta, R, s: float, br: _Bracket, warm: _Warm | None = None) -> float | None:
     """One LDP at level s: update the bracket and the best point / weights; return the exact next level
     on this active set (N(s)² is a quadratic there), or None."""
-    z, u = _ldp(G, s - beta)
+    z, u = _ldp(G, s - beta, warm)
     su = float(u.sum())
     if su > 0:
         lam = u / su
@@ -306,7 +431,7 @@ def _level(G, beta, R, s: float, br: _Bracket) -> float | None:
         br.hi = min(br.hi, s)
     P = u > 0
     if np.any(P):
-        dz = _min_norm_slope(G[P])
+        dz = _min_norm_slope(G[P], None if warm is None or warm.gram is None else warm.gram[np.ix_(P, P)])
         a, b, c = float(dz @ dz), float(z @ dz), nz * nz - R * R
         if a > 0 and b * b - a * c >= 0:
             return s + (-b + math.sqrt(b * b - a * c)) / a
@@ -316,7 +441,7 @@ def _level(G, beta, R, s: float, br: _Bracket) -> float | None:
 
 
 def ball_optimum(G: np.ndarray, beta: np.ndarray, R: float, s_lo: float, tol_s: float,
-                 max_solves: int = 30) -> BallOptimum | None:
+                 max_solves: int = 30, warm: _Warm | None = None) -> BallOptimum | None:
     """``max_{||z|| <= R} min_j (G_j·z + β_j)`` through the level function
     ``N(s) = min{||z|| : G z + β >= s}`` (an LDP): the optimum is the largest s with N(s) <= R.
 
@@ -325,11 +450,11 @@ def ball_optimum(G: np.ndarray, beta: np.ndarray, R: float, s_lo: float, tol_s: 
     bracket ``[lo, hi]`` and fall back to bisection. Each LDP also yields a certificate: at a feasible
     level its NNLS weights (at the root ``−δ(u/Σu) = s`` exactly), at an infeasible one its Farkas weights
     (``G^T u = 0``, so ``−δ = β·u/Σu``: the optimum when the ball does not bind). Typically 2–4 LDPs.
-    ``s_lo`` must have N(s_lo) <= R (the margin over S of any point of the ball)."""
+    ``s_lo`` must have N(s_lo) <= R (the margin over S of any point of the ball). ``warm``: see :func:`_ldp`."""
     br = _Bracket(lo=float(s_lo))
     s, solves = br.lo, 0
     while solves < max_solves:
-        s_new = _level(G, beta, R, s, br)
+        s_new = _level(G, beta, R, s, br, warm)
         solves += 1
         if br.best_upper - br.best_lower <= tol_s or br.hi - br.lo <= tol_s:
             break
