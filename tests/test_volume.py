@@ -344,3 +344,39 @@ def test_volume_refuses_fractional_ids_and_masks():
     for bad, needle in (([1.5], "integers"), (np.ones(300, dtype=bool), "boolean mask"), ([300], "out of range")):
         with pytest.raises(InputError, match=needle):
             unspeakable.volume(head, tokens=bad)
+
+
+# ------------------------------------------------------------------------------------------ the restricted set J
+def decoy_orthant_head(d: int, k: int, decoys: int, seed: int = 0):
+    """The orthant head (token 0 wins iff x_1..x_k > 0: share 2^-k) plus ``decoys`` rows that are stronger than
+    the orthant's facets at token 0's own direction yet never beat it inside the orthant: row
+    ``-α·(1,…,1)_k/√k + β·w`` (w a unit vector in the last d − k coordinates) with bias ``-βR − 0.1``, so on the
+    orthant its logit is below ``βR + bias < 0 = l_0``. The strongest rows at t's direction (the first J) are
+    then all decoys, and the pilot must find the facets. The share is still 2^-k exactly."""
+    rng = np.random.default_rng(seed)
+    R = math.sqrt(d)
+    rows = np.zeros((k + 1 + decoys, d))
+    rows[1:k + 1, :k] = -3.0 * np.eye(k)
+    w = rng.standard_normal((decoys, d - k))
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    alpha, beta = 0.1, 0.4
+    rows[k + 1:, :k] = -alpha / math.sqrt(k)
+    rows[k + 1:, k:] = beta * w
+    bias = np.zeros(len(rows))
+    bias[k + 1:] = -beta * R - 0.1
+    return head_from_arrays(rows.T, bias, norm="rmsnorm"), -k * math.log10(2)
+
+
+def test_restricted_basis_spans_late_competitors():
+    """|J| > d with the first d differences dependent (the decoys span 45 of 64 directions, the facets come last):
+    the chain's basis must still span every difference. An unpivoted QR read the rank from the first d columns'
+    diagonal and dropped the facets' directions (then the splitting ran against the decoys only)."""
+    from unspeakable.engine.loader import fold
+
+    head, _ = decoy_orthant_head(64, 20, 300, seed=3)
+    problem = fold(head)
+    meas = vol._Measure(problem, problem.keys)
+    J = np.r_[np.arange(21, 321), np.arange(1, 21)]
+    (Q,) = vol._Batch(meas, [0], [J]).Q
+    a = (meas.keys64[0][None, :] - meas.keys64[J]).T
+    assert np.abs(a - Q @ (Q.T @ a)).max() < 1e-9 * np.abs(a).max()

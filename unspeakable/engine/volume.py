@@ -374,6 +374,7 @@ class _Batch:
     """
 
     def __init__(self, meas: _Measure, ts: list[int], J: list[np.ndarray]):
+        import scipy.linalg
         import torch
 
         self.meas, self.T = meas, len(ts)
@@ -398,7 +399,9 @@ class _Batch:
         self.Q = []
         ranks = []
         for a, _ in diffs:
-            q, r = np.linalg.qr(a)
+            # pivoted: without pivoting, diag(R) of a wide a (|J| > d) sees only its first d columns, and a
+            # direction spanned only by later columns would be dropped from the basis
+            q, r, _ = scipy.linalg.qr(a, mode="economic", pivoting=True)
             dg = np.abs(np.diag(r))
             keep = dg > 1e-12 * max(float(dg.max(initial=0.0)), 1e-300)
             self.Q.append(q[:, keep])
