@@ -851,6 +851,19 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
     Raises:
         InputError: bad token ids, confidence or sample counts.
     """
+    from threadpoolctl import threadpool_limits
+
+    # numpy's BLAS on one thread: its calls here are small (the QR of J's differences, the cap's ascent, the
+    # float64 points of the checks), and two OpenBLAS threads contending with torch's cost 10-25x on this
+    # machine (a 576 x 1024 QR: 1.2 s against 0.05 s on one thread, load 5). torch's GEMMs keep their threads.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _volume(source_or_head, tokens, domain=domain, radius=radius, bias=bias, samples=samples, seed=seed,
+                       confidence=confidence, min_hits=min_hits, split=split, lower_bound=lower_bound,
+                       progress=progress)
+
+
+def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, confidence, min_hits, split, lower_bound,
+            progress) -> VolumeReport:
     import torch
 
     from unspeakable.engine.loader import fold, load
