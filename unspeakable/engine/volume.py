@@ -196,6 +196,7 @@ class _Measure:
         self.keys64 = keys  # [V, d] float64: P(rows - c); logits up to a constant in j
         self.bias64 = problem.bias
         self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))
+        self.gemm_threads = torch.get_num_threads()  # the caller's: the splitting's GEMMs use them
         self.bias = torch.from_numpy(problem.bias.astype(np.float32))
         # float32 logit differences closer than this are re-decided in float64 (the keys' rounding to
         # float32 plus a typical float32 dot-product error, both sides): near-identical rows stay apart
@@ -318,11 +319,18 @@ def _log10(x: float) -> float:
     return math.log10(x) if x > 0 else -math.inf
 
 
+def _gemm_threads(meas: _Measure, macs: int):
+    """The caller's threads for a GEMM of at least 2^26 multiply-adds, else stay on one: switching costs more
+    than a small GEMM gains."""
+    return torch_threads(meas.gemm_threads) if meas.gemm_threads > 1 and macs >= 2**26 else contextlib.nullcontext()
+
+
 def _logits_at(meas: _Measure, x, ids=None):
-    """Logits of all V rows (or ``ids``) at points x [B, d] (float32)."""
-    if ids is None:
-        return x @ meas.keys.T + meas.bias
-    return x @ meas.keys[ids].T + meas.bias[ids]
+    """Logits of all V rows (or ``ids``) at points x [B, d] (float32); the GEMM on ``meas.gemm_threads``."""
+    with _gemm_threads(meas, x.numel() * (meas.keys.shape[0] if ids is None else len(ids))):
+        if ids is None:
+            return x @ meas.keys.T + meas.bias
+        return x @ meas.keys[ids].T + meas.bias[ids]
 
 
 def _full_margins(meas: _Measure, t: int, x, exclude):
@@ -379,6 +387,9 @@ class _Batch:
 
         self.meas, self.T = meas, len(ts)
         K = max(len(j) for j in J)
+        # shorter sets are padded with repeats of their own first row (a repeat leaves the minimum as it is),
+        # so that a head without bias keeps B = 0 everywhere and the margins may skip adding it
+        J = [np.concatenate([j, np.repeat(j[:1], K - len(j))]) if 0 < len(j) < K else j for j in J]
         diffs = []
         for t, j in zip(ts, J):
             j = np.asarray(j, dtype=np.int64)
@@ -412,6 +423,8 @@ class _Batch:
         for i, ((a, _), q) in enumerate(zip(diffs, self.Q)):
             self.A[i, :q.shape[1], :a.shape[1]] = torch.from_numpy((q.T @ a).astype(np.float32))
             self.mask[i, :q.shape[1]] = 1.0
+        self.zero_bias = bool((self.B == 0).all())
+        self.full_rank = bool((self.mask == 1).all())  # no coordinate of u to keep at 0
         self.rest = torch.tensor([meas.n - k for k in ranks], dtype=torch.float64)  # dimension of the rest
 
     # ---- the chain's state: (u [T', M, dim], r² [T', M] or None)
@@ -430,9 +443,11 @@ class _Batch:
         import torch
 
         xi = torch.randn(u.shape, generator=gen)
-        if not self.meas.box:
+        if not self.meas.box and not self.full_rank:
             xi *= self.mask[sel][:, None, :]
-        u2 = xi.mul_(st[..., None]).add_(rho[..., None] * u)
+        # the chain's per-move tensors are [S, M, D]: each pass over them costs about a third of the bmm's
+        # time here, so no temporaries (addcmul_ for ρu, a norm instead of u*u)
+        u2 = xi.mul_(st[..., None]).addcmul_(u, rho[..., None])
         if r2 is None:
             return u2, None
         w = torch.randn(r2.shape, generator=gen)
@@ -445,10 +460,17 @@ class _Batch:
         """Restricted margins [S, M] of the states of tokens ``sel``."""
         import torch
 
+        A = self.A[sel]
         if self.meas.box:
-            return (torch.bmm(self.meas.points(u), self.A[sel]) + self.B[sel][:, None, :]).amin(dim=2)
-        scale = self.meas.R / ((u * u).sum(-1) + r2).clamp_min(1e-30).sqrt()
-        return torch.bmm(u, self.A[sel]).mul_(scale[..., None]).add_(self.B[sel][:, None, :]).amin(dim=2)
+            with _gemm_threads(self.meas, u.numel() * A.shape[2]):
+                G = torch.bmm(self.meas.points(u), A)
+            return (G + self.B[sel][:, None, :]).amin(dim=2)
+        scale = self.meas.R / (torch.linalg.vector_norm(u, dim=-1).square_() + r2).clamp_min(1e-30).sqrt()
+        with _gemm_threads(self.meas, u.numel() * A.shape[2]):
+            G = torch.bmm(u, A)
+        if self.zero_bias:  # scale > 0: the minimum first, then one product per particle
+            return G.amin(dim=2).mul_(scale)
+        return G.mul_(scale[..., None]).add_(self.B[sel][:, None, :]).amin(dim=2)
 
     def points(self, i: int, u, r2, gen):
         """Points x [M, d] (float32) of token i's states: the rest's direction drawn uniformly."""
@@ -485,12 +507,8 @@ def _split_batch(meas: _Measure, ts: list[int], J: list[np.ndarray], opt: SplitO
     T, R, N = len(ts), opt.replicates, opt.particles
     batch = _Batch(meas, ts, J)
     D = batch.dim
-    # The splitting's per-move tensors are small: one thread avoids the spin-waits that cost more than they
-    # save, above all on a busy machine (measured: 4.7 s against 23 s for one GPT-2-shaped token with another
-    # job running); large batches keep the caller's threads.
-    small = T * R * N * D * batch.B.shape[1] < 2e8
-    with torch_threads(1) if small else contextlib.nullcontext():
-        return _run_levels(batch, T, R, N, D, opt, gen, npgen)
+    # Every op but the GEMMs on one thread (the caller, _split_tokens, set it; kernels.torch_threads says why)
+    return _run_levels(batch, T, R, N, D, opt, gen, npgen)
 
 
 def _run_levels(batch, T, R, N, D, opt, gen, npgen):
@@ -570,6 +588,11 @@ def _split_tokens(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt
     """Splitting with constraint generation and the final all-V correction, for a batch of tokens.
 
     Returns per token: (replicate estimates p̂_r [R] (linear, may be 0), levels, centre direction or None)."""
+    with torch_threads(1):
+        return _split_tokens_1(meas, ts, excl, opt, gen)
+
+
+def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt: SplitOptions, gen):
     import torch
 
     J = _competitor_sets(meas, ts, excl, opt.competitors)
@@ -652,16 +675,25 @@ def _cox_interval(est: np.ndarray, conf: float, var_floor: float = 0.0) -> tuple
 def _binding(meas: _Measure, t: int, c: np.ndarray, exclude, k: int) -> np.ndarray:
     """The k competitors whose half-spaces come closest to the direction c (smallest angular slack
     ``α_j − angle(c, â_j)``), from all V rows in float32: the ones the centre search must respect."""
-    import torch
-
     c = np.asarray(c, dtype=np.float64)
     if meas.centred:
         c = c - c.mean()
     c = c / max(np.linalg.norm(c), 1e-300)
+    with torch_threads(1):  # GEMVs and O(V) ops: one thread (kernels.torch_threads)
+        return _binding_1(meas, t, c, exclude, k)
+
+
+def _binding_1(meas: _Measure, t: int, c: np.ndarray, exclude, k: int) -> np.ndarray:
+    import torch
+
+    # ‖k_t − k_j‖ and (k_t − k_j)·c from two GEMVs instead of a [V, d] difference (a heuristic: no allowance)
     kt = meas.keys[t]
-    A = kt[None, :] - meas.keys
-    na = torch.linalg.vector_norm(A, dim=1).double().clamp_min(1e-300)
-    p = (A @ torch.from_numpy(c).float()).double()
+    sq = getattr(meas, "_sq_norms", None)
+    if sq is None:
+        sq = meas._sq_norms = (meas.keys.double() ** 2).sum(1)
+    na = (sq[t] + sq - 2 * (meas.keys @ kt).double()).clamp_min(0).sqrt().clamp_min(1e-300)
+    kc = meas.keys @ torch.from_numpy(c).float()
+    p = (kc[t] - kc).double()
     beta = (meas.bias[t] - meas.bias).double()
     slack = torch.arccos((-beta / (meas.R * na)).clamp(-1, 1)) - torch.arccos((p / na).clamp(-1, 1))
     slack[list(exclude)] = torch.inf
