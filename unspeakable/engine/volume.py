@@ -37,9 +37,10 @@ ball: a token that wins only inside the ball (a large bias, a short row) is spea
     survivors, then every particle takes preconditioned Crank–Nicolson steps on the Gaussian behind x
     (x = R·Pz/‖Pz‖ on spheres, ``ρ·erf(z/√2)`` on the cube), which leave the conditional law invariant.
     The estimator of each replicate is ``Π (1 − killed/N) · (final fraction)``, unbiased whatever the
-    mixing. Particles meet a *restricted* set J of competitors (the strongest at t's own direction, grown by
-    constraint generation); the final particles are re-scored against all V rows and the fraction that
-    truly wins multiplies the estimate, so the estimate is of the head as given. The interval comes from
+    mixing. Particles meet a *restricted* set J of competitors: the strongest at t's own direction, then
+    those strongest where a cheap pilot run's particles end (the rows that cut the cell where its mass
+    lies); the final particles are re-scored against all V rows and the fraction that truly wins
+    multiplies the estimate, so the estimate is of the head as given. The interval comes from
     the spread of the independent replicates (Cox's interval for a log-normal mean), so MCMC correlation
     widens it instead of making it dishonest.
   - ``tie`` members share their group's estimate; ``zero`` is a proof that the share is 0 (one competitor's
@@ -302,11 +303,16 @@ def _clopper_pearson(k: int, n: int, conf: float) -> tuple[float, float]:
 @dataclass
 class SplitOptions:
     particles: int = 64  # N per replicate
-    replicates: int = 16  # R independent runs
+    replicates: int = 8  # R independent runs (16 before the pilot: see RESULTS, issue 19)
     keep: float = 0.5  # p0: the fraction of particles kept at each level
-    moves: int = 30  # pCN steps per level (fewer mix too little: heavy-tailed replicates, see RESULTS)
+    moves: int = 10  # pCN steps per level (30 before the pilot; 5 mixed too little: on the 2^-40 orthant in
+    # d = 64 the estimate's sd was 0.25 decades at 5 moves, 0.13 at 10, 8 x 64 particles)
     competitors: int = 256  # initial size of the restricted set J
     check: int = 64  # final particles per replicate re-scored against all V rows
+    track: int = 32  # per checked point, its strongest competitors counted as candidates for J
+    pilot_particles: int = 32  # the pilot run that picks J (0: none; J then grows only between rounds)
+    pilot_replicates: int = 4
+    pilot_moves: int = 10
     rounds: int = 3  # constraint-generation rounds (grow J with the competitors that beat t at the end)
     rerun_below: float = 0.7  # another round when fewer than this share of the checked final particles win
     max_competitors: int = 1024  # J never grows past this (the most frequent violators first): the cost per move
@@ -584,10 +590,58 @@ def _run_levels(batch, T, R, N, D, opt, gen, npgen):
     return batch, logp, levels, u, r2, m
 
 
+def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, opt: SplitOptions, gen):
+    """Token k's final particles (the first ``opt.check`` above 0 in each replicate) re-scored against all V
+    rows in one GEMM. Returns (per replicate the fraction that truly wins, nan where the replicate did not
+    reach its cell; the winning points; how often each row is among the ``opt.track`` strongest competitors
+    at a checked point; points checked; points that win)."""
+    import torch
+
+    R = logp.shape[0]
+    frac = np.full(R, np.nan)
+    pos = [torch.nonzero(m[r] > 0).ravel()[:opt.check] if math.isfinite(float(logp[r])) else torch.zeros(0, dtype=torch.long)
+           for r in range(R)]
+    sizes = [len(p) for p in pos]
+    if not sum(sizes):
+        return frac, [], {}, 0, 0
+    rr = torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in enumerate(sizes)])
+    pp = torch.cat(pos)
+    x = batch.points(k, u[rr, pp], None if r2 is None else r2[rr, pp], gen)
+    mt, _, L = _full_margins(meas, t, x, excl[t])
+    good = (mt > 0).numpy()
+    start = 0
+    for r, n in enumerate(sizes):
+        if n:
+            frac[r] = float(good[start:start + n].mean())
+        start += n
+    top = torch.topk(L, min(opt.track, L.shape[1]), dim=1).indices.ravel().tolist()
+    counts: dict[int, int] = {}
+    for j in top:
+        counts[j] = counts.get(j, 0) + 1
+    return frac, [x[torch.from_numpy(good)]], counts, len(good), int(good.sum())
+
+
+def _grow(J: np.ndarray, counts: dict, exclude, limit: int) -> np.ndarray:
+    """J grown by the most frequent strong competitors (``counts``) not yet in it, up to ``limit`` rows; never t
+    or its twins (``exclude``: their logit is −inf in the check, so they appear only when V is tiny)."""
+    for j in set(J.tolist()) | set(exclude):
+        counts.pop(j, None)
+    room = max(0, limit - len(J))
+    add = sorted(counts, key=lambda j: (-counts[j], j))[:room]
+    return np.concatenate([J, np.array(sorted(add), dtype=np.int64)]) if add else J
+
+
 def _split_tokens(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt: SplitOptions, gen):
     """Splitting with constraint generation and the final all-V correction, for a batch of tokens.
 
-    Returns per token: (replicate estimates p̂_r [R] (linear, may be 0), levels, centre direction or None)."""
+    J starts as the ``competitors`` strongest rows at t's own direction. A cheap *pilot* run (its estimate
+    is discarded) ends in that J-cell; the competitors strongest at its final points — those that cut the
+    J-cell where its mass lies, which t's own direction does not see — fill J up to ``max_competitors``.
+    The main run against that J gives the estimate; further rounds (while J has room and fewer than
+    ``rerun_below`` of the checked final particles win) grow J the same way and start again. Each run is
+    independent of the J it is given, so every replicate stays unbiased for the share of the head as given.
+
+    Returns per token: (replicate estimates p̂_r [R] (linear, may be 0), levels, centre direction or None, J)."""
     with torch_threads(1):
         return _split_tokens_1(meas, ts, excl, opt, gen)
 
@@ -597,6 +651,17 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
 
     J = _competitor_sets(meas, ts, excl, opt.competitors)
     npgen = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    # no pilot where J already holds every competitor (small heads) or may not grow
+    if opt.pilot_particles and opt.max_competitors > opt.competitors and any(len(j) >= opt.competitors for j in J):
+        pil = SplitOptions(**{**opt.__dict__, "particles": opt.pilot_particles, "replicates": opt.pilot_replicates,
+                              "moves": opt.pilot_moves})
+        batch, logp, levels, u, r2, m = _split_batch(meas, ts, J, pil, gen, npgen)
+        for k, t in enumerate(ts):
+            _, _, counts, n_checked, n_good = _check_final(meas, batch, k, t, u[k], None if r2 is None else r2[k],
+                                                           m[k], logp[k], excl, pil, gen)
+            if _DEBUG:
+                print(f"  token {t} pilot: q {n_good}/{n_checked} |J| {len(J[k])}")
+            J[k] = _grow(J[k], counts, excl[t], opt.max_competitors)
     todo = list(range(len(ts)))
     res: dict[int, tuple] = {}
     for rnd in range(opt.rounds):
@@ -605,40 +670,19 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
         again = []
         for k, i in enumerate(todo):
             t = ts[i]
-            est = np.zeros(opt.replicates)
-            inside, violators, n_checked, n_good = [], {}, 0, 0
-            for r in range(opt.replicates):
-                lp = float(logp[k, r])
-                if not math.isfinite(lp):
-                    continue
-                pos = torch.nonzero(m[k, r] > 0).ravel()[:opt.check]
-                if len(pos) == 0:
-                    continue
-                x = batch.points(k, u[k, r, pos], None if r2 is None else r2[k, r, pos], gen)
-                mt, arg, L = _full_margins(meas, t, x, excl[t])
-                good = mt > 0
-                est[r] = math.exp(lp) * float(good.double().mean())
-                n_checked += len(good)
-                n_good += int(good.sum())
-                inside.append(x[good])
-                bad = ~good
-                if bad.any():
-                    Lb = L[bad]
-                    top = torch.topk(Lb, min(16, Lb.shape[1]), dim=1).indices.ravel().tolist()
-                    for j in top:
-                        violators[j] = violators.get(j, 0) + 1
-            for j in set(J[i].tolist()) | {t}:
-                violators.pop(j, None)
-            room = max(0, opt.max_competitors - len(J[i]))
-            violators = sorted(violators, key=lambda j: (-violators[j], j))[:room]
-            centre = torch.cat(inside).double().sum(0).numpy() if inside else None
+            frac, inside, counts, n_checked, n_good = _check_final(
+                meas, batch, k, t, u[k], None if r2 is None else r2[k], m[k], logp[k], excl, opt, gen)
+            est = np.where(np.isnan(frac), 0.0, np.exp(logp[k].numpy()) * np.nan_to_num(frac))
+            centre = torch.cat(inside).double().sum(0).numpy() if inside and sum(len(x) for x in inside) else None
             if _DEBUG:
                 print(f"  token {t} round {rnd}: levels {levels[k].tolist()} est {np.log10(np.maximum(est, 1e-320)).round(2).tolist()} "
-                      f"violators {len(violators)} |J| {len(J[i])} q {n_good}/{n_checked}")
+                      f"|J| {len(J[i])} q {n_good}/{n_checked}")
             res[i] = (est, int(levels[k].max()), centre)
-            if violators and rnd + 1 < opt.rounds and n_good < opt.rerun_below * n_checked:
-                J[i] = np.concatenate([J[i], np.array(sorted(violators), dtype=np.int64)])
-                again.append(i)
+            if rnd + 1 < opt.rounds and n_good < opt.rerun_below * n_checked:
+                grown = _grow(J[i], counts, excl[t], opt.max_competitors)
+                if len(grown) > len(J[i]):
+                    J[i] = grown
+                    again.append(i)
         todo = again
         if not todo:
             break
