@@ -313,6 +313,9 @@ class SplitOptions:
     pilot_particles: int = 32  # the pilot run that picks J (0: none; J then grows only between rounds)
     pilot_replicates: int = 4
     pilot_moves: int = 10
+    deep_levels: int = 24  # tokens whose pilot needs more levels (share below ~2^-24 = 6e-8 against its J) get:
+    deep_replicates: int = 16  # ... these replicates and moves: the pre-pilot defaults, which held a factor 2
+    deep_moves: int = 30  # at 1e-12 (GPT-2 shape); 8 x 64 x 10 moves was off by 2.1-2.4x on 2 of 3 seeds there
     rounds: int = 3  # constraint-generation rounds (grow J with the competitors that beat t at the end)
     rerun_below: float = 0.7  # another round when fewer than this share of the checked final particles win
     max_competitors: int = 1024  # J never grows past this (the most frequent violators first): the cost per move
@@ -326,9 +329,9 @@ def _log10(x: float) -> float:
 
 
 def _gemm_threads(meas: _Measure, macs: int):
-    """The caller's threads for a GEMM of at least 2^26 multiply-adds, else stay on one: switching costs more
+    """The caller's threads for a GEMM of at least 2^28 multiply-adds, else stay on one: switching costs more
     than a small GEMM gains."""
-    return torch_threads(meas.gemm_threads) if meas.gemm_threads > 1 and macs >= 2**26 else contextlib.nullcontext()
+    return torch_threads(meas.gemm_threads) if meas.gemm_threads > 1 and macs >= 2**28 else contextlib.nullcontext()
 
 
 def _logits_at(meas: _Measure, x, ids=None):
@@ -651,38 +654,53 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
 
     J = _competitor_sets(meas, ts, excl, opt.competitors)
     npgen = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
-    # no pilot where J already holds every competitor (small heads) or may not grow
-    if opt.pilot_particles and opt.max_competitors > opt.competitors and any(len(j) >= opt.competitors for j in J):
+    deep = [False] * len(ts)
+    if opt.pilot_particles:
         pil = SplitOptions(**{**opt.__dict__, "particles": opt.pilot_particles, "replicates": opt.pilot_replicates,
                               "moves": opt.pilot_moves})
         batch, logp, levels, u, r2, m = _split_batch(meas, ts, J, pil, gen, npgen)
+        # J grows only where it may, where it left rows out (on small heads it holds every competitor), and
+        # where the pilot's final particles mostly lose against all V
+        grow = opt.max_competitors > opt.competitors
         for k, t in enumerate(ts):
-            _, _, counts, n_checked, n_good = _check_final(meas, batch, k, t, u[k], None if r2 is None else r2[k],
-                                                           m[k], logp[k], excl, pil, gen)
-            if _DEBUG:
-                print(f"  token {t} pilot: q {n_good}/{n_checked} |J| {len(J[k])}")
-            J[k] = _grow(J[k], counts, excl[t], opt.max_competitors)
+            deep[k] = int(levels[k].max()) > opt.deep_levels
+            if grow and len(J[k]) >= opt.competitors:
+                _, _, counts, n_checked, n_good = _check_final(
+                    meas, batch, k, t, u[k], None if r2 is None else r2[k], m[k], logp[k], excl, pil, gen)
+                if _DEBUG:
+                    print(f"  token {t} pilot: q {n_good}/{n_checked} |J| {len(J[k])} levels {int(levels[k].max())}")
+                if n_good < opt.rerun_below * n_checked:  # else J already bounds the cell: a larger one costs
+                    J[k] = _grow(J[k], counts, excl[t], opt.max_competitors)
+    # deep tokens (the pilot needed more than deep_levels levels): more replicates and moves, chosen before
+    # the main run and independently of it, so its replicates stay independent and unbiased
+    opt_deep = SplitOptions(**{**opt.__dict__, "replicates": max(opt.replicates, opt.deep_replicates),
+                               "moves": max(opt.moves, opt.deep_moves)})
     todo = list(range(len(ts)))
     res: dict[int, tuple] = {}
     for rnd in range(opt.rounds):
-        sub = [ts[i] for i in todo]
-        batch, logp, levels, u, r2, m = _split_batch(meas, sub, [J[i] for i in todo], opt, gen, npgen)
         again = []
-        for k, i in enumerate(todo):
-            t = ts[i]
-            frac, inside, counts, n_checked, n_good = _check_final(
-                meas, batch, k, t, u[k], None if r2 is None else r2[k], m[k], logp[k], excl, opt, gen)
-            est = np.where(np.isnan(frac), 0.0, np.exp(logp[k].numpy()) * np.nan_to_num(frac))
-            centre = torch.cat(inside).double().sum(0).numpy() if inside and sum(len(x) for x in inside) else None
-            if _DEBUG:
-                print(f"  token {t} round {rnd}: levels {levels[k].tolist()} est {np.log10(np.maximum(est, 1e-320)).round(2).tolist()} "
-                      f"|J| {len(J[i])} q {n_good}/{n_checked}")
-            res[i] = (est, int(levels[k].max()), centre)
-            if rnd + 1 < opt.rounds and n_good < opt.rerun_below * n_checked:
-                grown = _grow(J[i], counts, excl[t], opt.max_competitors)
-                if len(grown) > len(J[i]):
-                    J[i] = grown
-                    again.append(i)
+        for is_deep in (False, True):
+            group = [i for i in todo if deep[i] == is_deep]
+            if not group:
+                continue
+            o = opt_deep if is_deep else opt
+            batch, logp, levels, u, r2, m = _split_batch(meas, [ts[i] for i in group], [J[i] for i in group], o,
+                                                         gen, npgen)
+            for k, i in enumerate(group):
+                t = ts[i]
+                frac, inside, counts, n_checked, n_good = _check_final(
+                    meas, batch, k, t, u[k], None if r2 is None else r2[k], m[k], logp[k], excl, o, gen)
+                est = np.where(np.isnan(frac), 0.0, np.exp(logp[k].numpy()) * np.nan_to_num(frac))
+                centre = torch.cat(inside).double().sum(0).numpy() if inside and sum(len(x) for x in inside) else None
+                if _DEBUG:
+                    print(f"  token {t} round {rnd}: levels {levels[k].tolist()} est "
+                          f"{np.log10(np.maximum(est, 1e-320)).round(2).tolist()} |J| {len(J[i])} q {n_good}/{n_checked}")
+                res[i] = (est, int(levels[k].max()), centre)
+                if rnd + 1 < opt.rounds and n_good < opt.rerun_below * n_checked:
+                    grown = _grow(J[i], counts, excl[t], opt.max_competitors)
+                    if len(grown) > len(J[i]):
+                        J[i] = grown
+                        again.append(i)
         todo = again
         if not todo:
             break
@@ -1038,7 +1056,7 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
             est, levels, centre, J, per = split_res[rep_t]
             mean, lo, hi = _cox_interval(est / k, confidence, (levels + 1) / split.particles)
             tv = TokenVolume(t, text, mean, (lo, hi), None, None, "splitting" if k == 1 else "tie",
-                             split.replicates * split.particles, per, levels=levels, tie_with=tie_with)
+                             len(est) * split.particles, per, levels=levels, tie_with=tie_with)
             if not math.isfinite(mean):
                 tv.log10_share = None
                 tv.note = "no replicate reached t's cell: the share may be 0 (or below what this run resolves)"
