@@ -2,7 +2,7 @@
 
     python benchmarks/bench_volume.py gpt2-orthant [--seeds 3]     # 50257 x 768, one token of share 2^-40 (known)
     python benchmarks/bench_volume.py gpt2-synthetic [--tokens 1]   # synthetic:V=50257,d=768: a rare real-ish token
-    python benchmarks/bench_volume.py tokens SOURCE --n 32          # n random tokens of a head: seconds per token
+    python benchmarks/bench_volume.py tokens SOURCE --n 32 [--reference]  # n random tokens: seconds per token
     python benchmarks/bench_volume.py hardest SCAN.json SOURCE --n 10   # the smallest-margin speakable tokens
 
 ``gpt2-orthant`` plants a token whose region is exactly an orthant of 40 rotated coordinates (share 2^-40 =
@@ -83,24 +83,54 @@ def gpt2_synthetic(args) -> dict:
     return res
 
 
+# the options before the pilot (issue 19): 16 x 64 particles, 30 pCN moves per level, J from t's own direction
+# grown over up to 3 rounds; `tokens --reference` runs them on the same tokens to compare estimates
+REFERENCE = dict(particles=64, replicates=16, moves=30, pilot_particles=0, rounds=3, rerun_below=0.7)
+
+
+def _agree(a, b) -> bool:
+    """Each estimate inside the other's interval (open ends count as open)."""
+    def inside(tv, v):
+        lo, hi = tv.log10_share_ci
+        return v is not None and (lo is None or lo <= v) and (hi is None or v <= hi)
+    return inside(a, b.log10_share) and inside(b, a.log10_share)
+
+
 def tokens(args) -> dict:
     import unspeakable
 
     head = unspeakable.load(args.source)
     ids = np.sort(np.random.default_rng(args.seed).choice(head.d_vocab, args.n, replace=False))
-    t0 = time.perf_counter()
-    opt = vol.SplitOptions(particles=32, replicates=8, moves=15, max_competitors=512) if args.fast else None
-    rep = vol.volume(head, tokens=ids, samples=args.samples, seed=args.seed, split=opt)
-    dt = time.perf_counter() - t0
-    shares = [tv.log10_share for tv in rep.tokens if tv.log10_share is not None]
-    widths = [tv.log10_share_ci[1] - tv.log10_share_ci[0] for tv in rep.tokens
-              if tv.log10_share_ci[0] is not None and tv.log10_share_ci[1] is not None]
-    print(f"{args.n} random tokens of {args.source}: {dt:.1f} s ({dt / args.n:.2f} s per token); timings "
-          f"{ {k: round(v, 1) for k, v in rep.timings_s.items()} }")
-    print(f"  log10 share: median {np.median(shares):.2f}, range [{min(shares):.2f}, {max(shares):.2f}]; "
-          f"CI width median {np.median(widths):.2f}, max {max(widths):.2f}")
-    print(f"  1000 tokens at this rate: {1000 * dt / args.n / 60:.1f} min")
-    return {"seconds": dt, "n": args.n, "timings": rep.timings_s, "tokens": [tv.to_json() for tv in rep.tokens]}
+    runs = [("default", vol.SplitOptions(**json.loads(args.options)))]
+    if args.fast:
+        runs = [("fast", vol.SplitOptions(particles=32, replicates=8, moves=15, max_competitors=512))]
+    if args.reference:
+        runs.append(("reference", vol.SplitOptions(**REFERENCE)))
+    out, reps = {}, {}
+    for name, opt in runs:
+        t0 = time.perf_counter()
+        rep = vol.volume(head, tokens=ids, samples=args.samples, seed=args.seed, split=opt,
+                         lower_bound=not args.no_bound)
+        dt = time.perf_counter() - t0
+        reps[name] = rep
+        shares = [tv.log10_share for tv in rep.tokens if tv.log10_share is not None]
+        widths = [tv.log10_share_ci[1] - tv.log10_share_ci[0] for tv in rep.tokens
+                  if all(v is not None and math.isfinite(v) for v in tv.log10_share_ci)]
+        print(f"{name} {opt}:\n  {args.n} random tokens of {args.source}: {dt:.1f} s ({dt / args.n:.2f} s per token); "
+              f"timings { {k: round(v, 1) for k, v in rep.timings_s.items()} }")
+        print(f"  log10 share: median {np.median(shares):.2f}, range [{min(shares):.2f}, {max(shares):.2f}]; "
+              f"CI width median {np.median(widths):.2f}, max {max(widths):.2f}; "
+              f"{args.n - len(widths)} intervals open or absent")
+        print(f"  1000 tokens at this rate: {1000 * dt / args.n / 60:.1f} min; uptime {os.popen('uptime').read().strip()}")
+        out[name] = {"seconds": dt, "n": args.n, "options": opt.__dict__, "timings": rep.timings_s,
+                     "tokens": [tv.to_json() for tv in rep.tokens]}
+    if len(reps) == 2:
+        a, b = (reps[k].tokens for k in reps)
+        ok = [_agree(x, y) for x, y in zip(a, b)]
+        print(f"agreement: {sum(ok)} of {len(ok)} tokens have each estimate inside the other's interval; "
+              f"differences (log10) {[round(x.log10_share - y.log10_share, 2) if x.log10_share is not None and y.log10_share is not None else None for x, y in zip(a, b)]}")
+        out["agreement"] = sum(ok)
+    return out
 
 
 def hardest(args) -> dict:
@@ -135,6 +165,9 @@ def main(argv=None) -> int:
     c.add_argument("--samples", type=int, default=0)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--fast", action="store_true", help="8 replicates x 32 particles, 15 moves, J <= 512")
+    c.add_argument("--options", default="{}", help="SplitOptions overrides as JSON, e.g. '{\"moves\": 10}'")
+    c.add_argument("--reference", action="store_true", help="also run the pre-pilot options on the same tokens")
+    c.add_argument("--no-bound", action="store_true", help="skip the rigorous cap bound (time the estimate alone)")
     h = sub.add_parser("hardest")
     h.add_argument("scan")
     h.add_argument("source")
@@ -143,9 +176,15 @@ def main(argv=None) -> int:
     h.add_argument("--seed", type=int, default=0)
     for q in (a, b, c, h):
         q.add_argument("--json", help="write the measurements here")
+        q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(f"uptime: {os.popen('uptime').read().strip()}")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"uptime: {os.popen('uptime').read().strip()}; torch threads {torch.get_num_threads()}; commit "
+          f"{os.popen('git rev-parse --short HEAD 2>/dev/null').read().strip()}")
     res = {"gpt2-orthant": gpt2_orthant, "gpt2-synthetic": gpt2_synthetic, "tokens": tokens,
            "hardest": hardest}[args.cmd](args)
     if args.json:

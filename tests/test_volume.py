@@ -344,3 +344,82 @@ def test_volume_refuses_fractional_ids_and_masks():
     for bad, needle in (([1.5], "integers"), (np.ones(300, dtype=bool), "boolean mask"), ([300], "out of range")):
         with pytest.raises(InputError, match=needle):
             unspeakable.volume(head, tokens=bad)
+
+
+# ------------------------------------------------------------------------------------------ the restricted set J
+def decoy_orthant_head(d: int, k: int, decoys: int, seed: int = 0):
+    """The orthant head (token 0 wins iff x_1..x_k > 0: share 2^-k) plus ``decoys`` rows that are stronger than
+    the orthant's facets at token 0's own direction yet never beat it inside the orthant: row
+    ``-α·(1,…,1)_k/√k + β·w`` (w a unit vector in the last d − k coordinates) with bias ``-βR − 0.1``, so on the
+    orthant its logit is below ``βR + bias < 0 = l_0``. The strongest rows at t's direction (the first J) are
+    then all decoys, and the pilot must find the facets. The share is still 2^-k exactly."""
+    rng = np.random.default_rng(seed)
+    R = math.sqrt(d)
+    rows = np.zeros((k + 1 + decoys, d))
+    rows[1:k + 1, :k] = -3.0 * np.eye(k)
+    w = rng.standard_normal((decoys, d - k))
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    alpha, beta = 0.1, 0.4
+    rows[k + 1:, :k] = -alpha / math.sqrt(k)
+    rows[k + 1:, k:] = beta * w
+    bias = np.zeros(len(rows))
+    bias[k + 1:] = -beta * R - 0.1
+    return head_from_arrays(rows.T, bias, norm="rmsnorm"), -k * math.log10(2)
+
+
+def test_restricted_basis_spans_late_competitors():
+    """|J| > d with the first d differences dependent (the decoys span 45 of 64 directions, the facets come last):
+    the chain's basis must still span every difference. An unpivoted QR read the rank from the first d columns'
+    diagonal and dropped the facets' directions (then the splitting ran against the decoys only)."""
+    from unspeakable.engine.loader import fold
+
+    head, _ = decoy_orthant_head(64, 20, 300, seed=3)
+    problem = fold(head)
+    meas = vol._Measure(problem, problem.keys)
+    J = np.r_[np.arange(21, 321), np.arange(1, 21)]
+    (Q,) = vol._Batch(meas, [0], [J]).Q
+    a = (meas.keys64[0][None, :] - meas.keys64[J]).T
+    assert np.abs(a - Q @ (Q.T @ a)).max() < 1e-9 * np.abs(a).max()
+
+
+def test_pilot_finds_the_facets_that_the_own_direction_misses():
+    """With 300 decoys ranked above the 20 facets at token 0's direction, the first J (256 rows) holds no facet:
+    without the pilot the run meets the facets only in its final all-V check (q ≈ 0: no usable estimate); with
+    it, J holds them and the estimate is within a factor 2 and its interval holds 2^-20."""
+    from unspeakable.engine.loader import fold
+
+    head, truth = decoy_orthant_head(64, 20, 300, seed=3)
+    problem = fold(head)
+    meas = vol._Measure(problem, problem.keys)
+    (J0,) = vol._competitor_sets(meas, [0], {0: [0]}, 256)
+    assert not set(range(1, 21)) & set(J0.tolist())  # the construction does what it says
+    opt = vol.SplitOptions(rounds=1)
+    rep = vol.volume(head, tokens=[0], samples=0, seed=5, confidence=0.95, lower_bound=False, split=opt)
+    (a,) = rep.tokens
+    assert contains(a, truth) and abs(a.log10_share - truth) < math.log10(2), (truth, a)
+    blind = vol.volume(head, tokens=[0], samples=0, seed=5, confidence=0.95, lower_bound=False,
+                       split=vol.SplitOptions(rounds=1, pilot_particles=0))
+    (b,) = blind.tokens
+    assert b.log10_share is None or abs(b.log10_share - truth) > math.log10(2) or b.log10_share_ci[0] is None, b
+
+
+def test_coverage_over_seeds_default_options():
+    """The default options (pilot, fewer moves and particles than FAST), on the decoy head where the pilot
+    must work: the 95% interval contains 2^-20 on at least 26 of 30 seeds."""
+    head, truth = decoy_orthant_head(64, 20, 300, seed=4)
+    hits = 0
+    for s in range(30):
+        rep = vol.volume(head, tokens=[0], samples=0, seed=2000 + s, confidence=0.95, lower_bound=False)
+        hits += contains(rep.tokens[0], truth)
+    assert hits >= 26, hits
+
+
+def test_deep_tokens_get_more_replicates_and_stay_within_a_factor_2():
+    """Default options: the pilot's level count sends the 2^-40 orthant (d = 64) to the deep options (16
+    replicates, 30 moves) and leaves the 2^-12 one on 8; both estimates within a factor 2, intervals holding."""
+    for k, reps in ((40, 16), (12, 8)):
+        head, t0, _ = orthant_head(64, k, seed=k)
+        rep = vol.volume(head, tokens=[0], samples=0, seed=9, confidence=0.99, lower_bound=False)
+        (a,) = rep.tokens
+        assert a.samples == reps * vol.SplitOptions().particles, (k, a.samples)
+        assert contains(a, t0) and abs(a.log10_share - t0) < math.log10(2), (k, t0, a)

@@ -37,9 +37,10 @@ ball: a token that wins only inside the ball (a large bias, a short row) is spea
     survivors, then every particle takes preconditioned Crank–Nicolson steps on the Gaussian behind x
     (x = R·Pz/‖Pz‖ on spheres, ``ρ·erf(z/√2)`` on the cube), which leave the conditional law invariant.
     The estimator of each replicate is ``Π (1 − killed/N) · (final fraction)``, unbiased whatever the
-    mixing. Particles meet a *restricted* set J of competitors (the strongest at t's own direction, grown by
-    constraint generation); the final particles are re-scored against all V rows and the fraction that
-    truly wins multiplies the estimate, so the estimate is of the head as given. The interval comes from
+    mixing. Particles meet a *restricted* set J of competitors: the strongest at t's own direction, then
+    those strongest where a cheap pilot run's particles end (the rows that cut the cell where its mass
+    lies); the final particles are re-scored against all V rows and the fraction that truly wins
+    multiplies the estimate, so the estimate is of the head as given. The interval comes from
     the spread of the independent replicates (Cox's interval for a log-normal mean), so MCMC correlation
     widens it instead of making it dishonest.
   - ``tie`` members share their group's estimate; ``zero`` is a proof that the share is 0 (one competitor's
@@ -197,6 +198,7 @@ class _Measure:
         self.keys64 = keys  # [V, d] float64: P(rows - c); logits up to a constant in j
         self.bias64 = problem.bias
         self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))
+        self.gemm_threads = torch.get_num_threads()  # the caller's: the splitting's GEMMs use them
         self.bias = torch.from_numpy(problem.bias.astype(np.float32))
         # float32 logit differences closer than this are re-decided in float64 (the keys' rounding to
         # float32 plus a typical float32 dot-product error, both sides): near-identical rows stay apart
@@ -302,11 +304,19 @@ def _clopper_pearson(k: int, n: int, conf: float) -> tuple[float, float]:
 @dataclass
 class SplitOptions:
     particles: int = 64  # N per replicate
-    replicates: int = 16  # R independent runs
+    replicates: int = 8  # R independent runs (16 before the pilot: see RESULTS, issue 19)
     keep: float = 0.5  # p0: the fraction of particles kept at each level
-    moves: int = 30  # pCN steps per level (fewer mix too little: heavy-tailed replicates, see RESULTS)
+    moves: int = 10  # pCN steps per level (30 before the pilot; 5 mixed too little: on the 2^-40 orthant in
+    # d = 64 the estimate's sd was 0.25 decades at 5 moves, 0.13 at 10, 8 x 64 particles)
     competitors: int = 256  # initial size of the restricted set J
     check: int = 64  # final particles per replicate re-scored against all V rows
+    track: int = 32  # per checked point, its strongest competitors counted as candidates for J
+    pilot_particles: int = 32  # the pilot run that picks J (0: none; J then grows only between rounds)
+    pilot_replicates: int = 4
+    pilot_moves: int = 10
+    deep_levels: int = 24  # tokens whose pilot needs more levels (share below ~2^-24 = 6e-8 against its J) get:
+    deep_replicates: int = 16  # ... these replicates and moves: the pre-pilot defaults, which held a factor 2
+    deep_moves: int = 30  # at 1e-12 (GPT-2 shape); 8 x 64 x 10 moves was off by 2.1-2.4x on 2 of 3 seeds there
     rounds: int = 3  # constraint-generation rounds (grow J with the competitors that beat t at the end)
     rerun_below: float = 0.7  # another round when fewer than this share of the checked final particles win
     max_competitors: int = 1024  # J never grows past this (the most frequent violators first): the cost per move
@@ -319,11 +329,18 @@ def _log10(x: float) -> float:
     return math.log10(x) if x > 0 else -math.inf
 
 
+def _gemm_threads(meas: _Measure, macs: int):
+    """The caller's threads for a GEMM of at least 2^28 multiply-adds, else stay on one: switching costs more
+    than a small GEMM gains."""
+    return torch_threads(meas.gemm_threads) if meas.gemm_threads > 1 and macs >= 2**28 else contextlib.nullcontext()
+
+
 def _logits_at(meas: _Measure, x, ids=None):
-    """Logits of all V rows (or ``ids``) at points x [B, d] (float32)."""
-    if ids is None:
-        return x @ meas.keys.T + meas.bias
-    return x @ meas.keys[ids].T + meas.bias[ids]
+    """Logits of all V rows (or ``ids``) at points x [B, d] (float32); the GEMM on ``meas.gemm_threads``."""
+    with _gemm_threads(meas, x.numel() * (meas.keys.shape[0] if ids is None else len(ids))):
+        if ids is None:
+            return x @ meas.keys.T + meas.bias
+        return x @ meas.keys[ids].T + meas.bias[ids]
 
 
 def _full_margins(meas: _Measure, t: int, x, exclude):
@@ -375,10 +392,14 @@ class _Batch:
     """
 
     def __init__(self, meas: _Measure, ts: list[int], J: list[np.ndarray]):
+        import scipy.linalg
         import torch
 
         self.meas, self.T = meas, len(ts)
         K = max(len(j) for j in J)
+        # shorter sets are padded with repeats of their own first row (a repeat leaves the minimum as it is),
+        # so that a head without bias keeps B = 0 everywhere and the margins may skip adding it
+        J = [np.concatenate([j, np.repeat(j[:1], K - len(j))]) if 0 < len(j) < K else j for j in J]
         diffs = []
         for t, j in zip(ts, J):
             j = np.asarray(j, dtype=np.int64)
@@ -399,7 +420,9 @@ class _Batch:
         self.Q = []
         ranks = []
         for a, _ in diffs:
-            q, r = np.linalg.qr(a)
+            # pivoted: without pivoting, diag(R) of a wide a (|J| > d) sees only its first d columns, and a
+            # direction spanned only by later columns would be dropped from the basis
+            q, r, _ = scipy.linalg.qr(a, mode="economic", pivoting=True)
             dg = np.abs(np.diag(r))
             keep = dg > 1e-12 * max(float(dg.max(initial=0.0)), 1e-300)
             self.Q.append(q[:, keep])
@@ -410,6 +433,8 @@ class _Batch:
         for i, ((a, _), q) in enumerate(zip(diffs, self.Q)):
             self.A[i, :q.shape[1], :a.shape[1]] = torch.from_numpy((q.T @ a).astype(np.float32))
             self.mask[i, :q.shape[1]] = 1.0
+        self.zero_bias = bool((self.B == 0).all())
+        self.full_rank = bool((self.mask == 1).all())  # no coordinate of u to keep at 0
         self.rest = torch.tensor([meas.n - k for k in ranks], dtype=torch.float64)  # dimension of the rest
 
     # ---- the chain's state: (u [T', M, dim], r² [T', M] or None)
@@ -428,9 +453,11 @@ class _Batch:
         import torch
 
         xi = torch.randn(u.shape, generator=gen)
-        if not self.meas.box:
+        if not self.meas.box and not self.full_rank:
             xi *= self.mask[sel][:, None, :]
-        u2 = xi.mul_(st[..., None]).add_(rho[..., None] * u)
+        # the chain's per-move tensors are [S, M, D]: each pass over them costs about a third of the bmm's
+        # time here, so no temporaries (addcmul_ for ρu, a norm instead of u*u)
+        u2 = xi.mul_(st[..., None]).addcmul_(u, rho[..., None])
         if r2 is None:
             return u2, None
         w = torch.randn(r2.shape, generator=gen)
@@ -443,10 +470,17 @@ class _Batch:
         """Restricted margins [S, M] of the states of tokens ``sel``."""
         import torch
 
+        A = self.A[sel]
         if self.meas.box:
-            return (torch.bmm(self.meas.points(u), self.A[sel]) + self.B[sel][:, None, :]).amin(dim=2)
-        scale = self.meas.R / ((u * u).sum(-1) + r2).clamp_min(1e-30).sqrt()
-        return torch.bmm(u, self.A[sel]).mul_(scale[..., None]).add_(self.B[sel][:, None, :]).amin(dim=2)
+            with _gemm_threads(self.meas, u.numel() * A.shape[2]):
+                G = torch.bmm(self.meas.points(u), A)
+            return (G + self.B[sel][:, None, :]).amin(dim=2)
+        scale = self.meas.R / (torch.linalg.vector_norm(u, dim=-1).square_() + r2).clamp_min(1e-30).sqrt()
+        with _gemm_threads(self.meas, u.numel() * A.shape[2]):
+            G = torch.bmm(u, A)
+        if self.zero_bias:  # scale > 0: the minimum first, then one product per particle
+            return G.amin(dim=2).mul_(scale)
+        return G.mul_(scale[..., None]).add_(self.B[sel][:, None, :]).amin(dim=2)
 
     def points(self, i: int, u, r2, gen):
         """Points x [M, d] (float32) of token i's states: the rest's direction drawn uniformly."""
@@ -483,12 +517,8 @@ def _split_batch(meas: _Measure, ts: list[int], J: list[np.ndarray], opt: SplitO
     T, R, N = len(ts), opt.replicates, opt.particles
     batch = _Batch(meas, ts, J)
     D = batch.dim
-    # The splitting's per-move tensors are small: one thread avoids the spin-waits that cost more than they
-    # save, above all on a busy machine (measured: 4.7 s against 23 s for one GPT-2-shaped token with another
-    # job running); large batches keep the caller's threads.
-    small = T * R * N * D * batch.B.shape[1] < 2e8
-    with torch_threads(1) if small else contextlib.nullcontext():
-        return _run_levels(batch, T, R, N, D, opt, gen, npgen)
+    # Every op but the GEMMs on one thread (the caller, _split_tokens, set it; kernels.torch_threads says why)
+    return _run_levels(batch, T, R, N, D, opt, gen, npgen)
 
 
 def _run_levels(batch, T, R, N, D, opt, gen, npgen):
@@ -564,56 +594,114 @@ def _run_levels(batch, T, R, N, D, opt, gen, npgen):
     return batch, logp, levels, u, r2, m
 
 
+def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, opt: SplitOptions, gen):
+    """Token k's final particles (the first ``opt.check`` above 0 in each replicate) re-scored against all V
+    rows in one GEMM. Returns (per replicate the fraction that truly wins, nan where the replicate did not
+    reach its cell; the winning points; how often each row is among the ``opt.track`` strongest competitors
+    at a checked point; points checked; points that win)."""
+    import torch
+
+    R = logp.shape[0]
+    frac = np.full(R, np.nan)
+    pos = [torch.nonzero(m[r] > 0).ravel()[:opt.check] if math.isfinite(float(logp[r])) else torch.zeros(0, dtype=torch.long)
+           for r in range(R)]
+    sizes = [len(p) for p in pos]
+    if not sum(sizes):
+        return frac, [], {}, 0, 0
+    rr = torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in enumerate(sizes)])
+    pp = torch.cat(pos)
+    x = batch.points(k, u[rr, pp], None if r2 is None else r2[rr, pp], gen)
+    mt, _, L = _full_margins(meas, t, x, excl[t])
+    good = (mt > 0).numpy()
+    start = 0
+    for r, n in enumerate(sizes):
+        if n:
+            frac[r] = float(good[start:start + n].mean())
+        start += n
+    top = torch.topk(L, min(opt.track, L.shape[1]), dim=1).indices.ravel().tolist()
+    counts: dict[int, int] = {}
+    for j in top:
+        counts[j] = counts.get(j, 0) + 1
+    return frac, [x[torch.from_numpy(good)]], counts, len(good), int(good.sum())
+
+
+def _grow(J: np.ndarray, counts: dict, exclude, limit: int) -> np.ndarray:
+    """J grown by the most frequent strong competitors (``counts``) not yet in it, up to ``limit`` rows; never t
+    or its twins (``exclude``: their logit is −inf in the check, so they appear only when V is tiny)."""
+    for j in set(J.tolist()) | set(exclude):
+        counts.pop(j, None)
+    room = max(0, limit - len(J))
+    add = sorted(counts, key=lambda j: (-counts[j], j))[:room]
+    return np.concatenate([J, np.array(sorted(add), dtype=np.int64)]) if add else J
+
+
 def _split_tokens(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt: SplitOptions, gen):
     """Splitting with constraint generation and the final all-V correction, for a batch of tokens.
 
-    Returns per token: (replicate estimates p̂_r [R] (linear, may be 0), levels, centre direction or None)."""
+    J starts as the ``competitors`` strongest rows at t's own direction. A cheap *pilot* run (its estimate
+    is discarded) ends in that J-cell; the competitors strongest at its final points — those that cut the
+    J-cell where its mass lies, which t's own direction does not see — fill J up to ``max_competitors``.
+    The main run against that J gives the estimate; further rounds (while J has room and fewer than
+    ``rerun_below`` of the checked final particles win) grow J the same way and start again. Each run is
+    independent of the J it is given, so every replicate stays unbiased for the share of the head as given.
+
+    Returns per token: (replicate estimates p̂_r [R] (linear, may be 0), levels, centre direction or None, J)."""
+    with torch_threads(1):
+        return _split_tokens_1(meas, ts, excl, opt, gen)
+
+
+def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt: SplitOptions, gen):
     import torch
 
     J = _competitor_sets(meas, ts, excl, opt.competitors)
     npgen = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    deep = [False] * len(ts)
+    if opt.pilot_particles:
+        pil = SplitOptions(**{**opt.__dict__, "particles": opt.pilot_particles, "replicates": opt.pilot_replicates,
+                              "moves": opt.pilot_moves})
+        batch, logp, levels, u, r2, m = _split_batch(meas, ts, J, pil, gen, npgen)
+        # J grows only where it may, where it left rows out (on small heads it holds every competitor), and
+        # where the pilot's final particles mostly lose against all V
+        grow = opt.max_competitors > opt.competitors
+        for k, t in enumerate(ts):
+            deep[k] = int(levels[k].max()) > opt.deep_levels
+            if grow and len(J[k]) >= opt.competitors:
+                _, _, counts, n_checked, n_good = _check_final(
+                    meas, batch, k, t, u[k], None if r2 is None else r2[k], m[k], logp[k], excl, pil, gen)
+                if _DEBUG:
+                    print(f"  token {t} pilot: q {n_good}/{n_checked} |J| {len(J[k])} levels {int(levels[k].max())}")
+                if n_good < opt.rerun_below * n_checked:  # else J already bounds the cell: a larger one costs
+                    J[k] = _grow(J[k], counts, excl[t], opt.max_competitors)
+    # deep tokens (the pilot needed more than deep_levels levels): more replicates and moves, chosen before
+    # the main run and independently of it, so its replicates stay independent and unbiased
+    opt_deep = SplitOptions(**{**opt.__dict__, "replicates": max(opt.replicates, opt.deep_replicates),
+                               "moves": max(opt.moves, opt.deep_moves)})
     todo = list(range(len(ts)))
     res: dict[int, tuple] = {}
     for rnd in range(opt.rounds):
-        sub = [ts[i] for i in todo]
-        batch, logp, levels, u, r2, m = _split_batch(meas, sub, [J[i] for i in todo], opt, gen, npgen)
         again = []
-        for k, i in enumerate(todo):
-            t = ts[i]
-            est = np.zeros(opt.replicates)
-            inside, violators, n_checked, n_good = [], {}, 0, 0
-            for r in range(opt.replicates):
-                lp = float(logp[k, r])
-                if not math.isfinite(lp):
-                    continue
-                pos = torch.nonzero(m[k, r] > 0).ravel()[:opt.check]
-                if len(pos) == 0:
-                    continue
-                x = batch.points(k, u[k, r, pos], None if r2 is None else r2[k, r, pos], gen)
-                mt, arg, L = _full_margins(meas, t, x, excl[t])
-                good = mt > 0
-                est[r] = math.exp(lp) * float(good.double().mean())
-                n_checked += len(good)
-                n_good += int(good.sum())
-                inside.append(x[good])
-                bad = ~good
-                if bad.any():
-                    Lb = L[bad]
-                    top = torch.topk(Lb, min(16, Lb.shape[1]), dim=1).indices.ravel().tolist()
-                    for j in top:
-                        violators[j] = violators.get(j, 0) + 1
-            for j in set(J[i].tolist()) | {t}:
-                violators.pop(j, None)
-            room = max(0, opt.max_competitors - len(J[i]))
-            violators = sorted(violators, key=lambda j: (-violators[j], j))[:room]
-            centre = torch.cat(inside).double().sum(0).numpy() if inside else None
-            if _DEBUG:
-                print(f"  token {t} round {rnd}: levels {levels[k].tolist()} est {np.log10(np.maximum(est, 1e-320)).round(2).tolist()} "
-                      f"violators {len(violators)} |J| {len(J[i])} q {n_good}/{n_checked}")
-            res[i] = (est, int(levels[k].max()), centre)
-            if violators and rnd + 1 < opt.rounds and n_good < opt.rerun_below * n_checked:
-                J[i] = np.concatenate([J[i], np.array(sorted(violators), dtype=np.int64)])
-                again.append(i)
+        for is_deep in (False, True):
+            group = [i for i in todo if deep[i] == is_deep]
+            if not group:
+                continue
+            o = opt_deep if is_deep else opt
+            batch, logp, levels, u, r2, m = _split_batch(meas, [ts[i] for i in group], [J[i] for i in group], o,
+                                                         gen, npgen)
+            for k, i in enumerate(group):
+                t = ts[i]
+                frac, inside, counts, n_checked, n_good = _check_final(
+                    meas, batch, k, t, u[k], None if r2 is None else r2[k], m[k], logp[k], excl, o, gen)
+                est = np.where(np.isnan(frac), 0.0, np.exp(logp[k].numpy()) * np.nan_to_num(frac))
+                centre = torch.cat(inside).double().sum(0).numpy() if inside and sum(len(x) for x in inside) else None
+                if _DEBUG:
+                    print(f"  token {t} round {rnd}: levels {levels[k].tolist()} est "
+                          f"{np.log10(np.maximum(est, 1e-320)).round(2).tolist()} |J| {len(J[i])} q {n_good}/{n_checked}")
+                res[i] = (est, int(levels[k].max()), centre)
+                if rnd + 1 < opt.rounds and n_good < opt.rerun_below * n_checked:
+                    grown = _grow(J[i], counts, excl[t], opt.max_competitors)
+                    if len(grown) > len(J[i]):
+                        J[i] = grown
+                        again.append(i)
         todo = again
         if not todo:
             break
@@ -650,16 +738,25 @@ def _cox_interval(est: np.ndarray, conf: float, var_floor: float = 0.0) -> tuple
 def _binding(meas: _Measure, t: int, c: np.ndarray, exclude, k: int) -> np.ndarray:
     """The k competitors whose half-spaces come closest to the direction c (smallest angular slack
     ``α_j − angle(c, â_j)``), from all V rows in float32: the ones the centre search must respect."""
-    import torch
-
     c = np.asarray(c, dtype=np.float64)
     if meas.centred:
         c = c - c.mean()
     c = c / max(np.linalg.norm(c), 1e-300)
+    with torch_threads(1):  # GEMVs and O(V) ops: one thread (kernels.torch_threads)
+        return _binding_1(meas, t, c, exclude, k)
+
+
+def _binding_1(meas: _Measure, t: int, c: np.ndarray, exclude, k: int) -> np.ndarray:
+    import torch
+
+    # ‖k_t − k_j‖ and (k_t − k_j)·c from two GEMVs instead of a [V, d] difference (a heuristic: no allowance)
     kt = meas.keys[t]
-    A = kt[None, :] - meas.keys
-    na = torch.linalg.vector_norm(A, dim=1).double().clamp_min(1e-300)
-    p = (A @ torch.from_numpy(c).float()).double()
+    sq = getattr(meas, "_sq_norms", None)
+    if sq is None:
+        sq = meas._sq_norms = (meas.keys.double() ** 2).sum(1)
+    na = (sq[t] + sq - 2 * (meas.keys @ kt).double()).clamp_min(0).sqrt().clamp_min(1e-300)
+    kc = meas.keys @ torch.from_numpy(c).float()
+    p = (kc[t] - kc).double()
     beta = (meas.bias[t] - meas.bias).double()
     slack = torch.arccos((-beta / (meas.R * na)).clamp(-1, 1)) - torch.arccos((p / na).clamp(-1, 1))
     slack[list(exclude)] = torch.inf
@@ -852,6 +949,19 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
     Raises:
         InputError: bad token ids, confidence or sample counts.
     """
+    from threadpoolctl import threadpool_limits
+
+    # numpy's BLAS on one thread: its calls here are small (the QR of J's differences, the cap's ascent, the
+    # float64 points of the checks), and two OpenBLAS threads contending with torch's cost 10-25x on this
+    # machine (a 576 x 1024 QR: 1.2 s against 0.05 s on one thread, load 5). torch's GEMMs keep their threads.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _volume(source_or_head, tokens, domain=domain, radius=radius, bias=bias, samples=samples, seed=seed,
+                       confidence=confidence, min_hits=min_hits, split=split, lower_bound=lower_bound,
+                       progress=progress)
+
+
+def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, confidence, min_hits, split, lower_bound,
+            progress) -> VolumeReport:
     import torch
 
     from unspeakable.engine.loader import fold, load
@@ -958,7 +1068,7 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
             est, levels, centre, J, per = split_res[rep_t]
             mean, lo, hi = _cox_interval(est / k, confidence, (levels + 1) / split.particles)
             tv = TokenVolume(t, text, mean, (lo, hi), None, None, "splitting" if k == 1 else "tie",
-                             split.replicates * split.particles, per, levels=levels, tie_with=tie_with)
+                             len(est) * split.particles, per, levels=levels, tie_with=tie_with)
             if not math.isfinite(mean):
                 tv.log10_share = None
                 tv.note = "no replicate reached t's cell: the share may be 0 (or below what this run resolves)"
