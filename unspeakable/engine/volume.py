@@ -957,11 +957,11 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
     with threadpool_limits(limits=1, user_api="blas"):
         return _volume(source_or_head, tokens, domain=domain, radius=radius, bias=bias, samples=samples, seed=seed,
                        confidence=confidence, min_hits=min_hits, split=split, lower_bound=lower_bound,
-                       progress=progress)
+                       detailed=detailed, progress=progress)
 
 
 def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, confidence, min_hits, split, lower_bound,
-            progress) -> VolumeReport:
+            detailed, progress) -> VolumeReport:
     import torch
 
     from unspeakable.engine.loader import fold, load
