@@ -591,8 +591,8 @@ class Volume:
     samples: int = 65536
     seed: int = 0
     confidence: float = 0.95
-    particles: int = 128
-    replicates: int = 8
+    particles: int | None = None  # None: engine.volume.SplitOptions' own defaults
+    replicates: int | None = None
     out: str | None = None
     csv: str | None = None
     html: str | None = None
@@ -608,9 +608,10 @@ class Volume:
                        help="plain uniform samples over all V (default 65536; 0: split every listed token)")
         p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
         p.add_argument("--confidence", type=_probability, default=0.95, help="of the intervals (default 0.95)")
-        p.add_argument("--particles", type=_positive_int, default=128, help="splitting: particles per replicate")
-        p.add_argument("--replicates", type=_positive_int, default=8,
-                       help="splitting: independent replicates (>= 2; their spread gives the interval)")
+        p.add_argument("--particles", type=_positive_int, help="splitting: particles per replicate (default: "
+                                                                "engine.volume.SplitOptions', 64)")
+        p.add_argument("--replicates", type=_positive_int,
+                       help="splitting: independent replicates (>= 2; their spread gives the interval; default 8)")
         p.add_argument("--out", help="write the JSON (schema unspeakable.volume/1) here")
         p.add_argument("--csv", help="write one row per token as CSV here")
         p.add_argument("--html", help="write a self-contained page (histogram of log10 share, token table) here")
@@ -619,9 +620,9 @@ class Volume:
     def run(self) -> int:
         check_outputs(self.source, out=self.out, csv=self.csv, html=self.html)
         _check_vocab(self.vocab)
-        if self.replicates < 2:
+        if self.replicates is not None and self.replicates < 2:
             raise InputError(f"--replicates {self.replicates}: need at least 2 (their spread gives the interval)")
-        if self.particles < 2:
+        if self.particles is not None and self.particles < 2:
             raise InputError(f"--particles {self.particles}: need at least 2")
         import importlib
 
@@ -634,7 +635,8 @@ class Volume:
         say = (lambda m: print(f"unspeakable: {m}", file=sys.stderr)) if sys.stderr.isatty() else None
         report = vol.volume(head, ids, domain=self.domain, radius=self.radius, bias=self.bias, samples=self.samples,
                             seed=self.seed, confidence=self.confidence, progress=say,
-                            split=vol.SplitOptions(particles=self.particles, replicates=self.replicates))
+                            split=vol.SplitOptions(**{k: v for k, v in (("particles", self.particles),
+                                                                        ("replicates", self.replicates)) if v is not None}))
         if self.tokens is None:
             few = sum(1 for t in report.tokens if (t.hits or 0) < 100)
             if few:
