@@ -696,7 +696,8 @@ def _volume_stage(sc: _Scan) -> None:
     listed = [led.listed[t] for t in sorted(led.listed)]
     with sc.timed("volume"):
         rep, split_ids, warnings = for_scan(sc.head, listed, opt.volume, domain=opt.domain, radius=opt.radius,
-                                                bias=opt.bias, progress=(lambda m: _log(sc, f"volume: {m}")))
+                                                bias=opt.bias, progress=(lambda m: _log(sc, f"volume: {m}")),
+                                                problem=sc.problem)  # the scan's own fold, not a second one
         for r, tv in zip(listed, rep.tokens):
             r.volume = entry_json(tv)
     sc.warnings.extend(warnings)

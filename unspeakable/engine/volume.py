@@ -924,7 +924,8 @@ def _bias_error(head: Head, problem, bias_on: bool) -> np.ndarray | None:
 # ------------------------------------------------------------------------------------------------ entry
 def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: float | None = None, bias: bool = True,
            samples: int = 65536, seed: int = 0, confidence: float = 0.95, min_hits: int = MIN_HITS,
-           split: SplitOptions | None = None, lower_bound: bool = True, detailed=None, progress=None) -> VolumeReport:
+           split: SplitOptions | None = None, lower_bound: bool = True, detailed=None, progress=None,
+           problem=None) -> VolumeReport:
     """The share of the norm's output set on which each token is the strict argmax (module docstring).
 
     Args:
@@ -945,6 +946,8 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
             plain pass's estimate and binomial interval (a proof of share 0 still applies to them). None:
             all of ``tokens``. ``scan --volume`` uses it to split only the hardest of its listed tokens.
         progress: a callable taking a message string, or None.
+        problem: the head's fold on this domain, radius and bias when the caller has it already (a scan):
+            not folded again (at 262144 × 640 a fold holds 2.7 GB).
 
     Raises:
         InputError: bad token ids, confidence or sample counts.
@@ -957,11 +960,11 @@ def volume(source_or_head, tokens=None, *, domain: str | None = None, radius: fl
     with threadpool_limits(limits=1, user_api="blas"):
         return _volume(source_or_head, tokens, domain=domain, radius=radius, bias=bias, samples=samples, seed=seed,
                        confidence=confidence, min_hits=min_hits, split=split, lower_bound=lower_bound,
-                       detailed=detailed, progress=progress)
+                       detailed=detailed, progress=progress, problem=problem)
 
 
 def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, confidence, min_hits, split, lower_bound,
-            detailed, progress) -> VolumeReport:
+            detailed, progress, problem) -> VolumeReport:
     import torch
 
     from unspeakable.engine.loader import fold, load
@@ -975,7 +978,8 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
     split = split or SplitOptions()
     if split.replicates < 2 or split.particles < 2:
         raise InputError("splitting needs at least 2 replicates of at least 2 particles")
-    problem = fold(head, domain=domain, radius=radius, bias=bias)
+    if problem is None:
+        problem = fold(head, domain=domain, radius=radius, bias=bias)
     V = problem.V
     listed = tokens is not None
     if not listed:
@@ -1203,7 +1207,7 @@ def _hardness(t) -> tuple:
 
 
 def for_scan(head, listed: list, opt: VolumeOptions, *, domain=None, radius=None, bias: bool = True,
-             progress=None) -> tuple[VolumeReport, list[int], list[str]]:
+             progress=None, problem=None) -> tuple[VolumeReport, list[int], list[str]]:
     """Volume entries for a scan's listed tokens (``TokenReport`` objects with their final verdicts).
 
     Returns the :class:`VolumeReport` over the listed tokens in their order (its plain pass covers all V),
@@ -1223,7 +1227,7 @@ def for_scan(head, listed: list, opt: VolumeOptions, *, domain=None, radius=None
                             f"not listed by this scan (settled by the witness screen and not hard-to-speak, or not "
                             f"scanned): `unspeakable volume SOURCE --tokens ...` estimates them")
     rep = volume(head, rest, domain=domain, radius=radius, bias=bias, samples=opt.samples, seed=opt.seed,
-                 confidence=opt.confidence, split=opt.split, detailed=chosen, progress=progress)
+                 confidence=opt.confidence, split=opt.split, detailed=chosen, progress=progress, problem=problem)
     by_id = {tv.id: tv for tv in rep.tokens}
     split_set = set(chosen)
     for t in listed:
