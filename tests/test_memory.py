@@ -58,6 +58,20 @@ def test_budget_batches_shrink_with_the_budget_and_never_below_the_floor():
     assert b.resident == 123 + (8 + 8 + 4) * p.V * p.d and b.to_json()["resident_bytes"] == b.resident
 
 
+def test_default_budget_is_the_held_part_plus_what_is_free(monkeypatch):
+    """No --memory: never "not met" (a 262144 x 640 scan holds about 4 GB and must not be squeezed into a fixed
+    default); the working set is what the machine has free beyond the held part, at most DEFAULT_WORKING."""
+    import unspeakable.engine.memory as memory
+
+    p = fold(_head(V=400, d=8))
+    for avail, working in ((None, memory.DEFAULT_WORKING), (10**12, memory.DEFAULT_WORKING), (0, MIN_WORKING)):
+        monkeypatch.setattr(memory, "available_bytes", lambda: avail)
+        b = Budget.for_problem(p, 10**9)
+        assert b.met and b.working == working and b.total == b.resident + working
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**9 + 20 * p.V * p.d + 5 * 10**8)
+    assert Budget.for_problem(p, 10**9).working == 5 * 10**8
+
+
 def test_row_norms_and_abs_max_equal_numpy():
     a = np.random.default_rng(1).standard_normal((20001, 7)) * 1e3
     assert np.array_equal(row_norms(a, chunk=999), np.linalg.norm(a, axis=1))

@@ -273,9 +273,11 @@ class Scan:
                             "float64; full: all of them, for audits")
         p.add_argument("--workers", type=_positive_int, default=1, help="parallel LP workers (default 1)")
         p.add_argument("--memory", type=_gigabytes, metavar="GB",
-                       help="memory budget in GB (10^9 bytes): the batches that grow with V are sized to fit what the "
-                            "scan holds throughout plus this working set (default: what the machine has available, at "
-                            "most 4 GB; the report's \"memory\" key shows the sizes and the peak)")
+                       help="memory budget in GB (10^9 bytes), the whole process: what the scan holds throughout (the "
+                            "head, 2 x 8 x V x d bytes of folded rows and keys, 4 x V x d of shared float32 keys) plus a "
+                            "working set from which the batches that grow with V are sized (default: what the machine "
+                            "has available beyond the held part, at most 2 GB; the report's \"memory\" key shows the "
+                            "sizes and the peak)")
         _report_args(p)
         p.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT.partial "
                                                              "(with --out-dir: skip the models already reported)")

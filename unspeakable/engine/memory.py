@@ -7,14 +7,16 @@ working set that the stages share one after another (DESIGN §7, issue "memory i
              + rows and keys, float64 (2 · 8 · V·d; the fold's residual 8 · V·d more where it has one)
              + one float32 copy of the keys (4 · V·d), shared by the search, the LP's pricing and (where the
                keys are the verifier's shifted rows) the verifier
-    working  = budget − resident, at least MIN_WORKING
+    working  = budget − resident, at least MIN_WORKING (default: what the machine has available beyond
+               the resident part, at most DEFAULT_WORKING)
 
 The batches that grow with V are sized from ``working``: the search's tokens per pricing GEMM (an ``[n, V]``
 float32 logit matrix and its top-k workspace) and the verifier's witnesses per competitor pass (an ``[V, n]``
 float32 pass, its mask and its float64 re-scores). The screens' tiles and the LP's per-token vectors are of
-fixed size. The budget is ``--memory GB`` (``ScanOptions.memory``), by default what the machine has
-available, at most DEFAULT_CAP. A budget below ``resident + MIN_WORKING`` cannot be met: the scan then runs
-with the working set MIN_WORKING (batches no smaller than needed for it) and says so in its warnings.
+fixed size. The budget is ``--memory GB`` (``ScanOptions.memory``); by default the resident part plus what
+the machine has available beyond it, at most DEFAULT_WORKING (a scan never refuses to run for want of a
+budget it was not given). A given budget below ``resident + MIN_WORKING`` cannot be met: the scan then runs
+with the working set MIN_WORKING and says so in its warnings.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 GB = 10**9
-DEFAULT_CAP = 4 * GB  # the default budget never asks for more than this
+DEFAULT_WORKING = 2 * GB  # the default working set never asks for more than this
 MIN_WORKING = 64 * 2**20  # the working set never shrinks below this (the smallest batches fit in it)
 SEARCH_BATCH_MAX = 256  # tokens per search batch when memory allows (engine.search.SearchOptions.batch)
 WITNESS_BATCH_MAX = 192  # witnesses per verifier pass (engine.verify.Verifier.witnesses)
@@ -42,10 +44,12 @@ def available_bytes() -> int | None:
     return None
 
 
-def default_budget() -> int:
-    """What the machine has available now, at most DEFAULT_CAP (DEFAULT_CAP where it cannot be read)."""
+def default_budget(resident: int) -> int:
+    """``resident`` plus what the machine has available beyond it, at most DEFAULT_WORKING (DEFAULT_WORKING
+    where /proc/meminfo cannot be read), at least MIN_WORKING."""
     avail = available_bytes()
-    return DEFAULT_CAP if avail is None else int(min(DEFAULT_CAP, avail))
+    spare = DEFAULT_WORKING if avail is None else avail - resident
+    return int(resident + min(DEFAULT_WORKING, max(MIN_WORKING, spare)))
 
 
 def parse_gb(value, where: str = "memory") -> int | None:
@@ -75,7 +79,8 @@ class Budget:
         V, d = problem.V, problem.d
         held = 2 * 8 * V * d + 4 * V * d  # rows and keys float64, the shared float32 keys
         held += sum(8 * V * d for a in (problem.rows_lo, problem.work_keys) if a is not None)
-        return cls(default_budget() if total is None else int(total), int(head_bytes) + held, V, d)
+        resident = int(head_bytes) + held
+        return cls(default_budget(resident) if total is None else int(total), resident, V, d)
 
     @property
     def working(self) -> int:
@@ -97,8 +102,9 @@ class Budget:
 
     @property
     def witness_batch(self) -> int:
-        # the [V, n] float32 pass, its comparison mask and index lists: ~2 float32 columns
-        return self.per_row(2 * 4 * self.V, WITNESS_BATCH_MAX)
+        # the [V, n] float32 pass and its mask (~2 float32 columns), or, where that pass cannot bound the
+        # competitors, the float64 margins and their errors of the candidates, up to all V (2 float64 columns)
+        return self.per_row((2 * 4 + 2 * 8) * self.V, WITNESS_BATCH_MAX)
 
     def to_json(self) -> dict:
         return {"budget_bytes": self.total, "resident_bytes": self.resident, "working_bytes": self.working,

@@ -82,7 +82,7 @@ class ScanOptions:
     load_time: float = 0.0
     keep_checkpoint: bool = False  # the CLI removes it only once the report is safely written
     cluster: object = None  # an engine.cluster.Cluster: screens and open tokens as Ray tasks, verified here
-    memory: float | None = None  # the budget in GB (engine.memory); None: what the machine has, at most 4 GB
+    memory: float | None = None  # the budget in GB (engine.memory); None: held part + what is free, at most 2 GB
     # After the verdicts, each listed token's share of the norm's output set (engine.volume.VolumeOptions):
     # None/False: none; True: the defaults; a dict of VolumeOptions' fields, or a VolumeOptions.
     volume: object = None

@@ -117,6 +117,27 @@ class ShiftedRows:
             yield r0, self[r0: r0 + size]
 
 
+class KeptColumns:
+    """``A[:, keep]`` of a row source (an array or :class:`ShiftedRows`) row by row, on demand: ``[ids]`` and
+    ``[t]`` as for the array, without its ``V × len(keep)`` copy."""
+
+    def __init__(self, A, keep: np.ndarray):
+        self.A, self.keep, self.shape = A, keep, (A.shape[0], keep.size)
+
+    def __getitem__(self, idx):
+        return self.A[idx][..., self.keep]
+
+
+def _weighted_sums(w: np.ndarray, chunks, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(w @ A, w @ |A|)`` over ``(r0, A[r0:r1])`` chunks of A's rows."""
+    s, s_abs = np.zeros(n), np.zeros(n)
+    for r0, a in chunks:
+        wc = w[r0: r0 + a.shape[0]]
+        s += wc @ a
+        s_abs += wc @ np.abs(a)
+    return s, s_abs
+
+
 class Verifier:
     """Checks claims against the float64 shifted rows ``A = rows - c`` (any c works: it cancels exactly in
     l_t - l_j), computed on demand (:class:`ShiftedRows`)."""
@@ -715,17 +736,22 @@ class Verifier:
         keep = np.nonzero(np.ptp(self.rows, axis=0) != 0)[0]  # coordinates where the rows differ at all
         if self.lo is not None or self.rerr.any():
             keep = np.arange(self.d)  # the exact rows may differ where the rounded ones agree
-        A, F = self.A[:, keep], F[keep]
+        A, F = KeptColumns(self.A, keep), F[keep]
         w = np.full(self.V, abs(mu) / self.V)  # dense weights over all j != t (module docstring)
         w[comp] += lam
         w[t] = 0.0
         W = float(w.sum())
-        e = w @ A - W * A[t]
-        e_err = (gamma(self.V + 2) + 2 * U) * (w @ np.abs(A) + W * (1 + gamma(self.V)) * np.abs(A[t])) * (1 + 4 * U)
+        # w @ A and w @ |A| in row chunks (no V × d copy of A or |A|): a sum of V products in another order,
+        # which the gamma(V + 2) bound covers as it covers any order
+        wA, wabsA = _weighted_sums(w, ((r0, a[:, keep]) for r0, a in self.A.chunks()), keep.size)
+        e = wA - W * A[t]
+        e_err = (gamma(self.V + 2) + 2 * U) * (wabsA + W * (1 + gamma(self.V)) * np.abs(A[t])) * (1 + 4 * U)
         if self.lo is not None:  # the exact rows' residual: in e, with its rounding
-            L = self.lo[:, keep]
-            e = e + (w @ L - W * L[t])
-            e_err = e_err + (gamma(self.V + 2) + 2 * U) * (w @ np.abs(L) + W * np.abs(L[t])) * (1 + 4 * U) \
+            L = KeptColumns(self.lo, keep)
+            wL, wabsL = _weighted_sums(w, ((r0, self.lo[r0: r0 + 8192][:, keep]) for r0 in range(0, self.V, 8192)),
+                                       keep.size)
+            e = e + (wL - W * L[t])
+            e_err = e_err + (gamma(self.V + 2) + 2 * U) * (wabsL + W * np.abs(L[t])) * (1 + 4 * U) \
                 + U * np.abs(e) + ETA
         if self.rerr.any():  # ||e_j||_1 <= rerr_j bounds every entry of e_j
             e_err = e_err + float(w @ self.rerr + W * self.rerr[t]) * (1 + 4 * U)
