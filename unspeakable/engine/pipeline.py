@@ -385,8 +385,10 @@ def _restore(sc: _Scan) -> None:
         sc.warnings.append(f"{bad} tokens restored from {ckpt.path} did not re-verify and were decided again")
 
 
+# (a record is the TokenReport's fields; "volume" is always null there: the volume stage runs after the verdicts
+# and is computed again on resume)
 _RESTORED_KEYS = {"id", "text", "gram_argmax", "hard_to_speak", "verdict", "reason", "margin_lower", "margin_upper",
-                  "time_s", "certificate", "token", "model_check", "model_margin"}
+                  "time_s", "certificate", "token", "model_check", "model_margin", "volume"}
 _REASON = re.compile(r"(witness|certificate) \([a-z][a-z0-9 :_.,'-]{0,80}\)(, exact)?|margin exactly 0(, exact)?|"
                      r"never wins: exact certificate with deficit 0 \(at best a tie\)")
 
