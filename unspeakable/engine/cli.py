@@ -103,14 +103,21 @@ def _gigabytes(s: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive_int(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+def _int_at_least(lo: int, what: str):
+    """An argparse type: an integer >= ``lo`` (``what`` names it in the message)."""
+    def parse(s: str) -> int:
+        try:
+            n = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {s!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {n}")
+        return n
+    return parse
+
+
+_positive_int = _int_at_least(1, "positive")
+_nonnegative_int = _int_at_least(0, "non-negative")
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -658,16 +665,6 @@ class Volume:
         print(f"unspeakable: time: sampling {t.get('sampling', 0):.1f} s, splitting {t.get('splitting', 0):.1f} s, "
               f"lower bounds {t.get('lower_bound', 0):.1f} s; {t.get('total', 0):.1f} s in all", file=sys.stderr)
         return 0
-
-
-def _nonnegative_int(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {n}")
-    return n
 
 
 def _probability(s: str) -> float:
