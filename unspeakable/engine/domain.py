@@ -89,6 +89,11 @@ class Domain:
         """Screening rows ``P(rows - center)`` (a new array)."""
         return np.ascontiguousarray(self.project(rows - center))
 
+    def keys_shift_only(self) -> bool:
+        """:meth:`keys` is ``rows − center`` exactly (no projection): the same float64 values as the
+        verifier's shifted rows and the uncentred gram rows less their mean."""
+        return not self.centred and type(self).keys is Domain.keys and type(self).project is Domain.project
+
     # ---- support function and best response
     def support(self, v):
         """``sup over x in X of v·x`` (batched over leading axes)."""

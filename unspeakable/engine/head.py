@@ -137,6 +137,12 @@ class Problem:
     def search_keys(self) -> np.ndarray:
         return self.keys if self.work_keys is None else self.work_keys
 
+    @property
+    def keys_are_shifted_rows(self) -> bool:
+        """``keys`` (and the search's keys) are exactly ``rows − center``: the domain does not project and no
+        residual was added for the search."""
+        return self.work_keys is None and self.domain.keys_shift_only()
+
     def search_keys32(self) -> np.ndarray:
         """A float32 copy of ``search_keys``, built once in row chunks (no float64 transient) and shared by the
         search's pricing, the LP's pricing and, where the keys are the verifier's shifted rows, its competitor

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from unspeakable.engine.decide import Pricer, decide_many
-from unspeakable.engine.domain import Cone, Domain
+from unspeakable.engine.domain import Cone
 from unspeakable.engine.evidence import Candidate, Certificate
 from unspeakable.engine.head import Head, InputError, Problem, head_from_arrays, token_ids
 from unspeakable.engine.ledger import Checkpoint, Ledger, fingerprint
@@ -39,7 +39,7 @@ from unspeakable.engine.screen import gram_screen, screens, witness_points
 from unspeakable.engine.memory import GB, Budget, abs_max, parse_gb
 from unspeakable.engine.search import SearchOptions, search
 from unspeakable.engine.verify import Verifier
-from unspeakable.engine.volume import VolumeOptions, entry_json, for_scan
+from unspeakable.engine.volume import VolumeOptions, entry_json, for_scan, scan_summary
 from unspeakable.kernels import resolve_backend, resolve_precision
 
 
@@ -242,9 +242,7 @@ def shared_gram_rows(head: Head, centred: bool, problem) -> np.ndarray:
     if not (problem.margin_exp or problem.x_exp) and _uncentred_are_rows(head, problem.rows):
         if not centred:
             return problem.rows
-        dom = problem.domain
-        if (head.norm != "layernorm" and not dom.centred and type(dom).keys is Domain.keys
-                and type(dom).project is Domain.project and problem.work_keys is None):
+        if head.norm != "layernorm" and problem.keys_are_shifted_rows:
             return problem.keys
     return _shared_rows(gram_rows(head, centred), problem)
 
@@ -793,8 +791,6 @@ def _assemble(sc: _Scan, t_start: float) -> ScanReport:
                      gram_other=sc.screen_stats.get("other_gram"),
                      memory={**sc.budget.to_json(), "peak_rss_bytes": peak_rss_bytes()})
     if sc.volume is not None:
-        from unspeakable.engine.volume import scan_summary
-
         rep.volume_report = sc.volume[0]
         rep.volume = scan_summary(*sc.volume)
     full, lo_all, hi_all = np.zeros(V, dtype=np.int8), np.full(V, np.nan), np.full(V, np.nan)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from unspeakable.engine import exact, verify_sym
-from unspeakable.engine.domain import ETA, Domain, U, gamma
+from unspeakable.engine.domain import ETA, U, gamma
 from unspeakable.engine.evidence import Certificate
 from unspeakable.engine.memory import WITNESS_BATCH_MAX
 
@@ -294,10 +294,8 @@ class Verifier:
         """The problem's search keys are ``rows − center`` computed as :class:`ShiftedRows` computes ``A``
         (no projection, no residual added), so their float32 copy is ``A``'s."""
         p = self.p
-        if (self.dom.centred or type(self.dom).keys is not Domain.keys or type(self.dom).project is not Domain.project
-                or not hasattr(p, "search_keys32")):
-            return False
-        return p.work_keys is None and p.keys.shape == self.A.shape and np.array_equal(p.center, self.c)
+        return (getattr(p, "keys_are_shifted_rows", False) and p.keys.shape == self.A.shape
+                and np.array_equal(p.center, self.c))
 
     def _candidates(self, ts, Xb, xn):
         """Pairs (j, k) whose logit may be the largest competitor of token ``ts[k]`` at ``z_k`` (z = x; layernorm
