@@ -215,12 +215,23 @@ def _pick_shadows(U, m, ln_w, long_iter, n, rng):
     return shadow_src, shadow_rows
 
 
+_CHUNK = 8192  # rows per float64 block of the planting's reductions
+
+
+def _mean_rows(U: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``U[ids].astype(np.float64).mean(axis=0)`` from float64 row blocks, summed in the order numpy's
+    reduction over axis 0 adds them (row after row), so the head does not depend on the block size."""
+    acc = np.zeros(U.shape[1])
+    for r0 in range(0, ids.size, _CHUNK):
+        for row in U[ids[r0: r0 + _CHUNK]].astype(np.float64):
+            acc += row
+    return acc / ids.size
+
+
 def _plant_interior(U, b, interior, non_planted, rng, recipe) -> None:
     """Interior: combinations of untouched non-planted rows (sources may be shadow sources L: untouched)."""
     d = U.shape[1]
-    U_np = U[non_planted].astype(np.float64)
-    mean_u, mean_b = U_np.mean(axis=0), b[non_planted].astype(np.float64).mean()
-    del U_np
+    mean_u, mean_b = _mean_rows(U, non_planted), b[non_planted].astype(np.float64).mean()
     gap = 0.5 * recipe.sigma_b + 0.01 * np.sqrt(d) * DEV_SCALE
     for t in interior:
         src = rng.choice(non_planted, size=3, replace=False)
@@ -241,10 +252,11 @@ def _sink_low_bias(U, b, ln_w, ln_b, low_bias) -> None:
         return
     V, d = U.shape
     S = max(np.sqrt(d), LOW_BIAS_RHO)
-    U64 = U.astype(np.float64)
-    folded_l1 = np.abs(U64 * ln_w).sum(axis=1)
-    ub = U64 @ ln_b
-    del U64
+    folded_l1, ub = np.empty(V), np.empty(V)
+    for r0 in range(0, V, _CHUNK):  # float64 row blocks: no V × d float64 copy (row-wise values unchanged)
+        U64 = U[r0: r0 + _CHUNK].astype(np.float64)
+        folded_l1[r0: r0 + U64.shape[0]] = np.abs(U64 * ln_w).sum(axis=1)
+        ub[r0: r0 + U64.shape[0]] = U64 @ ln_b
     others = np.ones(V, dtype=bool)
     others[low_bias] = False
     floor = float(b[others].astype(np.float64).min()) - 2 * S * float(folded_l1.max())
