@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from unspeakable.engine.head import FoldedRows, rows_array  # noqa: E402
 from unspeakable.engine.loader import (  # noqa: E402
     Head,
     InputError,
@@ -337,8 +338,12 @@ def test_fold_layernorm_matches_logits():
     head = head_from_arrays(**a, norm="layernorm")
     P = fold(head)
     assert P.domain.name == "layernorm" and P.radius == pytest.approx(4.0) and P.bias_used
-    assert P.rows.dtype == np.float64 and P.rows.flags.c_contiguous and P.keys.flags.c_contiguous
+    assert P.rows.dtype == np.float64 and P.keys.flags.c_contiguous
     W, b, w, beta = (a[k].astype(np.float64) for k in ("W_U", "b_U", "ln_w", "ln_b"))
+    # an exact fold (float32 weights and gain) derives its rows on demand: the same values every time
+    assert isinstance(P.rows, FoldedRows) and np.array_equal(rows_array(P.rows), W.T * w)
+    assert np.array_equal(P.rows[7], W.T[7] * w) and np.array_equal(P.rows[[3, 1]], (W.T * w)[[3, 1]])
+    assert np.array_equal(P.rows[2:5, 3], (W.T * w)[2:5, 3]) and P.rows[4, 6] == W[6, 4] * w[6]
     rng = np.random.default_rng(7)
     for scale in (1e-3, 1.0, 50.0):
         h = scale * rng.standard_normal(16) + 3.0

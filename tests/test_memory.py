@@ -15,11 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from unspeakable.engine.head import head_from_arrays
+from unspeakable.engine.head import FoldedRows, head_from_arrays, row_chunks, rows_array
 from unspeakable.engine.loader import fold, gram_rows, problem_from_rows
-from unspeakable.engine.memory import GB, MIN_WORKING, Budget, abs_max, parse_gb, row_norms
+from unspeakable.engine.memory import GB, MIN_WORKING, SEARCH_BYTES_PER_V, Budget, abs_max, parse_gb, row_norms
 from unspeakable.engine.pipeline import scan_head, shared_gram_rows, working_problem
-from unspeakable.engine.verify import Verifier
+from unspeakable.engine.verify import KeyRows, Verifier
 
 
 def _head(V=600, d=24, seed=0, norm="rmsnorm", gain=True, bias=False, dtype=np.float32, scale=1.0):
@@ -50,12 +50,19 @@ def test_budget_batches_shrink_with_the_budget_and_never_below_the_floor():
     assert s[-1] == 256 and w[-1] == 192  # a comfortable budget: the usual batches
     assert not sizes[0].met and sizes[-1].met and sizes[0].working == MIN_WORKING  # the floor of the working set
     for b in sizes:  # what the batches need fits in the working set (or they are at their floor of 8)
-        assert b.search_batch == 8 or b.search_batch * 3 * 4 * V <= b.working
+        assert b.search_batch == 8 or b.search_batch * SEARCH_BYTES_PER_V * V <= b.working
         assert b.witness_batch == 8 or b.witness_batch * 2 * 4 * V <= b.working
-    # the resident part counts the head, rows and keys (float64) and the shared float32 keys
-    p = fold(_head(V=400, d=8))
+    # the resident part counts the head, the keys (float64), the rows where they are held, and the shared
+    # float32 keys; given the process's resident set now, at least that plus the float32 keys to come
+    p = fold(_head(V=400, d=8, dtype=np.float64))  # u ⊙ γ rounds: rows, their residual, the search's keys
     b = Budget.for_problem(p, 123, GB)
-    assert b.resident == 123 + (8 + 8 + 4) * p.V * p.d and b.to_json()["resident_bytes"] == b.resident
+    assert b.resident == 123 + (8 + 8 + 8 + 8 + 4) * p.V * p.d and b.to_json()["resident_bytes"] == b.resident
+    p = fold(_head(V=400, d=8))
+    assert Budget.for_problem(p, 123, GB).resident == 123 + (8 + 4) * p.V * p.d
+    assert Budget.for_problem(p, 123, GB, rss=10**8).resident == 10**8 + 4 * p.V * p.d
+    p.search_keys32()
+    assert Budget.for_problem(p, 123, GB, rss=10**8).resident == 10**8
+    assert Budget.for_problem(p, 123, GB, rss=1).resident == 123 + (8 + 4) * p.V * p.d
 
 
 def test_default_budget_is_the_held_part_plus_what_is_free(monkeypatch):
@@ -68,7 +75,7 @@ def test_default_budget_is_the_held_part_plus_what_is_free(monkeypatch):
         monkeypatch.setattr(memory, "available_bytes", lambda: avail)
         b = Budget.for_problem(p, 10**9)
         assert b.met and b.working == working and b.total == b.resident + working
-    monkeypatch.setattr(memory, "available_bytes", lambda: 10**9 + 20 * p.V * p.d + 5 * 10**8)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**9 + 12 * p.V * p.d + 5 * 10**8)
     assert Budget.for_problem(p, 10**9).working == 5 * 10**8
 
 
@@ -133,11 +140,99 @@ def test_verifier_shares_the_float32_keys_where_they_are_its_rows():
             assert c.ok == (m > c.allowance) or abs(m) <= 2 * c.allowance
 
 
+# ------------------------------------------------------------------------------------- rows on demand
+@pytest.mark.parametrize("dtype, gain", [(np.float32, True), (np.float16, True), (np.float32, False),
+                                         (np.float64, False)])
+def test_folded_rows_index_like_the_array(dtype, gain):
+    """An exact fold derives its rows from the head on demand: every index form gives the array's values
+    (γ ⊙ u in float64, exact for these dtypes), fresh arrays that write nothing back."""
+    h0 = _head(V=300, d=12, seed=4, gain=gain, dtype=dtype)
+    W_U = np.array(h0.W_U)
+    W_U[:, 5] = -0.0  # ±0.0 survive as in the array (compared bit for bit below)
+    W_U[3, 6] = 0.0
+    head = head_from_arrays(W_U, None, h0.ln_w, None, "rmsnorm")
+    p = fold(head)
+    assert isinstance(p.rows, FoldedRows)
+    W = W_U.astype(np.float64).T
+    ref = W * np.asarray(head.ln_w, dtype=np.float64) if gain else W
+    same = lambda a, b: a.shape == b.shape and np.array_equal(np.signbit(a), np.signbit(b)) and np.array_equal(a, b)  # noqa: E731
+    assert same(rows_array(p.rows), ref) and p.rows.shape == ref.shape and len(p.rows) == 300
+    for idx in (7, -1, slice(3, 40), slice(290, None), np.array([5, 1, 5, 299]), [2, 0], np.arange(300) % 3 == 0):
+        assert same(p.rows[idx], ref[idx]), idx
+    for idx in ((4, 6), (slice(2, 9), 3), (np.array([8, 1]), slice(0, 5)), (3, np.array([0, 11]))):
+        assert same(np.asarray(p.rows[idx]), np.asarray(ref[idx])), idx
+    got = p.rows[np.array([1, 2])]
+    got[:] = 123.0
+    assert same(p.rows[np.array([1, 2])], ref[[1, 2]])  # a fresh array each time
+    assert same(np.vstack([a for _, a in row_chunks(p.rows, 64)]), ref)
+    with pytest.raises(IndexError):
+        p.rows[np.array([1, 2]), np.array([0, 1])]
+
+
+def test_rows_are_held_where_the_fold_rounds_or_rescales():
+    assert isinstance(fold(_head(dtype=np.float64, gain=True)).rows, np.ndarray)  # γ ⊙ u rounds: kept, residual too
+    assert isinstance(fold(_head(dtype=np.float64, gain=False, scale=2.0**300)).rows, np.ndarray)  # rescaled
+    p = fold(_head(dtype=np.float32))
+    assert isinstance(p.rows, FoldedRows)
+    held = Budget.for_problem(p, 0, GB).resident
+    assert held == (8 + 4) * p.V * p.d  # keys and the float32 keys; no float64 rows
+
+
+def test_fingerprint_is_the_arrays_whether_derived_or_held():
+    """A checkpoint written before rows were derived on demand still belongs to the same head."""
+    from dataclasses import replace
+
+    from unspeakable.engine.ledger import fingerprint
+
+    p = fold(_head(norm="layernorm", bias=True))
+    q = replace(p, rows=rows_array(p.rows))
+    assert isinstance(q.rows, np.ndarray) and fingerprint(p) == fingerprint(q)
+    r = replace(p, rows=rows_array(p.rows) * (1 + 2.0**-52))
+    assert fingerprint(r) != fingerprint(p)
+
+
+@pytest.mark.parametrize("norm, domain", [("rmsnorm", None), ("layernorm", None), ("rmsnorm", "box"),
+                                          ("layernorm", "cone")])
+def test_screens_and_verifier_same_with_rows_on_demand(norm, domain):
+    """The screens reduce the gram rows from the same pass whether they are held or derived (then they go
+    in as the other convention, read block by block); the verifier's shifted rows are the keys where the
+    keys are ``rows − center``. Every field equal to the run on the held array."""
+    from dataclasses import replace
+
+    from unspeakable.engine.screen import screens
+
+    head = _head(V=900, d=16, seed=9, norm=norm, bias=True)
+    p = fold(head, domain=domain)
+    q = replace(p, rows=rows_array(p.rows), derived={})
+    ids = np.arange(p.V)
+    for centred in (False, True):
+        a = screens(shared_gram_rows(head, centred, p), centred, head.norm, p, ids,
+                    other_rows=lambda: shared_gram_rows(head, not centred, p))
+        b = screens(shared_gram_rows(head, centred, q), centred, head.norm, q, ids,
+                    other_rows=lambda: shared_gram_rows(head, not centred, q))
+        for x, y in zip(a[:2], b[:2]):
+            for f in x.__dataclass_fields__:
+                if f not in ("time_s", "seconds"):
+                    assert np.array_equal(getattr(x, f), getattr(y, f)), (centred, f)
+        assert a[2].get("other_gram") == b[2].get("other_gram") and a[2].get("passes") == b[2].get("passes")
+    va, vb = Verifier(p), Verifier(q)
+    assert isinstance(va.A, KeyRows) == p.keys_are_shifted_rows
+    assert np.array_equal(np.vstack([a for _, a in va.A.chunks()]), np.vstack([a for _, a in vb.A.chunks()]))
+    rng = np.random.default_rng(2)
+    X = p.domain.screen_points(p.keys, np.arange(40))
+    X = np.concatenate([X, 0.5 * X[::-1]])  # the screen points and points inside, for other tokens
+    t = np.concatenate([np.arange(40), rng.permutation(40)])
+    for c, e in zip(va.witnesses(t, X), vb.witnesses(t, X)):
+        assert (c.ok, c.runner_up, c.message) == (e.ok, e.runner_up, e.message)
+        assert np.array_equal([c.margin, c.allowance], [e.margin, e.allowance], equal_nan=True)
+
+
 # --------------------------------------------------------------------------------------- what a scan holds
 def test_scan_holds_two_float64_copies_of_the_rows_not_four():
-    """numpy's allocations during a scan of a constant-bias RMSNorm head (the cone path): rows and keys
-    (2 × 8·V·d), the shared float32 keys (0.5) and per-chunk transients. Before, the cone copied rows and
-    keys again and the fold copied its rows once more: a peak above 5.5 × 8·V·d at this size."""
+    """numpy's allocations during a scan of a constant-bias RMSNorm head (the cone path): the keys (8·V·d),
+    the shared float32 keys (0.5) and per-chunk transients (8192-row chunks: 2/3 of this V); the rows are
+    derived from the head on demand. Before, the rows were held too (4.44 × 8·V·d); before that the cone
+    copied rows and keys again and the fold copied its rows once more: above 5.5 × 8·V·d at this size."""
     V, d = 12288, 384
     head = _head(V=V, d=d, seed=5)
     tracemalloc.start()
@@ -147,7 +242,7 @@ def test_scan_holds_two_float64_copies_of_the_rows_not_four():
     finally:
         tracemalloc.stop()
     assert rep.counts["undecided"] == 0
-    assert peak <= 4.8 * 8 * V * d, peak / (8 * V * d)
+    assert peak <= 3.7 * 8 * V * d, peak / (8 * V * d)
 
 
 def test_smallest_budget_same_verdicts(monkeypatch):

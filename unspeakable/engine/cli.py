@@ -21,6 +21,7 @@ import numpy as np
 
 from unspeakable.engine.domain import DOMAINS
 from unspeakable.engine.head import InputError
+from unspeakable.engine.memory import DEFAULT_WORKING, GB
 from unspeakable.engine.ledger import remove_checkpoint
 
 DEMO_SOURCE = "synthetic:V=50257,d=768,seed=0"
@@ -281,10 +282,11 @@ class Scan:
         p.add_argument("--workers", type=_positive_int, default=1, help="parallel LP workers (default 1)")
         p.add_argument("--memory", type=_gigabytes, metavar="GB",
                        help="memory budget in GB (10^9 bytes), the whole process: what the scan holds throughout (the "
-                            "head, 2 x 8 x V x d bytes of folded rows and keys, 4 x V x d of shared float32 keys) plus a "
-                            "working set from which the batches that grow with V are sized (default: what the machine "
-                            "has available beyond the held part, at most 2 GB; the report's \"memory\" key shows the "
-                            "sizes and the peak)")
+                            "interpreter, the head, 8 x V x d bytes of float64 keys, 4 x V x d of shared float32 keys; "
+                            "the float64 rows too where the fold rounds) plus a working set from which the batches that "
+                            "grow with V are sized (default: what the machine has available beyond the held part, at "
+                            f"most {DEFAULT_WORKING / GB:g} GB; the report's \"memory\" key shows the sizes and the "
+                            "peak)")
         _report_args(p)
         p.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT.partial "
                                                              "(with --out-dir: skip the models already reported)")

@@ -55,6 +55,97 @@ class Head:
         return int(self.W_U.shape[1])
 
 
+class FoldedRows:
+    """The folded rows ``γ ⊙ u_j`` (float64) of a head whose fold is exact, computed on demand from the
+    head's own ``W_U`` and gain: the same float64 values every time, without holding a ``V × d`` float64
+    array beside the head (issue 17: at 262144 × 640 that array is 1.34 GB). Exact because every product
+    is (``W_U`` and ``γ`` float16 / float32: 24 × 24 bits fit in float64's 53; no gain: a conversion).
+
+    Indexed like the array it stands for: ``rows[t]``, ``rows[ids]``, ``rows[r0:r1]``, ``rows[ids, cols]``
+    with one index array at most, each a fresh float64 array; :meth:`chunks` walks all rows; ``np.asarray``
+    builds the whole array (what code that needs all of it at once pays). Nobody writes to it."""
+
+    ndim = 2
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, W_U: np.ndarray, gain: np.ndarray | None):
+        self.source = (W_U, gain)  # the arrays as given (:meth:`same_as`)
+        self.Wt = np.asarray(W_U).T  # [V, d] view in the head's dtype
+        self.gain = None if gain is None else np.asarray(gain, dtype=np.float64)
+        self.shape = (int(self.Wt.shape[0]), int(self.Wt.shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def _rows(self, r) -> np.ndarray:
+        a = np.array(self.Wt[r], dtype=np.float64, order="C")
+        if self.gain is not None:
+            a *= self.gain
+        return a
+
+    def __getitem__(self, idx):
+        if not isinstance(idx, tuple):
+            return self._rows(idx)
+        r, rest = idx[0], idx[1:]
+        if sum(isinstance(i, (list, np.ndarray)) for i in idx) > 1:
+            raise IndexError("FoldedRows: one index array at most")
+        a = self._rows(r)
+        return a[rest] if a.ndim == 1 else a[(slice(None),) + rest]
+
+    def chunks(self, size: int = 8192):
+        """``(r0, rows[r0:r1])`` over all rows."""
+        for r0 in range(0, self.shape[0], size):
+            yield r0, self._rows(slice(r0, r0 + size))
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape)
+        for r0, a in self.chunks():
+            out[r0: r0 + a.shape[0]] = a
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __matmul__(self, x):
+        """``rows @ x`` row chunk by row chunk (the same values: each output row is its own dot products)."""
+        x = np.asarray(x)
+        return np.concatenate([a @ x for _, a in self.chunks()]) if self.shape[0] else np.asarray(self) @ x
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        """Any other numpy arithmetic (``rows - c``, ``rows == other``) on the array built whole."""
+        inputs = tuple(np.asarray(a) if isinstance(a, FoldedRows) else a for a in inputs)
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __getattr__(self, name):
+        """What else an ndarray has (``.T``, ``.mean``, ``.copy()``): from the array built whole, read-only
+        (engine code walks the rows in chunks instead; this is for callers who treat them as the array)."""
+        if name.startswith("__") or name in ("Wt", "gain", "source", "shape"):
+            raise AttributeError(name)
+        a = np.asarray(self)
+        a.flags.writeable = False
+        return getattr(a, name)
+
+    def same_as(self, W_U, gain) -> bool:
+        """Derived from these very arrays (a head's ``W_U`` and ``ln_w``, the same objects): then equal to
+        ``gram_rows``' uncentred rows entry for entry, without comparing them."""
+        return W_U is self.source[0] and gain is self.source[1]
+
+
+def rows_array(rows) -> np.ndarray:
+    """``rows`` as a float64 array (a :class:`FoldedRows` built whole; an array as it is)."""
+    return np.asarray(rows, dtype=np.float64)
+
+
+def row_chunks(rows, size: int = 8192):
+    """``(r0, rows[r0:r1])`` over all rows of an array or a :class:`FoldedRows`."""
+    if isinstance(rows, FoldedRows):
+        yield from rows.chunks(size)
+        return
+    for r0 in range(0, rows.shape[0], size):
+        yield r0, rows[r0: r0 + size]
+
+
 @dataclass
 class Problem:
     """The folded head on its domain (DESIGN §1). All arrays float64, C-contiguous, owned by the problem.
@@ -66,9 +157,13 @@ class Problem:
     units (1.0 otherwise). ``keys`` are the screening rows ``P(ũ_j − c)``, centred on the mean row ``c``
     and projected by the domain; adding one vector to every row moves all logits equally, so verdicts
     computed on ``keys`` are verdicts on ``rows``.
+
+    ``rows`` of a head folded exactly (``loader.fold``: float16 / float32 weights and gain, no rescaling) is
+    a :class:`FoldedRows`, derived from the head on demand: index it, walk it with :func:`row_chunks`, or
+    build it whole with :func:`rows_array` where something needs all of it at once.
     """
 
-    rows: np.ndarray  # [V, d] float64
+    rows: np.ndarray  # [V, d] float64, or a FoldedRows standing for it
     bias: np.ndarray  # [V] float64
     domain: object  # an engine.domain.Domain
     center: np.ndarray  # [d] float64, mean row

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from unspeakable.engine.head import VERDICT_CODE, InputError
+from unspeakable.engine.head import VERDICT_CODE, InputError, row_chunks
 from unspeakable.engine.report import TokenReport, to_jsonable
 
 # 3: the fold residual in the fingerprint, both bounds' evidence; 4: witness points as binary rows (PATH.x)
@@ -37,7 +37,8 @@ def fingerprint(problem) -> str:
     """What a checkpoint belongs to: the folded rows, bias, domain and radius."""
     h = hashlib.sha256()
     # the arrays' own buffers: .tobytes() would be a transient copy of the V × d rows
-    h.update(np.ascontiguousarray(problem.rows).data)
+    for _, a in row_chunks(problem.rows):  # the same bytes in row order, derived rows included
+        h.update(np.ascontiguousarray(a).data)
     h.update(np.ascontiguousarray(problem.bias).data)
     for a in (problem.rows_lo, problem.row_err, problem.bias_lo, problem.bias_err):  # the fold's residual
         h.update(b"-" if a is None else np.ascontiguousarray(a).data)

@@ -23,7 +23,8 @@ import sys
 import numpy as np
 
 from unspeakable.engine.domain import ETA, U, DOMAINS, domain_for
-from unspeakable.engine.head import NORMS, Head, InputError, Problem, as_array, head_from_arrays, ids_text, shape_text
+from unspeakable.engine.head import (NORMS, FoldedRows, Head, InputError, Problem, as_array, head_from_arrays, ids_text,
+                                    row_chunks, rows_array, shape_text)
 
 __all__ = ["load", "fold", "gram_rows", "problem_from_rows", "head_from_arrays", "minilm_head", "Head", "Problem",
            "InputError", "DOMAINS", "NORMS", "KEYS"]
@@ -584,7 +585,7 @@ def fold(head: Head, domain: str | None = None, radius: float | None = None, bia
     """
     dom, warnings = domain_for(domain, head.norm, head.d_model, radius)
     bias_used = bool(bias) and dom.bounded
-    rows, lo, row_err, b, b_lo, b_err = fold_parts(head, bias_used)
+    rows, lo, row_err, b, b_lo, b_err = fold_parts(head, bias_used, lazy=True)
     return problem_from_rows(rows, b, dom, source=head.source, texts=head.texts, planted=head.planted,
                              warnings=list(head.warnings) + warnings, bias_used=bias_used,
                              residual=(lo, row_err, b_lo, b_err), exact_source=head, copy=False)
@@ -616,7 +617,7 @@ def _exact_products(*arrays) -> bool:
     return all(a is None or np.asarray(a).dtype.name in _EXACT_DTYPES for a in arrays)
 
 
-def fold_parts(head: Head, bias_used: bool = True, chunk: int = 4096):
+def fold_parts(head: Head, bias_used: bool = True, chunk: int = 4096, lazy: bool = False):
     """``(rows, rows_lo, row_err, bias, bias_lo, bias_err)`` of the fold, float64, fresh arrays (the
     head's are never written):
 
@@ -627,9 +628,15 @@ def fold_parts(head: Head, bias_used: bool = True, chunk: int = 4096):
     * ``b̃_j = bias_j + bias_lo_j + ε_j`` with ``|ε_j| <= bias_err_j``: ``u·β + b`` as a compensated dot
       product (Ogita–Rump–Oishi Dot2: as if summed in twice float64's precision), so a large ``β`` whose
       terms cancel keeps its small exact sum. Both None without ``ln_b``. With ``bias_used`` False the bias
-      is zero (exactly).
+      is zero (exactly). ``lazy``: where the products are exact, ``rows`` is a :class:`FoldedRows` over the
+    head's own arrays instead of a new ``V × d`` float64 array.
     """
     W = np.asarray(head.W_U)
+    if lazy and (head.ln_w is None or _exact_products(W, head.ln_w)) and W.dtype.name in ("float16", "float32",
+                                                                                          "float64"):
+        rows = FoldedRows(head.W_U, head.ln_w)  # exact products: derived on demand, never held whole
+        V, d = rows.shape
+        return (rows, None, None) + _fold_bias(head, W, bias_used, V)
     rows = np.array(W.T, dtype=np.float64, order="C", copy=True)  # [V, d], u_j
     V, d = rows.shape
     lo = row_err = None
@@ -649,13 +656,17 @@ def fold_parts(head: Head, bias_used: bool = True, chunk: int = 4096):
             blk[...] = p
         if lo is not None and not lo.any() and not row_err.any():
             lo = row_err = None
+    return (rows, lo, row_err) + _fold_bias(head, W, bias_used, V)
+
+
+def _fold_bias(head: Head, W: np.ndarray, bias_used: bool, V: int):
+    """``(bias, bias_lo, bias_err)`` of :func:`fold_parts`."""
     if not bias_used:
-        return rows, lo, row_err, np.zeros(V), None, None
+        return np.zeros(V), None, None
     b = np.zeros(V) if head.b_U is None else np.array(head.b_U, dtype=np.float64, copy=True)
     if head.ln_b is None:
-        return rows, lo, row_err, b, None, None
-    b_hi, b_lo, b_err = _dot2(W, np.asarray(head.ln_b), b)
-    return rows, lo, row_err, b_hi, b_lo, b_err
+        return b, None, None
+    return _dot2(W, np.asarray(head.ln_b), b)
 
 
 def _dot2(W: np.ndarray, beta: np.ndarray, b: np.ndarray, chunk: int = 2048):
@@ -729,7 +740,8 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
     on the problem, scaled with it. ``copy=False``: ``rows`` is the caller's fresh float64 array, handed over
     (the fold's own; saves a transient ``V × d`` copy).
     """
-    rows = np.array(rows, dtype=np.float64, order="C", copy=copy)
+    if not isinstance(rows, FoldedRows):
+        rows = np.array(rows, dtype=np.float64, order="C", copy=copy)
     if isinstance(domain, str):
         domain = domain_for(domain, domain, rows.shape[1], radius)[0]
     bias = np.zeros(rows.shape[0]) if bias is None or not domain.bounded else np.array(bias, dtype=np.float64)
@@ -739,12 +751,12 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
         b_lo = b_err = None
     e_x, e = scale_exponents(rows, bias, domain)
     if e_x or e:
-        rows, bias = _rescale(rows, bias, e_x, e, source)
+        rows, bias = _rescale(rows_array(rows), bias, e_x, e, source)
         domain = type(domain)(None if domain.radius is None else math.ldexp(domain.radius, -e_x))
         lo, row_err = _rescale_residual(lo, row_err, e_x - e)
         b_lo, b_err = _rescale_residual(b_lo, b_err, -e)
     margin_exp, x_exp = domain.units(e, e_x)
-    center = rows.mean(axis=0)
+    center = _mean_row(rows)
     keys, work_keys, work_bias = _keys(domain, rows, center), None, None
     if lo is not None:  # the search and the LP see the exact rows more closely (the verifier needs no help)
         work_keys = keys + domain.project(lo)
@@ -757,13 +769,24 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
                    exact_source=exact_source, row_exp=e_x - e, bias_exp=-e)
 
 
-def _keys(domain, rows: np.ndarray, center: np.ndarray, chunk: int = 8192) -> np.ndarray:
+def _keys(domain, rows, center: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """``domain.keys`` row chunk by row chunk (the same values: every entry depends on its own row only),
     without the whole-array transients of ``rows − center`` and the projection."""
-    keys = np.empty_like(rows)
-    for r0 in range(0, rows.shape[0], chunk):
-        keys[r0: r0 + chunk] = domain.keys(rows[r0: r0 + chunk], center)
+    keys = np.empty(rows.shape)
+    for r0, a in row_chunks(rows, chunk):
+        keys[r0: r0 + a.shape[0]] = domain.keys(a, center)
     return keys
+
+
+def _mean_row(rows) -> np.ndarray:
+    """``rows.mean(axis=0)``; a :class:`FoldedRows` summed chunk by chunk (any centre serves: it cancels in
+    every comparison; the keys are computed from the one chosen)."""
+    if not isinstance(rows, FoldedRows):
+        return rows.mean(axis=0)
+    s = np.zeros(rows.shape[1])
+    for _, a in rows.chunks():
+        s += a.sum(axis=0)
+    return s / max(rows.shape[0], 1)
 
 
 def _rescale_residual(lo, err, k: int):
@@ -781,11 +804,12 @@ def _rescale_residual(lo, err, k: int):
     return lo_s, err_s
 
 
-def _check_folded(rows: np.ndarray, bias: np.ndarray, source: str) -> None:
+def _check_folded(rows, bias: np.ndarray, source: str) -> None:
     with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(rows.sum()) and np.isfinite(bias.sum()):  # inf and NaN propagate into a sum
-            return
-    bad = np.nonzero(~np.isfinite(rows).all(axis=1) | ~np.isfinite(bias))[0]
+        if all(np.isfinite(a.sum()) for _, a in row_chunks(rows)) and np.isfinite(bias.sum()):
+            return  # inf and NaN propagate into a sum
+    fin = np.concatenate([np.isfinite(a).all(axis=1) for _, a in row_chunks(rows)] or [np.ones(0, dtype=bool)])
+    bad = np.nonzero(~fin | ~np.isfinite(bias))[0]
     if bad.size:
         raise InputError(f"{source or '<arrays>'}: folding the final norm overflows float64 at token ids "
                          f"{ids_text(bad)}: the folded rows or bias are not finite")
@@ -796,8 +820,8 @@ def scale_exponents(rows, bias, domain) -> tuple[int, int]:
     binary exponents of the radius and of the largest entry of ``rows·2^e_x`` and ``bias``. (A wide range
     inside the rows cannot be scaled away; the verifier's underflow allowances cover it.)"""
     e_x = math.frexp(domain.radius)[1] if domain.radius is not None else 0
-    # the largest magnitude without an |rows| copy: max and -min, two reductions
-    mr = max(float(rows.max(initial=0.0)), -float(rows.min(initial=0.0)))
+    # the largest magnitude without an |rows| copy: max and -min, two reductions per chunk
+    mr = max((max(float(a.max(initial=0.0)), -float(a.min(initial=0.0))) for _, a in row_chunks(rows)), default=0.0)
     mb = float(np.max(np.abs(bias), initial=0.0))
     exps = ([math.frexp(mr)[1] + e_x] if mr > 0 else []) + ([math.frexp(mb)[1]] if mb > 0 else [])
     e = max(exps, default=0)

@@ -4,7 +4,10 @@ The peak of a scan is the head as loaded plus what the fold and the stages hold 
 working set that the stages share one after another (DESIGN §7, issue "memory is a budget")::
 
     resident = W_U as loaded (V·d at its dtype)
-             + rows and keys, float64 (2 · 8 · V·d; the fold's residual 8 · V·d more where it has one)
+             + keys, float64 (8 · V·d)
+             + rows, float64 (8 · V·d), only where the fold rounds (float64 weights with a gain) or rescales:
+               an exact fold derives them from W_U on demand (engine.head.FoldedRows); the fold's residual
+               8 · V·d more where it has one
              + one float32 copy of the keys (4 · V·d), shared by the search, the LP's pricing and (where the
                keys are the verifier's shifted rows) the verifier
     working  = budget − resident, at least MIN_WORKING (default: what the machine has available beyond
@@ -26,8 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 GB = 10**9
-DEFAULT_WORKING = 2 * GB  # the default working set never asks for more than this
+DEFAULT_WORKING = 750 * 10**6  # the default working set never asks for more than this
 MIN_WORKING = 64 * 2**20  # the working set never shrinks below this (the smallest batches fit in it)
+SEARCH_BYTES_PER_V = 16  # a search batch's working set per token and vocabulary row (Budget.search_batch)
 SEARCH_BATCH_MAX = 256  # tokens per search batch when memory allows (engine.search.SearchOptions.batch)
 WITNESS_BATCH_MAX = 192  # witnesses per verifier pass (engine.verify.Verifier.witnesses)
 
@@ -38,6 +42,18 @@ def available_bytes() -> int | None:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_rss() -> int | None:
+    """This process's resident set now (``VmRSS`` of /proc/self/status; None where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -75,11 +91,18 @@ class Budget:
     d: int
 
     @classmethod
-    def for_problem(cls, problem, head_bytes: int, total: int | None = None) -> "Budget":
+    def for_problem(cls, problem, head_bytes: int, total: int | None = None, rss: int | None = None) -> "Budget":
+        """``rss``: the process's resident set now (after the fold; :func:`current_rss`), which also counts
+        the interpreter and its libraries: the resident part is then at least that plus the float32 keys
+        still to be built."""
         V, d = problem.V, problem.d
-        held = 2 * 8 * V * d + 4 * V * d  # rows and keys float64, the shared float32 keys
-        held += sum(8 * V * d for a in (problem.rows_lo, problem.work_keys) if a is not None)
+        keys32 = 4 * V * d
+        held = 8 * V * d + keys32  # keys float64, the shared float32 keys
+        held += sum(8 * V * d for a in (problem.rows, problem.rows_lo, problem.work_keys)
+                    if isinstance(a, np.ndarray))  # rows derived from the head (FoldedRows) are not held
         resident = int(head_bytes) + held
+        if rss is not None:
+            resident = max(resident, int(rss) + (0 if "search_keys32" in problem.derived else keys32))
         return cls(default_budget(resident) if total is None else int(total), resident, V, d)
 
     @property
@@ -97,8 +120,9 @@ class Budget:
 
     @property
     def search_batch(self) -> int:
-        # the [n, V] float32 logits, topk's workspace and the float64 re-scores of the threats: ~3 float32 rows
-        return self.per_row(3 * 4 * self.V, SEARCH_BATCH_MAX)
+        # the [n, V] float32 logits, topk's workspace and the float64 re-scores of the threats: ~4 float32 rows
+        # (measured: 16.1 · V bytes per token at 65536 x 640)
+        return self.per_row(SEARCH_BYTES_PER_V * self.V, SEARCH_BATCH_MAX)
 
     @property
     def witness_batch(self) -> int:

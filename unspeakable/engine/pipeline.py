@@ -31,12 +31,12 @@ import torch
 from unspeakable.engine.decide import Pricer, decide_many
 from unspeakable.engine.domain import Cone
 from unspeakable.engine.evidence import Candidate, Certificate
-from unspeakable.engine.head import Head, InputError, Problem, head_from_arrays, token_ids
+from unspeakable.engine.head import FoldedRows, Head, InputError, Problem, head_from_arrays, token_ids
 from unspeakable.engine.ledger import Checkpoint, Ledger, fingerprint
 from unspeakable.engine.loader import fold, gram_rows, load, problem_from_rows, scale_exponents
 from unspeakable.engine.report import ScanReport, TokenReport, peak_rss_bytes
 from unspeakable.engine.screen import gram_screen, screens, witness_points
-from unspeakable.engine.memory import GB, Budget, abs_max, parse_gb
+from unspeakable.engine.memory import GB, Budget, abs_max, current_rss, parse_gb
 from unspeakable.engine.search import SearchOptions, search
 from unspeakable.engine.verify import Verifier
 from unspeakable.engine.volume import VolumeOptions, entry_json, for_scan, scan_summary
@@ -82,7 +82,7 @@ class ScanOptions:
     load_time: float = 0.0
     keep_checkpoint: bool = False  # the CLI removes it only once the report is safely written
     cluster: object = None  # an engine.cluster.Cluster: screens and open tokens as Ray tasks, verified here
-    memory: float | None = None  # the budget in GB (engine.memory); None: held part + what is free, at most 2 GB
+    memory: float | None = None  # the budget in GB (engine.memory); None: held part + what is free, at most 0.75 GB
     # After the verdicts, each listed token's share of the norm's output set (engine.volume.VolumeOptions):
     # None/False: none; True: the defaults; a dict of VolumeOptions' fields, or a VolumeOptions.
     volume: object = None
@@ -216,7 +216,7 @@ def _memory_bytes(memory_gb) -> int | None:
 def scan_budget(head: Head, problem, total: int | None = None) -> Budget:
     """The scan's :class:`~unspeakable.engine.memory.Budget` (``total`` bytes; None: the default)."""
     head_bytes = sum(int(np.asarray(a).nbytes) for a in (head.W_U, head.b_U, head.ln_w, head.ln_b) if a is not None)
-    return Budget.for_problem(problem, head_bytes, total)
+    return Budget.for_problem(problem, head_bytes, total, rss=current_rss())
 
 
 def _screens(sc: _Scan) -> None:
@@ -247,7 +247,9 @@ def shared_gram_rows(head: Head, centred: bool, problem) -> np.ndarray:
     return _shared_rows(gram_rows(head, centred), problem)
 
 
-def _uncentred_are_rows(head: Head, rows: np.ndarray, chunk: int = 4096) -> bool:
+def _uncentred_are_rows(head: Head, rows, chunk: int = 4096) -> bool:
+    if isinstance(rows, FoldedRows):
+        return rows.same_as(head.W_U, head.ln_w)  # the same formula on the same arrays
     W = np.asarray(head.W_U)
     g = None if head.ln_w is None else np.asarray(head.ln_w, dtype=np.float64)
     if rows.shape != (W.shape[1], W.shape[0]):
@@ -267,8 +269,8 @@ def _shared_rows(rows: np.ndarray, problem) -> np.ndarray:
     the screens hold one float64 ``V × d`` copy less. Compared by row chunks, stopping at the first that
     differs."""
     for a in (problem.rows, problem.keys):
-        if a.shape == rows.shape and all(np.array_equal(a[r0:r0 + 4096], rows[r0:r0 + 4096])
-                                         for r0 in range(0, rows.shape[0], 4096)):
+        if tuple(a.shape) == rows.shape and all(np.array_equal(a[r0:r0 + 4096], rows[r0:r0 + 4096])
+                                                for r0 in range(0, rows.shape[0], 4096)):
             return a
     return rows
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from unspeakable.engine.head import FoldedRows
 from unspeakable.kernels.screen import top2_exact
 from unspeakable.kernels.sym_screen import KeyMap, OtherGram, sym_screen
 
@@ -119,20 +120,34 @@ def screens(grows: np.ndarray, centred_rows: bool, norm: str, problem, ids: np.n
     q, s = problem.domain.screen_queries(problem.keys)
     scaled_key = s is not None and q is problem.keys  # the box's screen point is no multiple of its key
     other_map = _key_map(not centred_rows, norm, problem) if other_rows is not None and scaled_key else None
-    other = None if other_map is None else OtherGram(
-        lambda: torch.from_numpy(np.ascontiguousarray(other_rows(), dtype=np.float64)),
-        None if other_map is _SAME_ROWS else other_map)
-    res = sym_screen(torch.from_numpy(np.ascontiguousarray(grows)),
+    # Gram rows derived on demand (engine.head.FoldedRows) are never built whole when they go in as the
+    # other convention (read block by block for its bounds, row by row for its float64 rescores): the pass
+    # reduces both conventions from the same tiles to the same float64 results, so the two swap roles.
+    swap = isinstance(grows, FoldedRows) and other_map is not None and backend == "torch"
+    if swap:
+        main_rows, main_map = other_rows(), other_map
+        other = OtherGram(lambda: grows, None if key_map is _SAME_ROWS else key_map)  # read block by block
+    else:
+        main_rows, main_map = grows, key_map
+        other = None if other_map is None else OtherGram(
+            lambda: torch.from_numpy(np.ascontiguousarray(other_rows(), dtype=np.float64)),
+            None if other_map is _SAME_ROWS else other_map)
+    res = sym_screen(torch.from_numpy(np.ascontiguousarray(main_rows, dtype=np.float64)),
                      torch.from_numpy(problem.keys) if scaled_key else None,
                      torch.from_numpy(s) if scaled_key else None,
                      torch.from_numpy(problem.bias) if scaled_key and np.any(problem.bias) else None,
-                     key_map if scaled_key and key_map is not _SAME_ROWS else None,
+                     main_map if scaled_key and main_map is not _SAME_ROWS else None,
                      backend=backend, device=device, precision=precision, other=other)
+    del main_rows
     st = res.stats
-    g = _gram_result(res.gram, ids, st.gram_recomputed, t0)
+    gram_res, other_res = (res.other, res.gram) if swap else (res.gram, res.other)
+    if swap:
+        st.gram_recomputed, st.other_recomputed = st.other_recomputed, st.gram_recomputed
+        st.gram_rescored, st.other_rescored = st.other_rescored, st.gram_rescored
+    g = _gram_result(gram_res, ids, st.gram_recomputed, t0)
     extra = {}
-    if res.other is not None:
-        other_gram = _gram_result(res.other, ids, st.other_recomputed, t0)  # the criterion's one definition
+    if other_res is not None:
+        other_gram = _gram_result(other_res, ids, st.other_recomputed, t0)  # the criterion's one definition
         extra["other_gram"] = {"centred": not centred_rows, "hard_to_speak": int(other_gram.hard_to_speak.sum())}
     if res.witness is None:
         w = witness_screen(problem, ids, backend=backend, device=device, precision=precision)

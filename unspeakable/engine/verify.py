@@ -49,6 +49,7 @@ import torch
 from unspeakable.engine import exact, verify_sym
 from unspeakable.engine.domain import ETA, U, gamma
 from unspeakable.engine.evidence import Certificate
+from unspeakable.engine.head import row_chunks
 from unspeakable.engine.memory import WITNESS_BATCH_MAX
 
 
@@ -117,6 +118,23 @@ class ShiftedRows:
             yield r0, self[r0: r0 + size]
 
 
+class KeyRows:
+    """The problem's keys standing for ``A`` where they are ``rows − center`` computed as :class:`ShiftedRows`
+    computes it (the same float64 values, already held): read-only, with :meth:`chunks`."""
+
+    def __init__(self, keys: np.ndarray):
+        self.a = keys.view()
+        self.a.flags.writeable = False
+        self.shape = keys.shape
+
+    def __getitem__(self, idx):
+        return self.a[idx]
+
+    def chunks(self, size: int = 8192):
+        for r0 in range(0, self.shape[0], size):
+            yield r0, self.a[r0: r0 + size]
+
+
 class KeptColumns:
     """``A[:, keep]`` of a row source (an array or :class:`ShiftedRows`) row by row, on demand: ``[ids]`` and
     ``[t]`` as for the array, without its ``V × len(keep)`` copy."""
@@ -148,9 +166,9 @@ class Verifier:
         self.A32 = None  # float32 copy of the rows for the competitor bounds, built on first use
         self.batch = WITNESS_BATCH_MAX  # witnesses per competitor pass (engine.memory.Budget.witness_batch)
         self.dom = problem.domain
-        self.rows = np.ascontiguousarray(problem.rows, dtype=np.float64)
+        self.rows = problem.rows  # an array or a FoldedRows (engine.head): indexed, never written
         self.c = np.asarray(problem.center, dtype=np.float64)
-        self.A = ShiftedRows(self.rows, self.c)
+        self.A = KeyRows(problem.keys) if self._keys_are_shifted_rows() else ShiftedRows(self.rows, self.c)
         self.bias = np.asarray(problem.bias, dtype=np.float64)
         self.V, self.d = self.A.shape
         # The fold's residual (module docstring, "the head as given"): the exact rows are A + lo (+ e_j with
@@ -294,7 +312,7 @@ class Verifier:
         """The problem's search keys are ``rows − center`` computed as :class:`ShiftedRows` computes ``A``
         (no projection, no residual added), so their float32 copy is ``A``'s."""
         p = self.p
-        return (getattr(p, "keys_are_shifted_rows", False) and p.keys.shape == self.A.shape
+        return (getattr(p, "keys_are_shifted_rows", False) and p.keys.shape == tuple(p.rows.shape)
                 and np.array_equal(p.center, self.c))
 
     def _candidates(self, ts, Xb, xn):
@@ -731,7 +749,10 @@ class Verifier:
         return exact.null_weights(self.p, t, pool[sup], w[sup], F, deadline)
 
     def _gordan_float(self, t, comp, lam, mu, F) -> CertificateCheck:
-        keep = np.nonzero(np.ptp(self.rows, axis=0) != 0)[0]  # coordinates where the rows differ at all
+        hi, lo = np.full(self.d, -np.inf), np.full(self.d, np.inf)  # coordinates where the rows differ at all
+        for _, a in row_chunks(self.rows):
+            hi, lo = np.maximum(hi, a.max(axis=0, initial=-np.inf)), np.minimum(lo, a.min(axis=0, initial=np.inf))
+        keep = np.nonzero(hi != lo)[0] if self.V else np.zeros(0, dtype=np.int64)
         if self.lo is not None or self.rerr.any():
             keep = np.arange(self.d)  # the exact rows may differ where the rounded ones agree
         A, F = KeptColumns(self.A, keep), F[keep]

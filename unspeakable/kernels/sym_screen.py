@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from unspeakable.kernels import torch_threads
@@ -85,7 +86,10 @@ class OtherGram:
     ``g'_j`` relate to the witness keys as the main gram rows do, ``k̂_j = P(g'_j − center)`` (``key_map``;
     None: ``k̂_j = g'_j``). ``rows()`` returns them as float64 ``[V, d]`` CPU (never written here): it is
     called once to bound the pass's error and once more, after the float32 operands are freed, to rescore
-    the kept candidates, so a copy made for it never lives beside the float32 pass."""
+    the kept candidates, so a copy made for it never lives beside the float32 pass. It may also return rows
+    computed on demand: any object of that ``shape`` whose ``[r0:r1]`` and ``[index array]`` give float64
+    numpy rows (the engine's ``FoldedRows``); the pass then reads them block by block and row by row and
+    builds them whole only for rows it recomputes over all V."""
 
     rows: Callable[[], torch.Tensor]
     key_map: KeyMap | None = None
@@ -165,10 +169,27 @@ def _check_inputs(gram_rows64, keys64, scale64, bias64, key_map) -> None:
 # ------------------------------------------------------------------------------- float64 row quantities
 
 
-def _norms(x64: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def _block(x64, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of a float64 tensor (a view) or of rows computed on demand (:class:`OtherGram`)."""
+    return x64[r0:r1] if isinstance(x64, torch.Tensor) else torch.from_numpy(x64[r0:r1])
+
+
+def _gather(x64, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x64[idx]`` (into ``out`` when given) for a tensor or rows computed on demand."""
+    if isinstance(x64, torch.Tensor):
+        return torch.index_select(x64, 0, idx, out=out) if out is not None else x64[idx]
+    g = torch.from_numpy(np.asarray(x64[idx.numpy()], dtype=np.float64).reshape(idx.shape[0], x64.shape[1]))
+    return g if out is None else out.copy_(g)
+
+
+def _whole(x64) -> torch.Tensor:
+    return x64 if isinstance(x64, torch.Tensor) else torch.from_numpy(np.asarray(x64, dtype=np.float64))
+
+
+def _norms(x64, chunk: int = 8192) -> torch.Tensor:
     out = torch.empty(x64.shape[0], dtype=torch.float64)
     for r0 in range(0, x64.shape[0], chunk):
-        out[r0:r0 + chunk] = torch.linalg.vector_norm(x64[r0:r0 + chunk], dim=1)
+        out[r0:r0 + chunk] = torch.linalg.vector_norm(_block(x64, r0, r0 + chunk), dim=1)
     return out * F64_SLACK
 
 
@@ -204,7 +225,7 @@ class _Corrections:
 
 def _model_keys(g64, r0, r1, key_map: KeyMap | None) -> torch.Tensor:
     """``k̂_j = P(g_j − c)`` for rows r0:r1, in float64."""
-    k = g64[r0:r1].clone()
+    k = _block(g64, r0, r1).clone()
     if key_map is None:
         return k
     if key_map.center64 is not None:
@@ -219,7 +240,9 @@ def _corrections(g64, keys64, key_map: KeyMap | None, chunk: int = 8192) -> _Cor
     p = torch.zeros(d, dtype=torch.float64)
     if key_map is not None and key_map.center64 is not None:
         p = key_map.center64 - (key_map.center64.mean() if key_map.sum_zero else 0.0)  # P c
-    a = g64.sum(dim=1) / math.sqrt(d) if key_map is not None and key_map.sum_zero else None
+    a = None
+    if key_map is not None and key_map.sum_zero:
+        a = torch.cat([_block(g64, r0, r0 + chunk).sum(dim=1) for r0 in range(0, V, chunk)]) / math.sqrt(d)
     beta = None if not bool(p.any()) else torch.empty(V, dtype=torch.float64)
     kn, en = torch.empty(V, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
     same = keys64 is g64 and key_map is None
@@ -303,9 +326,15 @@ def _take(rows: Rows | None, perm) -> Rows | None:
     return None if rows is None else Rows(*(getattr(rows, f)[perm] for f in rows.__dataclass_fields__))
 
 
-def _other_rows(other: OtherGram, V: int, d: int) -> torch.Tensor:
+def _other_rows(other: OtherGram, V: int, d: int):
     g = other.rows()
-    if not isinstance(g, torch.Tensor) or tuple(g.shape) != (V, d) or g.dtype != torch.float64 or g.device.type != "cpu":
+    if not isinstance(g, torch.Tensor):  # rows computed on demand: checked block by block
+        if tuple(g.shape) != (V, d) or np.dtype(getattr(g, "dtype", None)) != np.float64:
+            raise ValueError(f"OtherGram.rows() must give float64 rows of shape {(V, d)}")
+        if not all(bool(torch.isfinite(_block(g, r0, r0 + 8192)).all()) for r0 in range(0, V, 8192)):
+            raise ValueError("OtherGram.rows() has non-finite entries")
+        return g
+    if tuple(g.shape) != (V, d) or g.dtype != torch.float64 or g.device.type != "cpu":
         raise ValueError(f"OtherGram.rows() must return a float64 CPU tensor of shape {(V, d)}")
     if not bool(torch.isfinite(g.sum())) and not bool(torch.isfinite(g).all()):
         raise ValueError("OtherGram.rows() has non-finite entries")
@@ -496,10 +525,10 @@ def _pair_scores64(q64, keys64, rows, cols, scale64, bias64, chunk: int = 1024) 
     for c0 in range(0, n, chunk):
         m = min(chunk, n - c0)
         if rows is None:
-            torch.mul(q64[c0:c0 + m], keys64[c0:c0 + m], out=qa[:m])
+            torch.mul(_block(q64, c0, c0 + m), _block(keys64, c0, c0 + m), out=qa[:m])
         else:
-            torch.index_select(q64, 0, rows[c0:c0 + m], out=qa[:m])
-            torch.index_select(keys64, 0, cols[c0:c0 + m], out=kb[:m])
+            _gather(q64, rows[c0:c0 + m], out=qa[:m])
+            _gather(keys64, cols[c0:c0 + m], out=kb[:m])
             qa[:m].mul_(kb[:m])
         torch.sum(qa[:m], dim=1, out=out[c0:c0 + m])
     return _pair_affine(out, scale64, bias64, rows, cols)
@@ -553,8 +582,8 @@ def _recover(st: State, rows: Rows, perm, q64, keys64, scale64, bias64) -> tuple
     rescored = int((((near.sum(dim=1) > 2) | gap_small) & ~full).sum())
     redo = full.nonzero().squeeze(1)
     if redo.numel():
-        ex = top2_torch(q64[redo], keys64, redo, scale=None if scale64 is None else scale64[redo], bias=bias64,
-                        block_rows=256, block_cols=8192)
+        ex = top2_torch(_gather(q64, redo), _whole(keys64), redo, scale=None if scale64 is None else scale64[redo],
+                        bias=bias64, block_rows=256, block_cols=8192)
         best_idx[redo], second_idx[redo] = ex.best_idx, ex.second_idx
         for val, idx in ((best_val, best_idx), (second_val, second_idx)):  # rescored like every other row
             val[redo] = _pair_scores64(q64, keys64, redo, idx[redo].clamp(min=0), scale64, bias64)
@@ -686,6 +715,7 @@ def sym_screen_reference(
     o = None
     if other is not None:
         g2 = _other_rows(other, *gram_rows64.shape)
+        g2 = _whole(g2)
         o = top2_reference(g2, g2, ids)
     return SymScreen(gram, witness, SymScreenStats(backend="reference", precision="float64", block=V), o)
 
