@@ -285,8 +285,7 @@ class Verifier:
             own_err = g_d * self.norms[ts] * xn + 2 * U * np.abs(own) + (self.d + 4) * ETA
             reach = self._reach(float(xn.max()))  # one bound for the whole batch: O(V) memory, not O(V·B)
             cand = np.union1d(np.nonzero(reach >= float((own - own_err).min()))[0], ts)
-            M, E = self._margins(cand, ts, Xb, xn)
-            mm = self._exact_min(M, E, cand, ts, Xb, xn, reach)
+            mm = self._exact_min(cand, ts, Xb, xn, reach)
         self._conclude(pos, ts, Xb, mm, out)
 
     # ------------------------------------------------------------------ bounded competitors
@@ -493,10 +492,10 @@ class Verifier:
             out[pos[k]] = WitnessCheck(bool(ok), (m_k - e_k) / scale, e_k / scale, w,
                                        "" if ok else f"token {w} reaches {m_k:.6g} (allowance {e_k:.3g})")
 
-    def _exact_min(self, M, E, cand, ts, Xb, xn, reach):
+    def _exact_min(self, cand, ts, Xb, xn, reach):
         """Per token the :class:`Closest` competitor over all V: rows outside ``cand`` whose reach could
         exceed the best competitor found are scored too (then no skipped row can be the runner-up)."""
-        best = self._min_cols(M, E, cand)
+        best = self._closest(cand, ts, Xb, xn)
         out_rows = np.setdiff1d(np.arange(self.V), cand, assume_unique=True)
         if out_rows.size == 0:
             return best
@@ -506,23 +505,35 @@ class Verifier:
         extra = out_rows if not math.isfinite(thr) else out_rows[reach[out_rows] >= thr]
         if extra.size == 0:
             return best
-        M2, E2 = self._margins(extra, ts, Xb, xn, self_in=False)
-        best2 = self._min_cols(M2, E2, extra)
+        best2 = self._closest(extra, ts, Xb, xn, self_in=False)
         return [b2 if b2.proven < b.proven else b for b, b2 in zip(best, best2)]
+
+    def _closest(self, cand, ts, Xb, xn, self_in: bool = True, block_bytes: int = 16 * 2**20) -> list[Closest]:
+        """Per column the :class:`Closest` row of ``cand``: the smallest bound-adjusted margin ``M − E`` of
+        :meth:`_margins` (the first row of the smallest, as one argmin over all of them), computed from blocks
+        of ``cand`` (about ``block_bytes`` per float64 ``[rows, B]`` array), so the ``[|cand|, B]`` margins,
+        up to all V rows, never exist whole."""
+        B = len(ts)
+        cols = np.arange(B)
+        best_v, best_m, best_e = np.full(B, np.inf), np.full(B, np.inf), np.zeros(B)
+        best_j = np.full(B, -1, dtype=np.int64)
+        step = max(256, block_bytes // (8 * max(B, 1)))
+        for c0 in range(0, cand.size, step):
+            c = cand[c0: c0 + step]
+            M, E = self._margins(c, ts, Xb, xn, self_in=False)
+            if self_in:  # the token's own row is no competitor
+                r, k = np.nonzero(c[:, None] == ts[None, :])
+                M[r, k], E[r, k] = np.inf, 0.0
+            with np.errstate(invalid="ignore"):
+                w = np.argmin(M - E, axis=0)
+                v = M[w, cols] - E[w, cols]
+                upd = v < best_v
+            best_v[upd], best_m[upd], best_e[upd], best_j[upd] = v[upd], M[w, cols][upd], E[w, cols][upd], c[w][upd]
+        return [Closest(float(best_m[k]), float(best_e[k]), int(best_j[k]) if np.isfinite(best_m[k]) else -1)
+                for k in cols]
 
     def _own(self, ts, Xb):
         return np.einsum("ij,ij->i", self.A[ts], Xb) + self.bias[ts]
-
-    @staticmethod
-    def _min_cols(M, E, cand):
-        """Per column, the :class:`Closest` row: the smallest bound-adjusted margin."""
-        if M.shape[0] == 0:
-            return [Closest(math.inf, 0.0, -1)] * M.shape[1]
-        with np.errstate(invalid="ignore"):
-            w = np.argmin(M - E, axis=0)
-        cols = np.arange(M.shape[1])
-        m, e = M[w, cols], E[w, cols]
-        return [Closest(float(m[k]), float(e[k]), int(cand[w[k]]) if np.isfinite(m[k]) else -1) for k in cols]
 
     def _margins(self, cand, ts, Xb, xn, self_in: bool = True):
         """``M[i, k] = l_t(x_k) - l_{cand[i]}(x_k)`` and its allowance ``E`` (the self entry: +inf, 0)."""
