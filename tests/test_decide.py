@@ -485,3 +485,66 @@ def test_unseen_head_family_lp_tokens_match_the_full_lp_oracle(monkeypatch):
         sign, why, lo, hi = truth(inst, t.id)
         assert sign is not None, (t.id, why, lo, hi)
         assert sign == (1 if t.verdict == "speakable" else -1), (t.id, t.verdict, lo, hi)
+
+
+def test_incremental_cholesky_matches_a_fresh_factorisation():
+    # restricted._Chol updates the passive block's factor as rows enter (block solves) and leave (Givens);
+    # after any sequence its solves must match a fresh solve of the same block, and a block that is not
+    # positive definite (a duplicate row, more rows than the rank) must be refused with the factor unchanged.
+    rng = np.random.default_rng(5)
+    m, k = 90, 40
+    G = rng.standard_normal((m, k)) * np.exp(rng.normal(0, 1.0, m))[:, None]
+    G[-5:] = G[:5]  # exact duplicates: any block holding a row and its twin is singular
+    A = G @ G.T + 1e-3 * np.outer(G[:, 0], G[:, 0])
+    b = rng.standard_normal(m)
+    chol = restricted._Chol(A)
+    F = np.zeros(m, dtype=bool)
+    for step in range(60):
+        G2 = F.copy()
+        if F.sum() > 5 and rng.random() < 0.5:
+            G2[rng.choice(np.nonzero(F)[0], size=int(rng.integers(1, 4)), replace=False)] = False
+        else:
+            G2[rng.choice(m - 5, size=int(rng.integers(1, 8)), replace=False)] = True
+        if G2.sum() > 30:  # stay below the rank (40), away from near-singular blocks
+            continue
+        chol.sync(G2)  # a well-conditioned block: never refused
+        F = G2
+        assert sorted(chol.idx.tolist()) == np.nonzero(F)[0].tolist()
+        idx = np.nonzero(F)[0]
+        z = chol.solve(b)
+        ref = np.linalg.solve(A[np.ix_(idx, idx)], b[idx])
+        assert np.allclose(z[idx], ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+        assert np.all(z[~F] == 0)
+    # the twin of a passive row: refused, and the factor left as it was
+    F[0] = True
+    chol.sync(F)
+    idx, R = chol.idx.copy(), chol.R.copy()
+    with pytest.raises(np.linalg.LinAlgError):
+        chol.add(np.array([m - 5]))  # the exact twin of row 0
+    assert np.array_equal(chol.idx, idx) and np.array_equal(chol.R, R)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_warm_nnls_matches_scipy_on_rank_deficient_instances(seed):
+    # Duplicate and dependent rows, more rows than dimensions: the incremental factor must reach scipy's
+    # Lawson–Hanson objective (or decline with None, which sends the caller to scipy).
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(100 + seed)
+    m, k = int(rng.integers(40, 160)), int(rng.integers(5, 60))
+    G = rng.standard_normal((m, k))
+    G[m // 2: m // 2 + 5] = G[:5]  # exact twins
+    G[-3:] = G[5:8] + G[8:11]  # dependent rows
+    h = rng.standard_normal(m) - 0.3
+    E = np.vstack([G.T, h[None, :]])
+    e = np.zeros(k + 1)
+    e[k] = 1.0
+    ref, _ = nnls(E, e, maxiter=50 * m)
+    best = float(np.linalg.norm(E @ ref - e))
+    A = E.T @ E
+    for start in (np.zeros(m, bool), ref > 0, rng.random(m) < 0.3):
+        u = restricted._nnls_warm(A, h, start)
+        if u is None:
+            continue
+        assert np.all(u >= 0)
+        assert np.linalg.norm(E @ u - e) <= best + 1e-9

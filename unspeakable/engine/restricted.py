@@ -306,6 +306,72 @@ class _Warm:
     slow: int = 0  # ... that fell back to Lawson–Hanson
 
 
+class _Chol:
+    """An upper Cholesky factor ``R`` (``R^T R = A[idx][:, idx]``) of a principal block of ``A`` that grows and
+    shrinks by rows, updated rather than refactorised: adding n rows to a k-row block costs one triangular
+    solve with n right-hand sides and an n × n Cholesky (O(k² n)); removing one row is a rank-one update of
+    the trailing block, done by scipy's compiled Givens row insertion (``qr_insert``, O((k − p)²)) — where
+    a fresh factorisation costs O(k³) each time. ``idx`` is in insertion order."""
+
+    def __init__(self, A: np.ndarray):
+        self.A = A
+        self.idx = np.zeros(0, dtype=np.int64)
+        self.R = np.zeros((0, 0))
+
+    def add(self, J: np.ndarray) -> None:
+        """Append rows ``J``; raises ``LinAlgError`` (the factor unchanged) when the enlarged block is not
+        numerically positive definite."""
+        J = np.asarray(J, dtype=np.int64)
+        k, n = self.idx.size, J.size
+        if n == 0:
+            return
+        if k:
+            W = sla.solve_triangular(self.R, self.A[np.ix_(self.idx, J)], trans="T", check_finite=False)
+            S = self.A[np.ix_(J, J)] - W.T @ W
+        else:
+            W, S = np.zeros((0, n)), self.A[np.ix_(J, J)]
+        Rn = sla.cholesky(S, lower=False, check_finite=False)
+        if not np.all(np.isfinite(Rn)) or not np.all(np.diag(Rn) > 0):
+            raise np.linalg.LinAlgError("not positive definite")
+        R = np.zeros((k + n, k + n))
+        R[:k, :k] = self.R
+        R[:k, k:] = W
+        R[k:, k:] = Rn
+        self.R, self.idx = R, np.concatenate([self.idx, J])
+
+    def remove_at(self, p: int) -> None:
+        """Drop the row at position ``p`` of ``idx``: with ``r`` its row of R past the diagonal, the trailing
+        block becomes the triangular factor of ``R22^T R22 + r r^T`` (the QR of R22 with r appended as a row)."""
+        k = self.idx.size
+        n = k - p - 1
+        R = np.empty((k - 1, k - 1))
+        R[:p, :p] = self.R[:p, :p]
+        R[:p, p:] = self.R[:p, p + 1:]
+        R[p:, :p] = 0.0
+        if n:
+            _, R1 = sla.qr_insert(np.eye(n), self.R[p + 1:, p + 1:], self.R[p, p + 1:], n, which="row",
+                                  check_finite=False)
+            R[p:, p:] = R1[:n]
+        self.R, self.idx = R, np.delete(self.idx, p)
+
+    def sync(self, F: np.ndarray) -> None:
+        """Make the factor's rows the set ``F`` (a bool mask): removals first, then one block addition."""
+        keep = F[self.idx]
+        for p in np.nonzero(~keep)[0][::-1]:
+            self.remove_at(int(p))
+        have = np.zeros(F.size, dtype=bool)
+        have[self.idx] = True
+        self.add(np.nonzero(F & ~have)[0])
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        """``A[idx][:, idx]^{-1} b[idx]``, scattered into a vector of ``b``'s length."""
+        z = np.zeros(b.size)
+        if self.idx.size:
+            y = sla.solve_triangular(self.R, b[self.idx], trans="T", check_finite=False)
+            z[self.idx] = sla.solve_triangular(self.R, y, check_finite=False)
+        return z
+
+
 def _nnls_warm(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_solves: int = 400) -> np.ndarray | None:
     """``min ||E u − e||, u >= 0`` from its normal equations ``A = E^T E``, ``b = E^T e``: Lawson–Hanson's
     active-set method (as in Bro & de Jong's FNNLS) started from the passive set ``passive`` (a bool mask,
@@ -313,10 +379,12 @@ def _nnls_warm(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_solves: in
     Each outer step solves the enlarged passive block, then walks back towards the last feasible point
     until no weight is negative (removing those that reach zero), so the objective never increases; where a
     block step makes no progress, only the steepest row enters (the classical rule, which does).
-    One Cholesky solve per step; warm started, a handful. Returns None where it cannot finish (a singular
-    passive block, too many steps): the caller then solves from scratch. The residual ``E u − e`` has norm
-    <= 1 at every iterate (u = 0 gives exactly 1, and the objective never increases), so
-    ``|(A u − b)_i| <= ||E_i||`` sets the scale of "a negative gradient"."""
+    The passive block's Cholesky factor is updated as rows enter and leave (:class:`_Chol`), not rebuilt:
+    a block entry is often followed by a walk-back of tens of single removals. Warm started, a handful of
+    outer steps. Returns None where it cannot finish (a singular passive block, too many steps): the caller
+    then solves from scratch. The residual ``E u − e`` has norm <= 1 at every iterate (u = 0 gives exactly
+    1, and the objective never increases), so ``|(A u − b)_i| <= ||E_i||`` sets the scale of "a negative
+    gradient"."""
     m = b.size
     F = np.zeros(m, dtype=bool)
     F[: min(passive.size, m)] = passive[:m]
@@ -324,14 +392,11 @@ def _nnls_warm(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_solves: in
     x = np.zeros(m)
     solves = 0
     single = False
+    chol = _Chol(A)
 
     def solve(F):
-        z = np.zeros(m)
-        idx = np.nonzero(F)[0]
-        if idx.size:
-            c = sla.cho_factor(A[np.ix_(idx, idx)], check_finite=False)
-            z[idx] = sla.cho_solve(c, b[idx], check_finite=False)
-        return z
+        chol.sync(F)
+        return chol.solve(b)
 
     F_before = None
     while solves < max_solves:
