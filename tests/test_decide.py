@@ -548,3 +548,111 @@ def test_warm_nnls_matches_scipy_on_rank_deficient_instances(seed):
             continue
         assert np.all(u >= 0)
         assert np.linalg.norm(E @ u - e) <= best + 1e-9
+
+
+# ------------------------------------------------------------------------------------------ batched pricing
+def _tied_pricing_instance(rng):
+    """Rows whose logits at x tie to within float32's error (the pruning must complete them in float64)."""
+    V, d = 3000, 40
+    rows = rng.standard_normal((V, d))
+    x = rng.standard_normal(d)
+    keys = make_problem(rows, None, "rmsnorm", 3.0).keys
+    bias = rng.standard_normal(V)
+    tied = rng.choice(V, 200, replace=False)
+    bias[tied] = 50.0 - keys[tied] @ x + 1e-9 * rng.standard_normal(tied.size)
+    return make_problem(rows, bias, "rmsnorm", 3.0), x, tied
+
+
+def test_pricing_keeps_the_largest_violated_rows_outside_the_set():
+    # price(..., exclude, n_keep): exact float64 logits for the n_keep largest rows above the level among the
+    # rows not excluded (ties at the cut included), the runner-up over all j != t, and size = max_j |l_j|,
+    # all against a full float64 recomputation.
+    rng = np.random.default_rng(21)
+    p, x, tied = _tied_pricing_instance(rng)
+    head = decide_mod.Pricer(p)
+    for t in (int(tied[0]), 5):
+        full = p.keys @ x + p.bias
+        own = full[t]
+        full[t] = -np.inf
+        for offset, n_keep in ((-1e-8, 10), (-1e-8, 500), (-30.0, 7), (5.0, 3)):
+            exclude = np.zeros(p.V, dtype=bool)
+            exclude[rng.choice(p.V, 300, replace=False)] = True
+            exclude[tied[:20]] = True
+            pr = head.price(x, t, offset, 2, exclude, n_keep)
+            got = dict(zip(pr.ids.tolist(), pr.logits.tolist()))
+            assert pr.runner_up == int(np.argmax(full)) and pr.top == full.max() and pr.own == own
+            ok = np.nonzero((full >= own + offset) & ~exclude)[0]
+            if ok.size:
+                cut = np.sort(full[ok])[::-1][min(n_keep, ok.size) - 1]
+                need = ok[full[ok] >= cut]
+                assert set(need.tolist()) <= set(got)
+                assert all(abs(got[j] - full[j]) <= 1e-12 * max(1.0, abs(full[j])) for j in need)
+            fin = np.concatenate([full[np.isfinite(full)], [own]])
+            assert pr.size == pytest.approx(float(np.max(np.abs(fin))), rel=1e-13)
+
+
+def test_batched_pricing_equals_single():
+    # One GEMM for many points rounds differently from one GEMV each: every returned value must not care.
+    rng = np.random.default_rng(22)
+    p, x, tied = _tied_pricing_instance(rng)
+    head = decide_mod.Pricer(p)
+    reqs = []
+    for i in range(40):
+        xi = x if i % 3 == 0 else rng.standard_normal(p.d) * rng.uniform(0.1, 3.0)
+        exclude = rng.random(p.V) < 0.05
+        reqs.append((xi, int(tied[i % 7]) if i % 2 else i, -1e-8 if i % 4 else -np.inf, 2 + i % 3,
+                     exclude if i % 5 else None, None if i % 6 == 0 else 1 + i))
+    single = [head.price(*r) for r in reqs]
+    for batch in (2, 7, 40):
+        got = []
+        for b0 in range(0, len(reqs), batch):
+            got.extend(head.price_many(reqs[b0: b0 + batch]))
+        for a, b in zip(single, got):
+            assert (a.own, a.top, a.runner_up, a.size) == (b.own, b.top, b.runner_up, b.size)
+            common, ia, ib = np.intersect1d(a.ids, b.ids, return_indices=True)
+            assert np.array_equal(a.logits[ia], b.logits[ib])
+
+
+@pytest.mark.parametrize("domain,R", [("layernorm", 3.0), ("rmsnorm", 2.0), ("box", 1.0), ("cone", None)])
+def test_lockstep_decide_equals_one_at_a_time(domain, R):
+    # decide_many runs its tokens in lockstep with one batched pricing a round; each token's result must be
+    # bit-identical to deciding it alone (same bounds, witness, certificate, rounds).
+    rng = np.random.default_rng(23)
+    rows, bias = random_rows(rng, 300, 12, n_interior=40)
+    p = make_problem(rows, None if domain == "cone" else bias, domain, R)
+    tokens = [3, 17, 260, 270, 285, 299, 100]
+    comp = {17: np.array([1, 2, 3]), 270: np.array([5])}
+    for stop_at_sign in (True, False):
+        kw = dict(add_per_round=4, n_start=8, stop_at_sign=stop_at_sign)
+        many = decide_many(p, tokens, comp, **kw)
+        for t, c in zip(tokens, many):
+            one, stats = decide_token_stats(p, t, competitors=comp.get(t), **kw)
+            assert (c.lower, c.upper, c.reason, c.iterations) == (one.lower, one.upper, one.reason, one.iterations)
+            assert (c.witness is None) == (one.witness is None)
+            if c.witness is not None:
+                assert np.array_equal(c.witness, one.witness)
+            assert (c.certificate is None) == (one.certificate is None)
+            if c.certificate is not None:
+                assert np.array_equal(c.certificate.competitors, one.certificate.competitors)
+                assert np.array_equal(c.certificate.weights, one.certificate.weights)
+            check_claims(p, t, c)
+
+
+def test_lockstep_contains_one_tokens_failure(monkeypatch):
+    # An exception while deciding one token is that token's "lp error", never a verdict, and the others in
+    # its batch finish as they would alone.
+    p = _box_instance()
+    alone = decide_many(p, [0, 9, 17])
+    orig = restricted.BoxSolver.step
+
+    def step(self, *a):
+        if self.t == 9:
+            raise RuntimeError("boom")
+        return orig(self, *a)
+
+    monkeypatch.setattr(restricted.BoxSolver, "step", step)
+    got = decide_many(p, [0, 9, 17])
+    assert got[1].reason.startswith("lp error: RuntimeError") and got[1].certificate is None
+    assert got[1].witness is None and got[1].lower == -np.inf and got[1].upper == np.inf
+    for a, b in ((alone[0], got[0]), (alone[2], got[2])):
+        assert (a.lower, a.upper) == (b.lower, b.upper)
