@@ -10,14 +10,16 @@ certificates it found (weights on S); a solver limit comes back as a status stri
 
 * :class:`BoxSolver` — the LP above with x in [−ρ, ρ]^d, solved by HiGHS (dual simplex, warm started).
   Witness: the LP's x, clipped into the box against HiGHS's feasibility tolerance; certificate: row duals.
-* :class:`BallSolver` — layernorm / rmsnorm: the restricted optimum lies in ``span{a_j : j in S}``, so it
-  runs on coordinates z of an orthonormal basis Q of that span (``x = Q z``, grown by Gram–Schmidt). The
+* :class:`BallSolver` — layernorm / rmsnorm: the restricted optimum lies in ``span{a_j : j in S}``. The
   ball is not polyhedral and Kelley's tangent cuts do not converge at GPT-2 shape, so the restricted
   optimum is computed exactly by :func:`ball_optimum` (2–4 least-distance problems, one NNLS each), which
-  yields the certificate and the witness. From ``WARM_MIN_ROWS`` rows on, each NNLS starts from the last
-  one's passive set on the rows' Gram (:class:`_Warm`): a hard token's restricted problems grow to ~1000
-  rows, where an NNLS from scratch per LDP was most of its time. ``use_lp`` also solves the LP over S with
-  a tangent cut at the oracle's optimum and offers its duals (a cross-check).
+  yields the certificate and the witness. The oracle reads the rows only through their Gram and products
+  with them, so they are kept as they are (no basis of their span, unless ``use_lp``'s LP needs one), and
+  each NNLS starts from the last one's passive set on that Gram (:class:`_Warm`, an incrementally updated
+  Cholesky factor): a hard token's restricted problems grow to ~1000 rows, where an NNLS from scratch per
+  LDP was most of its time. ``use_lp`` also solves the LP over S, on coordinates z of an orthonormal basis
+  Q of the span (``x = Q z``, grown by Gram–Schmidt), with a tangent cut at the oracle's optimum and offers
+  its duals (a cross-check).
 * :class:`ConeSolver` — bias ignored, normalisation ``k_t·x = 1`` and cap ``s <= 1``, on the span of
   ``k_t`` and S. At GPT-2 shape nearly every token is a hull vertex and the LP needs S beyond d rows before
   the cap stops binding, so by default it first seeks a witness with the ball oracle on the unit ball
@@ -111,13 +113,17 @@ class BoxSolver(Restricted):
 
 class _SpanLP(Restricted):
     """x = Q z on the span of the rows seen so far. Keeps the rows' coefficients ``C`` [|S|, k]
-    (``(k_j − k_t)·Q z``) and ``β`` so that margins over S cost |S| k flops."""
+    (``(k_j − k_t)·Q z``) and ``β`` so that margins over S cost |S| k flops. With ``span=False`` there is
+    no basis (``Q`` is None: z = x, ``C`` holds the rows ``k_j − k_t`` themselves): for the ball oracle,
+    whose least-distance points lie in the rows' span anyway and which reads the rows only through their
+    Gram and products with them, a basis of the span saves little and costs a Gram–Schmidt pass over it
+    every round (the largest share of a round's work once pricing is batched)."""
 
-    def __init__(self, pricer, t, bound: float, warm: bool = True):
+    def __init__(self, pricer, t, bound: float, warm: bool = True, span: bool = True):
         super().__init__(pricer, t)
         self.bound = bound  # |z_i| <= bound (R contains the ball; inf for the cone)
-        self.Q = np.zeros((pricer.d, 0))
-        self.C = np.zeros((0, 0))
+        self.Q = np.zeros((pricer.d, 0)) if span else None
+        self.C = np.zeros((0, 0 if span else pricer.d))
         self.beta = np.zeros(0)
         # C C^T, grown with the rows once there are WARM_MIN_ROWS: the oracle's LDPs then solve their normal
         # equations from the last passive set (a few Cholesky solves) instead of a Lawson–Hanson NNLS from
@@ -149,8 +155,11 @@ class _SpanLP(Restricted):
 
     def add(self, J):
         W = self.p.keys[J] - self.kt  # k_j − k_t
-        self._grow(W)
-        Cn = W @ self.Q
+        if self.Q is None:
+            Cn = W
+        else:
+            self._grow(W)
+            Cn = W @ self.Q
         beta = self.bt - self.p.bias[J]  # zeros in the cone
         if self.lp is not None:
             A = np.empty((J.size, self.Q.shape[1] + 1))
@@ -171,7 +180,10 @@ class _SpanLP(Restricted):
 
     def oracle(self, R: float, z_hint: np.ndarray, tol: float):
         G = -self.C
-        if self.warm is not None and self.warm.gram is None and WARM_MIN_ROWS <= G.shape[0] <= WARM_MAX_ROWS:
+        # Without a basis the rows have d columns, where scipy's NNLS (its cost grows with them) loses to the
+        # warm-started normal equations from the first row on; with one, below WARM_MIN_ROWS it wins.
+        warm_min = WARM_MIN_ROWS if self.Q is not None else 0
+        if self.warm is not None and self.warm.gram is None and warm_min <= G.shape[0] <= WARM_MAX_ROWS:
             self.warm.gram = self.C @ self.C.T
         bo = ball_optimum(G, self.beta, R, float(np.min(G @ z_hint + self.beta)), tol, warm=self.warm)
         if bo is not None:
@@ -181,14 +193,18 @@ class _SpanLP(Restricted):
 
 class BallSolver(_SpanLP):
     def __init__(self, pricer, t, options):
-        super().__init__(pricer, t, pricer.domain.radius, options.warm_ldp)
+        # no span basis unless the LP cross-check needs one (its columns are the basis's coordinates)
+        super().__init__(pricer, t, pricer.domain.radius, options.warm_ldp, span=options.use_lp)
         self.use_lp, self.max_cuts = options.use_lp, options.max_cuts
         # The oracle needs no LP; HiGHS holds the restricted problem only for use_lp's cross-check.
         self.lp = LP(np.array([1.0]), [-math.inf], [math.inf], sense="max") if self.use_lp else None
 
     def step(self, remaining, tol, best_x):
         R = self.p.domain.radius
-        hint = np.zeros(self.Q.shape[1]) if best_x is None else self.Q.T @ best_x
+        if self.Q is None:
+            hint = np.zeros(self.p.d) if best_x is None else best_x
+        else:
+            hint = np.zeros(self.Q.shape[1]) if best_x is None else self.Q.T @ best_x
         bo = self.oracle(R, hint, tol)
         if bo is None:
             return "oracle failure"
@@ -202,7 +218,7 @@ class BallSolver(_SpanLP):
             if isinstance(res, str):
                 return res
             certs.append((ids, self.weights(res)))
-        return Step(self.p.domain.into(self.Q @ bo.z), bo.lower, certs)
+        return Step(self.p.domain.into(bo.z if self.Q is None else self.Q @ bo.z), bo.lower, certs)
 
     def add_cut(self, g: np.ndarray):
         """Tangent cut g·z <= R of the sphere (g a unit vector): valid for every point of the ball."""
