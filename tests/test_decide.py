@@ -656,3 +656,62 @@ def test_lockstep_contains_one_tokens_failure(monkeypatch):
     assert got[1].witness is None and got[1].lower == -np.inf and got[1].upper == np.inf
     for a, b in ((alone[0], got[0]), (alone[2], got[2])):
         assert (a.lower, a.upper) == (b.lower, b.upper)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_block_pivoting_nnls_reaches_scipys_optimum(seed):
+    # restricted._nnls_bpp (block principal pivoting on the normal equations, the first try of every warm
+    # LDP) against scipy's Lawson-Hanson: the same objective, KKT at the answer, on instances with twins and
+    # dependent rows. From the optimum's support it must finish (at once); from
+    # other starts it may give up with None (the caller then runs _nnls_warm: block pivoting can take long
+    # under Murty's rule, above all where the residual can reach 0), but what it returns must be optimal.
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(300 + seed)
+    m, k = int(rng.integers(30, 200)), int(rng.integers(5, 80))
+    G = rng.standard_normal((m, k)) * np.exp(rng.normal(0, 0.5, m))[:, None]
+    if seed % 2:
+        G[m // 2: m // 2 + 4] = G[:4]  # exact twins
+        G[-3:] = G[4:7] + G[7:10]  # dependent rows
+    h = rng.standard_normal(m) - 0.3
+    E = np.vstack([G.T, h[None, :]])
+    e = np.zeros(k + 1)
+    e[k] = 1.0
+    ref, _ = nnls(E, e, maxiter=50 * m)
+    best = float(np.linalg.norm(E @ ref - e))
+    A = E.T @ E
+    near = ref > 0
+    near[rng.choice(m, 3, replace=False)] ^= True
+    twin = ref > 0
+    if seed % 2:
+        twin[m // 2: m // 2 + 4] |= twin[:4]
+        twin[:4] |= twin[m // 2: m // 2 + 4]
+    starts = [(ref > 0, True), (twin, False), (near, False), (np.zeros(m, bool), False), (rng.random(m) < 0.3, False)]
+    for start, must in starts:
+        u = restricted._nnls_bpp(A, h, start)
+        if u is None:
+            assert not must
+            continue
+        assert np.all(u >= 0)
+        assert np.linalg.norm(E @ u - e) <= best + 1e-9
+        g = E.T @ (E @ u - e)
+        assert np.all(g[u == 0] >= -1e-8 * np.linalg.norm(E, axis=0)[u == 0])
+
+
+def test_incremental_cholesky_bulk_removal():
+    # _Chol.remove with several positions (one QR of the trailing part) against a fresh factorisation
+    rng = np.random.default_rng(8)
+    G = rng.standard_normal((80, 60))
+    A = G @ G.T
+    b = rng.standard_normal(80)
+    chol = restricted._Chol(A)
+    chol.add(rng.permutation(50))
+    for drop in ([0, 1, 2], [3, 17, 18, 30, 44], [0], [5, 6], list(range(10, 30))):
+        drop = np.array([p for p in drop if p < chol.idx.size])
+        keep = np.delete(chol.idx, drop)
+        chol.remove(drop)
+        assert np.array_equal(chol.idx, keep)
+        assert np.allclose(chol.R, np.triu(chol.R))
+        z = chol.solve(b)
+        ref = np.linalg.solve(A[np.ix_(keep, keep)], b[keep])
+        assert np.allclose(z[keep], ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())

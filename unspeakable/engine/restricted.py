@@ -291,8 +291,14 @@ def _ldp(G: np.ndarray, h: np.ndarray, warm: "_Warm | None" = None):
         return np.zeros(k), np.zeros(m)
     u = None
     if warm is not None and warm.gram is not None:
-        u = _nnls_warm(warm.gram + np.outer(h, h), h, warm.passive)
+        A = warm.gram + np.outer(h, h)
+        kept: dict = {}
+        u = _nnls_bpp(A, h, warm.passive, kept=kept)
+        if u is None:
+            warm.bpp_failed += 1
+            u = _nnls_warm(A, h, warm.passive)
         if u is not None:
+            u = _refine(G, h, A, u, kept.get("chol"))
             warm.fast += 1
         else:
             warm.slow += 1
@@ -320,6 +326,22 @@ class _Warm:
     passive: np.ndarray
     fast: int = 0  # LDPs solved warm (_nnls_warm)
     slow: int = 0  # ... that fell back to Lawson–Hanson
+    bpp_failed: int = 0  # block principal pivoting (_nnls_bpp) gave up, _nnls_warm took over
+
+
+# The incremental factor's many small LAPACK calls, without scipy.linalg's per-call argument handling (its
+# batching wrapper costs ~40 us a call, as much as a triangular solve of a few hundred rows).
+_trtrs, _potrf = sla.get_lapack_funcs(("trtrs", "potrf"), dtype=np.float64)
+_qr_insert = getattr(sla.qr_insert, "__wrapped__", sla.qr_insert)
+
+
+def _tri_solve(R: np.ndarray, b: np.ndarray, transpose: bool) -> np.ndarray:
+    """``R^T \\ b`` (``transpose``) or ``R \\ b`` for an upper-triangular C-ordered R (passed to LAPACK as the
+    Fortran-ordered lower-triangular ``R^T``, without a copy)."""
+    x, info = _trtrs(R.T, b, lower=1, trans=0 if transpose else 1)
+    if info != 0:
+        raise np.linalg.LinAlgError("singular triangular factor")
+    return x
 
 
 class _Chol:
@@ -342,12 +364,12 @@ class _Chol:
         if n == 0:
             return
         if k:
-            W = sla.solve_triangular(self.R, self.A[np.ix_(self.idx, J)], trans="T", check_finite=False)
+            W = _tri_solve(self.R, self.A[np.ix_(self.idx, J)], True)
             S = self.A[np.ix_(J, J)] - W.T @ W
         else:
             W, S = np.zeros((0, n)), self.A[np.ix_(J, J)]
-        Rn = sla.cholesky(S, lower=False, check_finite=False)
-        if not np.all(np.isfinite(Rn)) or not np.all(np.diag(Rn) > 0):
+        Rn, info = _potrf(S, lower=0, clean=1)
+        if info != 0 or not np.all(np.isfinite(Rn)) or not np.all(np.diag(Rn) > 0):
             raise np.linalg.LinAlgError("not positive definite")
         R = np.zeros((k + n, k + n))
         R[:k, :k] = self.R
@@ -365,16 +387,32 @@ class _Chol:
         R[:p, p:] = self.R[:p, p + 1:]
         R[p:, :p] = 0.0
         if n:
-            _, R1 = sla.qr_insert(np.eye(n), self.R[p + 1:, p + 1:], self.R[p, p + 1:], n, which="row",
-                                  check_finite=False)
+            _, R1 = _qr_insert(np.eye(n), self.R[p + 1:, p + 1:], self.R[p, p + 1:], n, "row", check_finite=False)
             R[p:, p:] = R1[:n]
         self.R, self.idx = R, np.delete(self.idx, p)
 
+    def remove(self, positions: np.ndarray) -> None:
+        """Drop the rows at ``positions`` (ascending) of ``idx``: one at a time by :meth:`remove_at`, several
+        at once by one QR of the kept columns' part of R below the first one removed."""
+        if positions.size <= 2:
+            for p in positions[::-1]:
+                self.remove_at(int(p))
+            return
+        k, p0 = self.idx.size, int(positions[0])
+        keep = np.ones(k, dtype=bool)
+        keep[positions] = False
+        after = np.nonzero(keep[p0:])[0] + p0
+        c = after.size
+        R = np.zeros((p0 + c, p0 + c))
+        R[:p0, :p0] = self.R[:p0, :p0]
+        R[:p0, p0:] = self.R[:p0, after]
+        if c:
+            R[p0:, p0:] = sla.qr(self.R[p0:, after], mode="r", check_finite=False)[0][:c, :c]
+        self.R, self.idx = R, self.idx[keep]
+
     def sync(self, F: np.ndarray) -> None:
         """Make the factor's rows the set ``F`` (a bool mask): removals first, then one block addition."""
-        keep = F[self.idx]
-        for p in np.nonzero(~keep)[0][::-1]:
-            self.remove_at(int(p))
+        self.remove(np.nonzero(~F[self.idx])[0])
         have = np.zeros(F.size, dtype=bool)
         have[self.idx] = True
         self.add(np.nonzero(F & ~have)[0])
@@ -383,9 +421,109 @@ class _Chol:
         """``A[idx][:, idx]^{-1} b[idx]``, scattered into a vector of ``b``'s length."""
         z = np.zeros(b.size)
         if self.idx.size:
-            y = sla.solve_triangular(self.R, b[self.idx], trans="T", check_finite=False)
-            z[self.idx] = sla.solve_triangular(self.R, y, check_finite=False)
+            z[self.idx] = _tri_solve(self.R, _tri_solve(self.R, b[self.idx], True), False)
         return z
+
+
+def _refine(G: np.ndarray, h: np.ndarray, A: np.ndarray, u: np.ndarray, chol: "_Chol | None" = None,
+            steps: int = 2) -> np.ndarray:
+    """Corrected semi-normal equations (Björck): the normal equations of the LDP's NNLS square the
+    condition of ``E = [G^T; h^T]``, which costs the weights digits exactly where margins are near 0. Each
+    step recomputes the gradient ``E_P^T (E u − e)`` from G and h themselves (not from ``A = E^T E``) and
+    corrects the passive weights by the passive block's solve; a step that would make a weight nonpositive
+    or raise the residual is not taken. ``chol``: the passive block's factor where the NNLS kept it (else
+    one is computed). The result is still only a candidate (see :func:`_ldp`)."""
+    if chol is not None:
+        P = chol.idx
+
+        def solve(g):
+            return _tri_solve(chol.R, _tri_solve(chol.R, g, True), False)
+    else:
+        P = np.nonzero(u > 0)[0]
+        try:
+            c = sla.cho_factor(A[np.ix_(P, P)], check_finite=False) if P.size else None
+        except (np.linalg.LinAlgError, ValueError):
+            return u
+
+        def solve(g):
+            return sla.cho_solve(c, g, check_finite=False)
+    if P.size == 0:
+        return u
+    GP, hP = G[P], h[P]
+
+    def resid(uP):
+        return np.concatenate([GP.T @ uP, [float(hP @ uP) - 1.0]])
+
+    r = resid(u[P])
+    for _ in range(steps):
+        g = GP @ r[:-1] + hP * r[-1]
+        uP = u[P] - solve(g)
+        if not (np.all(np.isfinite(uP)) and np.all(uP >= 0)):
+            break
+        r2 = resid(uP)
+        if not float(r2 @ r2) <= float(r @ r):
+            break
+        u = u.copy()
+        u[P], r = uP, r2
+    return u
+
+
+def _nnls_bpp(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_iter: int = 60,
+              kept: dict | None = None) -> np.ndarray | None:
+    """``min ||E u − e||, u >= 0`` from its normal equations (as :func:`_nnls_warm`) by block principal
+    pivoting (Kim & Park 2011, after Júdice & Pires): from the passive set ``passive``, solve the passive
+    block, then exchange every infeasible row at once — passive rows with a negative weight leave, rows
+    outside with a negative gradient enter — while the number of infeasible rows keeps falling (three
+    tries without progress allowed), else only the last infeasible row (Murty's rule, which terminates).
+    Where Lawson–Hanson walks back one row per solve (tens of solves after a block entry), this takes a few
+    solves. Entering rows that depend on the others (twins) enter one by one, the dependent ones left out.
+    ``kept``: a dict that receives the final passive block's factor (``"chol"``). Returns None where it cannot finish (a singular passive block, ``max_iter`` exchanges): the
+    caller then runs :func:`_nnls_warm`."""
+    m = b.size
+    F = np.zeros(m, dtype=bool)
+    F[: min(passive.size, m)] = passive[:m]
+    tol = 1e-11 * np.sqrt(np.maximum(np.diag(A), 0.0)) + 1e-300
+    chol = _Chol(A)
+    best, backup = m + 1, 3
+    y = np.zeros(m)
+    try:
+        for _ in range(max_iter):
+            chol.remove(np.nonzero(~F[chol.idx])[0])
+            have = np.zeros(m, dtype=bool)
+            have[chol.idx] = True
+            J = np.nonzero(F & ~have)[0]
+            try:
+                chol.add(J)
+            except np.linalg.LinAlgError:
+                # Rows entering together may depend on each other (twins): enter them one at a time, steepest
+                # first, and leave out each that depends on those in (its gradient vanishes once they are).
+                for j in J[np.argsort(y[J], kind="stable")]:
+                    try:
+                        chol.add(np.array([j]))
+                    except np.linalg.LinAlgError:
+                        F[j] = False
+            x = chol.solve(b)
+            if not np.all(np.isfinite(x)):
+                return None
+            y = A @ x - b
+            bad = (F & (x < 0)) | (~F & (y < -tol))
+            n = int(np.count_nonzero(bad))
+            if n == 0:
+                if kept is not None:
+                    kept["chol"] = chol
+                return np.maximum(x, 0.0)
+            if n < best:
+                best, backup = n, 3
+            elif backup > 0:
+                backup -= 1
+            else:
+                j = int(np.nonzero(bad)[0][-1])
+                bad = np.zeros(m, dtype=bool)
+                bad[j] = True
+            F ^= bad
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    return None
 
 
 def _nnls_warm(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_solves: int = 400) -> np.ndarray | None:
