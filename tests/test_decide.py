@@ -715,3 +715,15 @@ def test_incremental_cholesky_bulk_removal():
         z = chol.solve(b)
         ref = np.linalg.solve(A[np.ix_(keep, keep)], b[keep])
         assert np.allclose(z[keep], ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+
+
+def test_lockstep_window_refills(monkeypatch):
+    # More tokens than LOCKSTEP: the window refills as tokens finish, with the same results as one at a time
+    monkeypatch.setattr(decide_mod, "LOCKSTEP", 3)
+    monkeypatch.setattr(decide_mod, "PRICE_BATCH", 2)
+    p = _box_instance()
+    tokens = list(range(0, 40, 3))
+    many = decide_many(p, tokens)
+    for t, c in zip(tokens, many):
+        one = decide_token(p, t)
+        assert c.token == t and (c.lower, c.upper, c.iterations) == (one.lower, one.upper, one.iterations)

@@ -35,6 +35,7 @@ from unspeakable.engine.restricted import SOLVERS
 
 U32 = 2.0**-24
 PRICE_BATCH = 32  # points priced by one float32 GEMM (Pricer.price_many)
+LOCKSTEP = 16  # tokens of a decide_many batch under way at once (_drive)
 
 
 @dataclass
@@ -358,27 +359,44 @@ def _priced(clock: _Clock, stats: DecideStats | None, x, t: int, *args):
 def _drive(pricer: Pricer, jobs: list, opt: DecideOptions, contain: bool = True) -> list[tuple[Candidate, DecideStats]]:
     """Decide the tokens of ``jobs`` (``(t, competitors)`` pairs) in lockstep: each round, every token that
     waits for a pricing gets it from one batched :meth:`Pricer.price_many`, its share of the time charged to
-    its clock. Each token's solve sees exactly what it would alone (``price_many``'s results do not depend
-    on the batch), so results do not depend on how many tokens run together. ``contain``: an exception
-    while deciding one token becomes that token's Candidate with reason ``lp error: ...`` and no claims
-    (see :func:`decide_many`); otherwise it propagates."""
-    clocks = [_Clock() for _ in jobs]
-    gens = [_decide(pricer, int(t), comp, opt, clock) for (t, comp), clock in zip(jobs, clocks)]
+    its clock. At most ``LOCKSTEP`` tokens are under way at once (each holds its restricted problem: up to
+    its Gram of WARM_MAX_ROWS² doubles); the next starts when one finishes. Each token's solve sees exactly
+    what it would alone (``price_many``'s results do not depend on the batch), so results do not depend on
+    how many tokens run together. ``contain``: an exception while deciding one token becomes that token's
+    Candidate with reason ``lp error: ...`` and no claims (see :func:`decide_many`); otherwise it
+    propagates."""
+    clocks: list = [None] * len(jobs)
+    gens: list = [None] * len(jobs)
     out: list = [None] * len(jobs)
     pending: dict = {}
+    queue = iter(range(len(jobs)))
 
-    def advance(i, value):
+    def step(i, value) -> bool:
+        """Run token i to its next pricing request; False when it finished instead."""
         try:
             pending[i] = gens[i].send(value)
+            return True
         except StopIteration as stop:
             out[i] = stop.value
         except Exception as e:  # noqa: BLE001 - reported as the token's reason
             if not contain:
                 raise
             out[i] = _error(jobs[i][0], clocks[i], e)
+        return False
 
-    for i in range(len(jobs)):
-        advance(i, None)
+    def start_next():
+        for i in queue:  # until one is under way (some finish without a pricing)
+            clocks[i] = _Clock()
+            gens[i] = _decide(pricer, int(jobs[i][0]), jobs[i][1], opt, clocks[i])
+            if step(i, None):
+                return
+
+    def advance(i, value):
+        if not step(i, value):
+            start_next()
+
+    for _ in range(min(LOCKSTEP, len(jobs))):
+        start_next()
     while pending:
         items = sorted(pending.items())
         pending.clear()
@@ -388,10 +406,12 @@ def _drive(pricer: Pricer, jobs: list, opt: DecideOptions, contain: bool = True)
         except Exception as e:  # noqa: BLE001
             if not contain:
                 raise
+            share = (time.perf_counter() - t0) / len(items)
             for i, _ in items:
-                clocks[i].resume((time.perf_counter() - t0) / len(items))
+                clocks[i].resume(share)
                 out[i] = _error(jobs[i][0], clocks[i], e)
                 gens[i].close()
+                start_next()
             continue
         share = (time.perf_counter() - t0) / len(items)
         for (i, _), pr in zip(items, prs):
