@@ -727,3 +727,25 @@ def test_lockstep_window_refills(monkeypatch):
     for t, c in zip(tokens, many):
         one = decide_token(p, t)
         assert c.token == t and (c.lower, c.upper, c.iterations) == (one.lower, one.upper, one.iterations)
+
+
+def test_slope_from_the_ldp_factor_matches_a_fresh_one():
+    # _slope_from_factor (Sherman-Morrison on the NNLS's factor of G_P G_P^T + h_P h_P^T) against
+    # _min_norm_slope (a fresh factor of G_P G_P^T) on the passive set an LDP leaves
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(31)
+    for m, k in ((30, 40), (60, 120), (200, 300)):  # independent rows: the LDP is feasible (else: None)
+        G = rng.standard_normal((m, k))
+        h = rng.standard_normal(m) + 0.5
+        E = np.vstack([G.T, h[None, :]])
+        ref_u, _ = nnls(E, np.eye(k + 1)[k], maxiter=50 * m)
+        kept = {}
+        u = restricted._nnls_bpp(G @ G.T + np.outer(h, h), h, ref_u > 0, kept=kept)
+        assert u is not None and "chol" in kept
+        ch = kept["chol"]
+        P = np.zeros(m, dtype=bool)
+        P[ch.idx] = True
+        dz = restricted._slope_from_factor(G, h, ch)
+        ref = restricted._min_norm_slope(G[P])
+        assert dz is not None and np.allclose(dz, ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())

@@ -297,8 +297,9 @@ def _ldp(G: np.ndarray, h: np.ndarray, warm: "_Warm | None" = None):
         if u is None:
             warm.bpp_failed += 1
             u = _nnls_warm(A, h, warm.passive)
+        warm.chol = kept.get("chol")
         if u is not None:
-            u = _refine(G, h, A, u, kept.get("chol"))
+            u = _refine(G, h, A, u, warm.chol)
             warm.fast += 1
         else:
             warm.slow += 1
@@ -327,6 +328,7 @@ class _Warm:
     fast: int = 0  # LDPs solved warm (_nnls_warm)
     slow: int = 0  # ... that fell back to Lawson–Hanson
     bpp_failed: int = 0  # block principal pivoting (_nnls_bpp) gave up, _nnls_warm took over
+    chol: "_Chol | None" = None  # the last LDP's passive block factor (of G_P G_P^T + h_P h_P^T), when kept
 
 
 # The incremental factor's many small LAPACK calls, without scipy.linalg's per-call argument handling (its
@@ -607,6 +609,29 @@ def _nnls_warm(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_solves: in
     return None
 
 
+def _slope_from_factor(G: np.ndarray, h: np.ndarray, chol: "_Chol") -> np.ndarray | None:
+    """:func:`_min_norm_slope` on the LDP's passive rows P from the factor its NNLS left, of
+    ``A = G_P G_P^T + h_P h_P^T``: ``(G_P G_P^T)^{-1} 1 = A^{-1} 1 + A^{-1} h (h·A^{-1} 1) / (1 − h·A^{-1} h)``
+    (Sherman–Morrison), no new factorisation. None where the denominator is small or the result misses
+    ``G_P dz = 1``: the caller then factorises afresh."""
+    P = chol.idx
+    hP = h[P]
+    ones = np.ones(P.size)
+    try:
+        a = _tri_solve(chol.R, _tri_solve(chol.R, ones, True), False)
+        c = _tri_solve(chol.R, _tri_solve(chol.R, hP, True), False)
+    except np.linalg.LinAlgError:
+        return None
+    den = 1.0 - float(hP @ c)
+    if not den > 1e-8:
+        return None
+    GP = G[P]
+    dz = GP.T @ (a + c * (float(hP @ a) / den))
+    if np.all(np.isfinite(dz)) and np.allclose(GP @ dz, ones, rtol=0, atol=1e-8):
+        return dz
+    return None
+
+
 def _min_norm_slope(GP: np.ndarray, gram_P: np.ndarray | None = None) -> np.ndarray:
     """The min-norm dz with ``G_P dz = 1`` (how the LDP point moves with the level on one active set);
     ``gram_P``: ``G_P G_P^T`` when the caller keeps it."""
@@ -658,7 +683,12 @@ def _level(G, beta, R, s: float, br: _Bracket, warm: _Warm | None = None) -> flo
         br.hi = min(br.hi, s)
     P = u > 0
     if np.any(P):
-        dz = _min_norm_slope(G[P], None if warm is None or warm.gram is None else warm.gram[np.ix_(P, P)])
+        ch = None if warm is None else warm.chol
+        dz = None
+        if ch is not None and ch.idx.size == int(np.count_nonzero(P)) and np.all(P[ch.idx]):
+            dz = _slope_from_factor(G, s - beta, ch)
+        if dz is None:
+            dz = _min_norm_slope(G[P], None if warm is None or warm.gram is None else warm.gram[np.ix_(P, P)])
         a, b, c = float(dz @ dz), float(z @ dz), nz * nz - R * R
         if a > 0 and b * b - a * c >= 0:
             return s + (-b + math.sqrt(b * b - a * c)) / a
