@@ -11,8 +11,11 @@ LPs: exactly; balls: to ``tol``).
 
 Pricing is one pass over all V logits per round, in float32 with a rigorous per-row error bound and
 completed in float64 for every row the bound cannot exclude (:meth:`Pricer.price`): the float64 values of
-all rows that matter at half the memory traffic of a float64 GEMV. The :class:`Pricer` is built once per
-problem by the caller and passed explicitly (no caches).
+all rows the round uses (the runner-up, the largest violated rows outside S) at half the memory traffic
+of a float64 GEMV. The tokens of one :func:`decide_many` call run in lockstep (:func:`_drive`), so one
+float32 GEMM prices the points of up to ``PRICE_BATCH`` of them at once; every value a pricing returns is
+float64, so a token's result does not depend on the tokens it shares a batch with. The :class:`Pricer` is
+built once per problem by the caller and passed explicitly (no caches).
 
 Everything returned is a claim for ``engine.verify``: ``lower`` is the margin of the returned witness over
 all V (float64), ``upper`` the bound ``−δ(λ)`` of the returned certificate recomputed in float64 from its
