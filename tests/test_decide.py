@@ -485,3 +485,267 @@ def test_unseen_head_family_lp_tokens_match_the_full_lp_oracle(monkeypatch):
         sign, why, lo, hi = truth(inst, t.id)
         assert sign is not None, (t.id, why, lo, hi)
         assert sign == (1 if t.verdict == "speakable" else -1), (t.id, t.verdict, lo, hi)
+
+
+def test_incremental_cholesky_matches_a_fresh_factorisation():
+    # restricted._Chol updates the passive block's factor as rows enter (block solves) and leave (Givens);
+    # after any sequence its solves must match a fresh solve of the same block, and a block that is not
+    # positive definite (a duplicate row, more rows than the rank) must be refused with the factor unchanged.
+    rng = np.random.default_rng(5)
+    m, k = 90, 40
+    G = rng.standard_normal((m, k)) * np.exp(rng.normal(0, 1.0, m))[:, None]
+    G[-5:] = G[:5]  # exact duplicates: any block holding a row and its twin is singular
+    A = G @ G.T + 1e-3 * np.outer(G[:, 0], G[:, 0])
+    b = rng.standard_normal(m)
+    chol = restricted._Chol(A)
+    F = np.zeros(m, dtype=bool)
+    for step in range(60):
+        G2 = F.copy()
+        if F.sum() > 5 and rng.random() < 0.5:
+            G2[rng.choice(np.nonzero(F)[0], size=int(rng.integers(1, 4)), replace=False)] = False
+        else:
+            G2[rng.choice(m - 5, size=int(rng.integers(1, 8)), replace=False)] = True
+        if G2.sum() > 30:  # stay below the rank (40), away from near-singular blocks
+            continue
+        chol.sync(G2)  # a well-conditioned block: never refused
+        F = G2
+        assert sorted(chol.idx.tolist()) == np.nonzero(F)[0].tolist()
+        idx = np.nonzero(F)[0]
+        z = chol.solve(b)
+        ref = np.linalg.solve(A[np.ix_(idx, idx)], b[idx])
+        assert np.allclose(z[idx], ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+        assert np.all(z[~F] == 0)
+    # the twin of a passive row: refused, and the factor left as it was
+    F[0] = True
+    chol.sync(F)
+    idx, R = chol.idx.copy(), chol.R.copy()
+    with pytest.raises(np.linalg.LinAlgError):
+        chol.add(np.array([m - 5]))  # the exact twin of row 0
+    assert np.array_equal(chol.idx, idx) and np.array_equal(chol.R, R)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_warm_nnls_matches_scipy_on_rank_deficient_instances(seed):
+    # Duplicate and dependent rows, more rows than dimensions: the incremental factor must reach scipy's
+    # Lawson–Hanson objective (or decline with None, which sends the caller to scipy).
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(100 + seed)
+    m, k = int(rng.integers(40, 160)), int(rng.integers(5, 60))
+    G = rng.standard_normal((m, k))
+    G[m // 2: m // 2 + 5] = G[:5]  # exact twins
+    G[-3:] = G[5:8] + G[8:11]  # dependent rows
+    h = rng.standard_normal(m) - 0.3
+    E = np.vstack([G.T, h[None, :]])
+    e = np.zeros(k + 1)
+    e[k] = 1.0
+    ref, _ = nnls(E, e, maxiter=50 * m)
+    best = float(np.linalg.norm(E @ ref - e))
+    A = E.T @ E
+    for start in (np.zeros(m, bool), ref > 0, rng.random(m) < 0.3):
+        u = restricted._nnls_warm(A, h, start)
+        if u is None:
+            continue
+        assert np.all(u >= 0)
+        assert np.linalg.norm(E @ u - e) <= best + 1e-9
+
+
+# ------------------------------------------------------------------------------------------ batched pricing
+def _tied_pricing_instance(rng):
+    """Rows whose logits at x tie to within float32's error (the pruning must complete them in float64)."""
+    V, d = 3000, 40
+    rows = rng.standard_normal((V, d))
+    x = rng.standard_normal(d)
+    keys = make_problem(rows, None, "rmsnorm", 3.0).keys
+    bias = rng.standard_normal(V)
+    tied = rng.choice(V, 200, replace=False)
+    bias[tied] = 50.0 - keys[tied] @ x + 1e-9 * rng.standard_normal(tied.size)
+    return make_problem(rows, bias, "rmsnorm", 3.0), x, tied
+
+
+def test_pricing_keeps_the_largest_violated_rows_outside_the_set():
+    # price(..., exclude, n_keep): exact float64 logits for the n_keep largest rows above the level among the
+    # rows not excluded (ties at the cut included), the runner-up over all j != t, and size = max_j |l_j|,
+    # all against a full float64 recomputation.
+    rng = np.random.default_rng(21)
+    p, x, tied = _tied_pricing_instance(rng)
+    head = decide_mod.Pricer(p)
+    for t in (int(tied[0]), 5):
+        full = p.keys @ x + p.bias
+        own = full[t]
+        full[t] = -np.inf
+        for offset, n_keep in ((-1e-8, 10), (-1e-8, 500), (-30.0, 7), (5.0, 3)):
+            exclude = np.zeros(p.V, dtype=bool)
+            exclude[rng.choice(p.V, 300, replace=False)] = True
+            exclude[tied[:20]] = True
+            pr = head.price(x, t, offset, 2, exclude, n_keep)
+            got = dict(zip(pr.ids.tolist(), pr.logits.tolist()))
+            assert pr.runner_up == int(np.argmax(full)) and pr.top == full.max() and pr.own == own
+            ok = np.nonzero((full >= own + offset) & ~exclude)[0]
+            if ok.size:
+                cut = np.sort(full[ok])[::-1][min(n_keep, ok.size) - 1]
+                need = ok[full[ok] >= cut]
+                assert set(need.tolist()) <= set(got)
+                assert all(abs(got[j] - full[j]) <= 1e-12 * max(1.0, abs(full[j])) for j in need)
+            fin = np.concatenate([full[np.isfinite(full)], [own]])
+            assert pr.size == pytest.approx(float(np.max(np.abs(fin))), rel=1e-13)
+
+
+def test_batched_pricing_equals_single():
+    # One GEMM for many points rounds differently from one GEMV each: every returned value must not care.
+    rng = np.random.default_rng(22)
+    p, x, tied = _tied_pricing_instance(rng)
+    head = decide_mod.Pricer(p)
+    reqs = []
+    for i in range(40):
+        xi = x if i % 3 == 0 else rng.standard_normal(p.d) * rng.uniform(0.1, 3.0)
+        exclude = rng.random(p.V) < 0.05
+        reqs.append((xi, int(tied[i % 7]) if i % 2 else i, -1e-8 if i % 4 else -np.inf, 2 + i % 3,
+                     exclude if i % 5 else None, None if i % 6 == 0 else 1 + i))
+    single = [head.price(*r) for r in reqs]
+    for batch in (2, 7, 40):
+        got = []
+        for b0 in range(0, len(reqs), batch):
+            got.extend(head.price_many(reqs[b0: b0 + batch]))
+        for a, b in zip(single, got):
+            assert (a.own, a.top, a.runner_up, a.size) == (b.own, b.top, b.runner_up, b.size)
+            common, ia, ib = np.intersect1d(a.ids, b.ids, return_indices=True)
+            assert np.array_equal(a.logits[ia], b.logits[ib])
+
+
+@pytest.mark.parametrize("domain,R", [("layernorm", 3.0), ("rmsnorm", 2.0), ("box", 1.0), ("cone", None)])
+def test_lockstep_decide_equals_one_at_a_time(domain, R):
+    # decide_many runs its tokens in lockstep with one batched pricing a round; each token's result must be
+    # bit-identical to deciding it alone (same bounds, witness, certificate, rounds).
+    rng = np.random.default_rng(23)
+    rows, bias = random_rows(rng, 300, 12, n_interior=40)
+    p = make_problem(rows, None if domain == "cone" else bias, domain, R)
+    tokens = [3, 17, 260, 270, 285, 299, 100]
+    comp = {17: np.array([1, 2, 3]), 270: np.array([5])}
+    for stop_at_sign in (True, False):
+        kw = dict(add_per_round=4, n_start=8, stop_at_sign=stop_at_sign)
+        many = decide_many(p, tokens, comp, **kw)
+        for t, c in zip(tokens, many):
+            one, stats = decide_token_stats(p, t, competitors=comp.get(t), **kw)
+            assert (c.lower, c.upper, c.reason, c.iterations) == (one.lower, one.upper, one.reason, one.iterations)
+            assert (c.witness is None) == (one.witness is None)
+            if c.witness is not None:
+                assert np.array_equal(c.witness, one.witness)
+            assert (c.certificate is None) == (one.certificate is None)
+            if c.certificate is not None:
+                assert np.array_equal(c.certificate.competitors, one.certificate.competitors)
+                assert np.array_equal(c.certificate.weights, one.certificate.weights)
+            check_claims(p, t, c)
+
+
+def test_lockstep_contains_one_tokens_failure(monkeypatch):
+    # An exception while deciding one token is that token's "lp error", never a verdict, and the others in
+    # its batch finish as they would alone.
+    p = _box_instance()
+    alone = decide_many(p, [0, 9, 17])
+    orig = restricted.BoxSolver.step
+
+    def step(self, *a):
+        if self.t == 9:
+            raise RuntimeError("boom")
+        return orig(self, *a)
+
+    monkeypatch.setattr(restricted.BoxSolver, "step", step)
+    got = decide_many(p, [0, 9, 17])
+    assert got[1].reason.startswith("lp error: RuntimeError") and got[1].certificate is None
+    assert got[1].witness is None and got[1].lower == -np.inf and got[1].upper == np.inf
+    for a, b in ((alone[0], got[0]), (alone[2], got[2])):
+        assert (a.lower, a.upper) == (b.lower, b.upper)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_block_pivoting_nnls_reaches_scipys_optimum(seed):
+    # restricted._nnls_bpp (block principal pivoting on the normal equations, the first try of every warm
+    # LDP) against scipy's Lawson-Hanson: the same objective, KKT at the answer, on instances with twins and
+    # dependent rows. From the optimum's support it must finish (at once); from
+    # other starts it may give up with None (the caller then runs _nnls_warm: block pivoting can take long
+    # under Murty's rule, above all where the residual can reach 0), but what it returns must be optimal.
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(300 + seed)
+    m, k = int(rng.integers(30, 200)), int(rng.integers(5, 80))
+    G = rng.standard_normal((m, k)) * np.exp(rng.normal(0, 0.5, m))[:, None]
+    if seed % 2:
+        G[m // 2: m // 2 + 4] = G[:4]  # exact twins
+        G[-3:] = G[4:7] + G[7:10]  # dependent rows
+    h = rng.standard_normal(m) - 0.3
+    E = np.vstack([G.T, h[None, :]])
+    e = np.zeros(k + 1)
+    e[k] = 1.0
+    ref, _ = nnls(E, e, maxiter=50 * m)
+    best = float(np.linalg.norm(E @ ref - e))
+    A = E.T @ E
+    near = ref > 0
+    near[rng.choice(m, 3, replace=False)] ^= True
+    twin = ref > 0
+    if seed % 2:
+        twin[m // 2: m // 2 + 4] |= twin[:4]
+        twin[:4] |= twin[m // 2: m // 2 + 4]
+    starts = [(ref > 0, True), (twin, False), (near, False), (np.zeros(m, bool), False), (rng.random(m) < 0.3, False)]
+    for start, must in starts:
+        u = restricted._nnls_bpp(A, h, start)
+        if u is None:
+            assert not must
+            continue
+        assert np.all(u >= 0)
+        assert np.linalg.norm(E @ u - e) <= best + 1e-9
+        g = E.T @ (E @ u - e)
+        assert np.all(g[u == 0] >= -1e-8 * np.linalg.norm(E, axis=0)[u == 0])
+
+
+def test_incremental_cholesky_bulk_removal():
+    # _Chol.remove with several positions (one QR of the trailing part) against a fresh factorisation
+    rng = np.random.default_rng(8)
+    G = rng.standard_normal((80, 60))
+    A = G @ G.T
+    b = rng.standard_normal(80)
+    chol = restricted._Chol(A)
+    chol.add(rng.permutation(50))
+    for drop in ([0, 1, 2], [3, 17, 18, 30, 44], [0], [5, 6], list(range(10, 30))):
+        drop = np.array([p for p in drop if p < chol.idx.size])
+        keep = np.delete(chol.idx, drop)
+        chol.remove(drop)
+        assert np.array_equal(chol.idx, keep)
+        assert np.allclose(chol.R, np.triu(chol.R))
+        z = chol.solve(b)
+        ref = np.linalg.solve(A[np.ix_(keep, keep)], b[keep])
+        assert np.allclose(z[keep], ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+
+
+def test_lockstep_window_refills(monkeypatch):
+    # More tokens than LOCKSTEP: the window refills as tokens finish, with the same results as one at a time
+    monkeypatch.setattr(decide_mod, "LOCKSTEP", 3)
+    monkeypatch.setattr(decide_mod, "PRICE_BATCH", 2)
+    p = _box_instance()
+    tokens = list(range(0, 40, 3))
+    many = decide_many(p, tokens)
+    for t, c in zip(tokens, many):
+        one = decide_token(p, t)
+        assert c.token == t and (c.lower, c.upper, c.iterations) == (one.lower, one.upper, one.iterations)
+
+
+def test_slope_from_the_ldp_factor_matches_a_fresh_one():
+    # _slope_from_factor (Sherman-Morrison on the NNLS's factor of G_P G_P^T + h_P h_P^T) against
+    # _min_norm_slope (a fresh factor of G_P G_P^T) on the passive set an LDP leaves
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(31)
+    for m, k in ((30, 40), (60, 120), (200, 300)):  # independent rows: the LDP is feasible (else: None)
+        G = rng.standard_normal((m, k))
+        h = rng.standard_normal(m) + 0.5
+        E = np.vstack([G.T, h[None, :]])
+        ref_u, _ = nnls(E, np.eye(k + 1)[k], maxiter=50 * m)
+        kept = {}
+        u = restricted._nnls_bpp(G @ G.T + np.outer(h, h), h, ref_u > 0, kept=kept)
+        assert u is not None and "chol" in kept
+        ch = kept["chol"]
+        P = np.zeros(m, dtype=bool)
+        P[ch.idx] = True
+        dz = restricted._slope_from_factor(G, h, ch)
+        ref = restricted._min_norm_slope(G[P])
+        assert dz is not None and np.allclose(dz, ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())

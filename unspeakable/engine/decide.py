@@ -11,8 +11,11 @@ LPs: exactly; balls: to ``tol``).
 
 Pricing is one pass over all V logits per round, in float32 with a rigorous per-row error bound and
 completed in float64 for every row the bound cannot exclude (:meth:`Pricer.price`): the float64 values of
-all rows that matter at half the memory traffic of a float64 GEMV. The :class:`Pricer` is built once per
-problem by the caller and passed explicitly (no caches).
+all rows the round uses (the runner-up, the largest violated rows outside S) at half the memory traffic
+of a float64 GEMV. The tokens of one :func:`decide_many` call run in lockstep (:func:`_drive`), so one
+float32 GEMM prices the points of up to ``PRICE_BATCH`` of them at once; every value a pricing returns is
+float64, so a token's result does not depend on the tokens it shares a batch with. The :class:`Pricer` is
+built once per problem by the caller and passed explicitly (no caches).
 
 Everything returned is a claim for ``engine.verify``: ``lower`` is the margin of the returned witness over
 all V (float64), ``upper`` the bound ``−δ(λ)`` of the returned certificate recomputed in float64 from its
@@ -34,6 +37,8 @@ from unspeakable.engine.evidence import Candidate, Certificate
 from unspeakable.engine.restricted import SOLVERS
 
 U32 = 2.0**-24
+PRICE_BATCH = 32  # points priced by one float32 GEMM (Pricer.price_many)
+LOCKSTEP = 16  # tokens of a decide_many batch under way at once (_drive)
 
 
 @dataclass
@@ -127,25 +132,62 @@ class Pricer:
         # any summation order (Higham 3.1 and the two roundings to float32); doubled for the float64 epilogue.
         g = (self.d + 2) * U32 / (1.0 - (self.d + 2) * U32)
         self.row_err = 2.0 * (2 * U32 * (1 + U32) + g * (1 + U32) ** 2) * row_norms(self.keys)
+        self.bias_max = float(np.max(np.abs(self.bias)))
 
-    def price(self, x: np.ndarray, t: int, floor_offset: float = -math.inf, n_top: int = 2) -> Pricing:
+    def price(self, x: np.ndarray, t: int, floor_offset: float = -math.inf, n_top: int = 2,
+              exclude: np.ndarray | None = None, n_keep: int | None = None) -> Pricing:
         """Logits at x: exact (float64) for the ``n_top`` largest j != t and for every j != t with
-        ``l_j >= l_t + floor_offset`` (no such condition when it is −inf). The float32 pass gives bounds
-        ``L32 ± err``; rows whose upper bound clears the floor are recomputed in float64 (all of them, by one
-        float64 GEMV, when they are many)."""
-        x = np.asarray(x, dtype=np.float64)
+        ``l_j >= l_t + floor_offset`` (no such condition when it is −inf) — or, with ``n_keep``, only for the
+        ``n_keep`` largest of those among the rows not in ``exclude`` (a bool mask; all their ties included).
+        The float32 pass gives bounds ``L32 ± err``; rows whose upper bound clears the floor are recomputed
+        in float64 (all of them, by one float64 GEMV, when they are many)."""
+        return self.price_many([(x, t, floor_offset, n_top, exclude, n_keep)])[0]
+
+    def price_many(self, requests: list) -> list[Pricing]:
+        """:meth:`price` for several ``(x, t, floor_offset, n_top, exclude, n_keep)`` (trailing ones optional)
+        at once: one float32 GEMM over the keys for up to ``PRICE_BATCH`` points instead of one GEMV each (the
+        keys are read once). Every output is a function of its own request only: the float32 values enter
+        only through rigorous bounds that pick which rows to complete in float64, and every value returned
+        (``own``, the logits of the rows that matter, ``top``, ``size``) is float64 — so the batch a request
+        shares never changes a result."""
+        out = []
+        for b0 in range(0, len(requests), PRICE_BATCH):
+            part = requests[b0: b0 + PRICE_BATCH]
+            X = np.stack([np.asarray(r[0], dtype=np.float64) for r in part])
+            X32 = X.astype(np.float32)
+            L32s = [self.keys32 @ X32[0]] if len(part) == 1 else X32 @ self.keys32.T  # [B, V]
+            out.extend(self._finish(X[i], int(r[1]), L32s[i], *r[2:]) for i, r in enumerate(part))
+        return out
+
+    def _finish(self, x: np.ndarray, t: int, L32: np.ndarray, floor_offset: float = -math.inf, n_top: int = 2,
+                exclude: np.ndarray | None = None, n_keep: int | None = None) -> Pricing:
         own = float(self.keys[t] @ x + self.bias[t])
-        L32 = (self.keys32 @ x.astype(np.float32)).astype(np.float64) + self.bias
-        # dot-product bound, plus the float64 addition of the bias (a few units of 2^-53 of the sum)
-        err = self.row_err * float(np.linalg.norm(x)) + 2.0**-50 * (np.abs(L32) + np.abs(self.bias))
-        lo = L32 - err
+        L = L32.astype(np.float64)
+        L += self.bias
+        # dot-product bound, plus the float64 addition of the bias (2^-53 of |L32| + |b| per row, bounded
+        # here by a few units of 2^-53 of the largest of each)
+        err = self.row_err * float(np.linalg.norm(x))
+        err += 2.0**-50 * (max(float(np.max(L)), -float(np.min(L))) + self.bias_max)
+        lo = L - err
         lo[t] = -math.inf
+        hi = L
+        hi += err  # L is not needed past here
         n_top = max(1, min(int(n_top), self.V - 1))
         # The n_top-th largest lower bound over j != t is <= the true n_top-th largest logit over j != t,
         # so every row of the true top n_top (the runner-up included) clears this floor.
         kth = float(np.partition(lo, self.V - n_top)[self.V - n_top])
-        floor = kth if floor_offset == -math.inf else min(kth, own + floor_offset)
-        cand = np.nonzero(L32 + err >= floor)[0]
+        if floor_offset == -math.inf:
+            floor = kth
+        else:
+            level = own + floor_offset
+            if n_keep is not None:
+                # Likewise the n_keep-th largest lower bound among the rows not excluded: every row of the true
+                # n_keep largest above the level (ties included) clears max(level, it).
+                lk = lo if exclude is None else np.where(exclude, -math.inf, lo)
+                nk = max(1, min(int(n_keep), self.V - 1))
+                level = max(level, float(np.partition(lk, self.V - nk)[self.V - nk]))
+            floor = min(kth, level)
+        cand = np.nonzero(hi >= floor)[0]
         cand = cand[cand != t]
         if cand.size > self.V // 8:
             L = self.keys @ x + self.bias
@@ -155,7 +197,14 @@ class Pricer:
         else:
             vals = self.keys[cand] @ x + self.bias[cand]
         i = int(np.argmax(vals))
-        size = max(abs(own), float(np.max(np.abs(L32))))
+        # The scale of the tolerances, max_j |l_j(x)|, in float64 (never from the float32 values, whose
+        # rounding depends on the product that computed them): the top is exact above; the bottom row is
+        # among those whose lower bound is below the least upper bound.
+        hi[t] = math.inf
+        low = np.nonzero(lo <= float(np.min(hi)))[0]
+        low = low[low != t]
+        bottom = float(np.min(self.keys[low] @ x + self.bias[low]))
+        size = max(abs(own), abs(float(vals[i])), abs(bottom))
         return Pricing(own, cand.astype(np.int64), vals, float(vals[i]), int(cand[i]), size)
 
     def screen_point(self, t: int) -> np.ndarray:
@@ -277,14 +326,113 @@ def decide_token_stats(problem, t: int, *, competitors=None, pricer: Pricer | No
     if not 0 <= t < pricer.V:
         raise ValueError(f"token {t} out of range [0, {pricer.V})")
     with _one_blas_thread():
-        return _decide(pricer, t, competitors, opt)
+        return _drive(pricer, [(t, competitors)], opt, contain=False)[0]
 
 
-def _start_set(pricer: Pricer, t: int, competitors, opt: DecideOptions, bounds: Bounds) -> np.ndarray:
+class _Clock:
+    """One token's seconds: its own work (between pricings) plus its share of each batched pricing. With
+    one token at a time this is its wall time; in a batch the shares add up to the batch's wall time."""
+
+    def __init__(self):
+        self.spent, self.since = 0.0, time.perf_counter()
+
+    def now(self) -> float:
+        return self.spent + (time.perf_counter() - self.since)
+
+    def pause(self) -> None:
+        self.spent += time.perf_counter() - self.since
+
+    def resume(self, share: float) -> None:
+        self.spent += share
+        self.since = time.perf_counter()
+
+
+def _priced(clock: _Clock, stats: DecideStats | None, x, t: int, *args):
+    """Ask the driver for :meth:`Pricer.price` ``(x, t, *args)`` (``yield from``): the pricing of several
+    tokens is batched there. ``stats``: the round's, or None (the starting set's pricing)."""
+    clock.pause()
+    pr, share = yield (x, t, *args)
+    clock.resume(share)
+    if stats is not None:
+        stats.pricings += 1
+        stats.pricing_time_s += share
+    return pr
+
+
+def _drive(pricer: Pricer, jobs: list, opt: DecideOptions, contain: bool = True) -> list[tuple[Candidate, DecideStats]]:
+    """Decide the tokens of ``jobs`` (``(t, competitors)`` pairs) in lockstep: each round, every token that
+    waits for a pricing gets it from one batched :meth:`Pricer.price_many`, its share of the time charged to
+    its clock. At most ``LOCKSTEP`` tokens are under way at once (each holds its restricted problem: up to
+    its Gram of WARM_MAX_ROWS² doubles); the next starts when one finishes. Each token's solve sees exactly
+    what it would alone (``price_many``'s results do not depend on the batch), so results do not depend on
+    how many tokens run together. ``contain``: an exception while deciding one token becomes that token's
+    Candidate with reason ``lp error: ...`` and no claims (see :func:`decide_many`); otherwise it
+    propagates."""
+    clocks: list = [None] * len(jobs)
+    gens: list = [None] * len(jobs)
+    out: list = [None] * len(jobs)
+    pending: dict = {}
+    queue = iter(range(len(jobs)))
+
+    def step(i, value) -> bool:
+        """Run token i to its next pricing request; False when it finished instead."""
+        try:
+            pending[i] = gens[i].send(value)
+            return True
+        except StopIteration as stop:
+            out[i] = stop.value
+        except Exception as e:  # noqa: BLE001 - reported as the token's reason
+            if not contain:
+                raise
+            out[i] = _error(jobs[i][0], clocks[i], e)
+        return False
+
+    def start_next():
+        for i in queue:  # until one is under way (some finish without a pricing)
+            clocks[i] = _Clock()
+            gens[i] = _decide(pricer, int(jobs[i][0]), jobs[i][1], opt, clocks[i])
+            if step(i, None):
+                return
+
+    def advance(i, value):
+        if not step(i, value):
+            start_next()
+
+    for _ in range(min(LOCKSTEP, len(jobs))):
+        start_next()
+    while pending:
+        items = sorted(pending.items())
+        pending.clear()
+        t0 = time.perf_counter()
+        try:
+            prs = pricer.price_many([req for _, req in items])
+        except Exception as e:  # noqa: BLE001
+            if not contain:
+                raise
+            share = (time.perf_counter() - t0) / len(items)
+            for i, _ in items:
+                clocks[i].resume(share)
+                out[i] = _error(jobs[i][0], clocks[i], e)
+                gens[i].close()
+                start_next()
+            continue
+        share = (time.perf_counter() - t0) / len(items)
+        for (i, _), pr in zip(items, prs):
+            advance(i, (pr, share))
+    return out
+
+
+def _error(t, clock: _Clock, e: Exception) -> tuple[Candidate, DecideStats]:
+    spent = clock.now()
+    return (Candidate(token=int(t), reason=f"lp error: {type(e).__name__}: {e}", time_s=spent),
+            DecideStats(token=int(t), status="error", time_s=spent))
+
+
+def _start_set(pricer: Pricer, t: int, competitors, opt: DecideOptions, bounds: Bounds, clock: _Clock):
     if competitors is None or len(competitors) == 0:
         x0 = pricer.screen_point(t)
         n0 = min(opt.n_start, pricer.V - 1)
-        pr0 = pricer.price(x0, t, n_top=n0)
+        pr0 = yield from _priced(clock, None, x0, t, -math.inf, n0)
         bounds.offer_witness(x0, pr0)
         return pr0.ids[np.argsort(-pr0.logits, kind="stable")[:n0]]
     S0 = np.asarray(competitors, dtype=np.int64).ravel()
@@ -304,22 +452,24 @@ def _degenerate_cone(pricer: Pricer, t: int, bounds: Bounds) -> bool:
     return True
 
 
-def _decide(pricer: Pricer, t: int, competitors, opt: DecideOptions) -> tuple[Candidate, DecideStats]:
-    t0 = time.perf_counter()
+def _decide(pricer: Pricer, t: int, competitors, opt: DecideOptions, clock: _Clock):
+    """One token's solve, as a generator that yields its pricing requests (run by :func:`_drive`) and
+    returns ``(Candidate, DecideStats)``."""
+    clock.resume(0.0)  # the clock runs from this token's first step, not from when the batch was set up
     stats = DecideStats(token=t, status="")
     bounds = Bounds(pricer, t)
     if _degenerate_cone(pricer, t, bounds):
         stats.status = "converged"
     else:
-        S0 = _start_set(pricer, t, competitors, opt, bounds)
+        S0 = yield from _start_set(pricer, t, competitors, opt, bounds, clock)
         solver = SOLVERS[pricer.domain.solver](pricer, t, opt)
         solver.add(S0)
         ks = pricer.domain.logit_size(pricer.keys[np.concatenate([S0, [t]])])
         scale = float(np.max(ks)) + float(np.max(np.abs(pricer.bias[np.concatenate([S0, [t]])])))
-        stats.status = _generate(pricer, t, solver, bounds, stats, opt, t0 + opt.time_limit, scale)
+        stats.status = yield from _generate(pricer, t, solver, bounds, stats, opt, clock, scale)
         stats.cuts, stats.rows, stats.oracle_solves = solver.cuts, len(solver.ids), solver.oracle_solves
         stats.simplex_iterations, stats.lp_time_s = solver.lp_iterations, solver.lp_time_s
-    stats.time_s = time.perf_counter() - t0
+    stats.time_s = clock.now()
     status = stats.status
     reason = "lp" if status in ("converged", "gap", "sign") else status if status.startswith("highs") \
         else f"lp: {status}"
@@ -327,16 +477,16 @@ def _decide(pricer: Pricer, t: int, competitors, opt: DecideOptions) -> tuple[Ca
                      reason=reason, time_s=stats.time_s, iterations=stats.rounds), stats
 
 
-def _generate(pricer, t, solver, bounds: Bounds, stats: DecideStats, opt: DecideOptions, deadline: float,
-              scale: float) -> str:
+def _generate(pricer, t, solver, bounds: Bounds, stats: DecideStats, opt: DecideOptions, clock: _Clock,
+              scale: float):
     """The constraint-generation loop: restricted solve → price all V → add the worst violated rows.
-    Returns the status; the bounds live in ``bounds``."""
+    Returns the status (a generator: the pricing is the driver's); the bounds live in ``bounds``."""
     in_S = np.zeros(pricer.V, dtype=bool)
     in_S[np.asarray(solver.ids, dtype=np.int64)] = True
     while True:
         if stats.rounds >= opt.max_rounds:
             return "round limit"
-        remaining = deadline - time.perf_counter()
+        remaining = opt.time_limit - clock.now()
         if remaining <= 0:
             return "time limit"
         stats.rounds += 1
@@ -347,10 +497,9 @@ def _generate(pricer, t, solver, bounds: Bounds, stats: DecideStats, opt: Decide
             continue
         for ids, lam in step.certificates:
             bounds.offer_certificate(ids, lam)
-        tp = time.perf_counter()
-        pr = pricer.price(step.x, t, floor_offset=-step.m_ref + opt.tol * scale)
-        stats.pricings += 1
-        stats.pricing_time_s += time.perf_counter() - tp
+        # Exact logits for the rows the round uses: the runner-up, and the add_per_round largest violated
+        # rows outside S (all of them when fewer; what decides "none violated" and which rows enter).
+        pr = yield from _priced(clock, stats, step.x, t, -step.m_ref + opt.tol * scale, 2, in_S, opt.add_per_round)
         bounds.offer_witness(step.x, pr)
         scale = max(scale, pr.size)
         tol_abs = opt.tol * scale
@@ -385,34 +534,37 @@ class _PoolState:
 
 def _pool_decide(t: int) -> Candidate:
     pricer, competitors, options = _PoolState.job
-    return _decide_contained(pricer, t, competitors.get(t), options)
+    return _drive(pricer, [(t, competitors.get(t))], options)[0][0]
 
 
 def decide_many(problem, tokens, competitors: dict | None = None, *, workers: int = 1,
                 pricer: Pricer | None = None, options: DecideOptions | None = None, **kw) -> list[Candidate]:
     """:func:`decide_token` for each token (same order); ``competitors`` maps a token id to its starting ids.
-    Tokens are independent and each solve is deterministic, so the results do not depend on ``workers``
-    (a fork-based process pool when > 1; the children share the problem's arrays copy-on-write).
+    With one worker the tokens run in lockstep (:func:`_drive`: one batched pricing a round for all of
+    them); with more, a fork-based process pool decides them one by one (the children share the problem's
+    arrays copy-on-write). Each token's solve is deterministic and sees the same pricing either way, so the
+    results do not depend on ``workers`` or on which tokens share a batch.
     An exception while deciding one token becomes that token's Candidate with reason ``lp error: ...`` and
     no claims — a solver failure is reported, never turned into a verdict, and never stops the others."""
+    return [c for c, _ in decide_many_stats(problem, tokens, competitors, workers=workers, pricer=pricer,
+                                            options=options, **kw)]
+
+
+def decide_many_stats(problem, tokens, competitors: dict | None = None, *, workers: int = 1,
+                      pricer: Pricer | None = None, options: DecideOptions | None = None,
+                      **kw) -> list[tuple[Candidate, DecideStats | None]]:
+    """:func:`decide_many` plus each token's :class:`DecideStats` (None from a process pool's workers).
+    A token's ``time_s`` is its own work plus its share of the batched pricings (see :class:`_Clock`)."""
     opt = DecideOptions.from_kwargs(options, **kw)
     tokens = [int(t) for t in tokens]
     competitors = competitors or {}
     pricer = pricer or Pricer(problem)
     if workers <= 1 or len(tokens) <= 1:
         with _one_blas_thread():  # once for the batch: each limit object rescans the loaded libraries (~2 ms)
-            return [_decide_contained(pricer, t, competitors.get(t), opt) for t in tokens]
+            return _drive(pricer, [(t, competitors.get(t)) for t in tokens], opt)
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=int(workers), mp_context=mp.get_context("fork"),
                              initializer=_PoolState.bind, initargs=(pricer, competitors, opt)) as ex:
-        return list(ex.map(_pool_decide, tokens))
-
-
-def _decide_contained(pricer: Pricer, t: int, competitors, opt: DecideOptions) -> Candidate:
-    t0 = time.perf_counter()
-    try:  # BLAS already on one thread (decide_many's block, or the pool worker's initializer)
-        return _decide(pricer, t, competitors, opt)[0]
-    except Exception as e:  # noqa: BLE001 - reported as the token's reason, see decide_many
-        return Candidate(token=t, reason=f"lp error: {type(e).__name__}: {e}", time_s=time.perf_counter() - t0)
+        return [(c, None) for c in ex.map(_pool_decide, tokens)]

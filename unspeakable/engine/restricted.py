@@ -10,14 +10,16 @@ certificates it found (weights on S); a solver limit comes back as a status stri
 
 * :class:`BoxSolver` — the LP above with x in [−ρ, ρ]^d, solved by HiGHS (dual simplex, warm started).
   Witness: the LP's x, clipped into the box against HiGHS's feasibility tolerance; certificate: row duals.
-* :class:`BallSolver` — layernorm / rmsnorm: the restricted optimum lies in ``span{a_j : j in S}``, so it
-  runs on coordinates z of an orthonormal basis Q of that span (``x = Q z``, grown by Gram–Schmidt). The
+* :class:`BallSolver` — layernorm / rmsnorm: the restricted optimum lies in ``span{a_j : j in S}``. The
   ball is not polyhedral and Kelley's tangent cuts do not converge at GPT-2 shape, so the restricted
   optimum is computed exactly by :func:`ball_optimum` (2–4 least-distance problems, one NNLS each), which
-  yields the certificate and the witness. From ``WARM_MIN_ROWS`` rows on, each NNLS starts from the last
-  one's passive set on the rows' Gram (:class:`_Warm`): a hard token's restricted problems grow to ~1000
-  rows, where an NNLS from scratch per LDP was most of its time. ``use_lp`` also solves the LP over S with
-  a tangent cut at the oracle's optimum and offers its duals (a cross-check).
+  yields the certificate and the witness. The oracle reads the rows only through their Gram and products
+  with them, so they are kept as they are (no basis of their span, unless ``use_lp``'s LP needs one), and
+  each NNLS starts from the last one's passive set on that Gram (:class:`_Warm`, an incrementally updated
+  Cholesky factor): a hard token's restricted problems grow to ~1000 rows, where an NNLS from scratch per
+  LDP was most of its time. ``use_lp`` also solves the LP over S, on coordinates z of an orthonormal basis
+  Q of the span (``x = Q z``, grown by Gram–Schmidt), with a tangent cut at the oracle's optimum and offers
+  its duals (a cross-check).
 * :class:`ConeSolver` — bias ignored, normalisation ``k_t·x = 1`` and cap ``s <= 1``, on the span of
   ``k_t`` and S. At GPT-2 shape nearly every token is a hull vertex and the LP needs S beyond d rows before
   the cap stops binding, so by default it first seeks a witness with the ball oracle on the unit ball
@@ -111,13 +113,17 @@ class BoxSolver(Restricted):
 
 class _SpanLP(Restricted):
     """x = Q z on the span of the rows seen so far. Keeps the rows' coefficients ``C`` [|S|, k]
-    (``(k_j − k_t)·Q z``) and ``β`` so that margins over S cost |S| k flops."""
+    (``(k_j − k_t)·Q z``) and ``β`` so that margins over S cost |S| k flops. With ``span=False`` there is
+    no basis (``Q`` is None: z = x, ``C`` holds the rows ``k_j − k_t`` themselves): for the ball oracle,
+    whose least-distance points lie in the rows' span anyway and which reads the rows only through their
+    Gram and products with them, a basis of the span saves little and costs a Gram–Schmidt pass over it
+    every round (the largest share of a round's work once pricing is batched)."""
 
-    def __init__(self, pricer, t, bound: float, warm: bool = True):
+    def __init__(self, pricer, t, bound: float, warm: bool = True, span: bool = True):
         super().__init__(pricer, t)
         self.bound = bound  # |z_i| <= bound (R contains the ball; inf for the cone)
-        self.Q = np.zeros((pricer.d, 0))
-        self.C = np.zeros((0, 0))
+        self.Q = np.zeros((pricer.d, 0)) if span else None
+        self.C = np.zeros((0, 0 if span else pricer.d))
         self.beta = np.zeros(0)
         # C C^T, grown with the rows once there are WARM_MIN_ROWS: the oracle's LDPs then solve their normal
         # equations from the last passive set (a few Cholesky solves) instead of a Lawson–Hanson NNLS from
@@ -149,8 +155,11 @@ class _SpanLP(Restricted):
 
     def add(self, J):
         W = self.p.keys[J] - self.kt  # k_j − k_t
-        self._grow(W)
-        Cn = W @ self.Q
+        if self.Q is None:
+            Cn = W
+        else:
+            self._grow(W)
+            Cn = W @ self.Q
         beta = self.bt - self.p.bias[J]  # zeros in the cone
         if self.lp is not None:
             A = np.empty((J.size, self.Q.shape[1] + 1))
@@ -171,7 +180,10 @@ class _SpanLP(Restricted):
 
     def oracle(self, R: float, z_hint: np.ndarray, tol: float):
         G = -self.C
-        if self.warm is not None and self.warm.gram is None and WARM_MIN_ROWS <= G.shape[0] <= WARM_MAX_ROWS:
+        # Without a basis the rows have d columns, where scipy's NNLS (its cost grows with them) loses to the
+        # warm-started normal equations from the first row on; with one, below WARM_MIN_ROWS it wins.
+        warm_min = WARM_MIN_ROWS if self.Q is not None else 0
+        if self.warm is not None and self.warm.gram is None and warm_min <= G.shape[0] <= WARM_MAX_ROWS:
             self.warm.gram = self.C @ self.C.T
         bo = ball_optimum(G, self.beta, R, float(np.min(G @ z_hint + self.beta)), tol, warm=self.warm)
         if bo is not None:
@@ -181,14 +193,18 @@ class _SpanLP(Restricted):
 
 class BallSolver(_SpanLP):
     def __init__(self, pricer, t, options):
-        super().__init__(pricer, t, pricer.domain.radius, options.warm_ldp)
+        # no span basis unless the LP cross-check needs one (its columns are the basis's coordinates)
+        super().__init__(pricer, t, pricer.domain.radius, options.warm_ldp, span=options.use_lp)
         self.use_lp, self.max_cuts = options.use_lp, options.max_cuts
         # The oracle needs no LP; HiGHS holds the restricted problem only for use_lp's cross-check.
         self.lp = LP(np.array([1.0]), [-math.inf], [math.inf], sense="max") if self.use_lp else None
 
     def step(self, remaining, tol, best_x):
         R = self.p.domain.radius
-        hint = np.zeros(self.Q.shape[1]) if best_x is None else self.Q.T @ best_x
+        if self.Q is None:
+            hint = np.zeros(self.p.d) if best_x is None else best_x
+        else:
+            hint = np.zeros(self.Q.shape[1]) if best_x is None else self.Q.T @ best_x
         bo = self.oracle(R, hint, tol)
         if bo is None:
             return "oracle failure"
@@ -202,7 +218,7 @@ class BallSolver(_SpanLP):
             if isinstance(res, str):
                 return res
             certs.append((ids, self.weights(res)))
-        return Step(self.p.domain.into(self.Q @ bo.z), bo.lower, certs)
+        return Step(self.p.domain.into(bo.z if self.Q is None else self.Q @ bo.z), bo.lower, certs)
 
     def add_cut(self, g: np.ndarray):
         """Tangent cut g·z <= R of the sphere (g a unit vector): valid for every point of the ball."""
@@ -275,8 +291,15 @@ def _ldp(G: np.ndarray, h: np.ndarray, warm: "_Warm | None" = None):
         return np.zeros(k), np.zeros(m)
     u = None
     if warm is not None and warm.gram is not None:
-        u = _nnls_warm(warm.gram + np.outer(h, h), h, warm.passive)
+        A = warm.gram + np.outer(h, h)
+        kept: dict = {}
+        u = _nnls_bpp(A, h, warm.passive, kept=kept)
+        if u is None:
+            warm.bpp_failed += 1
+            u = _nnls_warm(A, h, warm.passive)
+        warm.chol = kept.get("chol")
         if u is not None:
+            u = _refine(G, h, A, u, warm.chol)
             warm.fast += 1
         else:
             warm.slow += 1
@@ -304,6 +327,207 @@ class _Warm:
     passive: np.ndarray
     fast: int = 0  # LDPs solved warm (_nnls_warm)
     slow: int = 0  # ... that fell back to Lawson–Hanson
+    bpp_failed: int = 0  # block principal pivoting (_nnls_bpp) gave up, _nnls_warm took over
+    chol: "_Chol | None" = None  # the last LDP's passive block factor (of G_P G_P^T + h_P h_P^T), when kept
+
+
+# The incremental factor's many small LAPACK calls, without scipy.linalg's per-call argument handling (its
+# batching wrapper costs ~40 us a call, as much as a triangular solve of a few hundred rows).
+_trtrs, _potrf = sla.get_lapack_funcs(("trtrs", "potrf"), dtype=np.float64)
+_qr_insert = getattr(sla.qr_insert, "__wrapped__", sla.qr_insert)
+
+
+def _tri_solve(R: np.ndarray, b: np.ndarray, transpose: bool) -> np.ndarray:
+    """``R^T \\ b`` (``transpose``) or ``R \\ b`` for an upper-triangular C-ordered R (passed to LAPACK as the
+    Fortran-ordered lower-triangular ``R^T``, without a copy)."""
+    x, info = _trtrs(R.T, b, lower=1, trans=0 if transpose else 1)
+    if info != 0:
+        raise np.linalg.LinAlgError("singular triangular factor")
+    return x
+
+
+class _Chol:
+    """An upper Cholesky factor ``R`` (``R^T R = A[idx][:, idx]``) of a principal block of ``A`` that grows and
+    shrinks by rows, updated rather than refactorised: adding n rows to a k-row block costs one triangular
+    solve with n right-hand sides and an n × n Cholesky (O(k² n)); removing one row is a rank-one update of
+    the trailing block, done by scipy's compiled Givens row insertion (``qr_insert``, O((k − p)²)) — where
+    a fresh factorisation costs O(k³) each time. ``idx`` is in insertion order."""
+
+    def __init__(self, A: np.ndarray):
+        self.A = A
+        self.idx = np.zeros(0, dtype=np.int64)
+        self.R = np.zeros((0, 0))
+
+    def add(self, J: np.ndarray) -> None:
+        """Append rows ``J``; raises ``LinAlgError`` (the factor unchanged) when the enlarged block is not
+        numerically positive definite."""
+        J = np.asarray(J, dtype=np.int64)
+        k, n = self.idx.size, J.size
+        if n == 0:
+            return
+        if k:
+            W = _tri_solve(self.R, self.A[np.ix_(self.idx, J)], True)
+            S = self.A[np.ix_(J, J)] - W.T @ W
+        else:
+            W, S = np.zeros((0, n)), self.A[np.ix_(J, J)]
+        Rn, info = _potrf(S, lower=0, clean=1)
+        if info != 0 or not np.all(np.isfinite(Rn)) or not np.all(np.diag(Rn) > 0):
+            raise np.linalg.LinAlgError("not positive definite")
+        R = np.zeros((k + n, k + n))
+        R[:k, :k] = self.R
+        R[:k, k:] = W
+        R[k:, k:] = Rn
+        self.R, self.idx = R, np.concatenate([self.idx, J])
+
+    def remove_at(self, p: int) -> None:
+        """Drop the row at position ``p`` of ``idx``: with ``r`` its row of R past the diagonal, the trailing
+        block becomes the triangular factor of ``R22^T R22 + r r^T`` (the QR of R22 with r appended as a row)."""
+        k = self.idx.size
+        n = k - p - 1
+        R = np.empty((k - 1, k - 1))
+        R[:p, :p] = self.R[:p, :p]
+        R[:p, p:] = self.R[:p, p + 1:]
+        R[p:, :p] = 0.0
+        if n:
+            _, R1 = _qr_insert(np.eye(n), self.R[p + 1:, p + 1:], self.R[p, p + 1:], n, "row", check_finite=False)
+            R[p:, p:] = R1[:n]
+        self.R, self.idx = R, np.delete(self.idx, p)
+
+    def remove(self, positions: np.ndarray) -> None:
+        """Drop the rows at ``positions`` (ascending) of ``idx``: one at a time by :meth:`remove_at`, several
+        at once by one QR of the kept columns' part of R below the first one removed. (A fresh factor of the
+        rows left, where its flops are fewer, was slower on stress 0's hardest token: 5.3 s against 3.0 s —
+        gathering the block from the Gram costs more than its flops say.)"""
+        if positions.size <= 2:
+            for p in positions[::-1]:
+                self.remove_at(int(p))
+            return
+        k, p0 = self.idx.size, int(positions[0])
+        keep = np.ones(k, dtype=bool)
+        keep[positions] = False
+        after = np.nonzero(keep[p0:])[0] + p0
+        c = after.size
+        R = np.zeros((p0 + c, p0 + c))
+        R[:p0, :p0] = self.R[:p0, :p0]
+        R[:p0, p0:] = self.R[:p0, after]
+        if c:
+            R[p0:, p0:] = sla.qr(self.R[p0:, after], mode="r", check_finite=False)[0][:c, :c]
+        self.R, self.idx = R, self.idx[keep]
+
+    def sync(self, F: np.ndarray) -> None:
+        """Make the factor's rows the set ``F`` (a bool mask): removals first, then one block addition."""
+        self.remove(np.nonzero(~F[self.idx])[0])
+        have = np.zeros(F.size, dtype=bool)
+        have[self.idx] = True
+        self.add(np.nonzero(F & ~have)[0])
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        """``A[idx][:, idx]^{-1} b[idx]``, scattered into a vector of ``b``'s length."""
+        z = np.zeros(b.size)
+        if self.idx.size:
+            z[self.idx] = _tri_solve(self.R, _tri_solve(self.R, b[self.idx], True), False)
+        return z
+
+
+def _refine(G: np.ndarray, h: np.ndarray, A: np.ndarray, u: np.ndarray, chol: "_Chol | None" = None,
+            steps: int = 2) -> np.ndarray:
+    """Corrected semi-normal equations (Björck): the normal equations of the LDP's NNLS square the
+    condition of ``E = [G^T; h^T]``, which costs the weights digits exactly where margins are near 0. Each
+    step recomputes the gradient ``E_P^T (E u − e)`` from G and h themselves (not from ``A = E^T E``) and
+    corrects the passive weights by the passive block's solve; a step that would make a weight nonpositive
+    or raise the residual is not taken. ``chol``: the passive block's factor where the NNLS kept it (else
+    one is computed). The result is still only a candidate (see :func:`_ldp`)."""
+    if chol is not None:
+        P = chol.idx
+
+        def solve(g):
+            return _tri_solve(chol.R, _tri_solve(chol.R, g, True), False)
+    else:
+        P = np.nonzero(u > 0)[0]
+        try:
+            c = sla.cho_factor(A[np.ix_(P, P)], check_finite=False) if P.size else None
+        except (np.linalg.LinAlgError, ValueError):
+            return u
+
+        def solve(g):
+            return sla.cho_solve(c, g, check_finite=False)
+    if P.size == 0:
+        return u
+    GP, hP = G[P], h[P]
+
+    def resid(uP):
+        return np.concatenate([GP.T @ uP, [float(hP @ uP) - 1.0]])
+
+    r = resid(u[P])
+    for _ in range(steps):
+        g = GP @ r[:-1] + hP * r[-1]
+        uP = u[P] - solve(g)
+        if not (np.all(np.isfinite(uP)) and np.all(uP >= 0)):
+            break
+        r2 = resid(uP)
+        if not float(r2 @ r2) <= float(r @ r):
+            break
+        u = u.copy()
+        u[P], r = uP, r2
+    return u
+
+
+def _nnls_bpp(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_iter: int = 60,
+              kept: dict | None = None) -> np.ndarray | None:
+    """``min ||E u − e||, u >= 0`` from its normal equations (as :func:`_nnls_warm`) by block principal
+    pivoting (Kim & Park 2011, after Júdice & Pires): from the passive set ``passive``, solve the passive
+    block, then exchange every infeasible row at once — passive rows with a negative weight leave, rows
+    outside with a negative gradient enter — while the number of infeasible rows keeps falling (three
+    tries without progress allowed), else only the last infeasible row (Murty's rule, which terminates).
+    Where Lawson–Hanson walks back one row per solve (tens of solves after a block entry), this takes a few
+    solves. Entering rows that depend on the others (twins) enter one by one, the dependent ones left out.
+    ``kept``: a dict that receives the final passive block's factor (``"chol"``). Returns None where it cannot finish (a singular passive block, ``max_iter`` exchanges): the
+    caller then runs :func:`_nnls_warm`."""
+    m = b.size
+    F = np.zeros(m, dtype=bool)
+    F[: min(passive.size, m)] = passive[:m]
+    tol = 1e-11 * np.sqrt(np.maximum(np.diag(A), 0.0)) + 1e-300
+    chol = _Chol(A)
+    best, backup = m + 1, 3
+    y = np.zeros(m)
+    try:
+        for _ in range(max_iter):
+            chol.remove(np.nonzero(~F[chol.idx])[0])
+            have = np.zeros(m, dtype=bool)
+            have[chol.idx] = True
+            J = np.nonzero(F & ~have)[0]
+            try:
+                chol.add(J)
+            except np.linalg.LinAlgError:
+                # Rows entering together may depend on each other (twins): enter them one at a time, steepest
+                # first, and leave out each that depends on those in (its gradient vanishes once they are).
+                for j in J[np.argsort(y[J], kind="stable")]:
+                    try:
+                        chol.add(np.array([j]))
+                    except np.linalg.LinAlgError:
+                        F[j] = False
+            x = chol.solve(b)
+            if not np.all(np.isfinite(x)):
+                return None
+            y = A @ x - b
+            bad = (F & (x < 0)) | (~F & (y < -tol))
+            n = int(np.count_nonzero(bad))
+            if n == 0:
+                if kept is not None:
+                    kept["chol"] = chol
+                return np.maximum(x, 0.0)
+            if n < best:
+                best, backup = n, 3
+            elif backup > 0:
+                backup -= 1
+            else:
+                j = int(np.nonzero(bad)[0][-1])
+                bad = np.zeros(m, dtype=bool)
+                bad[j] = True
+            F ^= bad
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    return None
 
 
 def _nnls_warm(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_solves: int = 400) -> np.ndarray | None:
@@ -313,10 +537,12 @@ def _nnls_warm(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_solves: in
     Each outer step solves the enlarged passive block, then walks back towards the last feasible point
     until no weight is negative (removing those that reach zero), so the objective never increases; where a
     block step makes no progress, only the steepest row enters (the classical rule, which does).
-    One Cholesky solve per step; warm started, a handful. Returns None where it cannot finish (a singular
-    passive block, too many steps): the caller then solves from scratch. The residual ``E u − e`` has norm
-    <= 1 at every iterate (u = 0 gives exactly 1, and the objective never increases), so
-    ``|(A u − b)_i| <= ||E_i||`` sets the scale of "a negative gradient"."""
+    The passive block's Cholesky factor is updated as rows enter and leave (:class:`_Chol`), not rebuilt:
+    a block entry is often followed by a walk-back of tens of single removals. Warm started, a handful of
+    outer steps. Returns None where it cannot finish (a singular passive block, too many steps): the caller
+    then solves from scratch. The residual ``E u − e`` has norm <= 1 at every iterate (u = 0 gives exactly
+    1, and the objective never increases), so ``|(A u − b)_i| <= ||E_i||`` sets the scale of "a negative
+    gradient"."""
     m = b.size
     F = np.zeros(m, dtype=bool)
     F[: min(passive.size, m)] = passive[:m]
@@ -324,14 +550,11 @@ def _nnls_warm(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_solves: in
     x = np.zeros(m)
     solves = 0
     single = False
+    chol = _Chol(A)
 
     def solve(F):
-        z = np.zeros(m)
-        idx = np.nonzero(F)[0]
-        if idx.size:
-            c = sla.cho_factor(A[np.ix_(idx, idx)], check_finite=False)
-            z[idx] = sla.cho_solve(c, b[idx], check_finite=False)
-        return z
+        chol.sync(F)
+        return chol.solve(b)
 
     F_before = None
     while solves < max_solves:
@@ -377,6 +600,29 @@ def _nnls_warm(A: np.ndarray, b: np.ndarray, passive: np.ndarray, max_solves: in
             F |= enter
         except (np.linalg.LinAlgError, ValueError):
             return None
+    return None
+
+
+def _slope_from_factor(G: np.ndarray, h: np.ndarray, chol: "_Chol") -> np.ndarray | None:
+    """:func:`_min_norm_slope` on the LDP's passive rows P from the factor its NNLS left, of
+    ``A = G_P G_P^T + h_P h_P^T``: ``(G_P G_P^T)^{-1} 1 = A^{-1} 1 + A^{-1} h (h·A^{-1} 1) / (1 − h·A^{-1} h)``
+    (Sherman–Morrison), no new factorisation. None where the denominator is small or the result misses
+    ``G_P dz = 1``: the caller then factorises afresh."""
+    P = chol.idx
+    hP = h[P]
+    ones = np.ones(P.size)
+    try:
+        a = _tri_solve(chol.R, _tri_solve(chol.R, ones, True), False)
+        c = _tri_solve(chol.R, _tri_solve(chol.R, hP, True), False)
+    except np.linalg.LinAlgError:
+        return None
+    den = 1.0 - float(hP @ c)
+    if not den > 1e-8:
+        return None
+    GP = G[P]
+    dz = GP.T @ (a + c * (float(hP @ a) / den))
+    if np.all(np.isfinite(dz)) and np.allclose(GP @ dz, ones, rtol=0, atol=1e-8):
+        return dz
     return None
 
 
@@ -431,7 +677,12 @@ def _level(G, beta, R, s: float, br: _Bracket, warm: _Warm | None = None) -> flo
         br.hi = min(br.hi, s)
     P = u > 0
     if np.any(P):
-        dz = _min_norm_slope(G[P], None if warm is None or warm.gram is None else warm.gram[np.ix_(P, P)])
+        ch = None if warm is None else warm.chol
+        dz = None
+        if ch is not None and ch.idx.size == int(np.count_nonzero(P)) and np.all(P[ch.idx]):
+            dz = _slope_from_factor(G, s - beta, ch)
+        if dz is None:
+            dz = _min_norm_slope(G[P], None if warm is None or warm.gram is None else warm.gram[np.ix_(P, P)])
         a, b, c = float(dz @ dz), float(z @ dz), nz * nz - R * R
         if a > 0 and b * b - a * c >= 0:
             return s + (-b + math.sqrt(b * b - a * c)) / a
