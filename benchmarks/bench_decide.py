@@ -88,9 +88,11 @@ def decide_tokens(bp: BenchProblem, tokens, comps: dict | None = None,
     time); returns the timings and the one-off per-problem setup time. A token's time is its own work plus
     its share of the batched pricings (``decide._Clock``): with ``batch=1`` its wall time."""
     from unspeakable.engine.decide import Pricer, decide_many_stats
+    from unspeakable.engine.memory import Budget
     from unspeakable.engine.pipeline import DECIDE_CHUNK, LP_PASSES, decide_pass_options, working_problem
 
     batch = DECIDE_CHUNK if batch is None else max(1, int(batch))
+    lockstep = Budget.for_problem(bp.problem, 0).lp_lockstep  # as a scan's default budget sizes it
     work = working_problem(bp.problem)[0]
     t0 = time.perf_counter()
     pricer = Pricer(work)  # built once per problem; the pipeline pays it once per scan
@@ -105,7 +107,7 @@ def decide_tokens(bp: BenchProblem, tokens, comps: dict | None = None,
         for b0 in range(0, len(pending), batch):
             chunk = pending[b0: b0 + batch]
             res = decide_many_stats(work, chunk, comps, pricer=pricer,
-                                    **decide_pass_options(stop_at_sign, TIME_LIMIT_S))
+                                    **decide_pass_options(stop_at_sign, TIME_LIMIT_S, lockstep))
             for t, (cand, st) in zip(chunk, res):
                 spent[t] += cand.time_s
                 rounds[t] += st.rounds

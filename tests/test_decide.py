@@ -718,12 +718,12 @@ def test_incremental_cholesky_bulk_removal():
 
 
 def test_lockstep_window_refills(monkeypatch):
-    # More tokens than LOCKSTEP: the window refills as tokens finish, with the same results as one at a time
-    monkeypatch.setattr(decide_mod, "LOCKSTEP", 3)
+    # More tokens than the window (lockstep): it refills as tokens finish, with the same results as one at a time
     monkeypatch.setattr(decide_mod, "PRICE_BATCH", 2)
     p = _box_instance()
     tokens = list(range(0, 40, 3))
-    many = decide_many(p, tokens)
+    many = decide_many(p, tokens, lockstep=3)
+    assert [(c.lower, c.upper) for c in decide_many(p, tokens, lockstep=1)] == [(c.lower, c.upper) for c in many]
     for t, c in zip(tokens, many):
         one = decide_token(p, t)
         assert c.token == t and (c.lower, c.upper, c.iterations) == (one.lower, one.upper, one.iterations)

@@ -52,6 +52,9 @@ def test_budget_batches_shrink_with_the_budget_and_never_below_the_floor():
     for b in sizes:  # what the batches need fits in the working set (or they are at their floor of 8)
         assert b.search_batch == 8 or b.search_batch * SEARCH_BYTES_PER_V * V <= b.working
         assert b.witness_batch == 8 or b.witness_batch * 2 * 4 * V <= b.working
+        assert b.lp_lockstep == 1 or b.lp_lockstep * 8 * 4096**2 <= b.working  # the LP's Grams, at their largest
+    assert [b.lp_lockstep for b in sizes] == sorted(b.lp_lockstep for b in sizes)
+    assert sizes[0].lp_lockstep == 1 and sizes[-1].lp_lockstep == 16 and sizes[-1].to_json()["lp_lockstep"] == 16
     # the resident part counts the head, the keys (float64), the rows where they are held, and the shared
     # float32 keys; given the process's resident set now, at least that plus the float32 keys to come
     p = fold(_head(V=400, d=8, dtype=np.float64))  # u ⊙ γ rounds: rows, their residual, the search's keys

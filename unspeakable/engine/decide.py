@@ -38,7 +38,6 @@ from unspeakable.engine.restricted import SOLVERS
 
 U32 = 2.0**-24
 PRICE_BATCH = 32  # points priced by one float32 GEMM (Pricer.price_many)
-LOCKSTEP = 16  # tokens of a decide_many batch under way at once (_drive)
 
 
 @dataclass
@@ -60,6 +59,9 @@ class DecideOptions:
         cone_oracle: cone only: seek a witness with the ball oracle first (see ``engine.restricted``).
         warm_ldp: balls and the cone's ball oracle: solve each least-distance problem from the last one's
             passive set on the rows' Gram (falls back to a Lawson–Hanson NNLS from scratch where it fails).
+        lockstep: tokens of a :func:`decide_many` batch under way at once (:func:`_drive`); each may hold its
+            restricted problem, up to ``8 · WARM_MAX_ROWS²`` bytes (the scan sizes it from its memory
+            budget: ``engine.memory.Budget.lp_lockstep``). Results do not depend on it.
     """
 
     time_limit: float = 20.0
@@ -73,6 +75,7 @@ class DecideOptions:
     max_cuts: int = 200
     cone_oracle: bool = True
     warm_ldp: bool = True
+    lockstep: int = 16
 
     @classmethod
     def from_kwargs(cls, options: "DecideOptions | None" = None, **kw) -> "DecideOptions":
@@ -362,7 +365,7 @@ def _priced(clock: _Clock, stats: DecideStats | None, x, t: int, *args):
 def _drive(pricer: Pricer, jobs: list, opt: DecideOptions, contain: bool = True) -> list[tuple[Candidate, DecideStats]]:
     """Decide the tokens of ``jobs`` (``(t, competitors)`` pairs) in lockstep: each round, every token that
     waits for a pricing gets it from one batched :meth:`Pricer.price_many`, its share of the time charged to
-    its clock. At most ``LOCKSTEP`` tokens are under way at once (each holds its restricted problem: up to
+    its clock. At most ``opt.lockstep`` tokens are under way at once (each holds its restricted problem: up to
     its Gram of WARM_MAX_ROWS² doubles); the next starts when one finishes. Each token's solve sees exactly
     what it would alone (``price_many``'s results do not depend on the batch), so results do not depend on
     how many tokens run together. ``contain``: an exception while deciding one token becomes that token's
@@ -398,7 +401,7 @@ def _drive(pricer: Pricer, jobs: list, opt: DecideOptions, contain: bool = True)
         if not step(i, value):
             start_next()
 
-    for _ in range(min(LOCKSTEP, len(jobs))):
+    for _ in range(min(max(1, int(opt.lockstep)), len(jobs))):
         start_next()
     while pending:
         items = sorted(pending.items())

@@ -33,6 +33,8 @@ DEFAULT_WORKING = 750 * 10**6  # the default working set never asks for more tha
 MIN_WORKING = 64 * 2**20  # the working set never shrinks below this (the smallest batches fit in it)
 SEARCH_BYTES_PER_V = 16  # a search batch's working set per token and vocabulary row (Budget.search_batch)
 SEARCH_BATCH_MAX = 256  # tokens per search batch when memory allows (engine.search.SearchOptions.batch)
+LP_LOCKSTEP_MAX = 16  # tokens the LP decides side by side (engine.decide.DecideOptions.lockstep)
+WARM_MAX_ROWS = 4096  # the largest restricted problem the LP keeps a Gram of (engine.restricted.WARM_MAX_ROWS)
 WITNESS_BATCH_MAX = 192  # witnesses per verifier pass (engine.verify.Verifier.witnesses)
 
 
@@ -130,9 +132,16 @@ class Budget:
         # competitors, the float64 margins and their errors of the candidates, up to all V (2 float64 columns)
         return self.per_row((2 * 4 + 2 * 8) * self.V, WITNESS_BATCH_MAX)
 
+    @property
+    def lp_lockstep(self) -> int:
+        # tokens the LP decides side by side, each holding at most its restricted problem's Gram (WARM_MAX_ROWS²
+        # doubles: engine.restricted)
+        return self.per_row(8 * WARM_MAX_ROWS**2, LP_LOCKSTEP_MAX, floor=1)
+
     def to_json(self) -> dict:
         return {"budget_bytes": self.total, "resident_bytes": self.resident, "working_bytes": self.working,
-                "search_batch": self.search_batch, "witness_batch": self.witness_batch}
+                "search_batch": self.search_batch, "witness_batch": self.witness_batch,
+                "lp_lockstep": self.lp_lockstep}
 
 
 def row_norms(a: np.ndarray, chunk: int = 8192) -> np.ndarray:

@@ -35,10 +35,11 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.optimize import nnls
 
+from unspeakable.engine import memory
 from unspeakable.engine.highs import LP, LPResult, Status
 
 WARM_MIN_ROWS = 256  # restricted problems of this many rows keep their Gram for warm-started LDPs (_Warm)
-WARM_MAX_ROWS = 4096  # ... up to this many (the Gram is 8·m² bytes: 134 MB here); past it, NNLS from scratch
+WARM_MAX_ROWS = memory.WARM_MAX_ROWS  # ... up to this many (the Gram is 8·m² bytes: 134 MB here); past it, NNLS from scratch
 
 
 @dataclass
