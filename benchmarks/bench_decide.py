@@ -92,7 +92,7 @@ def decide_tokens(bp: BenchProblem, tokens, comps: dict | None = None,
     from unspeakable.engine.pipeline import DECIDE_CHUNK, LP_PASSES, decide_pass_options, working_problem
 
     batch = DECIDE_CHUNK if batch is None else max(1, int(batch))
-    lockstep = Budget.for_problem(bp.problem, 0).lp_lockstep  # as a scan's default budget sizes it
+    warm_rows = Budget.for_problem(bp.problem, 0).lp_warm_rows  # as a scan's default budget sizes it
     work = working_problem(bp.problem)[0]
     t0 = time.perf_counter()
     pricer = Pricer(work)  # built once per problem; the pipeline pays it once per scan
@@ -107,7 +107,7 @@ def decide_tokens(bp: BenchProblem, tokens, comps: dict | None = None,
         for b0 in range(0, len(pending), batch):
             chunk = pending[b0: b0 + batch]
             res = decide_many_stats(work, chunk, comps, pricer=pricer,
-                                    **decide_pass_options(stop_at_sign, TIME_LIMIT_S, lockstep))
+                                    **decide_pass_options(stop_at_sign, TIME_LIMIT_S, warm_rows))
             for t, (cand, st) in zip(chunk, res):
                 spent[t] += cand.time_s
                 rounds[t] += st.rounds

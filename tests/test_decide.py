@@ -729,6 +729,19 @@ def test_lockstep_window_refills(monkeypatch):
         assert c.token == t and (c.lower, c.upper, c.iterations) == (one.lower, one.upper, one.iterations)
 
 
+def test_gram_cap_from_the_budget_keeps_the_verdicts():
+    # A budget too small for 16 Grams of 4096 rows caps them (NNLS from scratch past the cap): the same signs,
+    # bounds that agree to the LDPs' rounding
+    p = _box_instance()
+    tokens = list(range(0, 40, 3))
+    ref = decide_many(p, tokens, stop_at_sign=False)
+    for cap in (1, 4):
+        got = decide_many(p, tokens, stop_at_sign=False, warm_max_rows=cap)
+        for a, b in zip(ref, got):
+            assert (a.lower > 0, a.upper < 0) == (b.lower > 0, b.upper < 0)
+            assert abs(a.lower - b.lower) <= 1e-6 * (1 + abs(a.lower)) and abs(a.upper - b.upper) <= 1e-6 * (1 + abs(a.upper))
+
+
 def test_slope_from_the_ldp_factor_matches_a_fresh_one():
     # _slope_from_factor (Sherman-Morrison on the NNLS's factor of G_P G_P^T + h_P h_P^T) against
     # _min_norm_slope (a fresh factor of G_P G_P^T) on the passive set an LDP leaves

@@ -52,9 +52,11 @@ def test_budget_batches_shrink_with_the_budget_and_never_below_the_floor():
     for b in sizes:  # what the batches need fits in the working set (or they are at their floor of 8)
         assert b.search_batch == 8 or b.search_batch * SEARCH_BYTES_PER_V * V <= b.working
         assert b.witness_batch == 8 or b.witness_batch * 2 * 4 * V <= b.working
-        assert b.lp_lockstep == 1 or b.lp_lockstep * 8 * 4096**2 <= b.working  # the LP's Grams, at their largest
-    assert [b.lp_lockstep for b in sizes] == sorted(b.lp_lockstep for b in sizes)
-    assert sizes[0].lp_lockstep == 1 and sizes[-1].lp_lockstep == 16 and sizes[-1].to_json()["lp_lockstep"] == 16
+        # the LP's 16 tokens side by side, each with a Gram and a factor of up to lp_warm_rows rows
+        assert b.lp_warm_rows == 256 or 16 * 16 * b.lp_warm_rows**2 <= b.working
+    assert [b.lp_warm_rows for b in sizes] == sorted(b.lp_warm_rows for b in sizes)
+    assert sizes[0].lp_warm_rows == int(np.sqrt(MIN_WORKING / 256)) and sizes[-1].lp_warm_rows == 4096 and sizes[-1].to_json()["lp_warm_rows"] == 4096
+    assert Budget(GB, 0, V, d).lp_warm_rows == int(np.sqrt(GB / 256))  # 1976 rows in 1 GB
     # the resident part counts the head, the keys (float64), the rows where they are held, and the shared
     # float32 keys; given the process's resident set now, at least that plus the float32 keys to come
     p = fold(_head(V=400, d=8, dtype=np.float64))  # u ⊙ γ rounds: rows, their residual, the search's keys

@@ -409,7 +409,7 @@ class _OpenTokens:
         comps = {t: self.st.comps.get(t) for t in toks}
         return self.fns["decide"].remote(self.ref, list(toks), comps,
                                          decide_pass_options(p.stop_at_sign, self.sc.opt.decide_time_limit,
-                                                             self.sc.budget.lp_lockstep))
+                                                             self.sc.budget.lp_warm_rows))
 
     def _take(self) -> None:
         """Take arrived chunks in order, pass by pass; feed each pass's undecided tokens to the next."""

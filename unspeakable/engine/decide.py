@@ -34,7 +34,8 @@ import numpy as np
 
 from unspeakable.engine.memory import row_norms
 from unspeakable.engine.evidence import Candidate, Certificate
-from unspeakable.engine.restricted import SOLVERS
+from unspeakable.engine.memory import LP_LOCKSTEP
+from unspeakable.engine.restricted import SOLVERS, WARM_MAX_ROWS
 
 U32 = 2.0**-24
 PRICE_BATCH = 32  # points priced by one float32 GEMM (Pricer.price_many)
@@ -59,9 +60,12 @@ class DecideOptions:
         cone_oracle: cone only: seek a witness with the ball oracle first (see ``engine.restricted``).
         warm_ldp: balls and the cone's ball oracle: solve each least-distance problem from the last one's
             passive set on the rows' Gram (falls back to a Lawson–Hanson NNLS from scratch where it fails).
-        lockstep: tokens of a :func:`decide_many` batch under way at once (:func:`_drive`); each may hold its
-            restricted problem, up to ``8 · WARM_MAX_ROWS²`` bytes (the scan sizes it from its memory
-            budget: ``engine.memory.Budget.lp_lockstep``). Results do not depend on it.
+        lockstep: tokens of a :func:`decide_many` batch under way at once (:func:`_drive`). Results do not
+            depend on it.
+        warm_max_rows: the largest restricted problem that keeps its Gram (and its factor) for warm LDPs,
+            about ``16 · m²`` bytes each; past it, NNLS from scratch. The scan sizes it from its memory budget
+            so that ``lockstep`` of them fit (``engine.memory.Budget.lp_warm_rows``). Results do not depend
+            on it beyond the LDPs' rounding.
     """
 
     time_limit: float = 20.0
@@ -75,7 +79,8 @@ class DecideOptions:
     max_cuts: int = 200
     cone_oracle: bool = True
     warm_ldp: bool = True
-    lockstep: int = 16
+    lockstep: int = LP_LOCKSTEP
+    warm_max_rows: int = WARM_MAX_ROWS
 
     @classmethod
     def from_kwargs(cls, options: "DecideOptions | None" = None, **kw) -> "DecideOptions":
@@ -366,7 +371,7 @@ def _drive(pricer: Pricer, jobs: list, opt: DecideOptions, contain: bool = True)
     """Decide the tokens of ``jobs`` (``(t, competitors)`` pairs) in lockstep: each round, every token that
     waits for a pricing gets it from one batched :meth:`Pricer.price_many`, its share of the time charged to
     its clock. At most ``opt.lockstep`` tokens are under way at once (each holds its restricted problem: up to
-    its Gram of WARM_MAX_ROWS² doubles); the next starts when one finishes. Each token's solve sees exactly
+    its Gram of ``opt.warm_max_rows²`` doubles); the next starts when one finishes. Each token's solve sees exactly
     what it would alone (``price_many``'s results do not depend on the batch), so results do not depend on
     how many tokens run together. ``contain``: an exception while deciding one token becomes that token's
     Candidate with reason ``lp error: ...`` and no claims (see :func:`decide_many`); otherwise it

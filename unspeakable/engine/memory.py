@@ -23,6 +23,7 @@ with the working set MIN_WORKING and says so in its warnings.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -33,8 +34,9 @@ DEFAULT_WORKING = 750 * 10**6  # the default working set never asks for more tha
 MIN_WORKING = 64 * 2**20  # the working set never shrinks below this (the smallest batches fit in it)
 SEARCH_BYTES_PER_V = 16  # a search batch's working set per token and vocabulary row (Budget.search_batch)
 SEARCH_BATCH_MAX = 256  # tokens per search batch when memory allows (engine.search.SearchOptions.batch)
-LP_LOCKSTEP_MAX = 16  # tokens the LP decides side by side (engine.decide.DecideOptions.lockstep)
+LP_LOCKSTEP = 16  # tokens the LP decides side by side (engine.decide.DecideOptions.lockstep)
 WARM_MAX_ROWS = 4096  # the largest restricted problem the LP keeps a Gram of (engine.restricted.WARM_MAX_ROWS)
+WARM_MIN_ROWS = 256  # ... never capped below this (engine.restricted.WARM_MIN_ROWS)
 WITNESS_BATCH_MAX = 192  # witnesses per verifier pass (engine.verify.Verifier.witnesses)
 
 
@@ -133,15 +135,16 @@ class Budget:
         return self.per_row((2 * 4 + 2 * 8) * self.V, WITNESS_BATCH_MAX)
 
     @property
-    def lp_lockstep(self) -> int:
-        # tokens the LP decides side by side, each holding at most its restricted problem's Gram (WARM_MAX_ROWS²
-        # doubles: engine.restricted)
-        return self.per_row(8 * WARM_MAX_ROWS**2, LP_LOCKSTEP_MAX, floor=1)
+    def lp_warm_rows(self) -> int:
+        # the LP decides LP_LOCKSTEP tokens side by side, each holding its restricted problem's Gram and its
+        # Cholesky factor (2 · 8 · m² bytes) up to m rows: m such that all of them fit in the working set
+        m = math.isqrt(self.working // (LP_LOCKSTEP * 16))
+        return int(max(WARM_MIN_ROWS, min(WARM_MAX_ROWS, m)))
 
     def to_json(self) -> dict:
         return {"budget_bytes": self.total, "resident_bytes": self.resident, "working_bytes": self.working,
                 "search_batch": self.search_batch, "witness_batch": self.witness_batch,
-                "lp_lockstep": self.lp_lockstep}
+                "lp_warm_rows": self.lp_warm_rows}
 
 
 def row_norms(a: np.ndarray, chunk: int = 8192) -> np.ndarray:

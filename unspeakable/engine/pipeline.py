@@ -607,7 +607,7 @@ def _decide_chunk(sc: _Scan, work, lift, chunk: list, stop_at_sign: bool, st: De
     with sc.timed("decide"):
         cands = [lift(c) for c in decide_many(work, chunk, st.comps, pricer=st.pricer, workers=sc.opt.workers,
                                               **decide_pass_options(stop_at_sign, sc.opt.decide_time_limit,
-                                                                    sc.budget.lp_lockstep))]
+                                                                    sc.budget.lp_warm_rows))]
     results = verify_candidates(sc, cands)  # timed as verification
     with sc.timed("decide"):  # recording, the checkpoint's append included
         record_decide(sc, chunk, cands, results, stop_at_sign, st)
@@ -625,12 +625,12 @@ def record_decide(sc: _Scan, chunk: list, cands: list, results: list, stop_at_si
     return [t for t in chunk if t not in final_set]
 
 
-def decide_pass_options(stop_at_sign: bool, time_limit: float, lockstep: int = 16) -> dict:
+def decide_pass_options(stop_at_sign: bool, time_limit: float, warm_max_rows: int = 4096) -> dict:
     """One LP pass's settings (also the Ray tasks': engine.cluster). The second pass solves to the optimum,
     to a tolerance near float64's own: a margin of 1e-9 relative is far above rounding and must not be left
-    undecided. ``lockstep``: tokens decided side by side (the budget's ``lp_lockstep``)."""
+    undecided. ``warm_max_rows``: the LP's Gram cap (the budget's ``lp_warm_rows``)."""
     return {"time_limit": time_limit, "stop_at_sign": stop_at_sign, "tol": 1e-9 if stop_at_sign else 1e-14,
-            "n_start": 192, "add_per_round": 96, "lockstep": lockstep}
+            "n_start": 192, "add_per_round": 96, "warm_max_rows": warm_max_rows}
 
 
 def _merge(old: Verified, new: Verified) -> Verified:
@@ -672,7 +672,7 @@ def _settle_twins(sc: _Scan) -> None:
         ids = np.array([pos[t] for t in todo], dtype=np.int64)
         cands = search(R, ids)
         lp = decide_many(R, [int(i) for i in ids], **decide_pass_options(False, sc.opt.decide_time_limit,
-                                                                          sc.budget.lp_lockstep))
+                                                                          sc.budget.lp_warm_rows))
     found = []
     for c_s, c_l, t in zip(cands, lp, todo):
         for c in (c_s, c_l):

@@ -38,7 +38,7 @@ from scipy.optimize import nnls
 from unspeakable.engine import memory
 from unspeakable.engine.highs import LP, LPResult, Status
 
-WARM_MIN_ROWS = 256  # restricted problems of this many rows keep their Gram for warm-started LDPs (_Warm)
+WARM_MIN_ROWS = memory.WARM_MIN_ROWS  # restricted problems of this many rows keep their Gram for warm-started LDPs (_Warm)
 WARM_MAX_ROWS = memory.WARM_MAX_ROWS  # ... up to this many (the Gram is 8·m² bytes: 134 MB here); past it, NNLS from scratch
 
 
@@ -120,8 +120,10 @@ class _SpanLP(Restricted):
     Gram and products with them, a basis of the span saves little and costs a Gram–Schmidt pass over it
     every round (the largest share of a round's work once pricing is batched)."""
 
-    def __init__(self, pricer, t, bound: float, warm: bool = True, span: bool = True):
+    def __init__(self, pricer, t, bound: float, warm: bool = True, span: bool = True,
+                 warm_max_rows: int = WARM_MAX_ROWS):
         super().__init__(pricer, t)
+        self.warm_max_rows = int(warm_max_rows)  # the largest restricted problem that keeps its Gram
         self.bound = bound  # |z_i| <= bound (R contains the ball; inf for the cone)
         self.Q = np.zeros((pricer.d, 0)) if span else None
         self.C = np.zeros((0, 0 if span else pricer.d))
@@ -169,7 +171,7 @@ class _SpanLP(Restricted):
             rows = self.lp.add_rows(A, -math.inf, beta)  # s + (k_j − k_t)·Q z <= b_t − b_j
             self.comp_rows.extend(int(r) for r in rows)
         if self.warm is not None and self.warm.gram is not None:
-            if self.C.shape[0] + Cn.shape[0] > WARM_MAX_ROWS:
+            if self.C.shape[0] + Cn.shape[0] > self.warm_max_rows:
                 self.warm = None
             else:
                 cross = self.C @ Cn.T  # the old rows are zero on the columns _grow added
@@ -184,7 +186,7 @@ class _SpanLP(Restricted):
         # Without a basis the rows have d columns, where scipy's NNLS (its cost grows with them) loses to the
         # warm-started normal equations from the first row on; with one, below WARM_MIN_ROWS it wins.
         warm_min = WARM_MIN_ROWS if self.Q is not None else 0
-        if self.warm is not None and self.warm.gram is None and warm_min <= G.shape[0] <= WARM_MAX_ROWS:
+        if self.warm is not None and self.warm.gram is None and warm_min <= G.shape[0] <= self.warm_max_rows:
             self.warm.gram = self.C @ self.C.T
         bo = ball_optimum(G, self.beta, R, float(np.min(G @ z_hint + self.beta)), tol, warm=self.warm)
         if bo is not None:
@@ -195,7 +197,8 @@ class _SpanLP(Restricted):
 class BallSolver(_SpanLP):
     def __init__(self, pricer, t, options):
         # no span basis unless the LP cross-check needs one (its columns are the basis's coordinates)
-        super().__init__(pricer, t, pricer.domain.radius, options.warm_ldp, span=options.use_lp)
+        super().__init__(pricer, t, pricer.domain.radius, options.warm_ldp, span=options.use_lp,
+                         warm_max_rows=options.warm_max_rows)
         self.use_lp, self.max_cuts = options.use_lp, options.max_cuts
         # The oracle needs no LP; HiGHS holds the restricted problem only for use_lp's cross-check.
         self.lp = LP(np.array([1.0]), [-math.inf], [math.inf], sense="max") if self.use_lp else None
@@ -234,7 +237,7 @@ class BallSolver(_SpanLP):
 
 class ConeSolver(_SpanLP):
     def __init__(self, pricer, t, options):
-        super().__init__(pricer, t, math.inf, options.warm_ldp)
+        super().__init__(pricer, t, math.inf, options.warm_ldp, warm_max_rows=options.warm_max_rows)
         nt = float(np.linalg.norm(self.kt))
         self.by_ball = options.cone_oracle
         self.lp = LP(np.array([1.0]), [-math.inf], [1.0], sense="max")  # the cap s <= 1
