@@ -196,17 +196,19 @@ def test_fingerprint_is_the_arrays_whether_derived_or_held():
     assert fingerprint(r) != fingerprint(p)
 
 
-@pytest.mark.parametrize("norm, domain", [("rmsnorm", None), ("layernorm", None), ("rmsnorm", "box"),
-                                          ("layernorm", "cone")])
-def test_screens_and_verifier_same_with_rows_on_demand(norm, domain):
+@pytest.mark.parametrize("norm, domain, scale", [("rmsnorm", None, 1.0), ("layernorm", None, 1.0),
+                                                 ("rmsnorm", "box", 1.0), ("layernorm", "cone", 1.0),
+                                                 ("rmsnorm", None, 1e18)])
+def test_screens_and_verifier_same_with_rows_on_demand(norm, domain, scale):
     """The screens reduce the gram rows from the same pass whether they are held or derived (then they go
-    in as the other convention, read block by block); the verifier's shifted rows are the keys where the
-    keys are ``rows − center``. Every field equal to the run on the held array."""
+    in as the other convention, read block by block, and built whole only for the rows recomputed over all
+    V: rows beyond float32's range at scale 1e18); the verifier's shifted rows are the keys where the keys
+    are ``rows − center``. Every field equal to the run on the held array."""
     from dataclasses import replace
 
     from unspeakable.engine.screen import screens
 
-    head = _head(V=900, d=16, seed=9, norm=norm, bias=True)
+    head = _head(V=900, d=16, seed=9, norm=norm, bias=True, scale=scale)
     p = fold(head, domain=domain)
     q = replace(p, rows=rows_array(p.rows), derived={})
     ids = np.arange(p.V)
@@ -220,6 +222,9 @@ def test_screens_and_verifier_same_with_rows_on_demand(norm, domain):
                 if f not in ("time_s", "seconds"):
                     assert np.array_equal(getattr(x, f), getattr(y, f)), (centred, f)
         assert a[2].get("other_gram") == b[2].get("other_gram") and a[2].get("passes") == b[2].get("passes")
+        assert a[2].get("other_recomputed") == b[2].get("other_recomputed")
+        if scale > 1:
+            assert a[2]["gram_recomputed"] > 0 and a[2]["other_recomputed"] > 0  # the path that builds them whole
     va, vb = Verifier(p), Verifier(q)
     assert isinstance(va.A, KeyRows) == p.keys_are_shifted_rows
     assert np.array_equal(np.vstack([a for _, a in va.A.chunks()]), np.vstack([a for _, a in vb.A.chunks()]))
