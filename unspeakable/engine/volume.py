@@ -42,7 +42,10 @@ ball: a token that wins only inside the ball (a large bias, a short row) is spea
     lies); the final particles are re-scored against all V rows and the fraction that truly wins
     multiplies the estimate, so the estimate is of the head as given. The interval comes from
     the spread of the independent replicates (Cox's interval for a log-normal mean), so MCMC correlation
-    widens it instead of making it dishonest.
+    widens it instead of making it dishonest. Replicates whose final particles all lose against V estimate
+    0 (on SmolLM2 the J-cell is 5-50x the token's cell: its cells have thousands of facets, J holds at most
+    1024); then the interval is a t interval on the raw estimates, and where its lower end reaches 0 the
+    lower end is a distribution-free bound for nonnegative unbiased replicates (:func:`_nonnegative_lower`).
   - ``tie`` members share their group's estimate; ``zero`` is a proof that the share is 0 (one competitor's
     half-space misses the sphere), with interval ``[null, null]`` and the estimate null.
 * ``samples`` — plain samples (sampling) or replicates × particles (splitting); ``seconds`` — the wall time
@@ -788,7 +791,8 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
 
 def _cox_interval(est: np.ndarray, conf: float, var_floor: float = 0.0) -> tuple[float, float, float]:
     """(log10 mean, lo, hi) from independent unbiased replicate estimates: Cox's interval for the mean of
-    a log-normal on their logs; with zeros among them, a t interval on the raw values.
+    a log-normal on their logs; with zeros among them, a t interval on the raw values, whose lower end, where
+    it reaches 0, is replaced by :func:`_nonnegative_lower` at the same one-sided level.
 
     ``var_floor``: a lower limit for the variance of one replicate's log estimate — that of splitting with
     perfectly mixed particles, ``(levels + 1)/N``. The truth is never below it, and with few replicates
@@ -809,7 +813,25 @@ def _cox_interval(est: np.ndarray, conf: float, var_floor: float = 0.0) -> tuple
         return math.log10(mean), (centre - half) / ln10, (centre + half) / ln10
     se = float(np.std(est, ddof=1)) / math.sqrt(R)
     lo = mean - q * se
+    if not lo > 0:  # the normal approximation reaches 0: the distribution-free end below instead of none
+        lo = _nonnegative_lower(est, (1 - conf) / 2)
     return math.log10(mean), (math.log10(lo) if lo > 0 else -math.inf), math.log10(mean + q * se)
+
+
+def _nonnegative_lower(est: np.ndarray, alpha: float) -> float:
+    """A lower confidence bound, at level 1 − ``alpha``, for the mean μ of independent nonnegative estimates
+    that are each unbiased for μ — nothing else assumed (the replicates of splitting, zeros included).
+
+    By Markov's inequality each estimate is at least μ/a with probability at most a, independently, so the
+    k-th largest of the R estimates is at least μ/a with probability at most P(Bin(R, a) ≥ k). With a_k the
+    a at which that is alpha/R, ``max_k a_k X_(k)`` is below μ except with probability at most alpha (a
+    union over k). Conservative (Markov is far from tight), and 0 when every estimate is 0."""
+    from scipy.stats import beta
+
+    x = np.sort(np.asarray(est, dtype=np.float64))[::-1]
+    R = len(x)
+    a = beta.ppf(alpha / R, np.arange(1, R + 1), R - np.arange(1, R + 1) + 1)  # P(Bin(R, a) >= k) = alpha / R
+    return float(np.max(a * x))
 
 
 # ------------------------------------------------------------------------------------------------ the cap
