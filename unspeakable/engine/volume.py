@@ -512,6 +512,7 @@ class _Batch:
         self.core = (sel, idx, torch.gather(self.A[sel], 2, idx[:, None, :].expand(-1, self.A.shape[1], -1)),
                      torch.gather(self.B[sel], 1, idx))
         self.binding[sel] *= 0.5  # older levels count less: the binding facets move as the level rises
+        self.tally_next = True  # the binding rows are counted at the level's first move only (an argmin costs)
 
     def margins_above(self, sel, u, r2, thr):
         """Restricted margins [S, M] of the states of tokens ``sel``, exact wherever the exact value is above
@@ -523,6 +524,8 @@ class _Batch:
 
         core = getattr(self, "core", None)
         if core is None or self.meas.box or core[0] is not sel:
+            if self.meas.box or thr is not None:  # only the run's first margins (thr None) count binding rows here
+                return self.margins(sel, u, r2)
             m, arg = self.margins(sel, u, r2, with_arg=True)
             self._tally(sel, arg, torch.ones_like(m, dtype=torch.bool))
             return m
@@ -545,9 +548,13 @@ class _Batch:
         # margins are as good as their core ones)
         order = torch.argsort((~need).to(torch.uint8), dim=1, stable=True)[:, :P]
         uP = torch.gather(u, 1, order[..., None].expand(-1, -1, D))
-        mP, arg = self.margins(sel, uP, torch.gather(r2, 1, order), with_arg=True)
+        if self.tally_next:
+            mP, arg = self.margins(sel, uP, torch.gather(r2, 1, order), with_arg=True)
+            self._tally(sel, arg, torch.arange(P)[None, :] < n[:, None])
+            self.tally_next = False
+        else:
+            mP = self.margins(sel, uP, torch.gather(r2, 1, order))
         m.scatter_(1, order, mP)
-        self._tally(sel, arg, torch.arange(P)[None, :] < n[:, None])
         return m
 
     def _tally(self, sel, arg, valid):
@@ -675,7 +682,8 @@ def _run_levels(batch, T, R, N, D, opt, gen, npgen):
     return batch, logp, levels, u, r2, m
 
 
-def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, opt: SplitOptions, gen):
+def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, opt: SplitOptions, gen,
+                 track: bool = True):
     """Token k's final particles (the first ``opt.check`` above 0 in each replicate) re-scored against all V
     rows in one GEMM. Returns (per replicate the fraction that truly wins, nan where the replicate did not
     reach its cell; the winning points; how often each row is among the ``opt.track`` strongest competitors
@@ -699,7 +707,7 @@ def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, op
         if n:
             frac[r] = float(good[start:start + n].mean())
         start += n
-    top = torch.topk(L, min(opt.track, L.shape[1]), dim=1).indices.ravel().tolist()
+    top = torch.topk(L, min(opt.track, L.shape[1]), dim=1).indices.ravel().tolist() if track else []
     counts: dict[int, int] = {}
     for j in top:
         counts[j] = counts.get(j, 0) + 1
@@ -771,7 +779,8 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
             for k, i in enumerate(group):
                 t = ts[i]
                 frac, inside, counts, n_checked, n_good = _check_final(
-                    meas, batch, k, t, u[k], None if r2 is None else r2[k], m[k], logp[k], excl, o, gen)
+                    meas, batch, k, t, u[k], None if r2 is None else r2[k], m[k], logp[k], excl, o, gen,
+                    track=rnd + 1 < opt.rounds and len(J[i]) < opt.max_competitors)  # else the counts go unused
                 est = np.where(np.isnan(frac), 0.0, np.exp(logp[k].numpy()) * np.nan_to_num(frac))
                 centre = torch.cat(inside).double().sum(0).numpy() if inside and sum(len(x) for x in inside) else None
                 if _DEBUG:
