@@ -485,3 +485,18 @@ def test_replicates_with_no_winner_give_a_finite_lower_end_below_the_truth(monke
         lo, hi = rep.tokens[0].log10_share_ci
         assert lo is not None and math.isfinite(lo) and lo <= t0, (s, t0, rep.tokens[0])
     assert sum(z > 0 for z in zeros) >= 20, zeros  # the case this is about did occur
+
+
+def test_row_norms_chunked_equal_the_whole_projection():
+    """The zero-share filter's ‖P ũ_j‖, computed a chunk of rows at a time, equals the projection of all rows at
+    once (layernorm: the centring is per row), chunk boundaries included."""
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((7, 50))
+    head = head_from_arrays(W, rng.standard_normal(50), rng.uniform(0.5, 2, 7), rng.standard_normal(7), "layernorm")
+    problem = fold(head)
+    whole = np.linalg.norm(problem.domain.project(problem.rows), axis=1)
+    got = vol._row_norms(problem, chunk=16)
+    assert np.array_equal(got, whole)
+    assert not np.allclose(whole, np.linalg.norm(problem.rows, axis=1))  # the projection does something here
