@@ -312,7 +312,10 @@ class SplitOptions:
     moves: int = 10  # pCN steps per level (30 before the pilot; 5 mixed too little: on the 2^-40 orthant in
     # d = 64 the estimate's sd was 0.25 decades at 5 moves, 0.13 at 10, 8 x 64 particles)
     competitors: int = 256  # initial size of the restricted set J
-    check: int = 64  # final particles per replicate re-scored against all V rows
+    check: int = 32  # final particles per replicate re-scored against all V rows, at each of `final_checks`:
+    final_checks: int = 2  # with `moves` pCN moves inside the J-cell between two. On SmolLM2 only 2-25% of the
+    # J-cell wins against all V: 2 x 32 checked points after a sweep gave a median CI width of 0.74 decades
+    # against 0.93 for 1 x 64, at the same cost (32 random tokens, issue 19)
     track: int = 32  # per checked point, its strongest competitors counted as candidates for J
     pilot_particles: int = 32  # the pilot run that picks J (0: none; J then grows only between rounds)
     pilot_replicates: int = 4
@@ -320,6 +323,7 @@ class SplitOptions:
     deep_levels: int = 24  # tokens whose pilot needs more levels (share below ~2^-24 = 6e-8 against its J) get:
     deep_replicates: int = 16  # ... these replicates and moves: the pre-pilot defaults, which held a factor 2
     deep_moves: int = 30  # at 1e-12 (GPT-2 shape); 8 x 64 x 10 moves was off by 2.1-2.4x on 2 of 3 seeds there
+    deep_particles: int = 64  # ... and at least these particles per replicate
     rounds: int = 3  # constraint-generation rounds (grow J with the competitors that beat t at the end)
     rerun_below: float = 0.7  # another round when fewer than this share of the checked final particles win
     max_competitors: int = 1024  # J never grows past this (the most frequent violators first): the cost per move
@@ -679,7 +683,37 @@ def _run_levels(batch, T, R, N, D, opt, gen, npgen):
         m[sel] = torch.where(act[..., None], ms, m[sel])
     else:
         logp = torch.where(active, torch.full_like(logp, -math.inf), logp)
+    batch.step = step  # the last level's pCN step, for the final sweeps
     return batch, logp, levels, u, r2, m
+
+
+def _final_sweep(batch, u, r2, m, logp, moves: int, core: int, gen, npgen):
+    """``moves`` pCN moves of every final particle that is inside its J-cell (restricted margin > 0), rejected
+    when they leave it; the others stay. The moves leave the uniform law on the J-cell invariant, so a
+    check of the moved particles is again unbiased for the token's share (given the replicate's Π) and the
+    average of several checks is too, with less of the clones' correlation in it."""
+    import torch
+
+    T, R, N, D = u.shape
+    sel = torch.arange(T)
+    inside = torch.isfinite(logp)[..., None] & (m > 0)
+    thr = torch.where(inside, torch.zeros_like(m), torch.full_like(m, math.inf)).view(T, R * N)
+    st = batch.step
+    rho = torch.sqrt((1 - st * st).clamp_min(0))
+    stN, rhoN = st[..., None].expand(T, R, N).reshape(T, R * N), rho[..., None].expand(T, R, N).reshape(T, R * N)
+    batch.set_core(sel, core)
+    u, m = u.clone(), m.clone()
+    r2 = None if r2 is None else r2.clone()
+    for _ in range(moves):
+        pu, pr = batch.propose(sel, u.view(T, R * N, D), None if r2 is None else r2.view(T, R * N), rhoN, stN,
+                               gen, npgen)
+        mp = batch.margins_above(sel, pu, pr, thr).view(T, R, N)
+        ok = mp > thr.view(T, R, N)
+        u = torch.where(ok[..., None], pu.view(T, R, N, D), u)
+        if r2 is not None:
+            r2 = torch.where(ok, pr.view(T, R, N), r2)
+        m = torch.where(ok, mp, m)
+    return u, r2, m
 
 
 def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, opt: SplitOptions, gen,
@@ -734,7 +768,8 @@ def _split_tokens(meas: _Measure, ts: list[int], excl: dict[int, list[int]], opt
     ``rerun_below`` of the checked final particles win) grow J the same way and start again. Each run is
     independent of the J it is given, so every replicate stays unbiased for the share of the head as given.
 
-    Returns per token: (replicate estimates p̂_r [R] (linear, may be 0), levels, centre direction or None, J)."""
+    Returns per token: (replicate estimates p̂_r [R] (linear, may be 0), levels, centre direction or None,
+    particles per replicate, J)."""
     with torch_threads(1):
         return _split_tokens_1(meas, ts, excl, opt, gen)
 
@@ -764,7 +799,8 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
     # deep tokens (the pilot needed more than deep_levels levels): more replicates and moves, chosen before
     # the main run and independently of it, so its replicates stay independent and unbiased
     opt_deep = SplitOptions(**{**opt.__dict__, "replicates": max(opt.replicates, opt.deep_replicates),
-                               "moves": max(opt.moves, opt.deep_moves)})
+                               "moves": max(opt.moves, opt.deep_moves),
+                               "particles": max(opt.particles, opt.deep_particles)})
     todo = list(range(len(ts)))
     res: dict[int, tuple] = {}
     for rnd in range(opt.rounds):
@@ -776,17 +812,29 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
             o = opt_deep if is_deep else opt
             batch, logp, levels, u, r2, m = _split_batch(meas, [ts[i] for i in group], [J[i] for i in group], o,
                                                          gen, npgen)
+            checks = [[] for _ in group]
+            for c in range(max(1, o.final_checks)):
+                if c:  # decorrelate the final particles inside their J-cells, then check them again
+                    u, r2, m = _final_sweep(batch, u, r2, m, logp, o.moves, o.core, gen, npgen)
+                for k, i in enumerate(group):
+                    checks[k].append(_check_final(
+                        meas, batch, k, ts[i], u[k], None if r2 is None else r2[k], m[k], logp[k], excl, o, gen,
+                        track=rnd + 1 < opt.rounds and len(J[i]) < opt.max_competitors))  # else counts go unused
             for k, i in enumerate(group):
                 t = ts[i]
-                frac, inside, counts, n_checked, n_good = _check_final(
-                    meas, batch, k, t, u[k], None if r2 is None else r2[k], m[k], logp[k], excl, o, gen,
-                    track=rnd + 1 < opt.rounds and len(J[i]) < opt.max_competitors)  # else the counts go unused
+                frac = np.mean([ch[0] for ch in checks[k]], axis=0)  # nan (not reached) in every check alike
+                inside = [x for ch in checks[k] for x in ch[1]]
+                counts: dict[int, int] = {}
+                for ch in checks[k]:
+                    for j, n in ch[2].items():
+                        counts[j] = counts.get(j, 0) + n
+                n_checked, n_good = sum(ch[3] for ch in checks[k]), sum(ch[4] for ch in checks[k])
                 est = np.where(np.isnan(frac), 0.0, np.exp(logp[k].numpy()) * np.nan_to_num(frac))
                 centre = torch.cat(inside).double().sum(0).numpy() if inside and sum(len(x) for x in inside) else None
                 if _DEBUG:
                     print(f"  token {t} round {rnd}: levels {levels[k].tolist()} est "
                           f"{np.log10(np.maximum(est, 1e-320)).round(2).tolist()} |J| {len(J[i])} q {n_good}/{n_checked}")
-                res[i] = (est, int(levels[k].max()), centre)
+                res[i] = (est, int(levels[k].max()), centre, o.particles)
                 if rnd + 1 < opt.rounds and n_good < opt.rerun_below * n_checked:
                     grown = _grow(J[i], counts, excl[t], opt.max_competitors)
                     if len(grown) > len(J[i]):
@@ -1185,10 +1233,10 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
             continue
         lb = angle = None
         if rep_t in split_res:
-            est, levels, centre, J, per = split_res[rep_t]
-            mean, lo, hi = _cox_interval(est / k, confidence, (levels + 1) / split.particles)
+            est, levels, centre, n_part, J, per = split_res[rep_t]
+            mean, lo, hi = _cox_interval(est / k, confidence, (levels + 1) / n_part)
             tv = TokenVolume(t, text, mean, (lo, hi), None, None, "splitting" if k == 1 else "tie",
-                             len(est) * split.particles, per, levels=levels, tie_with=tie_with)
+                             len(est) * n_part, per, levels=levels, tie_with=tie_with)
             if not math.isfinite(mean):
                 tv.log10_share = None
                 tv.note = "no replicate reached t's cell: the share may be 0 (or below what this run resolves)"
