@@ -920,7 +920,7 @@ def _binding_1(meas: _Measure, t: int, c: np.ndarray, exclude, k: int) -> np.nda
     return torch.topk(slack, min(k, int(torch.isfinite(slack).sum())), largest=False).indices.numpy()
 
 
-def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None, iters: int = 100) -> np.ndarray:
+def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None, iters: int = 400) -> np.ndarray:
     """A centre c for t's cap: ascent of a smoothed ``min_j (α_j − angle(c, â_j))`` on the unit sphere over
     the competitors ``comps`` (their half-spaces ``â_j·x ≥ cos α_j``), from c0 (else t's own direction),
     with a step that grows on success and halves on failure. Only a heuristic: :func:`verify_cap` checks
