@@ -958,14 +958,18 @@ def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None
         n = np.linalg.norm(v)
         return v / n if n > 0 else None
 
-    def score(c, temp):
+    def score(c, temp, with_grad: bool = True):
+        # one exp for the weights and the soft minimum, and no gradient for the line search's trials (the
+        # same values as computing each apart: the cap centre's cost halves, its result does not change)
         cosv = np.clip(Ah @ c, -1.0, 1.0)
         g = alpha - np.arccos(cosv)
         lo = g.min()
-        w = np.exp(-(g - lo) / temp)
-        w /= w.sum()
-        soft = lo - temp * math.log(float(np.exp(-(g - lo) / temp).sum()))
-        grad = (w / np.sqrt(np.maximum(1 - cosv * cosv, 1e-300))) @ Ah
+        e = np.exp(-(g - lo) / temp)
+        tot = e.sum()
+        soft = lo - temp * math.log(float(tot))
+        if not with_grad:
+            return lo, soft, None
+        grad = ((e / tot) / np.sqrt(np.maximum(1 - cosv * cosv, 1e-300))) @ Ah
         return lo, soft, grad
 
     starts = [c for c in (unit(c0) if c0 is not None else None, unit(meas.keys64[t])) if c is not None]
@@ -983,13 +987,13 @@ def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None
                 break
             for _ in range(30):
                 cn = unit(c + eta * gt / ng)
-                if cn is not None and score(cn, temp)[1] > soft:
+                if cn is not None and score(cn, temp, False)[1] > soft:
                     c, eta = cn, min(eta * 1.5, 1.0)
                     break
                 eta *= 0.5
             else:
                 break
-        lo = score(c, 1e-3)[0]
+        lo = score(c, 1e-3, False)[0]
         if lo > best:
             best, best_c = lo, c
     return best_c
