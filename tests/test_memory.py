@@ -289,3 +289,26 @@ def test_problem_from_rows_copies_by_default():
     assert not np.shares_memory(p.rows, rows)
     p.rows[0, 0] = 99.0
     assert np.array_equal(rows, keep)
+
+
+@pytest.mark.parametrize("norm, domain", [("rmsnorm", None), ("layernorm", None), ("rmsnorm", "box"),
+                                          ("rmsnorm", "cone")])
+def test_scan_and_volume_never_build_derived_rows_whole(monkeypatch, norm, domain):
+    """Every stage reads derived rows by index or in chunks: a scan (screens, ties, verifier, search, LP)
+    and the volume of a few tokens run with FoldedRows' whole-array paths disabled."""
+    import unspeakable
+
+    head = _head(V=1500, d=12, seed=3, norm=norm, bias=True)
+    ref = scan_head(head, domain=domain)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("derived rows built whole")
+
+    monkeypatch.setattr(FoldedRows, "__array__", refuse)
+    monkeypatch.setattr(FoldedRows, "__getattr__", refuse)
+    monkeypatch.setattr(FoldedRows, "__array_ufunc__", refuse)
+    rep = scan_head(head, domain=domain)
+    assert isinstance(fold(head, domain=domain).rows, FoldedRows)
+    assert np.array_equal(rep.verdicts_all, ref.verdicts_all) and rep.counts["undecided"] == 0
+    vol = unspeakable.volume(head, tokens=[0, 1, 2], domain=domain, samples=2000, seed=1)
+    assert len(vol.tokens) == 3

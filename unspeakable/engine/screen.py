@@ -41,16 +41,22 @@ class WitnessScreen:
     time_s: float
 
 
+def _rows64(rows):
+    """Gram rows for ``kernels.sym_screen``: a float64 tensor over the array, or rows derived on demand
+    (engine.head.FoldedRows) as they are: the pass reads them block by block and row by row."""
+    return rows if isinstance(rows, FoldedRows) else torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float64))
+
+
 def gram_screen(rows64: np.ndarray, ids: np.ndarray | None = None, *, backend: str = "torch", device="cpu",
                 precision: str = "ieee") -> GramScreen:
     """Gram screen for the rows ``ids`` (default: all V) against all V rows."""
     t0 = time.perf_counter()
-    g = torch.from_numpy(np.ascontiguousarray(rows64, dtype=np.float64))
-    V = g.shape[0]
+    V = rows64.shape[0]
     ids = np.arange(V, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     if ids.size == V and np.array_equal(ids, np.arange(V)):  # all rows: one symmetric pass, each pair once
-        res = sym_screen(g, backend=backend, device=device, precision=precision)
+        res = sym_screen(_rows64(rows64), backend=backend, device=device, precision=precision)
         return _gram_result(res.gram, ids, res.stats.gram_recomputed, t0)
+    g = torch.from_numpy(np.ascontiguousarray(rows64, dtype=np.float64))
     res, redo = top2_exact(g[torch.from_numpy(ids)], g, torch.from_numpy(ids), backend=backend, device=device,
                            precision=precision)
     return _gram_result(res, ids, redo, t0)
@@ -120,34 +126,19 @@ def screens(grows: np.ndarray, centred_rows: bool, norm: str, problem, ids: np.n
     q, s = problem.domain.screen_queries(problem.keys)
     scaled_key = s is not None and q is problem.keys  # the box's screen point is no multiple of its key
     other_map = _key_map(not centred_rows, norm, problem) if other_rows is not None and scaled_key else None
-    # Gram rows derived on demand (engine.head.FoldedRows) are never built whole when they go in as the
-    # other convention (read block by block for its bounds, row by row for its float64 rescores): the pass
-    # reduces both conventions from the same tiles to the same float64 results, so the two swap roles.
-    swap = isinstance(grows, FoldedRows) and other_map is not None and backend == "torch"
-    if swap:
-        main_rows, main_map = other_rows(), other_map
-        other = OtherGram(lambda: grows, None if key_map is _SAME_ROWS else key_map)  # read block by block
-    else:
-        main_rows, main_map = grows, key_map
-        other = None if other_map is None else OtherGram(
-            lambda: torch.from_numpy(np.ascontiguousarray(other_rows(), dtype=np.float64)),
-            None if other_map is _SAME_ROWS else other_map)
-    res = sym_screen(torch.from_numpy(np.ascontiguousarray(main_rows, dtype=np.float64)),
+    other = None if other_map is None else OtherGram(
+        lambda: _rows64(other_rows()), None if other_map is _SAME_ROWS else other_map)
+    res = sym_screen(_rows64(grows),
                      torch.from_numpy(problem.keys) if scaled_key else None,
                      torch.from_numpy(s) if scaled_key else None,
                      torch.from_numpy(problem.bias) if scaled_key and np.any(problem.bias) else None,
-                     main_map if scaled_key and main_map is not _SAME_ROWS else None,
+                     key_map if scaled_key and key_map is not _SAME_ROWS else None,
                      backend=backend, device=device, precision=precision, other=other)
-    del main_rows
     st = res.stats
-    gram_res, other_res = (res.other, res.gram) if swap else (res.gram, res.other)
-    if swap:
-        st.gram_recomputed, st.other_recomputed = st.other_recomputed, st.gram_recomputed
-        st.gram_rescored, st.other_rescored = st.other_rescored, st.gram_rescored
-    g = _gram_result(gram_res, ids, st.gram_recomputed, t0)
+    g = _gram_result(res.gram, ids, st.gram_recomputed, t0)
     extra = {}
-    if other_res is not None:
-        other_gram = _gram_result(other_res, ids, st.other_recomputed, t0)  # the criterion's one definition
+    if res.other is not None:
+        other_gram = _gram_result(res.other, ids, st.other_recomputed, t0)  # the criterion's one definition
         extra["other_gram"] = {"centred": not centred_rows, "hard_to_speak": int(other_gram.hard_to_speak.sum())}
     if res.witness is None:
         w = witness_screen(problem, ids, backend=backend, device=device, precision=precision)

@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from unspeakable.engine.domain import U, gamma
-from unspeakable.engine.head import Head, InputError, token_ids
+from unspeakable.engine.head import FoldedRows, Head, InputError, token_ids
 from unspeakable.engine.report import csv_float, float_or_none
 from unspeakable.kernels import torch_threads
 
@@ -1014,7 +1014,8 @@ def verify_cap(rows: np.ndarray, bias: np.ndarray, t: int, c: np.ndarray, R: flo
     the projection, the fold's rounding of the rows (``rows_err``: False when ``γ ⊙ u`` was exact) and of
     the bias (``bias_err``), and cos/sin; a failed check retries with θ shrunk by 1e-6 … 0.5.
     """
-    rows = np.asarray(rows, dtype=np.float64)
+    if not isinstance(rows, FoldedRows):  # rows derived on demand are read 4096 at a time, never whole
+        rows = np.asarray(rows, dtype=np.float64)
     V, d = rows.shape
     c = np.array(c, dtype=np.float64)
     if centred:
@@ -1035,7 +1036,7 @@ def verify_cap(rows: np.ndarray, bias: np.ndarray, t: int, c: np.ndarray, R: flo
     abs_rt, abs_c = np.abs(rows[t])[None, :], np.abs(c)
     for s in range(0, len(idx), 4096):
         jj = idx[s:s + 4096]
-        Rj = rows.take(jj, axis=0)  # a copy: the fold error below is built in it
+        Rj = rows[jj]  # a copy (fancy indexing, or derived): the fold error below is built in it
         A = rows[t][None, :] - Rj
         absA = np.abs(A)
         aerr = U * absA  # the subtraction's rounding, per entry

@@ -138,11 +138,14 @@ class SymScreen:
 
 
 def _check_inputs(gram_rows64, keys64, scale64, bias64, key_map) -> None:
-    if gram_rows64.dim() != 2:
+    if len(gram_rows64.shape) != 2:
         raise ValueError(f"gram_rows64 must be [V, d], got shape {tuple(gram_rows64.shape)}")
     V, d = gram_rows64.shape
-    given = {"gram_rows64": (gram_rows64, (V, d)), "keys64": (keys64, (V, d)), "scale64": (scale64, (V,)),
-             "bias64": (bias64, (V,))}
+    if not isinstance(gram_rows64, torch.Tensor):  # rows computed on demand (see OtherGram): block by block
+        _check_lazy(gram_rows64, V, d, "gram_rows64")
+    given = {"keys64": (keys64, (V, d)), "scale64": (scale64, (V,)), "bias64": (bias64, (V,))}
+    if isinstance(gram_rows64, torch.Tensor):
+        given["gram_rows64"] = (gram_rows64, (V, d))
     if key_map is not None and key_map.center64 is not None:
         given["key_map.center64"] = (key_map.center64, (d,))
     for name, (t, shape) in given.items():
@@ -317,7 +320,7 @@ def _sorted_f32(x64: torch.Tensor, perm: torch.Tensor, precision: str, chunk: in
     buf = torch.empty((min(chunk, x64.shape[0]), x64.shape[1]), dtype=torch.float64)
     for r0 in range(0, x64.shape[0], chunk):
         m = min(chunk, x64.shape[0] - r0)
-        torch.index_select(x64, 0, perm[r0:r0 + m], out=buf[:m])
+        _gather(x64, perm[r0:r0 + m], out=buf[:m])
         out[r0:r0 + m] = round_inputs(buf[:m].to(torch.float32), precision)
     return out
 
@@ -326,13 +329,19 @@ def _take(rows: Rows | None, perm) -> Rows | None:
     return None if rows is None else Rows(*(getattr(rows, f)[perm] for f in rows.__dataclass_fields__))
 
 
+def _check_lazy(g, V: int, d: int, name: str) -> None:
+    """Rows computed on demand: float64 numpy rows of shape ``(V, d)`` by ``[r0:r1]`` and ``[index array]``,
+    every entry finite (checked block by block)."""
+    if tuple(g.shape) != (V, d) or np.dtype(getattr(g, "dtype", None)) != np.float64:
+        raise ValueError(f"{name} must give float64 rows of shape {(V, d)}")
+    if not all(bool(torch.isfinite(_block(g, r0, r0 + 8192)).all()) for r0 in range(0, V, 8192)):
+        raise ValueError(f"{name} has non-finite entries")
+
+
 def _other_rows(other: OtherGram, V: int, d: int):
     g = other.rows()
-    if not isinstance(g, torch.Tensor):  # rows computed on demand: checked block by block
-        if tuple(g.shape) != (V, d) or np.dtype(getattr(g, "dtype", None)) != np.float64:
-            raise ValueError(f"OtherGram.rows() must give float64 rows of shape {(V, d)}")
-        if not all(bool(torch.isfinite(_block(g, r0, r0 + 8192)).all()) for r0 in range(0, V, 8192)):
-            raise ValueError("OtherGram.rows() has non-finite entries")
+    if not isinstance(g, torch.Tensor):
+        _check_lazy(g, V, d, "OtherGram.rows()")
         return g
     if tuple(g.shape) != (V, d) or g.dtype != torch.float64 or g.device.type != "cpu":
         raise ValueError(f"OtherGram.rows() must return a float64 CPU tensor of shape {(V, d)}")
@@ -612,7 +621,8 @@ def sym_screen(
     """Gram screen and (optionally) witness screen in one symmetric pass, indices exact.
 
     Args:
-        gram_rows64: float64 ``[V, d]`` CPU, the gram screen's rows ``g_j`` (never written).
+        gram_rows64: float64 ``[V, d]`` CPU, the gram screen's rows ``g_j`` (never written), or rows computed
+            on demand as :class:`OtherGram` describes (read block by block and row by row).
         keys64: float64 ``[V, d]``, the witness keys ``k_j``; None: gram screen only (the box domain,
             whose screen point is not a multiple of ``k_t``, runs its witness screen with
             ``kernels.screen.top2_exact`` instead). May be ``gram_rows64`` itself (centred rows).
@@ -708,6 +718,7 @@ def sym_screen_reference(
     _check_inputs(gram_rows64, keys64, scale64, bias64, key_map)
     V = gram_rows64.shape[0]
     ids = torch.arange(V)
+    gram_rows64 = _whole(gram_rows64)
     gram = top2_reference(gram_rows64, gram_rows64, ids)
     witness = None
     if keys64 is not None:
