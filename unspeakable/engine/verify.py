@@ -346,9 +346,13 @@ class Verifier:
         if not bool(torch.isfinite(top).all()):
             return None
         E = torch.from_numpy(self._column_error(Xb, xn)).float()
-        J, K = torch.nonzero(base >= (top - 2 * E)[None, :], as_tuple=True)
-        if J.numel() > 8 * len(ts) + self.V // 4:
+        near = base >= (top - 2 * E)[None, :]
+        del base
+        # counted before they are listed: when the bound prunes little, the [V, B] pairs' indices would be
+        # the largest allocation of the scan (two int64 per pair)
+        if int(near.sum()) > 8 * len(ts) + self.V // 4:
             return None
+        J, K = torch.nonzero(near, as_tuple=True)
         return J.numpy().astype(np.int64), K.numpy().astype(np.int64)
 
     def _column_error(self, Xb, xn) -> np.ndarray:
