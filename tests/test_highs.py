@@ -165,3 +165,10 @@ def test_limits_do_not_stick_to_later_solves():
     assert res.success
     ref = solve_lp(c, A, rl, ru, cl, cu, sense="max")
     assert res.objective == pytest.approx(ref.objective, rel=1e-9)
+
+
+def test_solve_lp_reports_a_refused_model_as_unsuccessful():
+    # HiGHS refuses matrix entries of 1e15 and more: an unsuccessful result, never an exception (the verifier's
+    # support LP calls solve_lp inside a proof attempt; a head × 1e18 used to crash the scan there)
+    res = solve_lp(np.zeros(2), np.array([[1e18, 1.0]]), [0.0], [1.0], np.zeros(2), np.ones(2))
+    assert not res.success and res.x is None and res.status == Status.ERROR and "HiGHS" in res.message

@@ -238,8 +238,13 @@ class LP:
 
 def solve_lp(c, A, row_lower, row_upper, col_lower, col_upper, *, sense: str = "max",
              time_limit: float | None = None, iteration_limit: int | None = None) -> LPResult:
-    """One-shot LP: ``sense c·x`` subject to ``row_lower <= A x <= row_upper``, ``col_lower <= x <= col_upper``."""
-    lp = LP(c, col_lower, col_upper, sense=sense)
-    if A is not None and A.shape[0] > 0:
-        lp.add_rows(A, row_lower, row_upper)
+    """One-shot LP: ``sense c·x`` subject to ``row_lower <= A x <= row_upper``, ``col_lower <= x <= col_upper``.
+    HiGHS refusing the model (e.g. matrix entries of 1e15 and more) is an unsuccessful result, as a solver
+    limit is: never an exception out of a caller's proof attempt."""
+    try:
+        lp = LP(c, col_lower, col_upper, sense=sense)
+        if A is not None and A.shape[0] > 0:
+            lp.add_rows(A, row_lower, row_upper)
+    except RuntimeError as e:  # _check: a kError status of HiGHS's
+        return LPResult(Status.ERROR, False, str(e))
     return lp.solve(time_limit=time_limit, iteration_limit=iteration_limit)

@@ -31,7 +31,7 @@ import torch
 from unspeakable.engine.decide import Pricer, decide_many
 from unspeakable.engine.domain import Cone
 from unspeakable.engine.evidence import Candidate, Certificate
-from unspeakable.engine.head import FoldedRows, Head, InputError, Problem, head_from_arrays, token_ids
+from unspeakable.engine.head import FoldedRows, Head, InputError, Problem, head_from_arrays, row_chunks, token_ids
 from unspeakable.engine.ledger import Checkpoint, Ledger, fingerprint
 from unspeakable.engine.loader import fold, gram_rows, load, problem_from_rows, scale_exponents
 from unspeakable.engine.report import ScanReport, TokenReport, peak_rss_bytes
@@ -273,6 +273,28 @@ def _shared_rows(rows: np.ndarray, problem) -> np.ndarray:
                                                 for r0 in range(0, rows.shape[0], 4096)):
             return a
     return rows
+
+
+def _row_groups(rows, chunk: int = 4096) -> np.ndarray:
+    """Per row a group id, equal exactly for identical rows (``np.unique(rows, axis=0, return_inverse=True)``
+    up to relabelling; -0.0 equals 0.0): a fingerprint per row, read in chunks (O(V) memory, rows derived on
+    demand never built whole), then every group with several members split by its rows' exact values, so a
+    fingerprint collision never joins two different rows."""
+    V, d = rows.shape
+    mult = _fingerprint_multipliers(d)
+    fps = np.empty((V, 2), dtype=np.uint64)
+    for r0, a in row_chunks(rows, chunk):
+        fps[r0: r0 + a.shape[0]] = _fingerprint(np.ascontiguousarray(a + 0.0), mult)
+    _, group, count = np.unique(fps, axis=0, return_inverse=True, return_counts=True)
+    group = group.ravel().astype(np.int64)
+    nxt = int(group.max(initial=-1)) + 1
+    for g in np.nonzero(count > 1)[0]:
+        members = np.nonzero(group == g)[0]
+        _, sub = np.unique(rows[members] + 0.0, axis=0, return_inverse=True)
+        sub = sub.ravel()
+        group[members[sub > 0]] = nxt + sub[sub > 0] - 1  # the first value keeps g
+        nxt += int(sub.max())
+    return group
 
 
 def find_ties(problem) -> dict[int, list[int]]:
@@ -653,8 +675,7 @@ def _settle_twins(sc: _Scan) -> None:
     if not und or not p.domain.bounded or not p.fold_exact:
         return
     with sc.timed("decide"):
-        _, group = np.unique(p.rows, axis=0, return_inverse=True)
-        group = group.ravel()
+        group = _row_groups(p.rows)
         top = {}
         for j in range(p.V):  # per group the highest bias; several at it: none dominates the others
             g = int(group[j])

@@ -189,6 +189,25 @@ def _whole(x64) -> torch.Tensor:
     return x64 if isinstance(x64, torch.Tensor) else torch.from_numpy(np.asarray(x64, dtype=np.float64))
 
 
+class _KeyBlocks:
+    """Rows computed on demand as ``top2_torch`` reads its keys (``dim()``, ``shape``, ``[c0:c1]`` as float64
+    tensors, one column tile at a time): a full recomputation never builds them whole."""
+
+    def __init__(self, x64):
+        self.x64, self.shape = x64, torch.Size(x64.shape)
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, s: slice) -> torch.Tensor:
+        return _block(self.x64, s.start, s.stop)
+
+
+def _tiles(x64):
+    """``x64`` as ``top2_torch``'s keys: the tensor, or :class:`_KeyBlocks` over rows computed on demand."""
+    return x64 if isinstance(x64, torch.Tensor) else _KeyBlocks(x64)
+
+
 def _norms(x64, chunk: int = 8192) -> torch.Tensor:
     out = torch.empty(x64.shape[0], dtype=torch.float64)
     for r0 in range(0, x64.shape[0], chunk):
@@ -591,7 +610,7 @@ def _recover(st: State, rows: Rows, perm, q64, keys64, scale64, bias64) -> tuple
     rescored = int((((near.sum(dim=1) > 2) | gap_small) & ~full).sum())
     redo = full.nonzero().squeeze(1)
     if redo.numel():
-        ex = top2_torch(_gather(q64, redo), _whole(keys64), redo, scale=None if scale64 is None else scale64[redo],
+        ex = top2_torch(_gather(q64, redo), _tiles(keys64), redo, scale=None if scale64 is None else scale64[redo],
                         bias=bias64, block_rows=256, block_cols=8192)
         best_idx[redo], second_idx[redo] = ex.best_idx, ex.second_idx
         for val, idx in ((best_val, best_idx), (second_val, second_idx)):  # rescored like every other row
