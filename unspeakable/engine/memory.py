@@ -40,28 +40,26 @@ WARM_MIN_ROWS = 256  # ... never capped below this (engine.restricted.WARM_MIN_R
 WITNESS_BATCH_MAX = 192  # witnesses per verifier pass (engine.verify.Verifier.witnesses)
 
 
-def available_bytes() -> int | None:
-    """``MemAvailable`` of /proc/meminfo (None where there is none)."""
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The ``key:`` line of a /proc file in bytes (its value is in kB; None where there is none)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_bytes() -> int | None:
+    """``MemAvailable`` of /proc/meminfo (None where there is none)."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def current_rss() -> int | None:
     """This process's resident set now (``VmRSS`` of /proc/self/status; None where there is none)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 def default_budget(resident: int) -> int:

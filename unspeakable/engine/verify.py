@@ -131,8 +131,7 @@ class KeyRows:
         return self.a[idx]
 
     def chunks(self, size: int = 8192):
-        for r0 in range(0, self.shape[0], size):
-            yield r0, self.a[r0: r0 + size]
+        return row_chunks(self.a, size)
 
 
 class KeptColumns:
