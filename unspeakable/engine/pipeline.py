@@ -280,11 +280,7 @@ def _row_groups(rows, chunk: int = 4096) -> np.ndarray:
     up to relabelling; -0.0 equals 0.0): a fingerprint per row, read in chunks (O(V) memory, rows derived on
     demand never built whole), then every group with several members split by its rows' exact values, so a
     fingerprint collision never joins two different rows."""
-    V, d = rows.shape
-    mult = _fingerprint_multipliers(d)
-    fps = np.empty((V, 2), dtype=np.uint64)
-    for r0, a in row_chunks(rows, chunk):
-        fps[r0: r0 + a.shape[0]] = _fingerprint(np.ascontiguousarray(a + 0.0), mult)
+    fps = _fingerprints(((r0, a + 0.0) for r0, a in row_chunks(rows, chunk)), *rows.shape)
     _, group, count = np.unique(fps, axis=0, return_inverse=True, return_counts=True)
     group = group.ravel().astype(np.int64)
     nxt = int(group.max(initial=-1)) + 1
@@ -309,14 +305,11 @@ def find_ties(problem) -> dict[int, list[int]]:
         for off in (0.0, 0.5):
             keys.append(lambda r0, r1, off=off: np.floor(np.hstack([problem.keys[r0:r1], problem.bias[r0:r1, None]])
                                                          / g + off) + 0.0)
-    mult = _fingerprint_multipliers(problem.d + 1)
     ties: dict[int, list[int]] = {}
     for key in keys:
-        fps = np.empty((problem.V, 2), dtype=np.uint64)
-        for r0 in range(0, problem.V, 4096):
-            with np.errstate(over="ignore", invalid="ignore"):
-                block = np.ascontiguousarray(key(r0, min(problem.V, r0 + 4096)), dtype=np.float64)
-            fps[r0: r0 + block.shape[0]] = _fingerprint(block, mult)
+        with np.errstate(over="ignore", invalid="ignore"):
+            fps = _fingerprints(((r0, key(r0, min(problem.V, r0 + 4096))) for r0 in range(0, problem.V, 4096)),
+                                problem.V, problem.d + 1)
         _, group, count = np.unique(fps, axis=0, return_inverse=True, return_counts=True)
         group = group.ravel()
         shared = np.nonzero(count[group] > 1)[0]  # rows whose fingerprint another row shares
@@ -326,6 +319,16 @@ def find_ties(problem) -> dict[int, list[int]]:
             for t in members:  # a few partners each: one verified partner suffices
                 ties.setdefault(t, []).extend(m for m in members[:9] if m != t)
     return ties
+
+
+def _fingerprints(blocks, V: int, n: int) -> np.ndarray:
+    """``[V, 2]`` uint64 fingerprints of the rows of ``(r0, block)`` row blocks of width n (O(V) memory)."""
+    mult = _fingerprint_multipliers(n)
+    fps = np.empty((V, 2), dtype=np.uint64)
+    for r0, block in blocks:
+        block = np.ascontiguousarray(block, dtype=np.float64)
+        fps[r0: r0 + block.shape[0]] = _fingerprint(block, mult)
+    return fps
 
 
 def _fingerprint_multipliers(n: int) -> np.ndarray:
