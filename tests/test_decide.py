@@ -412,6 +412,18 @@ def _ldp_system(rng, m, k, twins):
     return G, h, E, e
 
 
+def _nnls_reference(G, h):
+    """The LDP's NNLS ``[G^T; h^T] u ≈ e_last`` solved by scipy (Lawson–Hanson): ``(E, e, u, residual, E^T E)``."""
+    from scipy.optimize import nnls
+
+    m, k = G.shape
+    E = np.vstack([G.T, h[None, :]])
+    e = np.zeros(k + 1)
+    e[k] = 1.0
+    ref, _ = nnls(E, e, maxiter=50 * m)
+    return E, e, ref, float(np.linalg.norm(E @ ref - e)), E.T @ E
+
+
 @pytest.mark.parametrize("m,k,twins", [(60, 20, 0), (120, 90, 0), (300, 40, 0), (200, 120, 40)])
 def test_warm_nnls_reaches_the_lawson_hanson_optimum(m, k, twins):
     from scipy.optimize import nnls
@@ -528,20 +540,13 @@ def test_incremental_cholesky_matches_a_fresh_factorisation():
 def test_warm_nnls_matches_scipy_on_rank_deficient_instances(seed):
     # Duplicate and dependent rows, more rows than dimensions: the incremental factor must reach scipy's
     # Lawson–Hanson objective (or decline with None, which sends the caller to scipy).
-    from scipy.optimize import nnls
-
     rng = np.random.default_rng(100 + seed)
     m, k = int(rng.integers(40, 160)), int(rng.integers(5, 60))
     G = rng.standard_normal((m, k))
     G[m // 2: m // 2 + 5] = G[:5]  # exact twins
     G[-3:] = G[5:8] + G[8:11]  # dependent rows
     h = rng.standard_normal(m) - 0.3
-    E = np.vstack([G.T, h[None, :]])
-    e = np.zeros(k + 1)
-    e[k] = 1.0
-    ref, _ = nnls(E, e, maxiter=50 * m)
-    best = float(np.linalg.norm(E @ ref - e))
-    A = E.T @ E
+    E, e, ref, best, A = _nnls_reference(G, h)
     for start in (np.zeros(m, bool), ref > 0, rng.random(m) < 0.3):
         u = restricted._nnls_warm(A, h, start)
         if u is None:
@@ -665,8 +670,6 @@ def test_block_pivoting_nnls_reaches_scipys_optimum(seed):
     # dependent rows. From the optimum's support it must finish (at once); from
     # other starts it may give up with None (the caller then runs _nnls_warm: block pivoting can take long
     # under Murty's rule, above all where the residual can reach 0), but what it returns must be optimal.
-    from scipy.optimize import nnls
-
     rng = np.random.default_rng(300 + seed)
     m, k = int(rng.integers(30, 200)), int(rng.integers(5, 80))
     G = rng.standard_normal((m, k)) * np.exp(rng.normal(0, 0.5, m))[:, None]
@@ -674,12 +677,7 @@ def test_block_pivoting_nnls_reaches_scipys_optimum(seed):
         G[m // 2: m // 2 + 4] = G[:4]  # exact twins
         G[-3:] = G[4:7] + G[7:10]  # dependent rows
     h = rng.standard_normal(m) - 0.3
-    E = np.vstack([G.T, h[None, :]])
-    e = np.zeros(k + 1)
-    e[k] = 1.0
-    ref, _ = nnls(E, e, maxiter=50 * m)
-    best = float(np.linalg.norm(E @ ref - e))
-    A = E.T @ E
+    E, e, ref, best, A = _nnls_reference(G, h)
     near = ref > 0
     near[rng.choice(m, 3, replace=False)] ^= True
     twin = ref > 0
