@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-from unspeakable.engine.head import FoldedRows, head_from_arrays, row_chunks, rows_array
+from unspeakable.engine.head import DerivedKeys, FoldedRows, head_from_arrays, row_chunks, rows_array
 from unspeakable.engine.loader import fold, gram_rows, problem_from_rows
 from unspeakable.engine.memory import GB, MIN_WORKING, SEARCH_BYTES_PER_V, Budget, abs_max, parse_gb, row_norms
 from unspeakable.engine.pipeline import scan_head, shared_gram_rows, working_problem
@@ -340,3 +340,85 @@ def test_row_groups_equal_numpys_unique():
         assert same(pl._row_groups(R, chunk=64), ref)
     finally:
         pl._fingerprint = orig
+
+
+# ------------------------------------------------------------------------------------- keys on demand
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("dtype, gain", [(np.float32, True), (np.float16, True), (np.float32, False)])
+def test_derived_keys_equal_the_folds_keys(norm, dtype, gain):
+    """DerivedKeys are the fold's held keys bit for bit (±0.0 included) for every index form a stage uses."""
+    head = _head(V=700, d=10, seed=4, norm=norm, gain=gain, dtype=dtype)
+    held, lazy = fold(head), fold(head, derive_keys=True)
+    assert isinstance(held.keys, np.ndarray) and isinstance(lazy.keys, DerivedKeys)
+    K = held.keys
+    same = lambda a, b: a.shape == b.shape and np.array_equal(a.view(np.int64), b.view(np.int64))  # noqa: E731
+    idx = np.array([5, 0, 699, 5])
+    for i in (0, 17, -1, slice(3, 90), slice(650, None), idx, idx.reshape(2, 2), (idx, slice(2, 7)), (4, 3)):
+        assert same(np.asarray(lazy.keys[i]), np.asarray(K[i])), i
+    assert same(np.asarray(lazy.keys), K) and same(np.asarray(lazy.keys, dtype=np.float32), K.astype(np.float32))
+    assert same(lazy.keys @ np.arange(10.0), K @ np.arange(10.0))
+    assert same(lazy.search_keys32(), held.search_keys32())
+    assert lazy.keys_are_shifted_rows == held.keys_are_shifted_rows
+
+
+def test_keys_held_except_where_derivable():
+    """Keys are derived only when asked, where the rows are (exact fold, no rescale) and the domain reads them
+    by chunks: the box (sign queries), a rounding fold (float64 weights with a gain) and a rescaled fold
+    hold them."""
+    h = _head(V=300, d=8, seed=1)
+    assert isinstance(fold(h, derive_keys=True).keys, DerivedKeys)
+    assert isinstance(fold(h, domain="cone", derive_keys=True).keys, DerivedKeys)
+    assert isinstance(fold(h, domain="box", derive_keys=True).keys, np.ndarray)
+    assert isinstance(fold(_head(V=300, d=8, seed=1, dtype=np.float64), derive_keys=True).keys, np.ndarray)
+    assert isinstance(fold(_head(V=300, d=8, seed=1, dtype=np.float64, gain=False, scale=1e80),
+                           derive_keys=True).keys, np.ndarray)
+
+
+def test_budget_that_cannot_hold_the_keys_derives_them():
+    """hold_keys: the process, the keys (8·V·d), their float32 copy and the smallest working set must fit."""
+    from unspeakable.engine.memory import hold_keys
+
+    V, d, rss = 1000, 100, 300 * 10**6
+    need = rss + 12 * V * d + MIN_WORKING
+    assert hold_keys(None, V, d, rss) and hold_keys(need, V, d, rss) and not hold_keys(need - 1, V, d, rss)
+    assert hold_keys(need - 1, V, d, None)  # nothing known of the process: hold them, as before
+    head = _head(V=400, d=16, seed=2, bias=True)
+    assert scan_head(head).memory["keys_held"] and not scan_head(head, memory=0.001).memory["keys_held"]
+
+
+@pytest.mark.parametrize("norm, domain, bias, const", [("rmsnorm", None, True, False), ("layernorm", None, True, False),
+                                                       ("rmsnorm", "cone", False, False),
+                                                       ("rmsnorm", None, False, True),
+                                                       ("layernorm", None, False, False)])
+def test_scan_with_derived_keys_is_the_same_scan(monkeypatch, norm, domain, bias, const):
+    """A scan whose budget cannot hold the keys derives them: the same report token for token (verdict,
+    margins, witness point, certificate, tie) as with the keys held, with the whole-array paths of derived
+    rows and keys disabled (every stage reads them by chunks and gathers). ``const``: a head with no bias,
+    whose working problem is the cone of the keys (rows and keys both derived)."""
+    head = _head(V=1200, d=12, seed=9, norm=norm, bias=bias)
+    if const:  # planted interior and duplicate rows: ties, the LP and zero margins
+        W = np.array(head.W_U)
+        W[:, 10] = 0.5 * (W[:, 3] + W[:, 4])
+        W[:, 11] = W[:, 12]
+        head = head_from_arrays(W, None, head.ln_w, None, norm, "mem-const")
+    import unspeakable.engine.pipeline as pl
+
+    with monkeypatch.context() as m:  # the same budget (the same batches), the keys held
+        m.setattr(pl, "hold_keys", lambda *a: True)
+        ref = scan_head(head, domain=domain, memory=0.001)
+    assert ref.memory["keys_held"]
+
+    def refuse(*_a, **_k):
+        raise AssertionError("derived rows or keys built whole")
+
+    monkeypatch.setattr(FoldedRows, "__array__", refuse)
+    monkeypatch.setattr(FoldedRows, "__getattr__", refuse)
+    monkeypatch.setattr(FoldedRows, "__array_ufunc__", refuse)
+    rep = scan_head(head, domain=domain, memory=0.001)
+    assert not rep.memory["keys_held"]
+    assert np.array_equal(rep.verdicts_all, ref.verdicts_all) and rep.counts == ref.counts
+    assert ref.counts["undecided"] == 0
+    for a, b in zip(ref.tokens, rep.tokens):
+        ja, jb = a.to_json(), b.to_json()
+        ja.pop("time_s"), jb.pop("time_s")
+        assert ja == jb, (a.id, ja, jb)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from unspeakable.engine.evidence import Candidate, Certificate
-from unspeakable.engine.head import InputError
+from unspeakable.engine.head import InputError, rows_array
 from unspeakable.engine.pipeline import (
     DECIDE_CHUNK,
     LP_PASSES,
@@ -186,7 +186,7 @@ class Cluster:
         t0 = time.perf_counter()
         ray, V, d = _ray(), problem.V, problem.d
         grows_ref = ray.put(np.ascontiguousarray(grows, dtype=np.float64))
-        slim_ref = ray.put(Slim(problem.search_keys, problem.search_bias, problem.domain))
+        slim_ref = ray.put(Slim(rows_array(problem.search_keys), problem.search_bias, problem.domain))
         fn = self._remote(_screen_task, "screen", V, d, min(self.screen_rows, ids.size))
         blocks = [ids[b0: b0 + self.screen_rows] for b0 in range(0, ids.size, self.screen_rows)]
         # Tasks ask Ray for CPUs only: they screen with the torch backend in IEEE float32 (exact either way)
@@ -363,7 +363,7 @@ class _OpenTokens:
 
     def __init__(self, cluster: Cluster, sc, work, lift):
         self.cl, self.sc, self.lift, self.d = cluster, sc, lift, work.d
-        self.ref = _ray().put(Slim(work.search_keys, work.search_bias, work.domain))
+        self.ref = _ray().put(Slim(rows_array(work.search_keys), work.search_bias, work.domain))
         # a search task holds its own float32 keys and one search batch's [n, V] working set (the budget's)
         self.batch = sc.budget.search_batch
         self.fns = {"search": cluster._remote(search_task, "search", work.V, work.d, self.batch),

@@ -32,9 +32,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from unspeakable.engine.memory import row_norms
 from unspeakable.engine.evidence import Candidate, Certificate
-from unspeakable.engine.memory import LP_LOCKSTEP
+from unspeakable.engine.head import FoldedRows
+from unspeakable.engine.memory import LP_LOCKSTEP, row_norms
 from unspeakable.engine.restricted import SOLVERS, WARM_MAX_ROWS
 
 U32 = 2.0**-24
@@ -129,13 +129,14 @@ class Pricer:
 
     def __init__(self, problem):
         self.domain = problem.domain
-        self.keys = np.ascontiguousarray(problem.search_keys, dtype=np.float64)
+        k = problem.search_keys  # keys derived on demand (engine.head.DerivedKeys) are read as they are
+        self.keys = k if isinstance(k, FoldedRows) else np.ascontiguousarray(k, dtype=np.float64)
         self.V, self.d = self.keys.shape
         if self.V < 2:
             raise ValueError("need at least two tokens")
         self.bias = np.ascontiguousarray(problem.search_bias, dtype=np.float64)  # zeros in the cone
         shared = getattr(problem, "search_keys32", None)  # the problem's one float32 copy, where it has one
-        self.keys32 = shared() if shared is not None else self.keys.astype(np.float32)
+        self.keys32 = shared() if shared is not None else np.asarray(self.keys, dtype=np.float32)
         # |fl32(k32·x32) − k·x| <= (2u(1+u) + γ_d (1+u)²) Σ|k_i||x_i| <= that × ||k|| ||x||, u = 2^-24, for
         # any summation order (Higham 3.1 and the two roundings to float32); doubled for the float64 epilogue.
         g = (self.d + 2) * U32 / (1.0 - (self.d + 2) * U32)

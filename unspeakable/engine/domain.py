@@ -68,6 +68,9 @@ class Domain:
     bounded = True  # False: the cone (scale invariant, bias ignored)
     centred = False  # True: layernorm's sum(x) = 0 (the verifier certifies the projection P x)
     solver = "ball"  # decide's restricted solver: "ball" (exact oracle), "lp" (box) or "cone"
+    # The stages read the keys by chunks and gathers only (engine.head.DerivedKeys serves a tight budget);
+    # False where the screens need an array of the keys' own size anyway (the box's sign queries)
+    lazy_keys = True
 
     def __init__(self, radius: float | None):
         self.radius = radius
@@ -247,6 +250,7 @@ class Box(Domain):
 
     name = "box"
     solver = "lp"
+    lazy_keys = False  # its screen queries sign(k_j) are a V × d array of their own
 
     def support(self, v):
         return self.radius * _l1(v)

@@ -67,6 +67,7 @@ class FoldedRows:
 
     ndim = 2
     dtype = np.dtype(np.float64)
+    _OWN = ("Wt", "gain", "source", "shape")  # its own attributes: never looked up on the array built whole
 
     def __init__(self, W_U: np.ndarray, gain: np.ndarray | None):
         self.source = (W_U, gain)  # the arrays as given (:meth:`same_as`)
@@ -102,10 +103,12 @@ class FoldedRows:
             yield r0, self._rows(slice(r0, r0 + size))
 
     def __array__(self, dtype=None, copy=None):
-        out = np.empty(self.shape)
-        for r0, a in self.chunks():
-            out[r0: r0 + a.shape[0]] = a
-        return out if dtype is None else out.astype(dtype, copy=False)
+        """The whole array, filled chunk by chunk (at ``dtype``: converted per chunk, no float64 copy first)."""
+        out = np.empty(self.shape, dtype=np.float64 if dtype is None else dtype)
+        with np.errstate(over="ignore"):
+            for r0, a in self.chunks():
+                out[r0: r0 + a.shape[0]] = a
+        return out
 
     def __matmul__(self, x):
         """``rows @ x`` row chunk by row chunk (the same values: each output row is its own dot products)."""
@@ -120,7 +123,7 @@ class FoldedRows:
     def __getattr__(self, name):
         """What else an ndarray has (``.T``, ``.mean``, ``.copy()``): from the array built whole, read-only
         (engine code walks the rows in chunks instead; this is for callers who treat them as the array)."""
-        if name.startswith("__") or name in ("Wt", "gain", "source", "shape"):
+        if name.startswith("__") or name in self._OWN:
             raise AttributeError(name)
         a = np.asarray(self)
         a.flags.writeable = False
@@ -130,6 +133,26 @@ class FoldedRows:
         """Derived from these very arrays (a head's ``W_U`` and ``ln_w``, the same objects): then equal to
         ``gram_rows``' uncentred rows entry for entry, without comparing them."""
         return W_U is self.source[0] and gain is self.source[1]
+
+
+class DerivedKeys(FoldedRows):
+    """The keys ``P(ũ_j − c)`` (``domain.keys`` of the folded rows) of a head whose rows are
+    :class:`FoldedRows`, computed on demand: the same float64 values as the keys the fold computes chunk by
+    chunk (every entry depends on its own row only), without holding them. A scan whose ``--memory`` budget
+    cannot hold the ``V × d`` float64 keys beside the head uses these (``loader.fold(derive_keys=True)``);
+    every stage reads them by chunks, gathers or through the one float32 copy (``Problem.search_keys32``)."""
+
+    _OWN = FoldedRows._OWN + ("domain", "center")
+
+    def __init__(self, rows: FoldedRows, domain, center: np.ndarray):
+        super().__init__(*rows.source)
+        self.domain, self.center = domain, center
+
+    def _rows(self, r) -> np.ndarray:
+        return self.domain.keys(super()._rows(r), self.center)
+
+    def same_as(self, W_U, gain) -> bool:
+        return False  # keys, not the gram rows ``γ ⊙ u``
 
 
 def rows_array(rows) -> np.ndarray:
@@ -167,7 +190,7 @@ class Problem:
     bias: np.ndarray  # [V] float64
     domain: object  # an engine.domain.Domain
     center: np.ndarray  # [d] float64, mean row
-    keys: np.ndarray  # [V, d] float64, P(rows - center)
+    keys: np.ndarray  # [V, d] float64, P(rows - center), or a DerivedKeys standing for it (a tight budget)
     bias_used: bool
     source: str = ""
     texts: list[str] | None = None

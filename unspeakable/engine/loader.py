@@ -23,8 +23,8 @@ import sys
 import numpy as np
 
 from unspeakable.engine.domain import ETA, U, DOMAINS, domain_for
-from unspeakable.engine.head import (NORMS, FoldedRows, Head, InputError, Problem, as_array, head_from_arrays, ids_text,
-                                    row_chunks, rows_array, shape_text)
+from unspeakable.engine.head import (NORMS, DerivedKeys, FoldedRows, Head, InputError, Problem, as_array,
+                                    head_from_arrays, ids_text, row_chunks, rows_array, shape_text)
 
 __all__ = ["load", "fold", "gram_rows", "problem_from_rows", "head_from_arrays", "minilm_head", "Head", "Problem",
            "InputError", "DOMAINS", "NORMS", "KEYS"]
@@ -567,7 +567,8 @@ def minilm_head() -> Head:
 
 
 # ------------------------------------------------------------------------------------------------ fold
-def fold(head: Head, domain: str | None = None, radius: float | None = None, bias: bool = True) -> Problem:
+def fold(head: Head, domain: str | None = None, radius: float | None = None, bias: bool = True, *,
+         derive_keys: bool = False) -> Problem:
     """Fold the final norm into rows and bias on a domain (DESIGN §1). All math in float64 on copies.
 
     Rows ``ũ_j = γ ⊙ u_j`` (when ``ln_w`` is present), bias ``b̃_j = u_j·β + b_j`` (when ``ln_b`` is present),
@@ -579,6 +580,10 @@ def fold(head: Head, domain: str | None = None, radius: float | None = None, bia
     ``Problem.rows_lo`` / ``bias_lo`` hold what rounding ``γ u`` and ``u·β + b`` lost, and ``row_err`` /
     ``bias_err`` bound what even these miss; the verifier carries all four into its allowances.
 
+    ``derive_keys``: where the fold is exact (rows derived on demand, :class:`FoldedRows`) and the domain's
+    stages read the keys by chunks, the keys are derived on demand too (:class:`DerivedKeys`: the same
+    values, ``8·V·d`` bytes fewer held; a scan asks for this when its memory budget cannot hold them).
+
     Raises:
         InputError: unknown domain, a radius with ``cone``, a radius that is not finite and positive, or
             folded values outside float64's range.
@@ -588,7 +593,8 @@ def fold(head: Head, domain: str | None = None, radius: float | None = None, bia
     rows, lo, row_err, b, b_lo, b_err = fold_parts(head, bias_used, lazy=True)
     return problem_from_rows(rows, b, dom, source=head.source, texts=head.texts, planted=head.planted,
                              warnings=list(head.warnings) + warnings, bias_used=bias_used,
-                             residual=(lo, row_err, b_lo, b_err), exact_source=head, copy=False)
+                             residual=(lo, row_err, b_lo, b_err), exact_source=head, copy=False,
+                             derive_keys=derive_keys)
 
 
 _EXACT_DTYPES = ("float16", "float32")  # 24-bit mantissas at most: the product of two is exact in float64
@@ -726,7 +732,7 @@ _SAFE_EXPONENT = 200
 
 def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source: str = "", texts=None,
                       planted=None, warnings=None, bias_used: bool | None = None, residual=None,
-                      exact_source: Head | None = None, copy: bool = True) -> Problem:
+                      exact_source: Head | None = None, copy: bool = True, derive_keys: bool = False) -> Problem:
     """A :class:`Problem` from folded rows ``[V, d]`` and bias ``[V]`` (None: zeros) on a domain (a Domain,
     or its name with an optional radius: the default is the domain's own). Copies its inputs; the cone
     ignores the bias.
@@ -738,7 +744,7 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
     ``residual = (rows_lo, row_err, bias_lo, bias_err)`` (from :func:`fold_parts`; None: the rows and bias
     are exact) and ``exact_source`` (the head they were folded from, for exact rational checks) are kept
     on the problem, scaled with it. ``copy=False``: ``rows`` is the caller's fresh float64 array, handed over
-    (the fold's own; saves a transient ``V × d`` copy).
+    (the fold's own; saves a transient ``V × d`` copy). ``derive_keys``: see :func:`fold`.
     """
     if not isinstance(rows, FoldedRows):
         rows = np.array(rows, dtype=np.float64, order="C", copy=copy)
@@ -757,7 +763,11 @@ def problem_from_rows(rows, bias, domain, radius: float | None = None, *, source
         b_lo, b_err = _rescale_residual(b_lo, b_err, -e)
     margin_exp, x_exp = domain.units(e, e_x)
     center = _mean_row(rows)
-    keys, work_keys, work_bias = _keys(domain, rows, center), None, None
+    work_keys = work_bias = None
+    if derive_keys and isinstance(rows, FoldedRows) and lo is None and domain.lazy_keys:
+        keys = DerivedKeys(rows, domain, center)  # the same values as _keys', computed where read
+    else:
+        keys = _keys(domain, rows, center)
     if lo is not None:  # the search and the LP see the exact rows more closely (the verifier needs no help)
         work_keys = keys + domain.project(lo)
     if b_lo is not None:  # and the bias as one double, less a common shift (which changes no verdict)

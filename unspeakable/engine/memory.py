@@ -4,7 +4,8 @@ The peak of a scan is the head as loaded plus what the fold and the stages hold 
 working set that the stages share one after another (DESIGN §7, issue "memory is a budget")::
 
     resident = W_U as loaded (V·d at its dtype)
-             + keys, float64 (8 · V·d)
+             + keys, float64 (8 · V·d), unless a given budget cannot hold them: an exact fold on the
+               spheres then derives them on demand as well (:func:`hold_keys`, engine.head.DerivedKeys)
              + rows, float64 (8 · V·d), only where the fold rounds (float64 weights with a gain) or rescales:
                an exact fold derives them from W_U on demand (engine.head.FoldedRows); the fold's residual
                8 · V·d more where it has one
@@ -83,6 +84,16 @@ def parse_gb(value, where: str = "memory") -> int | None:
     return int(gb * GB)
 
 
+def hold_keys(total: int | None, V: int, d: int, rss: int | None) -> bool:
+    """Whether a scan holds its float64 keys: always with the default budget; with a given one, when the
+    process as it is now (``rss``, the head loaded), the keys, their float32 copy and the smallest working
+    set fit in it. Otherwise the fold derives them on demand where it can (``loader.fold(derive_keys=True)``:
+    the same values, read by chunks and gathers, at the price of recomputing them where they are read)."""
+    if total is None or rss is None:
+        return True
+    return int(rss) + 12 * V * d + MIN_WORKING <= int(total)
+
+
 @dataclass(frozen=True)
 class Budget:
     """The budget in bytes and the sizes derived from it for a ``V × d`` problem."""
@@ -91,6 +102,7 @@ class Budget:
     resident: int
     V: int
     d: int
+    keys_held: bool = True  # False: the float64 keys are derived on demand (engine.head.DerivedKeys)
 
     @classmethod
     def for_problem(cls, problem, head_bytes: int, total: int | None = None, rss: int | None = None) -> "Budget":
@@ -99,13 +111,14 @@ class Budget:
         still to be built."""
         V, d = problem.V, problem.d
         keys32 = 4 * V * d
-        held = 8 * V * d + keys32  # keys float64, the shared float32 keys
-        held += sum(8 * V * d for a in (problem.rows, problem.rows_lo, problem.work_keys)
-                    if isinstance(a, np.ndarray))  # rows derived from the head (FoldedRows) are not held
+        held = keys32  # the shared float32 keys; rows and keys derived from the head (FoldedRows) are not held
+        held += sum(8 * V * d for a in (problem.keys, problem.rows, problem.rows_lo, problem.work_keys)
+                    if isinstance(a, np.ndarray))
         resident = int(head_bytes) + held
         if rss is not None:
             resident = max(resident, int(rss) + (0 if "search_keys32" in problem.derived else keys32))
-        return cls(default_budget(resident) if total is None else int(total), resident, V, d)
+        return cls(default_budget(resident) if total is None else int(total), resident, V, d,
+                   isinstance(problem.keys, np.ndarray))
 
     @property
     def working(self) -> int:
@@ -141,6 +154,7 @@ class Budget:
 
     def to_json(self) -> dict:
         return {"budget_bytes": self.total, "resident_bytes": self.resident, "working_bytes": self.working,
+                "keys_held": self.keys_held,
                 "search_batch": self.search_batch, "witness_batch": self.witness_batch,
                 "lp_warm_rows": self.lp_warm_rows}
 

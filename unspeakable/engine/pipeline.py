@@ -36,7 +36,7 @@ from unspeakable.engine.ledger import Checkpoint, Ledger, fingerprint
 from unspeakable.engine.loader import fold, gram_rows, load, problem_from_rows, scale_exponents
 from unspeakable.engine.report import ScanReport, TokenReport, peak_rss_bytes
 from unspeakable.engine.screen import gram_screen, screens, witness_points
-from unspeakable.engine.memory import GB, Budget, abs_max, current_rss, parse_gb
+from unspeakable.engine.memory import GB, Budget, abs_max, current_rss, hold_keys, parse_gb
 from unspeakable.engine.search import SearchOptions, search
 from unspeakable.engine.verify import Verifier
 from unspeakable.engine.volume import VolumeOptions, entry_json, for_scan, scan_summary
@@ -185,7 +185,8 @@ def scan_head(head: Head, **options) -> ScanReport:
 def _prepare(head: Head, opt: ScanOptions) -> _Scan:
     t0 = time.perf_counter()
     memory = _memory_bytes(opt.memory)  # bad options are refused before any work or file
-    problem = fold(head, domain=opt.domain, radius=opt.radius, bias=opt.bias)
+    problem = fold(head, domain=opt.domain, radius=opt.radius, bias=opt.bias,
+                   derive_keys=not hold_keys(memory, head.d_vocab, head.d_model, current_rss()))
     backend, dev = resolve_backend(opt.backend, opt.device)
     precision = resolve_precision(opt.precision, backend, dev)
     V = problem.V

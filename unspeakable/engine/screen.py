@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unspeakable.engine.head import FoldedRows
+from unspeakable.engine.head import FoldedRows, rows_array
 from unspeakable.kernels.screen import top2_exact
 from unspeakable.kernels.sym_screen import KeyMap, OtherGram, sym_screen
 
@@ -42,8 +42,9 @@ class WitnessScreen:
 
 
 def _rows64(rows):
-    """Gram rows for ``kernels.sym_screen``: a float64 tensor over the array, or rows derived on demand
-    (engine.head.FoldedRows) as they are: the pass reads them block by block and row by row."""
+    """Gram rows or keys for ``kernels.sym_screen``: a float64 tensor over the array, or rows derived on
+    demand (engine.head.FoldedRows, DerivedKeys) as they are: the pass reads them block by block and row by
+    row."""
     return rows if isinstance(rows, FoldedRows) else torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float64))
 
 
@@ -93,7 +94,7 @@ def witness_screen(problem, ids: np.ndarray | None = None, *, backend: str = "to
     """Witness screen for the tokens ``ids`` (default: all V) over all V competitors."""
     t0 = time.perf_counter()
     q, s = problem.domain.screen_queries(problem.keys)
-    keys = torch.from_numpy(np.ascontiguousarray(problem.keys))
+    keys = torch.from_numpy(np.ascontiguousarray(rows_array(problem.keys)))  # derived keys: built whole here
     V = keys.shape[0]
     ids = np.arange(V, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     bias = torch.from_numpy(problem.bias) if np.any(problem.bias) else None  # zero in the cone
@@ -129,7 +130,7 @@ def screens(grows: np.ndarray, centred_rows: bool, norm: str, problem, ids: np.n
     other = None if other_map is None else OtherGram(
         lambda: _rows64(other_rows()), None if other_map is _SAME_ROWS else other_map)
     res = sym_screen(_rows64(grows),
-                     torch.from_numpy(problem.keys) if scaled_key else None,
+                     _rows64(problem.keys) if scaled_key else None,
                      torch.from_numpy(s) if scaled_key else None,
                      torch.from_numpy(problem.bias) if scaled_key and np.any(problem.bias) else None,
                      key_map if scaled_key and key_map is not _SAME_ROWS else None,

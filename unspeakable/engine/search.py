@@ -33,6 +33,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from unspeakable.engine.evidence import Candidate, Certificate
+from unspeakable.engine.head import FoldedRows
 from unspeakable.kernels import torch_threads
 
 
@@ -53,7 +54,7 @@ class _Setup:
 
     dom: object
     certify: bool  # False in the cone: no certificates from the bounded surrogate
-    keys64: torch.Tensor
+    keys64: torch.Tensor  # or _Gathered
     keys32: torch.Tensor
     bias64: torch.Tensor
     bias32: torch.Tensor
@@ -106,12 +107,24 @@ def search(problem, tokens: np.ndarray, *, keys32: torch.Tensor | None = None,
     return out
 
 
+class _Gathered:
+    """Keys derived on demand (engine.head.DerivedKeys) as the search reads its float64 keys: gathers by an
+    index tensor (fresh tensors, as ``tensor[idx]`` gives) and ``shape``."""
+
+    def __init__(self, keys):
+        self.keys, self.shape = keys, torch.Size(keys.shape)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.keys[idx.numpy()])
+
+
 def _setup(problem, keys32, opt: SearchOptions) -> _Setup:
     dom = problem.domain.search_domain()
-    keys64 = torch.from_numpy(problem.search_keys)
+    k = problem.search_keys
+    keys64 = _Gathered(k) if isinstance(k, FoldedRows) else torch.from_numpy(k)
     if keys32 is None:  # the problem's shared copy where it has one (a Ray task's slim problem has not)
         shared = getattr(problem, "search_keys32", None)
-        keys32 = torch.from_numpy(shared()) if shared is not None else keys64.to(torch.float32)
+        keys32 = torch.from_numpy(shared() if shared is not None else np.asarray(k, dtype=np.float32))
     bias64 = torch.from_numpy(problem.search_bias)  # zeros in the cone
     # in row chunks: a projection of all V keys at once would be a transient V × d float64 copy
     reach = np.concatenate([dom.support(problem.search_keys[r0: r0 + 8192]) for r0 in range(0, problem.V, 8192)])

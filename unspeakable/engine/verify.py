@@ -49,7 +49,7 @@ import torch
 from unspeakable.engine import exact, verify_sym
 from unspeakable.engine.domain import ETA, U, gamma
 from unspeakable.engine.evidence import Certificate
-from unspeakable.engine.head import row_chunks
+from unspeakable.engine.head import FoldedRows, row_chunks
 from unspeakable.engine.memory import WITNESS_BATCH_MAX
 
 
@@ -122,10 +122,13 @@ class KeyRows:
     """The problem's keys standing for ``A`` where they are ``rows − center`` computed as :class:`ShiftedRows`
     computes it (the same float64 values, already held): read-only, with :meth:`chunks`."""
 
-    def __init__(self, keys: np.ndarray):
-        self.a = keys.view()
-        self.a.flags.writeable = False
-        self.shape = keys.shape
+    def __init__(self, keys):
+        if isinstance(keys, FoldedRows):  # keys derived on demand (engine.head.DerivedKeys): read-only already
+            self.a = keys
+        else:
+            self.a = keys.view()
+            self.a.flags.writeable = False
+        self.shape = tuple(keys.shape)
 
     def __getitem__(self, idx):
         return self.a[idx]

@@ -143,9 +143,13 @@ def _check_inputs(gram_rows64, keys64, scale64, bias64, key_map) -> None:
     V, d = gram_rows64.shape
     if not isinstance(gram_rows64, torch.Tensor):  # rows computed on demand (see OtherGram): block by block
         _check_lazy(gram_rows64, V, d, "gram_rows64")
-    given = {"keys64": (keys64, (V, d)), "scale64": (scale64, (V,)), "bias64": (bias64, (V,))}
+    given = {"scale64": (scale64, (V,)), "bias64": (bias64, (V,))}
     if isinstance(gram_rows64, torch.Tensor):
         given["gram_rows64"] = (gram_rows64, (V, d))
+    if isinstance(keys64, torch.Tensor):
+        given["keys64"] = (keys64, (V, d))
+    elif keys64 is not None:  # keys computed on demand, like the gram rows
+        _check_lazy(keys64, V, d, "keys64")
     if key_map is not None and key_map.center64 is not None:
         given["key_map.center64"] = (key_map.center64, (d,))
     for name, (t, shape) in given.items():
@@ -275,7 +279,7 @@ def _corrections(g64, keys64, key_map: KeyMap | None, chunk: int = 8192) -> _Cor
         if beta is not None:
             beta[r0:r1] = kh @ p
         if not same:
-            en[r0:r1] = torch.linalg.vector_norm(keys64[r0:r1] - kh, dim=1)
+            en[r0:r1] = torch.linalg.vector_norm(_block(keys64, r0, r1) - kh, dim=1)
     # The residual is itself computed in float64: pad it by the rounding of a difference of that size.
     en = (en + 4.0 * 2.0**-53 * kn) * F64_SLACK
     return _Corrections(a, beta, float(p @ p), kn * F64_SLACK, en)
@@ -644,7 +648,8 @@ def sym_screen(
             on demand as :class:`OtherGram` describes (read block by block and row by row).
         keys64: float64 ``[V, d]``, the witness keys ``k_j``; None: gram screen only (the box domain,
             whose screen point is not a multiple of ``k_t``, runs its witness screen with
-            ``kernels.screen.top2_exact`` instead). May be ``gram_rows64`` itself (centred rows).
+            ``kernels.screen.top2_exact`` instead). May be ``gram_rows64`` itself (centred rows), or keys
+            computed on demand, read like lazy gram rows.
         scale64: float64 ``[V]`` ≥ 0, ``x_t = scale64[t] · keys64[t]`` (R/‖k_t‖ balls, 1/‖k_t‖² cone).
         bias64: float64 ``[V]`` or None (no bias: cone).
         key_map: ``keys64 ≈ P(gram_rows64 − center)``; None: ``keys64 ≈ gram_rows64``. Any difference
