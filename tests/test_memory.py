@@ -374,14 +374,23 @@ def test_keys_held_except_where_derivable():
                            derive_keys=True).keys, np.ndarray)
 
 
-def test_budget_that_cannot_hold_the_keys_derives_them():
+def test_budget_that_cannot_hold_the_keys_derives_them(monkeypatch):
     """hold_keys: the process, the keys (8·V·d), their float32 copy and the smallest working set must fit."""
+    import unspeakable.engine.memory as memory
     from unspeakable.engine.memory import hold_keys
 
     V, d, rss = 1000, 100, 300 * 10**6
     need = rss + 12 * V * d + MIN_WORKING
-    assert hold_keys(None, V, d, rss) and hold_keys(need, V, d, rss) and not hold_keys(need - 1, V, d, rss)
+    assert hold_keys(need, V, d, rss) and not hold_keys(need - 1, V, d, rss)
     assert hold_keys(need - 1, V, d, None)  # nothing known of the process: hold them, as before
+    # the default budget: what the process holds plus what the machine has available
+    monkeypatch.setattr(memory, "available_bytes", lambda: need - rss)
+    assert hold_keys(None, V, d, rss)
+    monkeypatch.setattr(memory, "available_bytes", lambda: need - rss - 1)
+    assert not hold_keys(None, V, d, rss)
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)
+    assert hold_keys(None, V, d, rss)
+    monkeypatch.undo()
     head = _head(V=400, d=16, seed=2, bias=True)
     assert scan_head(head).memory["keys_held"] and not scan_head(head, memory=0.001).memory["keys_held"]
 

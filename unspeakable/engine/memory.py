@@ -4,8 +4,9 @@ The peak of a scan is the head as loaded plus what the fold and the stages hold 
 working set that the stages share one after another (DESIGN §7, issue "memory is a budget")::
 
     resident = W_U as loaded (V·d at its dtype)
-             + keys, float64 (8 · V·d), unless a given budget cannot hold them: an exact fold on the
-               spheres then derives them on demand as well (:func:`hold_keys`, engine.head.DerivedKeys)
+             + keys, float64 (8 · V·d), unless the budget (given, or by default what the machine has
+               available) cannot hold them: an exact fold then derives them on demand as well, except on
+               the box (:func:`hold_keys`, engine.head.DerivedKeys)
              + rows, float64 (8 · V·d), only where the fold rounds (float64 weights with a gain) or rescales:
                an exact fold derives them from W_U on demand (engine.head.FoldedRows); the fold's residual
                8 · V·d more where it has one
@@ -85,10 +86,14 @@ def parse_gb(value, where: str = "memory") -> int | None:
 
 
 def hold_keys(total: int | None, V: int, d: int, rss: int | None) -> bool:
-    """Whether a scan holds its float64 keys: always with the default budget; with a given one, when the
-    process as it is now (``rss``, the head loaded), the keys, their float32 copy and the smallest working
-    set fit in it. Otherwise the fold derives them on demand where it can (``loader.fold(derive_keys=True)``:
-    the same values, read by chunks and gathers, at the price of recomputing them where they are read)."""
+    """Whether a scan holds its float64 keys: when the process as it is now (``rss``, the head loaded), the
+    keys, their float32 copy and the smallest working set fit in the budget ``total`` (None: the default,
+    what the process holds plus what the machine has available). Otherwise the fold derives them on demand
+    where it can (``loader.fold(derive_keys=True)``: the same values, read by chunks and gathers, at the
+    price of recomputing them where they are read). Held when nothing is known of the process."""
+    if total is None:
+        avail = available_bytes()
+        total = None if avail is None or rss is None else int(rss) + avail
     if total is None or rss is None:
         return True
     return int(rss) + 12 * V * d + MIN_WORKING <= int(total)
