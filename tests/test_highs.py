@@ -2,6 +2,8 @@
 
 Oracles: scipy.optimize.linprog (HiGHS through scipy's own wrapper) and finite differences of the optimum.
 """
+import math
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -172,3 +174,41 @@ def test_solve_lp_reports_a_refused_model_as_unsuccessful():
     # support LP calls solve_lp inside a proof attempt; a head × 1e18 used to crash the scan there)
     res = solve_lp(np.zeros(2), np.array([[1e18, 1.0]]), [0.0], [1.0], np.zeros(2), np.ones(2))
     assert not res.success and res.x is None and res.status == Status.ERROR and "HiGHS" in res.message
+
+
+def test_lp_exponent_leaves_comfortable_sizes_alone():
+    from unspeakable.engine.highs import LP_EXP_MAX, LP_EXP_MIN, lp_exponent
+
+    for size in (1.0, 0.3, 2.0**LP_EXP_MAX - 1, 2.0**(LP_EXP_MIN - 1), 0.0, float("inf"), float("nan")):
+        assert lp_exponent(size) == 0, size
+    for size in (1e18, 1e300, 1e-12, 5e-324):
+        assert 0.5 <= abs(math.ldexp(size, -lp_exponent(size))) < 1.0, size
+
+
+@pytest.mark.parametrize("domain, bias", [("rmsnorm", False), ("box", True), ("cone", False), ("rmsnorm", True)])
+def test_verdicts_of_a_head_scaled_by_powers_of_two_beyond_highs_range(domain, bias):
+    """Scaling W_U (and b_U) by 2^k changes no verdict. At 2^60 (entries ~1e18: HiGHS takes ≥ 1e15 for
+    infinite) and 2^-40 (below its 1e-9 drop threshold) the LPs of the decide stage (the box's, the cone
+    of a head without bias) and the verifier's support LP see their rows scaled back by a power of two: every
+    token decided, the same verdicts as at 2^0, every claim re-derived by the independent audit."""
+    import json
+
+    import unspeakable
+    from unspeakable.engine.head import head_from_arrays
+    from unspeakable.engine.pipeline import scan_head
+
+    rng = np.random.default_rng(11)
+    d, V = 12, 400
+    W = rng.standard_normal((d, V)).astype(np.float32)
+    W[:, 7] = 0.5 * (W[:, 8] + W[:, 9])  # an interior row: a certificate with a support LP
+    g = np.exp(0.3 * rng.standard_normal(d)).astype(np.float32)
+    b = rng.standard_normal(V).astype(np.float32) if bias else None
+    verdicts = {}
+    for k in (0, 60, -40):
+        s = np.float32(2.0**k)
+        h = head_from_arrays(W * s, None if b is None else b * s, g, None, "rmsnorm", f"pow2-{k}")
+        rep = scan_head(h, domain=domain)
+        assert rep.counts["undecided"] == 0, (k, [t.reason for t in rep.tokens if t.verdict == "undecided"][:3])
+        assert unspeakable.audit(json.loads(json.dumps(rep.to_json())), h).ok
+        verdicts[k] = rep.verdicts_all
+    assert np.array_equal(verdicts[0], verdicts[60]) and np.array_equal(verdicts[0], verdicts[-40])

@@ -34,6 +34,7 @@ import numpy as np
 
 from unspeakable.engine.evidence import Candidate, Certificate
 from unspeakable.engine.head import FoldedRows
+from unspeakable.engine.highs import lp_exponent
 from unspeakable.engine.memory import LP_LOCKSTEP, row_norms
 from unspeakable.engine.restricted import SOLVERS, WARM_MAX_ROWS
 
@@ -140,8 +141,10 @@ class Pricer:
         # |fl32(k32·x32) − k·x| <= (2u(1+u) + γ_d (1+u)²) Σ|k_i||x_i| <= that × ||k|| ||x||, u = 2^-24, for
         # any summation order (Higham 3.1 and the two roundings to float32); doubled for the float64 epilogue.
         g = (self.d + 2) * U32 / (1.0 - (self.d + 2) * U32)
-        self.row_err = 2.0 * (2 * U32 * (1 + U32) + g * (1 + U32) ** 2) * row_norms(self.keys)
+        norms = row_norms(self.keys)
+        self.row_err = 2.0 * (2 * U32 * (1 + U32) + g * (1 + U32) ** 2) * norms
         self.bias_max = float(np.max(np.abs(self.bias)))
+        self.lp_exp = lp_exponent(max(float(np.max(norms)), self.bias_max))  # HiGHS's rows scaled by 2^-lp_exp
 
     def price(self, x: np.ndarray, t: int, floor_offset: float = -math.inf, n_top: int = 2,
               exclude: np.ndarray | None = None, n_keep: int | None = None) -> Pricing:

@@ -98,6 +98,19 @@ class LPResult:
     time_s: float = 0.0
 
 
+# HiGHS takes matrix entries of 1e15 and above for infinite and drops those below 1e-9: problems whose rows
+# leave [2^LP_EXP_MIN, 2^LP_EXP_MAX] are handed to it scaled by a power of two (exact; the caller scales back).
+LP_EXP_MIN, LP_EXP_MAX = -10, 30
+
+
+def lp_exponent(size: float) -> int:
+    """``e`` such that entries of size ``size`` reach HiGHS as ``size · 2^-e`` (about 1): 0 where ``size`` is
+    comfortable already (then nothing changes), and where it is 0 or not finite."""
+    if not math.isfinite(size) or size <= 0 or LP_EXP_MIN <= math.frexp(size)[1] <= LP_EXP_MAX:
+        return 0
+    return math.frexp(size)[1]
+
+
 def _shadow_prices(row_dual: np.ndarray, sense: str) -> np.ndarray:
     """HiGHS row duals → d(objective)/d(active row bound), in the objective's own sense. HiGHS 1.16 reports
     exactly that for ``min`` and for ``max`` (checked by finite differences in ``tests/test_highs.py``); if a

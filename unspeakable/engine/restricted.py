@@ -95,10 +95,13 @@ class BoxSolver(Restricted):
         self.lp = LP(cost, lo, up, sense="max")
 
     def add(self, J):
+        # Rows and bound scaled by 2^-e (Pricer.lp_exp; exact): s' = 2^-e s, the same x and the same
+        # weights (Σλ = 1 from s' as from s), the objective scaled back in step
+        e = self.p.lp_exp
         A = np.empty((J.size, self.p.d + 1))
         A[:, 0] = 1.0
-        A[:, 1:] = self.p.keys[J] - self.kt
-        rows = self.lp.add_rows(A, -math.inf, self.bt - self.p.bias[J])  # s + (k_j − k_t)·x <= b_t − b_j
+        A[:, 1:] = np.ldexp(self.p.keys[J] - self.kt, -e)
+        rows = self.lp.add_rows(A, -math.inf, np.ldexp(self.bt - self.p.bias[J], -e))  # s + (k_j − k_t)·x <= b_t − b_j
         self.ids.extend(int(j) for j in J)
         self.comp_rows.extend(int(r) for r in rows)
 
@@ -109,7 +112,7 @@ class BoxSolver(Restricted):
         ids = np.asarray(self.ids, dtype=np.int64)
         # HiGHS meets bounds to its feasibility tolerance only; the witness must lie in the box exactly.
         x = np.clip(res.x[1:], -self.p.domain.radius, self.p.domain.radius)
-        return Step(x, float(res.objective), [(ids, self.weights(res))])
+        return Step(x, math.ldexp(float(res.objective), self.p.lp_exp), [(ids, self.weights(res))])
 
 
 class _SpanLP(Restricted):
@@ -164,11 +167,13 @@ class _SpanLP(Restricted):
             self._grow(W)
             Cn = W @ self.Q
         beta = self.bt - self.p.bias[J]  # zeros in the cone
+        if self.p.lp_exp:  # held scaled by 2^-e (exact): see oracle
+            Cn, beta = np.ldexp(Cn, -self.p.lp_exp), np.ldexp(beta, -self.p.lp_exp)
         if self.lp is not None:
             A = np.empty((J.size, self.Q.shape[1] + 1))
             A[:, 0] = 1.0
             A[:, 1:] = Cn
-            rows = self.lp.add_rows(A, -math.inf, beta)  # s + (k_j − k_t)·Q z <= b_t − b_j
+            rows = self.lp.add_rows(A, -math.inf, beta)  # s + (k_j − k_t)·Q z <= b_t − b_j (× 2^-e)
             self.comp_rows.extend(int(r) for r in rows)
         if self.warm is not None and self.warm.gram is not None:
             if self.C.shape[0] + Cn.shape[0] > self.warm_max_rows:
@@ -182,16 +187,21 @@ class _SpanLP(Restricted):
         self.ids.extend(int(j) for j in J)
 
     def oracle(self, R: float, z_hint: np.ndarray, tol: float):
+        """The ball optimum over S in the caller's units. The rows and bias are held scaled by 2^-e
+        (``Pricer.lp_exp``, 0 unless the keys or bias are far from 1): the same z and weights, the levels
+        scaled by 2^-e, so the LDPs' absolute thresholds and HiGHS's limits see entries near 1."""
+        e = self.p.lp_exp
         G = -self.C
         # Without a basis the rows have d columns, where scipy's NNLS (its cost grows with them) loses to the
         # warm-started normal equations from the first row on; with one, below WARM_MIN_ROWS it wins.
         warm_min = WARM_MIN_ROWS if self.Q is not None else 0
         if self.warm is not None and self.warm.gram is None and warm_min <= G.shape[0] <= self.warm_max_rows:
             self.warm.gram = self.C @ self.C.T
-        bo = ball_optimum(G, self.beta, R, float(np.min(G @ z_hint + self.beta)), tol, warm=self.warm)
-        if bo is not None:
-            self.oracle_solves += bo.solves
-        return bo
+        bo = ball_optimum(G, self.beta, R, float(np.min(G @ z_hint + self.beta)), math.ldexp(tol, -e), warm=self.warm)
+        if bo is None:
+            return None
+        self.oracle_solves += bo.solves
+        return BallOptimum(math.ldexp(bo.lower, e), bo.z, math.ldexp(bo.upper, e), bo.lam, bo.solves) if e else bo
 
 
 class BallSolver(_SpanLP):
@@ -238,20 +248,24 @@ class BallSolver(_SpanLP):
 class ConeSolver(_SpanLP):
     def __init__(self, pricer, t, options):
         super().__init__(pricer, t, math.inf, options.warm_ldp, warm_max_rows=options.warm_max_rows)
-        nt = float(np.linalg.norm(self.kt))
+        nt = self.nt = float(np.linalg.norm(self.kt))
         self.by_ball = options.cone_oracle
         self.lp = LP(np.array([1.0]), [-math.inf], [1.0], sense="max")  # the cap s <= 1
         # k_t·x = k_t·Q z = ||k_t|| z_0: Q's first column is k_t/||k_t||, later ones are orthogonal to it.
         self.Q = (self.kt / nt)[:, None]
         self.C = np.zeros((0, 1))
         self.lp.add_cols(np.zeros(1), -math.inf, math.inf)
-        self.lp.add_rows(np.array([[0.0, nt]]), 1.0, 1.0)
+        # HiGHS's rows are the cone's scaled by 2^-e (Pricer.lp_exp), the normalisation's too: its z' is
+        # 2^e z (the same s, weights and direction), scaled back in step
+        self.lp.add_rows(np.array([[0.0, math.ldexp(nt, -pricer.lp_exp)]]), 1.0, 1.0)
 
     def step(self, remaining, tol, best_x):
         ids = np.asarray(self.ids, dtype=np.int64)
         if self.by_ball:
-            bo = self.oracle(1.0, np.zeros(self.Q.shape[1]), tol)
-            if bo is not None and bo.upper > tol:
+            # tol is in the cone's normalised units (k_t·x = 1): on the unit ball k_t·x <= ||k_t||, so the
+            # ball's margins compare with tol ||k_t|| (scale-free: the same decision for the head × 2^k)
+            bo = self.oracle(1.0, np.zeros(self.Q.shape[1]), tol * self.nt)
+            if bo is not None and bo.upper > tol * self.nt:
                 return Step(self.Q @ bo.z, bo.lower)  # a unit-ball point; the loop normalises k_t·x = 1
             self.by_ball = False  # k_t is (numerically) in the hull of S: only the cone LP can show how deep
         res = self._solve_lp(remaining)
@@ -259,7 +273,7 @@ class ConeSolver(_SpanLP):
             return res
         # The cap s <= 1 takes part of the weight; a certificate needs it slack (Σ λ = 1 on the rows).
         certs = [(ids, self.weights(res))] if res.objective < 1.0 - 1e-9 else []
-        return Step(self.Q @ res.x[1:], float(res.objective), certs)
+        return Step(np.ldexp(self.Q @ res.x[1:], -self.p.lp_exp), float(res.objective), certs)
 
     def finished(self, lower, upper, tol):
         if self.by_ball and not lower > 0:

@@ -748,14 +748,18 @@ class Verifier:
         """A support of at most ``d' + 1`` rows whose convex combination meets ``ũ_t`` (up to F; with ``bias``
         also ``Σ w_j (b̃_j − b̃_t) >= 0``), from a float feasibility LP over all rows (a vertex of it has
         that few nonzeros), then the exact solve on it. None: no proof."""
-        from unspeakable.engine.highs import solve_lp
+        from unspeakable.engine.highs import lp_exponent, solve_lp
 
         if self.V * self.d > self.SPARSE_LP_ENTRIES or time.monotonic() > deadline:
             return None
         pool = np.setdiff1d(np.arange(self.V), [t])
         K = self.p.keys  # P(rows − c): a combination meeting u_t up to F is one meeting P u_t
         D = (K[pool] - K[t]).T  # [d, n]
-        A = np.vstack([D, np.ones((1, pool.size))] + ([(self.bias[pool] - self.bias[t])[None, :]] if bias else []))
+        # rows D w = 0 and the bias row (>= 0) scaled by powers of two (the same w): what HiGHS takes
+        D = np.ldexp(D, -lp_exponent(float(np.max(np.abs(D), initial=0.0))))
+        db = self.bias[pool] - self.bias[t]
+        A = np.vstack([D, np.ones((1, pool.size))]
+                      + ([np.ldexp(db, -lp_exponent(float(np.max(np.abs(db), initial=0.0))))[None, :]] if bias else []))
         lo_r = np.concatenate([np.zeros(self.d), [1.0]] + ([[0.0]] if bias else []))
         hi_r = np.concatenate([np.zeros(self.d), [1.0]] + ([[np.inf]] if bias else []))
         res = solve_lp(np.zeros(pool.size), A, lo_r, hi_r, np.zeros(pool.size), np.full(pool.size, np.inf),
