@@ -142,14 +142,14 @@ class DerivedKeys(FoldedRows):
     cannot hold the ``V × d`` float64 keys beside the head uses these (``loader.fold(derive_keys=True)``);
     every stage reads them by chunks, gathers or through the one float32 copy (``Problem.search_keys32``)."""
 
-    _OWN = FoldedRows._OWN + ("domain", "center")
+    _OWN = FoldedRows._OWN + ("rows", "domain", "center")
 
     def __init__(self, rows: FoldedRows, domain, center: np.ndarray):
-        super().__init__(*rows.source)
-        self.domain, self.center = domain, center
+        self.rows, self.domain, self.center = rows, domain, center
+        self.source, self.shape = rows.source, rows.shape
 
     def _rows(self, r) -> np.ndarray:
-        return self.domain.keys(super()._rows(r), self.center)
+        return self.domain.keys(self.rows._rows(r), self.center)
 
     def same_as(self, W_U, gain) -> bool:
         return False  # keys, not the gram rows ``γ ⊙ u``
