@@ -431,3 +431,37 @@ def test_scan_with_derived_keys_is_the_same_scan(monkeypatch, norm, domain, bias
         ja, jb = a.to_json(), b.to_json()
         ja.pop("time_s"), jb.pop("time_s")
         assert ja == jb, (a.id, ja, jb)
+
+
+def test_subset_scan_with_derived_keys_never_builds_them_whole(monkeypatch):
+    """A ``tokens`` subset takes the two-pass screens (kernels.screen.top2_exact for the witness screen): with
+    the keys derived it reads them by blocks and gathers too, and the report is the one with them held."""
+    import unspeakable.engine.pipeline as pl
+    from unspeakable.kernels.screen import top2_exact
+
+    head = _head(V=900, d=10, seed=6, norm="layernorm", bias=True)
+    ids = np.r_[0:40, 400:430, 880:900]
+    with monkeypatch.context() as m:
+        m.setattr(pl, "hold_keys", lambda *a: True)
+        ref = scan_head(head, tokens=ids, memory=0.001)
+    p = fold(head, derive_keys=True)
+    import torch
+
+    q = torch.from_numpy(p.keys[ids])
+    held = torch.from_numpy(rows_array(p.keys))
+    for keys in (held, p.keys):  # the kernel alone: a tensor and rows on demand, the same top-2 and values
+        r, _ = top2_exact(q, keys, torch.from_numpy(ids), bias64=torch.from_numpy(p.bias))
+        if keys is held:
+            r_held = r
+    for f in ("best_val", "best_idx", "second_val", "second_idx", "self_val"):
+        assert torch.equal(getattr(r, f), getattr(r_held, f)), f
+
+    def refuse(*_a, **_k):
+        raise AssertionError("derived rows or keys built whole")
+
+    monkeypatch.setattr(FoldedRows, "__array__", refuse)
+    monkeypatch.setattr(FoldedRows, "__getattr__", refuse)
+    monkeypatch.setattr(FoldedRows, "__array_ufunc__", refuse)
+    rep = scan_head(head, tokens=ids, memory=0.001)
+    assert not rep.memory["keys_held"] and ref.memory["keys_held"]
+    assert [t.to_json() | {"time_s": 0} for t in rep.tokens] == [t.to_json() | {"time_s": 0} for t in ref.tokens]

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unspeakable.engine.head import FoldedRows, rows_array
-from unspeakable.kernels.screen import top2_exact
+from unspeakable.engine.head import FoldedRows
+from unspeakable.kernels.screen import row_gather, top2_exact
 from unspeakable.kernels.sym_screen import KeyMap, OtherGram, sym_screen
 
 
@@ -57,9 +57,8 @@ def gram_screen(rows64: np.ndarray, ids: np.ndarray | None = None, *, backend: s
     if ids.size == V and np.array_equal(ids, np.arange(V)):  # all rows: one symmetric pass, each pair once
         res = sym_screen(_rows64(rows64), backend=backend, device=device, precision=precision)
         return _gram_result(res.gram, ids, res.stats.gram_recomputed, t0)
-    g = torch.from_numpy(np.ascontiguousarray(rows64, dtype=np.float64))
-    res, redo = top2_exact(g[torch.from_numpy(ids)], g, torch.from_numpy(ids), backend=backend, device=device,
-                           precision=precision)
+    g, ti = _rows64(rows64), torch.from_numpy(ids)  # rows derived on demand: read by blocks and gathers
+    res, redo = top2_exact(row_gather(g, ti), g, ti, backend=backend, device=device, precision=precision)
     return _gram_result(res, ids, redo, t0)
 
 
@@ -94,7 +93,7 @@ def witness_screen(problem, ids: np.ndarray | None = None, *, backend: str = "to
     """Witness screen for the tokens ``ids`` (default: all V) over all V competitors."""
     t0 = time.perf_counter()
     q, s = problem.domain.screen_queries(problem.keys)
-    keys = torch.from_numpy(np.ascontiguousarray(rows_array(problem.keys)))  # derived keys: built whole here
+    keys = _rows64(problem.keys)  # derived keys (engine.head.DerivedKeys) are read by blocks and gathers
     V = keys.shape[0]
     ids = np.arange(V, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     bias = torch.from_numpy(problem.bias) if np.any(problem.bias) else None  # zero in the cone

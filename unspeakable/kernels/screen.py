@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from unspeakable.kernels import resolve_backend
@@ -65,12 +66,64 @@ def _gather_scores64(q64, keys64, idx, scale64, bias64, chunk: int = 8192):
     s = torch.empty(idx.shape[0], dtype=torch.float64)
     for c0 in range(0, idx.shape[0], chunk):
         c1 = min(idx.shape[0], c0 + chunk)
-        s[c0:c1] = (q64[c0:c1] * keys64[safe[c0:c1]]).sum(dim=1)
+        s[c0:c1] = (q64[c0:c1] * row_gather(keys64, safe[c0:c1])).sum(dim=1)
     if scale64 is not None:
         s = s * scale64
     if bias64 is not None:
         s = s + bias64[safe]
     return torch.where(ok, s, torch.full_like(s, float("-inf")))
+
+
+# ------------------------------------------------------------------- rows computed on demand
+# A float64 "tensor" here may also be rows computed on demand (the engine's FoldedRows / DerivedKeys: numpy
+# float64 rows by ``[r0:r1]`` and ``[index array]``, a ``shape``), read block by block and row by row.
+
+
+def row_block(x64, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of a float64 tensor (a view) or of rows computed on demand."""
+    return x64[r0:r1] if isinstance(x64, torch.Tensor) else torch.from_numpy(x64[r0:r1])
+
+
+def row_gather(x64, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x64[idx]`` (into ``out`` when given) for a tensor or rows computed on demand."""
+    if isinstance(x64, torch.Tensor):
+        return torch.index_select(x64, 0, idx, out=out) if out is not None else x64[idx]
+    g = torch.from_numpy(np.asarray(x64[idx.numpy()], dtype=np.float64).reshape(idx.shape[0], x64.shape[1]))
+    return g if out is None else out.copy_(g)
+
+
+class _RowTiles:
+    """Rows computed on demand as ``top2_torch`` reads its keys (``dim()``, ``shape``, ``[c0:c1]`` as float64
+    tensors, one column tile at a time): a full recomputation never builds them whole."""
+
+    def __init__(self, x64):
+        self.x64, self.shape = x64, torch.Size(x64.shape)
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, s: slice) -> torch.Tensor:
+        return row_block(self.x64, s.start, s.stop)
+
+
+def row_tiles(x64):
+    """``x64`` as ``top2_torch``'s keys: the tensor, or tiles over rows computed on demand."""
+    return x64 if isinstance(x64, torch.Tensor) else _RowTiles(x64)
+
+
+def _float32_rows(x64, device, chunk: int = 8192) -> torch.Tensor:
+    """``x64`` as a contiguous float32 tensor on ``device``, converted block by block (no float64 copy)."""
+    if isinstance(x64, torch.Tensor):
+        return x64.to(device=device, dtype=torch.float32).contiguous()
+    out = torch.empty(tuple(x64.shape), dtype=torch.float32)
+    for r0 in range(0, x64.shape[0], chunk):
+        out[r0:r0 + chunk] = row_block(x64, r0, r0 + chunk)
+    return out.to(device)
+
+
+def _max_row_norm(x64, chunk: int = 8192) -> float:
+    return max((float(torch.linalg.vector_norm(row_block(x64, r0, r0 + chunk), dim=1).max())
+                for r0 in range(0, x64.shape[0], chunk)), default=0.0)
 
 
 def top2_exact(
@@ -88,13 +141,14 @@ def top2_exact(
 ) -> tuple[Top2, int]:
     """Top-2 screen whose indices equal the float64 reference, values rescored in float64.
 
-    All ``*64`` arguments are float64 tensors on the CPU (the master copy). Returns the result (on the
-    CPU, float64 values) and the number of rows recomputed in float64.
+    All ``*64`` arguments are float64 tensors on the CPU (the master copy); ``keys64`` may also be rows
+    computed on demand (read by blocks and gathers; its float32 copy is the one array of its size made).
+    Returns the result (on the CPU, float64 values) and the number of rows recomputed in float64.
     """
     device = torch.device(device)
     B = queries64.shape[0]
-    keys_fast = keys64.to(device=device, dtype=torch.float32).contiguous()
-    keys_norm_max = float(torch.linalg.vector_norm(keys64, dim=1).max()) if keys64.shape[0] else 0.0
+    keys_fast = _float32_rows(keys64, device)
+    keys_norm_max = _max_row_norm(keys64)
     f32 = lambda t: None if t is None else t.to(device=device, dtype=torch.float32).contiguous()  # noqa: E731
     si = None if self_index is None else self_index.to(device)
     fast = _fast_top2(
@@ -115,7 +169,7 @@ def top2_exact(
     q64 = queries64 if center64 is None else queries64 - center64
     if redo.numel():
         exact = top2_torch(
-            queries64[redo], keys64, None if self_index is None else self_index[redo].cpu(),
+            queries64[redo], row_tiles(keys64), None if self_index is None else self_index[redo].cpu(),
             scale=None if scale64 is None else scale64[redo], center=center64, bias=bias64,
             block_rows=256, block_cols=8192,
         )

@@ -53,6 +53,7 @@ import torch
 
 from unspeakable.kernels import torch_threads
 from unspeakable.kernels.screen import dot_error_unit
+from unspeakable.kernels.screen import row_block as _block, row_gather as _gather, row_tiles as _tiles
 from unspeakable.kernels.sym_plan import NEG_INF, BlockBounds, Plan, Rows, State, block_bounds
 from unspeakable.kernels.top2 import Top2, take_best, top2_reference, top2_torch
 
@@ -176,40 +177,8 @@ def _check_inputs(gram_rows64, keys64, scale64, bias64, key_map) -> None:
 # ------------------------------------------------------------------------------- float64 row quantities
 
 
-def _block(x64, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0:r1 of a float64 tensor (a view) or of rows computed on demand (:class:`OtherGram`)."""
-    return x64[r0:r1] if isinstance(x64, torch.Tensor) else torch.from_numpy(x64[r0:r1])
-
-
-def _gather(x64, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x64[idx]`` (into ``out`` when given) for a tensor or rows computed on demand."""
-    if isinstance(x64, torch.Tensor):
-        return torch.index_select(x64, 0, idx, out=out) if out is not None else x64[idx]
-    g = torch.from_numpy(np.asarray(x64[idx.numpy()], dtype=np.float64).reshape(idx.shape[0], x64.shape[1]))
-    return g if out is None else out.copy_(g)
-
-
 def _whole(x64) -> torch.Tensor:
     return x64 if isinstance(x64, torch.Tensor) else torch.from_numpy(np.asarray(x64, dtype=np.float64))
-
-
-class _KeyBlocks:
-    """Rows computed on demand as ``top2_torch`` reads its keys (``dim()``, ``shape``, ``[c0:c1]`` as float64
-    tensors, one column tile at a time): a full recomputation never builds them whole."""
-
-    def __init__(self, x64):
-        self.x64, self.shape = x64, torch.Size(x64.shape)
-
-    def dim(self) -> int:
-        return 2
-
-    def __getitem__(self, s: slice) -> torch.Tensor:
-        return _block(self.x64, s.start, s.stop)
-
-
-def _tiles(x64):
-    """``x64`` as ``top2_torch``'s keys: the tensor, or :class:`_KeyBlocks` over rows computed on demand."""
-    return x64 if isinstance(x64, torch.Tensor) else _KeyBlocks(x64)
 
 
 def _norms(x64, chunk: int = 8192) -> torch.Tensor:
