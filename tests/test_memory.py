@@ -465,3 +465,25 @@ def test_subset_scan_with_derived_keys_never_builds_them_whole(monkeypatch):
     rep = scan_head(head, tokens=ids, memory=0.001)
     assert not rep.memory["keys_held"] and ref.memory["keys_held"]
     assert [t.to_json() | {"time_s": 0} for t in rep.tokens] == [t.to_json() | {"time_s": 0} for t in ref.tokens]
+
+
+def test_volume_tie_groups_are_numpys_unique_groups_of_keys_and_bias():
+    """The volume's groups of identical (key, bias) rows, read in chunks (held or derived keys), against
+    np.unique over the whole [keys, bias] array; ±0.0 equal; equal keys with different bias apart."""
+    from unspeakable.engine.volume import _tie_groups
+
+    head = _head(V=500, d=6, seed=8, bias=True)
+    W, b = np.array(head.W_U), np.array(head.b_U)
+    W[:, 10], b[10] = W[:, 11], b[11]  # a pair
+    W[:, 20], W[:, 21], W[:, 22] = W[:, 23], W[:, 23], W[:, 23]
+    b[20], b[21], b[22] = b[23], b[23], b[23] + 1  # a triple (22: the same row, another bias)
+    W[:, 30], W[:, 31] = 0.0, -0.0
+    b[30] = b[31] = 0.0
+    head = head_from_arrays(W, b, head.ln_w, None, "rmsnorm", "ties")
+    for p in (fold(head), fold(head, derive_keys=True)):
+        M = np.hstack([rows_array(p.keys), p.bias[:, None]]) + 0.0
+        _, inv, cnt = np.unique(M, axis=0, return_inverse=True, return_counts=True)
+        inv = inv.ravel()
+        ref = {t: sorted(np.nonzero(inv == inv[t])[0].tolist()) for t in range(p.V) if cnt[inv[t]] > 1}
+        got = _tie_groups(p)
+        assert got == ref and got[20] == [20, 21, 23] and got[30] == [30, 31] and 22 not in got

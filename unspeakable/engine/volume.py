@@ -245,27 +245,32 @@ class _Measure:
 
 
 # ------------------------------------------------------------------------------------------------ ties
-def _tie_groups(problem) -> dict[int, list[int]]:
-    """token -> sorted members of its group of identical (key, bias) rows, for groups of two or more.
+class _KeyBias:
+    """The rows ``[k_j, b_j]`` of keys and bias as :func:`engine.pipeline._row_groups` reads them (``shape``,
+    ``[r0:r1]`` and ``[ids]``), without their ``V × (d + 1)`` copy."""
 
-    Candidates share a random projection's value (equal rows always do); each candidate group is then
-    split by exact comparison, so a collision never joins different rows."""
-    M = np.hstack([problem.keys, problem.bias[:, None]]) + 0.0
-    h = M @ np.random.default_rng(12345).standard_normal(M.shape[1])
-    order = np.argsort(h, kind="stable")
-    hs = h[order]
-    starts = np.nonzero(np.r_[True, hs[1:] != hs[:-1]])[0]
-    sizes = np.diff(np.r_[starts, len(hs)])
+    def __init__(self, keys, bias: np.ndarray):
+        self.keys, self.bias, self.shape = keys, bias, (int(keys.shape[0]), int(keys.shape[1]) + 1)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return np.hstack([np.asarray(self.keys[idx], dtype=np.float64), self.bias[idx][:, None]])
+
+
+def _tie_groups(problem) -> dict[int, list[int]]:
+    """token -> sorted members of its group of identical (key, bias) rows, for groups of two or more
+    (-0.0 equals 0.0). Grouped by fingerprints read in chunks, then split by exact comparison, so a
+    collision never joins different rows (``engine.pipeline._row_groups``: no V × d copy)."""
+    from unspeakable.engine.pipeline import _row_groups  # the pipeline imports this module
+
+    group = _row_groups(_KeyBias(problem.keys, problem.bias))
+    order = np.argsort(group, kind="stable")  # by group, ids ascending within
+    g = group[order]
     groups: dict[int, list[int]] = {}
-    for s0, n in zip(starts[sizes > 1], sizes[sizes > 1]):
-        cand = sorted(order[s0:s0 + n].tolist())
-        while cand:
-            first = cand[0]
-            same = [j for j in cand if np.array_equal(M[j], M[first])]
-            if len(same) > 1:
-                for t in same:
-                    groups[t] = same
-            cand = [j for j in cand if j not in same]
+    for members in np.split(order, np.nonzero(np.diff(g))[0] + 1) if order.size else ():
+        if members.size > 1:
+            same = members.tolist()
+            for t in same:
+                groups[t] = same
     return groups
 
 
