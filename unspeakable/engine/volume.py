@@ -1008,17 +1008,19 @@ def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None
         n = np.linalg.norm(v)
         return v / n if n > 0 else None
 
-    def score(c, temp, with_grad: bool = True):
+    def score(c, temp, with_grad: bool = True, cosv=None):
         # one exp for the weights and the soft minimum, and no gradient for the line search's trials (the
-        # same values as computing each apart: the cap centre's cost halves, its result does not change)
-        cosv = np.clip(Ah @ c, -1.0, 1.0)
+        # same values as computing each apart: the cap centre's cost halves, its result does not change);
+        # ``cosv``: Ah @ c where the accepted trial computed it already (the same values again, a GEMV less)
+        if cosv is None:
+            cosv = np.clip(Ah @ c, -1.0, 1.0)
         g = alpha - np.arccos(cosv)
         lo = g.min()
         e = np.exp(-(g - lo) / temp)
         tot = e.sum()
         soft = lo - temp * math.log(float(tot))
         if not with_grad:
-            return lo, soft, None
+            return lo, soft, cosv
         grad = ((e / tot) / np.sqrt(np.maximum(1 - cosv * cosv, 1e-300))) @ Ah
         return lo, soft, grad
 
@@ -1026,9 +1028,10 @@ def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None
     best, best_c = -math.inf, starts[0] if starts else None
     for c in starts:
         eta = 0.05
+        cosv = None
         for i in range(iters):
             temp = 0.05 * (0.01 ** (i / iters))
-            lo, soft, grad = score(c, temp)
+            lo, soft, grad = score(c, temp, True, cosv)
             if lo > best:
                 best, best_c = lo, c
             gt = grad - (grad @ c) * c
@@ -1037,8 +1040,9 @@ def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None
                 break
             for _ in range(30):
                 cn = unit(c + eta * gt / ng)
-                if cn is not None and score(cn, temp, False)[1] > soft:
-                    c, eta = cn, min(eta * 1.5, 1.0)
+                trial = score(cn, temp, False) if cn is not None else None
+                if trial is not None and trial[1] > soft:
+                    c, eta, cosv = cn, min(eta * 1.5, 1.0), trial[2]
                     break
                 eta *= 0.5
             else:
