@@ -210,9 +210,9 @@ class _Measure:
         self.gemm_threads = torch.get_num_threads()  # the caller's: the splitting's GEMMs use them
         self.bias = torch.from_numpy(problem.bias.astype(np.float32))
         norms = np.linalg.norm(keys, axis=1)
-        # The plain pass and the all-V checks of the splitting's final points run their GEMM in bfloat16 where oneDNN has it (3.8x
-        # float32's speed here: 256 points x 49152 rows x 576 in 0.049 s against 0.186 s), the bias as a last
-        # column (the points get a 1 there). |L_lp - l| <= e_lp * size_j + c_lp * |L_lp| for every entry (size_j
+        # The plain pass and the all-V checks of the splitting's final points run their GEMM in bfloat16 where
+        # oneDNN has it (3.8x float32's speed here: 256 points x 49152 rows x 576 in 0.049 s against 0.186 s),
+        # the bias as a last column (the points get a 1 there). |L_lp - l| <= e_lp * size_j + c_lp * |L_lp| for every entry (size_j
         # = ‖x‖‖k_j‖ + |b_j| bounds Σ|x_i k_ij| + |b_j|): each input rounded by at most u (bfloat16 2^-9,
         # float32 2^-24), exact products, float32 accumulation (γ_{d+1}), the output rounded to the format.
         # What these bounds cannot decide is decided in float64 (:meth:`wins`).
@@ -401,7 +401,7 @@ class SplitOptions:
     max_competitors: int = 1024  # J never grows past this (the most frequent violators first): the cost per move
     max_levels: int = 2000
     floor_log10: float = -200.0  # replicates whose estimate falls below 10**floor stop: "not reached"
-    batch: int = 32  # tokens per batched run
+    batch: int = 16  # tokens per batched run (two run at once on a two-thread caller: 32 tokens are two)
     core: int = 128  # rows of J read first at each move (the most often binding); the rest only where the core
     # margin passes the level: exact either way, 0 reads all of J (issue 19: 2x fewer multiply-adds on SmolLM2)
 
@@ -1398,12 +1398,35 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
                    and counts[groups.get(int(t), [int(t)])].sum() < min_hits}) if listed else []
     t0 = time.perf_counter()
     split_res: dict[int, tuple] = {}
-    for s in range(0, len(rare), split.batch):
-        chunk = rare[s:s + split.batch]
-        say(f"splitting: tokens {s + 1}-{s + len(chunk)} of {len(rare)}")
+    chunks = [rare[s:s + split.batch] for s in range(0, len(rare), split.batch)]
+    # one batch draws from the run's generator (as before batches ran side by side); several, each from its own,
+    # seeded here in order: the same streams however many run at once
+    gens = [gen] if len(chunks) == 1 else [
+        torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen))) for _ in chunks]
+
+    def run(k):
+        say(f"splitting: tokens {k * split.batch + 1}-{k * split.batch + len(chunks[k])} of {len(rare)}")
         tc = time.perf_counter()
-        out = _split_tokens(meas, chunk, excl, split, gen)
-        per = (time.perf_counter() - tc) / len(chunk)
+        out = _split_tokens(meas, chunks[k], excl, split, gens[k])
+        return out, (time.perf_counter() - tc) / len(chunks[k])
+
+    # Two batches at once, each on one thread, where the caller has two threads: apart from its GEMMs the
+    # splitting is a long sequence of one-thread element-wise ops, which left the second core idle. The
+    # results do not depend on it (each batch has its own seed); torch's thread count is global, so it stays
+    # at 1 for the whole section and the GEMMs do not switch it (gemm_threads 1)
+    workers = min(2, meas.gemm_threads, len(chunks))
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        saved, meas.gemm_threads = meas.gemm_threads, 1
+        try:
+            with torch_threads(1), ThreadPoolExecutor(workers) as ex:
+                outs = list(ex.map(run, range(len(chunks))))
+        finally:
+            meas.gemm_threads = saved
+    else:
+        outs = [run(k) for k in range(len(chunks))]
+    for chunk, (out, per) in zip(chunks, outs):
         for t, r in zip(chunk, out):
             split_res[t] = r + (per,)
     timings["splitting"] = time.perf_counter() - t0
