@@ -1431,9 +1431,44 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
             split_res[t] = r + (per,)
     timings["splitting"] = time.perf_counter() - t0
 
+    # ---- the rigorous cap bounds: one per group of identical rows, two at once on a two-thread caller (numpy's
+    # GEMVs and element-wise loops release the GIL), torch on one thread throughout (its setting is global)
     t0 = time.perf_counter()
-    cap_time = 0.0
-    row_stats = None  # the rows' squared norms and sums for verify_cap, once for all tokens
+    bound_for: dict[int, tuple] = {}  # representative -> (centre or None, excluded rows)
+    if listed and lower_bound and not meas.box:
+        for t in ids:
+            t = int(t)
+            if t in detail and t not in zero:
+                members = groups.get(t)
+                rep_t = members[0] if members else t
+                if rep_t in split_res:
+                    centre = split_res[rep_t][2]
+                else:
+                    centre = sums[members].sum(0) if members else sums[t]
+                bound_for.setdefault(rep_t, (centre, excl[t]))
+    row_stats = _row_stats(problem.rows) if bound_for else None  # for verify_cap, once for all tokens
+
+    def bound(rep_t):
+        centre, exclude = bound_for[rep_t]
+        start = centre if centre is not None and np.linalg.norm(centre) > 0 else meas.keys64[rep_t]
+        comps = _binding(meas, rep_t, start, exclude, 512)
+        c = _cap_centre(meas, rep_t, comps, centre)
+        # a second pass: the competitors binding at the centre found (the first set was seen from the start)
+        comps2 = np.union1d(comps, _binding(meas, rep_t, c, exclude, 512))
+        c = _cap_centre(meas, rep_t, comps2, c)
+        return verify_cap(problem.rows, problem.bias, rep_t, c, meas.R, meas.centred, exclude=exclude,
+                          bias_err=bias_err, rows_err=rows_err, row_stats=row_stats)
+
+    todo = list(bound_for)
+    workers = min(2, meas.gemm_threads, len(todo))
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with torch_threads(1), ThreadPoolExecutor(workers) as ex:
+            thetas = dict(zip(todo, ex.map(bound, todo)))
+    else:
+        thetas = {r: bound(r) for r in todo}
+    timings["lower_bound"] = time.perf_counter() - t0
     for t in ids:
         t = int(t)
         text = None if texts is None else texts[t]
@@ -1447,7 +1482,7 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
             continue
         lb = angle = None
         if rep_t in split_res:
-            est, levels, centre, n_part, J, per = split_res[rep_t]
+            est, levels, _, n_part, J, per = split_res[rep_t]
             mean, lo, hi = _cox_interval(est / k, confidence, (levels + 1) / n_part)
             tv = TokenVolume(t, text, mean, (lo, hi), None, None, "splitting" if k == 1 else "tie",
                              len(est) * n_part, per, levels=levels, tie_with=tie_with)
@@ -1460,26 +1495,12 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
             lo, hi = _clopper_pearson(hits, samples, confidence)
             tv = TokenVolume(t, text, _log10(hits / samples / k), (_log10(lo / k), _log10(hi / k)), None, None,
                              "sampling" if k == 1 else "tie", samples, per_plain, hits=hits, tie_with=tie_with)
-            centre = sums[members].sum(0) if members else sums[t]
-        if listed and lower_bound and not meas.box and t in detail:
-            tc = time.perf_counter()
-            start = centre if centre is not None and np.linalg.norm(centre) > 0 else meas.keys64[rep_t]
-            comps = _binding(meas, rep_t, start, excl[t], 512)
-            c = _cap_centre(meas, rep_t, comps, centre)
-            # a second pass: the competitors binding at the centre found (the first set was seen from the start)
-            comps2 = np.union1d(comps, _binding(meas, rep_t, c, excl[t], 512))
-            c = _cap_centre(meas, rep_t, comps2, c)
-            if row_stats is None:
-                row_stats = _row_stats(problem.rows)
-            th = verify_cap(problem.rows, problem.bias, rep_t, c, meas.R, meas.centred, exclude=excl[t],
-                            bias_err=bias_err, rows_err=rows_err, row_stats=row_stats)
-            if th > 0:
-                angle = math.degrees(th) * (1 - 1e-12)
-                lb = cap_log10_share(th, meas.n) - math.log10(k)
-            cap_time += time.perf_counter() - tc
+        th = thetas.get(rep_t, 0.0) if t in detail else 0.0
+        if th > 0:
+            angle = math.degrees(th) * (1 - 1e-12)
+            lb = cap_log10_share(th, meas.n) - math.log10(k)
         tv.log10_share_lower_bound, tv.cap_angle_deg = lb, angle
         results[t] = tv
-    timings["lower_bound"] = cap_time
     timings["total"] = time.perf_counter() - t_start
     dom = problem.domain
     return VolumeReport(source=head.source, V=V, d=problem.d, domain=dom.name, radius=problem.radius_reported,
