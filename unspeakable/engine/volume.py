@@ -643,6 +643,8 @@ class _Batch:
         q = self.Q[i]
         k = q.shape[1]
         z = u[:, :k].double().numpy() @ q.T
+        if k == self.meas.n:  # J spans the whole subspace: no rest (r² = 0)
+            return self.meas.points(torch.from_numpy(z).float())
         w = torch.randn(u.shape[0], self.meas.d, generator=gen, dtype=torch.float64).numpy()
         if self.meas.centred:
             w = w - w.mean(axis=1, keepdims=True)
@@ -734,7 +736,7 @@ def _run_levels(batch, T, R, N, D, opt, gen, npgen):
                                    rhoN, stN, gen, npgen)
             mp = batch.margins_above(sel, pu, pr, thr).view(S, R, N)
             ok = (mp > taus[..., None]) & act[..., None]
-            us = torch.where(ok[..., None], pu.view(S, R, N, D), us)
+            torch.where(ok[..., None], pu.view(S, R, N, D), us, out=us)  # in place: no 4-D allocation per move
             if rs is not None:
                 rs = torch.where(ok, pr.view(S, R, N), rs)
             ms = torch.where(ok, mp, ms)
@@ -773,7 +775,7 @@ def _final_sweep(batch, u, r2, m, logp, moves: int, core: int, gen, npgen):
                                gen, npgen)
         mp = batch.margins_above(sel, pu, pr, thr).view(T, R, N)
         ok = mp > thr.view(T, R, N)
-        u = torch.where(ok[..., None], pu.view(T, R, N, D), u)
+        torch.where(ok[..., None], pu.view(T, R, N, D), u, out=u)
         if r2 is not None:
             r2 = torch.where(ok, pr.view(T, R, N), r2)
         m = torch.where(ok, mp, m)
