@@ -985,7 +985,8 @@ def _binding_1(meas: _Measure, t: int, c: np.ndarray, exclude, k: int) -> np.nda
     return torch.topk(slack, min(k, int(torch.isfinite(slack).sum())), largest=False).indices.numpy()
 
 
-def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None, iters: int = 400) -> np.ndarray:
+def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None, iters: int = 400,
+                own: bool = True) -> np.ndarray:
     """A centre c for t's cap: ascent of a smoothed ``min_j (α_j − angle(c, â_j))`` on the unit sphere over
     the competitors ``comps`` (their half-spaces ``â_j·x ≥ cos α_j``), from c0 (else t's own direction),
     with a step that grows on success and halves on failure. Only a heuristic: :func:`verify_cap` checks
@@ -1026,7 +1027,8 @@ def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None
         grad = ((e / tot) / np.sqrt(np.maximum(1 - cosv * cosv, 1e-300))) @ Ah
         return lo, soft, grad
 
-    starts = [c for c in (unit(c0) if c0 is not None else None, unit(meas.keys64[t])) if c is not None]
+    starts = [c for c in (unit(c0) if c0 is not None else None, unit(meas.keys64[t]) if own or c0 is None else None)
+              if c is not None]
     best, best_c = -math.inf, starts[0] if starts else None
     for c in starts:
         eta = 0.05
@@ -1457,7 +1459,7 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
         c = _cap_centre(meas, rep_t, comps, centre)
         # a second pass: the competitors binding at the centre found (the first set was seen from the start)
         comps2 = np.union1d(comps, _binding(meas, rep_t, c, exclude, 512))
-        c = _cap_centre(meas, rep_t, comps2, c)
+        c = _cap_centre(meas, rep_t, comps2, c, own=False)  # warm: from the first pass's centre only
         return verify_cap(problem.rows, problem.bias, rep_t, c, meas.R, meas.centred, exclude=exclude,
                           bias_err=bias_err, rows_err=rows_err, row_stats=row_stats)
 
