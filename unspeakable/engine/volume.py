@@ -52,7 +52,8 @@ ball: a token that wins only inside the ball (a large bias, a short row) is spea
   - ``tie`` members share their group's estimate; ``zero`` is a proof that the share is 0 (one competitor's
     half-space misses the sphere), with interval ``[null, null]`` and the estimate null.
 * ``samples`` — plain samples (sampling) or replicates × particles (splitting); ``seconds`` — the wall time
-  attributed to the token (its share of the batched pass or of its splitting batch).
+  attributed to the token (its share of the batched pass or of its splitting batch; on a two-thread caller
+  two batches run at once, so these add up to more than the run's wall time).
 
 Floating point: the splitting's chain uses float32 margins against J (an estimate; points within float32
 rounding of a cell's boundary are a negligible set); who wins at a point over all V (the plain pass, the
