@@ -606,3 +606,20 @@ def test_low_precision_checks_decide_as_float64(norm):
     top = torch.topk(meas.logits_lp(x), 2, dim=1)
     arg = meas.argmax64(x, meas.logits_lp(x), meas.lower(top.values[:, 0].double().numpy(), top.indices[:, 0]))
     assert np.array_equal(arg.numpy(), np.argmax(L64, axis=1))
+
+
+def test_a_listed_twin_whose_group_leader_is_not_listed():
+    """Rows 3, 7 and 9 are identical: listing 7 alone splits and bounds their group through its first member 3,
+    which is not listed (this raised a KeyError); 7 gets a third of the group's cell."""
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((12, 5))
+    rows[7] = rows[3]
+    rows[9] = rows[3]
+    head = head_from_arrays(rows.T, norm="rmsnorm")
+    rep = vol.volume(head, tokens=[7, 2], samples=0, seed=0, split=FAST)
+    tv = {t.id: t for t in rep.tokens}[7]
+    assert tv.method == "tie" and sorted(tv.tie_with) == [3, 9]
+    z = np.random.default_rng(5).standard_normal((400_000, 5))
+    p = np.mean(np.argmax(z @ np.delete(rows, [7, 9], axis=0).T, axis=1) == 3) / 3
+    assert contains(tv, math.log10(p), slack=0.02)
+    assert below(tv, math.log10(p) + 0.02)

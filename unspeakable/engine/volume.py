@@ -1357,7 +1357,13 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
     timings = {"load_fold": time.perf_counter() - t_start}
     meas = _Measure(problem, problem.keys)
     groups = _tie_groups(problem)
-    excl = {int(t): sorted(set(groups.get(int(t), [])) | {int(t)}) for t in ids}
+    # the rows each token is not compared with (itself and its twins), for every member of a listed token's
+    # group: the splitting and the bound run on a group's first member, which need not be listed itself
+    excl = {}
+    for t in ids:
+        members = groups.get(int(t), [int(t)])
+        for m in members:
+            excl[m] = sorted(members)
     texts = head.texts
 
     # ---- the plain pass over all V
