@@ -523,3 +523,103 @@ def test_final_checks_average_over_sweeps_inside_the_J_cell(monkeypatch):
         zeros[checks] = sum(seen)
     assert zeros[3] < 0.5 * zeros[1], zeros
     assert covered >= 16, covered
+
+
+@pytest.mark.parametrize("case", ["rmsnorm_bias", "layernorm", "near_twins", "rounded_fold"])
+def test_verify_cap_gram_pass_is_tight_and_never_too_large(case):
+    """verify_cap's cheap pass (Gram terms with Cauchy–Schwarz allowances, the binding rows redone entry by
+    entry): the proven θ is at most the true largest cap around c (θ_j from the formula in extended precision,
+    the worst point of each competitor's boundary checked directly), and within the first shrink (1e-9) of it.
+    Near-identical rows (q ≪ ‖a‖ for the pair's difference) and a gain whose fold rounds are included."""
+    rng = np.random.default_rng({"rmsnorm_bias": 1, "layernorm": 2, "near_twins": 3, "rounded_fold": 4}[case])
+    V, d = 3000, 48
+    rows = rng.standard_normal((V, d))
+    bias = rng.normal(0, 0.3, V)
+    centred = case == "layernorm"
+    if case == "near_twins":
+        rows[1:200] = rows[0] + 1e-9 * rng.standard_normal((199, d))
+        bias[1:200] = bias[0] - 1e-7
+    rows_err = case == "rounded_fold"
+    if rows_err:
+        rows = rows * rng.uniform(0.5, 2, d)  # stands for γ ⊙ u rounded in float64
+    R = math.sqrt(d)
+    c = rows[0] + 0.3 * rng.standard_normal(d)
+    th = vol.verify_cap(rows, bias, 0, c, R, centred, rows_err=rows_err)
+    # the truth in extended precision
+    L = np.longdouble
+    A = rows[0].astype(L)[None, :] - rows[1:].astype(L)
+    cc = c.astype(L)
+    if centred:
+        A = A - A.mean(axis=1, keepdims=True)
+        cc = cc - cc.mean()
+    cc = cc / np.sqrt((cc * cc).sum())
+    beta = bias[0].astype(L) - bias[1:].astype(L)
+    p = A @ cc
+    Q = A - p[:, None] * cc[None, :]
+    q = np.sqrt((Q * Q).sum(axis=1))
+    na = np.sqrt((A * A).sum(axis=1))
+    th_j = np.arccos(np.clip(-beta / (R * na), -1, 1)) - np.arctan2(q, p)
+    true = float(th_j.min())
+    assert 0 < th <= true, (th, true)
+    assert th >= true * (1 - 2e-9), (th, true)
+    # every competitor at its worst point of the proven cap's boundary: t still wins
+    v = -Q / np.maximum(q, 1e-300)[:, None]
+    x = R * (np.cos(L(th)) * cc[None, :] + np.sin(L(th)) * v)
+    assert np.all((A * x).sum(axis=1) + beta > 0)
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm", "box"])
+def test_low_precision_checks_decide_as_float64(norm):
+    """The all-V checks' low-precision GEMM (bfloat16 where oneDNN has it): its stated error bound holds on every
+    entry, and who wins — t against all rows (``wins``) and the plain argmax — is exactly what float64 logits say,
+    on random points and on points within 1e-9 of a boundary (a pair of nearly equal logits)."""
+    import torch
+
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(8)
+    V, d = 700, 40
+    W = rng.standard_normal((d, V)) * rng.uniform(0.2, 3, V)
+    W[:, 5] = W[:, 4] + 1e-6 * rng.standard_normal(d)  # near twins
+    head = head_from_arrays(W, rng.normal(0, 0.5, V), norm="none" if norm == "box" else norm)
+    problem = fold(head, domain=norm if norm == "box" else None)
+    meas = vol._Measure(problem, problem.keys)
+    x = meas.points(torch.randn(300, d, generator=torch.Generator().manual_seed(0)))
+    L64 = x.double().numpy() @ meas.keys64.T + meas.bias64
+    # push each of the last 100 points onto the boundary between its two best rows (to 1e-9)
+    if not meas.box:
+        for i in range(200, 300):
+            j1, j2 = np.argsort(L64[i])[-2:]
+            a = meas.keys64[j1] - meas.keys64[j2]
+            a = a - a.mean() if meas.centred else a
+            xi = x[i].double().numpy()
+            xi = xi - (a @ xi + meas.bias64[j1] - meas.bias64[j2] - 1e-9 * (-1) ** i) / (a @ a) * a
+            x[i] = torch.from_numpy(xi * (meas.R / np.linalg.norm(xi))).float()
+        L64 = x.double().numpy() @ meas.keys64.T + meas.bias64
+    L = meas.logits_lp(x).double().numpy()
+    bound = meas.e_lp * meas.size_lp.double().numpy()[None, :] + meas.c_lp * np.abs(L)
+    assert np.all(np.abs(L - L64) <= bound)
+    for t in (0, 4, 5, int(np.argmax(L64[0]))):
+        good, _ = meas.wins(x, t, [t])
+        others = np.delete(L64, t, axis=1)
+        assert np.array_equal(good, L64[:, t] > others.max(axis=1)), t
+    top = torch.topk(meas.logits_lp(x), 2, dim=1)
+    arg = meas.argmax64(x, meas.logits_lp(x), meas.lower(top.values[:, 0].double().numpy(), top.indices[:, 0]))
+    assert np.array_equal(arg.numpy(), np.argmax(L64, axis=1))
+
+
+def test_a_listed_twin_whose_group_leader_is_not_listed():
+    """Rows 3, 7 and 9 are identical: listing 7 alone splits and bounds their group through its first member 3,
+    which is not listed (this raised a KeyError); 7 gets a third of the group's cell."""
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((12, 5))
+    rows[7] = rows[3]
+    rows[9] = rows[3]
+    head = head_from_arrays(rows.T, norm="rmsnorm")
+    rep = vol.volume(head, tokens=[7, 2], samples=0, seed=0, split=FAST)
+    tv = {t.id: t for t in rep.tokens}[7]
+    assert tv.method == "tie" and sorted(tv.tie_with) == [3, 9]
+    z = np.random.default_rng(5).standard_normal((400_000, 5))
+    p = np.mean(np.argmax(z @ np.delete(rows, [7, 9], axis=0).T, axis=1) == 3) / 3
+    assert contains(tv, math.log10(p), slack=0.02)
+    assert below(tv, math.log10(p) + 0.02)

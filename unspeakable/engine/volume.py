@@ -52,10 +52,14 @@ ball: a token that wins only inside the ball (a large bias, a short row) is spea
   - ``tie`` members share their group's estimate; ``zero`` is a proof that the share is 0 (one competitor's
     half-space misses the sphere), with interval ``[null, null]`` and the estimate null.
 * ``samples`` — plain samples (sampling) or replicates × particles (splitting); ``seconds`` — the wall time
-  attributed to the token (its share of the batched pass or of its splitting batch).
+  attributed to the token (its share of the batched pass or of its splitting batch; on a two-thread caller
+  two batches run at once, so these add up to more than the run's wall time).
 
-Floating point: sampling and splitting use float32 logits (an estimate; points within float32 rounding of
-a cell's boundary are a negligible set), the lower bound uses float64 with rounding allowances.
+Floating point: the splitting's chain uses float32 margins against J (an estimate; points within float32
+rounding of a cell's boundary are a negligible set); who wins at a point over all V (the plain pass, the
+final checks) is what float64 logits say: a bfloat16 GEMM (float32 where oneDNN lacks bfloat16) with a
+bound on its error settles nearly every row, float64 the few it cannot (:meth:`_Measure.wins`); the lower
+bound uses float64 with rounding allowances.
 """
 from __future__ import annotations
 
@@ -206,32 +210,91 @@ class _Measure:
         self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))
         self.gemm_threads = torch.get_num_threads()  # the caller's: the splitting's GEMMs use them
         self.bias = torch.from_numpy(problem.bias.astype(np.float32))
-        # float32 logit differences closer than this are re-decided in float64 (the keys' rounding to
-        # float32 plus a typical float32 dot-product error, both sides): near-identical rows stay apart
         norms = np.linalg.norm(keys, axis=1)
-        size = (math.sqrt(self.d) if self.box else 1.0) * self.R * float(norms.max()) + float(np.abs(problem.bias).max())
-        self.tol = 4 * (1 + math.sqrt(self.d)) * 2.0**-24 * size
+        # The plain pass and the all-V checks of the splitting's final points run their GEMM in bfloat16 where
+        # oneDNN has it (3.8x float32's speed here: 256 points x 49152 rows x 576 in 0.049 s against 0.186 s),
+        # the bias as a last column (the points get a 1 there). |L_lp - l| <= e_lp * size_j + c_lp * |L_lp| for every entry (size_j
+        # = ‖x‖‖k_j‖ + |b_j| bounds Σ|x_i k_ij| + |b_j|): each input rounded by at most u (bfloat16 2^-9,
+        # float32 2^-24), exact products, float32 accumulation (γ_{d+1}), the output rounded to the format.
+        # What these bounds cannot decide is decided in float64 (:meth:`wins`).
+        try:
+            low = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        except (AttributeError, RuntimeError):
+            low = torch.float32
+        u = (2.0**-9 if low == torch.bfloat16 else 2.0**-24) * (1 + 2.0**-14)
+        g32 = (self.d + 1) * 2.0**-24 / (1 - (self.d + 1) * 2.0**-24)
+        self.e_lp = (2 * u + u * u + g32 * (1 + u) ** 2) * 1.001
+        self.c_lp = u / (1 - u) * 1.001
+        xmax = self.R * (math.sqrt(self.d) if self.box else 1 + 1e-5)  # ‖x‖ of any point (float32 on the sphere)
+        self.size_lp = torch.from_numpy((xmax * norms + np.abs(problem.bias)).astype(np.float32) * np.float32(1 + 1e-6))
+        self.size_max = float(self.size_lp.max())
+        self.keys_lp = torch.cat([self.keys, self.bias[:, None]], dim=1).to(low)
 
-    def argmax64(self, x, L32, t: int | None = None, exclude=()):
-        """Near ties re-decided in float64: per point, the argmax over the columns whose float32 logit is
-        within 2·tol of the float32 maximum (the only ones that can be the true maximum), excluding
-        ``exclude``; with ``t`` also the float64 margin ``l_t − max``. Returns (argmax, margin or None)."""
+    def lower(self, L, j):
+        """A float64 lower bound of the exact logit of rows j [B] whose low-precision logits are L [B] (float64)."""
+        return L - (self.size_lp[j].double().numpy() * self.e_lp + self.c_lp * np.abs(L))
+
+    def logits_lp(self, x):
+        """Logits of all V rows at points x [B, d] in the checks' low precision (:attr:`keys_lp`), bias included."""
         import torch
 
+        xa = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1).to(self.keys_lp.dtype)
+        with _gemm_threads(self, xa.numel() * self.keys_lp.shape[0]):
+            return xa @ self.keys_lp.T
+
+    def wins(self, x, t: int, exclude):
+        """Per point x [B, d] (float32) whether t is the strict argmax against all V rows but ``exclude`` (t
+        and its twins), as float64 logits decide; and the low-precision logits [B, V] with ``exclude`` at -inf
+        (the caller counts strong competitors on them). A point is lost for sure where the low-precision
+        maximum beats t's float64 logit by more than its bound; elsewhere every row that its bound cannot put
+        below t's logit is evaluated in float64 (a few rows per point)."""
+        import torch
+
+        L = self.logits_lp(x)
+        L[:, list(exclude)] = -torch.inf
         x64 = x.double().numpy()
-        top = L32.max(dim=1, keepdim=True).values
-        arg = np.empty(len(x64), dtype=np.int64)
-        marg = np.empty(len(x64)) if t is not None else None
-        cand_mask = (L32 >= top - 2 * self.tol).numpy()
-        for i in range(len(x64)):
-            cols = np.nonzero(cand_mask[i])[0]
-            l64 = self.keys64[cols] @ x64[i] + self.bias64[cols]
-            k = int(np.argmax(l64))  # cols ascending: the first maximum, like torch
-            arg[i] = cols[k]
-            if t is not None:
-                lt = float(self.keys64[t] @ x64[i] + self.bias64[t])
-                marg[i] = lt - float(l64[k])
-        return torch.from_numpy(arg), marg
+        kt = self.keys64[t]
+        lt = x64 @ kt + self.bias64[t]
+        slack = 1e-12 * (float(self.size_lp[t]) + 1e-300)  # lt's own float64 rounding, generously
+        top, arg = L.max(dim=1)
+        top = top.double().numpy()
+        lost = self.lower(top, arg) > lt + slack
+        good = np.zeros(len(x64), dtype=bool)
+        rest = np.nonzero(~lost)[0]
+        if not len(rest):
+            return good, L
+        ii, jj = self._reach(L[torch.from_numpy(rest)], lt[rest] - slack)
+        best = np.full(len(rest), -np.inf)
+        if len(ii):
+            l64 = np.einsum("ij,ij->i", x64[rest][ii], self.keys64[jj]) + self.bias64[jj]
+            np.maximum.at(best, ii, l64)
+        good[rest] = best < lt[rest]
+        return good, L
+
+    def argmax64(self, x, L, lo):
+        """Per point x [B, d] the argmax of the float64 logits (the first maximum, like torch), over the rows
+        whose low-precision logit ``L`` [B, V] may reach ``lo`` [B] (float64: a value some row surely reaches)."""
+        import torch
+
+        ii, jj = self._reach(L, lo)
+        l64 = np.einsum("ij,ij->i", x.double().numpy()[ii], self.keys64[jj]) + self.bias64[jj]
+        order = np.lexsort((jj, -l64, ii))  # per point: the largest logit, then the lowest id
+        first = np.r_[True, ii[order][1:] != ii[order][:-1]]
+        arg = np.empty(len(lo), dtype=np.int64)
+        arg[ii[order][first]] = jj[order][first]
+        return torch.from_numpy(arg)
+
+    def _reach(self, L, thr):
+        """Pairs (i, j) of the rows j whose exact logit may be at least ``thr[i]`` at point i, from the
+        low-precision logits L [B, V]: a row's bound is at most e_lp·max size + c_lp·|L|, so L >= low suffices."""
+        import torch
+
+        es = self.e_lp * self.size_max
+        low = thr - es - self.c_lp * (np.abs(thr) + es) / (1 - self.c_lp)
+        low32 = low.astype(np.float32)
+        low32 = np.where(low32 > low, np.nextafter(low32, np.float32(-np.inf)), low32)  # rounded down: no row missed
+        ii, jj = torch.nonzero(L >= torch.from_numpy(low32)[:, None], as_tuple=True)
+        return ii.numpy(), jj.numpy()
 
     def points(self, z):
         """Points x (torch float32) of Gaussians z [..., d]."""
@@ -285,17 +348,19 @@ def _plain_pass(meas: _Measure, samples: int, seed: int, chunk: int = 4096):
     V = meas.keys.shape[0]
     counts = torch.zeros(V, dtype=torch.int64)
     sums = torch.zeros(V, meas.d, dtype=torch.float64)
-    keysT = meas.keys.T.contiguous()
     done = 0
     while done < samples:
         b = min(chunk, samples - done)
         x = meas.points(torch.randn(b, meas.d, generator=gen))
-        top = torch.topk(torch.addmm(meas.bias, x, keysT), 2, dim=1)
+        L = meas.logits_lp(x)
+        top = torch.topk(L, 2, dim=1)
         w = top.indices[:, 0].clone()
-        near = torch.nonzero(top.values[:, 0] - top.values[:, 1] < meas.tol).ravel()
-        if len(near):  # near ties: decided in float64
-            L = torch.addmm(meas.bias, x[near], keysT)
-            w[near] = meas.argmax64(x[near], L)[0]
+        v1, v2 = (top.values[:, k].double().numpy() for k in (0, 1))
+        lo1 = meas.lower(v1, w)  # the winner surely reaches this; every other row stays below hi2
+        hi2 = v2 + meas.c_lp * np.abs(v2) + meas.e_lp * meas.size_max
+        near = np.nonzero(~(lo1 > hi2))[0]
+        if len(near):  # not decided in low precision: float64 over the rows that may reach lo1
+            w[near] = meas.argmax64(x[near], L[near], lo1[near])
         counts += torch.bincount(w, minlength=V)
         sums.index_add_(0, w, x.double())
         done += b
@@ -337,7 +402,7 @@ class SplitOptions:
     max_competitors: int = 1024  # J never grows past this (the most frequent violators first): the cost per move
     max_levels: int = 2000
     floor_log10: float = -200.0  # replicates whose estimate falls below 10**floor stop: "not reached"
-    batch: int = 32  # tokens per batched run
+    batch: int = 16  # tokens per batched run (two run at once on a two-thread caller: 32 tokens are two)
     core: int = 128  # rows of J read first at each move (the most often binding); the rest only where the core
     # margin passes the level: exact either way, 0 reads all of J (issue 19: 2x fewer multiply-adds on SmolLM2)
 
@@ -358,24 +423,6 @@ def _logits_at(meas: _Measure, x, ids=None):
         if ids is None:
             return x @ meas.keys.T + meas.bias
         return x @ meas.keys[ids].T + meas.bias[ids]
-
-
-def _full_margins(meas: _Measure, t: int, x, exclude):
-    """True margins of t at points x [B, d] against all V rows but t and its twins; the best competitor."""
-    import torch
-
-    L = _logits_at(meas, x)
-    lt = L[:, t].clone()
-    L[:, exclude] = -torch.inf
-    best, arg = L.max(dim=1)
-    m = lt - best
-    near = torch.nonzero(m.abs() < meas.tol).ravel()
-    if len(near):  # near ties: re-decided in float64 (t itself is excluded from L: its value is -inf)
-        a64, m64 = meas.argmax64(x[near], L[near], t)
-        arg[near] = a64
-        # the float64 margin's sign is what counts; its size need not survive rounding to float32
-        m[near] = torch.from_numpy(np.where(m64 > 0, np.maximum(np.abs(m64), 1e-30), -np.abs(m64))).float()
-    return m, arg, L
 
 
 def _competitor_sets(meas: _Measure, ts: list[int], excl: dict[int, list[int]], K: int) -> list[np.ndarray]:
@@ -597,6 +644,8 @@ class _Batch:
         q = self.Q[i]
         k = q.shape[1]
         z = u[:, :k].double().numpy() @ q.T
+        if k == self.meas.n:  # J spans the whole subspace: no rest (r² = 0)
+            return self.meas.points(torch.from_numpy(z).float())
         w = torch.randn(u.shape[0], self.meas.d, generator=gen, dtype=torch.float64).numpy()
         if self.meas.centred:
             w = w - w.mean(axis=1, keepdims=True)
@@ -688,7 +737,7 @@ def _run_levels(batch, T, R, N, D, opt, gen, npgen):
                                    rhoN, stN, gen, npgen)
             mp = batch.margins_above(sel, pu, pr, thr).view(S, R, N)
             ok = (mp > taus[..., None]) & act[..., None]
-            us = torch.where(ok[..., None], pu.view(S, R, N, D), us)
+            torch.where(ok[..., None], pu.view(S, R, N, D), us, out=us)  # in place: no 4-D allocation per move
             if rs is not None:
                 rs = torch.where(ok, pr.view(S, R, N), rs)
             ms = torch.where(ok, mp, ms)
@@ -727,7 +776,7 @@ def _final_sweep(batch, u, r2, m, logp, moves: int, core: int, gen, npgen):
                                gen, npgen)
         mp = batch.margins_above(sel, pu, pr, thr).view(T, R, N)
         ok = mp > thr.view(T, R, N)
-        u = torch.where(ok[..., None], pu.view(T, R, N, D), u)
+        torch.where(ok[..., None], pu.view(T, R, N, D), u, out=u)
         if r2 is not None:
             r2 = torch.where(ok, pr.view(T, R, N), r2)
         m = torch.where(ok, mp, m)
@@ -752,8 +801,7 @@ def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, op
     rr = torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in enumerate(sizes)])
     pp = torch.cat(pos)
     x = batch.points(k, u[rr, pp], None if r2 is None else r2[rr, pp], gen)
-    mt, _, L = _full_margins(meas, t, x, excl[t])
-    good = (mt > 0).numpy()
+    good, L = meas.wins(x, t, excl[t])
     start = 0
     for r, n in enumerate(sizes):
         if n:
@@ -938,7 +986,8 @@ def _binding_1(meas: _Measure, t: int, c: np.ndarray, exclude, k: int) -> np.nda
     return torch.topk(slack, min(k, int(torch.isfinite(slack).sum())), largest=False).indices.numpy()
 
 
-def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None, iters: int = 400) -> np.ndarray:
+def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None, iters: int = 400,
+                own: bool = True) -> np.ndarray:
     """A centre c for t's cap: ascent of a smoothed ``min_j (α_j − angle(c, â_j))`` on the unit sphere over
     the competitors ``comps`` (their half-spaces ``â_j·x ≥ cos α_j``), from c0 (else t's own direction),
     with a step that grows on success and halves on failure. Only a heuristic: :func:`verify_cap` checks
@@ -963,27 +1012,31 @@ def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None
         n = np.linalg.norm(v)
         return v / n if n > 0 else None
 
-    def score(c, temp, with_grad: bool = True):
+    def score(c, temp, with_grad: bool = True, cosv=None):
         # one exp for the weights and the soft minimum, and no gradient for the line search's trials (the
-        # same values as computing each apart: the cap centre's cost halves, its result does not change)
-        cosv = np.clip(Ah @ c, -1.0, 1.0)
+        # same values as computing each apart: the cap centre's cost halves, its result does not change);
+        # ``cosv``: Ah @ c where the accepted trial computed it already (the same values again, a GEMV less)
+        if cosv is None:
+            cosv = np.clip(Ah @ c, -1.0, 1.0)
         g = alpha - np.arccos(cosv)
         lo = g.min()
         e = np.exp(-(g - lo) / temp)
         tot = e.sum()
         soft = lo - temp * math.log(float(tot))
         if not with_grad:
-            return lo, soft, None
+            return lo, soft, cosv
         grad = ((e / tot) / np.sqrt(np.maximum(1 - cosv * cosv, 1e-300))) @ Ah
         return lo, soft, grad
 
-    starts = [c for c in (unit(c0) if c0 is not None else None, unit(meas.keys64[t])) if c is not None]
+    starts = [c for c in (unit(c0) if c0 is not None else None, unit(meas.keys64[t]) if own or c0 is None else None)
+              if c is not None]
     best, best_c = -math.inf, starts[0] if starts else None
     for c in starts:
         eta = 0.05
+        cosv = None
         for i in range(iters):
             temp = 0.05 * (0.01 ** (i / iters))
-            lo, soft, grad = score(c, temp)
+            lo, soft, grad = score(c, temp, True, cosv)
             if lo > best:
                 best, best_c = lo, c
             gt = grad - (grad @ c) * c
@@ -992,8 +1045,9 @@ def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None
                 break
             for _ in range(30):
                 cn = unit(c + eta * gt / ng)
-                if cn is not None and score(cn, temp, False)[1] > soft:
-                    c, eta = cn, min(eta * 1.5, 1.0)
+                trial = score(cn, temp, False) if cn is not None else None
+                if trial is not None and trial[1] > soft:
+                    c, eta, cosv = cn, min(eta * 1.5, 1.0), trial[2]
                     break
                 eta *= 0.5
             else:
@@ -1005,7 +1059,7 @@ def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None
 
 
 def verify_cap(rows: np.ndarray, bias: np.ndarray, t: int, c: np.ndarray, R: float, centred: bool,
-               exclude=(), bias_err: np.ndarray | None = None, rows_err: bool = True) -> float:
+               exclude=(), bias_err: np.ndarray | None = None, rows_err: bool = True, row_stats=None) -> float:
     """The largest θ (radians, rounded down) for which the cap ``{x : ‖x‖ = R, angle(x, c) ≤ θ}`` (in the
     centred subspace when ``centred``) lies inside ``{x : l_t(x) > l_j(x)}`` for every j ≠ t outside
     ``exclude``; 0 when none is proven. Independent of how c was found; float64 with rounding allowances.
@@ -1015,9 +1069,18 @@ def verify_cap(rows: np.ndarray, bias: np.ndarray, t: int, c: np.ndarray, R: flo
     ``min a·x = R·min_{φ≤θ}(p cos φ − q sin φ)``, which is ``R(p cos θ − q sin θ)`` while
     ``p sin θ + q cos θ ≥ 0`` and ``−R‖a‖`` beyond. So θ_j solves ``R(p cos θ − q sin θ) + β = 0``:
     ``θ_j = arccos(−β / (R‖a‖)) − atan2(q, p)``. The claimed θ = min_j θ_j shrunk by a relative 1e-9; it is
-    then *checked* at that θ for every j with explicit allowances: the float64 dot products (γ_n terms),
-    the projection, the fold's rounding of the rows (``rows_err``: False when ``γ ⊙ u`` was exact) and of
-    the bias (``bias_err``), and cos/sin; a failed check retries with θ shrunk by 1e-6 … 0.5.
+    then *checked* at that θ for every j, with p, q and ‖a‖ known to lie in intervals that include every
+    rounding: the fold's of the rows (``rows_err``: False when ``γ ⊙ u`` was exact) and of the bias
+    (``bias_err``), the float64 dot products (γ_n terms), cos and sin. A failed check retries with θ shrunk
+    by 1e-6 … 0.5.
+
+    Two passes, because the exact one costs about ten passes over V × d per token (0.3 s on SmolLM2): first
+    every row from its Gram terms — two dot products per row (``rows @ [c, ũ_t]``) and the rows' squared
+    norms and sums (``row_stats``, :func:`_row_stats`, shared by all tokens) — with Cauchy–Schwarz
+    allowances (p to about 1e-13 ‖ũ‖; q from ``q² = ‖a‖² − p²``, loose where q ≪ ‖a‖); then the rows that
+    may set θ (their θ_j over their intervals reaches below the least upper end of any row's) and every row
+    whose Gram intervals fail the check are recomputed entry by entry from ``ũ_t − ũ_j`` (tight allowances),
+    and θ is lowered where such a row's θ_j is smaller.
     """
     if not isinstance(rows, FoldedRows):  # rows derived on demand are read 4096 at a time, never whole
         rows = np.asarray(rows, dtype=np.float64)
@@ -1033,16 +1096,134 @@ def verify_cap(rows: np.ndarray, bias: np.ndarray, t: int, c: np.ndarray, R: flo
     mask[t] = False
     mask[list(exclude)] = False
     idx = np.nonzero(mask)[0]
+    if not len(idx):
+        return math.pi * (1 - 1e-9)
     g = gamma(d + 8)
-    cerr = g * (1 + 2 * d * U)  # c's norm differs from 1 by at most this relative amount
+    # the cap's centre is c* = Pc/‖Pc‖ (exactly unit, exactly in the subspace); cerr bounds ‖c* − c‖: c's norm
+    # differs from 1 by at most g(1 + 2dU), and its component off the subspace is |mean(c)|√d
+    cerr = g * (1 + 2 * d * U)
+    if centred:
+        cerr += 2 * math.sqrt(d) * (abs(float(c.mean())) + g * float(np.abs(c).mean())) * (1 + g)
     berr = np.zeros(V) if bias_err is None else np.asarray(bias_err, dtype=np.float64)
-    parts = {k: [] for k in ("p", "q", "na", "perr", "qerr", "nerr", "beta", "berr")}
-    # each |·| and the gather of the rows once per chunk (the same values as before, fewer passes over V × d)
+    beta = bias[t] - bias[idx]
+    berr_j = U * np.abs(beta) + berr[t] + berr[idx]
+    if row_stats is None:
+        row_stats = _row_stats(rows)
+    # intervals (p_lo, p_hi, q_lo, q_hi, na_lo, na_hi) per competitor: Gram terms, some redone entry by entry
+    terms = _cap_terms_gram(rows, t, c, idx, centred, rows_err, row_stats, cerr)
+    exact = np.zeros(len(idx), dtype=bool)
+
+    def recompute(sel):
+        if not len(sel):
+            return
+        new = _cap_terms_exact(rows, t, c, idx[sel], centred, rows_err, cerr)
+        for k in range(6):
+            terms[k][sel] = new[k]
+        exact[sel] = True
+
+    def reach(sel, na):  # arccos(−β/(R‖a‖)): the angle from a's direction to j's boundary (π: none)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(na > 0, -beta[sel] / (R * na), np.where(beta[sel] > 0, -np.inf, np.inf))
+        return np.where(ratio <= -1.0, np.inf, np.arccos(np.clip(ratio, -1.0, 1.0)))
+
+    def claim(sel):  # θ_j at the intervals' midpoints
+        p_lo, p_hi, q_lo, q_hi, na_lo, na_hi = (x[sel] for x in terms)
+        return np.minimum(reach(sel, 0.5 * (na_lo + na_hi)) - np.arctan2(0.5 * (q_lo + q_hi), 0.5 * (p_lo + p_hi)),
+                          np.pi)
+
+    # θ_j's range over the intervals: atan2(q, p) falls with p and is monotone in q, reach is monotone in ‖a‖,
+    # so the corners bound it. Only rows whose lowest θ_j is below the least highest one can set θ: those are
+    # redone before θ is claimed
+    p_lo, p_hi, q_lo, q_hi, na_lo, na_hi = terms
+    every = slice(None)
+    th_lo = (np.minimum(reach(every, na_lo), reach(every, na_hi))
+             - np.maximum(np.arctan2(q_lo, p_lo), np.arctan2(q_hi, p_lo)))
+    th_hi = (np.maximum(reach(every, na_lo), reach(every, na_hi))
+             - np.minimum(np.arctan2(q_lo, p_hi), np.arctan2(q_hi, p_hi)))
+    recompute(np.nonzero(th_lo <= np.min(th_hi))[0])
+    th = float(min(np.min(claim(exact)), math.pi))
+    for shrink in (1e-9, 1e-6, 1e-4, 1e-2, 0.1, 0.5):
+        while True:
+            if not th > 0:
+                return 0.0
+            th_claim = th * (1 - shrink)
+            ok = _cap_holds(th_claim, R, *terms[:4], terms[5], beta, berr_j)
+            redo = np.nonzero(~ok & ~exact)[0]
+            if not len(redo):
+                break
+            recompute(redo)  # Gram terms too loose for these rows: entry by entry, and θ as they set it
+            th = float(min(th, np.min(claim(redo))))
+        if np.all(ok):
+            return th_claim
+    return 0.0
+
+
+def _row_stats(rows, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per row its squared norm and its sum (float64), ``chunk`` rows at a time (rows derived on demand are
+    never built whole): with two dot products per row they give verify_cap's Gram terms for any token."""
+    V = rows.shape[0]
+    sq, sm = np.empty(V), np.empty(V)
+    for r0 in range(0, V, chunk):
+        a = np.asarray(rows[r0:r0 + chunk], dtype=np.float64)
+        sq[r0:r0 + len(a)] = np.einsum("ij,ij->i", a, a)
+        sm[r0:r0 + len(a)] = a.sum(axis=1)
+    return sq, sm
+
+
+def _cap_terms_gram(rows, t: int, c: np.ndarray, idx: np.ndarray, centred: bool, rows_err: bool, row_stats,
+                    cerr: float):
+    """Intervals ``(p_lo, p_hi, q_lo, q_hi, na_lo, na_hi)`` for the competitors ``idx`` (verify_cap's notation, c* its
+    exact centre) from ``rows @ [c, ũ_t]`` and the rows' squared norms and sums. Every float64 dot product of
+    n terms errs by at most γ_n Σ|x_i y_i| ≤ γ_n ‖x‖‖y‖ (any summation order); a folded row that rounded errs
+    from the exact ``γ ⊙ u`` by at most 2U‖row‖; ``q² = ‖a‖² − p²`` exactly, so q's interval follows from
+    those of ‖a‖ and p (its width is about √(γ_d)‖ũ‖ where q ≪ ‖a‖: those rows fail and are redone)."""
+    d = rows.shape[1]
+    g = gamma(d + 8)
+    sq, sm = row_stats
+    rt = rows[t]
+    Y = rows @ np.stack([c, rt], axis=1)  # [V, 2]: r_j·c and r_j·r_t
+    nr = np.sqrt(sq) * (1 + g)  # ≥ ‖r_j‖
+    eps = 2 * U * nr if rows_err else np.zeros_like(nr)  # ≥ ‖ũ_j − r_j‖ (the fold's rounding)
+    nrt, et, nrj, ej = nr[t], eps[t], nr[idx], eps[idx]
+    nsum, esum = nrt + nrj, et + ej
+    cn = float(np.linalg.norm(c)) * (1 + g)
+    # p = (ũ_t − ũ_j)·c* (c* lies in the subspace, so P drops out)
+    p = Y[t, 0] - Y[idx, 0]
+    perr = (g * nsum * cn + esum * cn + (nsum + esum) * cerr + 2 * U * np.abs(p)) * (1 + 1e-10)
+    # ‖P(r_t − r_j)‖² = ‖r_t‖² + ‖r_j‖² − 2 r_t·r_j − (Σ(r_t − r_j))²/d; 4g(‖r_t‖ + ‖r_j‖)² covers the
+    # products' γ_d terms, the additions and the rounding of the centring term (which is at most ‖r_t − r_j‖²)
+    n2 = sq[t] + sq[idx] - 2 * Y[idx, 1]
+    e2 = 4 * g * nsum * nsum
+    n2_lo, n2_hi = n2 - e2, n2 + e2
+    if centred:
+        s = np.abs(sm[t] - sm[idx])
+        es = g * math.sqrt(d) * nsum + 2 * U * s  # |Σ r − sum| ≤ γ_d Σ|r| ≤ γ_d √d ‖r‖
+        n2_hi = n2_hi - np.maximum(s - es, 0) ** 2 / d
+        n2_lo = n2_lo - (s + es) ** 2 / d
+    na_hi = (np.sqrt(np.maximum(n2_hi, 0)) * (1 + 4 * U) + esum) * (1 + 1e-10)
+    na_lo = np.maximum((np.sqrt(np.maximum(n2_lo, 0)) * (1 - 4 * U) - esum) * (1 - 1e-10), 0)
+    p_lo, p_hi = p - perr, p + perr
+    pa_hi = np.maximum(np.abs(p_lo), np.abs(p_hi))
+    pa_lo = np.where((p_lo <= 0) & (p_hi >= 0), 0.0, np.minimum(np.abs(p_lo), np.abs(p_hi)))
+    # q² = ‖a‖² − p², each difference's rounding allowed for (4U of its terms)
+    q2_hi = na_hi * na_hi - pa_lo * pa_lo
+    q2_lo = na_lo * na_lo - pa_hi * pa_hi
+    q_hi = np.sqrt(np.maximum(q2_hi + 4 * U * (na_hi * na_hi + pa_lo * pa_lo), 0)) * (1 + 1e-10)
+    q_lo = np.sqrt(np.maximum(q2_lo - 4 * U * (na_lo * na_lo + pa_hi * pa_hi), 0)) * (1 - 1e-10)
+    return [p_lo, p_hi, q_lo, q_hi, na_lo, na_hi]
+
+
+def _cap_terms_exact(rows, t: int, c: np.ndarray, jj: np.ndarray, centred: bool, rows_err: bool, cerr: float):
+    """The same intervals for the competitors ``jj``, entry by entry from ``ũ_t − ũ_j`` (tight where q ≪ ‖a‖),
+    4096 rows at a time."""
+    d = rows.shape[1]
+    g = gamma(d + 8)
+    out = [[] for _ in range(6)]
     abs_rt, abs_c = np.abs(rows[t])[None, :], np.abs(c)
-    for s in range(0, len(idx), 4096):
-        jj = idx[s:s + 4096]
-        Rj = rows[jj]  # a copy (fancy indexing, or derived): the fold error below is built in it
-        A = rows[t][None, :] - Rj
+    rt = rows[t][None, :]
+    for s in range(0, len(jj), 4096):
+        Rj = rows[jj[s:s + 4096]]  # a copy (fancy indexing, or derived): the fold error below is built in it
+        A = rt - Rj
         absA = np.abs(A)
         aerr = U * absA  # the subtraction's rounding, per entry
         if rows_err:  # the fold's rounding of ũ = γ ⊙ u, one product per entry
@@ -1057,36 +1238,27 @@ def verify_cap(rows: np.ndarray, bias: np.ndarray, t: int, c: np.ndarray, R: flo
         nerr = np.linalg.norm(aerr, axis=1)
         na = np.linalg.norm(A, axis=1)
         perr = g * (absA @ abs_c) + nerr + cerr * na
-        parts["p"].append(p)
-        parts["q"].append(np.linalg.norm(A - p[:, None] * c[None, :], axis=1))
-        parts["na"].append(na)
-        parts["perr"].append(perr)
-        parts["qerr"].append(3 * g * (na + np.abs(p)) + nerr + 2 * perr + cerr * na)
-        parts["nerr"].append(nerr)
-        beta = bias[t] - bias[jj]
-        parts["beta"].append(beta)
-        parts["berr"].append(U * np.abs(beta) + berr[t] + berr[jj])
-    if not len(idx):
-        return math.pi * (1 - 1e-9)
-    p, q, na, perr, qerr, nerr, beta, berr_j = (np.concatenate(parts[k]) for k in parts)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(na > 0, -beta / (R * na), np.where(beta > 0, -np.inf, np.inf))
-    th_j = np.where(ratio <= -1.0, np.pi, np.arccos(np.clip(ratio, -1.0, 1.0)) - np.arctan2(q, p))
-    th = float(min(np.min(th_j), math.pi))
-    if not th > 0:
-        return 0.0
-    # the whole sphere on t's side of j (then any cap passes for j)
-    whole = beta - R * (na + nerr) * (1 + 4 * U) - berr_j - 4 * U * np.abs(beta) > 0
-    for shrink in (1e-9, 1e-6, 1e-4, 1e-2, 0.1, 0.5):
-        th_claim = th * (1 - shrink)
-        ct, st = math.cos(th_claim), math.sin(th_claim)
-        decreasing = p * st + q * ct - (perr * st + qerr * ct) > 0
-        val = R * (p * ct - q * st) + beta
-        err = (R * (perr * ct + qerr * st + 4 * U * (np.abs(p) + q)) + berr_j
-               + 4 * U * (np.abs(val) + np.abs(beta)))
-        if np.all((decreasing & (val - err > 0)) | whole):
-            return th_claim
-    return 0.0
+        q = np.linalg.norm(A - p[:, None] * c[None, :], axis=1)
+        qerr = 3 * g * (na + np.abs(p)) + nerr + 2 * perr + cerr * na
+        for k, v in enumerate((p - perr, p + perr, np.maximum(q - qerr, 0), q + qerr, np.maximum(na - nerr, 0),
+                               na + nerr)):
+            out[k].append(v)
+    return [np.concatenate(v) for v in out]
+
+
+def _cap_holds(theta: float, R: float, p_lo, p_hi, q_lo, q_hi, na_hi, beta, berr) -> np.ndarray:
+    """Per competitor, whether the cap of angle θ (0 < θ < π) lies strictly on t's side of its boundary for
+    every p, q, ‖a‖ and β in their intervals (β ± berr): the whole sphere does (``β > R‖a‖``), or
+    ``f(φ) = p cos φ − q sin φ`` still decreases at θ (``p sin θ + q cos θ > 0``: then its minimum over
+    [0, θ] is f(θ)) and ``R f(θ) + β > 0``; 4U of every term covers cos, sin and the arithmetic."""
+    ct, st = math.cos(theta), math.sin(theta)
+    pa = np.maximum(np.abs(p_lo), np.abs(p_hi))
+    slack = 4 * U * (pa + q_hi)
+    decreasing = p_lo * st + (q_lo if ct >= 0 else q_hi) * ct - slack > 0
+    val = R * ((p_lo if ct >= 0 else p_hi) * ct - q_hi * st) + beta
+    holds = decreasing & (val - berr - R * slack - 4 * U * (np.abs(val) + np.abs(beta)) > 0)
+    whole = beta - berr - R * na_hi * (1 + 4 * U) - 4 * U * np.abs(beta) > 0
+    return holds | whole
 
 
 def _rows_rounded(head: Head) -> bool:
@@ -1185,7 +1357,13 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
     timings = {"load_fold": time.perf_counter() - t_start}
     meas = _Measure(problem, problem.keys)
     groups = _tie_groups(problem)
-    excl = {int(t): sorted(set(groups.get(int(t), [])) | {int(t)}) for t in ids}
+    # the rows each token is not compared with (itself and its twins), for every member of a listed token's
+    # group: the splitting and the bound run on a group's first member, which need not be listed itself
+    excl = {}
+    for t in ids:
+        members = groups.get(int(t), [int(t)])
+        for m in members:
+            excl[m] = sorted(members)
     texts = head.texts
 
     # ---- the plain pass over all V
@@ -1231,18 +1409,77 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
                    and counts[groups.get(int(t), [int(t)])].sum() < min_hits}) if listed else []
     t0 = time.perf_counter()
     split_res: dict[int, tuple] = {}
-    for s in range(0, len(rare), split.batch):
-        chunk = rare[s:s + split.batch]
-        say(f"splitting: tokens {s + 1}-{s + len(chunk)} of {len(rare)}")
+    chunks = [rare[s:s + split.batch] for s in range(0, len(rare), split.batch)]
+    # one batch draws from the run's generator (as before batches ran side by side); several, each from its own,
+    # seeded here in order: the same streams however many run at once
+    gens = [gen] if len(chunks) == 1 else [
+        torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen))) for _ in chunks]
+
+    def run(k):
+        say(f"splitting: tokens {k * split.batch + 1}-{k * split.batch + len(chunks[k])} of {len(rare)}")
         tc = time.perf_counter()
-        out = _split_tokens(meas, chunk, excl, split, gen)
-        per = (time.perf_counter() - tc) / len(chunk)
+        out = _split_tokens(meas, chunks[k], excl, split, gens[k])
+        return out, (time.perf_counter() - tc) / len(chunks[k])
+
+    # Two batches at once, each on one thread, where the caller has two threads: apart from its GEMMs the
+    # splitting is a long sequence of one-thread element-wise ops, which left the second core idle. The
+    # results do not depend on it (each batch has its own seed); torch's thread count is global, so it stays
+    # at 1 for the whole section and the GEMMs do not switch it (gemm_threads 1)
+    workers = min(2, meas.gemm_threads, len(chunks))
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        saved, meas.gemm_threads = meas.gemm_threads, 1
+        try:
+            with torch_threads(1), ThreadPoolExecutor(workers) as ex:
+                outs = list(ex.map(run, range(len(chunks))))
+        finally:
+            meas.gemm_threads = saved
+    else:
+        outs = [run(k) for k in range(len(chunks))]
+    for chunk, (out, per) in zip(chunks, outs):
         for t, r in zip(chunk, out):
             split_res[t] = r + (per,)
     timings["splitting"] = time.perf_counter() - t0
 
+    # ---- the rigorous cap bounds: one per group of identical rows, two at once on a two-thread caller (numpy's
+    # GEMVs and element-wise loops release the GIL), torch on one thread throughout (its setting is global)
     t0 = time.perf_counter()
-    cap_time = 0.0
+    bound_for: dict[int, tuple] = {}  # representative -> (centre or None, excluded rows)
+    if listed and lower_bound and not meas.box:
+        for t in ids:
+            t = int(t)
+            if t in detail and t not in zero:
+                members = groups.get(t)
+                rep_t = members[0] if members else t
+                if rep_t in split_res:
+                    centre = split_res[rep_t][2]
+                else:
+                    centre = sums[members].sum(0) if members else sums[t]
+                bound_for.setdefault(rep_t, (centre, excl[t]))
+    row_stats = _row_stats(problem.rows) if bound_for else None  # for verify_cap, once for all tokens
+
+    def bound(rep_t):
+        centre, exclude = bound_for[rep_t]
+        start = centre if centre is not None and np.linalg.norm(centre) > 0 else meas.keys64[rep_t]
+        comps = _binding(meas, rep_t, start, exclude, 512)
+        c = _cap_centre(meas, rep_t, comps, centre)
+        # a second pass: the competitors binding at the centre found (the first set was seen from the start)
+        comps2 = np.union1d(comps, _binding(meas, rep_t, c, exclude, 512))
+        c = _cap_centre(meas, rep_t, comps2, c, own=False)  # warm: from the first pass's centre only
+        return verify_cap(problem.rows, problem.bias, rep_t, c, meas.R, meas.centred, exclude=exclude,
+                          bias_err=bias_err, rows_err=rows_err, row_stats=row_stats)
+
+    todo = list(bound_for)
+    workers = min(2, meas.gemm_threads, len(todo))
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with torch_threads(1), ThreadPoolExecutor(workers) as ex:
+            thetas = dict(zip(todo, ex.map(bound, todo)))
+    else:
+        thetas = {r: bound(r) for r in todo}
+    timings["lower_bound"] = time.perf_counter() - t0
     for t in ids:
         t = int(t)
         text = None if texts is None else texts[t]
@@ -1256,7 +1493,7 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
             continue
         lb = angle = None
         if rep_t in split_res:
-            est, levels, centre, n_part, J, per = split_res[rep_t]
+            est, levels, _, n_part, J, per = split_res[rep_t]
             mean, lo, hi = _cox_interval(est / k, confidence, (levels + 1) / n_part)
             tv = TokenVolume(t, text, mean, (lo, hi), None, None, "splitting" if k == 1 else "tie",
                              len(est) * n_part, per, levels=levels, tie_with=tie_with)
@@ -1269,24 +1506,12 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
             lo, hi = _clopper_pearson(hits, samples, confidence)
             tv = TokenVolume(t, text, _log10(hits / samples / k), (_log10(lo / k), _log10(hi / k)), None, None,
                              "sampling" if k == 1 else "tie", samples, per_plain, hits=hits, tie_with=tie_with)
-            centre = sums[members].sum(0) if members else sums[t]
-        if listed and lower_bound and not meas.box and t in detail:
-            tc = time.perf_counter()
-            start = centre if centre is not None and np.linalg.norm(centre) > 0 else meas.keys64[rep_t]
-            comps = _binding(meas, rep_t, start, excl[t], 512)
-            c = _cap_centre(meas, rep_t, comps, centre)
-            # a second pass: the competitors binding at the centre found (the first set was seen from the start)
-            comps2 = np.union1d(comps, _binding(meas, rep_t, c, excl[t], 512))
-            c = _cap_centre(meas, rep_t, comps2, c)
-            th = verify_cap(problem.rows, problem.bias, rep_t, c, meas.R, meas.centred, exclude=excl[t],
-                            bias_err=bias_err, rows_err=rows_err)
-            if th > 0:
-                angle = math.degrees(th) * (1 - 1e-12)
-                lb = cap_log10_share(th, meas.n) - math.log10(k)
-            cap_time += time.perf_counter() - tc
+        th = thetas.get(rep_t, 0.0) if t in detail else 0.0
+        if th > 0:
+            angle = math.degrees(th) * (1 - 1e-12)
+            lb = cap_log10_share(th, meas.n) - math.log10(k)
         tv.log10_share_lower_bound, tv.cap_angle_deg = lb, angle
         results[t] = tv
-    timings["lower_bound"] = cap_time
     timings["total"] = time.perf_counter() - t_start
     dom = problem.domain
     return VolumeReport(source=head.source, V=V, d=problem.d, domain=dom.name, radius=problem.radius_reported,
