@@ -487,3 +487,36 @@ def test_volume_tie_groups_are_numpys_unique_groups_of_keys_and_bias():
         ref = {t: sorted(np.nonzero(inv == inv[t])[0].tolist()) for t in range(p.V) if cnt[inv[t]] > 1}
         got = _tie_groups(p)
         assert got == ref and got[20] == [20, 21, 23] and got[30] == [30, 31] and 22 not in got
+
+
+def test_scan_volume_with_derived_keys_is_the_same(monkeypatch):
+    """``scan --volume`` under a budget that cannot hold the keys: the volume stage reads them in chunks and
+    gathers (its float32 copy and norms by blocks) and gives the estimates of the keys held, seed for seed."""
+    import unspeakable.engine.pipeline as pl
+    from unspeakable.engine.volume import SplitOptions, VolumeOptions
+
+    head = _head(V=800, d=8, seed=12, bias=True)
+    opts = lambda: VolumeOptions(hardest=3, samples=4000, seed=1,  # noqa: E731
+                                 split=SplitOptions(particles=32, replicates=4, moves=10))
+    with monkeypatch.context() as m:
+        m.setattr(pl, "hold_keys", lambda *a: True)
+        ref = scan_head(head, memory=0.001, volume=opts())
+
+    def refuse(*_a, **_k):
+        raise AssertionError("derived rows or keys built whole")
+
+    def no_attr(self, name):  # numpy looks for __array_struct__ / __array_interface__ first: not there
+        if name.startswith("__"):
+            raise AttributeError(name)
+        refuse()
+
+    monkeypatch.setattr(FoldedRows, "__getattr__", no_attr)
+    monkeypatch.setattr(FoldedRows, "__array_ufunc__", refuse)
+    real = FoldedRows.__array__
+    monkeypatch.setattr(FoldedRows, "__array__", lambda self, dtype=None, copy=None:
+                        real(self, dtype) if dtype == np.float32 else refuse())  # only the float32 copy
+    rep = scan_head(head, memory=0.001, volume=opts())
+    assert not rep.memory["keys_held"]
+    strip = lambda v: {k: x for k, x in (v or {}).items() if k != "seconds"}  # noqa: E731
+    vols = [(t.id, strip(t.volume)) for t in rep.tokens if t.volume]
+    assert vols and vols == [(t.id, strip(t.volume)) for t in ref.tokens if t.volume]
