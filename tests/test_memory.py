@@ -291,6 +291,26 @@ def test_problem_from_rows_copies_by_default():
     assert np.array_equal(rows, keep)
 
 
+def _refuse_whole(monkeypatch, float32: bool = False) -> None:
+    """Make every whole-array path of derived rows and keys (FoldedRows, DerivedKeys) fail: ``np.asarray``,
+    ndarray attributes, numpy arithmetic. ``float32``: the one float32 copy (``np.asarray(.., float32)``, built
+    chunk by chunk) is allowed. numpy's probes for ``__array_struct__`` / ``__array_interface__`` find none."""
+    real = FoldedRows.__array__
+
+    def refuse(*_a, **_k):
+        raise AssertionError("derived rows or keys built whole")
+
+    def no_attr(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        refuse()
+
+    monkeypatch.setattr(FoldedRows, "__array__", lambda self, dtype=None, copy=None:
+                        real(self, dtype) if float32 and dtype == np.float32 else refuse())
+    monkeypatch.setattr(FoldedRows, "__getattr__", no_attr)
+    monkeypatch.setattr(FoldedRows, "__array_ufunc__", refuse)
+
+
 @pytest.mark.parametrize("norm, domain, scale", [("rmsnorm", None, 1.0), ("layernorm", None, 1.0),
                                                  ("rmsnorm", "box", 1.0), ("rmsnorm", "cone", 1.0),
                                                  ("rmsnorm", None, 1e18)])
@@ -303,12 +323,7 @@ def test_scan_and_volume_never_build_derived_rows_whole(monkeypatch, norm, domai
     head = _head(V=1500, d=12, seed=3, norm=norm, bias=True, scale=scale)
     ref = scan_head(head, domain=domain)
 
-    def refuse(*_a, **_k):
-        raise AssertionError("derived rows built whole")
-
-    monkeypatch.setattr(FoldedRows, "__array__", refuse)
-    monkeypatch.setattr(FoldedRows, "__getattr__", refuse)
-    monkeypatch.setattr(FoldedRows, "__array_ufunc__", refuse)
+    _refuse_whole(monkeypatch)
     rep = scan_head(head, domain=domain)
     assert isinstance(fold(head, domain=domain).rows, FoldedRows)
     assert np.array_equal(rep.verdicts_all, ref.verdicts_all)
@@ -417,12 +432,7 @@ def test_scan_with_derived_keys_is_the_same_scan(monkeypatch, norm, domain, bias
         ref = scan_head(head, domain=domain, memory=0.001)
     assert ref.memory["keys_held"]
 
-    def refuse(*_a, **_k):
-        raise AssertionError("derived rows or keys built whole")
-
-    monkeypatch.setattr(FoldedRows, "__array__", refuse)
-    monkeypatch.setattr(FoldedRows, "__getattr__", refuse)
-    monkeypatch.setattr(FoldedRows, "__array_ufunc__", refuse)
+    _refuse_whole(monkeypatch)
     rep = scan_head(head, domain=domain, memory=0.001)
     assert not rep.memory["keys_held"]
     assert np.array_equal(rep.verdicts_all, ref.verdicts_all) and rep.counts == ref.counts
@@ -456,12 +466,7 @@ def test_subset_scan_with_derived_keys_never_builds_them_whole(monkeypatch):
     for f in ("best_val", "best_idx", "second_val", "second_idx", "self_val"):
         assert torch.equal(getattr(r, f), getattr(r_held, f)), f
 
-    def refuse(*_a, **_k):
-        raise AssertionError("derived rows or keys built whole")
-
-    monkeypatch.setattr(FoldedRows, "__array__", refuse)
-    monkeypatch.setattr(FoldedRows, "__getattr__", refuse)
-    monkeypatch.setattr(FoldedRows, "__array_ufunc__", refuse)
+    _refuse_whole(monkeypatch)
     rep = scan_head(head, tokens=ids, memory=0.001)
     assert not rep.memory["keys_held"] and ref.memory["keys_held"]
     assert [t.to_json() | {"time_s": 0} for t in rep.tokens] == [t.to_json() | {"time_s": 0} for t in ref.tokens]
@@ -502,19 +507,7 @@ def test_scan_volume_with_derived_keys_is_the_same(monkeypatch):
         m.setattr(pl, "hold_keys", lambda *a: True)
         ref = scan_head(head, memory=0.001, volume=opts())
 
-    def refuse(*_a, **_k):
-        raise AssertionError("derived rows or keys built whole")
-
-    def no_attr(self, name):  # numpy looks for __array_struct__ / __array_interface__ first: not there
-        if name.startswith("__"):
-            raise AttributeError(name)
-        refuse()
-
-    monkeypatch.setattr(FoldedRows, "__getattr__", no_attr)
-    monkeypatch.setattr(FoldedRows, "__array_ufunc__", refuse)
-    real = FoldedRows.__array__
-    monkeypatch.setattr(FoldedRows, "__array__", lambda self, dtype=None, copy=None:
-                        real(self, dtype) if dtype == np.float32 else refuse())  # only the float32 copy
+    _refuse_whole(monkeypatch, float32=True)  # only the volume's float32 copy
     rep = scan_head(head, memory=0.001, volume=opts())
     assert not rep.memory["keys_held"]
     strip = lambda v: {k: x for k, x in (v or {}).items() if k != "seconds"}  # noqa: E731
