@@ -101,7 +101,8 @@ class BoxSolver(Restricted):
         A = np.empty((J.size, self.p.d + 1))
         A[:, 0] = 1.0
         A[:, 1:] = np.ldexp(self.p.keys[J] - self.kt, -e)
-        rows = self.lp.add_rows(A, -math.inf, np.ldexp(self.bt - self.p.bias[J], -e))  # s + (k_j − k_t)·x <= b_t − b_j
+        # s + (k_j − k_t)·x <= b_t − b_j
+        rows = self.lp.add_rows(A, -math.inf, np.ldexp(self.bt - self.p.bias[J], -e))
         self.ids.extend(int(j) for j in J)
         self.comp_rows.extend(int(r) for r in rows)
 
@@ -197,7 +198,8 @@ class _SpanLP(Restricted):
         warm_min = WARM_MIN_ROWS if self.Q is not None else 0
         if self.warm is not None and self.warm.gram is None and warm_min <= G.shape[0] <= self.warm_max_rows:
             self.warm.gram = self.C @ self.C.T
-        bo = ball_optimum(G, self.beta, R, float(np.min(G @ z_hint + self.beta)), math.ldexp(tol, -e), warm=self.warm)
+        bo = ball_optimum(G, self.beta, R, float(np.min(G @ z_hint + self.beta)), math.ldexp(tol, -e),
+                          warm=self.warm)
         if bo is None:
             return None
         self.oracle_solves += bo.solves

@@ -211,11 +211,11 @@ class _Measure:
         self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))
         self.gemm_threads = torch.get_num_threads()  # the caller's: the splitting's GEMMs use them
         self.bias = torch.from_numpy(problem.bias.astype(np.float32))
-        norms = row_norms(keys)  # in chunks: keys derived on demand (engine.head.DerivedKeys) are never built whole
+        norms = row_norms(keys)  # in chunks: derived keys (engine.head.DerivedKeys) are never built whole
         # The plain pass and the all-V checks of the splitting's final points run their GEMM in bfloat16 where
         # oneDNN has it (3.8x float32's speed here: 256 points x 49152 rows x 576 in 0.049 s against 0.186 s),
-        # the bias as a last column (the points get a 1 there). |L_lp - l| <= e_lp * size_j + c_lp * |L_lp| for every entry (size_j
-        # = ‖x‖‖k_j‖ + |b_j| bounds Σ|x_i k_ij| + |b_j|): each input rounded by at most u (bfloat16 2^-9,
+        # the bias as a last column (the points get a 1 there). |L_lp - l| <= e_lp * size_j + c_lp * |L_lp| for
+        # every entry (size_j = ‖x‖‖k_j‖ + |b_j| bounds Σ|x_i k_ij| + |b_j|): each input rounded by at most u (bfloat16 2^-9,
         # float32 2^-24), exact products, float32 accumulation (γ_{d+1}), the output rounded to the format.
         # What these bounds cannot decide is decided in float64 (:meth:`wins`).
         try:
