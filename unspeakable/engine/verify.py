@@ -50,7 +50,7 @@ from unspeakable.engine import exact, verify_sym
 from unspeakable.engine.domain import ETA, U, gamma
 from unspeakable.engine.evidence import Certificate
 from unspeakable.engine.head import FoldedRows, row_chunks
-from unspeakable.engine.memory import WITNESS_BATCH_MAX
+from unspeakable.engine.memory import WITNESS_BATCH_MAX, abs_max
 
 
 PAIRWISE_MIN_V = 1024  # below this the exhaustive float64 check costs little
@@ -755,11 +755,10 @@ class Verifier:
         pool = np.setdiff1d(np.arange(self.V), [t])
         K = self.p.keys  # P(rows − c): a combination meeting u_t up to F is one meeting P u_t
         D = (K[pool] - K[t]).T  # [d, n]
-        # rows D w = 0 and the bias row (>= 0) scaled by powers of two (the same w): what HiGHS takes
-        D = np.ldexp(D, -lp_exponent(float(np.max(np.abs(D), initial=0.0))))
-        db = self.bias[pool] - self.bias[t]
-        A = np.vstack([D, np.ones((1, pool.size))]
-                      + ([np.ldexp(db, -lp_exponent(float(np.max(np.abs(db), initial=0.0))))[None, :]] if bias else []))
+        # rows D w = 0 and the bias row (>= 0) each scaled by a power of two (the same w): what HiGHS takes
+        scaled = lambda a: np.ldexp(a, -lp_exponent(abs_max(a)))  # noqa: E731
+        A = np.vstack([scaled(D), np.ones((1, pool.size))]
+                      + ([scaled(self.bias[pool] - self.bias[t])[None, :]] if bias else []))
         lo_r = np.concatenate([np.zeros(self.d), [1.0]] + ([[0.0]] if bias else []))
         hi_r = np.concatenate([np.zeros(self.d), [1.0]] + ([[np.inf]] if bias else []))
         res = solve_lp(np.zeros(pool.size), A, lo_r, hi_r, np.zeros(pool.size), np.full(pool.size, np.inf),
