@@ -425,27 +425,64 @@ def test_deep_tokens_get_more_replicates_and_stay_within_a_factor_2():
         assert contains(a, t0) and abs(a.log10_share - t0) < math.log10(2), (k, t0, a)
 
 
-def test_core_first_margins_change_nothing_but_the_cost(monkeypatch):
-    """The restricted margin read on a small core of J first (the rest of J only for states whose core margin
-    passes the level) gives the same chain as reading all of J: same estimates and intervals for the same seed,
-    with fewer states evaluated against the whole of J."""
+def test_staged_margins_change_nothing_but_the_cost(monkeypatch):
+    """The restricted margin read in stages (a small core of J first, then J's next rows, the rest last, each
+    only for states still above the level) gives the same chain as reading all of J at once: same estimates,
+    intervals and levels for the same seed, at fewer multiply-adds."""
     head, truth = decoy_orthant_head(64, 20, 300, seed=4)
-    full_states = []
-    orig = vol._Batch.margins
+    batches = []
+    orig = vol._Batch.__init__
 
-    def counting(self, sel, u, r2, with_arg=False):
-        full_states.append(u.shape[0] * u.shape[1])
-        return orig(self, sel, u, r2, with_arg)
+    def keep(self, *a, **k):
+        orig(self, *a, **k)
+        batches.append(self)
 
-    monkeypatch.setattr(vol._Batch, "margins", counting)
+    monkeypatch.setattr(vol._Batch, "__init__", keep)
     out = {}
-    for core in (0, 16):
-        full_states.clear()
-        rep = vol.volume(head, tokens=[0, 5], samples=0, seed=3, lower_bound=False, split=vol.SplitOptions(core=core))
-        out[core] = ([(tv.log10_share, tv.log10_share_ci, tv.levels) for tv in rep.tokens], sum(full_states))
-    assert out[0][0] == out[16][0]
-    assert contains(rep.tokens[0], truth)
-    assert out[16][1] < 0.8 * out[0][1], (out[0][1], out[16][1])
+    for core, mid in ((0, 0), (16, 0), (16, 48)):
+        batches.clear()
+        rep = vol.volume(head, tokens=[0, 5], samples=0, seed=3, lower_bound=False,
+                         split=vol.SplitOptions(core=core, mid=mid))
+        out[core, mid] = ([(tv.log10_share, tv.log10_share_ci, tv.levels) for tv in rep.tokens],
+                          sum(b.macs for b in batches))
+        assert contains(rep.tokens[0], truth)
+    assert out[0, 0][0] == out[16, 0][0] == out[16, 48][0]
+    assert out[16, 0][1] < 0.8 * out[0, 0][1], out
+    assert out[16, 48][1] < out[16, 0][1], out
+
+
+@pytest.mark.parametrize("case", ["bias", "no_bias", "layernorm"])
+def test_margins_above_exact_above_the_threshold(case):
+    """margins_above against the margins over all of J at random states: equal wherever those are above the
+    threshold, at or below it elsewhere; binding rows counted for the states read past the core."""
+    import torch
+
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(11)
+    V, d = 400, 24
+    rows = rng.standard_normal((V, d))
+    bias = np.zeros(V) if case == "no_bias" else rng.normal(0, 0.5, V)
+    head = head_from_arrays(rows.T, bias, norm="layernorm" if case == "layernorm" else "rmsnorm")
+    problem = fold(head)
+    meas = vol._Measure(problem, problem.keys)
+    ts = [0, 7, 9]
+    J = [np.setdiff1d(np.arange(V), [t])[:300] for t in ts]
+    batch = vol._Batch(meas, ts, J)
+    assert batch.zero_bias == (case == "no_bias")
+    gen = torch.Generator().manual_seed(0)
+    u, r2 = batch.initial(200, gen, rng)
+    sel = torch.arange(len(ts))
+    full = batch.margins(sel, u, r2)
+    thr = torch.quantile(full, torch.tensor([0.3, 0.6, 0.9]), dim=1).T[:, torch.randint(0, 3, (200,), generator=gen)]
+    batch.set_core(sel, 16, 64)
+    got = batch.margins_above(sel, u, r2, thr)
+    above = full > thr
+    assert above.any() and (~above).any()
+    assert torch.allclose(got[above], full[above], rtol=1e-6, atol=1e-6)
+    assert torch.all(got[~above] <= thr[~above])
+    assert torch.all((got > thr) == above)
+    assert float(batch.binding.sum()) > 0
 
 
 def test_nonnegative_lower_bound_holds_at_its_rate_on_heavy_tails():

@@ -406,6 +406,7 @@ class SplitOptions:
     batch: int = 16  # tokens per batched run (two run at once on a two-thread caller: 32 tokens are two)
     core: int = 128  # rows of J read first at each move (the most often binding); the rest only where the core
     # margin passes the level: exact either way, 0 reads all of J (issue 19: 2x fewer multiply-adds on SmolLM2)
+    mid: int = 384  # ... then J's rows up to this one, and the rest only where those pass too
 
 
 def _log10(x: float) -> float:
@@ -461,6 +462,7 @@ class _Batch:
         import torch
 
         self.meas, self.T = meas, len(ts)
+        self.macs = 0  # multiply-adds of the margins so far (the chain's main cost)
         K = max(len(j) for j in J)
         # shorter sets are padded with repeats of their own first row (a repeat leaves the minimum as it is),
         # so that a head without bias keeps B = 0 everywhere and the margins may skip adding it
@@ -517,7 +519,11 @@ class _Batch:
         """One pCN proposal for every particle; rho, st broadcast against [S, M]."""
         import torch
 
-        xi = torch.randn(u.shape, generator=gen)
+        # into a buffer kept across moves: a fresh [S, M, D] tensor per move cost a third more than the draw
+        buf = getattr(self, "_xi", None)
+        if buf is None or buf.numel() < u.numel():
+            buf = self._xi = torch.empty(u.numel())
+        xi = torch.randn(u.shape, generator=gen, out=buf[:u.numel()].view(u.shape))
         if not self.meas.box and not self.full_rank:
             xi *= self.mask[sel][:, None, :]
         # the chain's per-move tensors are [S, M, D]: each pass over them costs about a third of the bmm's
@@ -547,6 +553,7 @@ class _Batch:
         import torch
 
         A, B = self._selected(sel)
+        self.macs += u.numel() * A.shape[2]
         if self.meas.box:
             with _gemm_threads(self.meas, u.numel() * A.shape[2]):
                 G = torch.bmm(self.meas.points(u), A)
@@ -565,11 +572,12 @@ class _Batch:
             return G.min(dim=2)
         return G.amin(dim=2)
 
-    # ---- the restricted margin in two stages (spheres): a small *core* of J first, the rest only where needed
-    def set_core(self, sel, C: int):
-        """Choose, for tokens ``sel``, the ``C`` rows of J that were most often the minimum (the binding facet)
-        at the points evaluated in full so far; the next :meth:`margins_above` reads them first. The choice
-        changes only the cost: the margins it returns are exact wherever they decide anything."""
+    # ---- the restricted margin in stages (spheres): a small *core* of J first, the rest only where needed
+    def set_core(self, sel, C: int, C2: int = 0):
+        """Order J, for tokens ``sel``, by how often each row was the minimum (the binding facet) at the points
+        evaluated in full so far, and cut it into stages: the ``C`` most binding rows (the *core*), the next
+        ones up to ``C2``, the rest; the next :meth:`margins_above` reads them in that order. The order changes
+        only the cost: the margins it returns are exact wherever they decide anything."""
         import torch
 
         K = self.A.shape[2]
@@ -578,18 +586,26 @@ class _Batch:
             return
         if getattr(self, "binding", None) is None:
             self.binding = torch.zeros(self.T, K)
-        idx = torch.topk(self.binding[sel], C, dim=1).indices  # [S, C]: ties (no count yet) take any rows
+        # ties (no count yet) keep J's own order: its first rows are the strongest at t's direction
+        perm = torch.argsort(self.binding[sel], dim=1, descending=True, stable=True)  # [S, K]
         A, B = self._selected(sel)
-        self.core = (sel, idx, torch.gather(A, 2, idx[:, None, :].expand(-1, A.shape[1], -1)), torch.gather(B, 1, idx))
+        cuts = [0, C] + ([C2] if C < C2 < K else []) + [K]
+        stages = []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            idx = perm[:, a:b]
+            stages.append((a, torch.gather(A, 2, idx[:, None, :].expand(-1, A.shape[1], -1)),
+                           torch.gather(B, 1, idx)))
+        self.core = (sel, perm, stages)
         self.binding[sel] *= 0.5  # older levels count less: the binding facets move as the level rises
         self.tally_next = True  # the binding rows are counted at the level's first move only (an argmin costs)
 
     def margins_above(self, sel, u, r2, thr):
         """Restricted margins [S, M] of the states of tokens ``sel``, exact wherever the exact value is above
         ``thr`` [S, M]; elsewhere some value at or below ``thr`` (an upper bound of the exact one that is already
-        at or below it). The core rows of :meth:`set_core` are evaluated for every state; the whole of J only for
-        the states whose core margin is above ``thr`` (on average those a pCN move accepts, about a third):
-        ``min over J ≤ min over the core``, so a state that fails on the core fails on J."""
+        at or below it). The core rows of :meth:`set_core` are evaluated for every state, each further stage of
+        J only for the states whose margin over the stages before is still above ``thr`` (on average those a
+        pCN move accepts, about a third, read all of J): ``min over J ≤ min over any part of J``, so a state that
+        fails on a part fails on J. The later stages run token by token, on exactly the states that need them."""
         import torch
 
         core = getattr(self, "core", None)
@@ -599,33 +615,68 @@ class _Batch:
             m, arg = self.margins(sel, u, r2, with_arg=True)
             self._tally(sel, arg, torch.ones_like(m, dtype=torch.bool))
             return m
-        _, idx, A_c, B_c = core
-        S, M, D = u.shape
+        _, perm, stages = core
+        _, A_c, B_c = stages[0]
+        S = u.shape[0]
         sq = torch.linalg.vector_norm(u, dim=-1).square_()
         scale = self.meas.R / (sq + r2).clamp_min(1e-30).sqrt()
+        tally = self.tally_next
+        self.tally_next = False
+        self.macs += u.numel() * A_c.shape[2]
         with _gemm_threads(self.meas, u.numel() * A_c.shape[2]):
             G = torch.bmm(u, A_c)
+        if not self.zero_bias:
+            G.mul_(scale[..., None]).add_(B_c[:, None, :])
+        if tally:  # the binding row's position in the order, for the states that read further
+            m, best = G.min(dim=2)
+        else:
+            m = G.amin(dim=2)
         if self.zero_bias:
-            m = G.amin(dim=2).mul_(scale)
-        else:
-            m = G.mul_(scale[..., None]).add_(B_c[:, None, :]).amin(dim=2)
+            m.mul_(scale)
         need = m > thr
-        n = need.sum(dim=1)
-        P = int(n.max()) if S else 0
-        if P == 0:
+        if len(stages) == 1 or not bool(need.any()):
             return m
-        # the states that need the whole of J first (a permutation: the padding is other states, whose exact
-        # margins are as good as their core ones)
-        order = torch.argsort((~need).to(torch.uint8), dim=1, stable=True)[:, :P]
-        uP = torch.gather(u, 1, order[..., None].expand(-1, -1, D))
-        if self.tally_next:
-            mP, arg = self.margins(sel, uP, torch.gather(r2, 1, order), with_arg=True)
-            self._tally(sel, arg, torch.arange(P)[None, :] < n[:, None])
-            self.tally_next = False
-        else:
-            mP = self.margins(sel, uP, torch.gather(r2, 1, order))
-        m.scatter_(1, order, mP)
+        for s in range(S):
+            idx = torch.nonzero(need[s]).ravel()
+            if not len(idx):
+                continue
+            us, sc, th, ms = u[s, idx], scale[s, idx], thr[s, idx], m[s, idx]
+            if tally:
+                pos = best[s, idx]
+            for off, A_k, B_k in stages[1:]:
+                self.macs += us.numel() * A_k.shape[2]
+                G = us @ A_k[s]
+                if not self.zero_bias:
+                    G.mul_(sc[:, None]).add_(B_k[s])
+                if tally:
+                    v, a = G.min(dim=1)
+                else:
+                    v = G.amin(dim=1)
+                if self.zero_bias:
+                    v.mul_(sc)
+                if tally:
+                    lower = v < ms
+                    pos[lower] = a[lower] + off
+                ms = torch.minimum(ms, v)
+                m[s, idx] = ms
+                ok = ms > th
+                if tally:  # a state that fails here stops: its binding row so far is the one that failed it
+                    self._tally_rows(sel[s], perm[s, pos[~ok]])
+                if not bool(ok.any()):
+                    break
+                idx, us, sc, th, ms = idx[ok], us[ok], sc[ok], th[ok], ms[ok]
+                if tally:
+                    pos = pos[ok]
+            else:
+                if tally:
+                    self._tally_rows(sel[s], perm[s, pos])
         return m
+
+    def _tally_rows(self, t, cols):
+        import torch
+
+        if len(cols):
+            self.binding[t].index_add_(0, cols, torch.ones(len(cols)))
 
     def _tally(self, sel, arg, valid):
         import torch
@@ -730,7 +781,7 @@ def _run_levels(batch, T, R, N, D, opt, gen, npgen):
         st = step[sel]
         rho = torch.sqrt((1 - st * st).clamp_min(0))
         stN, rhoN = st[..., None].expand(S, R, N).reshape(S, R * N), rho[..., None].expand(S, R, N).reshape(S, R * N)
-        batch.set_core(sel, opt.core)
+        batch.set_core(sel, opt.core, opt.mid)
         # a finished replicate accepts nothing: its threshold +inf spares it the whole of J
         thr = torch.where(act, taus, torch.full_like(taus, math.inf))[..., None].expand(S, R, N).reshape(S, R * N)
         for _ in range(opt.moves):
@@ -755,7 +806,7 @@ def _run_levels(batch, T, R, N, D, opt, gen, npgen):
     return batch, logp, levels, u, r2, m
 
 
-def _final_sweep(batch, u, r2, m, logp, moves: int, core: int, gen, npgen):
+def _final_sweep(batch, u, r2, m, logp, moves: int, core: int, mid: int, gen, npgen):
     """``moves`` pCN moves of every final particle that is inside its J-cell (restricted margin > 0), rejected
     when they leave it; the others stay. The moves leave the uniform law on the J-cell invariant, so a
     check of the moved particles is again unbiased for the token's share (given the replicate's Π) and the
@@ -769,7 +820,7 @@ def _final_sweep(batch, u, r2, m, logp, moves: int, core: int, gen, npgen):
     st = batch.step
     rho = torch.sqrt((1 - st * st).clamp_min(0))
     stN, rhoN = st[..., None].expand(T, R, N).reshape(T, R * N), rho[..., None].expand(T, R, N).reshape(T, R * N)
-    batch.set_core(sel, core)
+    batch.set_core(sel, core, mid)
     u, m = u.clone(), m.clone()
     r2 = None if r2 is None else r2.clone()
     for _ in range(moves):
@@ -882,7 +933,7 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
             checks = [[] for _ in group]
             for c in range(max(1, o.final_checks)):
                 if c:  # decorrelate the final particles inside their J-cells, then check them again
-                    u, r2, m = _final_sweep(batch, u, r2, m, logp, o.moves, o.core, gen, npgen)
+                    u, r2, m = _final_sweep(batch, u, r2, m, logp, o.moves, o.core, o.mid, gen, npgen)
                 for k, i in enumerate(group):
                     checks[k].append(_check_final(
                         meas, batch, k, ts[i], u[k], None if r2 is None else r2[k], m[k], logp[k], excl, o, gen,
