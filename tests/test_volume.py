@@ -599,6 +599,14 @@ def test_verify_cap_gram_pass_is_tight_and_never_too_large(case):
     true = float(th_j.min())
     assert 0 < th <= true, (th, true)
     assert th >= true * (1 - 2e-9), (th, true)
+    # the Gram terms handed in from one pass for several tokens (another summation order): the same guarantee
+    cu = vol._cap_unit(c, centred)
+    others = rng.standard_normal((d, 6))
+    Y = rows @ np.concatenate([others[:, :3], cu[:, None], rows[0][:, None], others[:, 3:]], axis=1)
+    th2 = vol.verify_cap(rows, bias, 0, c, R, centred, rows_err=rows_err, gram=Y[:, 3:5])
+    assert true * (1 - 2e-9) <= th2 <= true, (th2, true)
+    with pytest.raises(ValueError, match="gram"):
+        vol.verify_cap(rows, bias, 0, c, R, centred, gram=Y[:, :3])
     # every competitor at its worst point of the proven cap's boundary: t still wins
     v = -Q / np.maximum(q, 1e-300)[:, None]
     x = R * (np.cos(L(th)) * cc[None, :] + np.sin(L(th)) * v)

@@ -1110,8 +1110,18 @@ def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None
     return best_c
 
 
+def _cap_unit(c: np.ndarray, centred: bool) -> np.ndarray | None:
+    """The centre direction verify_cap checks: c in the subspace, scaled to norm 1 (None where c is 0 there)."""
+    c = np.array(c, dtype=np.float64)
+    if centred:
+        c = c - c.mean()
+    nc = np.linalg.norm(c)
+    return c / nc if nc > 0 else None
+
+
 def verify_cap(rows: np.ndarray, bias: np.ndarray, t: int, c: np.ndarray, R: float, centred: bool,
-               exclude=(), bias_err: np.ndarray | None = None, rows_err: bool = True, row_stats=None) -> float:
+               exclude=(), bias_err: np.ndarray | None = None, rows_err: bool = True, row_stats=None,
+               gram: np.ndarray | None = None) -> float:
     """The largest θ (radians, rounded down) for which the cap ``{x : ‖x‖ = R, angle(x, c) ≤ θ}`` (in the
     centred subspace when ``centred``) lies inside ``{x : l_t(x) > l_j(x)}`` for every j ≠ t outside
     ``exclude``; 0 when none is proven. Independent of how c was found; float64 with rounding allowances.
@@ -1133,17 +1143,16 @@ def verify_cap(rows: np.ndarray, bias: np.ndarray, t: int, c: np.ndarray, R: flo
     may set θ (their θ_j over their intervals reaches below the least upper end of any row's) and every row
     whose Gram intervals fail the check are recomputed entry by entry from ``ũ_t − ũ_j`` (tight allowances),
     and θ is lowered where such a row's θ_j is smaller.
+
+    ``gram``: ``rows @ [c', ũ_t]`` [V, 2] where the caller computed it already (c' = ``_cap_unit(c, centred)``;
+    several tokens' in one pass over the rows): any float64 summation order, the allowances cover every one.
     """
     if not isinstance(rows, FoldedRows):  # rows derived on demand are read 4096 at a time, never whole
         rows = np.asarray(rows, dtype=np.float64)
     V, d = rows.shape
-    c = np.array(c, dtype=np.float64)
-    if centred:
-        c = c - c.mean()
-    nc = np.linalg.norm(c)
-    if not nc > 0:
+    c = _cap_unit(c, centred)
+    if c is None:
         return 0.0
-    c = c / nc
     mask = np.ones(V, dtype=bool)
     mask[t] = False
     mask[list(exclude)] = False
@@ -1162,7 +1171,9 @@ def verify_cap(rows: np.ndarray, bias: np.ndarray, t: int, c: np.ndarray, R: flo
     if row_stats is None:
         row_stats = _row_stats(rows)
     # intervals (p_lo, p_hi, q_lo, q_hi, na_lo, na_hi) per competitor: Gram terms, some redone entry by entry
-    terms = _cap_terms_gram(rows, t, c, idx, centred, rows_err, row_stats, cerr)
+    if gram is not None and np.shape(gram) != (V, 2):
+        raise ValueError(f"gram must be rows @ [c, rows[t]] of shape ({V}, 2); got {np.shape(gram)}")
+    terms = _cap_terms_gram(rows, t, c, idx, centred, rows_err, row_stats, cerr, gram)
     exact = np.zeros(len(idx), dtype=bool)
 
     def recompute(sel):
@@ -1223,7 +1234,7 @@ def _row_stats(rows, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cap_terms_gram(rows, t: int, c: np.ndarray, idx: np.ndarray, centred: bool, rows_err: bool, row_stats,
-                    cerr: float):
+                    cerr: float, Y: np.ndarray | None = None):
     """Intervals ``(p_lo, p_hi, q_lo, q_hi, na_lo, na_hi)`` for the competitors ``idx`` (verify_cap's notation, c* its
     exact centre) from ``rows @ [c, ũ_t]`` and the rows' squared norms and sums. Every float64 dot product of
     n terms errs by at most γ_n Σ|x_i y_i| ≤ γ_n ‖x‖‖y‖ (any summation order); a folded row that rounded errs
@@ -1233,7 +1244,8 @@ def _cap_terms_gram(rows, t: int, c: np.ndarray, idx: np.ndarray, centred: bool,
     g = gamma(d + 8)
     sq, sm = row_stats
     rt = rows[t]
-    Y = rows @ np.stack([c, rt], axis=1)  # [V, 2]: r_j·c and r_j·r_t
+    if Y is None:
+        Y = rows @ np.stack([c, rt], axis=1)  # [V, 2]: r_j·c and r_j·r_t
     nr = np.sqrt(sq) * (1 + g)  # ≥ ‖r_j‖
     eps = 2 * U * nr if rows_err else np.zeros_like(nr)  # ≥ ‖ũ_j − r_j‖ (the fold's rounding)
     nrt, et, nrj, ej = nr[t], eps[t], nr[idx], eps[idx]
@@ -1511,26 +1523,44 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
                 bound_for.setdefault(rep_t, (centre, excl[t]))
     row_stats = _row_stats(problem.rows) if bound_for else None  # for verify_cap, once for all tokens
 
-    def bound(rep_t):
+    def centre(rep_t):
         centre, exclude = bound_for[rep_t]
         start = centre if centre is not None and np.linalg.norm(centre) > 0 else meas.keys64[rep_t]
         comps = _binding(meas, rep_t, start, exclude, 512)
         c = _cap_centre(meas, rep_t, comps, centre)
         # a second pass: the competitors binding at the centre found (the first set was seen from the start)
         comps2 = np.union1d(comps, _binding(meas, rep_t, c, exclude, 512))
-        c = _cap_centre(meas, rep_t, comps2, c, own=False)  # warm: from the first pass's centre only
-        return verify_cap(problem.rows, problem.bias, rep_t, c, meas.R, meas.centred, exclude=exclude,
-                          bias_err=bias_err, rows_err=rows_err, row_stats=row_stats)
+        return _cap_centre(meas, rep_t, comps2, c, own=False)  # warm: from the first pass's centre only
+
+    def bound(chunk):
+        # the tokens' Gram terms rows @ [c', ũ_t] in one pass over the rows (derived rows are derived once per
+        # chunk of tokens instead of once per token), then each token's check
+        cs = [centre(r) for r in chunk]
+        units = [_cap_unit(c, meas.centred) for c in cs]
+        cols = [np.stack([u, np.asarray(problem.rows[r], dtype=np.float64)], axis=1)
+                for r, u in zip(chunk, units) if u is not None]
+        Y = problem.rows @ np.concatenate(cols, axis=1) if cols else None
+        out, k = [], 0
+        for r, c, u in zip(chunk, cs, units):
+            gram = None
+            if u is not None:
+                gram, k = Y[:, k:k + 2], k + 2
+            out.append(verify_cap(problem.rows, problem.bias, r, c, meas.R, meas.centred, exclude=bound_for[r][1],
+                                  bias_err=bias_err, rows_err=rows_err, row_stats=row_stats, gram=gram))
+        return out
 
     todo = list(bound_for)
     workers = min(2, meas.gemm_threads, len(todo))
+    # chunks of at most 32 tokens whose Gram terms take at most 32 MB, at least one per worker
+    size = max(1, min(32, 2**21 // max(problem.V, 1), -(-len(todo) // max(workers, 1))))
+    parts = [todo[s:s + size] for s in range(0, len(todo), size)]
     if workers > 1:
         from concurrent.futures import ThreadPoolExecutor
 
         with torch_threads(1), ThreadPoolExecutor(workers) as ex:
-            thetas = dict(zip(todo, ex.map(bound, todo)))
+            thetas = dict(zip(todo, (th for part in ex.map(bound, parts) for th in part)))
     else:
-        thetas = {r: bound(r) for r in todo}
+        thetas = dict(zip(todo, (th for part in map(bound, parts) for th in part)))
     timings["lower_bound"] = time.perf_counter() - t0
     for t in ids:
         t = int(t)
