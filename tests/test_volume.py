@@ -382,6 +382,37 @@ def test_restricted_basis_spans_late_competitors():
     assert np.abs(a - Q @ (Q.T @ a)).max() < 1e-9 * np.abs(a).max()
 
 
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_whole_subspace_shortcut_only_where_J_spans_it(norm):
+    """The chain's basis without a pivoted QR where J's differences span the domain's whole subspace (the
+    Gram matrix's Cholesky factor shows it): the basis is orthonormal and spans every difference; where one
+    direction is missing, or present only at 1e-9 of the rest, the shortcut declines and the QR decides."""
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(5)
+    V, d = 300, 32
+    rows = rng.standard_normal((V, d))
+    head = head_from_arrays(rows.T, np.zeros(V), np.ones(d), np.zeros(d), norm) if norm == "layernorm" else \
+        head_from_arrays(rows.T, norm=norm)
+    problem = fold(head)
+    meas = vol._Measure(problem, problem.keys)
+    J = np.arange(1, 200)
+    a = (meas.keys64[0][None, :] - meas.keys64[J]).T
+    H = vol._whole_subspace(meas, a)
+    assert H is not None and H.shape == (d, meas.n)
+    assert np.allclose(H.T @ H, np.eye(meas.n), atol=1e-12)
+    assert np.abs(a - H @ (H.T @ a)).max() < 1e-9 * np.abs(a).max()
+    (Q,) = vol._Batch(meas, [0], [J]).Q
+    assert Q is H
+    assert vol._whole_subspace(meas, a[:, :meas.n - 1]) is None  # fewer columns than dimensions
+    w = H[:, 0]  # a direction of the subspace the columns then miss (or nearly)
+    for eps in (0.0, 1e-9):
+        b = a - np.outer(w, w @ a) + eps * np.outer(w, rng.standard_normal(a.shape[1]))
+        assert vol._whole_subspace(meas, b) is None, eps
+    assert vol._whole_subspace(meas, a - np.outer(w, w @ a) + 1e-1 * np.outer(w, rng.standard_normal(a.shape[1]))) \
+        is not None
+
+
 def test_pilot_finds_the_facets_that_the_own_direction_misses():
     """With 300 decoys ranked above the 20 facets at token 0's direction, the first J (256 rows) holds no facet:
     without the pilot the run meets the facets only in its final all-V check (q ≈ 0: no usable estimate); with
