@@ -4,6 +4,8 @@
     python benchmarks/bench_volume.py gpt2-synthetic [--tokens 1]   # synthetic:V=50257,d=768: a rare real-ish token
     python benchmarks/bench_volume.py tokens SOURCE --n 32 [--reference]  # n random tokens: seconds per token
     python benchmarks/bench_volume.py hardest SCAN.json SOURCE --n 10   # the smallest-margin speakable tokens
+    python benchmarks/bench_volume.py agreement SOURCE --n 32 --options '{}' '{"particles": 64}'  # precision
+    python benchmarks/bench_volume.py coverage [--seeds 40]         # each end of the interval, known shares
 
 ``gpt2-orthant`` plants a token whose region is exactly an orthant of 40 rotated coordinates (share 2^-40 =
 9.09e-13 by sign symmetry, on the sphere of radius sqrt(768) in R^768) among 50216 further rows drawn like a
@@ -135,6 +137,78 @@ def tokens(args) -> dict:
     return out
 
 
+def agreement(args) -> dict:
+    """Precision of option sets against a reference run (many replicates) on the same random tokens: each set's
+    estimates over several seeds, their sd from the reference, how often its interval misses the reference on
+    each side, median width and time (the reference's own sd is in every difference: compare sets, not 0)."""
+    import unspeakable
+
+    head = unspeakable.load(args.source)
+    ids = np.sort(np.random.default_rng(args.token_seed).choice(head.d_vocab, args.n, replace=False))
+
+    def run(opt, seed):
+        t0 = time.perf_counter()
+        rep = vol.volume(head, tokens=ids, samples=0, seed=seed, split=opt, lower_bound=False)
+        return [(tv.log10_share, *tv.log10_share_ci) for tv in rep.tokens], time.perf_counter() - t0
+
+    ref, dt = run(vol.SplitOptions(replicates=args.reference_replicates), 1000)
+    ref = np.array(ref, dtype=float)[:, 0]
+    print(f"reference ({args.reference_replicates} replicates): {dt:.1f} s")
+    out = {"ids": ids.tolist(), "reference": ref.tolist(), "sets": {}}
+    for spec in args.options:
+        opt = vol.SplitOptions(**json.loads(spec))
+        est, secs = [], []
+        for seed in range(1, args.seeds + 1):
+            e, dt = run(opt, seed)
+            est.append(e)
+            secs.append(dt)
+        e = np.array(est, dtype=float)  # [seeds, n, 3]; None (no estimate) -> nan
+        d = e[:, :, 0] - ref[None, :]
+        lo_miss = int(np.sum(e[:, :, 1] > ref[None, :]))
+        hi_miss = int(np.sum(e[:, :, 2] < ref[None, :]))
+        w = e[:, :, 2] - e[:, :, 1]
+        print(f"{spec}: {np.mean(secs):.1f} s per run; sd from the reference {np.nanstd(d):.3f} decades (mean "
+              f"{np.nanmean(d):+.3f}); interval below it {lo_miss}, above it {hi_miss} of {d.size}; width median "
+              f"{np.nanmedian(w):.3f}; no estimate {int(np.isnan(e[:, :, 0]).sum())}")
+        out["sets"][spec] = {"seconds": secs, "estimates": e.tolist()}
+    return out
+
+
+def coverage(args) -> dict:
+    """Coverage of each end of the 95% interval on the rotated orthant head (d = 64, k = 20; token 0 at 2^-20,
+    tokens 1..20 at (1 - 2^-20)/20, known by sign symmetry), default options, ``--seeds`` seeds."""
+    from unspeakable.engine.head import head_from_arrays
+
+    d, k = 64, 20
+    miss = {"rare": [0, 0], "common": [0, 0]}
+    n = {"rare": 0, "common": 0}
+    widths = []
+    t0 = time.perf_counter()
+    for s in range(args.seeds):
+        rows = np.zeros((k + 1, d))
+        rows[1:, :k] = -3.0 * np.eye(k)
+        Q, _ = np.linalg.qr(np.random.default_rng(s).standard_normal((d, d)))
+        head = head_from_arrays((rows @ Q.T).T, norm="rmsnorm")
+        rep = vol.volume(head, tokens=list(range(k + 1)), samples=args.samples, seed=s,
+                         split=vol.SplitOptions(**json.loads(args.options)), lower_bound=False)
+        for tv in rep.tokens:
+            kind = "rare" if tv.id == 0 else "common"
+            truth = -k * math.log10(2) if tv.id == 0 else math.log10((1 - 2.0**-k) / k)
+            lo, hi = tv.log10_share_ci
+            lo, hi = -math.inf if lo is None else lo, math.inf if hi is None else hi
+            miss[kind][0] += truth < lo
+            miss[kind][1] += truth > hi
+            n[kind] += 1
+            if kind == "rare":
+                widths.append(hi - lo)
+    dt = time.perf_counter() - t0
+    for kind in miss:
+        print(f"{kind}: interval above the truth {miss[kind][0]}, below it {miss[kind][1]} of {n[kind]} "
+              f"(each end nominal 2.5%)")
+    print(f"rare token's interval width median {np.median(widths):.3f} decades; {dt:.1f} s")
+    return {"miss": miss, "n": n, "seconds": dt}
+
+
 def hardest(args) -> dict:
     import unspeakable
 
@@ -170,13 +244,24 @@ def main(argv=None) -> int:
     c.add_argument("--options", default="{}", help="SplitOptions overrides as JSON, e.g. '{\"moves\": 10}'")
     c.add_argument("--reference", action="store_true", help="also run the pre-pilot options on the same tokens")
     c.add_argument("--no-bound", action="store_true", help="skip the rigorous cap bound (time the estimate alone)")
+    g = sub.add_parser("agreement")
+    g.add_argument("source")
+    g.add_argument("--n", type=int, default=32)
+    g.add_argument("--token-seed", type=int, default=123)
+    g.add_argument("--seeds", type=int, default=3)
+    g.add_argument("--reference-replicates", type=int, default=32)
+    g.add_argument("--options", nargs="+", default=["{}"], help="SplitOptions overrides as JSON, one per set")
+    v = sub.add_parser("coverage")
+    v.add_argument("--seeds", type=int, default=40)
+    v.add_argument("--samples", type=int, default=65536)
+    v.add_argument("--options", default="{}")
     h = sub.add_parser("hardest")
     h.add_argument("scan")
     h.add_argument("source")
     h.add_argument("--n", type=int, default=10)
     h.add_argument("--samples", type=int, default=65536)
     h.add_argument("--seed", type=int, default=0)
-    for q in (a, b, c, h):
+    for q in (a, b, c, g, v, h):
         q.add_argument("--json", help="write the measurements here")
         q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
@@ -188,7 +273,7 @@ def main(argv=None) -> int:
     print(f"uptime: {os.popen('uptime').read().strip()}; torch threads {torch.get_num_threads()}; commit "
           f"{os.popen('git rev-parse --short HEAD 2>/dev/null').read().strip()}")
     res = {"gpt2-orthant": gpt2_orthant, "gpt2-synthetic": gpt2_synthetic, "tokens": tokens,
-           "hardest": hardest}[args.cmd](args)
+           "agreement": agreement, "coverage": coverage, "hardest": hardest}[args.cmd](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=float)

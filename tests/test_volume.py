@@ -448,11 +448,12 @@ def test_coverage_over_seeds_default_options():
 def test_deep_tokens_get_more_replicates_and_stay_within_a_factor_2():
     """Default options: the pilot's level count sends the 2^-40 orthant (d = 64) to the deep options (16
     replicates, 30 moves) and leaves the 2^-12 one on 8; both estimates within a factor 2, intervals holding."""
-    for k, reps in ((40, 16), (12, 8)):
+    o = vol.SplitOptions()
+    for k, size in ((40, o.deep_replicates * max(o.particles, o.deep_particles)), (12, o.replicates * o.particles)):
         head, t0, _ = orthant_head(64, k, seed=k)
         rep = vol.volume(head, tokens=[0], samples=0, seed=9, confidence=0.99, lower_bound=False)
         (a,) = rep.tokens
-        assert a.samples == reps * vol.SplitOptions().particles, (k, a.samples)
+        assert a.samples == size, (k, a.samples)
         assert contains(a, t0) and abs(a.log10_share - t0) < math.log10(2), (k, t0, a)
 
 
