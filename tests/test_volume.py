@@ -574,6 +574,49 @@ def test_row_norms_chunked_equal_the_whole_projection():
     assert not np.allclose(whole, np.linalg.norm(problem.rows, axis=1))  # the projection does something here
 
 
+@pytest.mark.parametrize("domain", ["rmsnorm", "layernorm", "box"])
+def test_levels_against_all_v_where_J_misses_most_facets(monkeypatch, domain):
+    """J holds 3 of the orthant's 20 facets and cannot grow: a J-cell point wins with probability 2^-17, so the
+    final checks find no winner and the estimate has nothing to stand on. The round after such a check goes on
+    with levels against all V inside the J-cell: its intervals hold 2^-20 at the stated rate, most estimates are
+    within a factor 2 — on each domain's own measure (the sphere, the centred sphere, the cube)."""
+    head, t0, _ = orthant_head(64, 20, seed=1, norm="layernorm" if domain == "layernorm" else "rmsnorm",
+                               rotate=domain != "box")
+    calls = []
+    orig = vol._all_v_levels
+    monkeypatch.setattr(vol, "_all_v_levels", lambda *a, **k: (calls.append(a[3]), orig(*a, **k))[1])
+    opt = vol.SplitOptions(competitors=3, max_competitors=3)
+    hits, close, n = 0, 0, 12
+    for s in range(n):
+        rep = vol.volume(head, tokens=[0], samples=0, seed=700 + s, lower_bound=False, split=opt,
+                         domain="box" if domain == "box" else None)
+        (a,) = rep.tokens
+        hits += contains(a, t0)
+        close += a.log10_share is not None and abs(a.log10_share - t0) < math.log10(2)
+    assert calls == [0] * n  # every run went on against all V, once
+    assert hits >= 10 and close >= 8, (hits, close)  # 17 levels against all V at 10 moves: sd ~0.15 decades
+    # without the levels against all V the same runs have (almost) nothing: no estimate, or one far off
+    calls.clear()
+    blind = vol.SplitOptions(competitors=3, max_competitors=3, all_v=False)
+    rep = vol.volume(head, tokens=[0], samples=0, seed=700, lower_bound=False, split=blind,
+                     domain="box" if domain == "box" else None)
+    (b,) = rep.tokens
+    assert not calls and (b.log10_share is None or abs(b.log10_share - t0) > math.log10(2)), b
+
+
+def test_levels_against_all_v_are_decided_before_the_run(monkeypatch):
+    """The choice to go on against all V changes the estimator, so it is made from runs independent of the one
+    it changes (the round before): a single round never goes on, whatever its checks find (choosing it
+    *because* the checks found nothing would bias the estimate upwards)."""
+    head, t0, _ = orthant_head(64, 16, seed=1)
+    calls = []
+    monkeypatch.setattr(vol, "_all_v_levels", lambda *a, **k: calls.append(1))
+    opt = vol.SplitOptions(competitors=4, max_competitors=8, rounds=1)
+    rep = vol.volume(head, tokens=[0], samples=0, seed=3, lower_bound=False, split=opt)
+    assert not calls
+    assert rep.tokens[0].log10_share is None or rep.tokens[0].log10_share_ci[0] < t0  # no winner, or few
+
+
 def test_final_checks_average_over_sweeps_inside_the_J_cell(monkeypatch):
     """Extra checks of the final particles after pCN moves inside their J-cell: still unbiased (the intervals
     hold 2^-12 on the orthant whose J misses half the facets), and the replicates with no winning particle,

@@ -402,6 +402,10 @@ class SplitOptions:
     deep_particles: int = 64  # ... and at least these particles per replicate
     rounds: int = 3  # constraint-generation rounds (grow J with the competitors that beat t at the end)
     rerun_below: float = 0.7  # another round when fewer than this share of the checked final particles win
+    all_v: bool = True  # a round after one whose checks found no J-cell point winning goes on with levels
+    # against all V (_all_v_levels), at `moves` moves per level. Only then: each level's moves read all V rows (on
+    # SmolLM2 a 1e-28 token's 10 extra levels cost 12 min at 16 x 64 particles and 30 moves), and not from the
+    # pilot's checks: J grows after them (a quarter of SmolLM2's tokens had < 1 in 48 there, fine after growth)
     max_competitors: int = 1024  # J never grows past this (the most frequent violators first): the cost per move
     max_levels: int = 2000
     floor_log10: float = -200.0  # replicates whose estimate falls below 10**floor stop: "not reached"
@@ -716,22 +720,27 @@ class _Batch:
 
     def points(self, i: int, u, r2, gen):
         """Points x [M, d] (float32) of token i's states: the rest's direction drawn uniformly."""
+        return self.meas.points(self.gauss(i, u, r2, gen))
+
+    def gauss(self, i: int, u, r2, gen):
+        """Gaussians z [M, d] (float32, in the domain's subspace) of token i's states: the rest's direction
+        drawn uniformly, its squared norm r²."""
         import torch
 
         if self.meas.box:
-            return self.meas.points(u)
+            return u
         q = self.Q[i]
         k = q.shape[1]
         z = u[:, :k].double().numpy() @ q.T
         if k == self.meas.n:  # J spans the whole subspace: no rest (r² = 0)
-            return self.meas.points(torch.from_numpy(z).float())
+            return torch.from_numpy(z).float()
         w = torch.randn(u.shape[0], self.meas.d, generator=gen, dtype=torch.float64).numpy()
         if self.meas.centred:
             w = w - w.mean(axis=1, keepdims=True)
         w = w - (w @ q) @ q.T
         nw = np.linalg.norm(w, axis=1, keepdims=True)
         z = z + w * (np.sqrt(r2.double().numpy())[:, None] / np.maximum(nw, 1e-300))
-        return self.meas.points(torch.from_numpy(z).float())
+        return torch.from_numpy(z).float()
 
 
 def _chi2(npgen, df: np.ndarray) -> np.ndarray:
@@ -893,6 +902,109 @@ def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, op
     return frac, [x[torch.from_numpy(good)]], counts, len(good), int(good.sum())
 
 
+def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m, logp, excl, opt: SplitOptions,
+                  moves: int, gen, npgen):
+    """Splitting continued inside token k's J-cell, against all V rows: where few of the J-cell's points win
+    (the rows outside J cut the cell where its mass lies), the final check's fraction is 0 in most replicates
+    and the estimate has nothing to stand on. Each replicate's particles inside the J-cell (uniform there)
+    are cloned back to N and the levels go on, on the score
+
+        s(x) = l_t(x) − max_{j ∉ twins} L_j(x) + δ(x)   where the restricted margin is > 0, −inf elsewhere,
+
+    L the checks' low-precision logits (:meth:`_Measure.logits_lp`), l_t float64 and δ(x) their error bound
+    (``e_lp·max size + c_lp·max |L|``): s is a deterministic function of x, so its level sets are nested, and
+    every point where t wins in exact arithmetic has s > 0. The last level's fraction is that of the points
+    that win as :meth:`_Measure.wins` decides. The chain runs on the full Gaussian z (pCN, the uniform law
+    on the output set, restricted to each level set by rejection).
+
+    Returns per replicate (log of the J-cell's winning fraction, natural; nan where the replicate did not
+    reach its J-cell; -inf where no point won), the levels it took, and the winning points."""
+    import torch
+
+    R, N = logp.shape[0], opt.particles
+    out, lev, wins = np.full(R, np.nan), np.zeros(R, dtype=np.int64), []
+    reps = [r for r in range(R) if math.isfinite(float(logp[r])) and bool((m[r] > 0).any())]
+    if not reps:
+        return out, lev, wins
+    kt64, bt64 = meas.keys64[t], float(meas.bias64[t])
+    a1 = torch.from_numpy((kt64[None, :] - meas.keys64[J]).T.astype(np.float32))  # [d, |J|]
+    b1 = torch.from_numpy((bt64 - meas.bias64[J]).astype(np.float32))
+    ex = torch.tensor(sorted(excl[t]), dtype=torch.long)
+    es = meas.e_lp * meas.size_max
+
+    def score(z):
+        x = meas.points(z)
+        gate = (x @ a1 + b1).amin(dim=1) > 0  # the J-cell, as the chain of the first levels saw it (float32)
+        L = meas.logits_lp(x).float()
+        L[:, ex] = -torch.inf
+        top = L.max(dim=1).values.double().numpy()
+        bot = torch.where(torch.isfinite(L), L, torch.zeros(())).amin(dim=1).double().numpy()
+        lt = x.double().numpy() @ kt64 + bt64
+        s = lt - top + (es + meas.c_lp * np.maximum(np.abs(top), np.abs(bot))) * 1.001
+        s = np.where(gate.numpy(), s, -np.inf)
+        return torch.from_numpy(s), x
+
+    n_keep = min(N - 1, max(1, int(round(opt.keep * N))))
+    floor = opt.floor_log10 * math.log(10)
+    # the replicates side by side (one GEMM for all their particles), each with its own level, step and count
+    zs = []
+    for r in reps:
+        inside = torch.nonzero(m[r] > 0).ravel()
+        z0 = batch.gauss(k, u[r, inside], None if r2 is None else r2[r, inside], gen)
+        zs.append(z0[torch.randint(0, len(inside), (N,), generator=gen)])  # the J-cell's survivors, cloned
+    P = len(reps)
+    z = torch.stack(zs)  # [P, N, d]
+    s, x = score(z.view(P * N, -1))
+    s, x = s.view(P, N), x.view(P, N, -1)
+    tau = torch.full((P,), -math.inf, dtype=torch.float64)
+    logq = np.zeros(P)
+    step = batch.step[k, reps].double()
+    levels = np.zeros(P, dtype=np.int64)
+    act = np.ones(P, dtype=bool)
+    while act.any():
+        a = torch.from_numpy(np.flatnonzero(act))
+        za, sa, xa, ta, st = z[a], s[a], x[a], tau[a], step[a]
+        # pCN moves of every particle, rejected where they leave {s > tau} (the J-cell included)
+        rho = torch.sqrt((1 - st * st).clamp_min(0)).float()[:, None, None]
+        acc = torch.zeros(len(a), dtype=torch.float64)
+        for _ in range(moves):
+            zp = torch.randn(za.shape, generator=gen).mul_(st.float()[:, None, None]).add_(za * rho)
+            sp, xp = score(zp.view(-1, za.shape[2]))
+            sp, xp = sp.view(sa.shape), xp.view(xa.shape)
+            ok = sp > ta[:, None]
+            za, xa = torch.where(ok[..., None], zp, za), torch.where(ok[..., None], xp, xa)
+            sa = torch.where(ok, sp, sa)
+            acc += ok.double().mean(dim=1) / moves
+        step[a] = (st * torch.exp(2.0 * (acc - 0.3))).clamp(0.02, 1.0)
+        srt = torch.sort(sa, dim=1).values
+        nxt = srt[:, N - n_keep - 1]
+        for q, r in enumerate(a.tolist()):
+            if nxt[q] >= 0 or levels[r] >= opt.max_levels:  # the next level would pass 0: the exact check ends it
+                act[r] = False
+                cand = torch.nonzero(sa[q] > 0).ravel()
+                n_good = 0
+                if len(cand) and levels[r] < opt.max_levels:
+                    good, _ = meas.wins(xa[q, cand], t, excl[t])
+                    wins.append(xa[q, cand][torch.from_numpy(good)])
+                    n_good = int(good.sum())
+                logq[r] = logq[r] + math.log(n_good / N) if n_good else -math.inf
+            elif srt[q, -1] <= nxt[q] or logp[reps[r]] + logq[r] < floor:  # no progress possible: not reached
+                act[r] = False
+                logq[r] = -math.inf
+            else:  # the next level: the particles at or below it replaced by clones of those above
+                alive = sa[q] > nxt[q]
+                logq[r] += math.log(int(alive.sum()) / N)
+                levels[r] += 1
+                src = torch.nonzero(alive).ravel()
+                pick = torch.where(alive, torch.arange(N), src[torch.randint(0, len(src), (N,), generator=gen)])
+                za[q], sa[q], xa[q] = za[q, pick], sa[q, pick], xa[q, pick]
+                tau[r] = nxt[q]
+        z[a], s[a], x[a] = za, sa, xa
+    out[reps] = logq
+    lev[reps] = levels
+    return out, lev, wins
+
+
 def _grow(J: np.ndarray, counts: dict, exclude, limit: int) -> np.ndarray:
     """J grown by the most frequent strong competitors (``counts``) not yet in it, up to ``limit`` rows; never t
     or its twins (``exclude``: their logit is −inf in the check, so they appear only when V is tiny)."""
@@ -925,6 +1037,9 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
     J = _competitor_sets(meas, ts, excl, opt.competitors)
     npgen = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
     deep = [False] * len(ts)
+    # levels against all V after the J-cell's, decided before a round from the round before (independent of
+    # it), so that the choice does not depend on the estimate it changes
+    all_v = [False] * len(ts)
     if opt.pilot_particles:
         pil = SplitOptions(**{**opt.__dict__, "particles": opt.pilot_particles, "replicates": opt.pilot_replicates,
                               "moves": opt.pilot_moves})
@@ -957,15 +1072,32 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
             o = opt_deep if is_deep else opt
             batch, logp, levels, u, r2, m = _split_batch(meas, [ts[i] for i in group], [J[i] for i in group], o,
                                                          gen, npgen)
+            for k, i in enumerate(group):
+                if all_v[i]:
+                    t = ts[i]
+                    lq, lv, inside = _all_v_levels(meas, batch, k, t, J[i], u[k], None if r2 is None else r2[k], m[k],
+                                                   logp[k], excl, o, opt.moves, gen, npgen)
+                    est = np.where(np.isnan(lq), 0.0, np.exp(logp[k].numpy() + np.nan_to_num(lq, nan=-np.inf)))
+                    n_in = sum(len(x) for x in inside)
+                    centre = torch.cat(inside).double().sum(0).numpy() if n_in else None
+                    if _DEBUG:
+                        print(f"  token {t} round {rnd}, against all V: levels {levels[k].tolist()} + {lv.tolist()} "
+                              f"est {np.log10(np.maximum(est, 1e-320)).round(2).tolist()} |J| {len(J[i])}")
+                    res[i] = (est, int((levels[k].numpy() + lv).max()), centre, o.particles)
             checks = [[] for _ in group]
             for c in range(max(1, o.final_checks)):
                 if c:  # decorrelate the final particles inside their J-cells, then check them again
                     u, r2, m = _final_sweep(batch, u, r2, m, logp, o.moves, o.core, o.mid, gen, npgen)
                 for k, i in enumerate(group):
+                    if all_v[i]:
+                        checks[k].append((None, [], {}, 0, 0))
+                        continue
                     checks[k].append(_check_final(
                         meas, batch, k, ts[i], u[k], None if r2 is None else r2[k], m[k], logp[k], excl, o, gen,
                         track=rnd + 1 < opt.rounds and len(J[i]) < opt.max_competitors))  # else counts go unused
             for k, i in enumerate(group):
+                if all_v[i]:  # its estimate is final
+                    continue
                 t = ts[i]
                 frac = np.mean([ch[0] for ch in checks[k]], axis=0)  # nan (not reached) in every check alike
                 inside = [x for ch in checks[k] for x in ch[1]]
@@ -982,7 +1114,8 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
                 res[i] = (est, int(levels[k].max()), centre, o.particles)
                 if rnd + 1 < opt.rounds and n_good < opt.rerun_below * n_checked:
                     grown = _grow(J[i], counts, excl[t], opt.max_competitors)
-                    if len(grown) > len(J[i]):
+                    all_v[i] = opt.all_v and n_checked > 0 and n_good == 0
+                    if len(grown) > len(J[i]) or all_v[i]:
                         J[i] = grown
                         again.append(i)
         todo = again
