@@ -909,13 +909,15 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
     and the estimate has nothing to stand on. Each replicate's particles inside the J-cell (uniform there)
     are cloned back to N and the levels go on, on the score
 
-        s(x) = l_t(x) − max_{j ∉ twins} L_j(x) + δ(x)   where the restricted margin is > 0, −inf elsewhere,
+        s(x) = l_t(x) − max_{j ∉ twins} L_j(x) + δ   where the restricted margin is > 0, −inf elsewhere,
 
-    L the checks' low-precision logits (:meth:`_Measure.logits_lp`), l_t float64 and δ(x) their error bound
-    (``e_lp·max size + c_lp·max |L|``): s is a deterministic function of x, so its level sets are nested, and
-    every point where t wins in exact arithmetic has s > 0. The last level's fraction is that of the points
-    that win as :meth:`_Measure.wins` decides. The chain runs on the full Gaussian z (pCN, the uniform law
-    on the output set, restricted to each level set by rejection).
+    L the checks' low-precision logits (:meth:`_Measure.logits_lp`), l_t float64 and δ the largest error of
+    any L_j: s is a deterministic function of x, so its level sets are nested, and every point where t wins
+    in exact arithmetic has s > 0. The last level's fraction is that of the points that win as
+    :meth:`_Measure.wins` decides. The chain runs on the full Gaussian z (pCN, the uniform law on the output
+    set, restricted to each level set by rejection). A proposal is read against J and the rows most often
+    strongest so far first, and against all V only where those leave it above the level (most refusals
+    cost |J| + 1024 rows instead of V).
 
     Returns per replicate (log of the J-cell's winning fraction, natural; nan where the replicate did not
     reach its J-cell; -inf where no point won), the levels it took, and the winning points."""
@@ -932,16 +934,45 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
     ex = torch.tensor(sorted(excl[t]), dtype=torch.long)
     es = meas.e_lp * meas.size_max
 
-    def score(z):
+    # δ: the largest |L_j − l_j| any row can have, e_lp·size_j + c_lp·|L_j| with |L_j| ≤ size_j(1 + e_lp)/(1 − c_lp)
+    delta = (es + meas.c_lp * meas.size_max * (1 + meas.e_lp) / (1 - meas.c_lp)) * 1.001
+    hits = torch.zeros(meas.keys_lp.shape[0])  # how often each row was the strongest competitor, in full
+
+    def candidates():
+        """J and the rows most often strongest so far (up to 1024 more), t and its twins left out: the rows a
+        proposal is read against first."""
+        ids = torch.unique(torch.cat([torch.from_numpy(np.asarray(J, dtype=np.int64)),
+                                      torch.topk(hits, min(1024, int((hits > 0).sum()))).indices]))
+        ids = ids[~torch.isin(ids, ex)]
+        return ids, meas.keys_lp[ids]
+
+    cset = [candidates()]
+
+    def score(z, thr=None):
+        """s at z [M, d]; with ``thr`` [M], exact wherever s > thr and some value ≤ thr elsewhere: the candidate
+        rows first (their maximum is at most all rows', so s over them is at least s), all V rows only where
+        that passes ``thr``."""
         x = meas.points(z)
-        gate = (x @ a1 + b1).amin(dim=1) > 0  # the J-cell, as the chain of the first levels saw it (float32)
-        L = meas.logits_lp(x).float()
-        L[:, ex] = -torch.inf
-        top = L.max(dim=1).values.double().numpy()
-        bot = torch.where(torch.isfinite(L), L, torch.zeros(())).amin(dim=1).double().numpy()
+        gate = ((x @ a1 + b1).amin(dim=1) > 0).numpy()  # the J-cell, as the chain of the first levels saw it
         lt = x.double().numpy() @ kt64 + bt64
-        s = lt - top + (es + meas.c_lp * np.maximum(np.abs(top), np.abs(bot))) * 1.001
-        s = np.where(gate.numpy(), s, -np.inf)
+        s = np.full(len(x), -np.inf)
+        need = gate.copy()
+        if thr is not None and need.any():
+            ids, kc = cset[0]
+            xa = torch.cat([x, torch.ones(len(x), 1)], dim=1).to(kc.dtype)
+            top_c = (xa @ kc.T).float().amax(dim=1).double().numpy()
+            # the two GEMMs round a row's logit differently, each within delta of the exact one: s over all
+            # rows is at most s_c + 2 delta, so a proposal is refused on the candidates only below that
+            s_c = lt - top_c + delta
+            s = np.where(gate, s_c, -np.inf)
+            need &= s_c + 2 * delta > thr
+        idx = np.flatnonzero(need)
+        if len(idx):
+            L = meas.logits_lp(x[torch.from_numpy(idx)]).float()
+            L[:, ex] = -torch.inf
+            top, arg = L.max(dim=1)
+            hits.index_add_(0, arg, torch.ones(len(arg)))
+            s[idx] = lt[idx] - top.double().numpy() + delta
         return torch.from_numpy(s), x
 
     n_keep = min(N - 1, max(1, int(round(opt.keep * N))))
@@ -962,6 +993,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
     levels = np.zeros(P, dtype=np.int64)
     act = np.ones(P, dtype=bool)
     while act.any():
+        cset[0] = candidates()
         a = torch.from_numpy(np.flatnonzero(act))
         za, sa, xa, ta, st = z[a], s[a], x[a], tau[a], step[a]
         # pCN moves of every particle, rejected where they leave {s > tau} (the J-cell included)
@@ -969,7 +1001,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
         acc = torch.zeros(len(a), dtype=torch.float64)
         for _ in range(moves):
             zp = torch.randn(za.shape, generator=gen).mul_(st.float()[:, None, None]).add_(za * rho)
-            sp, xp = score(zp.view(-1, za.shape[2]))
+            sp, xp = score(zp.view(-1, za.shape[2]), ta[:, None].expand(sa.shape).reshape(-1).numpy())
             sp, xp = sp.view(sa.shape), xp.view(xa.shape)
             ok = sp > ta[:, None]
             za, xa = torch.where(ok[..., None], zp, za), torch.where(ok[..., None], xp, xa)
