@@ -967,12 +967,13 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
             s = np.where(gate, s_c, -np.inf)
             need &= s_c + 2 * delta > thr
         idx = np.flatnonzero(need)
-        if len(idx):
-            L = meas.logits_lp(x[torch.from_numpy(idx)]).float()
+        for c in range(0, len(idx), 256):  # [256, V] logits at a time: 0.27 GB at V = 262144
+            ic = idx[c:c + 256]
+            L = meas.logits_lp(x[torch.from_numpy(ic)]).float()
             L[:, ex] = -torch.inf
             top, arg = L.max(dim=1)
             hits.index_add_(0, arg, torch.ones(len(arg)))
-            s[idx] = lt[idx] - top.double().numpy() + delta
+            s[ic] = lt[ic] - top.double().numpy() + delta
         return torch.from_numpy(s), x
 
     n_keep = min(N - 1, max(1, int(round(opt.keep * N))))
