@@ -974,6 +974,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
             top, arg = L.max(dim=1)
             hits.index_add_(0, arg, torch.ones(len(arg)))
             s[ic] = lt[ic] - top.double().numpy() + delta
+        s[np.isnan(s)] = -np.inf  # a non-finite logit is no evidence of anything: below every level
         return torch.from_numpy(s), x
 
     n_keep = min(N - 1, max(1, int(round(opt.keep * N))))
@@ -1021,7 +1022,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
                     wins.append(xa[q, cand][torch.from_numpy(good)])
                     n_good = int(good.sum())
                 logq[r] = logq[r] + math.log(n_good / N) if n_good else -math.inf
-            elif srt[q, -1] <= nxt[q] or logp[reps[r]] + logq[r] < floor:  # no progress possible: not reached
+            elif not srt[q, -1] > nxt[q] or logp[reps[r]] + logq[r] < floor:  # no progress possible: not reached
                 act[r] = False
                 logq[r] = -math.inf
             else:  # the next level: the particles at or below it replaced by clones of those above
