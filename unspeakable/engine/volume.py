@@ -903,7 +903,7 @@ def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, op
 
 
 def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m, logp, excl, opt: SplitOptions,
-                  moves: int, gen, npgen):
+                  moves: int, gen):
     """Splitting continued inside token k's J-cell, against all V rows: where few of the J-cell's points win
     (the rows outside J cut the cell where its mass lies), the final check's fraction is 0 in most replicates
     and the estimate has nothing to stand on. Each replicate's particles inside the J-cell (uniform there)
@@ -946,7 +946,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
         ids = ids[~torch.isin(ids, ex)]
         return ids, meas.keys_lp[ids]
 
-    cset = [candidates()]
+    cset = [None]  # (ids, their rows), chosen again at each level; the first scores (thr None) read all V
 
     def score(z, thr=None):
         """s at z [M, d]; with ``thr`` [M], exact wherever s > thr and some value ≤ thr elsewhere: the candidate
@@ -1110,7 +1110,7 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
                 if all_v[i]:
                     t = ts[i]
                     lq, lv, inside = _all_v_levels(meas, batch, k, t, J[i], u[k], None if r2 is None else r2[k], m[k],
-                                                   logp[k], excl, o, opt.moves, gen, npgen)
+                                                   logp[k], excl, o, opt.moves, gen)
                     est = np.where(np.isnan(lq), 0.0, np.exp(logp[k].numpy() + np.nan_to_num(lq, nan=-np.inf)))
                     n_in = sum(len(x) for x in inside)
                     centre = torch.cat(inside).double().sum(0).numpy() if n_in else None
