@@ -723,6 +723,13 @@ def test_low_precision_checks_decide_as_float64(norm):
         good, _ = meas.wins(x, t, [t])
         others = np.delete(L64, t, axis=1)
         assert np.array_equal(good, L64[:, t] > others.max(axis=1)), t
+        # read against candidate rows first: the strongest ones, random ones, none, the near twin 5 of 4 skipped;
+        # chunks of 64 so that the candidates grow between chunks
+        strongest = np.argsort(-others.max(axis=0))
+        for cand, skip in ((strongest[:30], ()), (rng.choice(V, 50, replace=False), (5,)), ((), ())):
+            g2, strong = meas.wins_staged(x, t, [t], cand, skip=skip, chunk=64, limit=40)
+            assert np.array_equal(g2, good), (t, len(cand))
+            assert not np.isin(strong, [t]).any()
     top = torch.topk(meas.logits_lp(x), 2, dim=1)
     arg = meas.argmax64(x, meas.logits_lp(x), meas.lower(top.values[:, 0].double().numpy(), top.indices[:, 0]))
     assert np.array_equal(arg.numpy(), np.argmax(L64, axis=1))

@@ -272,6 +272,46 @@ class _Measure:
         good[rest] = best < lt[rest]
         return good, L
 
+    def wins_staged(self, x, t: int, exclude, cand, skip=(), chunk: int = 128, limit: int = 2048):
+        """:meth:`wins` read against the candidate rows ``cand`` first: a point where some candidate's logit
+        surely beats t's (its low-precision logit less its bound above t's float64 logit) is lost without
+        reading the other rows; only the rest are checked against all V. The verdicts are :meth:`wins`'s (a
+        candidate that surely beats t is a row that float64 puts above t there). ``cand`` grows as it goes: the
+        strongest row of every point read in full (``skip``, t's restricted set, never: inside its cell those
+        rows are below t), up to ``limit`` rows. Returns per point whether t wins and its strongest competitor
+        found (among the candidates where they decided, over all rows elsewhere)."""
+        import torch
+
+        ex = set(int(j) for j in exclude) | set(int(j) for j in skip)
+        cand = [j for j in dict.fromkeys(int(j) for j in cand) if j not in ex][:limit]
+        have = set(cand)
+        good = np.zeros(len(x), dtype=bool)
+        strong = np.zeros(len(x), dtype=np.int64)
+        x64 = x.double().numpy()
+        lt = x64 @ self.keys64[t] + self.bias64[t]
+        slack = 1e-12 * (float(self.size_lp[t]) + 1e-300)
+        for c in range(0, len(x), chunk):
+            sl = slice(c, min(c + chunk, len(x)))
+            rest = np.arange(sl.start, sl.stop)
+            if cand:
+                ids = torch.tensor(cand, dtype=torch.long)
+                xa = torch.cat([x[sl], torch.ones(sl.stop - sl.start, 1)], dim=1).to(self.keys_lp.dtype)
+                top, arg = (xa @ self.keys_lp[ids].T).float().max(dim=1)
+                rows = ids[arg].numpy()
+                lost = self.lower(top.double().numpy(), rows) > lt[sl] + slack  # NaN: not lost
+                strong[sl] = rows
+                rest = rest[~lost]
+            if not len(rest):
+                continue
+            g, L = self.wins(x[torch.from_numpy(rest)], t, exclude)
+            good[rest] = g
+            strong[rest] = L.argmax(dim=1).numpy()
+            for j in strong[rest].tolist():
+                if j not in ex and j not in have and len(cand) < limit:
+                    cand.append(j)
+                    have.add(j)
+        return good, strong
+
     def argmax64(self, x, L, lo):
         """Per point x [B, d] the argmax of the float64 logits (the first maximum, like torch), over the rows
         whose low-precision logit ``L`` [B, V] may reach ``lo`` [B] (float64: a value some row surely reaches)."""
@@ -872,11 +912,13 @@ def _final_sweep(batch, u, r2, m, logp, moves: int, core: int, mid: int, gen, np
 
 
 def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, opt: SplitOptions, gen,
-                 track: bool = True):
+                 track: bool = True, seen: dict | None = None, J=()):
     """Token k's final particles (the first ``opt.check`` above 0 in each replicate) re-scored against all V
-    rows in one GEMM. Returns (per replicate the fraction that truly wins, nan where the replicate did not
-    reach its cell; the winning points; how often each row is among the ``opt.track`` strongest competitors
-    at a checked point; points checked; points that win)."""
+    rows. Returns (per replicate the fraction that truly wins, nan where the replicate did not reach its cell;
+    the winning points; with ``track``, how often each row is among the ``opt.track`` strongest competitors at a
+    checked point; points checked; points that win). Without ``track``, and with ``seen`` (how often each row
+    was a strong competitor of t so far), the points are read against those rows first
+    (:meth:`_Measure.wins_staged`; the verdicts are the same) and ``seen`` counts their strongest rows."""
     import torch
 
     R = logp.shape[0]
@@ -889,7 +931,14 @@ def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, op
     rr = torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in enumerate(sizes)])
     pp = torch.cat(pos)
     x = batch.points(k, u[rr, pp], None if r2 is None else r2[rr, pp], gen)
-    good, L = meas.wins(x, t, excl[t])
+    if not track and seen is not None:
+        cand = sorted(seen, key=lambda j: (-seen[j], j))
+        good, strong = meas.wins_staged(x, t, excl[t], cand, skip=J)
+        for j in strong.tolist():
+            seen[j] = seen.get(j, 0) + 1
+        L = None
+    else:
+        good, L = meas.wins(x, t, excl[t])
     start = 0
     for r, n in enumerate(sizes):
         if n:
@@ -899,6 +948,9 @@ def _check_final(meas: _Measure, batch, k: int, t: int, u, r2, m, logp, excl, op
     counts: dict[int, int] = {}
     for j in top:
         counts[j] = counts.get(j, 0) + 1
+    if seen is not None:
+        for j, n in counts.items():
+            seen[j] = seen.get(j, 0) + n
     return frac, [x[torch.from_numpy(good)]], counts, len(good), int(good.sum())
 
 
@@ -1074,6 +1126,9 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
     # levels against all V after the J-cell's, decided before a round from the round before (independent of
     # it), so that the choice does not depend on the estimate it changes
     all_v = [False] * len(ts)
+    # per token, how often each row was a strong competitor at a checked point: the rows the next checks read
+    # first (the rows that cut a J-cell where its mass lies stay much the same from one check to the next)
+    seen: list[dict] = [{} for _ in ts]
     if opt.pilot_particles:
         pil = SplitOptions(**{**opt.__dict__, "particles": opt.pilot_particles, "replicates": opt.pilot_replicates,
                               "moves": opt.pilot_moves})
@@ -1085,7 +1140,8 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
             deep[k] = int(levels[k].max()) > opt.deep_levels
             if grow and len(J[k]) >= opt.competitors:
                 _, _, counts, n_checked, n_good = _check_final(
-                    meas, batch, k, t, u[k], None if r2 is None else r2[k], m[k], logp[k], excl, pil, gen)
+                    meas, batch, k, t, u[k], None if r2 is None else r2[k], m[k], logp[k], excl, pil, gen,
+                    seen=seen[k])
                 if _DEBUG:
                     print(f"  token {t} pilot: q {n_good}/{n_checked} |J| {len(J[k])} levels {int(levels[k].max())}")
                 if n_good < opt.rerun_below * n_checked:  # else J already bounds the cell: a larger one costs
@@ -1128,7 +1184,8 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
                         continue
                     checks[k].append(_check_final(
                         meas, batch, k, ts[i], u[k], None if r2 is None else r2[k], m[k], logp[k], excl, o, gen,
-                        track=rnd + 1 < opt.rounds and len(J[i]) < opt.max_competitors))  # else counts go unused
+                        track=rnd + 1 < opt.rounds and len(J[i]) < opt.max_competitors,  # else counts go unused
+                        seen=seen[i], J=J[i]))
             for k, i in enumerate(group):
                 if all_v[i]:  # its estimate is final
                     continue
