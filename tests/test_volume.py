@@ -750,3 +750,72 @@ def test_a_listed_twin_whose_group_leader_is_not_listed():
     p = np.mean(np.argmax(z @ np.delete(rows, [7, 9], axis=0).T, axis=1) == 3) / 3
     assert contains(tv, math.log10(p), slack=0.02)
     assert below(tv, math.log10(p) + 0.02)
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_a_huge_row_does_not_drown_the_others(norm):
+    """One row (and its twin) 1e30 times the others puts the keys' centre (the mean row) at ~1e27: float64 keys
+    ``rows − centre`` keep nothing of the ordinary rows' differences (the plain pass gave token 0 half the
+    sphere, 10^-0.30 with a tight interval; the splitting's basis dropped every ordinary direction). The checks
+    read the rows themselves and allow for the keys' rounding: every point ``wins`` calls won is won by the head
+    as given (its rows' float64 logits), with and without the outlier; the estimates' intervals hold a brute
+    force over the rows (the twins take about half of the sphere)."""
+    import torch
+
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(3)
+    V, d = 300, 16
+    W = rng.standard_normal((d, V))
+    b = rng.normal(0, 0.5, V)
+    W[:, 9] *= 1e30
+    W[:, 10] = W[:, 9]
+    for scale in (1.0, 1e30):
+        W2 = W.copy()
+        W2[:, 9:11] /= 1e30 / scale
+        head = head_from_arrays(W2, b, norm=norm)
+        problem = fold(head)
+        meas = vol._Measure(problem, problem.keys)
+        x = meas.points(torch.randn(400, d, generator=torch.Generator().manual_seed(1)))
+        rows = np.asarray(problem.rows, dtype=np.float64)
+        xc = x.double().numpy()
+        xc = xc - xc.mean(axis=1, keepdims=True) if meas.centred else xc
+        L = xc @ rows.T + problem.bias  # the head's own logits (up to one common shift)
+        for t in (0, 3, int(np.argmax(L[0]))):
+            ex = [9, 10] if t in (9, 10) else [t]  # a token and its twin
+            good, _ = meas.wins(x, t, ex)
+            truth = L[:, t] > np.delete(L, ex, axis=1).max(axis=1)
+            assert np.array_equal(good, truth), (scale, t)
+            staged, _ = meas.wins_staged(x, t, ex, list(range(V)), chunk=64)
+            assert np.array_equal(staged, good)
+        assert not meas.ambiguous
+    # the outlier head: brute force over the rows (float64: the ordinary rows' logits exact to ~1e-15)
+    g = np.random.default_rng(7)
+    counts = np.zeros(V)
+    for _ in range(10):
+        z = g.standard_normal((100_000, d))
+        z = z - z.mean(axis=1, keepdims=True) if meas.centred else z
+        xb = meas.R * z / np.linalg.norm(z, axis=1, keepdims=True)
+        counts += np.bincount((xb @ rows.T + problem.bias).argmax(axis=1), minlength=V)
+    assert 0.48 < (counts[9] + counts[10]) / 1e6 < 0.52
+    rep = vol.volume(head, tokens=[0, 3, 5], samples=200_000, seed=0, lower_bound=False)
+    for tv in rep.tokens:
+        truth = math.log10(counts[tv.id] / 1e6)
+        lo, hi = tv.log10_share_ci
+        assert lo - 0.1 <= truth <= hi + 0.1, (tv.id, truth, tv.log10_share_ci, tv.method)
+        assert tv.note is None
+
+
+def test_rows_closer_than_their_rounding_are_noted():
+    """Two rows one ulp apart, scaled by a float64 gain (the fold's product may round by more than their
+    difference): where one of them is the first maximum the head does not say which; those points are counted
+    for the first maximum in the plain pass, as lost in the checks, and the report says so."""
+    rng = np.random.default_rng(4)
+    V, d = 40, 6
+    W = rng.standard_normal((d, V))
+    W[:, 1] = np.nextafter(W[:, 0], np.inf)
+    head = head_from_arrays(W, None, rng.uniform(0.5, 2.0, d), None, "rmsnorm", "ulp-apart")
+    rep = vol.volume(head, tokens=[0, 1, 5], samples=20_000, seed=0, lower_bound=False)
+    by = {tv.id: tv for tv in rep.tokens}
+    assert by[0].note and "rounding of a tie" in by[0].note
+    assert by[5].note is None or "rounding of a tie" not in by[5].note

@@ -196,7 +196,7 @@ class _Measure:
     leaves N(0, I) invariant, hence the uniform law on the output set, hence its restriction to any level
     set when moves that leave the set are rejected."""
 
-    def __init__(self, problem, keys: np.ndarray):
+    def __init__(self, problem, keys: np.ndarray, rows_err: bool = True, bias_err: np.ndarray | None = None):
         import torch
 
         self.problem = problem
@@ -230,6 +230,30 @@ class _Measure:
         self.size_lp = torch.from_numpy((xmax * norms + np.abs(problem.bias)).astype(np.float32) * np.float32(1 + 1e-6))
         self.size_max = float(self.size_lp.max())
         self.keys_lp = torch.cat([self.keys, self.bias[:, None]], dim=1).to(low)
+        # The float64 logits k̃_j·x + b̃_j (keys64 = P(rows − centre), rounded) differ from the head's own, less
+        # the common centre·x, by at most key_err[j] anywhere on the output set: the keys' rounding (the
+        # difference and the projection: ≤ 4(d+2)u(‖r_j‖ + ‖centre‖) in 2-norm), the fold's rounding of the rows
+        # (2u‖r_j‖ where γ ⊙ u may round) and of the bias (``bias_err``), and the float64 dot product's own
+        # (≤ γ_d·size_j, taken as 1e-12·size_j). A head whose centre is huge against the rows' differences
+        # (one row 1e30 times the others) makes it large: the stages that read the keys then decide little,
+        # and the exact stage, which reads the rows, decides the rest.
+        rn = row_norms(problem.rows)
+        cn = float(np.linalg.norm(problem.center)) if getattr(problem, "center", None) is not None else 0.0
+        err = xmax * (4 * (self.d + 2) * U * (rn + cn) + (2 * U * rn if rows_err else 0.0))
+        err = err + 1e-12 * (xmax * norms + np.abs(problem.bias))
+        if bias_err is not None:
+            err = err + bias_err
+        self.key_err = err * 1.01
+        self.key_err[~np.isfinite(self.key_err)] = np.inf
+        self.err_max = float(self.key_err.max()) if len(self.key_err) else 0.0
+        # the exact stage reads the rows themselves (no centre: ``r_j·x + b̃_j``, the head's logits up to the
+        # same x·centre for every row), within row_err[j] of the head's own
+        rerr = xmax * (2 * U * rn if rows_err else 0.0) + 1e-12 * (xmax * rn + np.abs(problem.bias))
+        if bias_err is not None:
+            rerr = rerr + bias_err
+        self.row_err = rerr * 1.01
+        self.row_err[~np.isfinite(self.row_err)] = np.inf
+        self.ambiguous: dict[int, int] = {}  # per token, points within row_err of a tie (wins: lost; plain: its)
 
     def lower(self, L, j):
         """A float64 lower bound of the exact logit of rows j [B] whose low-precision logits are L [B] (float64)."""
@@ -256,20 +280,33 @@ class _Measure:
         x64 = x.double().numpy()
         kt = self.keys64[t]
         lt = x64 @ kt + self.bias64[t]
-        slack = 1e-12 * (float(self.size_lp[t]) + 1e-300)  # lt's own float64 rounding, generously
+        slack = float(self.key_err[t])  # lt against the head's own logit (key_err), its float64 rounding included
         top, arg = L.max(dim=1)
         top = top.double().numpy()
-        lost = self.lower(top, arg) > lt + slack
+        lost = self.lower(top, arg) - self.key_err[arg.numpy()] > lt + slack
         good = np.zeros(len(x64), dtype=bool)
         rest = np.nonzero(~lost)[0]
         if not len(rest):
             return good, L
-        ii, jj = self._reach(L[torch.from_numpy(rest)], lt[rest] - slack)
-        best = np.full(len(rest), -np.inf)
+        ii, jj = self._reach(L[torch.from_numpy(rest)], lt[rest] - slack - self.err_max)
+        # the rows that may reach t, in float64 from the rows themselves (the point as the keys see it: projected
+        # onto the centred subspace), each within row_err of the head's own logit
+        xr = x64[rest]
+        if self.centred:
+            xr = xr - xr.mean(axis=1, keepdims=True)
+        rows = self.problem.rows
+        er_t = float(self.row_err[t])
+        lt_r = xr @ np.asarray(rows[t], dtype=np.float64) + self.bias64[t]
+        best = np.full(len(rest), -np.inf)  # the largest upper bound of a competitor's exact logit
+        beats = np.zeros(len(rest), dtype=bool)  # some competitor surely above t
         if len(ii):
-            l64 = np.einsum("ij,ij->i", x64[rest][ii], self.keys64[jj]) + self.bias64[jj]
-            np.maximum.at(best, ii, l64)
-        good[rest] = best < lt[rest]
+            l64 = np.einsum("ij,ij->i", xr[ii], np.asarray(rows[jj], dtype=np.float64)) + self.bias64[jj]
+            np.maximum.at(best, ii, l64 + self.row_err[jj])
+            np.logical_or.at(beats, ii, l64 - self.row_err[jj] > lt_r[ii] + er_t)
+        good[rest] = best < lt_r - er_t
+        amb = int((~good[rest] & ~beats).sum())
+        if amb:
+            self.ambiguous[t] = self.ambiguous.get(t, 0) + amb
         return good, L
 
     def wins_staged(self, x, t: int, exclude, cand, skip=(), chunk: int = 128, limit: int = 2048):
@@ -289,7 +326,7 @@ class _Measure:
         strong = np.zeros(len(x), dtype=np.int64)
         x64 = x.double().numpy()
         lt = x64 @ self.keys64[t] + self.bias64[t]
-        slack = 1e-12 * (float(self.size_lp[t]) + 1e-300)
+        slack = float(self.key_err[t])
         for c in range(0, len(x), chunk):
             sl = slice(c, min(c + chunk, len(x)))
             rest = np.arange(sl.start, sl.stop)
@@ -298,7 +335,7 @@ class _Measure:
                 xa = torch.cat([x[sl], torch.ones(sl.stop - sl.start, 1)], dim=1).to(self.keys_lp.dtype)
                 top, arg = (xa @ self.keys_lp[ids].T).float().max(dim=1)
                 rows = ids[arg].numpy()
-                lost = self.lower(top.double().numpy(), rows) > lt[sl] + slack  # NaN: not lost
+                lost = self.lower(top.double().numpy(), rows) - self.key_err[rows] > lt[sl] + slack  # NaN: not lost
                 strong[sl] = rows
                 rest = rest[~lost]
             if not len(rest):
@@ -318,11 +355,23 @@ class _Measure:
         import torch
 
         ii, jj = self._reach(L, lo)
-        l64 = np.einsum("ij,ij->i", x.double().numpy()[ii], self.keys64[jj]) + self.bias64[jj]
+        xr = x.double().numpy()
+        if self.centred:  # the point as the keys see it
+            xr = xr - xr.mean(axis=1, keepdims=True)
+        l64 = np.einsum("ij,ij->i", xr[ii], np.asarray(self.problem.rows[jj], dtype=np.float64)) + self.bias64[jj]
         order = np.lexsort((jj, -l64, ii))  # per point: the largest logit, then the lowest id
         first = np.r_[True, ii[order][1:] != ii[order][:-1]]
         arg = np.empty(len(lo), dtype=np.int64)
         arg[ii[order][first]] = jj[order][first]
+        # a point is ambiguous where another row (not an exact tie: twins are the caller's) comes within the
+        # rows' allowances of the first maximum; it is counted for the first maximum and noted
+        top = np.full(len(lo), -np.inf)
+        top[ii[order][first]] = l64[order][first]
+        floor = top - self.row_err[arg]
+        amb = np.zeros(len(lo), dtype=bool)
+        np.logical_or.at(amb, ii, (jj != arg[ii]) & (l64 != top[ii]) & (l64 + self.row_err[jj] >= floor[ii]))
+        for t in arg[amb].tolist():
+            self.ambiguous[t] = self.ambiguous.get(t, 0) + 1
         return torch.from_numpy(arg)
 
     def _reach(self, L, thr):
@@ -397,11 +446,13 @@ def _plain_pass(meas: _Measure, samples: int, seed: int, chunk: int = 4096):
         top = torch.topk(L, 2, dim=1)
         w = top.indices[:, 0].clone()
         v1, v2 = (top.values[:, k].double().numpy() for k in (0, 1))
-        lo1 = meas.lower(v1, w)  # the winner surely reaches this; every other row stays below hi2
-        hi2 = v2 + meas.c_lp * np.abs(v2) + meas.e_lp * meas.size_max
+        # the winner's exact logit surely reaches lo1 (its keys' logit less both allowances); every other
+        # row's stays below hi2
+        lo1 = meas.lower(v1, w) - meas.key_err[w.numpy()]
+        hi2 = v2 + meas.c_lp * np.abs(v2) + meas.e_lp * meas.size_max + meas.err_max
         near = np.nonzero(~(lo1 > hi2))[0]
-        if len(near):  # not decided in low precision: float64 over the rows that may reach lo1
-            w[near] = meas.argmax64(x[near], L[near], lo1[near])
+        if len(near):  # not decided in low precision: float64 over the rows whose keys' logit may reach lo1
+            w[near] = meas.argmax64(x[near], L[near], lo1[near] - meas.err_max)
         counts += torch.bincount(w, minlength=V)
         sums.index_add_(0, w, x.double())
         done += b
@@ -538,7 +589,10 @@ class _Batch:
         for t, j in zip(ts, J):
             j = np.asarray(j, dtype=np.int64)
             # differences in float64, then rounded: near-identical rows keep their small difference exactly
-            a = (meas.keys64[t][None, :] - meas.keys64[j]).T  # [d, K_t]
+            # from the rows (keys64 = P(rows − centre) rounds away the rows' differences where the centre is
+            # large against them): the same vectors, centred below
+            rows = meas.problem.rows
+            a = (np.asarray(rows[t], dtype=np.float64)[None, :] - np.asarray(rows[j], dtype=np.float64)).T  # [d, K_t]
             if meas.centred:
                 a = a - a.mean(axis=0, keepdims=True)
             diffs.append((a, meas.bias64[t] - meas.bias64[j]))
@@ -554,11 +608,14 @@ class _Batch:
         self.Q = []
         ranks = []
         for a, _ in diffs:
-            q = _whole_subspace(meas, a)
+            # the basis of span{a_j} from unit columns: the rank tests are relative to the largest column, and
+            # one row 1e30 times the others would otherwise leave every ordinary direction below them
+            an = a / np.maximum(np.linalg.norm(a, axis=0, keepdims=True), 1e-300)
+            q = _whole_subspace(meas, an)
             if q is None:
                 # pivoted: without pivoting, diag(R) of a wide a (|J| > d) sees only its first d columns, and a
                 # direction spanned only by later columns would be dropped from the basis
-                q, r, _ = scipy.linalg.qr(a, mode="economic", pivoting=True)
+                q, r, _ = scipy.linalg.qr(an, mode="economic", pivoting=True)
                 dg = np.abs(np.diag(r))
                 q = q[:, dg > 1e-12 * max(float(dg.max(initial=0.0)), 1e-300)]
             self.Q.append(q)
@@ -981,13 +1038,17 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
     if not reps:
         return out, lev, wins
     kt64, bt64 = meas.keys64[t], float(meas.bias64[t])
-    a1 = torch.from_numpy((kt64[None, :] - meas.keys64[J]).T.astype(np.float32))  # [d, |J|]
+    rows = meas.problem.rows  # the J-cell from the rows, as the chain's (_Batch) differences
+    a1 = torch.from_numpy((np.asarray(rows[t], dtype=np.float64)[None, :]
+                           - np.asarray(rows[np.asarray(J, dtype=np.int64)], dtype=np.float64)).T.astype(np.float32))
     b1 = torch.from_numpy((bt64 - meas.bias64[J]).astype(np.float32))
     ex = torch.tensor(sorted(excl[t]), dtype=torch.long)
     es = meas.e_lp * meas.size_max
 
     # δ: the largest |L_j − l_j| any row can have, e_lp·size_j + c_lp·|L_j| with |L_j| ≤ size_j(1 + e_lp)/(1 − c_lp)
-    delta = (es + meas.c_lp * meas.size_max * (1 + meas.e_lp) / (1 - meas.c_lp)) * 1.001
+    # plus the float64 logits' own distance to the head's (key_err: t's and the largest competitor's)
+    delta = (es + meas.c_lp * meas.size_max * (1 + meas.e_lp) / (1 - meas.c_lp)) * 1.001 \
+        + float(meas.key_err[t]) + meas.err_max
     hits = torch.zeros(meas.keys_lp.shape[0])  # how often each row was the strongest competitor, in full
 
     def candidates():
@@ -1670,7 +1731,8 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
             raise InputError("samples 0 leaves the tokens outside detailed with no estimate; sample, or detail all")
     say = progress or (lambda msg: None)
     timings = {"load_fold": time.perf_counter() - t_start}
-    meas = _Measure(problem, problem.keys)
+    rows_err = _rows_rounded(head)
+    meas = _Measure(problem, problem.keys, rows_err, _bias_error(head, problem, problem.bias_used))
     groups = _tie_groups(problem)
     # the rows each token is not compared with (itself and its twins), for every member of a listed token's
     # group: the splitting and the bound run on a group's first member, which need not be listed itself
@@ -1704,7 +1766,6 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
 
     results: dict[int, TokenVolume] = {}
     bias_err = _bias_error(head, problem, problem.bias_used) if lower_bound else None
-    rows_err = _rows_rounded(head)
 
     # ---- proofs of share 0: one competitor's half-space misses the sphere (sphere domains)
     zero = set()
@@ -1835,13 +1896,20 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
                              len(est) * n_part, per, levels=levels, tie_with=tie_with)
             if not math.isfinite(mean):
                 tv.log10_share = None
-                tv.note = "no replicate reached t's cell: the share may be 0 (or below what this run resolves)"
+                tv.note = ((tv.note + "; ") if tv.note else "") + \
+                    "no replicate reached t's cell: the share may be 0 (or below what this run resolves)"
                 tv.log10_share_ci = (None, _upper_from_plain(int(group_counts[t] * k), samples, confidence, k))
         else:
             hits = int(round(group_counts[t] * k))
             lo, hi = _clopper_pearson(hits, samples, confidence)
             tv = TokenVolume(t, text, _log10(hits / samples / k), (_log10(lo / k), _log10(hi / k)), None, None,
                              "sampling" if k == 1 else "tie", samples, per_plain, hits=hits, tie_with=tie_with)
+        amb = meas.ambiguous.get(rep_t, 0)
+        if amb:
+            tv.note = (f"{amb} points lie within the float64 logits' rounding of a tie with another row (the head's "
+                       "logits differ by less than its rows' and bias's rounding can change): counted for the first "
+                       "maximum in the plain pass and as not won in the checks, so the estimate is uncertain beyond "
+                       "its interval" + ("; " + tv.note if tv.note else ""))
         th = thetas.get(rep_t, 0.0) if t in detail else 0.0
         if th > 0:
             angle = math.degrees(th) * (1 - 1e-12)
