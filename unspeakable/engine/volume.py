@@ -255,9 +255,23 @@ class _Measure:
         self.row_err[~np.isfinite(self.row_err)] = np.inf
         self.ambiguous: dict[int, int] = {}  # per token, points within row_err of a tie (wins: lost; plain: its)
 
+    def diffs(self, t: int, j) -> np.ndarray:
+        """``r_t − r_j`` [d, K] for rows j, in float64 from the rows (not keys64 = P(rows − centre), which rounds
+        away the rows' differences where the centre is large against them), centred on centred domains."""
+        rows = self.problem.rows
+        a = (np.asarray(rows[t], dtype=np.float64)[None, :]
+             - np.asarray(rows[np.asarray(j, dtype=np.int64)], dtype=np.float64)).T
+        return a - a.mean(axis=0, keepdims=True) if self.centred else a
+
     def lower(self, L, j):
         """A float64 lower bound of the exact logit of rows j [B] whose low-precision logits are L [B] (float64)."""
         return L - (self.size_lp[j].double().numpy() * self.e_lp + self.c_lp * np.abs(L))
+
+    def surely_above(self, L, j, lt, t: int) -> np.ndarray:
+        """Where row j [B] (low-precision logit L [B], float64) surely beats t (keys' float64 logit lt [B]) in
+        the head as given: both allowances of the keys' rounding included; NaN: no."""
+        j = np.asarray(j)
+        return self.lower(L, j) - self.key_err[j] > lt + float(self.key_err[t])
 
     def logits_lp(self, x):
         """Logits of all V rows at points x [B, d] in the checks' low precision (:attr:`keys_lp`), bias included."""
@@ -282,8 +296,7 @@ class _Measure:
         lt = x64 @ kt + self.bias64[t]
         slack = float(self.key_err[t])  # lt against the head's own logit (key_err), its float64 rounding included
         top, arg = L.max(dim=1)
-        top = top.double().numpy()
-        lost = self.lower(top, arg) - self.key_err[arg.numpy()] > lt + slack
+        lost = self.surely_above(top.double().numpy(), arg.numpy(), lt, t)
         good = np.zeros(len(x64), dtype=bool)
         rest = np.nonzero(~lost)[0]
         if not len(rest):
@@ -326,7 +339,6 @@ class _Measure:
         strong = np.zeros(len(x), dtype=np.int64)
         x64 = x.double().numpy()
         lt = x64 @ self.keys64[t] + self.bias64[t]
-        slack = float(self.key_err[t])
         for c in range(0, len(x), chunk):
             sl = slice(c, min(c + chunk, len(x)))
             rest = np.arange(sl.start, sl.stop)
@@ -335,7 +347,7 @@ class _Measure:
                 xa = torch.cat([x[sl], torch.ones(sl.stop - sl.start, 1)], dim=1).to(self.keys_lp.dtype)
                 top, arg = (xa @ self.keys_lp[ids].T).float().max(dim=1)
                 rows = ids[arg].numpy()
-                lost = self.lower(top.double().numpy(), rows) - self.key_err[rows] > lt[sl] + slack  # NaN: not lost
+                lost = self.surely_above(top.double().numpy(), rows, lt[sl], t)
                 strong[sl] = rows
                 rest = rest[~lost]
             if not len(rest):
@@ -589,12 +601,7 @@ class _Batch:
         for t, j in zip(ts, J):
             j = np.asarray(j, dtype=np.int64)
             # differences in float64, then rounded: near-identical rows keep their small difference exactly
-            # from the rows (keys64 = P(rows − centre) rounds away the rows' differences where the centre is
-            # large against them): the same vectors, centred below
-            rows = meas.problem.rows
-            a = (np.asarray(rows[t], dtype=np.float64)[None, :] - np.asarray(rows[j], dtype=np.float64)).T  # [d, K_t]
-            if meas.centred:
-                a = a - a.mean(axis=0, keepdims=True)
+            a = meas.diffs(t, j)  # [d, K_t]
             diffs.append((a, meas.bias64[t] - meas.bias64[j]))
         self.B = torch.full((self.T, K), torch.inf)
         for i, (_, b) in enumerate(diffs):
@@ -1038,9 +1045,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
     if not reps:
         return out, lev, wins
     kt64, bt64 = meas.keys64[t], float(meas.bias64[t])
-    rows = meas.problem.rows  # the J-cell from the rows, as the chain's (_Batch) differences
-    a1 = torch.from_numpy((np.asarray(rows[t], dtype=np.float64)[None, :]
-                           - np.asarray(rows[np.asarray(J, dtype=np.int64)], dtype=np.float64)).T.astype(np.float32))
+    a1 = torch.from_numpy(meas.diffs(t, J).astype(np.float32))  # the J-cell, as the chain's (_Batch) differences
     b1 = torch.from_numpy((bt64 - meas.bias64[J]).astype(np.float32))
     ex = torch.tensor(sorted(excl[t]), dtype=torch.long)
     es = meas.e_lp * meas.size_max
@@ -1732,7 +1737,8 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
     say = progress or (lambda msg: None)
     timings = {"load_fold": time.perf_counter() - t_start}
     rows_err = _rows_rounded(head)
-    meas = _Measure(problem, problem.keys, rows_err, _bias_error(head, problem, problem.bias_used))
+    fold_bias_err = _bias_error(head, problem, problem.bias_used)  # the checks' allowance; the caps' below
+    meas = _Measure(problem, problem.keys, rows_err, fold_bias_err)
     groups = _tie_groups(problem)
     # the rows each token is not compared with (itself and its twins), for every member of a listed token's
     # group: the splitting and the bound run on a group's first member, which need not be listed itself
@@ -1765,7 +1771,7 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
     per_plain = timings["sampling"] / V
 
     results: dict[int, TokenVolume] = {}
-    bias_err = _bias_error(head, problem, problem.bias_used) if lower_bound else None
+    bias_err = fold_bias_err if lower_bound else None
 
     # ---- proofs of share 0: one competitor's half-space misses the sphere (sphere domains)
     zero = set()
@@ -1896,8 +1902,7 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
                              len(est) * n_part, per, levels=levels, tie_with=tie_with)
             if not math.isfinite(mean):
                 tv.log10_share = None
-                tv.note = ((tv.note + "; ") if tv.note else "") + \
-                    "no replicate reached t's cell: the share may be 0 (or below what this run resolves)"
+                tv.note = "no replicate reached t's cell: the share may be 0 (or below what this run resolves)"
                 tv.log10_share_ci = (None, _upper_from_plain(int(group_counts[t] * k), samples, confidence, k))
         else:
             hits = int(round(group_counts[t] * k))
