@@ -320,7 +320,7 @@ def test_scan_and_volume_never_build_derived_rows_whole(monkeypatch, norm, domai
     screens recompute rows beyond float32's range over all V: their tiles too)."""
     import unspeakable
 
-    head = _head(V=1100, d=12, seed=3, norm=norm, bias=True, scale=scale)
+    head = _head(V=1100, d=24, seed=3, norm=norm, bias=True, scale=scale)
     ref = scan_head(head, domain=domain)
 
     _refuse_whole(monkeypatch)
@@ -419,7 +419,7 @@ def test_scan_with_derived_keys_is_the_same_scan(monkeypatch, norm, domain, bias
     margins, witness point, certificate, tie) as with the keys held, with the whole-array paths of derived
     rows and keys disabled (every stage reads them by chunks and gathers). ``const``: a head with no bias,
     whose working problem is the cone of the keys (rows and keys both derived)."""
-    head = _head(V=1100, d=12, seed=9, norm=norm, bias=bias)
+    head = _head(V=1100, d=24, seed=9, norm=norm, bias=bias)
     if const:  # planted interior and duplicate rows: ties, the LP and zero margins
         W = np.array(head.W_U)
         W[:, 10] = 0.5 * (W[:, 3] + W[:, 4])

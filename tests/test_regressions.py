@@ -946,3 +946,25 @@ def test_18_audit_rejects_tampered_exact_weights():
             # (and every other competitor of these tiny heads proves the claim too), so weights of 0
             cert["weights_exact"] = ["1/7"] * (n - 1) + ["6/7"] if n > 1 else ["0/1"]
             assert not unspeakable.audit(bad, head).ok, (domain, t["id"], cert)
+
+
+def test_hunt_exact_arithmetic_past_the_float_range():
+    """Found scanning a head ×1e18 in d = 24: the exact certificate's integer null-space basis passed float64's
+    range and ``float()`` of it raised OverflowError out of the scan; the ball's rational square root went
+    through ``float(n2)`` too (overflow, or an endless loop where n2 > 0 underflowed to 0.0). The null-space
+    combination must come back exact (in the span, >= 0, summing to 1) and the root an upper bound within
+    2^-58 of the truth, whatever the magnitudes."""
+    from fractions import Fraction as Q
+
+    from unspeakable.engine.exact import _pick_nonnegative, _sqrt_up
+
+    big = Q(10) ** 400
+    b1, b2 = [big, 2 * big, 3 * big], [Q(1), Q(3), Q(-1)]
+    w = _pick_nonnegative([[x, y] for x, y in zip(b1, b2)], np.array([1.0, 2.0, 3.0]) / 6, None)
+    assert w is not None and all(v >= 0 for v in w) and sum(w) == 1
+    det = (b1[0] * (b2[1] * w[2] - b2[2] * w[1]) - b1[1] * (b2[0] * w[2] - b2[2] * w[0])
+           + b1[2] * (b2[0] * w[1] - b2[1] * w[0]))
+    assert det == 0  # w is a combination of the two basis columns
+    for q in (Q(1), Q(2), Q(1, 3), Q(10) ** 700 / 7, Q(1, 10**700), Q(10**20 + 1, 10**20), Q(0)):
+        r = _sqrt_up(q)
+        assert r * r >= q and (q == 0 or r * r / q - 1 < Q(1, 2**58))

@@ -136,11 +136,14 @@ def _pick_nonnegative(basis: list[list[Fraction]], lam: np.ndarray, deadline) ->
     if k == 1:
         w = [row[0] for row in basis]
     else:
-        B = np.array([[float(v) for v in row] for row in basis])
-        scale = np.max(np.abs(B), axis=0)
-        scale[scale == 0] = 1.0
-        coef, *_ = np.linalg.lstsq(B / scale, lam, rcond=None)
-        c = [Fraction(float(coef[j] / scale[j])) for j in range(k)]
+        # each column over its largest entry, exactly, before any float: the integer basis can pass float64's
+        # range (a head near the float limits), and a column read as inf or 0 is no match of anything
+        scale = [max(abs(row[j]) for row in basis) or Fraction(1) for j in range(k)]
+        B = np.array([[float(row[j] / scale[j]) for j in range(k)] for row in basis])
+        coef, *_ = np.linalg.lstsq(B, lam, rcond=None)
+        if not np.all(np.isfinite(coef)):
+            return None
+        c = [Fraction(float(coef[j])) / scale[j] for j in range(k)]
         w = [sum((row[j] * c[j] for j in range(k)), Fraction(0)) for row in basis]
     if all(v <= 0 for v in w):
         w = [-v for v in w]
@@ -180,10 +183,17 @@ def deficit_sign(problem, r: list[Fraction], c0: Fraction) -> tuple[int, float]:
     n2 = sum((v * v for v in r), Fraction(0))
     s2 = rad * rad * n2
     sign = 1 if c0 > 0 and c0 * c0 > s2 else 0 if c0 >= 0 and c0 * c0 == s2 else -1
-    root = Fraction(math.sqrt(float(n2))) * (1 + Fraction(1, 2**40)) if n2 else Fraction(0)
-    while root * root < n2:
-        root *= 1 + Fraction(1, 2**30)
-    return sign, _down(c0 - rad * root)
+    return sign, _down(c0 - rad * _sqrt_up(n2))
+
+
+def _sqrt_up(q: Fraction) -> Fraction:
+    """A rational ``>= sqrt(q)`` within a relative 2^-60 of it, in integers (``float(q)`` may overflow or
+    underflow to 0 for the squares of rows near the float limits)."""
+    if q <= 0:
+        return Fraction(0)
+    p, d = q.numerator, q.denominator
+    k = max(0, (121 - (p * d).bit_length()) // 2 + 1)  # p d 4^k >= 2^120: the +1 below is below 2^-60
+    return Fraction(math.isqrt(p * d * 4**k) + 1, d * 2**k)
 
 
 def _down(q: Fraction) -> float:
