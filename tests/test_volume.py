@@ -730,6 +730,12 @@ def test_low_precision_checks_decide_as_float64(norm):
             g2, strong = meas.wins_staged(x, t, [t], cand, skip=skip, chunk=64, limit=40)
             assert np.array_equal(g2, good), (t, len(cand))
             assert not np.isin(strong, [t]).any()
+        # read against all V in blocks of rows, a point lost in one reading no further: the same verdicts
+        for block in (64, 333):
+            g3, strong = meas.wins_blocks(x, t, [t], block=block)
+            assert np.array_equal(g3, good), (t, block)
+            assert not np.isin(strong, [t]).any()
+            assert np.array_equal(strong[g3], np.argmax(np.where(np.arange(V) == t, -np.inf, L64[g3]), axis=1))
     top = torch.topk(meas.logits_lp(x), 2, dim=1)
     arg = meas.argmax64(x, meas.logits_lp(x), meas.lower(top.values[:, 0].double().numpy(), top.indices[:, 0]))
     assert np.array_equal(arg.numpy(), np.argmax(L64, axis=1))
@@ -788,6 +794,7 @@ def test_a_huge_row_does_not_drown_the_others(norm):
             assert np.array_equal(good, truth), (scale, t)
             staged, _ = meas.wins_staged(x, t, ex, list(range(V)), chunk=64)
             assert np.array_equal(staged, good)
+            assert np.array_equal(meas.wins_blocks(x, t, ex, block=32)[0], good)
         assert not meas.ambiguous
     # the outlier head: brute force over the rows (float64: the ordinary rows' logits exact to ~1e-15)
     g = np.random.default_rng(7)

@@ -292,15 +292,21 @@ class _Measure:
         L = self.logits_lp(x)
         L[:, list(exclude)] = -torch.inf
         x64 = x.double().numpy()
-        kt = self.keys64[t]
-        lt = x64 @ kt + self.bias64[t]
-        slack = float(self.key_err[t])  # lt against the head's own logit (key_err), its float64 rounding included
+        lt = x64 @ self.keys64[t] + self.bias64[t]
         top, arg = L.max(dim=1)
         lost = self.surely_above(top.double().numpy(), arg.numpy(), lt, t)
+        return self._decide(x64, t, L, lt, lost), L
+
+    def _decide(self, x64, t: int, L, lt, lost):
+        """:meth:`wins`'s verdicts from the low-precision logits L [B, V] (``exclude`` at -inf) of the points x64
+        [B, d] (float64), t's keys-logits ``lt`` [B] and the points already ``lost`` [B] for sure."""
+        import torch
+
+        slack = float(self.key_err[t])  # lt against the head's own logit (key_err), its float64 rounding included
         good = np.zeros(len(x64), dtype=bool)
         rest = np.nonzero(~lost)[0]
         if not len(rest):
-            return good, L
+            return good
         ii, jj = self._reach(L[torch.from_numpy(rest)], lt[rest] - slack - self.err_max)
         # the rows that may reach t, in float64 from the rows themselves (the point as the keys see it: projected
         # onto the centred subspace), each within row_err of the head's own logit
@@ -320,7 +326,7 @@ class _Measure:
         amb = int((~good[rest] & ~beats).sum())
         if amb:
             self.ambiguous[t] = self.ambiguous.get(t, 0) + amb
-        return good, L
+        return good
 
     def wins_staged(self, x, t: int, exclude, cand, skip=(), chunk: int = 128, limit: int = 2048):
         """:meth:`wins` read against the candidate rows ``cand`` first: a point where some candidate's logit
@@ -352,13 +358,50 @@ class _Measure:
                 rest = rest[~lost]
             if not len(rest):
                 continue
-            g, L = self.wins(x[torch.from_numpy(rest)], t, exclude)
+            g, st = self.wins_blocks(x[torch.from_numpy(rest)], t, exclude)
             good[rest] = g
-            strong[rest] = L.argmax(dim=1).numpy()
+            strong[rest] = st
             for j in strong[rest].tolist():
                 if j not in ex and j not in have and len(cand) < limit:
                     cand.append(j)
                     have.add(j)
+        return good, strong
+
+    def wins_blocks(self, x, t: int, exclude, block: int = 8192):
+        """:meth:`wins` read against all V in blocks of rows: a point where a block's strongest row surely beats
+        t is lost there and reads no further block (the verdict :meth:`wins` gives: that row is above t in the
+        head as given); the points no block decides are decided as :meth:`wins` does, from their logits over all
+        blocks (their maximum is some block's, which did not decide them either). Returns per point whether t
+        wins, and its strongest competitor (in the deciding block for the lost ones, over all V for the rest)."""
+        import torch
+
+        B, V = len(x), self.keys_lp.shape[0]
+        x64 = x.double().numpy()
+        lt = x64 @ self.keys64[t] + self.bias64[t]
+        xa = torch.cat([x, torch.ones(B, 1)], dim=1).to(self.keys_lp.dtype)
+        ex = np.asarray(sorted(int(j) for j in exclude), dtype=np.int64)
+        strong = np.zeros(B, dtype=np.int64)
+        alive = np.arange(B)
+        parts = []
+        for off in range(0, V, block):
+            kb = self.keys_lp[off:off + block]
+            with _gemm_threads(self, len(alive) * xa.shape[1] * kb.shape[0]):
+                Lb = xa[torch.from_numpy(alive)] @ kb.T
+            e = ex[(ex >= off) & (ex < off + kb.shape[0])] - off
+            if len(e):
+                Lb[:, torch.from_numpy(e)] = -torch.inf
+            top, arg = Lb.max(dim=1)
+            arg = arg.numpy() + off
+            lost = self.surely_above(top.double().numpy(), arg, lt[alive], t)
+            strong[alive[lost]] = arg[lost]
+            parts.append((alive, Lb))
+            alive = alive[~lost]
+            if not len(alive):
+                return np.zeros(B, dtype=bool), strong
+        L = torch.cat([Lb[torch.from_numpy(np.searchsorted(al, alive))] for al, Lb in parts], dim=1)
+        good = np.zeros(B, dtype=bool)
+        good[alive] = self._decide(x64[alive], t, L, lt[alive], np.zeros(len(alive), dtype=bool))
+        strong[alive] = L.argmax(dim=1).numpy()
         return good, strong
 
     def argmax64(self, x, L, lo):
