@@ -189,6 +189,9 @@ def _check_angle(c_theta: float, s_theta: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ geometry
+ROW_BLOCK = 8192  # the checks read all V in blocks of this many rows (a point decided in one reads no further)
+
+
 class _Measure:
     """The uniform law on the norm's output set as a map of a standard Gaussian z ∈ R^d, and the logits.
 
@@ -367,7 +370,7 @@ class _Measure:
                     have.add(j)
         return good, strong
 
-    def wins_blocks(self, x, t: int, exclude, block: int = 8192):
+    def wins_blocks(self, x, t: int, exclude, block: int | None = None):
         """:meth:`wins` read against all V in blocks of rows: a point where a block's strongest row surely beats
         t is lost there and reads no further block (the verdict :meth:`wins` gives: that row is above t in the
         head as given); the points no block decides are decided as :meth:`wins` does, from their logits over all
@@ -376,6 +379,7 @@ class _Measure:
         import torch
 
         B, V = len(x), self.keys_lp.shape[0]
+        block = block or ROW_BLOCK
         x64 = x.double().numpy()
         lt = x64 @ self.keys64[t] + self.bias64[t]
         xa = torch.cat([x, torch.ones(B, 1)], dim=1).to(self.keys_lp.dtype)
@@ -1090,7 +1094,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
     kt64, bt64 = meas.keys64[t], float(meas.bias64[t])
     a1 = torch.from_numpy(meas.diffs(t, J).astype(np.float32))  # the J-cell, as the chain's (_Batch) differences
     b1 = torch.from_numpy((bt64 - meas.bias64[J]).astype(np.float32))
-    ex = torch.tensor(sorted(excl[t]), dtype=torch.long)
+    ex_np = np.asarray(sorted(int(j) for j in excl[t]), dtype=np.int64)
     es = meas.e_lp * meas.size_max
 
     # δ: the largest |L_j − l_j| any row can have, e_lp·size_j + c_lp·|L_j| with |L_j| ≤ size_j(1 + e_lp)/(1 − c_lp)
@@ -1104,7 +1108,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
         proposal is read against first."""
         ids = torch.unique(torch.cat([torch.from_numpy(np.asarray(J, dtype=np.int64)),
                                       torch.topk(hits, min(1024, int((hits > 0).sum()))).indices]))
-        ids = ids[~torch.isin(ids, ex)]
+        ids = ids[~torch.isin(ids, torch.from_numpy(ex_np))]
         return ids, meas.keys_lp[ids]
 
     cset = [None]  # (ids, their rows), chosen again at each level; the first scores (thr None) read all V
@@ -1128,11 +1132,28 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
             s = np.where(gate, s_c, -np.inf)
             need &= s_c + 2 * delta > thr
         idx = np.flatnonzero(need)
-        for c in range(0, len(idx), 256):  # [256, V] logits at a time: 0.27 GB at V = 262144
+        V = meas.keys_lp.shape[0]
+        for c in range(0, len(idx), 256):  # 256 points at a time, against blocks of ROW_BLOCK rows
             ic = idx[c:c + 256]
-            L = meas.logits_lp(x[torch.from_numpy(ic)]).float()
-            L[:, ex] = -torch.inf
-            top, arg = L.max(dim=1)
+            xc = torch.cat([x[torch.from_numpy(ic)], torch.ones(len(ic), 1)], dim=1).to(meas.keys_lp.dtype)
+            top = torch.full((len(ic),), -math.inf)
+            arg = torch.zeros(len(ic), dtype=torch.long)
+            live = torch.arange(len(ic))
+            for off in range(0, V, ROW_BLOCK):
+                kb = meas.keys_lp[off:off + ROW_BLOCK]
+                with _gemm_threads(meas, len(live) * xc.shape[1] * kb.shape[0]):
+                    Lb = (xc[live] @ kb.T).float()
+                e = ex_np[(ex_np >= off) & (ex_np < off + kb.shape[0])] - off
+                if len(e):
+                    Lb[:, torch.from_numpy(e)] = -torch.inf
+                tb, ab = Lb.max(dim=1)
+                arg[live] = torch.where(tb > top[live], ab + off, arg[live])
+                top[live] = torch.maximum(top[live], tb)  # NaN stays NaN: s is then -inf
+                if thr is not None:  # s over the rows read so far is at least s: at or below thr, refused
+                    live = live[torch.from_numpy(~(lt[ic][live.numpy()] - top[live].double().numpy() + delta
+                                                   <= thr[ic][live.numpy()]))]
+                    if not len(live):
+                        break
             hits.index_add_(0, arg, torch.ones(len(arg)))
             s[ic] = lt[ic] - top.double().numpy() + delta
         s[np.isnan(s)] = -np.inf  # a non-finite logit is no evidence of anything: below every level
