@@ -844,3 +844,32 @@ def test_reading_all_v_in_blocks_changes_nothing_but_the_cost(monkeypatch):
         runs[block] = [(t.id, t.log10_share, t.log10_share_ci, t.samples, t.method) for t in a.tokens + b.tokens]
     assert runs[5] == runs[10**9]
     assert all(r[1] is not None for r in runs[5])
+
+
+def test_a_row_past_float32s_range_is_read_in_float64():
+    """A row 1e39 times the others overflows the checks' float32 keys (its logits inf or NaN there). The plain
+    pass raised IndexError (a point with no row within reach of a NaN threshold); a NaN is no evidence: such
+    rows and thresholds go to float64 from the rows. Every plain hit is the float64 argmax of the rows, the
+    checks call no point won that the head does not give t, and the volume runs."""
+    import torch
+
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(3)
+    V, d = 300, 16
+    W, b = rng.standard_normal((d, V)), rng.normal(0, 0.5, V)
+    W[:, 9] *= 1e39
+    p = fold(head_from_arrays(W, b, norm="rmsnorm"))
+    meas = vol._Measure(p, p.keys)
+    assert not torch.isfinite(meas.keys[9]).all()
+    counts, _ = vol._plain_pass(meas, 20000, 123)
+    x = meas.points(torch.randn(20000, d, generator=torch.Generator().manual_seed(123)))
+    L = x.double().numpy() @ np.asarray(p.rows, dtype=np.float64).T + p.bias
+    assert np.array_equal(counts, np.bincount(L.argmax(axis=1), minlength=V))
+    for t in (0, 3):
+        truth = L[:, t] > np.delete(L, [t], axis=1).max(axis=1)
+        for good in (meas.wins(x, t, [t])[0], meas.wins_blocks(x, t, [t], block=64)[0]):
+            assert not (good & ~truth).any()
+    rep = vol.volume(head_from_arrays(W, b, norm="rmsnorm"), tokens=[9], samples=20000, seed=0)
+    t9 = {t.id: t for t in rep.tokens}[9]
+    assert t9.log10_share_lower_bound <= np.log10(0.5) + 1e-9  # row 9 owns a half-sphere (to 1e-38)

@@ -322,7 +322,7 @@ class _Measure:
         best = np.full(len(rest), -np.inf)  # the largest upper bound of a competitor's exact logit
         beats = np.zeros(len(rest), dtype=bool)  # some competitor surely above t
         if len(ii):
-            l64 = np.einsum("ij,ij->i", xr[ii], np.asarray(rows[jj], dtype=np.float64)) + self.bias64[jj]
+            l64 = self._pair_logits(xr, ii, jj)
             np.maximum.at(best, ii, l64 + self.row_err[jj])
             np.logical_or.at(beats, ii, l64 - self.row_err[jj] > lt_r[ii] + er_t)
         good[rest] = best < lt_r - er_t
@@ -414,10 +414,14 @@ class _Measure:
         import torch
 
         ii, jj = self._reach(L, lo)
+        lone = np.setdiff1d(np.arange(len(lo)), ii)
+        if len(lone):  # no row within reach (only where L is -inf throughout): every row, in float64
+            V = L.shape[1]
+            ii, jj = np.r_[ii, np.repeat(lone, V)], np.r_[jj, np.tile(np.arange(V), len(lone))]
         xr = x.double().numpy()
         if self.centred:  # the point as the keys see it
             xr = xr - xr.mean(axis=1, keepdims=True)
-        l64 = np.einsum("ij,ij->i", xr[ii], np.asarray(self.problem.rows[jj], dtype=np.float64)) + self.bias64[jj]
+        l64 = self._pair_logits(xr, ii, jj)
         order = np.lexsort((jj, -l64, ii))  # per point: the largest logit, then the lowest id
         first = np.r_[True, ii[order][1:] != ii[order][:-1]]
         arg = np.empty(len(lo), dtype=np.int64)
@@ -433,6 +437,18 @@ class _Measure:
             self.ambiguous[t] = self.ambiguous.get(t, 0) + 1
         return torch.from_numpy(arg)
 
+    def _pair_logits(self, xr, ii, jj, chunk: int = 2**22):
+        """``r_j·x_i + b̃_j`` in float64 for the pairs (ii, jj), about ``chunk`` numbers of rows gathered at a
+        time: a head whose rows span a huge range leaves every row within reach of every point, and one
+        [pairs, d] gather of them would not fit in memory."""
+        rows = self.problem.rows
+        out = np.empty(len(ii))
+        step = max(1, chunk // max(self.d, 1))
+        for c in range(0, len(ii), step):
+            i, j = ii[c:c + step], jj[c:c + step]
+            out[c:c + step] = np.einsum("ij,ij->i", xr[i], np.asarray(rows[j], dtype=np.float64)) + self.bias64[j]
+        return out
+
     def _reach(self, L, thr):
         """Pairs (i, j) of the rows j whose exact logit may be at least ``thr[i]`` at point i, from the
         low-precision logits L [B, V]: a row's bound is at most e_lp·max size + c_lp·|L|, so L >= low suffices."""
@@ -440,9 +456,13 @@ class _Measure:
 
         es = self.e_lp * self.size_max
         low = thr - es - self.c_lp * (np.abs(thr) + es) / (1 - self.c_lp)
-        low32 = low.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            low32 = low.astype(np.float32)
         low32 = np.where(low32 > low, np.nextafter(low32, np.float32(-np.inf)), low32)  # rounded down: no row missed
-        ii, jj = torch.nonzero(L >= torch.from_numpy(low32)[:, None], as_tuple=True)
+        # nothing non-finite is evidence: a NaN threshold lets every row reach, a NaN logit (a row past float32's
+        # range) lets that row reach; float64 from the rows decides them
+        low32 = np.where(np.isnan(low32), np.float32(-np.inf), low32)
+        ii, jj = torch.nonzero((L >= torch.from_numpy(low32)[:, None]) | torch.isnan(L), as_tuple=True)
         return ii.numpy(), jj.numpy()
 
     def points(self, z):
