@@ -388,12 +388,7 @@ class _Measure:
         alive = np.arange(B)
         parts = []
         for off in range(0, V, block):
-            kb = self.keys_lp[off:off + block]
-            with _gemm_threads(self, len(alive) * xa.shape[1] * kb.shape[0]):
-                Lb = xa[torch.from_numpy(alive)] @ kb.T
-            e = ex[(ex >= off) & (ex < off + kb.shape[0])] - off
-            if len(e):
-                Lb[:, torch.from_numpy(e)] = -torch.inf
+            Lb = self.block_logits(xa[torch.from_numpy(alive)], off, block, ex)
             top, arg = Lb.max(dim=1)
             arg = arg.numpy() + off
             lost = self.surely_above(top.double().numpy(), arg, lt[alive], t)
@@ -407,6 +402,19 @@ class _Measure:
         good[alive] = self._decide(x64[alive], t, L, lt[alive], np.zeros(len(alive), dtype=bool))
         strong[alive] = L.argmax(dim=1).numpy()
         return good, strong
+
+    def block_logits(self, xa, off: int, block: int, exclude: np.ndarray):
+        """The low-precision logits of rows ``off`` to ``off + block`` at points ``xa`` [B, d + 1] (a 1 appended:
+        the bias column), the rows of ``exclude`` (sorted ids) at -inf: one block of :meth:`logits_lp`."""
+        import torch
+
+        kb = self.keys_lp[off:off + block]
+        with _gemm_threads(self, xa.numel() * kb.shape[0]):
+            Lb = xa @ kb.T
+        e = exclude[(exclude >= off) & (exclude < off + kb.shape[0])] - off
+        if len(e):
+            Lb[:, torch.from_numpy(e)] = -torch.inf
+        return Lb
 
     def argmax64(self, x, L, lo):
         """Per point x [B, d] the argmax of the float64 logits (the first maximum, like torch), over the rows
@@ -1160,13 +1168,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
             arg = torch.zeros(len(ic), dtype=torch.long)
             live = torch.arange(len(ic))
             for off in range(0, V, ROW_BLOCK):
-                kb = meas.keys_lp[off:off + ROW_BLOCK]
-                with _gemm_threads(meas, len(live) * xc.shape[1] * kb.shape[0]):
-                    Lb = (xc[live] @ kb.T).float()
-                e = ex_np[(ex_np >= off) & (ex_np < off + kb.shape[0])] - off
-                if len(e):
-                    Lb[:, torch.from_numpy(e)] = -torch.inf
-                tb, ab = Lb.max(dim=1)
+                tb, ab = meas.block_logits(xc[live], off, ROW_BLOCK, ex_np).float().max(dim=1)
                 arg[live] = torch.where(tb > top[live], ab + off, arg[live])
                 top[live] = torch.maximum(top[live], tb)  # NaN stays NaN: s is then -inf
                 if thr is not None:  # s over the rows read so far is at least s: at or below thr, refused
