@@ -190,6 +190,7 @@ def _check_angle(c_theta: float, s_theta: float) -> None:
 
 # ------------------------------------------------------------------------------------------------ geometry
 ROW_BLOCK = 8192  # the checks read all V in blocks of this many rows (a point decided in one reads no further)
+PAIR_BUDGET = 2**22  # (point, row) entries the float64 stages examine at a time (:meth:`_Measure._near_logits`)
 
 
 class _Measure:
@@ -298,11 +299,13 @@ class _Measure:
         lt = x64 @ self.keys64[t] + self.bias64[t]
         top, arg = L.max(dim=1)
         lost = self.surely_above(top.double().numpy(), arg.numpy(), lt, t)
-        return self._decide(x64, t, L, lt, lost), L
+        return self._decide(x64, t, L, lt, lost, exclude), L
 
-    def _decide(self, x64, t: int, L, lt, lost):
+    def _decide(self, x64, t: int, L, lt, lost, exclude):
         """:meth:`wins`'s verdicts from the low-precision logits L [B, V] (``exclude`` at -inf) of the points x64
-        [B, d] (float64), t's keys-logits ``lt`` [B] and the points already ``lost`` [B] for sure."""
+        [B, d] (float64), t's keys-logits ``lt`` [B] and the points already ``lost`` [B] for sure. ``exclude``
+        is left out by id, not by its -inf: where some row's allowance is infinite every entry is in reach,
+        -inf included, and t met itself (a tie with itself: "ambiguous", never won)."""
         import torch
 
         slack = float(self.key_err[t])  # lt against the head's own logit (key_err), its float64 rounding included
@@ -310,7 +313,6 @@ class _Measure:
         rest = np.nonzero(~lost)[0]
         if not len(rest):
             return good
-        ii, jj = self._reach(L[torch.from_numpy(rest)], lt[rest] - slack - self.err_max)
         # the rows that may reach t, in float64 from the rows themselves (the point as the keys see it: projected
         # onto the centred subspace), each within row_err of the head's own logit
         xr = x64[rest]
@@ -321,10 +323,11 @@ class _Measure:
         lt_r = xr @ np.asarray(rows[t], dtype=np.float64) + self.bias64[t]
         best = np.full(len(rest), -np.inf)  # the largest upper bound of a competitor's exact logit
         beats = np.zeros(len(rest), dtype=bool)  # some competitor surely above t
-        if len(ii):
-            l64 = self._pair_logits(xr, ii, jj)
-            np.maximum.at(best, ii, l64 + self.row_err[jj])
-            np.logical_or.at(beats, ii, l64 - self.row_err[jj] > lt_r[ii] + er_t)
+        for ii, jj, l64 in self._near_logits(xr, L[torch.from_numpy(rest)], lt[rest] - slack - self.err_max,
+                                             exclude=exclude):
+            pts, at = _segments(ii)
+            best[pts] = np.maximum.reduceat(l64 + self.row_err[jj], at)
+            beats[pts] = np.logical_or.reduceat(l64 - self.row_err[jj] > lt_r[ii] + er_t, at)
         good[rest] = best < lt_r - er_t
         amb = int((~good[rest] & ~beats).sum())
         if amb:
@@ -399,7 +402,7 @@ class _Measure:
                 return np.zeros(B, dtype=bool), strong
         L = torch.cat([Lb[torch.from_numpy(np.searchsorted(al, alive))] for al, Lb in parts], dim=1)
         good = np.zeros(B, dtype=bool)
-        good[alive] = self._decide(x64[alive], t, L, lt[alive], np.zeros(len(alive), dtype=bool))
+        good[alive] = self._decide(x64[alive], t, L, lt[alive], np.zeros(len(alive), dtype=bool), ex)
         strong[alive] = L.argmax(dim=1).numpy()
         return good, strong
 
@@ -421,34 +424,71 @@ class _Measure:
         whose low-precision logit ``L`` [B, V] may reach ``lo`` [B] (float64: a value some row surely reaches)."""
         import torch
 
-        ii, jj = self._reach(L, lo)
-        lone = np.setdiff1d(np.arange(len(lo)), ii)
-        if len(lone):  # no row within reach (only where L is -inf throughout): every row, in float64
-            V = L.shape[1]
-            ii, jj = np.r_[ii, np.repeat(lone, V)], np.r_[jj, np.tile(np.arange(V), len(lone))]
         xr = x.double().numpy()
         if self.centred:  # the point as the keys see it
             xr = xr - xr.mean(axis=1, keepdims=True)
-        l64 = self._pair_logits(xr, ii, jj)
-        order = np.lexsort((jj, -l64, ii))  # per point: the largest logit, then the lowest id
-        first = np.r_[True, ii[order][1:] != ii[order][:-1]]
-        arg = np.empty(len(lo), dtype=np.int64)
-        arg[ii[order][first]] = jj[order][first]
-        # a point is ambiguous where another row (not an exact tie: twins are the caller's) comes within the
-        # rows' allowances of the first maximum; it is counted for the first maximum and noted
-        top = np.full(len(lo), -np.inf)
-        top[ii[order][first]] = l64[order][first]
-        floor = top - self.row_err[arg]
-        amb = np.zeros(len(lo), dtype=bool)
-        np.logical_or.at(amb, ii, (jj != arg[ii]) & (l64 != top[ii]) & (l64 + self.row_err[jj] >= floor[ii]))
+        B = len(lo)
+        top = np.full(B, -np.inf)
+        arg = np.full(B, -1, dtype=np.int64)
+        amb = np.zeros(B, dtype=bool)
+        V = L.shape[1]
+        for ii, jj, l64 in self._near_logits(xr, L, lo, every_row_if_none=True):
+            # pairs sorted by point, rows ascending within: the largest logit (NaN only where nothing else is),
+            # then the lowest id at it
+            pts, at = _segments(ii)
+            top[pts] = np.fmax.reduceat(l64, at)
+            seg = np.repeat(np.arange(len(pts)), np.diff(np.r_[at, len(ii)]))
+            first = np.minimum.reduceat(np.where(l64 == top[pts][seg], jj, V), at)
+            arg[pts] = np.where(first < V, first, jj[at])
+            # a point is ambiguous where another row (not an exact tie: twins are the caller's) comes within
+            # the rows' allowances of the first maximum; it is counted for the first maximum and noted
+            floor = top[ii] - self.row_err[arg[ii]]
+            near = (jj != arg[ii]) & (l64 != top[ii]) & (l64 + self.row_err[jj] >= floor)
+            amb[pts] |= np.logical_or.reduceat(near, at)
         for t in arg[amb].tolist():
             self.ambiguous[t] = self.ambiguous.get(t, 0) + 1
         return torch.from_numpy(arg)
 
+    def _near_logits(self, xr, L, thr, every_row_if_none: bool = False, exclude=()):
+        """The float64 logits ``r_j·x_i + b̃_j`` (xr: the points as the keys see them, float64) of the rows j
+        whose low-precision logit ``L`` [B, V] may reach ``thr[i]`` (:meth:`_reach`), as (ii, jj, l64) for
+        chunks of points of at most ``PAIR_BUDGET`` (point, row) entries: a head whose rows span a huge range (one
+        row 1e30 times the others: its centre makes every key's allowance huge) leaves every row within reach
+        of every point, and the pairs of a plain-pass chunk took gigabytes. Where most entries of a chunk
+        reach, its logits are one dense GEMM over the rows, read in blocks. The pairs come sorted by point,
+        rows ascending within. ``every_row_if_none``: a point no row reaches (only where L is -inf throughout)
+        gets every row. The rows ``exclude`` never come."""
+        import torch
+
+        B, V = L.shape
+        rows = self.problem.rows
+        step = max(1, PAIR_BUDGET // max(V, 1))
+        for c in range(0, B, step):
+            ii, jj = self._reach(L[c:c + step], thr[c:c + step])
+            if len(exclude):
+                keep = ~np.isin(jj, np.asarray(list(exclude), dtype=np.int64))
+                ii, jj = ii[keep], jj[keep]
+            n = min(step, B - c)
+            if every_row_if_none:
+                lone = np.setdiff1d(np.arange(n), ii)
+                if len(lone):
+                    ii, jj = np.r_[ii, np.repeat(lone, V)], np.r_[jj, np.tile(np.arange(V), len(lone))]
+                    order = np.argsort(ii, kind="stable")  # sorted by point again, rows ascending within
+                    ii, jj = ii[order], jj[order]
+            if not len(ii):
+                continue
+            xc = xr[c:c + n]
+            if len(ii) >= n * V // 4:
+                dense = np.empty((n, V))
+                for r0 in range(0, V, ROW_BLOCK):
+                    dense[:, r0:r0 + ROW_BLOCK] = xc @ np.asarray(rows[r0:r0 + ROW_BLOCK], dtype=np.float64).T
+                yield ii + c, jj, dense[ii, jj] + self.bias64[jj]
+            else:
+                yield ii + c, jj, self._pair_logits(xc, ii, jj)
+
     def _pair_logits(self, xr, ii, jj, chunk: int = 2**22):
         """``r_j·x_i + b̃_j`` in float64 for the pairs (ii, jj), about ``chunk`` numbers of rows gathered at a
-        time: a head whose rows span a huge range leaves every row within reach of every point, and one
-        [pairs, d] gather of them would not fit in memory."""
+        time (a [pairs, d] gather of them at once would not fit in memory where many rows reach)."""
         rows = self.problem.rows
         out = np.empty(len(ii))
         step = max(1, chunk // max(self.d, 1))
@@ -496,6 +536,12 @@ class _KeyBias:
         return np.hstack([np.asarray(self.keys[idx], dtype=np.float64), self.bias[idx][:, None]])
 
 
+def _segments(ii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For pairs sorted by point ``ii`` (non-empty): the points, and where each one's pairs start (``reduceat``)."""
+    at = np.r_[0, np.nonzero(ii[1:] != ii[:-1])[0] + 1]
+    return ii[at], at
+
+
 def _tie_groups(problem) -> dict[int, list[int]]:
     """token -> sorted members of its group of identical (key, bias) rows, for groups of two or more
     (-0.0 equals 0.0). Grouped by fingerprints read in chunks, then split by exact comparison, so a
@@ -539,7 +585,8 @@ def _plain_pass(meas: _Measure, samples: int, seed: int, chunk: int = 4096):
         hi2 = v2 + meas.c_lp * np.abs(v2) + meas.e_lp * meas.size_max + meas.err_max
         near = np.nonzero(~(lo1 > hi2))[0]
         if len(near):  # not decided in low precision: float64 over the rows whose keys' logit may reach lo1
-            w[near] = meas.argmax64(x[near], L[near], lo1[near] - meas.err_max)
+            every = len(near) == b  # (a head whose allowances decide nothing: no copy of L)
+            w[near] = meas.argmax64(x if every else x[near], L if every else L[near], lo1[near] - meas.err_max)
         counts += torch.bincount(w, minlength=V)
         sums.index_add_(0, w, x.double())
         done += b
@@ -629,6 +676,19 @@ def _competitor_sets(meas: _Measure, ts: list[int], excl: dict[int, list[int]], 
     return out
 
 
+def _fit_float32(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The restricted margin's columns ``(a_j, β_j)`` (a [d, K], b [K], float64), each whose largest entry passes
+    2^100 divided by a power of two (exact) so that the chain's float32 holds it: a row 1e39 times the others
+    overflowed to inf there, its margins were NaN and no replicate reached any cell. A positive factor per
+    column keeps the J-cell (the score's zero level set); only its levels inside change, on such heads alone."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        big = np.maximum(np.abs(a).max(axis=0, initial=0.0), np.abs(b))
+        k = np.where(np.isfinite(big) & (big > 2.0**100), np.ceil(np.log2(np.where(big > 0, big, 1.0))) - 100, 0)
+    if not k.any():
+        return a, b
+    return np.ldexp(a, -k.astype(np.int64)[None, :]), np.ldexp(b, -k.astype(np.int64))
+
+
 def _whole_subspace(meas: _Measure, a: np.ndarray) -> np.ndarray | None:
     """An orthonormal basis of the domain's subspace [d, n] where the columns of ``a`` (in it) surely span all
     of it, else None. Any basis of span{a_j} serves the chain; where |J| ≥ n, J's differences usually span the
@@ -677,7 +737,7 @@ class _Batch:
             j = np.asarray(j, dtype=np.int64)
             # differences in float64, then rounded: near-identical rows keep their small difference exactly
             a = meas.diffs(t, j)  # [d, K_t]
-            diffs.append((a, meas.bias64[t] - meas.bias64[j]))
+            diffs.append(_fit_float32(a, meas.bias64[t] - meas.bias64[j]))
         self.B = torch.full((self.T, K), torch.inf)
         for i, (_, b) in enumerate(diffs):
             self.B[i, :len(b)] = torch.from_numpy(b.astype(np.float32))
@@ -1120,8 +1180,8 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
     if not reps:
         return out, lev, wins
     kt64, bt64 = meas.keys64[t], float(meas.bias64[t])
-    a1 = torch.from_numpy(meas.diffs(t, J).astype(np.float32))  # the J-cell, as the chain's (_Batch) differences
-    b1 = torch.from_numpy((bt64 - meas.bias64[J]).astype(np.float32))
+    a1, b1 = _fit_float32(meas.diffs(t, J), bt64 - meas.bias64[J])  # the J-cell, as the chain (_Batch) has it
+    a1, b1 = torch.from_numpy(a1.astype(np.float32)), torch.from_numpy(b1.astype(np.float32))
     ex_np = np.asarray(sorted(int(j) for j in excl[t]), dtype=np.int64)
     es = meas.e_lp * meas.size_max
 
@@ -1437,8 +1497,11 @@ def _binding_1(meas: _Measure, t: int, c: np.ndarray, exclude, k: int) -> np.nda
     p = (kc[t] - kc).double()
     beta = (meas.bias[t] - meas.bias).double()
     slack = torch.arccos((-beta / (meas.R * na)).clamp(-1, 1)) - torch.arccos((p / na).clamp(-1, 1))
+    # a row float32 cannot hold (NaN slack) is no evidence of a far half-space: it comes first (a row 1e39 times
+    # the others was left out, and the centre went into its half of the sphere: no cap)
+    slack = torch.where(torch.isnan(slack), -torch.inf, slack)
     slack[list(exclude)] = torch.inf
-    return torch.topk(slack, min(k, int(torch.isfinite(slack).sum())), largest=False).indices.numpy()
+    return torch.topk(slack, min(k, int((slack < torch.inf).sum())), largest=False).indices.numpy()
 
 
 def _cap_centre(meas: _Measure, t: int, comps: np.ndarray, c0: np.ndarray | None, iters: int = 400,
