@@ -472,9 +472,9 @@ def test_subset_scan_with_derived_keys_never_builds_them_whole(monkeypatch):
     assert [t.to_json() | {"time_s": 0} for t in rep.tokens] == [t.to_json() | {"time_s": 0} for t in ref.tokens]
 
 
-def test_volume_tie_groups_are_numpys_unique_groups_of_keys_and_bias():
-    """The volume's groups of identical (key, bias) rows, read in chunks (held or derived keys), against
-    np.unique over the whole [keys, bias] array; ±0.0 equal; equal keys with different bias apart."""
+def test_volume_tie_groups_are_numpys_unique_groups_of_rows_and_bias():
+    """The volume's groups of identical (row, bias) pairs, read in chunks (held or derived keys), against
+    np.unique over the whole [rows, bias] array; ±0.0 equal; equal rows with different bias apart."""
     from unspeakable.engine.volume import _tie_groups
 
     head = _head(V=500, d=6, seed=8, bias=True)
@@ -486,7 +486,7 @@ def test_volume_tie_groups_are_numpys_unique_groups_of_keys_and_bias():
     b[30] = b[31] = 0.0
     head = head_from_arrays(W, b, head.ln_w, None, "rmsnorm", "ties")
     for p in (fold(head), fold(head, derive_keys=True)):
-        M = np.hstack([rows_array(p.keys), p.bias[:, None]]) + 0.0
+        M = np.hstack([rows_array(p.rows), p.bias[:, None]]) + 0.0
         _, inv, cnt = np.unique(M, axis=0, return_inverse=True, return_counts=True)
         inv = inv.ravel()
         ref = {t: sorted(np.nonzero(inv == inv[t])[0].tolist()) for t in range(p.V) if cnt[inv[t]] > 1}

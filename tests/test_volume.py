@@ -948,3 +948,47 @@ def test_ordinary_tokens_of_a_head_with_a_row_past_float32s_range():
         # a proven cap: row 9's half-space was left out of the centre's search (its float32 slack NaN), the
         # centre went into row 9's half of the sphere, and no cap was proven for 4 of 8 such tokens
         assert tv.log10_share_lower_bound is not None and tv.log10_share_lower_bound < truth, tv
+
+
+def test_twins_are_rows_equal_in_the_head_not_keys_equal():
+    """Twins share a cell, so they must be twins in the head as given, not after the keys' rounding. (1) Rows 3
+    and 5 parallel, 3 longer by a relative 1e-7, and one row 1e14 times the others: the keys (rows less their
+    mean, rounded) of 3 and 5 were equal, the pair was called a tie, and 5 got half the pair's cell and its
+    cap, a "rigorous" bound of 10^-3.26 where row 3 wins nearly all of it (0 of 400000 brute-force points
+    for 5). (2) LayerNorm rows that differ by exactly 0.5 * ones give equal logits on the whole centred
+    sphere: twins, which their keys (1 ulp apart) missed."""
+    import torch
+
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(2)
+    d, V = 8, 12
+    W = rng.standard_normal((d, V))
+    W[:, 3] = W[:, 5] * (1 + 1e-7)
+    W[:, 4] *= 1e14
+    head = head_from_arrays(W, norm="rmsnorm")
+    p = fold(head)
+    assert np.array_equal(p.keys[3], p.keys[5])  # the rounding that made them "twins"
+    assert vol._tie_groups(p) == {}
+    meas = vol._Measure(p, p.keys)
+    x = meas.points(torch.randn(400000, d, generator=torch.Generator().manual_seed(1))).double().numpy()
+    hits = np.bincount((x @ np.asarray(p.rows, dtype=np.float64).T).argmax(axis=1), minlength=V)
+    rep = vol.volume(head, tokens=[3, 5], samples=20000, seed=0)
+    for tv in rep.tokens:
+        assert tv.method != "tie"
+        if hits[tv.id] >= 100:
+            assert tv.log10_share_lower_bound < math.log10(hits[tv.id] / len(x)), tv
+    t5 = {tv.id: tv for tv in rep.tokens}[5]
+    assert hits[5] == 0 and t5.log10_share_ci[1] < -5  # its share: below 10^-5 (none of 400000 points)
+
+    rng = np.random.default_rng(1)
+    W = np.round(rng.standard_normal((d, V)) * 1024) / 1024
+    b = np.round(rng.standard_normal(V) * 0.3 * 1024) / 1024
+    W[:, 3], b[3] = W[:, 5] + 0.5, b[5]
+    head = head_from_arrays(W, b, np.ones(d), np.zeros(d), "layernorm")
+    p = fold(head)
+    assert not np.array_equal(p.keys[3], p.keys[5])
+    assert vol._tie_groups(p) == {3: [3, 5], 5: [3, 5]}
+    rep = vol.volume(head, tokens=[3, 5], samples=20000, seed=0)
+    assert [tv.method for tv in rep.tokens] == ["tie", "tie"]
+    assert rep.tokens[0].log10_share == rep.tokens[1].log10_share

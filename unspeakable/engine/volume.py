@@ -525,39 +525,45 @@ class _Measure:
 
 
 # ------------------------------------------------------------------------------------------------ ties
-class _KeyBias:
-    """The rows ``[k_j, b_j]`` of keys and bias as :func:`engine.pipeline._row_groups` reads them (``shape``,
-    ``[r0:r1]`` and ``[ids]``), without their ``V × (d + 1)`` copy."""
+def _tie_groups(problem) -> dict[int, list[int]]:
+    """token -> sorted members of its group of twins, for groups of two or more: rows whose logits are equal at
+    every point of the domain in the head as given (the same row and bias, -0.0 equal to 0.0; layernorm: rows
+    that differ by a multiple of the all-ones vector). The candidates are the scan's
+    (:func:`engine.pipeline.find_ties`: fingerprints of the rows and bias, read in chunks; on the centred
+    domain also of the keys on a coarse grid), each pair proven exactly by :meth:`Verifier.tie`, as the scan's
+    ``tie`` verdicts are. The keys (``P(rows − centre)``, rounded) used to decide this by themselves: where
+    one row is huge the centre is too, different rows got equal keys, and a group's cell and cap went to
+    tokens that do not share it (a "rigorous" bound above the truth); rows that differ by 0.5·1 had keys
+    1 ulp apart and were not grouped."""
+    from unspeakable.engine.pipeline import find_ties  # the pipeline imports this module
+    from unspeakable.engine.verify import Verifier
 
-    def __init__(self, keys, bias: np.ndarray):
-        self.keys, self.bias, self.shape = keys, bias, (int(keys.shape[0]), int(keys.shape[1]) + 1)
+    cand = find_ties(problem)
+    if not cand:
+        return {}
+    ver = Verifier(problem)
+    parent: dict[int, int] = {}
 
-    def __getitem__(self, idx) -> np.ndarray:
-        return np.hstack([np.asarray(self.keys[idx], dtype=np.float64), self.bias[idx][:, None]])
+    def root(a: int) -> int:
+        while parent.get(a, a) != a:
+            a = parent[a]
+        return a
+
+    for t in sorted(cand):
+        for j in cand[t]:
+            rt, rj = root(int(t)), root(int(j))
+            if rt != rj and ver.tie(int(t), int(j)):
+                parent[max(rt, rj)] = min(rt, rj)
+    members: dict[int, list[int]] = {}
+    for t in sorted(set(parent) | set(parent.values())):
+        members.setdefault(root(t), []).append(t)
+    return {t: group for group in members.values() if len(group) > 1 for t in group}
 
 
 def _segments(ii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For pairs sorted by point ``ii`` (non-empty): the points, and where each one's pairs start (``reduceat``)."""
     at = np.r_[0, np.nonzero(ii[1:] != ii[:-1])[0] + 1]
     return ii[at], at
-
-
-def _tie_groups(problem) -> dict[int, list[int]]:
-    """token -> sorted members of its group of identical (key, bias) rows, for groups of two or more
-    (-0.0 equals 0.0). Grouped by fingerprints read in chunks, then split by exact comparison, so a
-    collision never joins different rows (``engine.pipeline._row_groups``: no V × d copy)."""
-    from unspeakable.engine.pipeline import _row_groups  # the pipeline imports this module
-
-    group = _row_groups(_KeyBias(problem.keys, problem.bias))
-    order = np.argsort(group, kind="stable")  # by group, ids ascending within
-    g = group[order]
-    groups: dict[int, list[int]] = {}
-    for members in np.split(order, np.nonzero(np.diff(g))[0] + 1) if order.size else ():
-        if members.size > 1:
-            same = members.tolist()
-            for t in same:
-                groups[t] = same
-    return groups
 
 
 # ------------------------------------------------------------------------------------------------ plain pass
