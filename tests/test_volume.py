@@ -992,3 +992,45 @@ def test_twins_are_rows_equal_in_the_head_not_keys_equal():
     rep = vol.volume(head, tokens=[3, 5], samples=20000, seed=0)
     assert [tv.method for tv in rep.tokens] == ["tie", "tie"]
     assert rep.tokens[0].log10_share == rep.tokens[1].log10_share
+
+
+def test_points_are_judged_on_the_set_not_on_float32s_shell():
+    """float32's normalisation leaves a point R(1 ± ~1e-7) from the centre. Judged where it was, a cell that
+    misses the circle by a relative 1e-10 had plain-pass hits (so no proof of share 0, and a splitting
+    estimate of 10^-5.3 with an interval excluding 0), and a cap of 1 - cos = 1e-15 (share 10^-15.3 in d = 3)
+    was estimated at 10^-8.8, its interval 6.5 decades above the truth. The checks now judge each point put
+    back on the set in float64 (:meth:`_Measure.on_set`), their allowances widened by the distance."""
+    import torch
+
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(0)
+    d = 2
+    W = rng.standard_normal((d, 2))
+    a, R = W[:, 0] - W[:, 1], math.sqrt(d)
+    b = np.array([-(1 + 1e-10) * R * np.linalg.norm(a), 0.0])  # l0 - l1 <= R|a| * -1e-10 on the circle
+    t0 = vol.volume(head_from_arrays(W, b, norm="rmsnorm"), tokens=[0], seed=1).tokens[0]
+    assert t0.method == "zero", t0
+    for d, norm in ((3, "rmsnorm"), (4, "layernorm")):
+        W = rng.standard_normal((d, 2))
+        a = W[:, 0] - W[:, 1]
+        if norm == "layernorm":
+            a = a - a.mean()
+        R, n = math.sqrt(d), d - 1 if norm == "layernorm" else d
+        b = np.array([-(1 - 1e-15) * R * np.linalg.norm(a), 0.0])
+        m = (R * np.linalg.norm(a) + b[0]) / (R * np.linalg.norm(a))  # 1 - cos of the cap's radius
+        exact = vol.cap_log10_share(2 * math.asin(math.sqrt(m / 2)), n)
+        tv = vol.volume(head_from_arrays(W, b, norm=norm), tokens=[0], seed=1, samples=0).tokens[0]
+        assert tv.log10_share_ci[0] is None or tv.log10_share_ci[0] <= exact, (d, tv, exact)
+        if tv.log10_share_lower_bound is not None:
+            assert tv.log10_share_lower_bound <= exact
+    # the points themselves: on the sphere to float64's rounding, and within ETA_SET of where float32 put them
+    for norm in ("rmsnorm", "layernorm"):
+        p = fold(head_from_arrays(rng.standard_normal((64, 10)), norm=norm))
+        meas = vol._Measure(p, p.keys)
+        x = meas.points(torch.randn(5000, 64, generator=torch.Generator().manual_seed(4)))
+        x64 = meas.on_set(x)
+        assert np.allclose(np.linalg.norm(x64, axis=1), meas.R, rtol=1e-14, atol=0)
+        if norm == "layernorm":
+            assert np.abs(x64.sum(axis=1)).max() < 1e-12 * meas.R
+        assert np.linalg.norm(x64 - x.double().numpy(), axis=1).max() <= vol.ETA_SET * meas.R

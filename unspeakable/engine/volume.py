@@ -190,6 +190,7 @@ def _check_angle(c_theta: float, s_theta: float) -> None:
 
 # ------------------------------------------------------------------------------------------------ geometry
 ROW_BLOCK = 8192  # the checks read all V in blocks of this many rows (a point decided in one reads no further)
+ETA_SET = 2.0**-20  # how far (relative to R) a float32 point may be from the set for the checks' allowances
 PAIR_BUDGET = 2**22  # (point, row) entries the float64 stages examine at a time (:meth:`_Measure._near_logits`)
 
 
@@ -228,7 +229,9 @@ class _Measure:
             low = torch.float32
         u = (2.0**-9 if low == torch.bfloat16 else 2.0**-24) * (1 + 2.0**-14)
         g32 = (self.d + 1) * 2.0**-24 / (1 - (self.d + 1) * 2.0**-24)
-        self.e_lp = (2 * u + u * u + g32 * (1 + u) ** 2) * 1.001
+        # + ETA_SET: the checks judge each float32 point put back on the set in float64 (:meth:`on_set`), at most
+        # ETA_SET·xmax away, which moves row j's logit by at most ETA_SET·size_j
+        self.e_lp = (2 * u + u * u + g32 * (1 + u) ** 2 + ETA_SET) * 1.001
         self.c_lp = u / (1 - u) * 1.001
         xmax = self.R * (math.sqrt(self.d) if self.box else 1 + 1e-5)  # ‖x‖ of any point (float32 on the sphere)
         self.size_lp = torch.from_numpy((xmax * norms + np.abs(problem.bias)).astype(np.float32) * np.float32(1 + 1e-6))
@@ -295,7 +298,7 @@ class _Measure:
 
         L = self.logits_lp(x)
         L[:, list(exclude)] = -torch.inf
-        x64 = x.double().numpy()
+        x64 = self.on_set(x)
         lt = x64 @ self.keys64[t] + self.bias64[t]
         top, arg = L.max(dim=1)
         lost = self.surely_above(top.double().numpy(), arg.numpy(), lt, t)
@@ -349,7 +352,7 @@ class _Measure:
         have = set(cand)
         good = np.zeros(len(x), dtype=bool)
         strong = np.zeros(len(x), dtype=np.int64)
-        x64 = x.double().numpy()
+        x64 = self.on_set(x)
         lt = x64 @ self.keys64[t] + self.bias64[t]
         for c in range(0, len(x), chunk):
             sl = slice(c, min(c + chunk, len(x)))
@@ -383,7 +386,7 @@ class _Measure:
 
         B, V = len(x), self.keys_lp.shape[0]
         block = block or ROW_BLOCK
-        x64 = x.double().numpy()
+        x64 = self.on_set(x)
         lt = x64 @ self.keys64[t] + self.bias64[t]
         xa = torch.cat([x, torch.ones(B, 1)], dim=1).to(self.keys_lp.dtype)
         ex = np.asarray(sorted(int(j) for j in exclude), dtype=np.int64)
@@ -424,7 +427,7 @@ class _Measure:
         whose low-precision logit ``L`` [B, V] may reach ``lo`` [B] (float64: a value some row surely reaches)."""
         import torch
 
-        xr = x.double().numpy()
+        xr = self.on_set(x)
         if self.centred:  # the point as the keys see it
             xr = xr - xr.mean(axis=1, keepdims=True)
         B = len(lo)
@@ -513,6 +516,25 @@ class _Measure:
         ii, jj = torch.nonzero((L >= torch.from_numpy(low32)[:, None]) | torch.isnan(L), as_tuple=True)
         return ii.numpy(), jj.numpy()
 
+    def on_set(self, x) -> np.ndarray:
+        """The float32 points x [B, d] as float64 points of the output set itself: on spheres, projected and
+        scaled to radius R in float64 (float32's own normalisation leaves them R(1 ± ~1e-7) from the centre,
+        and a cell that misses the sphere by less, or a cap thinner than that, was measured as the float32
+        shell around it: hits for a share that is 0, a 1e-15 cap estimated at 1e-9); the cube, clipped to it.
+        Every check judges these points; its allowances for the low-precision logits, which were computed at
+        x, include the distance (``ETA_SET``·xmax at most: a point further away, which float32 rounding
+        cannot make, is judged where it is)."""
+        x32 = x.double().numpy()
+        if self.box:
+            return np.clip(x32, -self.R, self.R)
+        z = x32 - x32.mean(axis=1, keepdims=True) if self.centred else x32
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x64 = z * (self.R / np.linalg.norm(z, axis=1, keepdims=True))
+            far = ~(np.linalg.norm(x64 - x32, axis=1) <= ETA_SET * self.R)
+        if far.any():
+            x64[far] = x32[far]
+        return x64
+
     def points(self, z):
         """Points x (torch float32) of Gaussians z [..., d]."""
         import torch
@@ -594,7 +616,7 @@ def _plain_pass(meas: _Measure, samples: int, seed: int, chunk: int = 4096):
             every = len(near) == b  # (a head whose allowances decide nothing: no copy of L)
             w[near] = meas.argmax64(x if every else x[near], L if every else L[near], lo1[near] - meas.err_max)
         counts += torch.bincount(w, minlength=V)
-        sums.index_add_(0, w, x.double())
+        sums.index_add_(0, w, torch.from_numpy(meas.on_set(x)))
         done += b
     return counts.numpy(), sums.numpy()
 
@@ -1213,7 +1235,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
         that passes ``thr``."""
         x = meas.points(z)
         gate = ((x @ a1 + b1).amin(dim=1) > 0).numpy()  # the J-cell, as the chain of the first levels saw it
-        lt = x.double().numpy() @ kt64 + bt64
+        lt = meas.on_set(x) @ kt64 + bt64
         s = np.full(len(x), -np.inf)
         need = gate.copy()
         if thr is not None and need.any():
