@@ -1034,3 +1034,19 @@ def test_points_are_judged_on_the_set_not_on_float32s_shell():
         if norm == "layernorm":
             assert np.abs(x64.sum(axis=1)).max() < 1e-12 * meas.R
         assert np.linalg.norm(x64 - x.double().numpy(), axis=1).max() <= vol.ETA_SET * meas.R
+
+
+@pytest.mark.parametrize("kw", [{"samples": 1000.5}, {"samples": True}, {"seed": 2**70}, {"seed": -1},
+                                {"seed": 1.5}])
+def test_bad_sample_counts_and_seeds_are_input_errors(kw):
+    """A float sample count reached torch.randn (TypeError), a seed past 2^63 torch's generator (ValueError):
+    both are the caller's input, named."""
+    head = head_from_arrays(np.random.default_rng(0).standard_normal((4, 10)), norm="rmsnorm")
+    with pytest.raises(InputError, match="samples" if "samples" in kw else "seed"):
+        vol.volume(head, tokens=[1], **kw)
+
+
+def test_a_layernorm_head_with_one_dimension_has_no_share_to_measure():
+    """d = 1 under LayerNorm: the centred subspace is {0}, where every row ties; this returned a V-way "tie"."""
+    with pytest.raises(InputError, match="single point"):
+        vol.volume(head_from_arrays(np.arange(4.0)[None, :], norm="layernorm"), tokens=[1])

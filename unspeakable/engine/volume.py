@@ -1890,14 +1890,20 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
     head = load(source_or_head) if not isinstance(source_or_head, Head) else source_or_head
     if not (isinstance(confidence, float | int) and 0 < confidence < 1):
         raise InputError(f"confidence must be in (0, 1); got {confidence!r}")
-    if samples < 0:
-        raise InputError(f"samples must be >= 0; got {samples}")
+    if isinstance(samples, bool) or not isinstance(samples, int | np.integer) or samples < 0:
+        raise InputError(f"samples must be an integer >= 0; got {samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
+        raise InputError(f"seed must be an integer in [0, 2^63); got {seed!r}")
+    samples, seed = int(samples), int(seed)
     split = split or SplitOptions()
     if split.replicates < 2 or split.particles < 2:
         raise InputError("splitting needs at least 2 replicates of at least 2 particles")
     if problem is None:
         problem = fold(head, domain=domain, radius=radius, bias=bias)
     V = problem.V
+    if problem.domain.centred and problem.d < 2:  # the centred subspace of R^1 is {0}
+        raise InputError(f"the layernorm domain of a head with d = {problem.d} is the single point 0: every row "
+                         "ties there, no share to measure")
     listed = tokens is not None
     if not listed:
         ids = np.arange(V)
