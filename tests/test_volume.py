@@ -1050,3 +1050,34 @@ def test_a_layernorm_head_with_one_dimension_has_no_share_to_measure():
     """d = 1 under LayerNorm: the centred subspace is {0}, where every row ties; this returned a V-way "tie"."""
     with pytest.raises(InputError, match="single point"):
         vol.volume(head_from_arrays(np.arange(4.0)[None, :], norm="layernorm"), tokens=[1])
+
+
+@pytest.mark.parametrize("delta", [3e-13, 1e-10])
+def test_near_twins_are_told_apart_by_their_rows_difference(delta):
+    """Rows 3 and 5 equal but for ``delta`` in one entry (same bias): in their common cell 3 wins where x_2 > 0,
+    5 where x_2 < 0. Their float64 logits each round by about 1e-12 of their size, so at 3e-13 every checked
+    point was "ambiguous", counted as not won, and splitting reached neither token. The gap l_3 − l_5 read
+    from the rows' difference (its rounding bounded by (d + 5)u·‖r_3 − r_5‖·‖x‖) decides them: both
+    estimates against a float64 brute force that splits the common cell by the sign of x_2, no ambiguity."""
+    import torch
+
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(1)
+    d, V = 8, 12
+    W, b = rng.standard_normal((d, V)), rng.standard_normal(V) * 0.3
+    W[:, 3], b[3] = W[:, 5], b[5]
+    W[2, 3] = W[2, 5] + delta
+    head = head_from_arrays(W, b, norm="rmsnorm")
+    p = fold(head)
+    meas = vol._Measure(p, p.keys)
+    x = meas.points(torch.randn(400000, d, generator=torch.Generator().manual_seed(5))).double().numpy()
+    L = x @ W + b
+    cell = L[:, 5] > np.delete(L, [3, 5], axis=1).max(axis=1)
+    truth = {3: math.log10(np.mean(cell & (x[:, 2] > 0))), 5: math.log10(np.mean(cell & (x[:, 2] < 0)))}
+    rep = vol.volume(head, tokens=[3, 5], samples=0, seed=0)
+    for tv in rep.tokens:
+        assert tv.log10_share is not None and not tv.note, tv
+        lo, hi = tv.log10_share_ci
+        assert lo - 0.05 <= truth[tv.id] <= hi + 0.05, (tv.id, tv.log10_share_ci, truth[tv.id])
+        assert tv.log10_share_lower_bound < truth[tv.id]

@@ -260,6 +260,11 @@ class _Measure:
             rerr = rerr + bias_err
         self.row_err = rerr * 1.01
         self.row_err[~np.isfinite(self.row_err)] = np.inf
+        # for the gaps l_t − l_j read from the rows' difference (:meth:`_gap`): each row's fold error alone
+        self.xmax, self.rn = xmax, rn
+        ferr = xmax * (2 * U * rn if rows_err else 0.0) + (0.0 if bias_err is None else bias_err)
+        self.fold_err = np.where(np.isfinite(ferr), ferr * 1.01, np.inf) * np.ones(len(rn))
+        self.gid = np.arange(len(rn))  # twin groups (the caller's, :meth:`set_twins`): a row's group's first id
         self.ambiguous: dict[int, int] = {}  # per token, points within row_err of a tie (wins: lost; plain: its)
 
     def diffs(self, t: int, j) -> np.ndarray:
@@ -269,6 +274,27 @@ class _Measure:
         a = (np.asarray(rows[t], dtype=np.float64)[None, :]
              - np.asarray(rows[np.asarray(j, dtype=np.int64)], dtype=np.float64)).T
         return a - a.mean(axis=0, keepdims=True) if self.centred else a
+
+    def set_twins(self, groups: dict[int, list[int]]):
+        """The twin groups (token -> sorted members): rows of one group are never a point's rival."""
+        self.gid = np.arange(len(self.gid))
+        for t, members in groups.items():
+            self.gid[t] = members[0]
+
+    def _gap(self, xr, tt, ii, jj):
+        """Bounds (lo, hi) of the head's ``l_t(x) − l_j(x)`` at points xr[ii] (on the set, float64) for rows
+        tt and jj (arrays of pairs), from the rows' difference: ``(r_t − r_j)·x + (b̃_t − b̃_j)`` in float64
+        rounds by at most (d + 5)u·(‖r_t − r_j‖·xmax + |b̃_t − b̃_j|) (the difference's entries, the dot
+        product, the bias difference and the sum), then each row's fold error. Two rows 1 ulp apart (each
+        logit rounds by more than they differ) are told apart here wherever the fold is exact."""
+        rows = self.problem.rows
+        a = np.asarray(rows[tt], dtype=np.float64) - np.asarray(rows[jj], dtype=np.float64)
+        db = self.bias64[tt] - self.bias64[jj]
+        g = np.einsum("ij,ij->i", xr[ii], a) + db
+        err = (self.d + 5) * U * (np.linalg.norm(a, axis=1) * self.xmax + np.abs(db)) * 1.01
+        err = err + self.fold_err[tt] + self.fold_err[jj]
+        with np.errstate(invalid="ignore"):
+            return g - err, g + err  # NaN: neither side proven
 
     def lower(self, L, j):
         """A float64 lower bound of the exact logit of rows j [B] whose low-precision logits are L [B] (float64)."""
@@ -331,6 +357,15 @@ class _Measure:
             pts, at = _segments(ii)
             best[pts] = np.maximum.reduceat(l64 + self.row_err[jj], at)
             beats[pts] = np.logical_or.reduceat(l64 - self.row_err[jj] > lt_r[ii] + er_t, at)
+            # points the logits leave open: the rows that may reach t, read as differences with t's row
+            open_ = np.zeros(len(rest), dtype=bool)
+            open_[pts] = ~(best[pts] < lt_r[pts] - er_t) & ~beats[pts]
+            sel = np.nonzero(open_[ii] & ~(l64 + self.row_err[jj] < lt_r[ii] - er_t))[0]
+            if len(sel):
+                lo, hi = self._gap(xr, np.full(len(sel), t), ii[sel], jj[sel])
+                p2, at2 = _segments(ii[sel])
+                best[p2[np.logical_and.reduceat(lo > 0, at2)]] = -np.inf  # every row that may reach t is below it
+                beats[p2] |= np.logical_or.reduceat(hi < 0, at2)
         good[rest] = best < lt_r - er_t
         amb = int((~good[rest] & ~beats).sum())
         if amb:
@@ -446,11 +481,32 @@ class _Measure:
             # a point is ambiguous where another row (not an exact tie: twins are the caller's) comes within
             # the rows' allowances of the first maximum; it is counted for the first maximum and noted
             floor = top[ii] - self.row_err[arg[ii]]
-            near = (jj != arg[ii]) & (l64 != top[ii]) & (l64 + self.row_err[jj] >= floor)
-            amb[pts] |= np.logical_or.reduceat(near, at)
+            near = (self.gid[jj] != self.gid[arg[ii]]) & ~(l64 + self.row_err[jj] < floor)
+            if near.any():  # rows within the logits' allowances of the first maximum: read as differences
+                self._settle_argmax(xr, ii[near], jj[near], arg, amb)
         for t in arg[amb].tolist():
             self.ambiguous[t] = self.ambiguous.get(t, 0) + 1
         return torch.from_numpy(arg)
+
+    def _settle_argmax(self, xr, ii, jj, arg, amb):
+        """For points ii whose rows jj (not arg's twins) come within the logits' allowances of their first
+        maximum arg: the row surely above all the others by :meth:`_gap`, which becomes arg; where none is
+        proven, arg stays (the first maximum) and the point is ``amb`` (ambiguous)."""
+        lo, hi = self._gap(xr, arg[ii], ii, jj)
+        pts, at = _segments(ii)
+        done = np.logical_and.reduceat(lo > 0, at)  # arg surely above every rival
+        for k in np.nonzero(~done)[0]:  # rare: a tournament among the point's candidates
+            p = pts[k]
+            cand = np.r_[arg[p], jj[at[k]:at[k + 1] if k + 1 < len(at) else len(jj)]]
+            cur = cand[0]
+            for j in cand[1:]:
+                if self._gap(xr, np.array([j]), np.array([p]), np.array([cur]))[0][0] > 0:
+                    cur = j  # j surely above the current leader
+            others = cand[cand != cur]
+            if np.all(self._gap(xr, np.full(len(others), cur), np.full(len(others), p), others)[0] > 0):
+                arg[p] = cur
+            else:
+                amb[p] = True
 
     def _near_logits(self, xr, L, thr, every_row_if_none: bool = False, exclude=()):
         """The float64 logits ``r_j·x_i + b̃_j`` (xr: the points as the keys see them, float64) of the rows j
@@ -1923,6 +1979,7 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
     fold_bias_err = _bias_error(head, problem, problem.bias_used)  # the checks' allowance; the caps' below
     meas = _Measure(problem, problem.keys, rows_err, fold_bias_err)
     groups = _tie_groups(problem)
+    meas.set_twins(groups)
     # the rows each token is not compared with (itself and its twins), for every member of a listed token's
     # group: the splitting and the bound run on a group's first member, which need not be listed itself
     excl = {}
