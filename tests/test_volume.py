@@ -1081,3 +1081,37 @@ def test_near_twins_are_told_apart_by_their_rows_difference(delta):
         lo, hi = tv.log10_share_ci
         assert lo - 0.05 <= truth[tv.id] <= hi + 0.05, (tv.id, tv.log10_share_ci, truth[tv.id])
         assert tv.log10_share_lower_bound < truth[tv.id]
+
+
+def test_the_estimate_lies_in_its_interval_and_no_share_passes_one():
+    """Cox's interval is centred on mean(log) + s²/2, the estimate is the replicates' mean: at confidence 0.1
+    the estimate fell outside its interval; two replicates at 0.95 gave an upper end of 10^+0.20 (a share
+    above 1); at 0.9999999999999999, 0.5 + conf/2 rounded to 1 and the quantile was inf. Over replicate sets
+    with and without zeros and confidences from 1e-300 to 1 - 2^-53: lo <= estimate <= hi <= 0, all finite
+    but a lo of -inf where replicates are 0."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        R = int(rng.integers(2, 17))
+        est = np.exp(rng.normal(rng.uniform(-30, 0), rng.uniform(0.01, 4), R)).clip(max=1.0)
+        if rng.random() < 0.3:
+            est[rng.random(R) < 0.5] = 0.0
+        if not est.any():
+            continue
+        for conf in (1e-300, 0.1, 0.5, 0.95, 0.999999, 1 - 2.0**-53):
+            m, lo, hi = vol._cox_interval(est, conf, float(rng.choice([0.0, 0.05])))
+            assert lo <= m <= hi <= 0.0, (est, conf, m, lo, hi)
+            assert math.isfinite(m) and math.isfinite(hi) and (math.isfinite(lo) or lo == -math.inf)
+
+
+def test_no_estimate_or_interval_end_below_the_proven_bound():
+    """Two rows without bias halve the circle: the proven cap is the half-circle (10^-0.30103 less its
+    rounding), and a plain estimate read 10^-0.3040. Neither the estimate nor its interval goes below what
+    is proven."""
+    rng = np.random.default_rng(3)
+    for seed in range(4):
+        rep = vol.volume(head_from_arrays(rng.standard_normal((2, 2)), norm="rmsnorm"), tokens=[0, 1],
+                         samples=3000, seed=seed)
+        for tv in rep.tokens:
+            lb = tv.log10_share_lower_bound
+            assert lb is not None and lb > math.log10(0.5) - 1e-8
+            assert tv.log10_share >= lb and tv.log10_share_ci[0] >= lb and tv.log10_share_ci[1] >= lb
