@@ -315,6 +315,51 @@ def test_bad_output_paths(capsys, tmp_path):
     assert_bad(capsys, tmp_path, "scan", src, "--out", src, match="is the source file", keep=keep + ["w.npz"])
 
 
+def test_output_names_refused_before_any_work(capsys, tmp_path):
+    """Found by an adversarial pass: a name too long for atomic_write's temp file ('.NAME.XXXXXXXX.tmp') and
+    a name ending in '/' failed only at the last write (OSError traceback, exit 1) with the CSV and the page
+    already written; --out naming the --vocab file overwrote it; an empty --out was ignored."""
+    long = tmp_path / ("x" * 248 + ".json")
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps([f"t{i}" for i in range(300)]))
+    for cmd in (["scan", SMALL], ["volume", SMALL, "--samples", "500"]):
+        assert_bad(capsys, tmp_path, *cmd, "--csv", tmp_path / "c.csv", "--out", long, match="file name too long",
+                   keep=["vocab.json"])
+        assert_bad(capsys, tmp_path, *cmd, "--csv", tmp_path / "c.csv", "--out", f"{tmp_path}/foo/",
+                   match="ends in a separator", keep=["vocab.json"])
+        assert_bad(capsys, tmp_path, *cmd, "--vocab", vocab, "--out", vocab, match="is an input file",
+                   keep=["vocab.json"])
+        assert_bad(capsys, tmp_path, *cmd, "--out", "", match="empty file name", keep=["vocab.json"])
+    assert_bad(capsys, tmp_path, "volume", SMALL, "--seed", "-1", match="seed", keep=["vocab.json"])
+    assert_bad(capsys, tmp_path, "volume", "synthetic:V=10,d=4,seed=-1", "--samples", "100", match="seed",
+               keep=["vocab.json"])
+    assert_bad(capsys, tmp_path, "scan", SMALL, "--volume", "--volume-seed", str(2**63), "--out", tmp_path / "r.json",
+               match="seed", keep=["vocab.json"])
+
+
+def test_outputs_appear_together_or_not_at_all(tmp_path, monkeypatch):
+    """The JSON failing after the CSV and the page were written left those two behind: write_together moves
+    them into place only once every one is complete, and an OSError is an InputError naming the file."""
+    from unspeakable.engine import report as rp
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "r.json"))
+
+    import importlib
+
+    vol = importlib.import_module("unspeakable.engine.volume")
+    monkeypatch.setattr(vol, "write_json", fail)
+    rc = main(["volume", SMALL, "--samples", "500", "--csv", str(tmp_path / "c.csv"), "--html",
+               str(tmp_path / "p.html"), "--out", str(tmp_path / "r.json")])
+    assert rc == 2 and sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    with rp.write_together():
+        with rp.atomic_write(tmp_path / "a.txt") as f:
+            f.write("a")
+        assert not (tmp_path / "a.txt").exists()  # staged until the block ends
+    assert (tmp_path / "a.txt").read_text() == "a"
+
+
 def test_existing_output_untouched_on_bad_input(capsys, tmp_path):
     (tmp_path / "r.json").write_text("previous report")
     assert_bad(capsys, tmp_path, "scan", SMALL, "--tokens", "9-1", "--out", tmp_path / "r.json",

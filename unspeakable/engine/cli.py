@@ -104,14 +104,14 @@ def _gigabytes(s: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _int_at_least(lo: int, what: str):
-    """An argparse type: an integer >= ``lo`` (``what`` names it in the message)."""
+def _int_at_least(lo: int, what: str, below: int | None = None):
+    """An argparse type: an integer >= ``lo`` (and < ``below``; ``what`` names it in the message)."""
     def parse(s: str) -> int:
         try:
             n = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {what} integer, got {s!r}") from None
-        if n < lo:
+        if n < lo or below is not None and n >= below:
             raise argparse.ArgumentTypeError(f"expected a {what} integer, got {n}")
         return n
     return parse
@@ -119,19 +119,31 @@ def _int_at_least(lo: int, what: str):
 
 _positive_int = _int_at_least(1, "positive")
 _nonnegative_int = _int_at_least(0, "non-negative")
+_seed = _int_at_least(0, "seed (0 <= S < 2^63)", 2**63)
 
 
 # --------------------------------------------------------------------------------------------- checks
-def check_outputs(source: str | None = None, **paths: str | None) -> None:
+def check_outputs(source: str | tuple | None = None, **paths: str | None) -> None:
     """Every output path must be a file in an existing, writable directory, distinct from the others and
-    from the source. Raises :class:`InputError` before any work is done."""
+    from the inputs (``source``: a path, or a tuple of them: the source and the ``--vocab`` file). Raises
+    :class:`InputError` before any work is done."""
     seen: dict[str, str] = {}
-    src = os.path.realpath(source) if source and os.path.exists(source) else None
+    inputs = source if isinstance(source, tuple) else (source,)
+    srcs = {os.path.realpath(p): p for p in inputs if p and os.path.exists(p)}
     for flag, path in paths.items():
-        if not path:
-            continue
         opt = "--" + flag
+        if path is None:
+            continue
+        if not path:
+            raise InputError(f"{opt}: empty file name")
+        if path.endswith(("/", os.sep)):
+            raise InputError(f"{opt} {path} ends in a separator (a directory); expected a file name")
         real = os.path.realpath(path)
+        # atomic_write's temp file is ".NAME.XXXXXXXX.tmp", the JSON's companion "NAME.witnesses.npz"
+        name_max = _name_max(os.path.dirname(real))
+        if len(os.fsencode(os.path.basename(real))) + 18 > name_max:
+            raise InputError(f"{opt} {path}: file name too long (at most {name_max - 18} bytes here: the temp "
+                             "file beside it needs the rest)")
         if os.path.isdir(real):
             raise InputError(f"{opt} {path} is a directory; expected a file name")
         parent = os.path.dirname(real)
@@ -141,8 +153,9 @@ def check_outputs(source: str | None = None, **paths: str | None) -> None:
             raise InputError(f"{opt} {path}: directory {os.path.dirname(path) or '.'} is not writable")
         if os.path.exists(real) and not os.path.isfile(real):
             raise InputError(f"{opt} {path} exists and is not a regular file")
-        if real == src:
-            raise InputError(f"{opt} {path} is the source file; refusing to overwrite the input")
+        if real in srcs:
+            what = "the source file" if srcs[real] == inputs[0] else "an input file"
+            raise InputError(f"{opt} {path} is {what}; refusing to overwrite the input")
         if real in seen:
             raise InputError(f"{opt} and {seen[real]} both name {path}; give each output its own file")
         seen[real] = opt
@@ -153,6 +166,13 @@ def check_outputs(source: str | None = None, **paths: str | None) -> None:
             if ext and ext not in plot_formats():
                 raise InputError(f"--plot {path}: cannot write a .{ext} figure; "
                                  f"expected one of {', '.join('.' + f for f in sorted(plot_formats()))}")
+
+
+def _name_max(directory: str) -> int:
+    try:
+        return int(os.pathconf(directory, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
 
 
 def _check_backend(backend: str, device: str, precision: str = "auto") -> None:
@@ -217,20 +237,21 @@ def _print(report) -> None:
 
 def _write_reports(report, out: str | None, csv: str | None = None, plot: str | None = None,
                    html: str | None = None) -> None:
-    from unspeakable.engine.report import write_csv, write_json, write_plot
+    from unspeakable.engine.report import write_csv, write_json, write_plot, write_together
 
-    # the JSON last: once it exists, the figure, the CSV and the page beside it are complete too
-    if plot:
-        write_plot(report, plot)
-    if csv:
-        write_csv(report, csv)
-    if html:
-        from unspeakable.engine.html import write_html
+    # all or none of them (write_together); the JSON last
+    with write_together():
+        if plot:
+            write_plot(report, plot)
+        if csv:
+            write_csv(report, csv)
+        if html:
+            from unspeakable.engine.html import write_html
 
-        with _stage(f"writing {html}"):
-            write_html(report, html)
-    if out:
-        write_json(report, out)
+            with _stage(f"writing {html}"):
+                write_html(report, html)
+        if out:
+            write_json(report, out)
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -302,7 +323,7 @@ class Scan:
             return self._run_many(sources)
         if self.resume and not self.out:
             raise InputError("--resume needs --out: an interrupted scan keeps its progress in OUT.partial")
-        check_outputs(sources[0], out=self.out, csv=self.csv, plot=self.plot, html=self.html)
+        check_outputs((sources[0], self.vocab), out=self.out, csv=self.csv, plot=self.plot, html=self.html)
         self._check()
         with self._cluster() as cluster:
             self._scan_one(sources[0], self.out, self.csv, self.plot, self.html, cluster)
@@ -388,7 +409,7 @@ class Scan:
             raise InputError(f"--out-dir {self.out_dir}: not an existing, writable directory")
         names = safe_names(sources)
         for src, name in zip(sources, names):
-            check_outputs(src, out=os.path.join(self.out_dir, name + ".json"))
+            check_outputs((src, self.vocab), out=os.path.join(self.out_dir, name + ".json"))
         self._check()
         rows = []
         with self._cluster() as cluster:
@@ -426,7 +447,7 @@ class Gram:
         _vocab_arg(p)
 
     def run(self) -> int:
-        check_outputs(self.source, out=self.out, html=self.html)
+        check_outputs((self.source, self.vocab), out=self.out, html=self.html)
         _check_vocab(self.vocab)
         _check_backend(self.backend, self.device)
         from unspeakable.engine.pipeline import gram_head
@@ -571,7 +592,7 @@ class Audit:
         p.add_argument("report", help="a report JSON written by scan --out (schema unspeakable.report/1)")
         p.add_argument("source", help="the weights the report was made from (same forms as scan's SOURCE)")
         p.add_argument("--sample", type=_positive_int, help="audit a random sample of N claims (counts always)")
-        p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+        p.add_argument("--seed", type=_seed, default=0, help="seed of --sample (default 0)")
 
     def run(self) -> int:
         from unspeakable.engine.auditor import audit
@@ -617,7 +638,7 @@ class Volume:
         _domain_args(p)
         p.add_argument("--samples", type=_nonnegative_int, default=65536,
                        help="plain uniform samples over all V (default 65536; 0: split every listed token)")
-        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
         p.add_argument("--confidence", type=_probability, default=0.95, help="of the intervals (default 0.95)")
         p.add_argument("--particles", type=_positive_int, help="splitting: particles per replicate (default: "
                                                                 "engine.volume.SplitOptions', 64)")
@@ -629,7 +650,7 @@ class Volume:
         _vocab_arg(p)
 
     def run(self) -> int:
-        check_outputs(self.source, out=self.out, csv=self.csv, html=self.html)
+        check_outputs((self.source, self.vocab), out=self.out, csv=self.csv, html=self.html)
         _check_vocab(self.vocab)
         if self.replicates is not None and self.replicates < 2:
             raise InputError(f"--replicates {self.replicates}: need at least 2 (their spread gives the interval)")
@@ -657,12 +678,15 @@ class Volume:
         _warn(report.warnings)
         print(vol.format_table(report))
         sys.stdout.flush()
-        if self.csv:
-            vol.write_csv(report, self.csv)
-        if self.html:
-            vol.write_html(report, self.html)
-        if self.out:
-            vol.write_json(report, self.out)
+        from unspeakable.engine.report import write_together
+
+        with write_together():  # all or none of them
+            if self.csv:
+                vol.write_csv(report, self.csv)
+            if self.html:
+                vol.write_html(report, self.html)
+            if self.out:
+                vol.write_json(report, self.out)
         t = report.timings_s
         print(f"unspeakable: time: sampling {t.get('sampling', 0):.1f} s, splitting {t.get('splitting', 0):.1f} s, "
               f"lower bounds {t.get('lower_bound', 0):.1f} s; {t.get('total', 0):.1f} s in all", file=sys.stderr)
@@ -729,7 +753,7 @@ def _volume_args(p: argparse.ArgumentParser) -> None:
                    help="split and cap-bound the N listed speakable tokens with the smallest margin_lower (default 10)")
     g.add_argument("--volume-samples", type=_positive_int, metavar="N",
                    help="plain uniform samples over all V (default 65536)")
-    g.add_argument("--volume-seed", type=_nonnegative_int, metavar="S", help="random seed of the volume pass (default 0)")
+    g.add_argument("--volume-seed", type=_seed, metavar="S", help="random seed of the volume pass (default 0)")
 
 
 def _ray_args(p: argparse.ArgumentParser) -> None:

@@ -129,6 +129,8 @@ def _parse_synthetic(spec: str) -> dict:
         raise InputError(f"{spec}: V = {params['V']}; need at least 2 tokens")
     if params["d"] < 1:
         raise InputError(f"{spec}: d = {params['d']}; need d >= 1")
+    if not 0 <= params.get("seed", 0) < 2**63:
+        raise InputError(f"{spec}: seed = {params['seed']}; need 0 <= seed < 2^63")
     return params
 
 

@@ -243,9 +243,13 @@ def to_jsonable(obj):
 
 
 # --------------------------------------------------------------------------------------------- atomic files
+_STAGED: list | None = None  # inside write_together: (temp, path) pairs waiting to be moved into place
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w"):
-    """Yield a temp file in ``path``'s directory; on success ``os.replace`` it onto ``path``.
+    """Yield a temp file in ``path``'s directory; on success ``os.replace`` it onto ``path`` (inside
+    :func:`write_together`: at the end of that block, with the others).
 
     On any exception the temp file is removed and ``path`` is left exactly as it was: nothing half-written.
     """
@@ -261,11 +265,41 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
+        if _STAGED is not None:
+            _STAGED.append((tmp, path))
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+@contextmanager
+def write_together():
+    """The files :func:`atomic_write` writes inside this block appear together at its end, or none of them:
+    a JSON that fails after its CSV and page were written left those two behind. Each is complete in a temp
+    file beside its target first; an OSError while writing them (a name too long for the temp file, a full
+    disk) becomes an :class:`InputError` naming the file, and every temp file is removed."""
+    from unspeakable.engine.head import InputError
+
+    global _STAGED
+    outer, _STAGED = _STAGED, []
+    staged = _STAGED
+    try:
+        try:
+            yield
+        except OSError as e:
+            raise InputError(f"cannot write {e.filename or 'the output'}: {e.strerror or e}") from e
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with suppress(FileNotFoundError):
+                os.remove(tmp)
+        raise
+    finally:
+        _STAGED = outer
 
 
 def _umask() -> int:

@@ -2270,8 +2270,9 @@ class VolumeOptions:
             raise InputError(f"volume: expected True, a dict or VolumeOptions; got {type(value).__name__}")
         for name, least in (("samples", 1), ("hardest", 0), ("seed", 0)):
             v = getattr(opt, name)
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < least:
-                raise InputError(f"volume {name} must be an integer >= {least}; got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < least or name == "seed" and v >= 2**63:
+                raise InputError(f"volume {name} must be an integer >= {least}"
+                                 f"{' and < 2^63' if name == 'seed' else ''}; got {v!r}")
         if isinstance(opt.confidence, bool) or not (isinstance(opt.confidence, float | int) and 0 < opt.confidence < 1):
             raise InputError(f"volume confidence must be in (0, 1); got {opt.confidence!r}")
         if not isinstance(opt.split, SplitOptions) or opt.split.replicates < 2 or opt.split.particles < 2:
