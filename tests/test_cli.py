@@ -330,6 +330,11 @@ def test_output_names_refused_before_any_work(capsys, tmp_path):
         assert_bad(capsys, tmp_path, *cmd, "--vocab", vocab, "--out", vocab, match="is an input file",
                    keep=["vocab.json"])
         assert_bad(capsys, tmp_path, *cmd, "--out", "", match="empty file name", keep=["vocab.json"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(["a", "\ud800", "b"]))  # a lone surrogate: the reports could not be written
+    assert_bad(capsys, tmp_path, "volume", SMALL, "--samples", "500", "--vocab", bad, "--out", tmp_path / "r.json",
+               match="not valid Unicode", keep=["vocab.json", "bad.json"])
+    bad.unlink()
     assert_bad(capsys, tmp_path, "volume", SMALL, "--seed", "-1", match="seed", keep=["vocab.json"])
     assert_bad(capsys, tmp_path, "volume", "synthetic:V=10,d=4,seed=-1", "--samples", "100", match="seed",
                keep=["vocab.json"])

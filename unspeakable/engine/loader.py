@@ -59,6 +59,14 @@ def load(source, *, vocab: str | None = None) -> Head:
     return head
 
 
+def _utf8(t: str) -> bool:
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def attach_tokens(head: Head, tokens, scheme: str | None = None, where: str = "tokens") -> Head:
     """Set ``head.tokens`` (raw entries), ``head.text_scheme`` and ``head.texts`` (decoded) from raw tokens.
 
@@ -73,6 +81,9 @@ def attach_tokens(head: Head, tokens, scheme: str | None = None, where: str = "t
     bad = [i for i, t in enumerate(tokens) if t is not None and not isinstance(t, str)]
     if bad:
         raise InputError(f"{where}: entries at ids {_ids(bad)} are not strings")
+    bad = [i for i, t in enumerate(tokens) if t is not None and not _utf8(t)]
+    if bad:  # (a lone surrogate: the reports could not be written, after all the work)
+        raise InputError(f"{where}: entries at ids {_ids(bad)} are not valid Unicode (a lone surrogate)")
     if len(tokens) > head.d_vocab:
         raise InputError(f"{where}: {len(tokens)} tokens, but W_U {_shape(head.W_U)} has d_vocab = {head.d_vocab}")
     scheme = scheme or detect_scheme(tokens)

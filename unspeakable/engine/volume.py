@@ -2355,6 +2355,11 @@ def entry_json(tv: TokenVolume) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ output
+def _pct(conf: float) -> str:
+    """The confidence as a percentage to as many digits as it has (0.999999: "99.9999%", not "100%")."""
+    return f"{100 * conf:.10g}%"
+
+
 def write_json(report: VolumeReport, path) -> None:
     """``report.to_json()`` written atomically (nothing half-written); NaN and inf are refused."""
     import json
@@ -2388,7 +2393,7 @@ def format_table(report: VolumeReport, max_rows: int = 40) -> str:
     head = (f"unspeakable volume: {report.source}  V={report.V}  d={report.d}  domain={report.domain} "
             f"(sphere S^{report.dimension - 1})" if report.domain != "box" else
             f"unspeakable volume: {report.source}  V={report.V}  d={report.d}  domain=box")
-    lines = [head, f"{'id':>7}  {'text':<18} {'log10 share':>11} {'CI ' + format(report.confidence, '.0%'):>17} "
+    lines = [head, f"{'id':>7}  {'text':<18} {'log10 share':>11} {'CI ' + _pct(report.confidence):>17} "
                    f"{'rigorous ≥':>10} {'cap°':>7}  method"]
     for t in toks[:max_rows]:
         ci = f"[{_fmt(t.log10_share_ci[0])}, {_fmt(t.log10_share_ci[1])}]"
@@ -2451,7 +2456,7 @@ def write_html(report: VolumeReport, path) -> None:
             t.id, H.escape(repr(t.text)) if t.text is not None else "", _fmt(t.log10_share),
             f"[{_fmt(t.log10_share_ci[0])}, {_fmt(t.log10_share_ci[1])}]", _fmt(t.log10_share_lower_bound),
             _fmt(t.cap_angle_deg), H.escape(t.method), t.samples, _fmt(t.seconds, 3))) + "</tr>")
-    cols = ("id", "text", "log10 share", f"CI {report.confidence:.0%}", "rigorous lower bound", "cap angle °",
+    cols = ("id", "text", "log10 share", f"CI {_pct(report.confidence)}", "rigorous lower bound", "cap angle °",
             "method", "samples", "s")
     where = ("the cube ‖x‖∞ ≤ ρ" if report.domain == "box" else
              f"the sphere of radius {_fmt(report.radius, 4)} in R^{report.dimension}"
@@ -2463,7 +2468,7 @@ td:nth-child(2){{text-align:left;font-family:monospace}}img{{max-width:100%}}</s
 <h1>How precisely must the model point?</h1>
 <p>{H.escape(report.source)}: V = {report.V}, d = {report.d}, domain {report.domain}, bias {report.bias}.
 The share of a token is the probability that it is the strict argmax when the hidden state is uniform on
-{H.escape(where)}. Intervals at {report.confidence:.0%}; the lower bound is a proven cap inside the token's region
+{H.escape(where)}. Intervals at {_pct(report.confidence)}; the lower bound is a proven cap inside the token's region
 ("the model must point within θ of its centre"). Seed {report.seed}, {report.samples} plain samples.</p>
 {''.join(f'<p style="color:#8a4b00">warning: {H.escape(w)}</p>' for w in report.warnings)}
 <img alt="histogram of log10 share" src="data:image/png;base64,{png}">
