@@ -846,6 +846,18 @@ def test_reading_all_v_in_blocks_changes_nothing_but_the_cost(monkeypatch):
     assert all(r[1] is not None for r in runs[5])
 
 
+def _huge_row_head(seed: int, V: int, d: int, scale: float):
+    """A rmsnorm head with bias whose row 9 is ``scale`` times the others: (head, its fold, its _Measure)."""
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(seed)
+    W, b = rng.standard_normal((d, V)), rng.normal(0, 0.5, V)
+    W[:, 9] *= scale
+    head = head_from_arrays(W, b, norm="rmsnorm")
+    p = fold(head)
+    return head, p, vol._Measure(p, p.keys)
+
+
 def test_a_row_past_float32s_range_is_read_in_float64():
     """A row 1e39 times the others overflows the checks' float32 keys (its logits inf or NaN there). The plain
     pass raised IndexError (a point with no row within reach of a NaN threshold); a NaN is no evidence: such
@@ -853,14 +865,8 @@ def test_a_row_past_float32s_range_is_read_in_float64():
     checks call no point won that the head does not give t, and the volume runs."""
     import torch
 
-    from unspeakable.engine.loader import fold
-
-    rng = np.random.default_rng(3)
     V, d = 300, 16
-    W, b = rng.standard_normal((d, V)), rng.normal(0, 0.5, V)
-    W[:, 9] *= 1e39
-    p = fold(head_from_arrays(W, b, norm="rmsnorm"))
-    meas = vol._Measure(p, p.keys)
+    head, p, meas = _huge_row_head(3, V, d, 1e39)
     assert not torch.isfinite(meas.keys[9]).all()
     counts, _ = vol._plain_pass(meas, 20000, 123)
     x = meas.points(torch.randn(20000, d, generator=torch.Generator().manual_seed(123)))
@@ -873,7 +879,7 @@ def test_a_row_past_float32s_range_is_read_in_float64():
             # allowance makes, so t tied with itself and every won point was "ambiguous", none won)
             assert np.array_equal(good, truth)
     assert not meas.ambiguous
-    rep = vol.volume(head_from_arrays(W, b, norm="rmsnorm"), tokens=[9], samples=20000, seed=0)
+    rep = vol.volume(head, tokens=[9], samples=20000, seed=0)
     t9 = {t.id: t for t in rep.tokens}[9]
     assert t9.log10_share_lower_bound <= np.log10(0.5) + 1e-9  # row 9 owns a half-sphere (to 1e-38)
 
@@ -888,14 +894,8 @@ def test_a_head_whose_allowances_decide_nothing_is_read_in_bounded_chunks(monkey
 
     import torch
 
-    from unspeakable.engine.loader import fold
-
-    rng = np.random.default_rng(5)
     V, d = 6000, 8
-    W, b = rng.standard_normal((d, V)), rng.normal(0, 0.5, V)
-    W[:, 9] *= 1e30
-    p = fold(head_from_arrays(W, b, norm="rmsnorm"))
-    meas = vol._Measure(p, p.keys)
+    _, p, meas = _huge_row_head(5, V, d, 1e30)
     monkeypatch.setattr(vol, "PAIR_BUDGET", 2**18)  # ~10 numbers per entry at a time: ~20 MB
     tracemalloc.start()
     counts, _ = vol._plain_pass(meas, 4096, 11)
@@ -926,15 +926,8 @@ def test_ordinary_tokens_of_a_head_with_a_row_past_float32s_range():
     below the truth."""
     import torch
 
-    from unspeakable.engine.loader import fold
-
-    rng = np.random.default_rng(7)
     V, d = 300, 16
-    W, b = rng.standard_normal((d, V)), rng.normal(0, 0.5, V)
-    W[:, 9] *= 1e39
-    head = head_from_arrays(W, b, norm="rmsnorm")
-    p = fold(head)
-    meas = vol._Measure(p, p.keys)
+    head, p, meas = _huge_row_head(7, V, d, 1e39)
     x = meas.points(torch.randn(400000, d, generator=torch.Generator().manual_seed(2))).double().numpy()
     hits = np.bincount((x @ np.asarray(p.rows, dtype=np.float64).T + p.bias).argmax(axis=1), minlength=V)
     assert hits[9] > 190000  # row 9 owns a half-sphere
