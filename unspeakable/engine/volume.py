@@ -263,9 +263,9 @@ class _Measure:
         self.row_err = rerr * 1.01
         self.row_err[~np.isfinite(self.row_err)] = np.inf
         # for the gaps l_t − l_j read from the rows' difference (:meth:`_gap`): each row's fold error alone
-        self.xmax, self.rn = xmax, rn
-        ferr = xmax * (2 * U * rn if rows_err else 0.0) + (0.0 if bias_err is None else bias_err)
-        self.fold_err = np.where(np.isfinite(ferr), ferr * 1.01, np.inf) * np.ones(len(rn))
+        self.xmax = xmax
+        ferr = np.zeros(len(rn)) + xmax * (2 * U * rn if rows_err else 0.0) + (0.0 if bias_err is None else bias_err)
+        self.fold_err = np.where(np.isfinite(ferr), ferr * 1.01, np.inf)
         self.gid = np.arange(len(rn))  # twin groups (the caller's, :meth:`set_twins`): a row's group's first id
         self.ambiguous: dict[int, int] = {}  # per token, points within row_err of a tie (wins: lost; plain: its)
 
@@ -480,8 +480,9 @@ class _Measure:
             seg = np.repeat(np.arange(len(pts)), np.diff(np.r_[at, len(ii)]))
             first = np.minimum.reduceat(np.where(l64 == top[pts][seg], jj, V), at)
             arg[pts] = np.where(first < V, first, jj[at])
-            # a point is ambiguous where another row (not an exact tie: twins are the caller's) comes within
-            # the rows' allowances of the first maximum; it is counted for the first maximum and noted
+            # another row (not a twin: set_twins) within the rows' allowances of the first maximum, an equal
+            # float64 logit included, is settled by the rows' difference; where that cannot, the point is
+            # counted for the first maximum and noted as ambiguous
             floor = top[ii] - self.row_err[arg[ii]]
             near = (self.gid[jj] != self.gid[arg[ii]]) & ~(l64 + self.row_err[jj] < floor)
             if near.any():  # rows within the logits' allowances of the first maximum: read as differences
@@ -524,10 +525,11 @@ class _Measure:
         B, V = L.shape
         rows = self.problem.rows
         step = max(1, PAIR_BUDGET // max(V, 1))
+        ex = np.asarray(list(exclude), dtype=np.int64)
         for c in range(0, B, step):
             ii, jj = self._reach(L[c:c + step], thr[c:c + step])
-            if len(exclude):
-                keep = ~np.isin(jj, np.asarray(list(exclude), dtype=np.int64))
+            if len(ex):
+                keep = ~np.isin(jj, ex)
                 ii, jj = ii[keep], jj[keep]
             n = min(step, B - c)
             if every_row_if_none:
