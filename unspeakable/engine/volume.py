@@ -59,9 +59,11 @@ ball: a token that wins only inside the ball (a large bias, a short row) is spea
 
 Floating point: the splitting's chain uses float32 margins against J (an estimate; points within float32
 rounding of a cell's boundary are a negligible set); who wins at a point over all V (the plain pass, the
-final checks) is what float64 logits say: a bfloat16 GEMM (float32 where oneDNN lacks bfloat16) with a
-bound on its error settles nearly every row, float64 the few it cannot (:meth:`_Measure.wins`); the lower
-bound uses float64 with rounding allowances.
+final checks) is what float64 logits say at the point put back on the set in float64
+(:meth:`_Measure.on_set`): a bfloat16 GEMM (float32 where oneDNN lacks bfloat16) with a bound on its error
+settles nearly every row, float64 the few it cannot (:meth:`_Measure.wins`), and two rows closer than their
+float64 logits' rounding are compared through their difference (:meth:`_Measure._gap`); the lower bound uses
+float64 with rounding allowances.
 """
 from __future__ import annotations
 
