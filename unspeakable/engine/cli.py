@@ -139,11 +139,13 @@ def check_outputs(source: str | tuple | None = None, **paths: str | None) -> Non
         if path.endswith(("/", os.sep)):
             raise InputError(f"{opt} {path} ends in a separator (a directory); expected a file name")
         real = os.path.realpath(path)
-        # atomic_write's temp file is ".NAME.XXXXXXXX.tmp", the JSON's companion "NAME.witnesses.npz"
+        # the temp files beside it (atomic_write's, and that of the JSON's companion) need longer names
+        from unspeakable.engine.report import NAME_OVERHEAD
+
         name_max = _name_max(os.path.dirname(real))
-        if len(os.fsencode(os.path.basename(real))) + 18 > name_max:
-            raise InputError(f"{opt} {path}: file name too long (at most {name_max - 18} bytes here: the temp "
-                             "file beside it needs the rest)")
+        if len(os.fsencode(os.path.basename(real))) + NAME_OVERHEAD > name_max:
+            raise InputError(f"{opt} {path}: file name too long (at most {name_max - NAME_OVERHEAD} bytes here: "
+                             "the temp files beside it need the rest)")
         if os.path.isdir(real):
             raise InputError(f"{opt} {path} is a directory; expected a file name")
         parent = os.path.dirname(real)

@@ -244,6 +244,10 @@ def to_jsonable(obj):
 
 # --------------------------------------------------------------------------------------------- atomic files
 _STAGED: list | None = None  # inside write_together: (temp, path) pairs waiting to be moved into place
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"  # atomic_write's temp file: ".NAME." + 8 random characters + ".tmp"
+COMPANION_SUFFIX = ".witnesses.npz"  # write_json's companion of the witness points: "NAME.witnesses.npz"
+# bytes a file name may need beyond its own for the files written beside it (the companion's temp file)
+NAME_OVERHEAD = len(COMPANION_SUFFIX) + len(TEMP_PREFIX) + 1 + 8 + len(TEMP_SUFFIX)
 
 
 @contextmanager
@@ -255,7 +259,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{TEMP_PREFIX}{os.path.basename(path)}.", suffix=TEMP_SUFFIX)
     try:
         kw = {"newline": ""} if "b" not in mode else {}
         if "b" not in mode:
@@ -331,7 +335,7 @@ def _split_witnesses(data: dict, path: str, companion_min: int) -> None:
     rows = [t for t in data["tokens"] if isinstance((t.get("certificate") or {}).get("x"), list)]
     if sum(len(t["certificate"]["x"]) for t in rows) <= companion_min:
         return
-    name = os.path.basename(path) + ".witnesses.npz"
+    name = os.path.basename(path) + COMPANION_SUFFIX
     ids = np.array([t["id"] for t in rows], dtype=np.int64)
     X = np.array([t["certificate"]["x"] for t in rows], dtype=np.float64)
     with atomic_write(os.path.join(os.path.dirname(os.path.abspath(path)), name), "wb") as f:

@@ -734,6 +734,16 @@ class SplitOptions:
     mid: int = 384  # ... then J's rows up to this one, and the rest only where those pass too
 
 
+def _check_int(what: str, v, least: int, below_pow2: int | None = None) -> int:
+    """``v`` as an int, or an InputError naming ``what``: an integer (not a bool), at least ``least`` and below
+    ``2**below_pow2`` where given (a seed: torch's and numpy's generators take 63 bits)."""
+    if (isinstance(v, bool) or not isinstance(v, int | np.integer) or v < least
+            or below_pow2 is not None and v >= 2**below_pow2):
+        bound = f" and < 2^{below_pow2}" if below_pow2 is not None else ""
+        raise InputError(f"{what} must be an integer >= {least}{bound}; got {v!r}")
+    return int(v)
+
+
 def _log10(x: float) -> float:
     return math.log10(x) if x > 0 else -math.inf
 
@@ -1961,11 +1971,7 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
     head = load(source_or_head) if not isinstance(source_or_head, Head) else source_or_head
     if not (isinstance(confidence, float | int) and 0 < confidence < 1):
         raise InputError(f"confidence must be in (0, 1); got {confidence!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int | np.integer) or samples < 0:
-        raise InputError(f"samples must be an integer >= 0; got {samples!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
-        raise InputError(f"seed must be an integer in [0, 2^63); got {seed!r}")
-    samples, seed = int(samples), int(seed)
+    samples, seed = _check_int("samples", samples, 0), _check_int("seed", seed, 0, 63)
     split = split or SplitOptions()
     if split.replicates < 2 or split.particles < 2:
         raise InputError("splitting needs at least 2 replicates of at least 2 particles")
@@ -2274,10 +2280,7 @@ class VolumeOptions:
         else:
             raise InputError(f"volume: expected True, a dict or VolumeOptions; got {type(value).__name__}")
         for name, least in (("samples", 1), ("hardest", 0), ("seed", 0)):
-            v = getattr(opt, name)
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < least or name == "seed" and v >= 2**63:
-                raise InputError(f"volume {name} must be an integer >= {least}"
-                                 f"{' and < 2^63' if name == 'seed' else ''}; got {v!r}")
+            _check_int(f"volume {name}", getattr(opt, name), least, 63 if name == "seed" else None)
         if isinstance(opt.confidence, bool) or not (isinstance(opt.confidence, float | int) and 0 < opt.confidence < 1):
             raise InputError(f"volume confidence must be in (0, 1); got {opt.confidence!r}")
         if not isinstance(opt.split, SplitOptions) or opt.split.replicates < 2 or opt.split.particles < 2:
