@@ -411,7 +411,11 @@ def test_scan_end_to_end(capsys, tmp_path):
     assert list(data) == TOP_KEYS + ["gram", "memory"] and data["schema"] == SCHEMA
     assert data["V"] == 300 and data["d"] == 8 and data["domain"] == "layernorm"
     mem = data["memory"]  # the budget, the batches sized from it and the peak (engine.memory)
-    assert 0 < mem["resident_bytes"] and 0 < mem["working_bytes"] and mem["peak_rss_bytes"] > mem["resident_bytes"]
+    assert 300 * 8 * 4 <= mem["resident_bytes"] and 0 < mem["working_bytes"]
+    # The peak is getrusage's, in bytes (KiB read as bytes would be 1024 times too small). It need not exceed
+    # the resident part: that is VmRSS read at the fold plus the float32 keys, which a long-lived process
+    # (an xdist worker) may place in memory already resident, and Linux's per-CPU RSS counters lag by pages.
+    assert mem["peak_rss_bytes"] > mem["resident_bytes"] // 2
     assert 1 <= mem["search_batch"] <= 256 and 1 <= mem["witness_batch"] <= 192
     assert math.isclose(data["radius"], math.sqrt(8))
     c = data["counts"]
