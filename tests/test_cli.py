@@ -476,6 +476,37 @@ def test_console_entry_in_a_subprocess(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("args", [["scan", SMALL, "--out", "r.json", "--csv", "r.csv"],
+                                  ["volume", SMALL, "--tokens", "0-3", "--samples", "4000", "--particles", "8",
+                                   "--replicates", "2", "--out", "r.json", "--csv", "r.csv"]])
+def test_a_closed_stdout_cuts_the_table_not_the_files(tmp_path, args):
+    """`unspeakable scan ... --out r.json | head`: the reader of the table goes away before it is printed.
+    The command still writes every file in full, exits 0 and prints no traceback."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "unspeakable"] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=tmp_path, env=env)
+    p.stdout.close()  # before the command writes anything: its first write to stdout meets EPIPE
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    rows = list(csv.reader((tmp_path / "r.csv").open(newline="")))
+    assert len(rows) == 1 + len(data["tokens"]) and len(data["tokens"]) > 0
+    assert sorted(os.listdir(tmp_path)) == ["r.csv", "r.json"]
+
+
+def test_a_closed_stdout_ends_a_command_that_only_prints_quietly(tmp_path):
+    """`unspeakable check` has nothing but stdout: with its reader gone it stops with status 1 and no
+    traceback (not Python's 'Exception ignored' at exit, status 120)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "unspeakable", "check", SMALL, "0-2"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 1, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
 @pytest.mark.skipif(shutil.which("unspeakable") is None, reason="the console script is not installed")
 def test_installed_script_runs_outside_the_checkout(tmp_path):
     """The installed command from a directory that is not the checkout, with no PYTHONPATH: what a user

@@ -230,11 +230,20 @@ def time_line(timings: dict, enrich_s: float, write_s: float) -> str:
             f"{total + enrich_s + write_s:.1f} s in all; peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
 
 
+def _show(write) -> None:
+    """``write()`` the table to stdout. A reader that went away (``| head``) cuts the table short, not the
+    command: stdout then points at /dev/null and the files asked for are still written (status 0)."""
+    try:
+        write()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+
+
 def _print(report) -> None:
     from unspeakable.engine.report import print_console
 
-    print_console(report)
-    sys.stdout.flush()
+    _show(lambda: print_console(report))
 
 
 def _write_reports(report, out: str | None, csv: str | None = None, plot: str | None = None,
@@ -678,8 +687,7 @@ class Volume:
                                        f"samples: their interval is the binomial one (open below with no hit); list "
                                        f"them with --tokens for splitting estimates and the proven cap bound")
         _warn(report.warnings)
-        print(vol.format_table(report))
-        sys.stdout.flush()
+        _show(lambda: print(vol.format_table(report)))
         from unspeakable.engine.report import write_together
 
         with write_together():  # all or none of them
@@ -873,10 +881,29 @@ def main(args: list[str] | None = None) -> int:
     cls = ns._cls
     command = cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
     try:
-        return command.run()
+        status = command.run()
+        sys.stdout.flush()  # here, not at the interpreter's exit, where a closed pipe could not be answered
+        return status
     except (InputError, BackendError) as e:
         print(f"unspeakable: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("unspeakable: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`| head`) while stdout was all the command made:
+        _stdout_to_devnull()  # quiet, status 1 (scan and volume instead finish their files: _show)
+        return 1
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what the closed pipe did not take raises
+    nothing more (Python's documented recipe for SIGPIPE); a stdout without a descriptor is left alone."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)

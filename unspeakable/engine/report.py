@@ -738,10 +738,14 @@ def print_console(report: ScanReport, file=None, max_rows: int = 40) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:  # rich's own exits the process (status 1): let the caller decide
+            raise BrokenPipeError(32, "stdout closed")
+
     file = file or sys.stdout
-    console = Console(file=file, highlight=False, soft_wrap=False)
+    console = _Console(file=file, highlight=False, soft_wrap=False)
     if not console.is_terminal:  # a pipe or a file: wide enough that rows are not wrapped
-        console = Console(file=file, highlight=False, soft_wrap=False, width=max(console.width, 160))
+        console = _Console(file=file, highlight=False, soft_wrap=False, width=max(console.width, 160))
     for line in summary_lines(report):
         console.print(Text(line))
     if not report.tokens:
