@@ -161,6 +161,21 @@ def test_bad_arrays(tmp_path, fmt, case):
         assert n in msg, (n, msg)
 
 
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="long double is float64 on this platform")
+@pytest.mark.parametrize("key", ["W_U", "b_U", "ln_w", "ln_b"])
+def test_extended_precision_is_refused_not_rounded(tmp_path, key):
+    """A long-double array would be rounded to float64 by the fold, and the proofs would be about that
+    rounded head, not the one given (b_U = 1/3 in long double is not 1/3 in float64): refused, named."""
+    a = random_head_arrays()
+    a[key] = a[key].astype(np.longdouble) / 3
+    with pytest.raises(InputError, match=rf"{key} has dtype float128 \(extended precision\)"):
+        head_from_arrays(**{k: a[k] for k in ("W_U", "b_U", "ln_w", "ln_b")})
+    path = write_npz(tmp_path / "h.npz", a)
+    with pytest.raises(InputError, match=rf"{key} has dtype float128") as e:
+        load(path)
+    assert path in str(e.value)
+
+
 def test_unknown_key(tmp_path):
     a = random_head_arrays()
     for path in (write_npz(tmp_path / "h.npz", {**a, "W_E": a["W_U"].copy()}),

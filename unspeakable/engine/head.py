@@ -340,6 +340,9 @@ def _check_float(name: str, a: np.ndarray, where: str) -> None:
             f"{where}: {name} has dtype {a.dtype}; expected a float dtype (float16, bfloat16, float32, float64)"
             + ("; integer and bool weights are refused" if a.dtype.kind in "iub" else "")
         )
+    if a.dtype.itemsize > 8:  # the engine works in float64: reading these would round the head it proves about
+        raise InputError(f"{where}: {name} has dtype {a.dtype} (extended precision), which float64 cannot hold "
+                         f"exactly; convert to float64 first (the proofs are then about that head)")
 
 
 def token_ids(tokens, V: int, where: str = "tokens") -> np.ndarray:
