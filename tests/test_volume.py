@@ -1045,13 +1045,18 @@ def test_a_layernorm_head_with_one_dimension_has_no_share_to_measure():
         vol.volume(head_from_arrays(np.arange(4.0)[None, :], norm="layernorm"), tokens=[1])
 
 
-@pytest.mark.parametrize("delta", [3e-13, 1e-10])
+@pytest.mark.parametrize("delta", ["ulp", "ulp, ln_b", 3e-13, 1e-10])
 def test_near_twins_are_told_apart_by_their_rows_difference(delta):
     """Rows 3 and 5 equal but for ``delta`` in one entry (same bias): in their common cell 3 wins where x_2 > 0,
     5 where x_2 < 0. Their float64 logits each round by about 1e-12 of their size, so at 3e-13 every checked
     point was "ambiguous", counted as not won, and splitting reached neither token. The gap l_3 − l_5 read
     from the rows' difference (its rounding bounded by (d + 5)u·‖r_3 − r_5‖·‖x‖) decides them: both
-    estimates against a float64 brute force that splits the common cell by the sign of x_2, no ambiguity."""
+    estimates against a float64 brute force that splits the common cell by the sign of x_2, no ambiguity.
+    One ulp apart the bias's allowance decided it: 2u|b_j| was charged for a bias read exactly (no ln_b), and
+    the estimates were the tie-broken counts (one of them 1.8x the truth, outside its interval). With ln_b (a
+    LayerNorm: the biases b̃ = u·β + b differ by ulp·β_2, less than an ulp of either, so 3 wins where
+    x_2 + β_2 > 0) the differences must read the fold's low parts: from the rounded biases one token was
+    estimated 10^-3.50 [-3.65, -3.30] where the truth is 10^-2.35."""
     import torch
 
     from unspeakable.engine.loader import fold
@@ -1060,20 +1065,24 @@ def test_near_twins_are_told_apart_by_their_rows_difference(delta):
     d, V = 8, 12
     W, b = rng.standard_normal((d, V)), rng.standard_normal(V) * 0.3
     W[:, 3], b[3] = W[:, 5], b[5]
-    W[2, 3] = W[2, 5] + delta
-    head = head_from_arrays(W, b, norm="rmsnorm")
+    W[2, 3] = np.nextafter(W[2, 5], np.inf) if "ulp" in str(delta) else W[2, 5] + delta
+    beta = rng.standard_normal(d) * 0.2 if "ln_b" in str(delta) else np.zeros(d)
+    head = (head_from_arrays(W, b, ln_w=np.ones(d), ln_b=beta, norm="layernorm") if "ln_b" in str(delta)
+            else head_from_arrays(W, b, norm="rmsnorm"))
     p = fold(head)
     meas = vol._Measure(p, p.keys)
     x = meas.points(torch.randn(400000, d, generator=torch.Generator().manual_seed(5))).double().numpy()
-    L = x @ W + b
+    L = x @ W + (W.T @ beta + b)  # far from the pair's own tie, float64 is exact enough for the common cell
     cell = L[:, 5] > np.delete(L, [3, 5], axis=1).max(axis=1)
-    truth = {3: math.log10(np.mean(cell & (x[:, 2] > 0))), 5: math.log10(np.mean(cell & (x[:, 2] < 0)))}
+    side = x[:, 2] + beta[2]  # the sign of l_3 − l_5 (x centred under LayerNorm: (e_2 − 1/d)·x = x_2)
+    truth = {3: math.log10(np.mean(cell & (side > 0))), 5: math.log10(np.mean(cell & (side < 0)))}
     rep = vol.volume(head, tokens=[3, 5], samples=0, seed=0)
     for tv in rep.tokens:
         assert tv.log10_share is not None and not tv.note, tv
         lo, hi = tv.log10_share_ci
         assert lo - 0.05 <= truth[tv.id] <= hi + 0.05, (tv.id, tv.log10_share_ci, truth[tv.id])
-        assert tv.log10_share_lower_bound < truth[tv.id]
+        if tv.log10_share_lower_bound is not None or "ln_b" not in str(delta):  # a cap that must clear a gap
+            assert tv.log10_share_lower_bound < truth[tv.id]  # of ulp·(x_2 + β_2) may not be proven: none
 
 
 def test_the_estimate_lies_in_its_interval_and_no_share_passes_one():

@@ -205,7 +205,8 @@ class _Measure:
     leaves N(0, I) invariant, hence the uniform law on the output set, hence its restriction to any level
     set when moves that leave the set are rejected."""
 
-    def __init__(self, problem, keys: np.ndarray, rows_err: bool = True, bias_err: np.ndarray | None = None):
+    def __init__(self, problem, keys: np.ndarray, rows_err: bool = True, bias_err: np.ndarray | None = None,
+                 bias_split=None):
         import torch
 
         self.problem = problem
@@ -266,7 +267,10 @@ class _Measure:
         self.row_err[~np.isfinite(self.row_err)] = np.inf
         # for the gaps l_t − l_j read from the rows' difference (:meth:`_gap`): each row's fold error alone
         self.xmax = xmax
-        ferr = np.zeros(len(rn)) + xmax * (2 * U * rn if rows_err else 0.0) + (0.0 if bias_err is None else bias_err)
+        # (``bias_split`` = (lo, err): the fold's bias is ``bias + lo`` within ``err``; the gaps and the chain's
+        # differences read ``lo`` too, so two biases closer than an ulp of either keep their difference)
+        self.bias_lo, split_err = (None, bias_err) if bias_split is None else bias_split
+        ferr = np.zeros(len(rn)) + xmax * (2 * U * rn if rows_err else 0.0) + (0.0 if split_err is None else split_err)
         self.fold_err = np.where(np.isfinite(ferr), ferr * 1.01, np.inf)
         self.gid = np.arange(len(rn))  # twin groups (the caller's, :meth:`set_twins`): a row's group's first id
         self.ambiguous: dict[int, int] = {}  # per token, points within row_err of a tie (wins: lost; plain: its)
@@ -278,6 +282,17 @@ class _Measure:
         a = (np.asarray(rows[t], dtype=np.float64)[None, :]
              - np.asarray(rows[np.asarray(j, dtype=np.int64)], dtype=np.float64)).T
         return a - a.mean(axis=0, keepdims=True) if self.centred else a
+
+    def bias_diff(self, t, j, with_size: bool = False):
+        """``b̃_t − b̃_j`` in float64 for rows j (t a token or an array of them, paired with j), the fold's low
+        parts included where it has them. ``with_size``: also a size s with the result within 3u·s +
+        fold_err[t] + fold_err[j] of the exact (the two differences and their sum each round once)."""
+        db = self.bias64[t] - self.bias64[j]
+        if self.bias_lo is None:
+            return (db, np.abs(db)) if with_size else db
+        dl = self.bias_lo[t] - self.bias_lo[j]
+        out = db + dl
+        return (out, np.abs(db) + np.abs(dl) + np.abs(out)) if with_size else out
 
     def set_twins(self, groups: dict[int, list[int]]):
         """The twin groups (token -> sorted members): rows of one group are never a point's rival."""
@@ -293,9 +308,9 @@ class _Measure:
         logit rounds by more than they differ) are told apart here wherever the fold is exact."""
         rows = self.problem.rows
         a = np.asarray(rows[tt], dtype=np.float64) - np.asarray(rows[jj], dtype=np.float64)
-        db = self.bias64[tt] - self.bias64[jj]
+        db, db_size = self.bias_diff(tt, jj, with_size=True)
         g = np.einsum("ij,ij->i", xr[ii], a) + db
-        err = (self.d + 5) * U * (np.linalg.norm(a, axis=1) * self.xmax + np.abs(db)) * 1.01
+        err = (self.d + 5) * U * (np.linalg.norm(a, axis=1) * self.xmax + db_size) * 1.01
         err = err + self.fold_err[tt] + self.fold_err[jj]
         with np.errstate(invalid="ignore"):
             return g - err, g + err  # NaN: neither side proven
@@ -841,7 +856,7 @@ class _Batch:
             j = np.asarray(j, dtype=np.int64)
             # differences in float64, then rounded: near-identical rows keep their small difference exactly
             a = meas.diffs(t, j)  # [d, K_t]
-            diffs.append(_fit_float32(a, meas.bias64[t] - meas.bias64[j]))
+            diffs.append(_fit_float32(a, meas.bias_diff(t, j)))
         self.B = torch.full((self.T, K), torch.inf)
         for i, (_, b) in enumerate(diffs):
             self.B[i, :len(b)] = torch.from_numpy(b.astype(np.float32))
@@ -1284,7 +1299,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
     if not reps:
         return out, lev, wins
     kt64, bt64 = meas.keys64[t], float(meas.bias64[t])
-    a1, b1 = _fit_float32(meas.diffs(t, J), bt64 - meas.bias64[J])  # the J-cell, as the chain (_Batch) has it
+    a1, b1 = _fit_float32(meas.diffs(t, J), meas.bias_diff(t, J))  # the J-cell, as the chain (_Batch) has it
     a1, b1 = torch.from_numpy(a1.astype(np.float32)), torch.from_numpy(b1.astype(np.float32))
     ex_np = np.asarray(sorted(int(j) for j in excl[t]), dtype=np.int64)
     es = meas.e_lp * meas.size_max
@@ -1900,23 +1915,36 @@ def _cap_holds(theta: float, R: float, p_lo, p_hi, q_lo, q_hi, na_hi, beta, berr
     return holds | whole
 
 
-def _rows_rounded(head: Head) -> bool:
+def _rows_rounded(head: Head, problem=None) -> bool:
     """Whether the fold's ``γ ⊙ u`` may have rounded: not when there is no gain, nor when both factors have
-    at most 24-bit significands (float32, float16, bfloat16: their product is exact in float64)."""
+    at most 24-bit significands (float32, float16, bfloat16: their product is exact in float64), nor when
+    ``problem`` is this head's fold and its error-free products found no rounding (``rows_lo``, ``row_err``
+    None: a float64 gain of ones or of powers of two, say)."""
     if head.ln_w is None:
+        return False
+    if (problem is not None and problem.exact_source is head and problem.rows_lo is None
+            and problem.row_err is None):
         return False
     short = ("float32", "float16", "bfloat16")
     return not (np.asarray(head.W_U).dtype.name in short and np.asarray(head.ln_w).dtype.name in short)
 
 
-def _bias_error(head: Head, problem, bias_on: bool) -> np.ndarray | None:
-    """Per token, a bound on the fold's rounding of ``b̃_j = u_j·β + b_j`` (γ_d Σ|u_j β| plus one addition)."""
+def _bias_error(head: Head, problem, bias_on: bool):
+    """``(err, split)``. ``err``: per token a bound on ``|b̃_j − bias_j|``, how far the exact fold's
+    ``b̃_j = u_j·β + b_j`` is from the double the checks read (``problem.bias``, internal units); None (exact)
+    without ``ln_b``: ``b_j`` is read as given (float16/32/64, exactly; the rescaling by a power of two is
+    checked exact). With ``ln_b`` the fold's compensated sum says it: ``|bias_lo| + bias_err``, and ``split``
+    is ``(bias_lo, bound on |b̃_j − bias_j − bias_lo_j|)`` for the readers of differences (:meth:`_Measure.
+    bias_diff`); a problem without them (built elsewhere) gets the plain ``γ_{d+2} Σ|u_j β| + 2u|b̃_j|``."""
     if not bias_on or head.ln_b is None:
-        return None if not bias_on else U * np.abs(problem.bias) * 2
+        return None, None
+    if problem.bias_err is not None:
+        lo = np.zeros(problem.V) if problem.bias_lo is None else np.asarray(problem.bias_lo, dtype=np.float64)
+        return (np.abs(lo) + problem.bias_err) * (1 + 4 * U), (lo, problem.bias_err * (1 + 4 * U))
     W = np.abs(np.asarray(head.W_U, dtype=np.float64))
     e = gamma(head.d_model + 2) * (np.abs(np.asarray(head.ln_b, dtype=np.float64)) @ W) + 2 * U * np.abs(problem.bias)
     scale = math.ldexp(1.0, -problem.margin_exp) if problem.margin_exp else 1.0
-    return e * scale
+    return e * scale, None
 
 
 # ------------------------------------------------------------------------------------------------ entry
@@ -1996,9 +2024,9 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
             raise InputError("samples 0 leaves the tokens outside detailed with no estimate; sample, or detail all")
     say = progress or (lambda msg: None)
     timings = {"load_fold": time.perf_counter() - t_start}
-    rows_err = _rows_rounded(head)
-    fold_bias_err = _bias_error(head, problem, problem.bias_used)  # the checks' allowance; the caps' below
-    meas = _Measure(problem, problem.keys, rows_err, fold_bias_err)
+    rows_err = _rows_rounded(head, problem)
+    fold_bias_err, bias_split = _bias_error(head, problem, problem.bias_used)  # the checks' allowance; the caps'
+    meas = _Measure(problem, problem.keys, rows_err, fold_bias_err, bias_split)
     groups = _tie_groups(problem)
     meas.set_twins(groups)
     # the rows each token is not compared with (itself and its twins), for every member of a listed token's
@@ -2346,7 +2374,8 @@ def scan_summary(rep: VolumeReport, split_ids: list[int], opt: VolumeOptions) ->
         counts, edges = np.histogram(fin, bins=np.arange(lo, hi + 1e-9, 0.25))
     else:
         counts, edges = np.zeros(0, dtype=np.int64), np.zeros(0)
-    return {"measure": "share of the norm's output set on which the token is the strict argmax (engine.volume)",
+    return {"measure": "share of the norm's output set on which the token is the strict argmax; a group of identical rows "
+                       "splits its cell equally (engine.volume)",
             "domain": rep.domain, "dimension": int(rep.dimension), "confidence": float(rep.confidence),
             "samples": int(rep.samples), "seed": int(rep.seed),
             "split": [int(t) for t in split_ids],
@@ -2476,7 +2505,7 @@ td:nth-child(2){{text-align:left;font-family:monospace}}img{{max-width:100%}}</s
 <h1>How precisely must the model point?</h1>
 <p>{H.escape(report.source)}: V = {report.V}, d = {report.d}, domain {report.domain}, bias {report.bias}.
 The share of a token is the probability that it is the strict argmax when the hidden state is uniform on
-{H.escape(where)}. Intervals at {_pct(report.confidence)}; the lower bound is a proven cap inside the token's region
+{H.escape(where)} (identical rows split their cell equally: method "tie"). Intervals at {_pct(report.confidence)}; the lower bound is a proven cap inside the token's region
 ("the model must point within θ of its centre"). Seed {report.seed}, {report.samples} plain samples.</p>
 {''.join(f'<p style="color:#8a4b00">warning: {H.escape(w)}</p>' for w in report.warnings)}
 <img alt="histogram of log10 share" src="data:image/png;base64,{png}">
