@@ -218,7 +218,8 @@ class _Measure:
         self.R = 1.0 if dom.radius is None else float(dom.radius)
         self.keys64 = keys  # [V, d] float64: P(rows - c); logits up to a constant in j
         self.bias64 = problem.bias
-        self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))
+        with np.errstate(over="ignore"):  # rows past float32's range become inf there: their size_lp is inf
+            self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # and float64 decides
         self.gemm_threads = torch.get_num_threads()  # the caller's: the splitting's GEMMs use them
         self.bias = torch.from_numpy(problem.bias.astype(np.float32))
         norms = row_norms(keys)  # in chunks: derived keys (engine.head.DerivedKeys) are never built whole
@@ -239,7 +240,9 @@ class _Measure:
         self.e_lp = (2 * u + u * u + g32 * (1 + u) ** 2 + ETA_SET) * 1.001
         self.c_lp = u / (1 - u) * 1.001
         xmax = self.R * (math.sqrt(self.d) if self.box else 1 + 1e-5)  # ‖x‖ of any point (float32 on the sphere)
-        self.size_lp = torch.from_numpy((xmax * norms + np.abs(problem.bias)).astype(np.float32) * np.float32(1 + 1e-6))
+        with np.errstate(over="ignore"):  # inf: nothing about row j is decided in low precision
+            self.size_lp = torch.from_numpy((xmax * norms + np.abs(problem.bias)).astype(np.float32)
+                                            * np.float32(1 + 1e-6))
         self.size_max = float(self.size_lp.max())
         self.keys_lp = torch.cat([self.keys, self.bias[:, None]], dim=1).to(low)
         # The float64 logits k̃_j·x + b̃_j (keys64 = P(rows − centre), rounded) differ from the head's own, less
