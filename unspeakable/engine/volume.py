@@ -1937,8 +1937,9 @@ def _bias_error(head: Head, problem, bias_on: bool):
     ``b̃_j = u_j·β + b_j`` is from the double the checks read (``problem.bias``, internal units); None (exact)
     without ``ln_b``: ``b_j`` is read as given (float16/32/64, exactly; the rescaling by a power of two is
     checked exact). With ``ln_b`` the fold's compensated sum says it: ``|bias_lo| + bias_err``, and ``split``
-    is ``(bias_lo, bound on |b̃_j − bias_j − bias_lo_j|)`` for the readers of differences (:meth:`_Measure.
-    bias_diff`); a problem without them (built elsewhere) gets the plain ``γ_{d+2} Σ|u_j β| + 2u|b̃_j|``."""
+    is ``(bias_lo, bound on |b̃_j − bias_j − bias_lo_j|)`` for the readers of differences
+    (:meth:`_Measure.bias_diff`); a problem without them (built elsewhere) gets the plain
+    ``γ_{d+2} Σ|u_j β| + 2u|b̃_j|``."""
     if not bias_on or head.ln_b is None:
         return None, None
     if problem.bias_err is not None:
@@ -2377,8 +2378,8 @@ def scan_summary(rep: VolumeReport, split_ids: list[int], opt: VolumeOptions) ->
         counts, edges = np.histogram(fin, bins=np.arange(lo, hi + 1e-9, 0.25))
     else:
         counts, edges = np.zeros(0, dtype=np.int64), np.zeros(0)
-    return {"measure": "share of the norm's output set on which the token is the strict argmax; a group of identical rows "
-                       "splits its cell equally (engine.volume)",
+    return {"measure": ("share of the norm's output set on which the token is the strict argmax; a group of "
+                        "identical rows splits its cell equally (engine.volume)"),
             "domain": rep.domain, "dimension": int(rep.dimension), "confidence": float(rep.confidence),
             "samples": int(rep.samples), "seed": int(rep.seed),
             "split": [int(t) for t in split_ids],
@@ -2508,8 +2509,9 @@ td:nth-child(2){{text-align:left;font-family:monospace}}img{{max-width:100%}}</s
 <h1>How precisely must the model point?</h1>
 <p>{H.escape(report.source)}: V = {report.V}, d = {report.d}, domain {report.domain}, bias {report.bias}.
 The share of a token is the probability that it is the strict argmax when the hidden state is uniform on
-{H.escape(where)} (identical rows split their cell equally: method "tie"). Intervals at {_pct(report.confidence)}; the lower bound is a proven cap inside the token's region
-("the model must point within θ of its centre"). Seed {report.seed}, {report.samples} plain samples.</p>
+{H.escape(where)} (identical rows split their cell equally: method "tie"). Intervals at {_pct(report.confidence)};
+the lower bound is a proven cap inside the token's region ("the model must point within θ of its centre").
+Seed {report.seed}, {report.samples} plain samples.</p>
 {''.join(f'<p style="color:#8a4b00">warning: {H.escape(w)}</p>' for w in report.warnings)}
 <img alt="histogram of log10 share" src="data:image/png;base64,{png}">
 <table><thead><tr>{''.join(f'<th>{H.escape(c)}</th>' for c in cols)}</tr></thead><tbody>
