@@ -1117,3 +1117,47 @@ def test_no_estimate_or_interval_end_below_the_proven_bound():
             lb = tv.log10_share_lower_bound
             assert lb is not None and lb > math.log10(0.5) - 1e-8
             assert tv.log10_share >= lb and tv.log10_share_ci[0] >= lb and tv.log10_share_ci[1] >= lb
+
+
+@pytest.mark.parametrize("case", ["arc d=2, 1e-10", "arc d=2, 1e-12", "zone d=768, 1e-6", "zone d=768, seed 1"])
+def test_cells_too_thin_for_float32_are_measured_in_float64(case):
+    """A cell thin in one direction: an arc of 2π·s on the circle (cone, d = 2: share s exactly), or the zone
+    0 < u·x < hR of the sphere in d = 768 (share ½·I_{h²}(½, (d − 1)/2), h = 1e-7). The float32 chain's steps
+    (at least 0.02) and its rounding cannot follow such a cell: every replicate stalled, "not reached", no
+    estimate (the arc from 1e-8 down, the zone on two seeds of three). Such tokens are run again in float64
+    with steps that shrink as fast as the cell: the interval holds the truth and the proven bound stays below."""
+    seed = 1 if "seed 1" in case else 0
+    if case.startswith("arc"):
+        d, s = 2, float(case.split(", ")[1])
+        eps = 2 * math.pi * s
+        n2 = np.array([-math.cos(eps), math.sin(eps)])
+        W = np.stack([np.zeros(d), -np.array([1.0, 0.0]), -n2], 1)
+        truth = math.log10(math.atan2(n2[1], -n2[0]) / (2 * math.pi))
+        rep = vol.volume(head_from_arrays(W, norm="rmsnorm"), tokens=[0], samples=0, seed=seed, domain="cone")
+    else:
+        d, h = 768, 1e-7
+        u = np.random.default_rng(7).standard_normal(d)
+        u /= np.linalg.norm(u)
+        W = np.stack([np.zeros(d), -u, u], 1)
+        b = np.array([0.0, 0.0, -h * math.sqrt(d)])
+        truth = math.log10(0.5 * betainc(0.5, (d - 1) / 2, (h / np.linalg.norm(u)) ** 2))
+        rep = vol.volume(head_from_arrays(W, b_U=b, norm="rmsnorm"), tokens=[0], samples=0, seed=seed)
+    tv = rep.tokens[0]
+    assert tv.log10_share is not None, tv
+    lo, hi = tv.log10_share_ci
+    assert lo <= truth <= hi, (case, tv.log10_share_ci, truth)
+    assert tv.log10_share_lower_bound is None or tv.log10_share_lower_bound <= truth
+
+
+def test_a_zero_row_that_no_replicate_reaches_gets_no_cap_and_no_error():
+    """t's own row 0 (its direction gives the cap search no start) and a zone 1e-15 of the radius wide (below
+    float64's resolution of the logits: no replicate reaches it). The cap search had neither the splitting's
+    centre nor t's direction and passed None on: a TypeError out of volume(). Now: no estimate, no cap."""
+    d = 64
+    u = np.random.default_rng(7).standard_normal(d)
+    u /= np.linalg.norm(u)
+    W = np.stack([np.zeros(d), -u, u], 1)
+    head = head_from_arrays(W, b_U=np.array([0.0, 0.0, -1e-15 * math.sqrt(d)]), norm="rmsnorm")
+    tv = vol.volume(head, tokens=[0], samples=0, seed=0).tokens[0]
+    assert tv.log10_share is None and tv.log10_share_lower_bound is None and tv.cap_angle_deg is None
+    assert "no replicate reached" in tv.note

@@ -750,6 +750,16 @@ class SplitOptions:
     core: int = 128  # rows of J read first at each move (the most often binding); the rest only where the core
     # margin passes the level: exact either way, 0 reads all of J (issue 19: 2x fewer multiply-adds on SmolLM2)
     mid: int = 384  # ... then J's rows up to this one, and the rest only where those pass too
+    step_min: float = 0.02  # the pCN step's floor, and its adaptation after each level: step × exp(adapt × (acc
+    adapt: float = 2.0  # − 0.3)), at most × 0.55 a level; acc the level's acceptance
+    precise: bool = False  # the chain in float64 (8 digits more, half float32's GEMM speed). Tokens that no
+    # replicate reached are run again so, with steps down to 1e-14 that shrink up to × 0.30 a level (PRECISE):
+    # a cell only w wide needs steps of about w, and in d = 2 an arc halves at each level, faster than the
+    # steps shrank; a cell thinner than float32 resolves (an arc of 2π·1e-8 in d = 2, a zone 1e-7 of the
+    # radius wide in d = 768) was "not reached" (issue 19, ninth round)
+
+
+PRECISE = {"precise": True, "step_min": 1e-14, "adapt": 4.0}  # SplitOptions of the float64 rerun
 
 
 def _check_int(what: str, v, least: int, below_pow2: int | None = None) -> int:
@@ -844,11 +854,12 @@ class _Batch:
     everything else. The cube keeps z in full (its map ``ρ·erf(z/√2)`` works coordinate by coordinate).
     """
 
-    def __init__(self, meas: _Measure, ts: list[int], J: list[np.ndarray]):
+    def __init__(self, meas: _Measure, ts: list[int], J: list[np.ndarray], precise: bool = False):
         import scipy.linalg
         import torch
 
         self.meas, self.T = meas, len(ts)
+        self.dtype = dt = torch.float64 if precise else torch.float32  # the chain's states, margins and points
         self.macs = 0  # multiply-adds of the margins so far (the chain's main cost)
         K = max(len(j) for j in J)
         # shorter sets are padded with repeats of their own first row (a repeat leaves the minimum as it is),
@@ -860,13 +871,13 @@ class _Batch:
             # differences in float64, then rounded: near-identical rows keep their small difference exactly
             a = meas.diffs(t, j)  # [d, K_t]
             diffs.append(_fit_float32(a, meas.bias_diff(t, j)))
-        self.B = torch.full((self.T, K), torch.inf)
+        self.B = torch.full((self.T, K), torch.inf, dtype=dt)
         for i, (_, b) in enumerate(diffs):
-            self.B[i, :len(b)] = torch.from_numpy(b.astype(np.float32))
+            self.B[i, :len(b)] = torch.from_numpy(b).to(dt)
         if meas.box:
-            self.A = torch.zeros(self.T, meas.d, K)
+            self.A = torch.zeros(self.T, meas.d, K, dtype=dt)
             for i, (a, _) in enumerate(diffs):
-                self.A[i, :, :a.shape[1]] = torch.from_numpy(a.astype(np.float32))
+                self.A[i, :, :a.shape[1]] = torch.from_numpy(a).to(dt)
             self.dim = meas.d
             return
         self.Q = []
@@ -885,12 +896,12 @@ class _Batch:
             self.Q.append(q)
             ranks.append(q.shape[1])
         self.dim = max(ranks)
-        self.A = torch.zeros(self.T, self.dim, K)
-        self.mask = torch.zeros(self.T, self.dim)
+        self.A = torch.zeros(self.T, self.dim, K, dtype=dt)
+        self.mask = torch.zeros(self.T, self.dim, dtype=dt)
         ident = None if meas.centred else getattr(meas, "_basis", None)
         for i, ((a, _), q) in enumerate(zip(diffs, self.Q)):
             qa = a if q is ident else q.T @ a  # the identity basis: a's own coordinates
-            self.A[i, :q.shape[1], :a.shape[1]] = torch.from_numpy(qa.astype(np.float32))
+            self.A[i, :q.shape[1], :a.shape[1]] = torch.from_numpy(qa).to(dt)
             self.mask[i, :q.shape[1]] = 1.0
         self.zero_bias = bool((self.B == 0).all())
         self.full_rank = bool((self.mask == 1).all())  # no coordinate of u to keep at 0
@@ -900,11 +911,11 @@ class _Batch:
     def initial(self, M: int, gen, npgen):
         import torch
 
-        u = torch.randn(self.T, M, self.dim, generator=gen)
+        u = torch.randn(self.T, M, self.dim, generator=gen, dtype=self.dtype)
         if self.meas.box:
             return u, None
         u *= self.mask[:, None, :]
-        r2 = torch.from_numpy(_chi2(npgen, self.rest[:, None].expand(self.T, M).numpy())).float()
+        r2 = torch.from_numpy(_chi2(npgen, self.rest[:, None].expand(self.T, M).numpy())).to(self.dtype)
         return u, r2
 
     def propose(self, sel, u, r2, rho, st, gen, npgen):
@@ -914,7 +925,7 @@ class _Batch:
         # into a buffer kept across moves: a fresh [S, M, D] tensor per move cost a third more than the draw
         buf = getattr(self, "_xi", None)
         if buf is None or buf.numel() < u.numel():
-            buf = self._xi = torch.empty(u.numel())
+            buf = self._xi = torch.empty(u.numel(), dtype=self.dtype)
         xi = torch.randn(u.shape, generator=gen, out=buf[:u.numel()].view(u.shape))
         if not self.meas.box and not self.full_rank:
             xi *= self.mask[sel][:, None, :]
@@ -923,9 +934,9 @@ class _Batch:
         u2 = xi.mul_(st[..., None]).addcmul_(u, rho[..., None])
         if r2 is None:
             return u2, None
-        w = torch.randn(r2.shape, generator=gen)
+        w = torch.randn(r2.shape, generator=gen, dtype=self.dtype)
         df = (self.rest[sel] - 1).clamp_min(0)[:, None].expand(r2.shape).numpy()
-        chi = torch.from_numpy(_chi2(npgen, df)).float()
+        chi = torch.from_numpy(_chi2(npgen, df)).to(self.dtype)
         r2n = (rho * r2.sqrt() + st * w) ** 2 + st * st * chi
         return u2, torch.where(self.rest[sel][:, None] > 0, r2n, torch.zeros_like(r2n))
 
@@ -1080,12 +1091,12 @@ class _Batch:
         self.binding[sel] += cnt
 
     def points(self, i: int, u, r2, gen):
-        """Points x [M, d] (float32) of token i's states: the rest's direction drawn uniformly."""
+        """Points x [M, d] (the chain's dtype) of token i's states: the rest's direction drawn uniformly."""
         return self.meas.points(self.gauss(i, u, r2, gen))
 
     def gauss(self, i: int, u, r2, gen):
-        """Gaussians z [M, d] (float32, in the domain's subspace) of token i's states: the rest's direction
-        drawn uniformly, its squared norm r²."""
+        """Gaussians z [M, d] (the chain's dtype, in the domain's subspace) of token i's states: the rest's
+        direction drawn uniformly, its squared norm r²."""
         import torch
 
         if self.meas.box:
@@ -1094,14 +1105,14 @@ class _Batch:
         k = q.shape[1]
         z = u[:, :k].double().numpy() @ q.T
         if k == self.meas.n:  # J spans the whole subspace: no rest (r² = 0)
-            return torch.from_numpy(z).float()
+            return torch.from_numpy(z).to(self.dtype)
         w = torch.randn(u.shape[0], self.meas.d, generator=gen, dtype=torch.float64).numpy()
         if self.meas.centred:
             w = w - w.mean(axis=1, keepdims=True)
         w = w - (w @ q) @ q.T
         nw = np.linalg.norm(w, axis=1, keepdims=True)
         z = z + w * (np.sqrt(r2.double().numpy())[:, None] / np.maximum(nw, 1e-300))
-        return torch.from_numpy(z).float()
+        return torch.from_numpy(z).to(self.dtype)
 
 
 def _chi2(npgen, df: np.ndarray) -> np.ndarray:
@@ -1119,7 +1130,7 @@ def _split_batch(meas: _Measure, ts: list[int], J: list[np.ndarray], opt: SplitO
     Returns the batch, per token and replicate: log p_J (natural log; -inf: not reached), levels, and the
     final states (u [T, R, N, dim], r² [T, R, N] or None) with their restricted margins [T, R, N]."""
     T, R, N = len(ts), opt.replicates, opt.particles
-    batch = _Batch(meas, ts, J)
+    batch = _Batch(meas, ts, J, precise=opt.precise)
     D = batch.dim
     # Every op but the GEMMs on one thread (the caller, _split_tokens, set it; kernels.torch_threads says why)
     return _run_levels(batch, T, R, N, D, opt, gen, npgen)
@@ -1192,7 +1203,7 @@ def _run_levels(batch, T, R, N, D, opt, gen, npgen):
             ms = torch.where(ok, mp, ms)
             acc += ok.float().mean(dim=2)
         acc /= opt.moves
-        step[sel] = torch.where(act, (st * torch.exp(2.0 * (acc - 0.3))).clamp(0.02, 1.0), st)
+        step[sel] = torch.where(act, (st * torch.exp(opt.adapt * (acc - 0.3))).clamp(opt.step_min, 1.0), st)
         u[sel] = torch.where(act[..., None, None], us, u[sel])
         if rs is not None:
             r2[sel] = torch.where(act[..., None], rs, r2[sel])
@@ -1369,7 +1380,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
     zs = []
     for r in reps:
         inside = torch.nonzero(m[r] > 0).ravel()
-        z0 = batch.gauss(k, u[r, inside], None if r2 is None else r2[r, inside], gen)
+        z0 = batch.gauss(k, u[r, inside], None if r2 is None else r2[r, inside], gen).float()  # its chain: float32
         zs.append(z0[torch.randint(0, len(inside), (N,), generator=gen)])  # the J-cell's survivors, cloned
     P = len(reps)
     z = torch.stack(zs)  # [P, N, d]
@@ -1395,7 +1406,7 @@ def _all_v_levels(meas: _Measure, batch, k: int, t: int, J: np.ndarray, u, r2, m
             za, xa = torch.where(ok[..., None], zp, za), torch.where(ok[..., None], xp, xa)
             sa = torch.where(ok, sp, sa)
             acc += ok.double().mean(dim=1) / moves
-        step[a] = (st * torch.exp(2.0 * (acc - 0.3))).clamp(0.02, 1.0)
+        step[a] = (st * torch.exp(opt.adapt * (acc - 0.3))).clamp(opt.step_min, 1.0)
         srt = torch.sort(sa, dim=1).values
         nxt = srt[:, N - n_keep - 1]
         for q, r in enumerate(a.tolist()):
@@ -2094,6 +2105,15 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
         say(f"splitting: tokens {k * split.batch + 1}-{k * split.batch + len(chunks[k])} of {len(rare)}")
         tc = time.perf_counter()
         out = _split_tokens(meas, chunks[k], excl, split, gens[k])
+        # tokens no float32 replicate reached (no replicate with a winning point): run again, all anew, with the
+        # chain in float64. The new run is independent of the first (a fresh stream), so choosing it because
+        # the first found nothing leaves its replicates unbiased, as the deep tokens' choice does
+        again = [i for i, r in enumerate(out) if not split.precise and not np.any(np.asarray(r[0]) > 0)]
+        if again:
+            precise = SplitOptions(**{**split.__dict__, **PRECISE})
+            redo = _split_tokens(meas, [chunks[k][i] for i in again], excl, precise, gens[k])
+            for i, r in zip(again, redo):
+                out[i] = r
         return out, (time.perf_counter() - tc) / len(chunks[k])
 
     # Two batches at once, each on one thread, where the caller has two threads: apart from its GEMMs the
@@ -2142,6 +2162,8 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
         # 1.3e-4 rad of it on 64 SmolLM2 tokens (the bound 0.0017 decades lower on average, 0.018 at most) and
         # cost a sixth to a fifth of the stage
         c = _cap_centre(meas, rep_t, comps, centre, own=False)
+        if c is None:  # no direction to start from (t's own row is 0 and no particle won): no cap
+            return None
         # a second pass: the competitors binding at the centre found (the first set was seen from the start)
         comps2 = np.union1d(comps, _binding(meas, rep_t, c, exclude, 512))
         return _cap_centre(meas, rep_t, comps2, c, own=False)  # warm: from the first pass's centre only
@@ -2176,6 +2198,25 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
     else:
         thetas = dict(zip(todo, (th for part in map(bound, parts) for th in part)))
     timings["lower_bound"] = time.perf_counter() - t0
+    # a float32 run whose whole interval lies below the proven bound has failed where the bound is sure (a cell
+    # too thin for its steps: an arc of 2π·1e-6 in d = 2 gave [-6.000054, -6.000054] against -6): run again in
+    # float64 (PRECISE), a fresh run, so that choosing it leaves its replicates unbiased
+    again = []
+    for rep_t, th in thetas.items():
+        if rep_t in split_res and th > 0 and not split.precise:
+            est, levels, _, n_part, _, _ = split_res[rep_t]
+            k = len(groups.get(rep_t, [rep_t]))
+            _, _, hi = _cox_interval(est / k, confidence, (levels + 1) / n_part)
+            if math.isfinite(hi) and hi < cap_log10_share(th, meas.n) - math.log10(k):
+                again.append(rep_t)
+    if again:
+        t0 = time.perf_counter()
+        g2 = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        redo = _split_tokens(meas, again, excl, SplitOptions(**{**split.__dict__, **PRECISE}), g2)
+        per = (time.perf_counter() - t0) / len(again)
+        for rep_t, r in zip(again, redo):
+            split_res[rep_t] = r + (split_res[rep_t][-1] + per,)
+        timings["splitting"] += time.perf_counter() - t0
     for t in ids:
         t = int(t)
         text = None if texts is None else texts[t]
