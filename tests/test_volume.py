@@ -1150,14 +1150,15 @@ def test_cells_too_thin_for_float32_are_measured_in_float64(case):
 
 
 def test_a_zero_row_that_no_replicate_reaches_gets_no_cap_and_no_error():
-    """t's own row 0 (its direction gives the cap search no start) and a zone 1e-15 of the radius wide (below
-    float64's resolution of the logits: no replicate reaches it). The cap search had neither the splitting's
+    """t's own row 0 (its direction gives the cap search no start) and a zone 1e-40 of the radius wide (far
+    below float64's resolution of the logits: no replicate reaches it, however the GEMMs round; at 1e-15 one
+    machine's float64 rerun reached it and another's did not). The cap search had neither the splitting's
     centre nor t's direction and passed None on: a TypeError out of volume(). Now: no estimate, no cap."""
     d = 64
     u = np.random.default_rng(7).standard_normal(d)
     u /= np.linalg.norm(u)
     W = np.stack([np.zeros(d), -u, u], 1)
-    head = head_from_arrays(W, b_U=np.array([0.0, 0.0, -1e-15 * math.sqrt(d)]), norm="rmsnorm")
+    head = head_from_arrays(W, b_U=np.array([0.0, 0.0, -1e-40 * math.sqrt(d)]), norm="rmsnorm")
     tv = vol.volume(head, tokens=[0], samples=0, seed=0).tokens[0]
     assert tv.log10_share is None and tv.log10_share_lower_bound is None and tv.cap_angle_deg is None
     assert "no replicate reached" in tv.note
