@@ -21,6 +21,10 @@ from unspeakable.engine.head import InputError, head_from_arrays
 
 vol = importlib.import_module("unspeakable.engine.volume")  # the module (the package re-exports the function)
 
+# numpy's warnings (inf − inf, overflow in a cast) reach a library's caller as noise, and each one marks an
+# intermediate that was not handled on purpose: a non-finite one is "no proof", said with errstate, not a warning
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 FAST = vol.SplitOptions(particles=64, replicates=16, moves=30)
 
 

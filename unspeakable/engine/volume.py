@@ -345,8 +345,10 @@ class _Measure:
         return g, np.where(bad, np.inf, err * 1.01)
 
     def lower(self, L, j):
-        """A float64 lower bound of the exact logit of rows j [B] whose low-precision logits are L [B] (float64)."""
-        return L - (self.size_lp[j].double().numpy() * self.e_lp + self.c_lp * np.abs(L))
+        """A float64 lower bound of the exact logit of rows j [B] whose low-precision logits are L [B] (float64);
+        NaN where a row or its logit is past float32's range (inf − inf): no bound, so no proof from it."""
+        with np.errstate(invalid="ignore"):
+            return L - (self.size_lp[j].double().numpy() * self.e_lp + self.c_lp * np.abs(L))
 
     def surely_above(self, L, j, lt, t: int) -> np.ndarray:
         """Where row j [B] (low-precision logit L [B], float64) surely beats t (keys' float64 logit lt [B]) in
