@@ -72,7 +72,7 @@ import csv
 import io
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -1503,8 +1503,7 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
     # first (the rows that cut a J-cell where its mass lies stay much the same from one check to the next)
     seen: list[dict] = [{} for _ in ts]
     if opt.pilot_particles:
-        pil = SplitOptions(**{**opt.__dict__, "particles": opt.pilot_particles, "replicates": opt.pilot_replicates,
-                              "moves": opt.pilot_moves})
+        pil = replace(opt, particles=opt.pilot_particles, replicates=opt.pilot_replicates, moves=opt.pilot_moves)
         batch, logp, levels, u, r2, m = _split_batch(meas, ts, J, pil, gen, npgen)
         # J grows only where it may, where it left rows out (on small heads it holds every competitor), and
         # where the pilot's final particles mostly lose against all V
@@ -1521,9 +1520,8 @@ def _split_tokens_1(meas: _Measure, ts: list[int], excl: dict[int, list[int]], o
                     J[k] = _grow(J[k], counts, excl[t], opt.max_competitors)
     # deep tokens (the pilot needed more than deep_levels levels): more replicates and moves, chosen before
     # the main run and independently of it, so its replicates stay independent and unbiased
-    opt_deep = SplitOptions(**{**opt.__dict__, "replicates": max(opt.replicates, opt.deep_replicates),
-                               "moves": max(opt.moves, opt.deep_moves),
-                               "particles": max(opt.particles, opt.deep_particles)})
+    opt_deep = replace(opt, replicates=max(opt.replicates, opt.deep_replicates), moves=max(opt.moves, opt.deep_moves),
+                       particles=max(opt.particles, opt.deep_particles))
     todo = list(range(len(ts)))
     res: dict[int, tuple] = {}
     for rnd in range(opt.rounds):
@@ -2162,8 +2160,7 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
         again = [i for i, r in enumerate(out) if not split.precise and (not np.any(np.asarray(r[0]) > 0)
                                                                         or chunks[k][i] in meas.coarse)]
         if again:
-            precise = SplitOptions(**{**split.__dict__, **PRECISE})
-            redo = _split_tokens(meas, [chunks[k][i] for i in again], excl, precise, gens[k])
+            redo = _split_tokens(meas, [chunks[k][i] for i in again], excl, replace(split, **PRECISE), gens[k])
             for i, r in zip(again, redo):
                 out[i] = r
         return out, (time.perf_counter() - tc) / len(chunks[k])
@@ -2264,7 +2261,7 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
     if again:
         t0 = time.perf_counter()
         g2 = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        redo = _split_tokens(meas, again, excl, SplitOptions(**{**split.__dict__, **PRECISE}), g2)
+        redo = _split_tokens(meas, again, excl, replace(split, **PRECISE), g2)
         per = (time.perf_counter() - t0) / len(again)
         for rep_t, r in zip(again, redo):
             split_res[rep_t] = r + (split_res[rep_t][-1] + per,)
