@@ -52,7 +52,8 @@ ball: a token that wins only inside the ball (a large bias, a short row) is spea
   - ``tie`` members share their group's estimate; ``zero`` is a proof that the share is 0 (one competitor's
     half-space misses the sphere), with interval ``[null, null]`` and the estimate null.
 * The estimate lies in its interval, no end above 0 (a share is at most 1), and neither goes below the
-  proven bound where there is one (a null lower end becomes the bound).
+  proven bound where there is one (a null lower end becomes the bound; an interval wholly below the bound
+  has missed, and its upper end becomes null: "at least the bound", with a note).
 * ``samples`` — plain samples (sampling) or replicates × particles (splitting); ``seconds`` — the wall time
   attributed to the token (its share of the batched pass or of its splitting batch; on a two-thread caller
   two batches run at once, so these add up to more than the run's wall time).
@@ -95,7 +96,7 @@ class TokenVolume:
     id: int
     text: str | None
     log10_share: float | None  # None: no estimate (share 0 proven, or not reached)
-    log10_share_ci: tuple  # (lo, hi); None for -inf
+    log10_share_ci: tuple  # (lo, hi); lo None: no lower end (the share may be 0), hi None: no upper end known
     log10_share_lower_bound: float | None  # rigorous; None where no cap was proven
     cap_angle_deg: float | None
     method: str  # "sampling" | "splitting" | "zero" | "tie"
@@ -2303,11 +2304,18 @@ def _volume(source_or_head, tokens, *, domain, radius, bias, samples, seed, conf
             angle = math.degrees(th) * (1 - 1e-12)
             lb = cap_log10_share(th, meas.n) - math.log10(k)
             # the share is surely at least lb: neither the estimate nor its interval below it (a plain estimate
-            # of a half-circle read 10^-0.3040 against its proven 10^-0.30103)
+            # of a half-circle read 10^-0.3040 against its proven 10^-0.30103). An interval wholly below lb has
+            # missed, and its upper end says nothing: it is left open (raising it to lb gave [lb, lb], which
+            # misses the truth too; an arc of 2π·1e-6 in d = 2 read [-6.000042, -6.000042] against -6)
             if tv.log10_share is not None:
                 tv.log10_share = max(tv.log10_share, lb)
             lo, hi = tv.log10_share_ci
-            tv.log10_share_ci = (lb if lo is None else max(lo, lb), None if hi is None else max(hi, lb))
+            if hi is not None and hi < lb:
+                hi = None
+                tv.note = ("the sampling's interval lay wholly below the proven bound (its chain did not resolve "
+                           "the cell): the share is at least the bound, its upper end is not known"
+                           + ("; " + tv.note if tv.note else ""))
+            tv.log10_share_ci = (lb if lo is None else max(lo, lb), hi)
         tv.log10_share_lower_bound, tv.cap_angle_deg = lb, angle
         results[t] = tv
     timings["total"] = time.perf_counter() - t_start
