@@ -596,11 +596,30 @@ def _scan_or_refused(W, b, domain, radius):
 # ------------------------------------------------------------------------------------------ issue 18
 @pytest.mark.parametrize("tokens, says", [([1.5], "must be integers"), (np.array([0.0, 1.0]), "must be integers"),
                                           (np.array([True, False, True]), "boolean mask"),
-                                          ([[0, 1]], "1-D"), ([7], "out of range")])
+                                          ([[0, 1]], "1-D"), ([7], "out of range"),
+                                          # a bool among ids was read as 0 or 1 (numpy's upcast of [True, 2])
+                                          ([True, 2], "bool True at position 0"), ((3, np.False_), "bool"),
+                                          (3.0, "float 3.0"), ("1,3", "string"), ([2**70], "out of range"),
+                                          (object(), "object")])
 def test_18_tokens_that_are_not_ids_are_refused(tokens, says):
     W = np.random.default_rng(0).standard_normal((3, 5))
     with pytest.raises(unspeakable.InputError, match=says):
         unspeakable.scan(W, domain="box", tokens=tokens, device="cpu", backend="torch")
+
+
+def test_18_token_ids_in_any_integer_container_are_read_alike():
+    """A set, frozenset, range, generator or dict view of ids, a 0-d integer array or tensor, numpy integer
+    scalars in a list: the same sorted unique ids as the list (a set and a 0-d array were refused with "got
+    shape []", which named no fault)."""
+    import torch
+
+    from unspeakable.engine.head import token_ids
+
+    for tokens, want in (({4, 1}, [1, 4]), (frozenset([4, 1, 4]), [1, 4]), (range(2, 5), [2, 3, 4]),
+                         ((i for i in (3, 0, 3)), [0, 3]), ({2: "a", 0: "b"}.keys(), [0, 2]),
+                         (np.array(3), [3]), (torch.tensor(3), [3]), ([np.int32(4), np.uint8(1)], [1, 4]),
+                         (np.int64(2), [2]), ([], [])):
+        assert token_ids(tokens, 5).tolist() == want, tokens
 
 
 def test_18_cli_tokens_not_ids_exit_2(tmp_path, capsys):

@@ -346,17 +346,43 @@ def _check_float(name: str, a: np.ndarray, where: str) -> None:
 
 
 def token_ids(tokens, V: int, where: str = "tokens") -> np.ndarray:
-    """Sorted unique int64 ids of ``tokens`` (a list, numpy array or torch tensor of integer ids).
+    """Sorted unique int64 ids of ``tokens``: an integer, or a list, tuple, set, range or other iterable of
+    integers, or an integer numpy array or torch tensor (0-d or 1-D).
 
     Raises:
-        InputError: a boolean mask (pass ``np.nonzero(mask)[0]``), non-integer values (``1.5`` is not read as
-            token 1), a non-1-D shape, or ids outside ``0 … V-1`` — naming what is wrong.
+        InputError: a boolean mask (pass ``np.nonzero(mask)[0]``), a bool among the ids (``True`` is not read
+            as token 1), non-integer values (``1.5`` is not read as token 1), a string, a shape other than 0-d
+            or 1-D, or ids outside ``0 … V-1`` — naming what is wrong.
     """
+    if isinstance(tokens, (str, bytes)):
+        raise InputError(f"{where}: got a string ({tokens!r}); pass a list of integer token ids")
+    if isinstance(tokens, (float, np.floating)):
+        raise InputError(f"{where}: token ids must be integers; got the float {float(tokens)!r}")
+    torch = sys.modules.get("torch")
+    if not isinstance(tokens, (int, np.integer, np.ndarray)) and not (torch is not None
+                                                                   and isinstance(tokens, torch.Tensor)):
+        try:  # a list, tuple, set, range, generator, dict view ...: its items, each an integer
+            items = list(tokens)
+        except TypeError:
+            raise InputError(f"{where}: cannot read token ids from {type(tokens).__name__}; pass a list of "
+                             "integers") from None
+        flags = [isinstance(v, (bool, np.bool_)) for v in items]
+        if any(flags) and not all(flags):
+            pos = flags.index(True)
+            raise InputError(f"{where}: token ids must be integers; got the bool {items[pos]!r} at position {pos} "
+                             "(a bool is not read as a token id)")
+        big = [v for v in items if isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+               and not -2**63 <= int(v) < 2**63]
+        if big:
+            raise InputError(f"token ids {ids_text(big)} are out of range for V = {V}")
+        tokens = items
     try:
         arr = as_array(tokens, where, where) if not isinstance(tokens, (int, np.integer)) else np.array([tokens])
         arr = np.asarray(arr)
     except (TypeError, ValueError) as e:
         raise InputError(f"{where}: cannot read token ids from {type(tokens).__name__}: {e}") from None
+    if arr.ndim == 0:  # one id as a 0-d array or tensor, as an int is read
+        arr = arr.reshape(1)
     if arr.dtype.kind == "b":
         raise InputError(f"{where}: got a boolean mask of shape {shape_text(arr)}; pass token ids instead "
                          f"(np.nonzero(mask)[0])")
