@@ -1089,6 +1089,116 @@ def test_near_twins_are_told_apart_by_their_rows_difference(delta):
             assert tv.log10_share_lower_bound < truth[tv.id]  # of ulp·(x_2 + β_2) may not be proven: none
 
 
+def _shift_twin_head():
+    """LayerNorm, d = 16: rows 2 and 3 twins, row 4 = row 2 + 0.37 rounded in float64 (same bias). Row 4 is no
+    twin: its exact centred difference with row 2, Pe (from Fractions), is ~1e-16, nonzero, so in the group's
+    cell 4 wins where Pe·x > 0 and 2, 3 split the rest."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(11)
+    d, V = 16, 20
+    rows, b = rng.standard_normal((V, d)) * 1.5, rng.standard_normal(V) * 0.3
+    rows[3], b[3], b[4] = rows[2], b[2], b[2]
+    rows[4] = rows[2] + 0.37
+    e = [Fraction(float(p)) - Fraction(float(q)) for p, q in zip(rows[4], rows[2])]
+    Pe = np.array([float(v - sum(e) / d) for v in e])
+    assert 0 < np.abs(Pe).max() < 1e-15
+    return rows, b, Pe
+
+
+def test_rows_apart_by_a_constant_and_1e16_across_are_told_apart_at_the_point_on_the_set():
+    """The shift twin head (:func:`_shift_twin_head`): the plain pass's float64 argmax against the exact side
+    sign(Pe·x) on 20000 points, then each token's interval against a float64 brute force that splits the
+    group's cell by that sign. Two faults gave row 4 half the group's cell where it owned a third (on the
+    head an adversarial pass built: 10^-1.10 [-1.11, -1.09] against 10^-1.24): the exact gap summed a·x at the float64 point, whose rounding leaves a
+    component ~1e-16 along the all-ones vector that a·x reads as 0.37·Σx, more than Pe·x (now a·Px); and when
+    the tournament made twin 2 the leader, its twin 3 stayed a rival that no gap can put below it, so the
+    point went to the first maximum, row 4, as "ambiguous"."""
+    import torch
+
+    from unspeakable.engine.loader import fold
+
+    rows, b, Pe = _shift_twin_head()
+    head = head_from_arrays(rows.T.copy(), b, norm="layernorm")
+    p = fold(head)
+    meas = vol._Measure(p, p.keys, rows_err=vol._rows_rounded(head, p))  # no gain: the fold is exact
+    meas.set_twins(vol._tie_groups(p))
+    x = meas.points(torch.randn(20000, 16, generator=torch.Generator().manual_seed(7)))
+    arg = meas.argmax64(x, meas.logits_lp(x), np.full(len(x), -np.inf)).numpy()
+    x64 = meas.on_set(x)
+    L = x64 @ (rows - rows.mean(axis=1, keepdims=True)).T + b
+    L[:, 3] = L[:, 4] = L[:, 2]
+    grp = L.argmax(axis=1) == 2  # the group's cell (far from its other facets float64 is exact enough)
+    side = x64[grp] @ Pe
+    assert np.array_equal(arg[grp] == 4, side > 0) and np.isin(arg[grp][side < 0], [2, 3]).all()
+    assert 4 not in meas.ambiguous
+
+    rs = np.random.default_rng(5)
+    z = rs.standard_normal((1_000_000, 16))
+    z -= z.mean(axis=1, keepdims=True)
+    L = z @ (rows - rows.mean(axis=1, keepdims=True)).T * (4 / np.linalg.norm(z, axis=1))[:, None] + b
+    L[:, 3] = L[:, 4] = L[:, 2]
+    g = L.argmax(axis=1) == 2
+    s = z[g] @ Pe
+    truth = {2: math.log10(np.mean(s < 0) * g.mean() / 2), 3: math.log10(np.mean(s < 0) * g.mean() / 2),
+             4: math.log10(np.mean(s > 0) * g.mean())}
+    for seed in (0, 1):  # the 95% interval widened by half its width each side (the brute force's own
+        for tv in vol.volume(head, tokens=[2, 3, 4], samples=100000, seed=seed).tokens:  # error, and 5% misses)
+            lo, hi = tv.log10_share_ci
+            w = (hi - lo) / 2
+            assert lo - w <= truth[tv.id] <= hi + w and not tv.note, (seed, tv, truth[tv.id])
+
+
+def test_a_point_left_within_rounding_of_a_tie_is_noted_for_every_row_it_may_belong_to():
+    """Rows 3 and 5 equal, b_3 one ulp below b_5, a float64 gain (the fold's γ ⊙ u may round by more than an
+    ulp of the bias): at the points of their common cell no allowance decides 3 against 5. The plain pass counts
+    such a point for the first maximum and notes it ambiguous; the other row, whose count is as uncertain, was
+    not noted (an adversarial pass: "only one of three tokens carries a caveat")."""
+    import torch
+
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(2)
+    d, V = 8, 10
+    W, b = rng.standard_normal((d, V)), rng.standard_normal(V) * 0.3
+    W[:, 3] = W[:, 5]
+    b[3] = np.nextafter(b[5], -np.inf)
+    head = head_from_arrays(W, b, ln_w=rng.uniform(0.5, 1.5, d), norm="rmsnorm")
+    p = fold(head)
+    meas = vol._Measure(p, p.keys, rows_err=vol._rows_rounded(head, p))
+    x = meas.points(torch.randn(20000, d, generator=torch.Generator().manual_seed(1)))
+    arg = meas.argmax64(x, meas.logits_lp(x), np.full(len(x), -np.inf)).numpy()
+    common = int(np.isin(arg, [3, 5]).sum())
+    assert common > 1000 and meas.ambiguous.get(3) == meas.ambiguous.get(5) == common
+    rep = vol.volume(head, tokens=[3, 5], samples=20000, seed=0)
+    assert all("rounding" in (tv.note or "") for tv in rep.tokens), rep.tokens
+
+
+def test_the_exact_gap_is_the_one_at_the_point_on_the_centred_subspace():
+    """:meth:`_Measure._exact_gap` against Fractions: l_2 − l_4 at P·x (P the centring) for float64 points x
+    centred in float64 (their sum ~1e-16, which the rows' common 0.37 turns into a gap larger than the true one),
+    within the error it claims."""
+    from fractions import Fraction
+
+    from unspeakable.engine.loader import fold
+
+    rows, b, _ = _shift_twin_head()
+    p = fold(head_from_arrays(rows.T.copy(), b, norm="layernorm"))
+    meas = vol._Measure(p, p.keys, rows_err=False)
+    rng = np.random.default_rng(1)
+    r2 = [Fraction(float(v)) for v in p.rows[2]]
+    r4 = [Fraction(float(v)) for v in p.rows[4]]
+    db = Fraction(float(p.bias[2])) - Fraction(float(p.bias[4]))
+    X = rng.standard_normal((100, 16))
+    X = X - X.mean(axis=1, keepdims=True)
+    g, err = meas._exact_gap(X, np.full(100, 2), np.full(100, 4))
+    for x, gi, ei in zip(X, g, err):
+        xs = [Fraction(float(v)) for v in x]
+        m = sum(xs) / 16
+        exact = sum((a - c) * (v - m) for a, c, v in zip(r2, r4, xs)) + db
+        assert abs(Fraction(float(gi)) - exact) <= Fraction(float(ei)), (gi, float(exact), ei)
+
+
 def test_the_estimate_lies_in_its_interval_and_no_share_passes_one():
     """Cox's interval is centred on mean(log) + s²/2, the estimate is the replicates' mean: at confidence 0.1
     the estimate fell outside its interval; two replicates at 0.95 gave an upper end of 10^+0.20 (a share
