@@ -1149,6 +1149,49 @@ def test_rows_apart_by_a_constant_and_1e16_across_are_told_apart_at_the_point_on
             assert lo - w <= truth[tv.id] <= hi + w and not tv.note, (seed, tv, truth[tv.id])
 
 
+@pytest.mark.parametrize("d", [16, 300])
+def test_the_gap_bounds_hold_at_the_point_on_the_centred_subspace(d):
+    """:meth:`_Measure._gap` (the plain bound where it decides, the exact sum where it does not) against
+    Fractions: rows with a large common offset along the all-ones vector (3.7, 1e3) and differences of 1e-3
+    to 1e-14 across it, points centred in float64 (their sum is rounding, which the offset multiplies): the
+    head's l_t − l_j at P·x lies in [lo, hi] for every pair, and some pairs are decided by each stage."""
+    from fractions import Fraction
+
+    from unspeakable.engine.loader import fold
+
+    rng = np.random.default_rng(d)
+    V = 12
+    rows = rng.standard_normal((V, d)) * np.logspace(-3, -14, V)[:, None] + np.where(np.arange(V) % 2, 3.7, 1e3)[:, None]
+    b = rng.standard_normal(V) * 1e-15
+    p = fold(head_from_arrays(rows.T.copy(), b, norm="layernorm"))
+    meas = vol._Measure(p, p.keys, rows_err=False)
+    n = 10
+    X = rng.standard_normal((n, d))
+    X = X - X.mean(axis=1, keepdims=True)
+    X *= math.sqrt(d) / np.linalg.norm(X, axis=1, keepdims=True)
+    X = X - X.mean(axis=1, keepdims=True)  # on the sphere up to rounding, centred in float64 (sum ≠ 0)
+    tt, jj = (a.ravel() for a in np.meshgrid(np.arange(V), np.arange(V), indexing="ij"))
+    tt, jj = tt[tt != jj], jj[tt != jj]
+    ii, tt, jj = np.repeat(np.arange(n), len(tt)), np.tile(tt, n), np.tile(jj, n)
+    lo, hi = meas._gap(X, tt, ii, jj)
+    fr = [[Fraction(float(v)) for v in r] for r in p.rows]
+    fb = [Fraction(float(v)) for v in p.bias]
+    for k in range(len(ii)):
+        xs = [Fraction(float(v)) for v in X[ii[k]]]
+        m = sum(xs) / d
+        exact = sum((u - w) * (v - m) for u, w, v in zip(fr[tt[k]], fr[jj[k]], xs)) + fb[tt[k]] - fb[jj[k]]
+        assert Fraction(float(lo[k])) <= exact <= Fraction(float(hi[k])), (k, float(exact), lo[k], hi[k])
+    exact_stage = hi - lo <= 4 * 2.0**-53 * np.maximum(np.abs(lo), np.abs(hi))
+    assert exact_stage.sum() and (~exact_stage).sum()  # pairs decided by each stage
+
+
+def test_exact_sums_that_have_no_finite_value_are_nan_not_an_error():
+    """math.fsum raises on inf − inf and on an intermediate past float64's range: the exact stage's sums read
+    those as NaN (no proof), and sum the rest exactly."""
+    got = vol._fsums(np.array([[math.inf, -math.inf], [1e308, 1e308], [1.0, 1e-30], [math.inf, 1.0]]))
+    assert np.isnan(got[:2]).all() and got[2] == 1.0 and got[3] == math.inf
+
+
 def test_a_point_left_within_rounding_of_a_tie_is_noted_for_every_row_it_may_belong_to():
     """Rows 3 and 5 equal, b_3 one ulp below b_5, a float64 gain (the fold's γ ⊙ u may round by more than an
     ulp of the bias): at the points of their common cell no allowance decides 3 against 5. The plain pass counts

@@ -313,15 +313,23 @@ class _Measure:
         logit rounds by more than they differ) are told apart here wherever the fold is exact.
 
         On centred domains the point is ``P·xr`` (P the projection onto the centred subspace): xr, centred in
-        float64, keeps a component along the all-ones vector of at most (log2 d + 2)u‖xr‖₁, which moves the
-        product by ``mean(r_t − r_j)·Σxr`` (the allowance's extra (log2 d + 3)u·‖r_t − r_j‖·xmax); the exact
-        stage removes it (:meth:`_exact_gap`)."""
+        float64, keeps a component along the all-ones vector (Σxr ≠ 0 by its rounding, whose size depends on
+        how numpy sums), which moves the product by ``(Σa)(Σxr)/d``, a = r_t − r_j. Both sums are bounded from
+        the data (Σxr by ``math.fsum``, Σa from numpy's sum plus γ_{d+1} of its absolute sum, a's own rounding
+        u‖a‖₁ included), and their product is added to the allowance; the exact stage removes the term
+        (:meth:`_exact_gap`)."""
         rows = self.problem.rows
         a = np.asarray(rows[tt], dtype=np.float64) - np.asarray(rows[jj], dtype=np.float64)
         db, db_size = self.bias_diff(tt, jj, with_size=True)
-        g = np.einsum("ij,ij->i", xr[ii], a) + db
-        k = self.d + 5 + (math.log2(max(self.d, 1)) + 3 if self.centred else 0)
-        err = k * U * (np.linalg.norm(a, axis=1) * self.xmax + db_size) * 1.01
+        x = xr[ii]
+        g = np.einsum("ij,ij->i", x, a) + db
+        err = (self.d + 5) * U * (np.linalg.norm(a, axis=1) * self.xmax + db_size) * 1.01
+        if self.centred:  # |Σa*| from numpy's sum and γ of the absolute sum; |Σx| correctly rounded, per point
+            pts, inv = np.unique(ii, return_inverse=True)
+            sx = np.abs(_fsums(xr[pts]))[inv] * (1 + 2 * U)  # NaN where it fails: the pair stays open
+            with np.errstate(over="ignore", invalid="ignore"):
+                sa = np.abs(a.sum(axis=1)) + (gamma(self.d + 1) + U) * np.abs(a).sum(axis=1) * (1 + 2 * U)
+                err = err + sa * sx / self.d * (1 + 4 * U)
         err = err + self.fold_err[tt] + self.fold_err[jj]
         with np.errstate(invalid="ignore"):
             open_ = np.flatnonzero(~(g - err > 0) & ~(g + err < 0) & np.isfinite(g))
@@ -353,16 +361,16 @@ class _Measure:
         tail = [self.bias64[tt], -self.bias64[jj]] + ([] if lo is None else [lo[tt], -lo[jj]])
         cerr = 0.0
         if self.centred:
-            sa = np.array([math.fsum(r) for r in np.concatenate([rt, -rj], axis=1).tolist()])
-            sx = np.array([math.fsum(r) for r in x.tolist()])
+            sa = _fsums(np.concatenate([rt, -rj], axis=1))
+            sx = _fsums(x)
             with np.errstate(over="ignore", invalid="ignore"):
                 c = sa * sx / self.d
             tail.append(-c)
             cerr = 5 * U * np.abs(c)
         terms = np.concatenate([pt, et, -pj, -ej, np.stack(tail, axis=1)], axis=1)
-        g = np.array([math.fsum(r) for r in terms.tolist()])
+        g = _fsums(terms)
         err = U * np.abs(g) + cerr + self.fold_err[tt] + self.fold_err[jj]
-        bad = bt.any(axis=1) | bj.any(axis=1) | ~np.isfinite(terms).all(axis=1)
+        bad = bt.any(axis=1) | bj.any(axis=1) | ~np.isfinite(terms).all(axis=1) | ~np.isfinite(g)
         return g, np.where(bad, np.inf, err * 1.01)
 
     def lower(self, L, j):
@@ -682,6 +690,19 @@ class _Measure:
 
 
 # ------------------------------------------------------------------------------------------------ ties
+def _fsums(a: np.ndarray) -> np.ndarray:
+    """``math.fsum`` of each row of ``a`` [n, k] (correctly rounded), NaN where it has no finite value: fsum
+    raises on ``inf − inf`` and on an intermediate past float64's range (rows near 1e308), which is no proof
+    of anything here."""
+    out = np.empty(len(a))
+    for i, r in enumerate(a.tolist()):
+        try:
+            out[i] = math.fsum(r)
+        except (OverflowError, ValueError):
+            out[i] = math.nan
+    return out
+
+
 def _tie_groups(problem) -> dict[int, list[int]]:
     """token -> sorted members of its group of twins, for groups of two or more: rows whose logits are equal at
     every point of the domain in the head as given (the same row and bias, -0.0 equal to 0.0; layernorm: rows
